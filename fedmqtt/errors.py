@@ -1,0 +1,67 @@
+"""One exception family for everything fedmqtt refuses.
+
+Every rejection of untrusted input carries a short machine-readable ``reason`` so that the
+aggregator and agent can count rejections by reason (metrics, logs, the simulator's summary)
+without parsing messages.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Reasons an input is refused. They are metric label values: keep them short and stable.
+SIZE: Final = "size"  # payload or declared tensor larger than a hard limit
+SCHEMA: Final = "schema"  # not msgpack, unknown version/type, missing field, wrong type
+CODEC: Final = "codec"  # unknown codec or inconsistent codec fields
+NONFINITE: Final = "nonfinite"  # NaN or Inf in a tensor
+SIGNATURE: Final = "signature"  # bad or missing signature / MAC
+UNKNOWN_DEVICE: Final = "unknown_device"  # no enrolled key for the sender
+SENDER_MISMATCH: Final = "sender_mismatch"  # body sender differs from the topic's device
+FEDERATION: Final = "federation"  # message for another federation
+REPLAY: Final = "replay"  # update_id already applied
+SPEC: Final = "spec"  # update trained for another model spec
+SHAPE: Final = "shape"  # tensor names or shapes differ from the model spec
+STALE: Final = "stale"  # staleness above max_staleness
+FUTURE: Final = "future"  # base_version newer than the current global version
+NORM: Final = "norm"  # update norm above the accepted bound
+
+REASONS: Final = (
+    SIZE,
+    SCHEMA,
+    CODEC,
+    NONFINITE,
+    SIGNATURE,
+    UNKNOWN_DEVICE,
+    SENDER_MISMATCH,
+    FEDERATION,
+    REPLAY,
+    SPEC,
+    SHAPE,
+    STALE,
+    FUTURE,
+    NORM,
+)
+
+
+class FedMQTTError(Exception):
+    """Base class of every error fedmqtt raises on purpose."""
+
+
+class ConfigError(FedMQTTError):
+    """A configuration file or option is wrong; the message says which and how to fix it."""
+
+
+class RejectedError(FedMQTTError):
+    """Input from the network was refused; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.detail = message
+
+
+class DecodeError(RejectedError):
+    """Bytes could not be decoded into a valid message or tensor.
+
+    Decoders raise only this (never KeyError, ValueError, MemoryError, ...), whatever the input.
+    """

@@ -1,0 +1,77 @@
+"""Model parameters as ordered, named float32 tensors, and their flat-vector view.
+
+Models expose ``Params`` (``dict[str, ndarray]``, insertion-ordered). Aggregation works on one
+flat float32 vector per model because a single contiguous array makes the weighted sums,
+norms and robust reducers single numpy calls instead of per-tensor loops. ``Layout`` maps
+between the two without guessing: it is derived from the model spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+Params = dict[str, F32]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and offsets of each tensor inside the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> Layout:
+        return cls(tuple(shapes), tuple(tuple(int(d) for d in s) for s in shapes.values()))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """name -> (start, stop) in the flat vector."""
+        out: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, n in zip(self.names, self.sizes, strict=True):
+            out[name] = (start, start + n)
+            start += n
+        return out
+
+    def flatten(self, params: Mapping[str, npt.NDArray[np.floating]]) -> F32:
+        """Concatenate ``params`` (which must match this layout exactly) into a new vector."""
+        if tuple(params) != self.names:
+            raise ValueError(f"tensor names {tuple(params)} do not match layout {self.names}")
+        out = np.empty(self.size, dtype=np.float32)
+        for name, (a, b) in self.offsets().items():
+            t = params[name]
+            if t.shape != self.shapes[self.names.index(name)]:
+                raise ValueError(f"tensor {name!r} has shape {t.shape}, layout says otherwise")
+            out[a:b] = t.reshape(-1)
+        return out
+
+    def unflatten(self, flat: F32, *, copy: bool = True) -> Params:
+        """Split a flat vector into named tensors (views of ``flat`` unless ``copy``)."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat vector has shape {flat.shape}, expected ({self.size},)")
+        out: Params = {}
+        for (name, (a, b)), shape in zip(self.offsets().items(), self.shapes, strict=True):
+            piece = flat[a:b].reshape(shape)
+            out[name] = piece.copy() if copy else piece
+        return out
+
+
+def copy_params(params: Mapping[str, F32]) -> Params:
+    return {k: np.array(v, dtype=np.float32, copy=True) for k, v in params.items()}
+
+
+def all_finite(params: Mapping[str, npt.NDArray[np.floating]]) -> bool:
+    return all(bool(np.isfinite(v).all()) for v in params.values())

@@ -1,0 +1,352 @@
+"""Wire format v1: every MQTT payload fedmqtt sends, as msgpack, never pickle.
+
+A message is a msgpack *stream of two objects*::
+
+    header = {"v": 1, "alg": "hmac-sha256" | "ed25519", "sig": bin}
+    body   = {"v": 1, "type": "update" | "model" | "plan" | "status" | "onnx",
+              "federation": str, "sender": str, ...type-specific fields}
+
+The signature (or MAC) covers the body bytes exactly as sent. Putting the small header first
+lets a receiver read it, verify the signature over a zero-copy view of the rest, and only then
+parse the body: forged or corrupted messages are refused before any tensor is touched, and
+nothing is ever re-encoded to be checked.
+
+Decoding raises only :class:`fedmqtt.errors.DecodeError` (reason ``size``, ``schema`` or
+``signature``), whatever the bytes. msgpack's own limits (``max_bin_len`` and friends) stop a
+hostile length prefix before it allocates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar, cast
+
+import msgpack
+import numpy as np
+
+from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, DecodeError
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.params import Params
+from fedmqtt.signing import Signer, Verifier
+
+VERSION: Final = 1
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+_MAX_HEADER_BYTES: Final = 512
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A message split into its authenticated parts; ``body`` is a view into the payload."""
+
+    alg: str
+    sig: bytes
+    body: memoryview
+
+    def verify(self, verifier: Verifier) -> None:
+        if self.alg != verifier.alg:
+            raise DecodeError(SIGNATURE, f"signed with {self.alg}, expected {verifier.alg}")
+        if not verifier.verify(self.body, self.sig):
+            raise DecodeError(SIGNATURE, "signature does not match")
+
+
+def seal(body: Mapping[str, Any], signer: Signer) -> bytes:
+    """Encode ``body`` and prepend a header carrying its signature."""
+    body_bytes = _pack(body)
+    header = _pack({"v": VERSION, "alg": signer.alg, "sig": signer.sign(body_bytes)})
+    return header + body_bytes
+
+
+def open_envelope(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
+    """Split a payload into header and body without parsing the body."""
+    if len(payload) > max_bytes:
+        raise DecodeError(SIZE, f"message of {len(payload)} bytes exceeds {max_bytes}")
+    unpacker = msgpack.Unpacker(
+        raw=False, max_buffer_size=_MAX_HEADER_BYTES, max_bin_len=128, max_str_len=64,
+        max_array_len=0, max_map_len=8, max_ext_len=0,
+    )
+    unpacker.feed(payload[:_MAX_HEADER_BYTES])
+    try:
+        header = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise DecodeError(SCHEMA, "truncated header") from None
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise DecodeError(SCHEMA, f"header is not msgpack: {type(e).__name__}") from None
+    offset = unpacker.tell()
+    if not isinstance(header, dict):
+        raise DecodeError(SCHEMA, "header must be a map")
+    _check_version(header)
+    alg, sig = header.get("alg"), header.get("sig")
+    if not isinstance(alg, str) or not isinstance(sig, bytes):
+        raise DecodeError(SCHEMA, "header needs 'alg' (str) and 'sig' (bin)")
+    return Envelope(alg, sig, memoryview(payload)[offset:])
+
+
+def unpack_body(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Parse the body map of an envelope (call after verifying it)."""
+    try:
+        body = msgpack.unpackb(
+            env.body, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+            max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12, max_ext_len=0,
+        )
+    except Exception as e:  # ValueError, ExtraData, FormatError, StackError, TypeError...
+        raise DecodeError(SCHEMA, f"body is not valid msgpack: {type(e).__name__}") from None
+    if not isinstance(body, dict):
+        raise DecodeError(SCHEMA, "body must be a map")
+    _check_version(body)
+    return cast(dict[str, Any], body)
+
+
+def _check_version(m: dict[Any, Any]) -> None:
+    v = m.get("v")
+    if v != VERSION or isinstance(v, bool):
+        raise DecodeError(SCHEMA, f"unsupported schema version {v!r} (this build speaks {VERSION})")
+
+
+def _pack(obj: Mapping[str, Any]) -> bytes:
+    return cast(bytes, msgpack.packb(obj, use_bin_type=True))
+
+
+def field_of(m: Mapping[str, Any], key: str, kind: type[T] | tuple[type, ...]) -> T:
+    """``m[key]`` checked to be of ``kind`` (bool never passes as int)."""
+    if key not in m:
+        raise DecodeError(SCHEMA, f"missing field {key!r}")
+    v = m[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(v, bool) and bool not in kinds:
+        raise DecodeError(SCHEMA, f"field {key!r} must be {_names(kinds)}, got bool")
+    if not isinstance(v, kinds):
+        raise DecodeError(SCHEMA, f"field {key!r} must be {_names(kinds)}, got {type(v).__name__}")
+    return cast(T, v)
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _number(m: Mapping[str, Any], key: str) -> float:
+    v = float(field_of(m, key, (int, float)))
+    if not np.isfinite(v):
+        raise DecodeError(SCHEMA, f"field {key!r} must be finite")
+    return v
+
+
+def _nonneg_int(m: Mapping[str, Any], key: str) -> int:
+    v = field_of(m, key, int)
+    if v < 0:
+        raise DecodeError(SCHEMA, f"field {key!r} must be >= 0")
+    return v
+
+
+def _float_map(m: Mapping[str, Any], key: str) -> dict[str, float]:
+    raw = field_of(m, key, dict)
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DecodeError(SCHEMA, f"field {key!r} must map names to numbers")
+        out[k] = float(v)
+    return out
+
+
+def _common(m: Mapping[str, Any], type_: str) -> tuple[str, str]:
+    t = field_of(m, "type", str)
+    if t != type_:
+        raise DecodeError(SCHEMA, f"expected a {type_!r} message, got {t!r}")
+    return field_of(m, "federation", str), field_of(m, "sender", str)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's contribution: the encoded delta (client weights - base weights).
+
+    ``delta`` stays in its wire form (a map of encoded tensors); the aggregator decodes it
+    straight into its flat buffer with :func:`fedmqtt.codecs.decode_params` once the cheap checks
+    (staleness, replay, spec) have passed.
+    """
+
+    federation: str
+    sender: str
+    update_id: str
+    seq: int
+    base_version: int
+    num_samples: int
+    spec_fingerprint: str
+    delta: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION, "type": "update", "federation": self.federation, "sender": self.sender,
+            "update_id": self.update_id, "seq": self.seq, "base_version": self.base_version,
+            "num_samples": self.num_samples, "spec": self.spec_fingerprint,
+            "metrics": self.metrics, "created_at": self.created_at, "delta": self.delta,
+        }
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any]) -> Update:
+        fed, sender = _common(m, "update")
+        update_id = field_of(m, "update_id", str)
+        if not 8 <= len(update_id) <= 64:
+            raise DecodeError(SCHEMA, "update_id must be 8-64 characters")
+        num_samples = _nonneg_int(m, "num_samples")
+        if num_samples == 0:
+            raise DecodeError(SCHEMA, "num_samples must be positive")
+        return cls(
+            federation=fed, sender=sender, update_id=update_id, seq=_nonneg_int(m, "seq"),
+            base_version=_nonneg_int(m, "base_version"), num_samples=num_samples,
+            spec_fingerprint=field_of(m, "spec", str), delta=field_of(m, "delta", dict),
+            metrics=_float_map(m, "metrics"), created_at=_number(m, "created_at"),
+        )
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A version of the global model with its full parameters, signed by the aggregator."""
+
+    federation: str
+    sender: str
+    version: int
+    spec: ModelSpec
+    params: Params
+    stats: dict[str, float] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    def to_body(self) -> dict[str, Any]:
+        from fedmqtt.codecs import Codec, encode_params
+
+        return {
+            "v": VERSION, "type": "model", "federation": self.federation, "sender": self.sender,
+            "version": self.version, "spec": self.spec.to_wire(), "stats": self.stats,
+            "created_at": self.created_at,
+            "params": encode_params(self.params, Codec("raw"), rng=np.random.default_rng(0)),
+        }
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any]) -> GlobalModel:
+        from fedmqtt.codecs import decode_params
+
+        fed, sender = _common(m, "model")
+        spec = ModelSpec.from_wire(field_of(m, "spec", dict))
+        layout = spec.layout()
+        flat = decode_params(field_of(m, "params", dict), layout)
+        return cls(
+            federation=fed, sender=sender, version=_nonneg_int(m, "version"), spec=spec,
+            params=layout.unflatten(flat, copy=False), stats=_float_map(m, "stats"),
+            created_at=_number(m, "created_at"),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What devices should do next: local training hyperparameters and upload codec."""
+
+    federation: str
+    sender: str
+    revision: int
+    epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    momentum: float = 0.9
+    mu: float = 0.0
+    codec: str = "int8"
+    min_interval_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION, "type": "plan", "federation": self.federation, "sender": self.sender,
+            "revision": self.revision, "epochs": self.epochs, "lr": self.lr,
+            "batch_size": self.batch_size, "momentum": self.momentum, "mu": self.mu,
+            "codec": self.codec, "min_interval_s": self.min_interval_s, "extra": self.extra,
+        }
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any]) -> Plan:
+        fed, sender = _common(m, "plan")
+        epochs, batch = _nonneg_int(m, "epochs"), _nonneg_int(m, "batch_size")
+        if not 1 <= epochs <= 1000 or not 1 <= batch <= 1 << 20:
+            raise DecodeError(SCHEMA, "plan epochs/batch_size out of range")
+        return cls(
+            federation=fed, sender=sender, revision=_nonneg_int(m, "revision"), epochs=epochs,
+            lr=_number(m, "lr"), batch_size=batch, momentum=_number(m, "momentum"),
+            mu=_number(m, "mu"), codec=field_of(m, "codec", str),
+            min_interval_s=_number(m, "min_interval_s"), extra=_float_map(m, "extra"),
+        )
+
+
+@dataclass(frozen=True)
+class Status:
+    """Device presence. ``offline`` is also the device's retained last-will message."""
+
+    federation: str
+    sender: str
+    state: str
+    at: float = field(default_factory=time.time)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"v": VERSION, "type": "status", "federation": self.federation,
+                "sender": self.sender, "state": self.state, "at": self.at}
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any]) -> Status:
+        fed, sender = _common(m, "status")
+        state = field_of(m, "state", str)
+        if state not in ("online", "offline"):
+            raise DecodeError(SCHEMA, f"status must be online or offline, not {state!r}")
+        return cls(fed, sender, state, _number(m, "at"))
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """The ONNX export of a global-model version, for on-device inference."""
+
+    federation: str
+    sender: str
+    version: int
+    onnx: bytes
+    created_at: float = field(default_factory=time.time)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"v": VERSION, "type": "onnx", "federation": self.federation,
+                "sender": self.sender, "version": self.version, "onnx": self.onnx,
+                "created_at": self.created_at}
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any]) -> OnnxModel:
+        fed, sender = _common(m, "onnx")
+        return cls(fed, sender, _nonneg_int(m, "version"), field_of(m, "onnx", bytes),
+                   _number(m, "created_at"))
+
+
+Message = Update | GlobalModel | Plan | Status | OnnxModel
+M = TypeVar("M", Update, GlobalModel, Plan, Status, OnnxModel)
+
+
+def encode(msg: Message, signer: Signer) -> bytes:
+    return seal(msg.to_body(), signer)
+
+
+def decode(
+    payload: bytes, cls: type[M], verifier: Verifier, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> M:
+    """Open, verify and parse a message of type ``cls``; raises only DecodeError."""
+    env = open_envelope(payload, max_bytes=max_bytes)
+    env.verify(verifier)
+    return parse(env, cls, max_bytes=max_bytes)
+
+
+def parse(env: Envelope, cls: type[M], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:
+    """Parse an already verified envelope into ``cls``; raises only DecodeError."""
+    body = unpack_body(env, max_bytes=max_bytes)
+    try:
+        return cls.from_body(body)
+    except DecodeError:
+        raise
+    except Exception as e:  # defensive: a from_body bug must not crash a receiver
+        raise DecodeError(SCHEMA, f"bad {cls.__name__}: {type(e).__name__}: {e}") from None

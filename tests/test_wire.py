@@ -1,0 +1,142 @@
+"""Wire format v1: round trips, schema errors, and authentication of the body bytes."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmqtt import wire
+from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, DecodeError
+from fedmqtt.signing import Ed25519Signer, HmacKey
+
+DEV_KEY = HmacKey(b"k" * 32)
+AGG_KEY = Ed25519Signer.generate()
+
+
+def _update(**kw: object) -> wire.Update:
+    base = dict(
+        federation="fed", sender="dev1", update_id="a" * 32, seq=3, base_version=7,
+        num_samples=90, spec_fingerprint="abcd", delta={"W0": {"c": "raw"}},
+        metrics={"loss": 0.5}, created_at=1.0,
+    )
+    base.update(kw)
+    return wire.Update(**base)  # type: ignore[arg-type]
+
+
+def test_update_round_trip() -> None:
+    u = _update()
+    assert wire.decode(wire.encode(u, DEV_KEY), wire.Update, DEV_KEY) == u
+
+
+def test_plan_and_status_round_trip() -> None:
+    p = wire.Plan("fed", "aggregator", 2, epochs=3, codec="topk:0.01")
+    assert wire.decode(wire.encode(p, AGG_KEY), wire.Plan, AGG_KEY.verifier()) == p
+    s = wire.Status("fed", "dev1", "offline", at=5.0)
+    assert wire.decode(wire.encode(s, DEV_KEY), wire.Status, DEV_KEY) == s
+
+
+def test_every_flipped_bit_fails_verification() -> None:
+    payload = bytearray(wire.encode(_update(), DEV_KEY))
+    for i in range(len(payload)):
+        for bit in (0, 3, 7):
+            bad = bytearray(payload)
+            bad[i] ^= 1 << bit
+            with pytest.raises(DecodeError):
+                wire.decode(bytes(bad), wire.Update, DEV_KEY)
+
+
+def test_signed_by_other_key_fails() -> None:
+    payload = wire.encode(_update(), HmacKey(b"x" * 32))
+    with pytest.raises(DecodeError) as e:
+        wire.decode(payload, wire.Update, DEV_KEY)
+    assert e.value.reason == SIGNATURE
+    other = Ed25519Signer.generate()
+    payload = wire.encode(wire.Plan("fed", "aggregator", 1), other)
+    with pytest.raises(DecodeError) as e:
+        wire.decode(payload, wire.Plan, AGG_KEY.verifier())
+    assert e.value.reason == SIGNATURE
+
+
+def test_algorithm_confusion_is_refused() -> None:
+    payload = wire.encode(_update(), DEV_KEY)
+    with pytest.raises(DecodeError) as e:
+        wire.decode(payload, wire.Update, AGG_KEY.verifier())
+    assert e.value.reason == SIGNATURE
+
+
+def _forge(body: dict[str, object]) -> bytes:
+    return wire.seal(body, DEV_KEY)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"v": 2}, "version"),
+        ({"type": "model"}, "expected"),
+        ({"seq": "3"}, "seq"),
+        ({"seq": True}, "bool"),
+        ({"num_samples": 0}, "positive"),
+        ({"base_version": -1}, ">= 0"),
+        ({"created_at": float("nan")}, "finite"),
+        ({"metrics": {"loss": "x"}}, "numbers"),
+    ],
+)
+def test_schema_errors_are_clear(change: dict[str, object], needle: str) -> None:
+    body = _update().to_body()
+    body.update(change)
+    with pytest.raises(DecodeError) as e:
+        wire.decode(_forge(body), wire.Update, DEV_KEY)
+    assert e.value.reason == SCHEMA
+    assert needle in str(e.value)
+
+
+def test_missing_field_is_named() -> None:
+    body = _update().to_body()
+    del body["update_id"]
+    with pytest.raises(DecodeError, match="update_id"):
+        wire.decode(_forge(body), wire.Update, DEV_KEY)
+
+
+def test_oversize_message_refused_before_parsing() -> None:
+    with pytest.raises(DecodeError) as e:
+        wire.decode(b"\x00" * 2000, wire.Update, DEV_KEY, max_bytes=1000)
+    assert e.value.reason == SIZE
+
+
+def test_hostile_length_prefix_does_not_allocate() -> None:
+    header = msgpack.packb({"v": 1, "alg": "hmac-sha256", "sig": b""})
+    body = b"\xc6\xff\xff\xff\xf0"  # bin32 claiming ~4 GiB
+    env = wire.open_envelope(header + body)
+    with pytest.raises(DecodeError):
+        wire.unpack_body(env, max_bytes=1 << 20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        wire.decode(data, wire.Update, DEV_KEY)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=400))
+def test_truncated_messages_raise_only_decode_error(cut: int) -> None:
+    payload = wire.encode(_update(), DEV_KEY)
+    with pytest.raises(DecodeError):
+        wire.decode(payload[: min(cut, len(payload) - 1)], wire.Update, DEV_KEY)
+
+
+def test_global_model_round_trip() -> None:
+    from fedmqtt.models.spec import ModelSpec
+
+    spec = ModelSpec("softmax", 4, 3)
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in spec.param_shapes().items()}
+    g = wire.GlobalModel("fed", "aggregator", 5, spec, params, stats={"acc": 0.9}, created_at=2.0)
+    back = wire.decode(wire.encode(g, AGG_KEY), wire.GlobalModel, AGG_KEY.verifier())
+    assert back.version == 5 and back.spec == spec and back.stats == {"acc": 0.9}
+    for k in params:
+        np.testing.assert_array_equal(back.params[k], params[k])
