@@ -38,7 +38,8 @@ def config_dir() -> Path:
 
 def find_mosquitto() -> str:
     """Path of the mosquitto binary, or a BrokerError that says how to install it."""
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+    candidates = (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+    for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise BrokerError(f"Mosquitto is not installed. Install it with: {INSTALL_HINT}")

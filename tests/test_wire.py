@@ -138,5 +138,5 @@ def test_global_model_round_trip() -> None:
     g = wire.GlobalModel("fed", "aggregator", 5, spec, params, stats={"acc": 0.9}, created_at=2.0)
     back = wire.decode(wire.encode(g, AGG_KEY), wire.GlobalModel, AGG_KEY.verifier())
     assert back.version == 5 and back.spec == spec and back.stats == {"acc": 0.9}
-    for k in params:
-        np.testing.assert_array_equal(back.params[k], params[k])
+    for k, v in params.items():
+        np.testing.assert_array_equal(back.params[k], v)

@@ -11,6 +11,7 @@ transformation and a device feeds raw sensor values.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -77,7 +78,7 @@ class ModelSpec:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         sizes = self.layer_sizes()
         shapes: dict[str, tuple[int, ...]] = {}
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
             shapes[f"W{i}"] = (fan_in, fan_out)
             shapes[f"b{i}"] = (fan_out,)
         return shapes
