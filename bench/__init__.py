@@ -1,0 +1,1 @@
+"""Benchmarks: rerunnable scripts whose results are recorded in docs/benchmarks.md."""

@@ -1,0 +1,548 @@
+"""Tensor codecs: round trips with their stated error bounds, error feedback, config parsing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedmqtt.codecs import (
+    DEFAULT_LIMITS,
+    Codec,
+    ErrorFeedback,
+    Limits,
+    decode_params,
+    decode_tensor,
+    encode_params,
+    encode_tensor,
+    topk_count,
+)
+from fedmqtt.errors import NONFINITE, SHAPE, ConfigError, DecodeError
+from fedmqtt.params import F32, Layout
+
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
+FINITE32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+FP16_RANGE = st.floats(-65504.0, 65504.0, width=32)
+ALL_CODECS = ["raw", "fp16", "int8", "topk:0.01", "topk:0.3", "topk:1"]
+
+
+def wire(msg: dict[str, Any]) -> Any:
+    """What the aggregator sees: the map after a msgpack round trip."""
+    return msgpack.unpackb(msgpack.packb(msg, use_bin_type=True), raw=False)
+
+
+def roundtrip(x: F32, text: str, seed: int = 0) -> tuple[F32, dict[str, Any]]:
+    msg = encode_tensor(x, Codec.parse(text), rng=np.random.default_rng(seed))
+    return decode_tensor(wire(msg)), msg
+
+
+# ------------------------------------------------------------------------------ Codec.parse
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("raw", Codec("raw")),
+        ("fp16", Codec("fp16")),
+        ("int8", Codec("int8")),
+        ("topk:0.01", Codec("topk", 0.01)),
+        ("topk:1", Codec("topk", 1.0)),
+        ("topk:.5", Codec("topk", 0.5)),
+        ("topk:1e-3", Codec("topk", 0.001)),
+        ("raw+zlib", Codec("raw", zlib=True)),
+        ("int8+zlib", Codec("int8", zlib=True)),
+        ("topk:0.01+zlib", Codec("topk", 0.01, zlib=True)),
+        ("  INT8+ZLIB ", Codec("int8", zlib=True)),
+    ],
+)
+def test_parse_good(text: str, expected: Codec) -> None:
+    codec = Codec.parse(text)
+    assert codec == expected
+    assert Codec.parse(str(codec)) == codec
+
+
+def test_str_is_canonical() -> None:
+    assert str(Codec.parse("topk:1e-2+zlib")) == "topk:0.01+zlib"
+    assert str(Codec.parse("fp16")) == "fp16"
+    assert str(Codec("topk", 1)) == "topk:1.0"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "zlib",
+        "+zlib",
+        "float32",
+        "raw+gzip",
+        "raw+zlib+zlib",
+        "raw:0.5",
+        "int8:1",
+        "topk",
+        "topk:",
+        "topk:0",
+        "topk:0.0",
+        "topk:-0.1",
+        "topk:1.5",
+        "topk:nan",
+        "topk:inf",
+        "topk:1_0",
+        "topk:0.1:0.2",
+        "topk:abc",
+    ],
+)
+def test_parse_bad(text: str) -> None:
+    with pytest.raises(ConfigError):
+        Codec.parse(text)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name": "gzip"},
+        {"name": "raw", "fraction": 0.5},
+        {"name": "topk", "fraction": 0.0},
+        {"name": "topk", "fraction": float("nan")},
+        {"name": "topk", "fraction": True},
+        {"name": "raw", "zlib": 1},
+    ],
+)
+def test_codec_constructor_validates(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Codec(**kwargs)
+
+
+def test_parse_rejects_non_text() -> None:
+    with pytest.raises(ConfigError):
+        Codec.parse(3)  # type: ignore[arg-type]
+
+
+@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True), st.booleans())
+def test_parse_str_roundtrip_any_fraction(fraction: float, zlib: bool) -> None:
+    codec = Codec("topk", fraction, zlib=zlib)
+    assert Codec.parse(str(codec)) == codec
+
+
+def test_limits_validate() -> None:
+    with pytest.raises(ConfigError):
+        Limits(max_elements=-1)
+    with pytest.raises(ConfigError):
+        Limits(max_ndim=True)
+
+
+# ------------------------------------------------------------------------------- round trips
+
+
+@settings(max_examples=200)
+@given(hnp.arrays(np.float32, SHAPES, elements=FINITE32), st.booleans())
+def test_raw_is_bit_exact(x: F32, zlib: bool) -> None:
+    y, _ = roundtrip(x, "raw+zlib" if zlib else "raw")
+    assert y.dtype == np.float32
+    assert y.shape == x.shape
+    assert y.tobytes() == x.tobytes()
+
+
+@settings(max_examples=200)
+@given(hnp.arrays(np.float32, SHAPES, elements=FP16_RANGE))
+def test_fp16_error_bound(x: F32) -> None:
+    y, _ = roundtrip(x, "fp16")
+    assert y.shape == x.shape and y.dtype == np.float32
+    err = np.abs(y.astype(np.float64) - x.astype(np.float64))
+    ax = np.abs(x.astype(np.float64))
+    normal = ax >= 2.0**-14
+    # Round to nearest with an 11-bit significand: half an ulp, relative.
+    assert np.all(err[normal] <= ax[normal] * 2.0**-11)
+    assert np.all(err[~normal] <= 2.0**-25)
+
+
+def test_fp16_clips_instead_of_overflowing() -> None:
+    x = np.array([1e30, -1e30, 65519.0, 65520.0, -3.4e38, 1.0], dtype=np.float32)
+    y, _ = roundtrip(x, "fp16")
+    assert np.all(np.isfinite(y))
+    np.testing.assert_array_equal(y, [65504, -65504, 65504, 65504, -65504, 1.0])
+
+
+def test_fp16_decoder_matches_numpy_for_every_finite_bit_pattern() -> None:
+    bits = np.arange(1 << 16, dtype=np.uint32).astype("<u2")
+    halves = bits.view("<f2")
+    finite = np.isfinite(halves)
+    expected = halves[finite].astype(np.float32)
+    data = bits[finite].tobytes()
+    # All 63488 at once take the vectorised bit-manipulation path; small tensors take
+    # numpy's cast. Both must be bit-exact, signed zeros and subnormals included.
+    for start, stop in [(0, expected.size), (0, 1000), (31_000, 33_000)]:
+        msg = {"c": "fp16", "s": [stop - start], "d": data[2 * start : 2 * stop]}
+        assert decode_tensor(msg).tobytes() == expected[start:stop].tobytes()
+
+
+@pytest.mark.parametrize("pattern", [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF])
+@pytest.mark.parametrize("n", [3, 20_000])  # both decoding paths
+def test_fp16_decoder_rejects_inf_and_nan(pattern: int, n: int) -> None:
+    bits = np.full(n, 0x3C00, dtype="<u2")
+    bits[n // 2] = pattern
+    with pytest.raises(DecodeError) as err:
+        decode_tensor({"c": "fp16", "s": [n], "d": bits.tobytes()})
+    assert err.value.reason == NONFINITE
+
+
+@settings(max_examples=300)
+@given(hnp.arrays(np.float32, SHAPES, elements=FINITE32), st.integers(0, 2**32))
+def test_int8_error_at_most_one_scale(x: F32, seed: int) -> None:
+    y, msg = roundtrip(x, "int8", seed)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert np.all(np.isfinite(y))
+    scale = msg["q"]
+    if x.size:
+        cap = float(np.finfo(np.float32).max) / 128.0
+        assert scale == pytest.approx(min(float(np.max(np.abs(x))) / 127.0, cap), rel=1e-6)
+    err = np.abs(y.astype(np.float64) - x.astype(np.float64))
+    assert np.all(err <= scale * (1.0 + 2.0**-15))
+
+
+def test_int8_is_unbiased() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(100).astype(np.float32)
+    x[0] = 4.0  # scale = 4/127; other entries land at assorted fractions of a step
+    draws = 4000
+    total = np.zeros(x.size)
+    for _ in range(draws):
+        total += decode_tensor(encode_tensor(x, Codec("int8"), rng=rng))
+    mean_err = total / draws - x.astype(np.float64)
+    scale = 4.0 / 127.0
+    # Per-element error variance <= scale^2/4, so the mean of `draws` draws has standard
+    # deviation <= scale / (2 sqrt(draws)); deterministic rounding would be off by up to
+    # scale / 2 on most elements.
+    sigma = scale / (2.0 * math.sqrt(draws))
+    assert np.max(np.abs(mean_err)) < 5.0 * sigma
+    assert abs(float(np.mean(mean_err))) < 5.0 * sigma / math.sqrt(x.size)
+
+
+def test_int8_all_zero_tensor_has_zero_scale() -> None:
+    x = np.zeros((3, 4), dtype=np.float32)
+    y, msg = roundtrip(x, "int8")
+    assert msg["q"] == 0.0
+    assert np.all(y == 0.0)
+
+
+def test_int8_extreme_magnitudes_stay_finite() -> None:
+    big = np.float32(np.finfo(np.float32).max)
+    tiny = np.finfo(np.float32).smallest_subnormal
+    for x in (np.array([big, -big, 1.0], np.float32), np.array([tiny, -tiny, 0], np.float32)):
+        y, msg = roundtrip(x, "int8")
+        assert np.all(np.isfinite(y))
+        assert np.all(np.abs(y.astype(np.float64) - x) <= msg["q"] * (1 + 2.0**-15))
+
+
+@settings(max_examples=200)
+@given(
+    hnp.arrays(np.float32, SHAPES, elements=FINITE32),
+    st.floats(min_value=0.001, max_value=1.0),
+)
+def test_topk_exact_on_kept_and_zero_elsewhere(x: F32, fraction: float) -> None:
+    y, msg = roundtrip(x, str(Codec("topk", fraction)))
+    assert y.shape == x.shape and y.dtype == np.float32
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+    kept = np.frombuffer(msg["i"], "<u4").astype(np.int64)
+    k = topk_count(x.size, fraction)
+    assert kept.size == msg["k"] == k
+    assert np.all(np.diff(kept) > 0)
+    np.testing.assert_array_equal(flat_y[kept], flat_x[kept])
+    dropped = np.ones(x.size, bool)
+    dropped[kept] = False
+    assert np.all(flat_y[dropped] == 0.0)
+    if kept.size and dropped.any():  # kept entries are the largest magnitudes
+        assert np.min(np.abs(flat_x[kept])) >= np.max(np.abs(flat_x[dropped]))
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "k"),
+    [(100, 0.01, 1), (300, 0.01, 3), (1000, 0.01, 10), (1001, 0.01, 11), (50, 0.01, 1),
+     (7, 1.0, 7), (0, 0.5, 0), (10, 0.25, 3), (3, 0.999, 3),
+     (100, 0.07, 7), (10_000, 0.07, 700)],  # 0.07 * 100 == 7.000000000000001 in binary
+)  # fmt: skip
+def test_topk_count(n: int, fraction: float, k: int) -> None:
+    assert topk_count(n, fraction) == k
+
+
+@pytest.mark.parametrize("text", ["raw", "fp16", "int8", "topk:0.05"])
+def test_zlib_variant_decodes_to_the_same_tensor(text: str) -> None:
+    x = (np.random.default_rng(3).standard_normal((40, 25)) * 0.1).astype(np.float32)
+    x[::3] = 0.0  # something zlib can actually shrink
+    plain, plain_msg = roundtrip(x, text, seed=7)
+    packed, packed_msg = roundtrip(x, text + "+zlib", seed=7)
+    assert packed.tobytes() == plain.tobytes()
+    assert packed_msg["z"] is True and "z" not in plain_msg
+    assert len(msgpack.packb(packed_msg)) < len(msgpack.packb(plain_msg))
+
+
+@pytest.mark.parametrize("text", ["raw", "fp16", "int8", "topk:0.1", "int8+zlib"])
+def test_wire_map_has_only_documented_keys(text: str) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    msg = encode_tensor(x, Codec.parse(text), rng=np.random.default_rng(0))
+    keys = {"c", "s", "d"} | {"int8": {"q"}, "topk": {"k", "i"}}.get(msg["c"], set())
+    assert set(msg) == keys | ({"z"} if "zlib" in text else set())
+    assert msg["s"] == [3, 4] and all(type(d) is int for d in msg["s"])
+
+
+def test_scalar_and_empty_tensors() -> None:
+    for text in ALL_CODECS:
+        for x in (np.array(2.5, np.float32), np.zeros((0, 3), np.float32)):
+            y, _ = roundtrip(x, text)
+            assert y.shape == x.shape
+            if x.size:
+                assert float(y) == pytest.approx(2.5, abs=2.5 / 127)
+
+
+def test_encode_rejects_bad_input() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError):
+        encode_tensor(np.zeros(3), Codec("raw"), rng=rng)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NaN"):
+        encode_tensor(np.array([1, np.nan], np.float32), Codec("int8"), rng=rng)
+    feedback = ErrorFeedback({"w": np.zeros(4, np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        encode_tensor(np.zeros(3, np.float32), Codec("topk", 0.5), rng=rng, name="w",
+                      feedback=feedback)  # fmt: skip
+
+
+def test_encode_accepts_non_contiguous_input() -> None:
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    y, _ = roundtrip(x, "raw")
+    np.testing.assert_array_equal(y, x)
+
+
+# --------------------------------------------------------------------------- decode into out
+
+
+def test_decode_writes_into_out_without_copy() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    flat = np.full(10, -1.0, dtype=np.float32)
+    for text in ALL_CODECS:
+        msg = wire(encode_tensor(x, Codec.parse(text), rng=np.random.default_rng(0)))
+        y = decode_tensor(msg, out=flat[2:8], expected_shape=(2, 3))
+        assert y.shape == (2, 3) and np.shares_memory(y, flat)
+        assert flat[0] == flat[1] == flat[8] == flat[9] == -1.0
+
+
+def test_decode_out_size_must_match_declared_shape() -> None:
+    msg = encode_tensor(np.ones(5, np.float32), Codec("raw"), rng=np.random.default_rng(0))
+    with pytest.raises(DecodeError) as err:
+        decode_tensor(msg, out=np.empty(4, np.float32))
+    assert err.value.reason == SHAPE
+    with pytest.raises(DecodeError) as err:
+        decode_tensor(msg, expected_shape=(5, 1))
+    assert err.value.reason == SHAPE
+
+
+@pytest.mark.parametrize(
+    "out",
+    [np.empty(5, np.float64), np.empty((5, 1), np.float32), np.empty(10, np.float32)[::2]],
+)
+def test_decode_out_of_wrong_kind_is_a_caller_error(out: Any) -> None:
+    msg = encode_tensor(np.ones(5, np.float32), Codec("raw"), rng=np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        decode_tensor(msg, out=out)
+
+
+@pytest.mark.parametrize("n", [3, 100_000])
+def test_huge_finite_values_are_accepted(n: int) -> None:
+    # The fast finiteness check of large tensors squares values; 1e30**2 overflows, which
+    # must not reject.
+    x = np.full(n, 0.5, dtype=np.float32)
+    x[:2] = [1e30, -3e38]
+    for text in ("raw", "topk:1"):
+        y, _ = roundtrip(x, text)
+        np.testing.assert_array_equal(y, x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 777, 299_999])
+def test_nonfinite_rejected_anywhere(bad: float, where: int) -> None:
+    x = np.ones(300_000, np.float32)  # larger than one finiteness-check block
+    x[where] = bad
+    for msg in (
+        {"c": "raw", "s": [x.size], "d": x.tobytes()},
+        {"c": "topk", "s": [x.size], "k": 1, "i": np.array([where], "<u4").tobytes(),
+         "d": x[where : where + 1].tobytes()},
+    ):  # fmt: skip
+        with pytest.raises(DecodeError) as err:
+            decode_tensor(msg)
+        assert err.value.reason == NONFINITE
+
+
+# ---------------------------------------------------------------------------- decode_params
+
+LAYOUT = Layout.from_shapes({"W0": (4, 3), "b0": (3,), "W1": (3, 2), "b1": (2,)})
+
+
+def make_params(seed: int = 0) -> dict[str, F32]:
+    rng = np.random.default_rng(seed)
+    shapes = zip(LAYOUT.names, LAYOUT.shapes, strict=True)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes}
+
+
+@pytest.mark.parametrize("text", ALL_CODECS)
+def test_params_roundtrip_in_layout_order(text: str) -> None:
+    params = make_params()
+    enc = encode_params(params, Codec.parse(text), rng=np.random.default_rng(0))
+    shuffled = {name: enc[name] for name in reversed(LAYOUT.names)}  # order must not matter
+    flat = decode_params(wire(shuffled), LAYOUT)
+    assert flat.shape == (LAYOUT.size,) and flat.dtype == np.float32
+    one_by_one = [decode_tensor(enc[name]).reshape(-1) for name in LAYOUT.names]
+    np.testing.assert_array_equal(flat, np.concatenate(one_by_one))
+    if text == "raw":
+        np.testing.assert_array_equal(flat, LAYOUT.flatten(params))
+
+
+def test_params_into_out() -> None:
+    enc = encode_params(make_params(), Codec("raw"), rng=np.random.default_rng(0))
+    out = np.empty(LAYOUT.size, np.float32)
+    assert decode_params(enc, LAYOUT, out=out) is out
+    np.testing.assert_array_equal(out, LAYOUT.flatten(make_params()))
+    with pytest.raises(ValueError):
+        decode_params(enc, LAYOUT, out=np.empty(LAYOUT.size + 1, np.float32))
+
+
+def _mutations() -> list[tuple[str, Any]]:
+    enc = encode_params(make_params(), Codec("int8"), rng=np.random.default_rng(0))
+    other = encode_params(
+        {"W0": np.zeros((3, 4), np.float32), "b0": np.zeros(3, np.float32)},
+        Codec("int8"),
+        rng=np.random.default_rng(0),
+    )
+    missing = dict(enc)
+    del missing["b1"]
+    extra = {**enc, "W2": enc["b1"]}
+    renamed = {("w0" if k == "W0" else k): v for k, v in enc.items()}
+    transposed = {**enc, "W0": other["W0"]}
+    non_str: dict[Any, Any] = {**missing, 5: enc["b1"]}
+    return [("missing", missing), ("extra", extra), ("renamed", renamed),
+            ("transposed", transposed), ("non-str key", non_str), ("empty", {})]  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "obj"), _mutations())
+def test_params_wrong_names_or_shapes_are_shape_errors(label: str, obj: Any) -> None:
+    with pytest.raises(DecodeError) as err:
+        decode_params(obj, LAYOUT)
+    assert err.value.reason == SHAPE, label
+
+
+def test_params_not_a_map() -> None:
+    with pytest.raises(DecodeError):
+        decode_params([1, 2], LAYOUT)
+
+
+# --------------------------------------------------------------------------- error feedback
+
+
+def _run_rounds(
+    codec: str, rounds: int, drift: float, feedback: ErrorFeedback | None, d: int = 1000
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[float], float]:
+    """Send ``rounds`` random deltas; return (sum true, sum decoded, |r| per round, max|x|)."""
+    rng = np.random.default_rng(11)
+    mean = rng.standard_normal(d).astype(np.float32) * np.float32(drift)
+    sum_true, sum_decoded = np.zeros(d), np.zeros(d)
+    norms: list[float] = []
+    max_norm = 0.0
+    for _ in range(rounds):
+        x = mean + rng.standard_normal(d).astype(np.float32)
+        max_norm = max(max_norm, float(np.linalg.norm(x)))
+        msg = encode_tensor(x, Codec.parse(codec), rng=rng, name="w", feedback=feedback)
+        sum_true += x
+        sum_decoded += decode_tensor(wire(msg))
+        if feedback is not None:
+            r = feedback.residual.get("w", np.zeros(d, np.float32))
+            norms.append(float(np.linalg.norm(r)))
+            # Nothing is lost, only delayed: the gap is exactly the pending residual.
+            np.testing.assert_allclose(sum_true - sum_decoded, r, atol=1e-3)
+    return sum_true, sum_decoded, norms, max_norm
+
+
+def test_topk_error_feedback_zero_mean_deltas() -> None:
+    feedback = ErrorFeedback()
+    true, decoded, norms, max_x = _run_rounds("topk:0.01", 200, 0.0, feedback)
+    gap_ef = float(np.linalg.norm(true - decoded))
+    assert gap_ef == pytest.approx(norms[-1], rel=1e-4)
+    # Bounded residual: with k/d = 1 % it stays below sqrt(d/k) max|x| (it sits near 4 max|x|),
+    # while the no-feedback gap grows like sqrt(rounds) |x| (~14 |x| here).
+    assert max(norms) <= math.sqrt(100) * max_x
+    true2, decoded2, _, _ = _run_rounds("topk:0.01", 200, 0.0, None)
+    gap_plain = float(np.linalg.norm(true2 - decoded2))
+    assert gap_plain > 2.5 * gap_ef
+
+
+def test_topk_error_feedback_drifting_deltas() -> None:
+    # Deltas with a persistent direction, like real gradients: without feedback the dropped
+    # 99 % accumulate linearly; with it the residual plateaus once every coordinate has had
+    # its turn (about d/k = 100 rounds).
+    feedback = ErrorFeedback()
+    true, decoded, norms, _ = _run_rounds("topk:0.01", 1000, 1.0, feedback)
+    gap_ef = float(np.linalg.norm(true - decoded))
+    assert max(norms[500:]) <= 1.1 * max(norms[:500])
+    true2, decoded2, _, _ = _run_rounds("topk:0.01", 1000, 1.0, None)
+    gap_plain = float(np.linalg.norm(true2 - decoded2))
+    assert gap_plain > 10 * gap_ef
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int8+zlib", "topk:0.2"])
+def test_feedback_identity_holds_for_every_lossy_codec(codec: str) -> None:
+    feedback = ErrorFeedback()
+    _run_rounds(codec, 30, 0.5, feedback, d=200)  # asserts sum gap == residual every round
+    assert "w" in feedback.residual
+
+
+def test_feedback_is_flushed_by_raw() -> None:
+    rng = np.random.default_rng(0)
+    feedback = ErrorFeedback()
+    x = rng.standard_normal(50).astype(np.float32)
+    first = decode_tensor(encode_tensor(x, Codec("topk", 0.1), rng=rng, name="w",
+                                        feedback=feedback))  # fmt: skip
+    second = decode_tensor(encode_tensor(np.zeros(50, np.float32), Codec("raw"), rng=rng,
+                                         name="w", feedback=feedback))  # fmt: skip
+    np.testing.assert_allclose(first + second, x, atol=1e-6)
+    assert "w" not in feedback.residual
+
+
+def test_feedback_persists_through_bytes() -> None:
+    rng = np.random.default_rng(0)
+    feedback = ErrorFeedback()
+    encode_params(make_params(), Codec("topk", 0.2), rng=rng, feedback=feedback)
+    assert set(feedback.residual) == set(LAYOUT.names)
+    restored = ErrorFeedback.from_bytes(feedback.to_bytes())
+    assert set(restored.residual) == set(feedback.residual)
+    for name, r in feedback.residual.items():
+        assert restored.residual[name].tobytes() == r.tobytes()
+        assert restored.residual[name].shape == r.shape
+    assert ErrorFeedback.from_bytes(ErrorFeedback().to_bytes()).residual == {}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        b"not msgpack at all",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 2, "r": {}}),
+        msgpack.packb({"v": 1, "r": []}),
+        msgpack.packb({"v": 1, "r": {"w": {"c": "int8", "s": [1], "d": b"\x01", "q": 1.0}}}),
+        msgpack.packb({"v": 1, "r": {"w": {"c": "raw", "s": [2], "d": b"\x00" * 4}}}),
+        msgpack.packb({"v": 1, "r": {"w": {"c": "raw", "s": [10**12], "d": b""}}}),
+        msgpack.packb({"v": 1, "r": {"w": {"c": "raw", "s": [1],
+                                           "d": np.float32(np.nan).tobytes()}}}),
+        "text",
+    ],
+)  # fmt: skip
+def test_feedback_from_garbage_is_a_decode_error(data: Any) -> None:
+    with pytest.raises(DecodeError):
+        ErrorFeedback.from_bytes(data)
+
+
+def test_default_limits() -> None:
+    assert Limits(50_000_000, 4, 256 * 1024 * 1024) == DEFAULT_LIMITS
