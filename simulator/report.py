@@ -1,0 +1,96 @@
+"""What a simulation shows while it runs and leaves behind: progress line, JSON summary, plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedmqtt.fsutil import atomic_write_bytes
+
+
+@dataclass
+class Point:
+    t: float  # seconds since start
+    version: int
+    accuracy: float | None
+    uploads: int  # updates received by the aggregator so far
+    bytes_uploaded: int
+    online: int
+
+
+@dataclass
+class Progress:
+    """Keeps the history and prints one status line (rewritten in place on a terminal)."""
+
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    every_s: float = 5.0
+    history: list[Point] = field(default_factory=list)
+    _last_print: float = 0.0
+    _last_uploads: int = 0
+    _last_t: float = 0.0
+
+    def record(self, p: Point) -> None:
+        self.history.append(p)
+        tty = self.out.isatty()
+        now = time.monotonic()
+        if not tty and now - self._last_print < self.every_s:
+            return
+        dt = max(p.t - self._last_t, 1e-9)
+        rate = (p.uploads - self._last_uploads) / dt
+        self._last_uploads, self._last_t, self._last_print = p.uploads, p.t, now
+        acc = "  -  " if p.accuracy is None else f"{p.accuracy:.3f}"
+        line = (f"t={p.t:6.1f}s  version {p.version:5d}  accuracy {acc}  "
+                f"{rate:7.1f} updates/s  devices online {p.online}")
+        if tty:
+            self.out.write("\r" + line + " " * 4)
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.out.isatty():
+            self.out.write("\n")
+            self.out.flush()
+
+    def first_reaching(self, target: float) -> Point | None:
+        for p in self.history:
+            if p.accuracy is not None and p.accuracy >= target:
+                return p
+        return None
+
+
+def write_json(path: Path, summary: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode(), mode=0o644)
+
+
+def history_as_dicts(history: list[Point]) -> list[dict[str, Any]]:
+    return [asdict(p) for p in history]
+
+
+def plot(path: Path, history: list[Point], *, title: str, centralized: float | None) -> None:
+    """Accuracy against wall time and against uploads, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in history if p.accuracy is not None]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    a1.plot([p.t for p in pts], [p.accuracy for p in pts], marker=".")
+    a2.plot([p.uploads for p in pts], [p.accuracy for p in pts], marker=".", color="C1")
+    for ax, xlabel in ((a1, "wall time (s)"), (a2, "updates uploaded")):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if centralized is not None:
+            ax.axhline(centralized, color="grey", ls="--", lw=1, label="centralized")
+    a1.set_ylabel("test accuracy")
+    a2.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
