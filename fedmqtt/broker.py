@@ -8,6 +8,7 @@ the ones on PyPI lack MQTT 5 or QoS 1, or leak retained messages.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -86,6 +87,7 @@ class Mosquitto:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         values = {"port": str(self.port), "data_dir": str(self.data_dir),
+                  "user": getpass.getuser(),
                   "max_packet_size": str(max_packet_size), **(extra or {})}
         text = (config_dir() / template).read_text()
         self.config_path = self.data_dir / "mosquitto.conf"
