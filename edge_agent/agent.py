@@ -1,0 +1,590 @@
+"""EdgeAgent: receive the global model, train on local data, send a signed update; repeat.
+
+One agent is two threads: the caller's thread runs :meth:`EdgeAgent.run` (decisions and
+training, with the training itself in a short-lived worker so a stop request is never stuck
+behind it) and :class:`edge_agent.mqtt.Link` owns the MQTT connection. They share only the
+thread-safe inbox (messages in) and the durable outbox (updates out). Several agents can run
+in one process (the simulator does), each with its own state directory.
+
+**When the device trains** (the trigger rule):
+
+1. It needs a verified global model (received, or reloaded from ``global_model.bin`` after a
+   reboot, so a device that restarts offline still trains and queues its update).
+2. A model version it has not trained on yet triggers a round at once, as FedBuff-style
+   asynchronous FL wants: the fresher the base, the less stale the update.
+3. The same version is trained again only if ``[training] max_updates_per_version`` allows it
+   (default 1, i.e. at most one update per global version; 0 = unlimited), and then no more
+   often than the interval below. A device therefore never spams updates for one version.
+4. Rounds start at least ``max([training] interval_s, plan.min_interval_s)`` seconds apart.
+5. A failed round (no data yet, a shape mismatch, divergence) is retried after
+   ``[training] retry_s``.
+
+**What a model must pass** before it is used: the aggregator's Ed25519 signature (pinned key),
+the wire schema, our federation, and a version not older than the current one (an old signed
+model replayed on the retained topic is refused, not rolled back to). Anything else is ignored
+with a log line, counted in :attr:`EdgeAgent.rejected` by reason, and the previous model stays.
+
+**Simulation hooks** (used by the simulator to emulate attacks and slow devices; a real device
+leaves them ``None``): ``data_transform(X, y) -> (X, y)`` is applied to the loaded data before
+training, ``delta_transform(delta) -> delta`` to the parameter delta before it is encoded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from edge_agent import state as st
+from edge_agent.config import AgentConfig
+from edge_agent.data import DataError, load_data
+from edge_agent.logs import DeviceLog
+from edge_agent.mqtt import Link, read_password
+from edge_agent.outbox import Outbox
+from edge_agent.sdnotify import Notifier
+from edge_agent.trainer import (
+    DataTransform,
+    DeltaResult,
+    DeltaTransform,
+    Hyper,
+    build_update,
+    compute_delta,
+    resolve_hyper,
+)
+from fedmqtt import topics, wire
+from fedmqtt.codecs import ErrorFeedback
+from fedmqtt.errors import FEDERATION, DecodeError, FedMQTTError
+from fedmqtt.fsutil import atomic_write_bytes, clean_temp_files, remove_durably
+from fedmqtt.signing import Ed25519Verifier, Signer, Verifier, load_update_signer
+
+log = logging.getLogger(__name__)
+
+OLD_VERSION: Final = "old_version"  # rejection reason: older than the model we have
+_TICK_S: Final = 0.5  # how often run() looks at the stop event when idle
+_STATUS_EVERY_S: Final = 30.0
+_INBOX_MAX: Final = 64
+
+
+class _Inbox:
+    """Messages from the MQTT thread to the agent thread, bounded, oldest dropped first."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, topic: str, payload: bytes) -> None:
+        with self._cond:
+            if len(self._items) >= _INBOX_MAX:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append((topic, payload))
+            self._cond.notify_all()
+
+    def take_all(self) -> list[tuple[str, bytes]]:
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            return items
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+
+
+@dataclass
+class _Worker:
+    """One round's training, run off the agent thread so that stop() is never blocked."""
+
+    result: DeltaResult | None = None
+    error: BaseException | None = None
+
+
+class EdgeAgent:
+    """A federated-learning device. ``run(stop)`` blocks until ``stop`` is set."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        delta_transform: DeltaTransform | None = None,
+        data_transform: DataTransform | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.device_id = config.device.id
+        self.log = DeviceLog(log, self.device_id)
+        self.federation = config.device.federation
+        self.state_dir = config.device.state_dir
+        self.delta_transform = delta_transform
+        self.data_transform = data_transform
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        # Keys are loaded now so that a bad key fails at construction, not mid-run.
+        self._verifier: Verifier = Ed25519Verifier.load(config.security.aggregator_public_key)
+        self._signer: Signer = load_update_signer(
+            config.security.update_auth, config.security.update_key
+        )
+        self._password = (
+            read_password(config.broker.password_file)
+            if config.broker.password_file is not None
+            else None
+        )
+        fed = self.federation
+        self.topic_model = topics.model(fed)
+        self.topic_plan = topics.plan(fed)
+        self.topic_onnx = topics.model_onnx(fed)
+        self.topic_updates = topics.updates(fed, self.device_id)
+        self.topic_status = topics.status(fed, self.device_id)
+
+        self.rounds_completed = 0
+        self.rounds_failed = 0
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.model: wire.GlobalModel | None = None
+        self.plan: wire.Plan | None = None
+        self.onnx_version: int | None = None
+        self.state = st.AgentState()
+        self.outbox: Outbox | None = None
+        self.link: Link | None = None
+        self._store = st.StateStore(self.state_dir)
+        self._feedback = ErrorFeedback()
+        self._inbox = _Inbox()
+        self._retry_at = 0.0  # monotonic
+        self._last_status = 0.0
+        self._next_watchdog = 0.0
+
+    # ---- counters --------------------------------------------------------------------------
+    @property
+    def updates_sent(self) -> int:
+        """Updates the broker acknowledged (PUBACK success) during this run."""
+        return self.link.counters.delivered if self.link is not None else 0
+
+    @property
+    def rejected_models(self) -> dict[str, int]:
+        """Rejected global-model messages by reason (signature, schema, federation, ...)."""
+        return {k.split("/", 1)[1]: v for k, v in self.rejected.items() if k.startswith("model/")}
+
+    @property
+    def current_version(self) -> int | None:
+        return self.model.version if self.model is not None else None
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set; leaves the state directory consistent on return."""
+        lock = st.StateDirLock(self.state_dir)
+        lock.acquire()
+        try:
+            self._open()
+            self.link = Link(
+                self.config.broker,
+                client_id=self.device_id,
+                outbox=self._require_outbox(),
+                updates_topic=self.topic_updates,
+                status_topic=self.topic_status,
+                status_payload=self._status_payload,
+                subscriptions=self._subscriptions(),
+                on_message=self._inbox.put,
+                password=self._password,
+                retry_s=self.config.outbox.retry_s,
+                retry_no_subscribers=self.config.outbox.retry_no_subscribers,
+                max_in_flight=self.config.outbox.max_in_flight,
+            )
+            self.link.start()
+            self.notifier.ready(self._status_text())
+            self.log.info(
+                "edge agent %s started (federation %s, state %s)",
+                self.device_id,
+                self.federation,
+                self.state_dir,
+            )
+            try:
+                self._loop(stop)
+            finally:
+                self.notifier.stopping(f"stopping; {self._status_text()}")
+                self.link.stop()
+                self.log.info(
+                    "edge agent %s stopped: %d round(s), %d update(s) delivered, %d in the outbox",
+                    self.device_id,
+                    self.rounds_completed,
+                    self.updates_sent,
+                    len(self._require_outbox()),
+                )
+        finally:
+            lock.release()
+
+    def _open(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        clean_temp_files(self.state_dir)
+        ocfg = self.config.outbox
+        self.outbox = Outbox(
+            self.state_dir / st.OUTBOX_DIR,
+            label=self.device_id,
+            max_updates=ocfg.max_updates,
+            max_bytes=ocfg.max_bytes,
+            supersede=ocfg.supersede,
+        )
+        self.state = self._store.load()
+        if self.state.reconcile(self.outbox.max_seq(), self.outbox.max_base_version()):
+            self.log.info(
+                "state caught up with the outbox: next seq %d, last trained v%d",
+                self.state.next_seq,
+                self.state.last_trained_version,
+            )
+            self._store.save(self.state)
+        if len(self.outbox):
+            self.log.info("outbox holds %d update(s) from a previous run", len(self.outbox))
+        for name, handler in (
+            (st.PLAN_FILE, self._accept_plan),
+            (st.GLOBAL_MODEL_FILE, self._accept_model),
+            (st.ONNX_MODEL_FILE, self._accept_onnx),
+        ):
+            path = self.state_dir / name
+            try:
+                payload = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            handler(payload, from_disk=True)
+        self._load_feedback()
+
+    def _subscriptions(self) -> list[str]:
+        # The plan first: on (re)subscribe the broker sends retained messages in this order,
+        # so a device learns the hyperparameters before the model that triggers a round.
+        subs = [self.topic_plan, self.topic_model]
+        if self.config.inference.onnx:
+            subs.append(self.topic_onnx)
+        return subs
+
+    def _ping_watchdog(self) -> None:
+        """``WATCHDOG=1`` at most every half ``WatchdogSec``, only from the agent's own thread
+        (never the MQTT or training thread): a hung agent loop is what the watchdog catches."""
+        interval = self.notifier.watchdog_interval_s
+        now = time.monotonic()
+        if interval is not None and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + interval
+
+    def _loop(self, stop: threading.Event) -> None:
+        watchdog = self.notifier.watchdog_interval_s
+        while not stop.is_set():
+            now = time.monotonic()
+            self._ping_watchdog()
+            self._drain_inbox()
+            wait = self._round_wait()
+            if wait == 0.0:
+                self._round(stop)
+                continue
+            if now - self._last_status >= _STATUS_EVERY_S:
+                self._update_status()
+            timeout = _TICK_S if wait is None else min(wait, _TICK_S)
+            if watchdog is not None:
+                timeout = min(timeout, watchdog)
+            self._inbox.wait(timeout)
+
+    # ---- messages --------------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        for topic, payload in self._inbox.take_all():
+            if topic == self.topic_model:
+                self._accept_model(payload)
+            elif topic == self.topic_plan:
+                self._accept_plan(payload)
+            elif topic == self.topic_onnx:
+                self._accept_onnx(payload)
+            else:
+                self.log.debug("ignoring message on %s", topic)
+        if self._inbox.dropped:
+            self.log.warning("inbox overflow: %d older message(s) dropped", self._inbox.dropped)
+            self._inbox.dropped = 0
+
+    def _verified(self, kind: str, payload: bytes, cls: type[Any], from_disk: bool) -> Any:
+        """Verify and parse, or count and log the rejection and return None."""
+        where = "state directory" if from_disk else "broker"
+        try:
+            msg = wire.decode(payload, cls, self._verifier)
+        except DecodeError as e:
+            return self._reject(kind, e.reason, f"{e.detail} (from the {where})")
+        if msg.federation != self.federation:
+            return self._reject(kind, FEDERATION, f"for federation {msg.federation!r}")
+        return msg
+
+    def _reject(self, kind: str, reason: str, detail: str) -> None:
+        self.rejected[f"{kind}/{reason}"] += 1
+        keep = ""
+        if kind == "model":
+            keep = f"; keeping v{self.model.version}" if self.model else "; no model yet"
+        self.log.warning("ignored %s message: %s: %s%s", kind, reason, detail, keep)
+
+    def _accept_model(self, payload: bytes, *, from_disk: bool = False) -> None:
+        msg: wire.GlobalModel | None = self._verified("model", payload, wire.GlobalModel, from_disk)
+        if msg is None:
+            return
+        cur = self.model
+        if cur is not None and msg.version <= cur.version:
+            if msg.version < cur.version:
+                self._reject("model", OLD_VERSION, f"v{msg.version} is older than v{cur.version}")
+            return
+        if cur is not None and cur.spec != msg.spec:
+            self.log.info("model architecture changed with v%d", msg.version)
+        self.model = msg
+        self._retry_at = 0.0  # a new version deserves a round now, even after a failure
+        if not from_disk:
+            self._store_payload(st.GLOBAL_MODEL_FILE, payload)
+        self.log.info(
+            "global model v%d accepted (%s, %d parameters)%s",
+            msg.version,
+            msg.spec.kind,
+            msg.spec.layout().size,
+            " from the state directory" if from_disk else "",
+        )
+        self._update_status()
+
+    def _accept_plan(self, payload: bytes, *, from_disk: bool = False) -> None:
+        msg: wire.Plan | None = self._verified("plan", payload, wire.Plan, from_disk)
+        if msg is None:
+            return
+        if self.plan is not None and msg.revision <= self.plan.revision:
+            if msg.revision < self.plan.revision:
+                self._reject(
+                    "plan",
+                    OLD_VERSION,
+                    f"revision {msg.revision} is older than {self.plan.revision}",
+                )
+            return
+        try:
+            resolve_hyper(msg, self.config.training)
+        except FedMQTTError as e:
+            self._reject("plan", "schema", str(e))
+            return
+        self.plan = msg
+        if not from_disk:
+            self._store_payload(st.PLAN_FILE, payload)
+        self.log.info(
+            "plan revision %d accepted: epochs=%d lr=%g batch=%d codec=%s min_interval=%gs",
+            msg.revision,
+            msg.epochs,
+            msg.lr,
+            msg.batch_size,
+            msg.codec,
+            msg.min_interval_s,
+        )
+
+    def _accept_onnx(self, payload: bytes, *, from_disk: bool = False) -> None:
+        msg: wire.OnnxModel | None = self._verified("onnx", payload, wire.OnnxModel, from_disk)
+        if msg is None:
+            return
+        if self.onnx_version is not None and msg.version <= self.onnx_version:
+            if msg.version < self.onnx_version:
+                self._reject(
+                    "onnx", OLD_VERSION, f"v{msg.version} is older than v{self.onnx_version}"
+                )
+            return
+        self.onnx_version = msg.version
+        if not from_disk:
+            self._store_payload(st.ONNX_MODEL_FILE, payload)
+            self.log.info(
+                "ONNX model v%d stored for inference (%d bytes)", msg.version, len(msg.onnx)
+            )
+
+    def _store_payload(self, name: str, payload: bytes) -> None:
+        """Keep a verified message for restarts; a failed write costs only that."""
+        try:
+            atomic_write_bytes(self.state_dir / name, payload, mode=0o600)
+        except OSError as e:
+            self.log.error("cannot store %s in %s: %s", name, self.state_dir, e)
+
+    # ---- rounds ----------------------------------------------------------------------------
+    def _round_wait(self) -> float | None:
+        """Seconds until the next round is due (0.0: now), None if there is nothing to do."""
+        model = self.model
+        if model is None:
+            return None
+        tcfg = self.config.training
+        s = self.state
+        if model.version <= s.last_trained_version:
+            per_version = tcfg.max_updates_per_version
+            if model.version < s.last_trained_version or per_version == 1:
+                return None
+            if per_version > 1 and s.updates_for_version >= per_version:
+                return None
+        interval = max(tcfg.interval_s, self.plan.min_interval_s if self.plan else 0.0)
+        now = time.time()
+        last = s.last_round_at if s.last_round_at <= now + 60 else 0.0  # clock went back
+        due = max(last + interval - now, self._retry_at - time.monotonic(), 0.0)
+        return due
+
+    def _round(self, stop: threading.Event) -> None:
+        model = self.model
+        assert model is not None
+        self.state.last_round_at = time.time()
+        try:
+            hyper = resolve_hyper(self.plan, self.config.training)
+        except FedMQTTError as e:
+            self._round_failed(e)
+            return
+        seq = self.state.next_seq
+        seed = self.config.training.seed
+        rng = np.random.default_rng([seed, seq] if seed is not None else None)
+        self.notifier.status(f"training from v{model.version}")
+        worker = _Worker()
+
+        def work() -> None:
+            try:
+                X, y = load_data(self.config.data)
+                if self.data_transform is not None:
+                    X, y = self.data_transform(X, y)
+                if X.shape[0] < self.config.data.min_samples:
+                    raise DataError(
+                        f"{X.shape[0]} samples, [data] min_samples is "
+                        f"{self.config.data.min_samples}"
+                    )
+                worker.result = compute_delta(
+                    model, X, y, hyper, rng, delta_transform=self.delta_transform
+                )
+            except BaseException as e:
+                worker.error = e
+
+        thread = threading.Thread(target=work, name=f"train-{self.device_id}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if stop.is_set() and thread.is_alive():
+                self.log.warning(
+                    "stop requested: abandoning the round in progress (nothing of it was written)"
+                )
+                return
+            self._ping_watchdog()
+        if worker.error is not None or worker.result is None:
+            self._round_failed(worker.error or RuntimeError("training produced nothing"))
+            return
+        self._commit(model, worker.result, hyper, seq, rng)
+
+    def _commit(
+        self,
+        model: wire.GlobalModel,
+        result: DeltaResult,
+        hyper: Hyper,
+        seq: int,
+        rng: np.random.Generator,
+    ) -> None:
+        """Encode, sign, queue durably, then record the round (order matters on a crash)."""
+        fp = model.spec.fingerprint()
+        if self.state.feedback_spec != fp:
+            self._feedback = ErrorFeedback()
+        use_feedback = hyper.uses_feedback or bool(self._feedback.residual)
+        feedback = ErrorFeedback(dict(self._feedback.residual)) if use_feedback else None
+        try:
+            update, payload = build_update(
+                model,
+                result,
+                hyper,
+                device_id=self.device_id,
+                federation=self.federation,
+                seq=seq,
+                signer=self._signer,
+                rng=rng,
+                feedback=feedback,
+            )
+        except (ValueError, TypeError) as e:  # e.g. the delta hook returned NaN
+            self._round_failed(e)
+            return
+        outbox = self._require_outbox()
+        try:
+            put = outbox.put(
+                payload, seq=seq, base_version=model.version, update_id=update.update_id
+            )
+        except OSError as e:  # disk full, read-only file system: nothing was queued
+            self._round_failed(FedMQTTError(f"cannot write the outbox: {e}"))
+            return
+        if feedback is not None and not hyper.uses_feedback:
+            feedback = ErrorFeedback()  # the pending residual went out with this update
+        self._feedback = feedback if feedback is not None else ErrorFeedback()
+        s = self.state
+        s.next_seq = seq + 1
+        if model.version == s.last_trained_version:
+            s.updates_for_version += 1
+        else:
+            s.last_trained_version = model.version
+            s.updates_for_version = 1
+        try:
+            self._save_feedback(fp)
+            self._store.save(s)
+        except OSError as e:
+            # The update is queued; at the next start the outbox restores seq and version.
+            self.log.error("cannot save the agent state in %s: %s", self.state_dir, e)
+        self.rounds_completed += 1
+        if self.link is not None:
+            self.link.wake()
+        if put.entry is not None:
+            self.log.info(
+                "round %d: update seq=%d from v%d queued (%d samples, loss %.4f, %s, "
+                "%d bytes, %.3fs CPU)",
+                self.rounds_completed,
+                seq,
+                model.version,
+                result.stats.num_samples,
+                result.stats.loss,
+                hyper.codec,
+                len(payload),
+                result.seconds,
+            )
+        self._update_status()
+
+    def _round_failed(self, error: BaseException) -> None:
+        self.rounds_failed += 1
+        retry = self.config.training.retry_s
+        self._retry_at = time.monotonic() + retry
+        if isinstance(error, FedMQTTError | ValueError):
+            self.log.error("round failed: %s; retrying in %.0fs", error, retry)
+        else:
+            self.log.error(
+                "round failed; retrying in %.0fs",
+                retry,
+                exc_info=(type(error), error, error.__traceback__),
+            )
+        self.notifier.status(f"round failed: {error}")
+
+    # ---- error feedback --------------------------------------------------------------------
+    def _load_feedback(self) -> None:
+        path = self.state_dir / st.FEEDBACK_FILE
+        try:
+            self._feedback = ErrorFeedback.from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except DecodeError as e:
+            self.log.warning("ignoring unreadable %s: %s", path, e)
+            self._feedback = ErrorFeedback()
+
+    def _save_feedback(self, fingerprint: str) -> None:
+        path = self.state_dir / st.FEEDBACK_FILE
+        if self._feedback.residual:
+            atomic_write_bytes(path, self._feedback.to_bytes(), mode=0o600)
+            self.state.feedback_spec = fingerprint
+        elif path.exists():
+            remove_durably(path)
+            self.state.feedback_spec = ""
+
+    # ---- status ----------------------------------------------------------------------------
+    def _status_payload(self, state: str) -> bytes:
+        return wire.encode(wire.Status(self.federation, self.device_id, state), self._signer)
+
+    def _status_text(self) -> str:
+        link = "connected" if self.link is not None and self.link.connected else "offline"
+        version = f"v{self.model.version}" if self.model else "no model"
+        queued = len(self.outbox) if self.outbox is not None else 0
+        return (
+            f"{link}; {version}; {self.rounds_completed} round(s), "
+            f"{self.updates_sent} delivered, {queued} queued"
+        )
+
+    def _update_status(self) -> None:
+        self._last_status = time.monotonic()
+        self.notifier.status(self._status_text())
+
+    def _require_outbox(self) -> Outbox:
+        if self.outbox is None:
+            raise RuntimeError("agent not opened")
+        return self.outbox

@@ -1,0 +1,475 @@
+"""The agent's configuration: ``agent.toml`` parsed into frozen dataclasses.
+
+A device runs unattended for months, so a mistake in its config must be caught at start (and
+by ``edge-agent check``), named precisely, and never discovered mid-run. Every option is read
+through :class:`_Table`, which checks its type and range and raises :class:`ConfigError` with
+the option's full name (``[broker] port: ...``); unknown keys are refused too, because a typo
+such as ``intervall_s`` would otherwise silently leave the default in force.
+
+Relative paths are resolved against the directory of the config file (the edge-agent predictor
+does the same), ``~`` is expanded. Every option is documented in ``docs/agent.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+from fedmqtt.errors import ConfigError
+from fedmqtt.signing import ALGORITHMS, HMAC_SHA256
+from fedmqtt.topics import check_id
+
+__all__ = [
+    "AgentConfig",
+    "BrokerConfig",
+    "ConfigError",
+    "DataConfig",
+    "DeviceConfig",
+    "InferenceConfig",
+    "LoggingConfig",
+    "OutboxConfig",
+    "SecurityConfig",
+    "TrainingConfig",
+    "load_config",
+]
+
+DataSource = Literal["csv", "npz", "plugin"]
+DATA_SOURCES: Final[tuple[DataSource, ...]] = ("csv", "npz", "plugin")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str
+    federation: str
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "localhost"
+    port: int = 1883
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = 60
+    session_expiry_s: int = 86_400
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    aggregator_public_key: Path
+    update_key: Path
+    update_auth: str = HMAC_SHA256
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: DataSource
+    path: Path | None = None
+    label_column: str | int = -1
+    header: bool = True
+    delimiter: str = ","
+    x_key: str = "X"
+    y_key: str = "y"
+    plugin: str | None = None
+    plugin_args: Mapping[str, Any] = field(default_factory=dict)
+    max_samples: int = 0
+    min_samples: int = 1
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local settings; ``None`` hyperparameters mean "as the aggregator's plan says"."""
+
+    interval_s: float = 0.0
+    max_updates_per_version: int = 1
+    retry_s: float = 60.0
+    codec: str | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    momentum: float | None = None
+    mu: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    max_updates: int = 100
+    max_bytes: int = 16 * 1024 * 1024
+    supersede: bool = True
+    retry_s: float = 30.0
+    retry_no_subscribers: bool = True
+    max_in_flight: int = 10
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    onnx: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device: DeviceConfig
+    security: SecurityConfig
+    data: DataConfig
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    path: Path | None = None  # the file it was loaded from, if any
+
+    @classmethod
+    def from_dict(
+        cls, raw: Mapping[str, Any], *, base_dir: Path | None = None, path: Path | None = None
+    ) -> AgentConfig:
+        """Build a config from a parsed TOML document (or an equivalent dict).
+
+        ``base_dir`` anchors relative paths (default: the current directory).
+        """
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        root = _Table(raw, "", base)
+        tables = {
+            name: root.table(name)
+            for name in (
+                "device",
+                "broker",
+                "security",
+                "data",
+                "training",
+                "outbox",
+                "inference",
+                "logging",
+            )
+        }
+        root.done()
+        cfg = cls(
+            device=_device(tables["device"]),
+            broker=_broker(tables["broker"]),
+            security=_security(tables["security"]),
+            data=_data(tables["data"]),
+            training=_training(tables["training"]),
+            outbox=_outbox(tables["outbox"]),
+            inference=_inference(tables["inference"]),
+            logging=_logging(tables["logging"]),
+            path=path,
+        )
+        for t in tables.values():
+            t.done()
+        return cfg
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate ``agent.toml``; any problem raises ConfigError naming the option."""
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    try:
+        return AgentConfig.from_dict(raw, base_dir=p.resolve().parent, path=p)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+# ------------------------------------------------------------------------------ the tables
+
+
+def _device(t: _Table) -> DeviceConfig:
+    values = {}
+    for key in ("id", "federation"):
+        values[key] = t.text(key)
+        try:
+            check_id(key, values[key])
+        except ConfigError as e:
+            raise t.error(key, str(e)) from None
+    return DeviceConfig(
+        id=values["id"], federation=values["federation"], state_dir=t.path("state_dir")
+    )
+
+
+def _broker(t: _Table) -> BrokerConfig:
+    d = BrokerConfig()
+    tls = t.flag("tls", d.tls)
+    port = t.integer("port", 8883 if tls else 1883, lo=1, hi=65535)
+    cert, key = t.opt_path("cert_file"), t.opt_path("key_file")
+    if (cert is None) != (key is None):
+        raise t.error("cert_file", "cert_file and key_file must be given together")
+    if not tls:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if t.has(name):
+                raise t.error(name, "is set but tls = false; set tls = true to use it")
+    username = t.opt_text("username")
+    password_file = t.opt_path("password_file")
+    if password_file is not None and username is None:
+        raise t.error("password_file", "needs username")
+    rmin = t.number("reconnect_min_s", d.reconnect_min_s, lo=0.01, hi=3600)
+    rmax = t.number("reconnect_max_s", d.reconnect_max_s, lo=0.01, hi=86_400)
+    if rmax < rmin:
+        raise t.error("reconnect_max_s", f"must be >= reconnect_min_s ({rmin})")
+    return BrokerConfig(
+        host=t.text("host", d.host),
+        port=port,
+        username=username,
+        password_file=password_file,
+        tls=tls,
+        ca_file=t.opt_path("ca_file"),
+        cert_file=cert,
+        key_file=key,
+        keepalive=t.integer("keepalive", d.keepalive, lo=5, hi=65535),
+        session_expiry_s=t.integer("session_expiry_s", d.session_expiry_s, lo=0, hi=2**32 - 1),
+        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, lo=0.1, hi=600),
+        reconnect_min_s=rmin,
+        reconnect_max_s=rmax,
+    )
+
+
+def _security(t: _Table) -> SecurityConfig:
+    auth = t.text("update_auth", HMAC_SHA256)
+    if auth not in ALGORITHMS:
+        raise t.error("update_auth", f"must be one of {', '.join(ALGORITHMS)}, not {auth!r}")
+    return SecurityConfig(
+        aggregator_public_key=t.path("aggregator_public_key"),
+        update_key=t.path("update_key"),
+        update_auth=auth,
+    )
+
+
+def _data(t: _Table) -> DataConfig:
+    source = t.text("source")
+    if source not in DATA_SOURCES:
+        raise t.error("source", f"must be one of {', '.join(DATA_SOURCES)}, not {source!r}")
+    d = DataConfig(source=source)
+    path = t.opt_path("path")
+    plugin = t.opt_text("plugin")
+    if source in ("csv", "npz") and path is None:
+        raise t.error("path", f"is required for source = {source!r}")
+    if source == "plugin":
+        if plugin is None:
+            raise t.error("plugin", "is required for source = 'plugin' (module:callable)")
+        module, colon, func = plugin.partition(":")
+        if not colon or not module or not func:
+            raise t.error("plugin", f"must look like 'package.module:callable', not {plugin!r}")
+    elif plugin is not None:
+        raise t.error("plugin", f"is only used with source = 'plugin', not {source!r}")
+    label = t.raw("label_column", d.label_column)
+    if isinstance(label, bool) or not isinstance(label, str | int) or label == "":
+        raise t.error("label_column", "must be a column name or an integer index")
+    delimiter = t.text("delimiter", d.delimiter)
+    if len(delimiter) != 1:
+        raise t.error("delimiter", "must be a single character")
+    args = t.raw("plugin_args", {})
+    if not isinstance(args, dict):
+        raise t.error("plugin_args", "must be a table")
+    return DataConfig(
+        source=source,
+        path=path,
+        label_column=label,
+        header=t.flag("header", d.header),
+        delimiter=delimiter,
+        x_key=t.text("x_key", d.x_key),
+        y_key=t.text("y_key", d.y_key),
+        plugin=plugin,
+        plugin_args=dict(args),
+        max_samples=t.integer("max_samples", d.max_samples, lo=0),
+        min_samples=t.integer("min_samples", d.min_samples, lo=1),
+    )
+
+
+def _training(t: _Table) -> TrainingConfig:
+    d = TrainingConfig()
+    interval = t.number("interval_s", d.interval_s, lo=0.0)
+    per_version = t.integer("max_updates_per_version", d.max_updates_per_version, lo=0)
+    if per_version != 1 and interval <= 0:
+        raise t.error(
+            "max_updates_per_version",
+            "more than one update per global version needs interval_s > 0 (else the device"
+            " would retrain in a tight loop)",
+        )
+    codec = t.opt_text("codec")
+    if codec is not None:
+        from fedmqtt.codecs import Codec
+
+        try:
+            Codec.parse(codec)
+        except ConfigError as e:
+            raise t.error("codec", str(e)) from None
+    momentum = t.opt_number("momentum", lo=0.0)
+    if momentum is not None and momentum >= 1.0:
+        raise t.error("momentum", "must be in [0, 1)")
+    lr = t.opt_number("lr", lo=0.0)
+    if lr is not None and lr <= 0:
+        raise t.error("lr", "must be > 0")
+    return TrainingConfig(
+        interval_s=interval,
+        max_updates_per_version=per_version,
+        retry_s=t.number("retry_s", d.retry_s, lo=0.0),
+        codec=codec,
+        epochs=t.opt_integer("epochs", lo=1, hi=1000),
+        lr=lr,
+        batch_size=t.opt_integer("batch_size", lo=1, hi=1 << 20),
+        momentum=momentum,
+        mu=t.opt_number("mu", lo=0.0),
+        seed=t.opt_integer("seed", lo=0),
+    )
+
+
+def _outbox(t: _Table) -> OutboxConfig:
+    d = OutboxConfig()
+    return OutboxConfig(
+        max_updates=t.integer("max_updates", d.max_updates, lo=1),
+        max_bytes=t.integer("max_bytes", d.max_bytes, lo=1024),
+        supersede=t.flag("supersede", d.supersede),
+        retry_s=t.number("retry_s", d.retry_s, lo=0.0),
+        retry_no_subscribers=t.flag("retry_no_subscribers", d.retry_no_subscribers),
+        max_in_flight=t.integer("max_in_flight", d.max_in_flight, lo=1, hi=1000),
+    )
+
+
+def _inference(t: _Table) -> InferenceConfig:
+    return InferenceConfig(onnx=t.flag("onnx", InferenceConfig().onnx))
+
+
+def _logging(t: _Table) -> LoggingConfig:
+    level = t.text("level", LoggingConfig().level).upper()
+    if level not in LOG_LEVELS:
+        raise t.error("level", f"must be one of {', '.join(LOG_LEVELS)}")
+    return LoggingConfig(level=level)
+
+
+# ------------------------------------------------------------------------------ typed reading
+
+
+class _Table:
+    """One TOML table, read key by key with type checks; remembers which keys were used."""
+
+    def __init__(self, raw: object, name: str, base: Path) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"[{name}] must be a table")
+        self._raw = cast(Mapping[str, Any], raw)
+        self._name = name
+        self._base = base
+        self._used: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        where = f"[{self._name}] {key}" if self._name else key
+        return ConfigError(f"{where}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self._raw
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self._used.add(key)
+        return self._raw.get(key, default)
+
+    def table(self, key: str) -> _Table:
+        value = self.raw(key, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"[{key}] must be a table")
+        return _Table(value, key, self._base)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._raw) - self._used)
+        if unknown:
+            where = f"[{self._name}]" if self._name else "top level"
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        if self.has(key):
+            return self.text(key)
+        self._used.add(key)
+        return None
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
+    def integer(
+        self, key: str, default: int | None = None, *, lo: int | None = None, hi: int | None = None
+    ) -> int:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be an integer, not {value!r}")
+        _check_range(self, key, value, lo, hi)
+        return value
+
+    def opt_integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
+        if self.has(key):
+            return self.integer(key, lo=lo, hi=hi)
+        self._used.add(key)
+        return None
+
+    def number(
+        self,
+        key: str,
+        default: float | None = None,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+    ) -> float:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise self.error(key, "must be finite")
+        _check_range(self, key, value, lo, hi)
+        return float(value)
+
+    def opt_number(
+        self, key: str, *, lo: float | None = None, hi: float | None = None
+    ) -> float | None:
+        if self.has(key):
+            return self.number(key, lo=lo, hi=hi)
+        self._used.add(key)
+        return None
+
+    def path(self, key: str) -> Path:
+        p = Path(self.text(key)).expanduser()
+        return p if p.is_absolute() else self._base / p
+
+    def opt_path(self, key: str) -> Path | None:
+        if self.has(key):
+            return self.path(key)
+        self._used.add(key)
+        return None
+
+
+def _check_range(t: _Table, key: str, value: float, lo: float | None, hi: float | None) -> None:
+    if lo is not None and value < lo:
+        raise t.error(key, f"must be >= {lo}, not {value}")
+    if hi is not None and value > hi:
+        raise t.error(key, f"must be <= {hi}, not {value}")

@@ -1,0 +1,542 @@
+"""The agent's MQTT link: paho-mqtt 2.x over MQTT 5, driven by one thread of our own.
+
+Why not ``loop_start()``: paho's own reconnect loop backs off without jitter, so a fleet that
+lost its broker reconnects in lock-step waves; and a thread we own lets us flush the durable
+outbox at the right moments. The thread uses paho's external-loop API (``socket()``,
+``loop_read/loop_write/loop_misc``) with a wake-up socket, so a new update is published at
+once without polling. Every paho call happens on this thread, which also rules out the
+lock-order deadlock between paho's internal mutexes and ours.
+
+Connection: client id = device id, ``clean_start=False`` with a ``SessionExpiryInterval`` (the
+broker keeps subscriptions and queued messages across short outages), TLS and username /
+password from the config, a retained, signed ``offline`` status as last will, and a retained,
+signed ``online`` status after each CONNACK. Reconnects wait ``uniform(min, min(max, min *
+2**attempt))`` seconds ("full jitter" with a floor); the attempt count resets once a
+connection stayed up for :data:`STABLE_S`.
+
+Delivery: the link takes updates from the :class:`~edge_agent.outbox.Outbox` (at most
+``max_in_flight`` at a time), publishes them at QoS 1 and settles each one on its PUBACK,
+whose MQTT 5 reason code says what the broker did (on MQTT 3.1.1 a refused publish is acked
+as a success):
+
+* success (``< 0x80``): delete from the outbox; ``0x10`` *no matching subscribers* means
+  nobody (not even a persistent aggregator session) received it, so it is retried after
+  ``retry_s`` unless ``retry_no_subscribers`` is off;
+* permanent refusal (:data:`PERMANENT_REFUSALS`, e.g. ``0x87`` not authorized): drop it and
+  count it; retrying cannot help;
+* other refusals (``0x80`` unspecified, ``0x97`` quota exceeded, ...): retry after ``retry_s``.
+
+paho keeps unacknowledged messages in memory and retransmits them itself after a reconnect,
+so an update is handed to paho once per process: re-publishing it from the outbox as well
+would deliver it twice. After a restart paho's memory is gone and the outbox sends it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge_agent.config import BrokerConfig
+from edge_agent.logs import DeviceLog
+from edge_agent.outbox import Outbox
+from fedmqtt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+NO_MATCHING_SUBSCRIBERS: Final = 0x10
+PERMANENT_REFUSALS: Final = {
+    0x87: "not authorized",
+    0x90: "topic name invalid",
+    0x95: "packet too large",
+    0x99: "payload format invalid",
+}
+STABLE_S: Final = 30.0
+_SELECT_MAX_S: Final = 1.0
+_OFFLINE_ACK_WAIT_S: Final = 2.0
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Reconnect delay: uniform between ``lo`` and ``min(hi, lo * 2**attempt)``.
+
+    Full jitter spreads a fleet's reconnects over the whole window after a broker restart
+    instead of synchronising them; the floor keeps a device from hammering a broker that
+    accepts and immediately drops it.
+    """
+    cap = min(hi, lo * (2.0 ** min(attempt, 60)))
+    return rng.uniform(lo, max(lo, cap))
+
+
+def read_password(path: Path) -> str:
+    """The broker password from its file (first line); the file must not be group/other-readable."""
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"[broker] password_file: cannot read {path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"[broker] password_file: {path} is readable by group/others "
+            f"(mode {st.st_mode & 0o777:o}); run: chmod 600 {path}"
+        )
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise ConfigError(f"[broker] password_file: {path} is empty")
+    return lines[0]
+
+
+def make_client(
+    cfg: BrokerConfig, client_id: str, password: str | None, *, max_inflight: int = 20
+) -> paho.Client:
+    """A paho MQTT 5 client configured from ``[broker]`` (not connected)."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5,
+        reconnect_on_failure=False,
+    )
+    client.connect_timeout = cfg.connect_timeout_s
+    client.max_inflight_messages_set(max_inflight)
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, password)
+    if cfg.tls:
+        ctx = ssl.create_default_context(
+            cafile=str(cfg.ca_file) if cfg.ca_file is not None else None
+        )
+        if cfg.cert_file is not None and cfg.key_file is not None:
+            ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+        client.tls_set_context(ctx)
+    return client
+
+
+def connect_properties(cfg: BrokerConfig) -> Properties:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = cfg.session_expiry_s
+    return props
+
+
+@dataclass
+class LinkCounters:
+    connect_attempts: int = 0
+    connects: int = 0
+    connect_refusals: int = 0
+    delivered: int = 0
+    refused_permanent: int = 0
+    refused_transient: int = 0
+    no_subscribers: int = 0
+
+
+StatusFactory = Callable[[str], bytes]
+
+
+class Link:
+    """A device's connection to the broker, run by :meth:`start` on a background thread."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        *,
+        client_id: str,
+        outbox: Outbox,
+        updates_topic: str,
+        status_topic: str,
+        status_payload: StatusFactory,
+        subscriptions: Sequence[str],
+        on_message: Callable[[str, bytes], None],
+        password: str | None = None,
+        retry_s: float = 30.0,
+        retry_no_subscribers: bool = True,
+        max_in_flight: int = 10,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.outbox = outbox
+        self.updates_topic = updates_topic
+        self.status_topic = status_topic
+        self._status_payload = status_payload
+        self._subscriptions = tuple(subscriptions)
+        self._on_message_cb = on_message
+        self._retry_s = retry_s
+        self._retry_no_subscribers = retry_no_subscribers
+        self._max_in_flight = max_in_flight
+        self._rng = rng or random.Random()
+        self.counters = LinkCounters()
+        self.log = DeviceLog(log, client_id)
+        self.last_error: str = ""
+        self._client = make_client(cfg, client_id, password, max_inflight=max_in_flight + 4)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._connected = False
+        self._connack_seen = False  # a CONNACK success during the current connection
+        self._connected_at = 0.0
+        self._max_packet: int | None = None
+        self._mids: dict[int, str] = {}  # paho message id -> outbox entry name
+        self._status_mids: set[int] = set()
+        self._warned_no_subscribers = False
+
+    # ---- public API (any thread) -----------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("link already started")
+        self._thread = threading.Thread(
+            target=self._run, name=f"mqtt-{self.client_id}", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Ask the link thread to look at the outbox now."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish ``offline`` (if connected), disconnect, and join the thread."""
+        self._stop.set()
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.log.warning("MQTT thread did not stop within %.1fs", timeout)
+        for s in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    # ---- the thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            self._connack_seen = False
+            try:
+                self._connect()
+            except Exception as e:  # OSError, ssl.SSLError, ValueError from paho, ...
+                self.last_error = f"{type(e).__name__}: {e}"
+                delay = backoff_delay(
+                    attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng
+                )
+                self.log.warning(
+                    "cannot connect to %s:%d (%s); retrying in %.1fs",
+                    self.cfg.host,
+                    self.cfg.port,
+                    self.last_error,
+                    delay,
+                )
+                attempt += 1
+                self._stop.wait(delay)
+                continue
+            try:
+                self._serve()
+            except Exception:
+                self.log.exception("MQTT loop failed; reconnecting")
+                self._close_socket()
+            self._connected = False
+            if self._stop.is_set():
+                break
+            if self._connack_seen and time.monotonic() - self._connected_at >= STABLE_S:
+                attempt = 0
+            delay = backoff_delay(
+                attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng
+            )
+            attempt += 1
+            self.log.info("reconnecting to %s:%d in %.1fs", self.cfg.host, self.cfg.port, delay)
+            self._stop.wait(delay)
+        self._shutdown()
+
+    def _connect(self) -> None:
+        self.counters.connect_attempts += 1
+        self._client.will_set(
+            self.status_topic, self._status_payload("offline"), qos=1, retain=True
+        )
+        self._client.connect(
+            self.cfg.host,
+            self.cfg.port,
+            keepalive=self.cfg.keepalive,
+            clean_start=False,
+            properties=connect_properties(self.cfg),
+        )
+
+    def _serve(self) -> None:
+        """Run one connection until it drops or the link is stopped."""
+        client = self._client
+        connack_deadline = time.monotonic() + self.cfg.connect_timeout_s
+        while not self._stop.is_set():
+            sock = client.socket()
+            if sock is None:
+                return
+            if self._connected:
+                self._flush()
+            elif time.monotonic() > connack_deadline:
+                self.last_error = "no CONNACK from the broker"
+                self.log.warning(
+                    "no CONNACK within %.1fs; dropping the connection", self.cfg.connect_timeout_s
+                )
+                self._close_socket()
+                return
+            timeout = _SELECT_MAX_S
+            retry_at = self.outbox.next_retry_at()
+            if retry_at is not None:
+                timeout = min(timeout, max(0.01, retry_at - time.monotonic()))
+            pending = getattr(sock, "pending", None)
+            if callable(pending) and pending() > 0:
+                timeout = 0.0
+            wlist = [sock] if client.want_write() else []
+            try:
+                readable, writable, _ = select.select([sock, self._wake_r], wlist, [], timeout)
+            except (OSError, ValueError):
+                self._close_socket()
+                return
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    self._wake_r.recv(4096)
+            if sock in readable or (callable(pending) and pending() > 0):
+                client.loop_read()
+            if client.socket() is not None and (writable or client.want_write()):
+                client.loop_write()
+            if client.socket() is not None:
+                client.loop_misc()
+
+    def _close_socket(self) -> None:
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            # paho notices the closed socket on its next read and runs its disconnect path
+            with contextlib.suppress(Exception):
+                self._client.loop_read()
+
+    def _shutdown(self) -> None:
+        """Stop requested: say ``offline`` (retained) and disconnect cleanly if we can."""
+        client = self._client
+        if self._connected and client.socket() is not None:
+            with contextlib.suppress(Exception):
+                info = client.publish(
+                    self.status_topic, self._status_payload("offline"), qos=1, retain=True
+                )
+                self._status_mids.add(info.mid)
+                deadline = time.monotonic() + _OFFLINE_ACK_WAIT_S
+                while (
+                    info.mid in self._status_mids
+                    and client.socket() is not None
+                    and time.monotonic() < deadline
+                ):
+                    self._pump(0.05)
+            with contextlib.suppress(Exception):
+                client.disconnect()
+                deadline = time.monotonic() + 1.0
+                while client.socket() is not None and time.monotonic() < deadline:
+                    self._pump(0.05)
+        self._connected = False
+        with contextlib.suppress(Exception):
+            self._close_socket()
+
+    def _pump(self, timeout: float) -> None:
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            return
+        wlist = [sock] if client.want_write() else []
+        readable, _, _ = select.select([sock], wlist, [], timeout)
+        if readable:
+            client.loop_read()
+        if client.socket() is not None and client.want_write():
+            client.loop_write()
+
+    # ---- outbox ----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        free = self._max_in_flight - self.outbox.in_flight_count()
+        if free <= 0:
+            return
+        for entry in self.outbox.take_unsent(free):
+            payload = self.outbox.read(entry)
+            if payload is None:  # superseded or dropped meanwhile
+                self.outbox.acked(entry.name)
+                continue
+            if self._max_packet is not None and len(payload) + 256 > self._max_packet:
+                self.log.error(
+                    "update seq=%d is %d bytes, the broker accepts at most %d; dropped",
+                    entry.seq,
+                    len(payload),
+                    self._max_packet,
+                )
+                self.counters.refused_permanent += 1
+                self.outbox.drop(entry.name)
+                continue
+            try:
+                info = self._client.publish(self.updates_topic, payload, qos=1, retain=False)
+            except ValueError as e:  # paho's own size/topic checks
+                self.log.error("cannot publish update seq=%d: %s; dropped", entry.seq, e)
+                self.counters.refused_permanent += 1
+                self.outbox.drop(entry.name)
+                continue
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                # NO_CONN is fine: paho keeps the message and sends it after reconnecting
+                self.log.warning(
+                    "paho refused update seq=%d (%s); will retry",
+                    entry.seq,
+                    paho.error_string(info.rc),
+                )
+                self.outbox.release(entry.name, time.monotonic() + self._retry_s)
+                continue
+            self._mids[info.mid] = entry.name
+            self.log.debug(
+                "published update seq=%d (mid %d, %d bytes)", entry.seq, info.mid, len(payload)
+            )
+
+    # ---- paho callbacks (run on the link thread) -------------------------------------------
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            if reason.is_failure:
+                self.counters.connect_refusals += 1
+                self.last_error = f"broker refused the connection: {reason} (0x{reason.value:02x})"
+                self.log.error("%s", self.last_error)
+                return
+            self._connected = True
+            self._connack_seen = True
+            self._connected_at = time.monotonic()
+            self.counters.connects += 1
+            self.last_error = ""
+            self._max_packet = getattr(properties, "MaximumPacketSize", None)
+            self.log.info(
+                "connected to %s:%d as %s (session present: %s)",
+                self.cfg.host,
+                self.cfg.port,
+                self.client_id,
+                bool(flags.session_present),
+            )
+            if self._subscriptions:
+                client.subscribe([(t, SubscribeOptions(qos=1)) for t in self._subscriptions])
+            info = client.publish(
+                self.status_topic, self._status_payload("online"), qos=1, retain=True
+            )
+            self._status_mids.add(info.mid)
+        except Exception:
+            self.log.exception("error in on_connect")
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._connected:
+            self.log.warning("disconnected from %s:%d: %s", self.cfg.host, self.cfg.port, reason)
+        self._connected = False
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        for topic, rc in zip(self._subscriptions, reasons, strict=False):
+            if rc.is_failure:
+                self.log.error(
+                    "broker refused subscription to %s: %s (0x%02x)", topic, rc, rc.value
+                )
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            self._on_message_cb(msg.topic, bytes(msg.payload))
+        except Exception:
+            self.log.exception("error handling a message on %s", msg.topic)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            self._settle(mid, reason)
+        except Exception:
+            self.log.exception("error handling PUBACK %d", mid)
+
+    def _settle(self, mid: int, reason: ReasonCode) -> None:
+        value = reason.value
+        if mid in self._status_mids:
+            self._status_mids.discard(mid)
+            if value >= 0x80:
+                self.log.warning("broker refused our status message: %s (0x%02x)", reason, value)
+            return
+        name = self._mids.pop(mid, None)
+        if name is None:
+            return
+        if value < 0x80 and not (value == NO_MATCHING_SUBSCRIBERS and self._retry_no_subscribers):
+            entry = self.outbox.acked(name)
+            self.counters.delivered += 1
+            if self._warned_no_subscribers:
+                self.log.info("updates are being received again")
+                self._warned_no_subscribers = False
+            if entry is not None:
+                self.log.info("update seq=%d (base v%d) delivered", entry.seq, entry.base_version)
+            return
+        if value == NO_MATCHING_SUBSCRIBERS:
+            self.counters.no_subscribers += 1
+            if not self._warned_no_subscribers:
+                self.log.warning(
+                    "no aggregator is subscribed to %s; keeping updates and retrying every %.0fs",
+                    self.updates_topic,
+                    self._retry_s,
+                )
+                self._warned_no_subscribers = True
+            self.outbox.release(name, time.monotonic() + self._retry_s)
+            return
+        if value in PERMANENT_REFUSALS:
+            self.counters.refused_permanent += 1
+            entry = self.outbox.drop(name)
+            self.log.error(
+                "broker refused update %s: %s (0x%02x); dropped, retrying cannot help",
+                entry.seq if entry else name,
+                reason,
+                value,
+            )
+            return
+        self.counters.refused_transient += 1
+        self.log.warning(
+            "broker refused update %s: %s (0x%02x); retrying in %.0fs",
+            name,
+            reason,
+            value,
+            self._retry_s,
+        )
+        self.outbox.release(name, time.monotonic() + self._retry_s)

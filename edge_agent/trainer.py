@@ -1,0 +1,149 @@
+"""One round of local training, split into a pure part and a committing part.
+
+:func:`compute_delta` trains from the verified global model and returns ``new - base``; it
+touches no state, so the agent can run it in a worker thread and simply abandon it when asked
+to stop (SIGTERM must stop the device within 10 s, whatever the round costs).
+:func:`build_update` then encodes the delta with the codec (top-k carrying its error-feedback
+residual), and signs a :class:`fedmqtt.wire.Update` with a fresh random ``update_id`` and the
+device's next ``seq``. Persisting (outbox, residual, counters) is the agent's job.
+
+Hyperparameters come from the aggregator's plan; a value set in ``[training]`` overrides the
+plan on this device (a slow device may want fewer epochs, a metered link another codec), and
+with no plan at all the defaults of :class:`fedmqtt.wire.Plan` apply. The plan's ``extra`` may
+carry ``weight_decay`` and ``max_grad_norm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.config import TrainingConfig
+from fedmqtt import wire
+from fedmqtt.codecs import Codec, ErrorFeedback, encode_params
+from fedmqtt.errors import ConfigError
+from fedmqtt.models.train import TrainConfig, TrainStats, train_local
+from fedmqtt.params import Params
+from fedmqtt.signing import Signer
+
+log = logging.getLogger(__name__)
+
+DeltaTransform = Callable[[Params], Params]
+DataTransform = Callable[
+    [npt.NDArray[np.float32], npt.NDArray[np.generic]],
+    tuple[npt.NDArray[np.float32], npt.NDArray[np.generic]],
+]
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The resolved settings of one round."""
+
+    train: TrainConfig
+    codec: Codec
+
+    @property
+    def uses_feedback(self) -> bool:
+        """Only a sparsifying codec needs error feedback; the others send (almost) everything,
+        and skipping the residual saves a full-model file write per round on an SD card."""
+        return self.codec.name == "topk"
+
+
+def resolve_hyper(plan: wire.Plan | None, cfg: TrainingConfig) -> Hyper:
+    """Plan values, overridden by the ones set locally; raises ConfigError if unusable."""
+    p = plan if plan is not None else wire.Plan(federation="", sender="", revision=0)
+    extra = p.extra
+    wd = float(extra.get("weight_decay", 0.0))
+    mgn = extra.get("max_grad_norm")
+    codec_text = cfg.codec if cfg.codec is not None else p.codec
+    try:
+        codec = Codec.parse(codec_text)
+    except ConfigError as e:
+        if cfg.codec is not None:
+            raise
+        log.warning("plan codec %r is not usable here (%s); sending raw", codec_text, e)
+        codec = Codec("raw")
+    try:
+        train = TrainConfig(
+            epochs=cfg.epochs if cfg.epochs is not None else p.epochs,
+            lr=cfg.lr if cfg.lr is not None else p.lr,
+            batch_size=cfg.batch_size if cfg.batch_size is not None else p.batch_size,
+            momentum=cfg.momentum if cfg.momentum is not None else p.momentum,
+            mu=cfg.mu if cfg.mu is not None else p.mu,
+            weight_decay=wd if math.isfinite(wd) and wd >= 0 else 0.0,
+            max_grad_norm=float(mgn) if mgn is not None and mgn > 0 else None,
+        )
+    except ValueError as e:
+        raise ConfigError(f"plan revision {p.revision} is not usable: {e}") from None
+    return Hyper(train=train, codec=codec)
+
+
+@dataclass(frozen=True)
+class DeltaResult:
+    delta: Params
+    stats: TrainStats
+    seconds: float
+
+
+def compute_delta(
+    model: wire.GlobalModel,
+    X: npt.NDArray[np.float32],
+    y: npt.NDArray[np.generic],
+    hyper: Hyper,
+    rng: np.random.Generator,
+    *,
+    delta_transform: DeltaTransform | None = None,
+) -> DeltaResult:
+    """Train from ``model`` and return ``new - base`` per tensor (float32). No side effects."""
+    t0 = time.thread_time()  # this thread only: agents may share a process
+    new, stats = train_local(model.spec, model.params, X, y, hyper.train, rng)
+    delta: Params = {
+        k: np.subtract(new[k], model.params[k], dtype=np.float32) for k in model.params
+    }
+    if delta_transform is not None:
+        delta = delta_transform(delta)
+    return DeltaResult(delta=delta, stats=stats, seconds=time.thread_time() - t0)
+
+
+def new_update_id() -> str:
+    """128 random bits: unguessable and, for all practical purposes, never repeated."""
+    return secrets.token_hex(16)
+
+
+def build_update(
+    model: wire.GlobalModel,
+    result: DeltaResult,
+    hyper: Hyper,
+    *,
+    device_id: str,
+    federation: str,
+    seq: int,
+    signer: Signer,
+    rng: np.random.Generator,
+    feedback: ErrorFeedback | None,
+) -> tuple[wire.Update, bytes]:
+    """Encode (updating ``feedback`` in place) and sign; returns the update and its payload."""
+    encoded = encode_params(result.delta, hyper.codec, rng=rng, feedback=feedback)
+    update = wire.Update(
+        federation=federation,
+        sender=device_id,
+        update_id=new_update_id(),
+        seq=seq,
+        base_version=model.version,
+        num_samples=result.stats.num_samples,
+        spec_fingerprint=model.spec.fingerprint(),
+        delta=encoded,
+        metrics={
+            "loss": float(result.stats.loss),
+            "steps": float(result.stats.steps),
+            "train_cpu_s": round(result.seconds, 6),
+        },
+    )
+    return update, wire.encode(update, signer)
