@@ -3,8 +3,9 @@
 Runs, in one go and on this machine:
 
 * ``python -c "import numpy"``: the floor any numpy-based agent pays;
-* ``python -c "import numpy, msgpack, paho.mqtt.client"`` and the same plus numpy.random and
-  cryptography's Ed25519: the agent's dependencies alone (no agent code, no data);
+* ``python -c "import numpy, msgpack, paho.mqtt.client"`` and the same plus PyNaCl: the agent's
+  dependencies alone (no agent code, no data); and, for comparison, plus numpy.random and
+  cryptography's Ed25519, which the agent deliberately avoids (fedmqtt/rand.py, signing.py);
 * ``edge-agent run`` (``python -m edge_agent run``) training softmax regression on a
   digits-sized shard (scikit-learn's digits: 1797 samples x 64 features, 10 classes), against a
   local Mosquitto, for ``--rounds`` rounds: this script plays the aggregator (publishes a signed
@@ -244,8 +245,8 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    import cryptography
     import msgpack
+    import nacl
     import paho.mqtt
 
     mem = ""
@@ -259,7 +260,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "paho-mqtt": paho.mqtt.__version__,
-        "cryptography": cryptography.__version__,
+        "pynacl": nacl.__version__,
         "msgpack": ".".join(map(str, msgpack.version)),
     }
 
@@ -277,7 +278,9 @@ def main() -> int:
     X, y, source = digits()
     spec = ModelSpec("softmax", 64, 10, feature_scale=(1 / 16,) * 64)
     paho = "import numpy, msgpack, paho.mqtt.client"
-    deps = (
+    deps = f"{paho}, nacl.signing"
+    # What the agent avoids (fedmqtt/rand.py, fedmqtt/signing.py), measured for comparison.
+    avoided = (
         f"{paho}, numpy.random; "
         "from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey"
     )
@@ -285,8 +288,11 @@ def main() -> int:
     with Mosquitto() as broker:
         results["bare numpy"] = measure([sys.executable, "-c", "import numpy"], env=base_env)
         results["numpy + msgpack + paho-mqtt"] = measure([sys.executable, "-c", paho], env=base_env)
-        results["agent deps only (+ numpy.random, cryptography)"] = measure(
+        results["agent deps only (+ PyNaCl)"] = measure(
             [sys.executable, "-c", deps], env=base_env
+        )
+        results["deps with numpy.random + cryptography instead (not used)"] = measure(
+            [sys.executable, "-c", avoided], env=base_env
         )
         results["agent, 0 rounds"] = run_agent(broker, X, y, spec, rounds=0, env=base_env)
         results[f"agent, {args.rounds} rounds"] = run_agent(

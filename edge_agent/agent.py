@@ -38,8 +38,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-import numpy as np
-
 from edge_agent import state as st
 from edge_agent.config import AgentConfig
 from edge_agent.data import DataError, load_data
@@ -60,6 +58,7 @@ from fedmqtt import topics, wire
 from fedmqtt.codecs import ErrorFeedback
 from fedmqtt.errors import FEDERATION, DecodeError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes, clean_temp_files, remove_durably
+from fedmqtt.rand import LightRandom, RandomSource, seed_of
 from fedmqtt.signing import Ed25519Verifier, Signer, Verifier, load_update_signer
 
 log = logging.getLogger(__name__)
@@ -427,7 +426,7 @@ class EdgeAgent:
             return
         seq = self.state.next_seq
         seed = self.config.training.seed
-        rng = np.random.default_rng([seed, seq] if seed is not None else None)
+        rng = LightRandom(seed_of(seed, seq) if seed is not None else None)
         self.notifier.status(f"training from v{model.version}")
         worker = _Worker()
 
@@ -468,7 +467,7 @@ class EdgeAgent:
         result: DeltaResult,
         hyper: Hyper,
         seq: int,
-        rng: np.random.Generator,
+        rng: RandomSource,
     ) -> None:
         """Encode, sign, queue durably, then record the round (order matters on a crash)."""
         fp = model.spec.fingerprint()

@@ -31,6 +31,7 @@ from fedmqtt.codecs import Codec, ErrorFeedback, encode_params
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.train import TrainConfig, TrainStats, train_local
 from fedmqtt.params import Params
+from fedmqtt.rand import RandomSource
 from fedmqtt.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def compute_delta(
     X: npt.NDArray[np.float32],
     y: npt.NDArray[np.generic],
     hyper: Hyper,
-    rng: np.random.Generator,
+    rng: RandomSource,
     *,
     delta_transform: DeltaTransform | None = None,
 ) -> DeltaResult:
@@ -126,7 +127,7 @@ def build_update(
     federation: str,
     seq: int,
     signer: Signer,
-    rng: np.random.Generator,
+    rng: RandomSource,
     feedback: ErrorFeedback | None,
 ) -> tuple[wire.Update, bytes]:
     """Encode (updating ``feedback`` in place) and sign; returns the update and its payload."""

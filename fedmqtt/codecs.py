@@ -56,6 +56,7 @@ import numpy.typing as npt
 
 from fedmqtt.errors import CODEC, NONFINITE, SCHEMA, SHAPE, SIZE, ConfigError, DecodeError
 from fedmqtt.params import F32, Layout
+from fedmqtt.rand import RandomSource
 
 CodecName = Literal["raw", "fp16", "int8", "topk"]
 CODEC_NAMES: Final[tuple[CodecName, ...]] = get_args(CodecName)
@@ -223,7 +224,7 @@ def encode_tensor(
     x: F32,
     codec: Codec,
     *,
-    rng: np.random.Generator,
+    rng: RandomSource,
     name: str = "",
     feedback: ErrorFeedback | None = None,
 ) -> dict[str, Any]:
@@ -292,7 +293,7 @@ def encode_params(
     params: Mapping[str, F32],
     codec: Codec,
     *,
-    rng: np.random.Generator,
+    rng: RandomSource,
     feedback: ErrorFeedback | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Encode every tensor of ``params`` (name -> wire map), sharing ``rng`` and ``feedback``."""
@@ -302,7 +303,7 @@ def encode_params(
     }
 
 
-def _quantize_int8(v: F32, rng: np.random.Generator) -> tuple[npt.NDArray[np.int8], np.float32]:
+def _quantize_int8(v: F32, rng: RandomSource) -> tuple[npt.NDArray[np.int8], np.float32]:
     """Per-tensor scale and stochastically rounded int8 codes of ``v`` (finite, flat)."""
     maxabs = float(np.max(np.abs(v))) if v.size else 0.0
     if maxabs == 0.0:

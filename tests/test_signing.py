@@ -53,3 +53,20 @@ def test_bad_key_files(tmp_path: Path) -> None:
         load_device_verifier(tmp_path / "x.txt")
     with pytest.raises(ConfigError, match="cannot read"):
         HmacKey.load(tmp_path / "missing.hmac")
+
+
+@pytest.mark.parametrize("backend", ["pynacl", "cryptography"])
+def test_both_ed25519_backends_agree(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    if backend == "cryptography":  # hide PyNaCl: the verifier must fall back
+        monkeypatch.setitem(sys.modules, "nacl.signing", None)
+        monkeypatch.setitem(sys.modules, "nacl.exceptions", None)
+    s = Ed25519Signer.generate()
+    v = Ed25519Verifier.from_bytes(s.public_bytes())
+    sig = s.sign(b"payload")
+    assert v.verify(b"payload", sig)
+    assert v.verify(memoryview(b"xpayload")[1:], sig)
+    assert not v.verify(b"payloaD", sig)
+    assert not v.verify(b"payload", sig[:-1] + bytes([sig[-1] ^ 1]))
+    assert not v.verify(b"payload", sig[:10])

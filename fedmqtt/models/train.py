@@ -30,6 +30,7 @@ from fedmqtt.models.dense import (
 )
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import Params, all_finite
+from fedmqtt.rand import RandomSource
 
 __all__ = ["TrainConfig", "TrainStats", "train_local"]
 
@@ -102,7 +103,7 @@ def train_local(  # noqa: PLR0917 - positional signature is the shared API contr
     X: npt.ArrayLike,
     y: npt.ArrayLike,
     config: TrainConfig,
-    rng: np.random.Generator,
+    rng: RandomSource,
     anchor: Params | None = None,
 ) -> tuple[Params, TrainStats]:
     """Train a copy of ``params`` on ``(X, y)``; ``params`` itself is left untouched.
@@ -156,7 +157,7 @@ def _sgd(
     Xp: FArray,
     targets: npt.NDArray[Any],
     config: TrainConfig,
-    rng: np.random.Generator,
+    rng: RandomSource,
 ) -> tuple[dict[str, FArray], TrainStats]:
     """The optimisation loop of :func:`train_local`, updating ``w`` and ``velocity`` in place."""
     names = tuple(w)
