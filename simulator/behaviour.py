@@ -78,8 +78,8 @@ def delta_attack(
 
 
 def label_flip(n_classes: int) -> Callable[
-    [npt.NDArray[np.float32], npt.NDArray[np.int64]],
-    tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+    [npt.NDArray[np.float32], npt.NDArray[np.generic]],
+    tuple[npt.NDArray[np.float32], npt.NDArray[np.generic]],
 ]:
     """Data poisoning: train on y -> n_classes - 1 - y."""
-    return lambda X, y: (X, (n_classes - 1 - y).astype(np.int64))
+    return lambda X, y: (X, (n_classes - 1 - y.astype(np.int64)).astype(np.int64))

@@ -6,6 +6,8 @@ data could be pooled, computed in the same run on the same test split.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -16,9 +18,9 @@ from fedmqtt.models.spec import ModelSpec
 def centralized_accuracy(
     spec: ModelSpec,
     X: npt.NDArray[np.float32],
-    y: npt.NDArray[np.int64],
+    y: npt.NDArray[Any],
     X_test: npt.NDArray[np.float32],
-    y_test: npt.NDArray[np.int64],
+    y_test: npt.NDArray[Any],
     *,
     epochs: int,
     lr: float,

@@ -1,0 +1,104 @@
+"""``fedmqtt``: the newcomer's entry point — ``fedmqtt demo`` and ``fedmqtt simulate``.
+
+The simulator is imported only when one of these runs, so ``import fedmqtt`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedmqtt.errors import FedMQTTError
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError("must be a fraction between 0 and 1")
+    return v
+
+
+def add_simulation_options(p: argparse.ArgumentParser) -> None:
+    """The simulator's options. Their names are a contract: scripts and docs use them."""
+    p.add_argument("--dataset", default="digits",
+                   choices=["digits", "breast_cancer", "wine", "synthetic"])
+    p.add_argument("--model", default="softmax", choices=["softmax", "mlp", "linear"])
+    p.add_argument("--clients", type=int, default=10, help="number of agents (default 10)")
+    p.add_argument("--partition", default="dirichlet:0.5",
+                   help="iid | dirichlet:BETA | shards:K (default dirichlet:0.5)")
+    p.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync", "fedavg"])
+    p.add_argument("--codec", default="int8", help="raw | fp16 | int8 | topk:FRACTION [+zlib]")
+    p.add_argument("--stragglers", type=_fraction, default=0.0,
+                   help="fraction of devices 10x slower (default 0)")
+    p.add_argument("--dropout", type=_fraction, default=0.0,
+                   help="fraction of devices that go offline for a while and come back")
+    p.add_argument("--attackers", type=_fraction, default=0.0,
+                   help="fraction of devices that poison their updates")
+    p.add_argument("--attack", default="signflip",
+                   choices=["signflip", "scale", "noise", "labelflip"])
+    p.add_argument("--robust", default="none",
+                   choices=["none", "clip", "trimmed-mean", "median"])
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="report time and uploads to reach this test accuracy")
+    p.add_argument("--stop-at-target", action="store_true",
+                   help="end the run as soon as --target-accuracy is reached")
+    p.add_argument("--buffer-size", type=int, default=None,
+                   help="FedBuff K / FedAvg updates per round (default: clients/2, clients)")
+    p.add_argument("--compute-time", type=float, default=0.3,
+                   help="median emulated seconds of local training per round (default 0.3)")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
+    p.add_argument("--lr", type=float, default=0.1, help="local learning rate (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=16, help="local batch size (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--broker", default=None, metavar="HOST:PORT",
+                   help="use this broker instead of starting a local Mosquitto")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep state, keys and logs here (default: a temporary directory)")
+    p.add_argument("--json", type=Path, default=None, help="write the summary here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy curves here")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmqtt", description="Federated learning over MQTT: simulations and the demo."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a federation on one machine over a real broker")
+    add_simulation_options(sim)
+    demo = sub.add_parser("demo", help="a one-minute default federation, explained")
+    demo.add_argument("--duration", type=float, default=60.0)
+    demo.add_argument("--workdir", type=Path, default=None)
+    demo.add_argument("--broker", default=None, metavar="HOST:PORT")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "simulate":
+            from simulator.runner import SimConfig, run_simulation
+
+            summary = run_simulation(SimConfig.from_args(args))
+            return 0 if summary.get("error") is None else 1
+        from simulator.demo import run_demo
+
+        return run_demo(duration=args.duration, workdir=args.workdir, broker=args.broker)
+    except FedMQTTError as e:
+        print(f"fedmqtt: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

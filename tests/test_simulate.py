@@ -1,0 +1,79 @@
+"""Learning quality through the whole system: real broker, real aggregator, 20 real agents.
+
+Short runs (15 s) of ``fedmqtt simulate`` on digits; the full-length numbers are in
+docs/benchmarks.md (bench/time_to_accuracy.py, bench/bytes_to_accuracy.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulator.runner import SimConfig, run_simulation
+
+SHORT = SimConfig(clients=20, duration=15.0, compute_time=0.05, quiet=True, seed=1)
+_cache: dict[str, dict[str, Any]] = {}
+
+
+def simulate(**changes: Any) -> dict[str, Any]:
+    """Run (once per distinct configuration in this session) and return the summary."""
+    cfg = SimConfig(**{**SHORT.__dict__, **changes})
+    key = repr(cfg)
+    if key not in _cache:
+        _cache[key] = run_simulation(cfg, out=io.StringIO())
+    return _cache[key]
+
+
+@pytest.mark.parametrize(
+    ("partition", "goal"), [("iid", 0.95), ("dirichlet:0.5", 0.95), ("dirichlet:0.1", 0.90)]
+)
+def test_digits_reaches_quality_goal(partition: str, goal: float) -> None:
+    s = simulate(partition=partition)
+    assert s["error"] is None
+    assert s["final_accuracy"] >= goal, s
+    # The centralized reference is computed in the same run on the same split.
+    assert 0.95 <= s["centralized_accuracy"] <= 0.99
+    assert s["versions"] > 20
+    assert s["updates_rejected"] == {}
+    assert s["updates_accepted"] <= s["updates_received"]
+
+
+def test_signflip_damage_shows_without_defence_and_median_removes_it() -> None:
+    clean = simulate(partition="iid")["final_accuracy"]
+    undefended = simulate(partition="iid", attackers=0.2, attack="signflip", robust="none")
+    defended = simulate(partition="iid", attackers=0.2, attack="signflip", robust="median")
+    assert undefended["final_accuracy"] < clean - 0.10, undefended
+    assert defended["final_accuracy"] >= clean - 0.03, defended
+    assert len(defended["attackers"]) == 4
+
+
+def test_scaling_attack_is_contained_by_clipping() -> None:
+    clean = simulate(partition="iid")["final_accuracy"]
+    s = simulate(partition="iid", attackers=0.2, attack="scale", robust="clip")
+    assert s["final_accuracy"] >= clean - 0.03, s
+
+
+def test_summary_json_and_plot(tmp_path: Path) -> None:
+    out = io.StringIO()
+    cfg = SimConfig(clients=4, duration=4.0, compute_time=0.05, seed=2, partition="iid",
+                    target_accuracy=0.5, json=tmp_path / "s.json", plot=tmp_path / "s.png")
+    run_simulation(cfg, out=out)
+    s = json.loads((tmp_path / "s.json").read_text())
+    for key in ("final_accuracy", "centralized_accuracy", "time_to_target_s",
+                "uploads_to_target", "bytes_uploaded", "updates_accepted", "updates_rejected",
+                "versions"):
+        assert key in s
+    assert s["time_to_target_s"] is not None and s["uploads_to_target"] > 0
+    assert s["bytes_uploaded"] > 0
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "version" in out.getvalue()  # the progress display ran
+
+
+def test_unreached_target_is_null() -> None:
+    s = run_simulation(SimConfig(clients=3, duration=2.0, compute_time=0.05, quiet=True,
+                                 partition="iid", target_accuracy=0.999), out=io.StringIO())
+    assert s["time_to_target_s"] is None and s["uploads_to_target"] is None
