@@ -306,16 +306,17 @@ class Link:
             pending = getattr(sock, "pending", None)
             if callable(pending) and pending() > 0:
                 timeout = 0.0
-            wlist = [sock] if client.want_write() else []
             try:
-                readable, writable, _ = select.select([sock, self._wake_r], wlist, [], timeout)
+                sock_readable, woken, writable = _wait(
+                    sock, self._wake_r, client.want_write(), timeout
+                )
             except (OSError, ValueError):
                 self._close_socket()
                 return
-            if self._wake_r in readable:
+            if woken:
                 with contextlib.suppress(BlockingIOError, OSError):
                     self._wake_r.recv(4096)
-            if sock in readable or (callable(pending) and pending() > 0):
+            if sock_readable or (callable(pending) and pending() > 0):
                 client.loop_read()
             if client.socket() is not None and (writable or client.want_write()):
                 client.loop_write()
@@ -540,3 +541,27 @@ class Link:
             self._retry_s,
         )
         self.outbox.release(name, time.monotonic() + self._retry_s)
+
+
+def _wait(
+    sock: Any, wake: socket.socket, want_write: bool, timeout: float
+) -> tuple[bool, bool, bool]:
+    """Wait for the MQTT socket or the wake-up socket: (sock readable, woken, sock writable).
+
+    ``poll`` rather than ``select``: select cannot watch descriptors numbered 1024 or more,
+    which a process hosting many agents (the simulator) or many other files reaches.
+    """
+    poller = select.poll()
+    mask = select.POLLIN | (select.POLLOUT if want_write else 0)
+    poller.register(sock, mask)
+    poller.register(wake, select.POLLIN)
+    readable = woken = writable = False
+    for fd, ev in poller.poll(max(0.0, timeout) * 1000.0):
+        if fd == wake.fileno():
+            woken = True
+            continue
+        if ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            readable = True
+        if ev & select.POLLOUT:
+            writable = True
+    return readable, woken, writable
