@@ -1,0 +1,680 @@
+"""The aggregator's configuration: ``aggregator.toml`` parsed into frozen dataclasses.
+
+The aggregator runs unattended, so every option is read through :class:`_Table`, which checks
+type and range and raises :class:`ConfigError` naming the option (``[strategy] buffer_size:
+...``); unknown keys are refused too, because a typo would otherwise silently leave a default
+in force. The same code builds a config from a dict (:meth:`AggregatorConfig.from_dict`), which
+is how the simulator configures an in-process aggregator.
+
+Relative paths are resolved against the directory of the config file (``base_dir``), ``~`` is
+expanded. Every option is documented in ``docs/aggregator.md`` and, annotated, in
+``aggregator/aggregator.example.toml``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, cast
+
+from fedmqtt.aggregation.staleness import Staleness, parse_staleness
+from fedmqtt.errors import ConfigError
+from fedmqtt.models.spec import KINDS, ModelSpec
+from fedmqtt.topics import check_id
+
+__all__ = [
+    "AggregatorConfig",
+    "BrokerConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "EvaluationConfig",
+    "FederationConfig",
+    "LimitsConfig",
+    "MetricsConfig",
+    "OnnxConfig",
+    "PlanConfig",
+    "ScaleoutConfig",
+    "SecurityConfig",
+    "StrategyConfig",
+    "load_config",
+]
+
+STRATEGIES: Final = ("fedbuff", "fedasync", "fedavg")
+ROBUST_PARTS: Final = ("clip", "trimmed-mean", "median")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+METRICS_FORMATS: Final = ("json", "msgpack")
+# Room for the update's header, metadata, per-tensor fields and the topic above the raw size.
+UPDATE_OVERHEAD_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    id: str
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "localhost"
+    port: int = 1883
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_id: str = "fedmqtt-aggregator"
+    keepalive: int = 60
+    session_expiry_s: int = 7 * 86_400
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    signing_key: Path
+    devices_dir: Path
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedbuff"
+    buffer_size: int = 10
+    server_lr: float = 1.0
+    momentum: float = 0.0
+    staleness: str = "poly:0.5"
+    max_staleness: int = 20
+    alpha: float = 0.6
+    min_updates: int = 10
+    deadline_s: float = 0.0
+    robust: tuple[str, ...] = ()
+    trim_fraction: float = 0.1
+    clip_factor: float = 3.0
+
+    def staleness_fn(self) -> Staleness:
+        return parse_staleness(self.staleness)
+
+    @property
+    def reducer(self) -> str:
+        """``mean``, ``trimmed-mean`` or ``median`` (the robust part other than clipping)."""
+        for r in ("trimmed-mean", "median"):
+            if r in self.robust:
+                return r
+        return "mean"
+
+    @property
+    def clip(self) -> bool:
+        return "clip" in self.robust
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    momentum: float = 0.9
+    mu: float = 0.0
+    codec: str = "int8"
+    min_interval_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    holdout: Path | None = None
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    every: int = 0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    prometheus_port: int = 0
+    bind: str = "127.0.0.1"
+    publish_interval_s: float = 10.0
+    format: str = "json"
+    status_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_update_bytes: int
+    receive_maximum: int = 1000
+    max_inflight_bytes: int = 512 * 1024 * 1024
+    norm_reject_factor: float = 10.0
+    max_norm: float = 0.0
+    norm_window: int = 100
+    norm_min_samples: int = 5
+    batch_max: int = 256
+    verify_threads: int = 2
+
+    @property
+    def inflight_window(self) -> int:
+        """Receive Maximum actually requested: bounded by the memory budget of unacked updates."""
+        by_memory = max(1, self.max_inflight_bytes // max(1, self.max_update_bytes))
+        return max(1, min(self.receive_maximum, by_memory))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    keep: int = 2
+
+
+@dataclass(frozen=True)
+class ScaleoutConfig:
+    workers: int = 0
+    group: str = "fedmqtt-aggregators"
+    worker_brokers: tuple[BrokerConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    federation: FederationConfig
+    security: SecurityConfig
+    spec: ModelSpec
+    limits: LimitsConfig
+    seed: int = 0
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    scaleout: ScaleoutConfig = field(default_factory=ScaleoutConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    path: Path | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.federation.state_dir
+
+    @classmethod
+    def from_dict(
+        cls, raw: Mapping[str, Any], *, base_dir: Path | None = None, path: Path | None = None
+    ) -> AggregatorConfig:
+        """Build a config from a parsed TOML document (or an equivalent dict).
+
+        ``base_dir`` anchors relative paths (default: the current directory).
+        """
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        root = _Table(raw, "", base)
+        names = (
+            "federation",
+            "broker",
+            "security",
+            "model",
+            "strategy",
+            "plan",
+            "evaluation",
+            "onnx",
+            "metrics",
+            "limits",
+            "checkpoint",
+            "scaleout",
+            "logging",
+        )
+        t = {name: root.table(name) for name in names}
+        root.done()
+        spec, seed = _model(t["model"])
+        broker = _broker(t["broker"])
+        cfg = cls(
+            federation=_federation(t["federation"]),
+            security=SecurityConfig(
+                signing_key=t["security"].path("signing_key"),
+                devices_dir=t["security"].path("devices_dir"),
+            ),
+            spec=spec,
+            seed=seed,
+            broker=broker,
+            strategy=_strategy(t["strategy"]),
+            plan=_plan(t["plan"]),
+            evaluation=EvaluationConfig(holdout=t["evaluation"].opt_path("holdout")),
+            onnx=OnnxConfig(every=t["onnx"].integer("every", 0, lo=0)),
+            metrics=_metrics(t["metrics"]),
+            limits=_limits(t["limits"], spec),
+            checkpoint=_checkpoint(t["checkpoint"]),
+            scaleout=_scaleout(t["scaleout"], broker, base),
+            logging=_logging(t["logging"]),
+            path=path,
+        )
+        for table in t.values():
+            table.done()
+        _check_window(cfg)
+        return cfg
+
+
+def _check_window(cfg: AggregatorConfig) -> None:
+    """Buffered updates stay unacknowledged until applied: the Receive Maximum window must be
+    able to hold a full buffer, or the buffer could never fill."""
+    s = cfg.strategy
+    capacity = {"fedbuff": s.buffer_size, "fedavg": s.min_updates}.get(s.name, 1)
+    window = cfg.limits.inflight_window
+    if window <= capacity:
+        raise ConfigError(
+            f"[limits] receive_maximum: the window of unacknowledged updates ({window}, also "
+            f"bounded by max_inflight_bytes / max_update_bytes) must exceed the {s.name} buffer "
+            f"({capacity}); updates are acknowledged only once applied"
+        )
+
+
+def load_config(path: str | Path) -> AggregatorConfig:
+    """Read and validate ``aggregator.toml``; any problem raises ConfigError naming the option."""
+    p = Path(path).expanduser()
+    raw = _read_toml(p)
+    try:
+        return AggregatorConfig.from_dict(raw, base_dir=p.resolve().parent, path=p)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+
+
+# ------------------------------------------------------------------------------ the tables
+
+
+def _federation(t: _Table) -> FederationConfig:
+    fed = t.text("id")
+    try:
+        check_id("federation id", fed)
+    except ConfigError as e:
+        raise t.error("id", str(e)) from None
+    return FederationConfig(id=fed, state_dir=t.path("state_dir"))
+
+
+def _broker(t: _Table) -> BrokerConfig:
+    d = BrokerConfig()
+    protocol = str(t.raw("protocol", "5"))
+    if protocol not in ("5", "5.0"):
+        raise t.error(
+            "protocol",
+            f"only MQTT 5 is supported, not {protocol!r}: the aggregator relies on Receive "
+            "Maximum flow control and PUBACK reason codes (see docs/aggregator.md)",
+        )
+    tls = t.flag("tls", d.tls)
+    cert, key = t.opt_path("cert_file"), t.opt_path("key_file")
+    if (cert is None) != (key is None):
+        raise t.error("cert_file", "cert_file and key_file must be given together")
+    if not tls:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if t.has(name):
+                raise t.error(name, "is set but tls = false; set tls = true to use it")
+    username = t.opt_text("username")
+    password_file = t.opt_path("password_file")
+    if password_file is not None and username is None:
+        raise t.error("password_file", "needs username")
+    rmin = t.number("reconnect_min_s", d.reconnect_min_s, lo=0.01, hi=3600)
+    rmax = t.number("reconnect_max_s", d.reconnect_max_s, lo=0.01, hi=86_400)
+    if rmax < rmin:
+        raise t.error("reconnect_max_s", f"must be >= reconnect_min_s ({rmin})")
+    client_id = t.text("client_id", d.client_id)
+    try:
+        check_id("client_id", client_id)
+    except ConfigError as e:
+        raise t.error("client_id", str(e)) from None
+    return BrokerConfig(
+        host=t.text("host", d.host),
+        port=t.integer("port", 8883 if tls else 1883, lo=1, hi=65535),
+        username=username,
+        password_file=password_file,
+        tls=tls,
+        ca_file=t.opt_path("ca_file"),
+        cert_file=cert,
+        key_file=key,
+        client_id=client_id,
+        keepalive=t.integer("keepalive", d.keepalive, lo=5, hi=65535),
+        session_expiry_s=t.integer("session_expiry_s", d.session_expiry_s, lo=60, hi=2**32 - 1),
+        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, lo=0.1, hi=600),
+        reconnect_min_s=rmin,
+        reconnect_max_s=rmax,
+    )
+
+
+def _model(t: _Table) -> tuple[ModelSpec, int]:
+    kind = t.text("kind")
+    if kind not in KINDS:
+        raise t.error("kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
+    n_features = t.integer("n_features", None, lo=1)
+    n_outputs = t.integer("n_outputs", None, lo=1)
+    hidden = t.int_list("hidden", lo=1)
+    classes = t.int_list("classes")
+    offset = t.float_list("feature_offset")
+    scale = t.float_list("feature_scale")
+    names = t.raw("feature_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise t.error("feature_names", "must be a list of strings")
+    extra = t.raw("extra", {})
+    if not isinstance(extra, Mapping):
+        raise t.error("extra", "must be a table")
+    seed = t.integer("seed", 0, lo=0)
+    try:
+        spec = ModelSpec(
+            kind=cast(Any, kind),
+            n_features=n_features,
+            n_outputs=n_outputs,
+            hidden=tuple(hidden),
+            classes=tuple(classes),
+            feature_offset=tuple(offset),
+            feature_scale=tuple(scale),
+            feature_names=tuple(names),
+            extra=dict(extra),
+        )
+    except ValueError as e:
+        raise ConfigError(f"[model]: {e}") from None
+    return spec, seed
+
+
+def _strategy(t: _Table) -> StrategyConfig:
+    d = StrategyConfig()
+    name = t.text("name", d.name)
+    if name not in STRATEGIES:
+        raise t.error("name", f"must be one of {', '.join(STRATEGIES)}, not {name!r}")
+    staleness = t.text("staleness", "constant" if name == "fedavg" else d.staleness)
+    try:
+        parse_staleness(staleness)
+    except ConfigError as e:
+        raise t.error("staleness", str(e)) from None
+    robust_text = t.text("robust", "none").strip().lower()
+    robust: tuple[str, ...] = ()
+    if robust_text not in ("", "none"):
+        parts = tuple(p.strip() for p in robust_text.split("+"))
+        for p in parts:
+            if p not in ROBUST_PARTS:
+                raise t.error(
+                    "robust",
+                    f"unknown part {p!r}: use none, clip, trimmed-mean, median or a combination "
+                    "such as clip+median",
+                )
+        if "trimmed-mean" in parts and "median" in parts:
+            raise t.error("robust", "choose one of trimmed-mean and median")
+        if name == "fedasync" and set(parts) - {"clip"}:
+            raise t.error("robust", "fedasync applies one update at a time: only clip applies")
+        robust = parts
+    momentum = t.number("momentum", d.momentum, lo=0.0)
+    if momentum >= 1.0:
+        raise t.error("momentum", "must be in [0, 1)")
+    alpha = t.number("alpha", d.alpha, lo=0.0, hi=1.0)
+    trim = t.number("trim_fraction", d.trim_fraction, lo=0.0)
+    if trim >= 0.5:
+        raise t.error("trim_fraction", "must be in [0, 0.5)")
+    server_lr = t.number("server_lr", d.server_lr, lo=0.0)
+    if server_lr <= 0:
+        raise t.error("server_lr", "must be > 0")
+    clip_factor = t.number("clip_factor", d.clip_factor, lo=0.0)
+    if clip_factor <= 0:
+        raise t.error("clip_factor", "must be > 0")
+    return StrategyConfig(
+        name=name,
+        buffer_size=t.integer("buffer_size", d.buffer_size, lo=1, hi=100_000),
+        server_lr=server_lr,
+        momentum=momentum,
+        staleness=staleness,
+        max_staleness=t.integer("max_staleness", d.max_staleness, lo=0, hi=1_000_000),
+        alpha=alpha,
+        min_updates=t.integer("min_updates", d.min_updates, lo=1, hi=100_000),
+        deadline_s=t.number("deadline_s", d.deadline_s, lo=0.0),
+        robust=robust,
+        trim_fraction=trim,
+        clip_factor=clip_factor,
+    )
+
+
+def _plan(t: _Table) -> PlanConfig:
+    d = PlanConfig()
+    codec = t.text("codec", d.codec)
+    from fedmqtt.codecs import Codec
+
+    try:
+        Codec.parse(codec)
+    except ConfigError as e:
+        raise t.error("codec", str(e)) from None
+    lr = t.number("lr", d.lr, lo=0.0)
+    if lr <= 0:
+        raise t.error("lr", "must be > 0")
+    momentum = t.number("momentum", d.momentum, lo=0.0)
+    if momentum >= 1.0:
+        raise t.error("momentum", "must be in [0, 1)")
+    return PlanConfig(
+        epochs=t.integer("epochs", d.epochs, lo=1, hi=1000),
+        lr=lr,
+        batch_size=t.integer("batch_size", d.batch_size, lo=1, hi=1 << 20),
+        momentum=momentum,
+        mu=t.number("mu", d.mu, lo=0.0),
+        codec=codec,
+        min_interval_s=t.number("min_interval_s", d.min_interval_s, lo=0.0),
+    )
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    d = MetricsConfig()
+    fmt = t.text("format", d.format)
+    if fmt not in METRICS_FORMATS:
+        raise t.error("format", f"must be one of {', '.join(METRICS_FORMATS)}")
+    return MetricsConfig(
+        prometheus_port=t.integer("prometheus_port", d.prometheus_port, lo=0, hi=65535),
+        bind=t.text("bind", d.bind),
+        publish_interval_s=t.number("publish_interval_s", d.publish_interval_s, lo=0.1),
+        format=fmt,
+        status_interval_s=t.number("status_interval_s", d.status_interval_s, lo=0.1),
+    )
+
+
+def _limits(t: _Table, spec: ModelSpec) -> LimitsConfig:
+    d_params = spec.layout().size
+    default_bytes = 4 * d_params + UPDATE_OVERHEAD_BYTES
+    d = LimitsConfig(max_update_bytes=default_bytes)
+    max_norm = t.number("max_norm", d.max_norm, lo=0.0)
+    window = t.integer("norm_window", d.norm_window, lo=1, hi=100_000)
+    return LimitsConfig(
+        max_update_bytes=t.integer("max_update_bytes", default_bytes, lo=1024, hi=1 << 31),
+        receive_maximum=t.integer("receive_maximum", d.receive_maximum, lo=1, hi=65535),
+        max_inflight_bytes=t.integer("max_inflight_bytes", d.max_inflight_bytes, lo=1 << 20),
+        norm_reject_factor=t.number("norm_reject_factor", d.norm_reject_factor, lo=0.0),
+        max_norm=max_norm,
+        norm_window=window,
+        norm_min_samples=t.integer("norm_min_samples", d.norm_min_samples, lo=1, hi=window),
+        batch_max=t.integer("batch_max", d.batch_max, lo=1, hi=100_000),
+        verify_threads=t.integer("verify_threads", d.verify_threads, lo=1, hi=64),
+    )
+
+
+def _checkpoint(t: _Table) -> CheckpointConfig:
+    d = CheckpointConfig()
+    return CheckpointConfig(
+        keep=t.integer("keep", d.keep, lo=2, hi=1000),
+    )
+
+
+def _scaleout(t: _Table, broker: BrokerConfig, base: Path) -> ScaleoutConfig:
+    d = ScaleoutConfig()
+    group = t.text("group", d.group)
+    try:
+        check_id("shared subscription group", group)
+    except ConfigError as e:
+        raise t.error("group", str(e)) from None
+    files = t.raw("worker_configs", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise t.error("worker_configs", "must be a list of file names")
+    workers = t.integer("workers", len(files), lo=0, hi=64)
+    brokers: list[BrokerConfig] = []
+    if files:
+        if workers != len(files):
+            raise t.error("workers", f"is {workers} but worker_configs names {len(files)} files")
+        for i, name in enumerate(files):
+            p = (base / Path(name).expanduser()).resolve()
+            raw = _read_toml(p)
+            try:
+                b = _broker(_Table(raw.get("broker", {}), "broker", p.parent))
+            except ConfigError as e:
+                raise t.error("worker_configs", f"{p}: {e}") from None
+            if b.username is not None and b.username == broker.username:
+                raise t.error("worker_configs", f"{p}: a worker needs its own broker account")
+            # A copied aggregator.toml keeps the owner's client id; brokers that force the id
+            # to the user name ignore it anyway, the others need it distinct.
+            brokers.append(_worker_broker(b, i) if b.client_id == broker.client_id else b)
+    else:
+        # Without per-worker accounts, workers connect as the main account with suffixed
+        # client ids (fine on brokers that do not force the client id to the user name).
+        for i in range(workers):
+            brokers.append(_worker_broker(broker, i))
+    if len({b.client_id for b in brokers} | {broker.client_id}) != len(brokers) + 1:
+        raise t.error("worker_configs", "every worker needs its own client id (or user name)")
+    return ScaleoutConfig(workers=workers, group=group, worker_brokers=tuple(brokers))
+
+
+def _worker_broker(broker: BrokerConfig, i: int) -> BrokerConfig:
+    from dataclasses import replace
+
+    return replace(broker, client_id=f"{broker.client_id}-w{i + 1}")
+
+
+def _logging(t: _Table) -> LoggingConfig:
+    level = t.text("level", LoggingConfig().level).upper()
+    if level not in LOG_LEVELS:
+        raise t.error("level", f"must be one of {', '.join(LOG_LEVELS)}")
+    return LoggingConfig(level=level)
+
+
+# ------------------------------------------------------------------------------ typed reading
+
+
+class _Table:
+    """One TOML table, read key by key with type checks; remembers which keys were used."""
+
+    def __init__(self, raw: object, name: str, base: Path) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"[{name}] must be a table")
+        self._raw = cast(Mapping[str, Any], raw)
+        self._name = name
+        self._base = base
+        self._used: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        where = f"[{self._name}] {key}" if self._name else key
+        return ConfigError(f"{where}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self._raw
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self._used.add(key)
+        return self._raw.get(key, default)
+
+    def table(self, key: str) -> _Table:
+        value = self.raw(key, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"[{key}] must be a table")
+        return _Table(value, key, self._base)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._raw) - self._used)
+        if unknown:
+            where = f"[{self._name}]" if self._name else "top level"
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, "must be a non-empty string")
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        value = self.raw(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false")
+        return value
+
+    def integer(
+        self, key: str, default: int | None, *, lo: int | None = None, hi: int | None = None
+    ) -> int:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be an integer, not {value!r}")
+        if lo is not None and value < lo:
+            raise self.error(key, f"must be >= {lo}, not {value}")
+        if hi is not None and value > hi:
+            raise self.error(key, f"must be <= {hi}, not {value}")
+        return value
+
+    def number(
+        self, key: str, default: float, *, lo: float | None = None, hi: float | None = None
+    ) -> float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number, not {value!r}")
+        v = float(value)
+        if not math.isfinite(v):
+            raise self.error(key, "must be finite")
+        if lo is not None and v < lo:
+            raise self.error(key, f"must be >= {lo}, not {v}")
+        if hi is not None and v > hi:
+            raise self.error(key, f"must be <= {hi}, not {v}")
+        return v
+
+    def int_list(self, key: str, *, lo: int | None = None) -> list[int]:
+        value = self.raw(key, [])
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise self.error(key, "must be a list of integers")
+        out: list[int] = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+                raise self.error(key, f"must be a list of integers{f' >= {lo}' if lo else ''}")
+            out.append(v)
+        return out
+
+    def float_list(self, key: str) -> list[float]:
+        value = self.raw(key, [])
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise self.error(key, "must be a list of numbers")
+        out: list[float] = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise self.error(key, "must be a list of finite numbers")
+            out.append(float(v))
+        return out
+
+    def path(self, key: str) -> Path:
+        value = self.raw(key)
+        if value is None:
+            raise self.error(key, "is required")
+        if not isinstance(value, str) or not value:
+            raise self.error(key, "must be a path")
+        return (self._base / Path(value).expanduser()).resolve()
+
+    def opt_path(self, key: str) -> Path | None:
+        value = self.raw(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, "must be a path")
+        return (self._base / Path(value).expanduser()).resolve()

@@ -1,0 +1,377 @@
+"""The aggregator's state machine: validate updates, buffer them, aggregate, snapshot.
+
+Everything here is synchronous and runs on ONE thread (the service's engine executor), so the
+model state needs no locks and the MQTT event loop never waits for numpy or hashing. The
+service hands over batches of raw messages (:meth:`Engine.process`) -- or, with scale-out
+workers, updates that a worker already authenticated and decoded
+(:meth:`Engine.process_verified`) -- and asks for :meth:`Engine.snapshot` when a checkpoint is
+due.
+
+Durability bookkeeping: :attr:`Engine.flushes` counts the times the buffer was turned into a
+version (or, in the last-resort error path, dropped). An update is acknowledged to the broker
+only once the flush that applies it is in a durable checkpoint; until then the broker keeps it
+in flight in our persistent session, so the buffer itself never has to be written to disk. For
+every message ``process`` returns that flush number: ``flushes + 1`` for an update accepted into
+the buffer (every strategy empties the whole buffer when it aggregates); for a replay, the flush
+that applies or applied the original (acknowledging a duplicate earlier would let the broker
+forget an update that exists only in memory); 0 for other refusals, which change nothing that
+must survive. Snapshots leave out the buffered updates (their rows, their ids in the replay
+window, their counts): after a crash the broker redelivers them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aggregator.checkpoint import FORMAT_VERSION as STATE_FORMAT
+from aggregator.checkpoint import CheckpointError, encode_state, f32, tensor
+from aggregator.config import AggregatorConfig
+from aggregator.devices import DeviceKeys
+from aggregator.metrics import Metrics, RejectionLog
+from aggregator.presence import Presence
+from aggregator.replay import ReplayWindow
+from aggregator.strategies import Strategy, build_strategy
+from aggregator.validate import (
+    NormGate,
+    ReplayError,
+    UpdateMeta,
+    cached_layout,
+    check_replay,
+    check_staleness,
+    decode_delta,
+    limits_for,
+    open_update,
+    topic_device,
+)
+from fedmqtt.errors import REPLAY, RejectedError
+from fedmqtt.models import init_params
+from fedmqtt.params import F32
+
+log = logging.getLogger(__name__)
+
+# Messages are opened on several threads only above this mean size (see Engine._open_all).
+PARALLEL_MIN_MEAN_BYTES = 32 * 1024
+_Opened = tuple[UpdateMeta, dict[str, Any]] | RejectedError | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """An update a worker process authenticated and decoded (or refused, with ``reason``)."""
+
+    device: str
+    nbytes: int
+    meta: UpdateMeta | None = None
+    norm: float = 0.0
+    delta: bytes | memoryview = b""
+    reason: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The durable state after flush ``flushes``: encoded bytes plus what publishing needs."""
+
+    flushes: int
+    version: int
+    data: bytes
+    params: F32
+    stats: dict[str, float]
+    created_at: float
+
+
+def initial_state(cfg: AggregatorConfig) -> bytes:
+    """Version 0: the model initialised from ``[model]`` and its seed, nothing buffered."""
+    engine = Engine(cfg, Metrics(cfg.federation.id), keys=None)
+    return engine.snapshot().data
+
+
+class Engine:
+    def __init__(self, cfg: AggregatorConfig, metrics: Metrics, keys: DeviceKeys | None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.keys = keys if keys is not None else DeviceKeys(cfg.security.devices_dir)
+        self.federation = cfg.federation.id
+        self.spec = cfg.spec
+        self.layout = cached_layout(cfg.spec.layout())
+        self.fingerprint = cfg.spec.fingerprint()
+        self.limits = limits_for(self.layout, cfg.limits.max_update_bytes)
+        self.params: F32 = self.layout.flatten(
+            init_params(cfg.spec, np.random.default_rng(cfg.seed))
+        )
+        self.version = 0
+        self.flushes = 0
+        self.stats: dict[str, float] = {}
+        self.version_created_at = time.time()
+        self.strategy: Strategy = build_strategy(cfg.strategy, self.layout.size)
+        self.window = ReplayWindow()
+        lim = cfg.limits
+        self.gate = NormGate(
+            max_norm=lim.max_norm,
+            reject_factor=lim.norm_reject_factor,
+            window=lim.norm_window,
+            min_samples=lim.norm_min_samples,
+        )
+        self.presence = Presence(self.federation, self.keys)
+        self.reject_log = RejectionLog()
+        self._pool: ThreadPoolExecutor | None = None
+        self.strategy.on_version(0, time.monotonic())
+
+    # ------------------------------------------------------------------ state
+    def restore(self, state: dict[str, Any]) -> None:
+        """Resume from a checkpoint (``decode_state`` output); CheckpointError if unusable."""
+        if state.get("federation") != self.federation:
+            raise CheckpointError(
+                f"the state directory belongs to federation {state.get('federation')!r}, "
+                f"not {self.federation!r}"
+            )
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                "the [model] in the config differs from the checkpointed model (spec "
+                f"{state.get('fingerprint')!r} vs {self.fingerprint!r}); restore the old [model] "
+                "or start a new state directory"
+            )
+        params = f32(state.get("params"), "params")
+        if params.shape != (self.layout.size,) or not np.isfinite(params).all():
+            raise CheckpointError("checkpointed parameters do not fit the model or are not finite")
+        try:
+            self.strategy.load_state(state["strategy"])
+            self.window = ReplayWindow.from_state(state["replay"])
+            self.gate.restore(state["norms"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"malformed checkpoint: {e}") from None
+        self.params = params
+        self.version = int(state["version"])
+        self.flushes = int(state["flushes"])
+        self.stats = {str(k): float(v) for k, v in dict(state.get("stats", {})).items()}
+        self.version_created_at = float(state.get("version_created_at", time.time()))
+        self.metrics.restore(state.get("metrics", {}))
+        self.metrics.record_version(self.version, None, 0)
+        self.strategy.on_version(self.version, time.monotonic())
+
+    def snapshot(self) -> Snapshot:
+        """Encode the durable state: everything except the buffered updates.
+
+        The parameters array is never modified in place, so the snapshot can share it.
+        """
+        pending = self.strategy.pending
+        window = self.window.to_state()
+        if pending:
+            buffered = self.strategy.pending_ids
+            keep = [i for i, uid in enumerate(window["ids"]) if uid not in buffered]
+            window = {k: [v[i] for i in keep] for k, v in window.items()}
+        state = {
+            "format": STATE_FORMAT,
+            "federation": self.federation,
+            "fingerprint": self.fingerprint,
+            "spec": self.spec.to_wire(),
+            "version": self.version,
+            "flushes": self.flushes,
+            "saved_at": time.time(),
+            "version_created_at": self.version_created_at,
+            "stats": self.stats,
+            "params": tensor(self.params),
+            "strategy": self.strategy.to_state(),
+            "replay": window,
+            "norms": self.gate.to_state(),
+            "metrics": self.metrics.saved(unapplied_taus=[p.tau for p in pending]),
+        }
+        return Snapshot(
+            self.flushes,
+            self.version,
+            encode_state(state),
+            self.params,
+            dict(self.stats),
+            self.version_created_at,
+        )
+
+    # ------------------------------------------------------------------ processing
+    def process(self, items: Sequence[tuple[str, bytes]], now: float) -> list[int]:
+        """Validate and apply raw messages (update or status topics), in order.
+
+        Returns, per message, the flush that must be durable before it is acknowledged.
+        """
+        needs: list[int] = []
+        taus: list[int] = []
+        rejected: Counter[str] = Counter()
+        received = nbytes = 0
+        for (topic, payload), opened in zip(items, self._open_all(items), strict=True):
+            if opened is None:
+                self._status(topic, payload)
+                needs.append(0)
+                continue
+            received += 1
+            nbytes += len(payload)
+            try:
+                if isinstance(opened, RejectedError):
+                    raise opened
+                meta, delta = opened
+                tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
+                check_replay(meta.update_id, self.window)
+                norm = decode_delta(delta, self.layout, self.limits, self.strategy.slot())
+                self.gate.check(norm)
+            except RejectedError as e:
+                rejected[e.reason] += 1
+                self.reject_log(topic_device(topic, self.federation) or "?", e.reason, e.detail)
+                needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
+                continue
+            needs.append(self.flushes + 1)
+            self._commit(meta, tau, norm, now)
+            taus.append(tau)
+        self.metrics.record_batch(
+            received=received, nbytes=nbytes, accepted_taus=taus, rejected=rejected
+        )
+        return needs
+
+    def _open(self, topic: str, payload: bytes) -> _Opened:
+        if "/status/" in topic:
+            return None
+        try:
+            return open_update(
+                topic,
+                payload,
+                federation=self.federation,
+                fingerprint=self.fingerprint,
+                keys=self.keys,
+                max_bytes=self.cfg.limits.max_update_bytes,
+            )
+        except RejectedError as e:
+            return e
+
+    def _open_all(self, items: Sequence[tuple[str, bytes]]) -> list[_Opened]:
+        """Steps 1-6 for every message; on several threads when the messages are large.
+
+        Checking the MAC or signature of a large update is most of its cost, and hashlib and
+        OpenSSL release the GIL while they hash, so contiguous slices of a batch are opened in
+        parallel (order is kept). Small messages stay on this thread: there the work is Python
+        bytecode, which threads cannot speed up.
+        """
+        n = len(items)
+        threads = self.cfg.limits.verify_threads
+        if threads <= 1 or n < 2:
+            return [self._open(t, p) for t, p in items]
+        total = sum(len(p) for _, p in items)
+        if total < PARALLEL_MIN_MEAN_BYTES * n:
+            return [self._open(t, p) for t, p in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="agg-verify")
+        parts = min(threads, n)
+        bounds = [n * i // parts for i in range(parts + 1)]
+
+        def run(lo: int, hi: int) -> list[_Opened]:
+            return [self._open(t, p) for t, p in items[lo:hi]]
+
+        futures = [self._pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+        out = run(bounds[0], bounds[1])
+        for f in futures:
+            out.extend(f.result())
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def process_verified(self, items: Sequence[Verified], now: float) -> list[int]:
+        """Apply updates already authenticated and decoded by a worker process."""
+        needs: list[int] = []
+        taus: list[int] = []
+        rejected: Counter[str] = Counter()
+        nbytes = 0
+        for item in items:
+            nbytes += item.nbytes
+            try:
+                if item.reason is not None or item.meta is None:
+                    raise RejectedError(item.reason or "schema", item.detail)
+                meta = item.meta
+                tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
+                check_replay(meta.update_id, self.window)
+                self.gate.check(item.norm)
+                row = self.strategy.slot()
+                src = np.frombuffer(item.delta, dtype=np.float32)
+                if src.shape != row.shape:
+                    raise RejectedError("shape", "worker sent a delta of the wrong size")
+                row[:] = src
+            except RejectedError as e:
+                rejected[e.reason] += 1
+                self.reject_log(item.device, e.reason, e.detail)
+                needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
+                continue
+            needs.append(self.flushes + 1)
+            self._commit(meta, tau, item.norm, now)
+            taus.append(tau)
+        self.metrics.record_batch(
+            received=len(items), nbytes=nbytes, accepted_taus=taus, rejected=rejected
+        )
+        return needs
+
+    def process_status(self, items: Sequence[tuple[str, bytes]]) -> None:
+        for topic, payload in items:
+            self._status(topic, payload)
+
+    def tick(self, now: float) -> bool:
+        """Time-based aggregation (FedAvg's deadline); True if a version was made."""
+        if len(self.strategy) and self.strategy.ready(now):
+            return self._aggregate(now)
+        return False
+
+    def _replay_needs(self, e: RejectedError) -> int:
+        """The flush that applies (or applied) the original of a replayed update."""
+        uid = e.update_id if isinstance(e, ReplayError) else None
+        return self.flushes + 1 if uid in self.strategy.pending_ids else self.flushes
+
+    def _status(self, topic: str, payload: bytes) -> None:
+        device = topic_device(topic, self.federation)
+        if device is None:
+            return
+        try:
+            self.presence.handle(device, payload)
+        except RejectedError as e:
+            self.metrics.status_rejected += 1
+            self.reject_log(device, "status-" + e.reason, e.detail)
+            return
+        self.metrics.set_online(self.presence.online())
+
+    def _commit(self, meta: UpdateMeta, tau: int, norm: float, now: float) -> None:
+        self.strategy.add(meta, tau, norm)
+        self.window.add(meta.update_id, meta.base_version)
+        self.gate.observe(norm)
+        if self.strategy.ready(now):
+            self._aggregate(now)
+        else:
+            self.metrics.set_buffered(len(self.strategy))
+
+    def _aggregate(self, now: float) -> bool:
+        t0 = time.perf_counter()
+        stats = self.strategy.stats()
+        try:
+            new = self.strategy.aggregate(self.params, self.gate.median())
+        except ValueError as e:
+            # The last line of defence (validation bounds every row, so this should not
+            # happen): never let a non-finite model out. The buffer is dropped, not retried.
+            log.error(
+                "aggregation of %d buffered updates failed, dropping them: %s",
+                len(self.strategy),
+                e,
+            )
+            self.strategy.clear()
+            self.flushes += 1
+            self.metrics.set_buffered(0)
+            return False
+        self.strategy.clear()
+        self.params = new
+        self.version += 1
+        self.flushes += 1
+        self.stats = stats
+        self.version_created_at = time.time()
+        self.strategy.on_version(self.version, now)
+        self.window.prune(self.version - self.strategy.max_staleness)
+        self.metrics.record_version(self.version, time.perf_counter() - t0, 0)
+        return True

@@ -1,0 +1,62 @@
+"""Server-side evaluation of a global-model version on an optional holdout file.
+
+The holdout is an ``.npz`` with ``X`` (n, n_features) and ``y``: class labels for a classifier
+(scored by accuracy), targets (n,) or (n, n_outputs) for the linear model (scored by R^2). It is
+loaded and checked once at start, so a wrong file is a configuration error, not a failure in the
+middle of a run. Scoring goes through :func:`fedmqtt.models.build_model`, the same estimator a
+user would build from a downloaded model.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmqtt.errors import ConfigError
+from fedmqtt.models import build_model
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.params import F32, Layout
+
+
+@dataclass(frozen=True)
+class Holdout:
+    X: npt.NDArray[np.float32]
+    y: npt.NDArray[Any]
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+
+def load_holdout(path: Path, spec: ModelSpec) -> Holdout:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "X" not in z or "y" not in z:
+                raise ConfigError(f"[evaluation] holdout {path}: needs arrays X and y")
+            X, y = np.asarray(z["X"], dtype=np.float32), np.asarray(z["y"])
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"[evaluation] holdout {path}: cannot read ({e})") from None
+    if X.ndim != 2 or X.shape[1] != spec.n_features or X.shape[0] == 0:
+        raise ConfigError(
+            f"[evaluation] holdout {path}: X must be (n > 0, {spec.n_features}), got {X.shape}"
+        )
+    if y.shape[0] != X.shape[0]:
+        raise ConfigError(f"[evaluation] holdout {path}: X and y have different lengths")
+    if not np.isfinite(X).all():
+        raise ConfigError(f"[evaluation] holdout {path}: X has NaN or Inf")
+    return Holdout(X, y)
+
+
+def metric_name(spec: ModelSpec) -> str:
+    return "accuracy" if spec.is_classifier else "r2"
+
+
+def evaluate(spec: ModelSpec, layout: Layout, flat: F32, holdout: Holdout) -> float:
+    """Accuracy (classifiers) or R^2 (linear) of the flat parameters on the holdout."""
+    model = build_model(spec, layout.unflatten(flat, copy=False))
+    return float(model.score(holdout.X, holdout.y))

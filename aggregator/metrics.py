@@ -1,0 +1,284 @@
+"""Counters of what the aggregator received, accepted and refused, in three views.
+
+* :meth:`Metrics.snapshot`: a plain dict (``Aggregator.snapshot()``, ``status.json``, the
+  retained metrics message and the simulator all read it);
+* a Prometheus registry of its own (not the process-global one, so several aggregators can run
+  in one process, as the simulator and the tests do), served by :func:`serve_prometheus`;
+* :meth:`Metrics.message`: the retained JSON (or msgpack) payload for ``fl/<fed>/metrics``.
+
+The engine thread records one batch at a time (:meth:`Metrics.record_batch`), so the per-update
+cost is a few integer additions. :class:`RejectionLog` logs each (device, reason) pair once at
+WARNING, then at DEBUG, so a device stuck sending bad updates cannot flood the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter as PyCounter
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, cast
+
+import msgpack
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from fedmqtt.errors import REASONS
+
+log = logging.getLogger(__name__)
+
+STALENESS_BUCKETS: Final = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
+LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
+
+
+class Metrics:
+    def __init__(self, federation: str) -> None:
+        self.federation = federation
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.received = 0
+        self.bytes_received = 0
+        self.accepted = 0
+        self.rejected: dict[str, int] = {}
+        self.staleness: dict[int, int] = {}
+        self.version = 0
+        self.aggregations = 0
+        self.last_aggregation_s: float | None = None
+        self.buffered = 0
+        self.devices_online = 0
+        self.accuracy: float | None = None
+        self.eval_version: int | None = None
+        self.eval_metric = "accuracy"
+        self.connected = False
+        self.checkpoints = 0
+        self.status_rejected = 0
+
+        # Counters and gauges are plain attributes exported by a collector at scrape time, so
+        # recording an update costs a few integer additions, not a locked Prometheus call.
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        r.register(_Collector(self))
+        self.p_agg = Histogram(
+            "fedmqtt_aggregation_seconds",
+            "Time to aggregate a buffer into a new version",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.p_ckpt = Histogram(
+            "fedmqtt_checkpoint_seconds",
+            "Time to write a checkpoint",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    # ------------------------------------------------------------------ recording
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Continue the counters of a previous run (from the checkpoint)."""
+        with self._lock:
+            self.received = int(saved.get("received", 0))
+            self.bytes_received = int(saved.get("bytes_received", 0))
+            self.accepted = int(saved.get("accepted", 0))
+            self.rejected = {str(k): int(v) for k, v in dict(saved.get("rejected", {})).items()}
+            self.staleness = {int(k): int(v) for k, v in dict(saved.get("staleness", {})).items()}
+            self.aggregations = int(saved.get("aggregations", 0))
+
+    def saved(self, unapplied_taus: Iterable[int] = ()) -> dict[str, Any]:
+        """The counters to persist in a checkpoint, without the accepted updates that are
+        still buffered (``unapplied_taus``): the broker redelivers those after a crash, and they
+        are counted again then."""
+        with self._lock:
+            staleness = dict(self.staleness)
+            n = 0
+            for tau in unapplied_taus:
+                staleness[tau] -= 1
+                n += 1
+            return {
+                "received": self.received,
+                "bytes_received": self.bytes_received,
+                "accepted": self.accepted - n,
+                "rejected": dict(self.rejected),
+                "staleness": {str(k): v for k, v in staleness.items() if v},
+                "aggregations": self.aggregations,
+            }
+
+    def record_batch(
+        self,
+        *,
+        received: int,
+        nbytes: int,
+        accepted_taus: Iterable[int],
+        rejected: Mapping[str, int],
+    ) -> None:
+        taus = list(accepted_taus)
+        with self._lock:
+            self.received += received
+            self.bytes_received += nbytes
+            self.accepted += len(taus)
+            for reason, n in rejected.items():
+                self.rejected[reason] = self.rejected.get(reason, 0) + n
+            for tau, n in PyCounter(taus).items():
+                self.staleness[tau] = self.staleness.get(tau, 0) + n
+
+    def record_version(self, version: int, seconds: float | None, buffered: int) -> None:
+        with self._lock:
+            if seconds is not None:
+                self.aggregations += 1
+                self.last_aggregation_s = seconds
+            self.version = version
+            self.buffered = buffered
+        if seconds is not None:
+            self.p_agg.observe(seconds)
+
+    def set_buffered(self, n: int) -> None:
+        self.buffered = n
+
+    def record_checkpoint(self, seconds: float) -> None:
+        self.checkpoints += 1
+        self.p_ckpt.observe(seconds)
+
+    def set_online(self, n: int) -> None:
+        self.devices_online = n
+
+    def set_connected(self, up: bool) -> None:
+        self.connected = up
+
+    def set_evaluation(self, version: int, score: float, metric: str) -> None:
+        with self._lock:
+            self.accuracy, self.eval_version, self.eval_metric = score, version, metric
+
+    # ------------------------------------------------------------------ views
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "federation": self.federation,
+                "version": self.version,
+                "updates_received": self.received,
+                "bytes_received": self.bytes_received,
+                "accepted": self.accepted,
+                "rejected": dict(sorted(self.rejected.items())),
+                "rejected_total": sum(self.rejected.values()),
+                "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
+                "aggregations": self.aggregations,
+                "last_aggregation_s": self.last_aggregation_s,
+                "buffered": self.buffered,
+                "devices_online": self.devices_online,
+                "accuracy": self.accuracy,
+                "eval_metric": self.eval_metric,
+                "eval_version": self.eval_version,
+                "connected": self.connected,
+                "checkpoints": self.checkpoints,
+                "status_rejected": self.status_rejected,
+                "uptime_s": round(time.time() - self.started, 3),
+            }
+
+    def message(self, fmt: str) -> bytes:
+        body = {"v": 1, "type": "metrics", "at": time.time(), **self.snapshot()}
+        if fmt == "msgpack":
+            return cast(bytes, msgpack.packb(body, use_bin_type=True))
+        return json.dumps(body, sort_keys=True).encode()
+
+
+class _Collector(Collector):
+    """Exports the attributes of :class:`Metrics` when Prometheus scrapes."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.m
+        with m._lock:
+            received, nbytes, accepted = m.received, m.bytes_received, m.accepted
+            rejected = dict(m.rejected)
+            staleness = dict(m.staleness)
+        yield CounterMetricFamily(
+            "fedmqtt_updates_received", "Messages on the updates topic", received
+        )
+        yield CounterMetricFamily(
+            "fedmqtt_update_bytes_received", "Bytes of update payloads", nbytes
+        )
+        yield CounterMetricFamily(
+            "fedmqtt_updates_accepted", "Updates that passed validation", accepted
+        )
+        rej = CounterMetricFamily(
+            "fedmqtt_updates_rejected", "Refused updates by reason", labels=["reason"]
+        )
+        for reason in sorted(set(REASONS) | set(rejected)):
+            rej.add_metric([reason], rejected.get(reason, 0))
+        yield rej
+        buckets = [
+            (str(le), float(sum(n for tau, n in staleness.items() if tau <= le)))
+            for le in STALENESS_BUCKETS
+        ]
+        buckets.append(("+Inf", float(sum(staleness.values()))))
+        hist = HistogramMetricFamily(
+            "fedmqtt_update_staleness", "Staleness (versions) of accepted updates"
+        )
+        hist.add_metric([], buckets, float(sum(t * n for t, n in staleness.items())))
+        yield hist
+        for name, doc, value in (
+            ("fedmqtt_model_version", "Current global model version", m.version),
+            ("fedmqtt_buffered_updates", "Accepted updates not yet aggregated", m.buffered),
+            ("fedmqtt_devices_online", "Devices whose presence is online", m.devices_online),
+            ("fedmqtt_broker_connected", "1 while connected to the broker", int(m.connected)),
+        ):
+            yield GaugeMetricFamily(name, doc, value)
+        if m.accuracy is not None:
+            yield GaugeMetricFamily(
+                "fedmqtt_eval_score",
+                "Holdout accuracy (classifiers) or R^2 (linear) of the last evaluated version",
+                m.accuracy,
+            )
+
+
+class RejectionLog:
+    """Log a refusal once per (device, reason) at WARNING, later ones at DEBUG."""
+
+    def __init__(self, max_pairs: int = 100_000) -> None:
+        self._seen: set[tuple[str, str]] = set()
+        self._max = max_pairs
+
+    def __call__(self, device: str, reason: str, detail: str) -> None:
+        key = (device, reason)
+        if key in self._seen:
+            log.debug("refused update from %s (%s): %s", device, reason, detail)
+            return
+        if len(self._seen) >= self._max:
+            self._seen.clear()
+        self._seen.add(key)
+        log.warning(
+            "refused update from %s (%s): %s; further refusals of this device for "
+            "this reason are logged at DEBUG",
+            device,
+            reason,
+            detail,
+        )
+
+
+def serve_prometheus(metrics: Metrics, port: int, bind: str) -> Any:
+    """Serve ``/metrics`` in a daemon thread; returns the server (``shutdown()`` to stop)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=bind, registry=metrics.registry)
+    return server

@@ -1,0 +1,333 @@
+"""The ONE module that talks to aiomqtt: a persistent MQTT 5 session with manual PUBACKs.
+
+Why these choices (numbers in docs/benchmarks-aggregator.md and docs/aggregator.md):
+
+* **Manual acknowledgements.** paho (under aiomqtt) normally PUBACKs an update as soon as it is
+  read, before the aggregator has it on disk: a ``kill -9`` at that moment loses an update the
+  broker considers delivered. paho >= 2.0 can leave the PUBACK to the application
+  (``manual_ack_set(True)`` / ``ack(mid, qos)``); aiomqtt 2.5 does not expose it, so this adapter
+  sets it on aiomqtt's paho client (``aiomqtt.Client._client``, checked at import). The service
+  acknowledges a message only once the checkpoint covering it is durable.
+* **MQTT 5, Receive Maximum.** The broker never has more than ``receive_maximum`` unacknowledged
+  messages in flight to us, so the backlog held in this process is bounded (messages beyond it
+  stay queued in the broker, whose config lifts ``max_queued_messages``) and nothing is ever
+  dropped client-side: there is no client-side queue limit at all. MQTT 5 also returns PUBACK
+  reason codes (a publish refused by the ACL is visible, on 3.1.1 it looks like a success) and
+  carries the session expiry and the shared subscription used by scale-out workers.
+* **Persistent session.** Fixed client id, ``clean_start=False`` and a Session Expiry Interval:
+  the broker keeps our subscription and queues updates while we are away, and redelivers every
+  unacknowledged one when we come back (with ``dup`` set).
+* **A fast receive path.** Messages go from paho's ``on_message`` straight into a deque that the
+  service drains in batches; aiomqtt's per-message queue and iterator task are bypassed.
+
+Reconnects wait ``uniform(min, min(max, min * 2**attempt))`` seconds ("full jitter" with a
+floor); the attempt count resets once a connection stayed up for :data:`STABLE_S`. Every
+connection gets a new *generation* number: a message may only be acknowledged on the connection
+it arrived on (packet ids are per connection), so messages of an older generation are never
+acknowledged -- the broker redelivers them and the replay window recognises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from aggregator.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+STABLE_S: Final = 30.0
+SUBSCRIBE_TIMEOUT_S: Final = 30.0
+
+if not hasattr(paho.Client, "manual_ack_set"):  # pragma: no cover - guarded by the pins
+    raise ImportError("paho-mqtt >= 2.0 is required (manual acknowledgements)")
+
+
+class Incoming:
+    """One received message and what is needed to acknowledge it later."""
+
+    __slots__ = ("generation", "mid", "payload", "qos", "received", "topic")
+
+    def __init__(self, topic: str, payload: bytes, mid: int, qos: int, generation: int) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.mid = mid
+        self.qos = qos
+        self.generation = generation
+        self.received = time.monotonic()
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Full jitter with a floor: uniform(lo, min(hi, lo * 2**attempt))."""
+    return rng.uniform(lo, min(hi, lo * 2.0 ** min(attempt, 30)))
+
+
+def read_password(cfg: BrokerConfig) -> str | None:
+    if cfg.password_file is None:
+        return None
+    try:
+        return cfg.password_file.read_text().strip()
+    except OSError as e:
+        from fedmqtt.errors import ConfigError
+
+        raise ConfigError(f"[broker] password_file {cfg.password_file}: {e.strerror}") from None
+
+
+class MqttLink:
+    """A reconnecting MQTT 5 client: ``run()`` owns the connection, the rest is used from the
+    same event loop."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        *,
+        subscriptions: Sequence[str],
+        receive_maximum: int,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        on_state: Callable[[bool], None] | None = None,
+        name: str = "aggregator",
+    ) -> None:
+        self.cfg = cfg
+        self.subscriptions = list(subscriptions)
+        self.receive_maximum = receive_maximum
+        self.on_connect = on_connect
+        self.on_state = on_state
+        self.name = name
+        self.inbox: deque[Incoming] = deque()
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._paho: paho.Client | None = None
+        self._lost: asyncio.Event | None = None
+        self._pub_waiters: dict[int, asyncio.Future[int]] = {}
+        self._rng = random.Random()
+        self.connects = 0
+
+    # ------------------------------------------------------------------ receiving
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        self.inbox.append(Incoming(msg.topic, payload, msg.mid, msg.qos, self.generation))
+        self._arrived.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until a message is waiting (True) or ``timeout`` passed (False)."""
+        if self.inbox:
+            return True
+        self._arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        return bool(self.inbox)
+
+    def take(self, n: int) -> list[Incoming]:
+        out: list[Incoming] = []
+        inbox = self.inbox
+        while inbox and len(out) < n:
+            out.append(inbox.popleft())
+        return out
+
+    def ack(self, msgs: Iterable[Incoming]) -> int:
+        """PUBACK the messages of the current connection; older ones are skipped (the broker
+        redelivers them). Returns how many were acknowledged."""
+        pc = self._paho
+        if pc is None or not self.connected.is_set():
+            return 0
+        gen = self.generation
+        n = 0
+        for m in msgs:
+            if m.generation == gen and m.qos > 0:
+                pc.ack(m.mid, m.qos)
+                n += 1
+        return n
+
+    # ------------------------------------------------------------------ publishing
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, rc: Any, props: Any
+    ) -> None:
+        fut = self._pub_waiters.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(int(getattr(rc, "value", rc) or 0))
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
+    ) -> bool:
+        """Publish at QoS 1 and wait for the PUBACK; False if not connected, timed out or
+        refused by the broker (reason code >= 0x80, logged)."""
+        pc = self._paho
+        if pc is None or not self.connected.is_set():
+            return False
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        info = pc.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            log.warning(
+                "%s: publish to %s failed: %s", self.name, topic, paho.error_string(info.rc)
+            )
+            return False
+        self._pub_waiters[info.mid] = fut
+        try:
+            rc = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            self._pub_waiters.pop(info.mid, None)
+            log.warning("%s: no PUBACK for %s within %.0fs", self.name, topic, timeout)
+            return False
+        if rc < 0:
+            return False  # the connection went away before the PUBACK
+        if rc >= 0x80:
+            log.error(
+                "%s: the broker refused our publish to %s (reason 0x%02x); check the "
+                "ACL of our account",
+                self.name,
+                topic,
+                rc,
+            )
+            return False
+        return True
+
+    # ------------------------------------------------------------------ connection
+    def _new_client(self) -> aiomqtt.Client:
+        cfg = self.cfg
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = cfg.session_expiry_s
+        props.ReceiveMaximum = self.receive_maximum
+        tls = None
+        if cfg.tls:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+            )
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=read_password(cfg),
+            identifier=cfg.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            keepalive=cfg.keepalive,
+            timeout=cfg.connect_timeout_s,
+            tls_params=tls,
+        )
+        pc = client._client  # the paho client aiomqtt drives; see the module docstring
+        pc.manual_ack_set(True)
+        if not logging.getLogger("mqtt").isEnabledFor(logging.DEBUG):
+            # paho logs every packet at DEBUG; even filtered out, that is a few microseconds
+            # per message on the event loop thread.
+            pc.disable_logger()
+        pc.on_message = self._on_message
+        aio_on_publish: Any = pc.on_publish
+        aio_on_disconnect: Any = pc.on_disconnect
+        loop = asyncio.get_running_loop()
+
+        def on_publish(c: paho.Client, u: Any, mid: int, rc: Any, p: Any) -> None:
+            self._on_publish(c, u, mid, rc, p)
+            if aio_on_publish is not None:
+                aio_on_publish(c, u, mid, rc, p)
+
+        def on_disconnect(*args: Any) -> None:
+            if aio_on_disconnect is not None:
+                aio_on_disconnect(*args)
+            lost = self._lost
+            if lost is not None:
+                loop.call_soon_threadsafe(lost.set)
+
+        pc.on_publish = on_publish
+        pc.on_disconnect = on_disconnect
+        return client
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, subscribe, stay connected until ``stop``; reconnect with backoff."""
+        attempt = 0
+        cfg = self.cfg
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                client = self._new_client()
+                self._lost = asyncio.Event()
+                async with client:
+                    await self._connected(client)
+                    try:
+                        await _first(stop.wait(), self._lost.wait())
+                    finally:
+                        self._down(expected=stop.is_set())
+            except aiomqtt.MqttError as e:
+                self._down()
+                log.warning("%s: broker %s:%d: %s", self.name, cfg.host, cfg.port, e)
+            if stop.is_set():
+                break
+            if time.monotonic() - started >= STABLE_S:
+                attempt = 0
+            delay = backoff_delay(attempt, cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng)
+            attempt += 1
+            log.info("%s: reconnecting in %.1fs", self.name, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _connected(self, client: aiomqtt.Client) -> None:
+        self.generation += 1
+        self.connects += 1
+        self._client = client
+        self._paho = client._client
+        for topic in self.subscriptions:
+            granted = await client.subscribe(topic, qos=1, timeout=SUBSCRIBE_TIMEOUT_S)
+            codes = [g if isinstance(g, int) else int(g.value) for g in granted]
+            if any(c >= 0x80 for c in codes):
+                log.error(
+                    "%s: subscription to %s refused (reason %s); check the ACL",
+                    self.name,
+                    topic,
+                    codes,
+                )
+        self.connected.set()
+        log.info(
+            "%s: connected to %s:%d as %s (persistent session, connection %d)",
+            self.name,
+            self.cfg.host,
+            self.cfg.port,
+            self.cfg.client_id,
+            self.generation,
+        )
+        if self.on_state is not None:
+            self.on_state(True)
+        if self.on_connect is not None:
+            await self.on_connect()
+
+    def _down(self, *, expected: bool = False) -> None:
+        was_up = self.connected.is_set()
+        self.connected.clear()
+        self._paho = None
+        self._client = None
+        for fut in self._pub_waiters.values():
+            if not fut.done():
+                fut.set_result(-1)
+        self._pub_waiters.clear()
+        if was_up:
+            log.log(
+                logging.INFO if expected else logging.WARNING,
+                "%s: disconnected from the broker",
+                self.name,
+            )
+            if self.on_state is not None:
+                self.on_state(False)
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,108 @@
+"""The signed messages the aggregator publishes: global model, training plan, ONNX export.
+
+All three are retained at QoS 1 and signed with the aggregator's Ed25519 key, which every device
+pins: a device that wakes up gets the current model and plan at once and can check they come
+from us. The plan carries a *revision* that devices use to ignore an older plan; it is bumped
+whenever ``[plan]`` changes between runs (``plan.json`` in the state directory remembers the
+last revision and a digest of the plan it described).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from aggregator.config import AggregatorConfig, PlanConfig
+from aggregator.engine import Snapshot
+from fedmqtt import wire
+from fedmqtt.fsutil import atomic_write_bytes
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.params import F32
+from fedmqtt.signing import Signer
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+SENDER = "aggregator"
+
+
+def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
+    params = cfg.spec.layout().unflatten(snap.params, copy=False)
+    msg = wire.GlobalModel(
+        federation=cfg.federation.id,
+        sender=SENDER,
+        version=snap.version,
+        spec=cfg.spec,
+        params=params,
+        stats=snap.stats,
+        created_at=snap.created_at,
+    )
+    return wire.encode(msg, signer)
+
+
+def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:
+    p = cfg.plan
+    msg = wire.Plan(
+        federation=cfg.federation.id,
+        sender=SENDER,
+        revision=revision,
+        epochs=p.epochs,
+        lr=p.lr,
+        batch_size=p.batch_size,
+        momentum=p.momentum,
+        mu=p.mu,
+        codec=p.codec,
+        min_interval_s=p.min_interval_s,
+    )
+    return wire.encode(msg, signer)
+
+
+def onnx_bytes(
+    spec: ModelSpec, flat: F32, federation: str, version: int, created_at: float
+) -> bytes:
+    """The ONNX export (raises ImportError if the onnx package is not installed)."""
+    from fedmqtt.onnx_export import export_onnx
+
+    params = spec.layout().unflatten(flat, copy=False)
+    return export_onnx(spec, params, federation=federation, version=version, created_at=created_at)
+
+
+def onnx_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
+    data = onnx_bytes(cfg.spec, snap.params, cfg.federation.id, snap.version, snap.created_at)
+    msg = wire.OnnxModel(
+        federation=cfg.federation.id,
+        sender=SENDER,
+        version=snap.version,
+        onnx=data,
+        created_at=snap.created_at,
+    )
+    return wire.encode(msg, signer)
+
+
+def plan_digest(plan: PlanConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(plan), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_revision(state_dir: Path, plan: PlanConfig) -> int:
+    """The revision of ``plan``: unchanged if the plan is, else one more than last time."""
+    path = state_dir / PLAN_FILE
+    digest = plan_digest(plan)
+    revision = 0
+    try:
+        saved: Any = json.loads(path.read_text())
+        revision = int(saved["revision"])
+        if saved.get("digest") == digest:
+            return revision
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s unreadable (%s); the plan revision restarts above %d", path, e, revision)
+    revision += 1
+    atomic_write_bytes(
+        path, json.dumps({"revision": revision, "digest": digest}).encode(), mode=0o600
+    )
+    return revision

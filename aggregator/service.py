@@ -1,0 +1,606 @@
+"""The aggregator service: MQTT in, validated updates into the model, checkpoints, publishing.
+
+Threads and what runs where:
+
+* the **event loop** (the caller's) does MQTT I/O through :class:`aggregator.mqtt.MqttLink`,
+  acknowledgements, publishing, timers and ``status.json``; it never touches numpy;
+* the **engine thread** (one worker of an executor) runs :class:`aggregator.engine.Engine`:
+  verify, decode, aggregate, and encode snapshots -- one batch at a time, in arrival order;
+* an **I/O thread** writes checkpoints (``fsync``) so the engine keeps going meanwhile;
+* a **publisher thread** signs and encodes model / ONNX payloads and runs the evaluation.
+
+Delivery guarantee (docs/aggregator.md has the full argument): an update is PUBACKed to the
+broker only after the checkpoint of the version that applies it is on disk (:class:`AckQueue`);
+until then the broker keeps it in flight in our persistent session. Nothing is published that
+is not on disk either. So a ``kill -9`` at any instant loses nothing the broker considers
+delivered (the broker redelivers every unacknowledged update) and applies nothing twice (the
+checkpointed replay window refuses redelivered updates that were already applied).
+
+A checkpoint is written after every flush of the buffer (a new version). While one is being
+written, later versions coalesce into the next one: an intermediate version that existed only
+between two checkpoints is never published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import fedmqtt
+from aggregator.checkpoint import CheckpointError, CheckpointStore
+from aggregator.config import AggregatorConfig
+from aggregator.devices import DeviceKeys
+from aggregator.engine import Engine, Snapshot, initial_state
+from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
+from aggregator.metrics import Metrics, serve_prometheus
+from aggregator.mqtt import Incoming, MqttLink
+from aggregator.publish import model_payload, onnx_payload, plan_payload, plan_revision
+from aggregator.sdnotify import Notifier
+from aggregator.statusfile import write_status
+from fedmqtt import topics
+from fedmqtt.errors import ConfigError
+from fedmqtt.signing import Ed25519Signer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+_TICK_S = 0.1
+
+
+def checkpoint_store(cfg: AggregatorConfig) -> CheckpointStore:
+    return CheckpointStore(cfg.state_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep)
+
+
+def initialize(cfg: AggregatorConfig) -> int:
+    """Create the state directory and the version-0 checkpoint unless one exists.
+
+    Idempotent; returns the current version. Raises ConfigError if the existing state belongs
+    to another federation or model (the message says how to proceed).
+    """
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = checkpoint_store(cfg)
+    try:
+        loaded = store.load_latest()
+        if loaded is not None:
+            Engine(cfg, Metrics(cfg.federation.id), keys=None).restore(loaded.state)
+            return loaded.version
+    except CheckpointError as e:
+        raise ConfigError(f"state directory {cfg.state_dir}: {e}") from None
+    store.write(0, initial_state(cfg))
+    log.info("initialised %s with the version-0 model", cfg.state_dir)
+    return 0
+
+
+class AckQueue:
+    """Messages waiting for the checkpoint of the flush that covers them, in arrival order.
+
+    PUBACKs leave in the order the messages arrived (MQTT requires it): a refused message that
+    needs nothing durable still waits behind an accepted one that arrived before it.
+    """
+
+    def __init__(self) -> None:
+        self._q: deque[tuple[Any, int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def add(self, handles: Iterable[Any], needs: Iterable[int]) -> None:
+        self._q.extend(zip(handles, needs, strict=True))
+
+    def release(self, durable: int) -> list[Any]:
+        """Handles whose flush is durable, from the front, stopping at the first that is not."""
+        out = []
+        q = self._q
+        while q and q[0][1] <= durable:
+            out.append(q.popleft()[0])
+        return out
+
+
+class Aggregator:
+    """The service. ``await run(stop)`` until ``stop`` is set; ``snapshot()`` from any thread."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.cfg = config
+        self.metrics = Metrics(config.federation.id)
+        self.ready = threading.Event()
+        self.plan_revision = 0
+        self._durable_flushes = 0
+        self._durable_version = -1
+        self._engine_flushes = 0
+        self._engine_version = 0
+        self._published_version = -1
+        self._onnx_version: int | None = None
+        self._onnx_disabled = False
+        self._latest: Snapshot | None = None
+        self._stopping = False
+        self._acks = AckQueue()
+        self._ckpt_task: asyncio.Task[None] | None = None
+        self._ckpt_wanted = False
+        self._publish_wake: asyncio.Event | None = None
+        self._republish = False
+        self._link: MqttLink | None = None
+        self._pool: Any = None  # aggregator.workers.WorkerPool when [scaleout] workers > 0
+        self._fatal: BaseException | None = None
+        self._eval_lock = threading.Lock()
+        self._eval_next: Snapshot | None = None
+        self._eval_running = False
+        self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
+        self._fatal_event: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ public
+    def snapshot(self) -> dict[str, Any]:
+        """Version, counters, staleness histogram, last accuracy, devices online (read-only)."""
+        return self.metrics.snapshot()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        notifier = Notifier()
+        engine_x = ThreadPoolExecutor(1, thread_name_prefix="agg-engine")
+        io_x = ThreadPoolExecutor(1, thread_name_prefix="agg-io")
+        pub_x = ThreadPoolExecutor(1, thread_name_prefix="agg-publish")
+        eval_x = ThreadPoolExecutor(1, thread_name_prefix="agg-evaluate")
+        self._engine_x, self._io_x, self._pub_x, self._eval_x = engine_x, io_x, pub_x, eval_x
+        prom = None
+        try:
+            await loop.run_in_executor(io_x, initialize, cfg)
+            self.signer = await loop.run_in_executor(
+                io_x, Ed25519Signer.load, cfg.security.signing_key
+            )
+            self.store = checkpoint_store(cfg)
+            self.keys = DeviceKeys(cfg.security.devices_dir)
+            self.engine = Engine(cfg, self.metrics, self.keys)
+            loaded = await loop.run_in_executor(io_x, self.store.load_latest)
+            if loaded is None:  # pragma: no cover - initialize() just wrote one
+                raise CheckpointError("no checkpoint after initialisation")
+            await loop.run_in_executor(engine_x, self.engine.restore, loaded.state)
+            self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
+            self._durable_flushes = self._engine_flushes = self._latest.flushes
+            self._durable_version = self._engine_version = self._latest.version
+            self.holdout: Holdout | None = None
+            if cfg.evaluation.holdout is not None:
+                self.holdout = await loop.run_in_executor(
+                    io_x, load_holdout, cfg.evaluation.holdout, cfg.spec
+                )
+            self.plan_revision = await loop.run_in_executor(
+                io_x, plan_revision, cfg.state_dir, cfg.plan
+            )
+            log.info(
+                "resuming federation %s at version %d from %s",
+                cfg.federation.id,
+                self._latest.version,
+                loaded.path,
+            )
+            if cfg.metrics.prometheus_port:
+                prom = serve_prometheus(self.metrics, cfg.metrics.prometheus_port, cfg.metrics.bind)
+            await self._serve(stop, notifier)
+        finally:
+            engine = getattr(self, "engine", None)
+            if engine is not None:
+                engine.close()
+            if prom is not None:
+                prom.shutdown()
+            for x in (engine_x, io_x, pub_x, eval_x):
+                x.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ main loop
+    async def _serve(self, stop: asyncio.Event, notifier: Notifier) -> None:
+        cfg = self.cfg
+        fed = cfg.federation.id
+        self._publish_wake = asyncio.Event()
+        subs = [topics.status_filter(fed)]
+        if cfg.scaleout.workers == 0:
+            subs.insert(0, topics.updates_filter(fed))
+        link_stop = asyncio.Event()
+        self._link = link = MqttLink(
+            cfg.broker,
+            subscriptions=subs,
+            receive_maximum=cfg.limits.inflight_window,
+            on_connect=self._on_connect,
+            on_state=self.metrics.set_connected,
+            name="aggregator",
+        )
+        tasks = [
+            asyncio.create_task(link.run(link_stop), name="mqtt"),
+            asyncio.create_task(self._publisher(), name="publisher"),
+            asyncio.create_task(self._housekeeping(notifier), name="housekeeping"),
+        ]
+        if cfg.scaleout.workers:
+            from aggregator.workers import WorkerPool
+
+            self._pool = WorkerPool(cfg)
+            await self._pool.start()
+            tasks.append(asyncio.create_task(self._ingest_workers(), name="ingest-workers"))
+        tasks.append(asyncio.create_task(self._ingest_local(), name="ingest"))
+        self._fatal_event = asyncio.Event()
+        stop_task = asyncio.create_task(stop.wait(), name="stop")
+        fatal_task = asyncio.create_task(self._fatal_event.wait(), name="fatal")
+        self._evaluate_soon(self._latest)
+        clean = False
+        try:
+            # Ready once the subscription is up: updates published from now on reach us.
+            ready = asyncio.create_task(self._all_connected())
+            await asyncio.wait(
+                [ready, stop_task, fatal_task, *tasks], return_when=asyncio.FIRST_COMPLETED
+            )
+            ready.cancel()
+            self.ready.set()
+            notifier.notify(READY="1", STATUS=f"version {self._durable_version}")
+            done, _ = await asyncio.wait(
+                [stop_task, fatal_task, *tasks], return_when=asyncio.FIRST_COMPLETED
+            )
+            if self._fatal is not None:
+                raise self._fatal
+            for t in done:
+                if t in tasks and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            clean = True
+        finally:
+            notifier.notify(STOPPING="1")
+            # After an error the in-memory state is not trusted: no final checkpoint; the
+            # broker redelivers whatever was not acknowledged.
+            await self._shutdown(tasks, link_stop, clean=clean)
+            stop_task.cancel()
+            fatal_task.cancel()
+
+    async def _all_connected(self) -> None:
+        assert self._link is not None
+        await self._link.connected.wait()
+        if self._pool is not None:
+            await self._pool.all_ready.wait()
+
+    async def _shutdown(
+        self, tasks: list[asyncio.Task[Any]], link_stop: asyncio.Event, *, clean: bool
+    ) -> None:
+        self._stopping = True
+        ingest = [t for t in tasks if t.get_name().startswith("ingest")]
+        await asyncio.gather(*ingest, return_exceptions=True)
+        # Final checkpoint, then acknowledge what it covers while still connected.
+        with contextlib.suppress(Exception):
+            if self._ckpt_task is not None:
+                await self._ckpt_task
+            if clean and self._engine_flushes > self._durable_flushes:
+                await self._checkpoint()
+        await asyncio.sleep(0.05)  # let the PUBACKs reach the socket before DISCONNECT
+        if self._pool is not None:
+            await self._pool.stop()
+        link_stop.set()
+        for t in tasks:
+            if t.get_name() in ("publisher", "housekeeping"):
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(
+                self._io_x, write_status, self.cfg.state_dir, self._status("stopped")
+            )
+
+    # ------------------------------------------------------------------ ingestion
+    async def _ingest_local(self) -> None:
+        """Raw messages from our own MQTT link (updates, unless workers take them; status)."""
+        link = self._link
+        assert link is not None
+        loop = asyncio.get_running_loop()
+        batch_max = self.cfg.limits.batch_max
+        engine = self.engine
+        while not self._stopping:
+            if not await link.wait(0.2):
+                continue
+            batch = link.take(batch_max)
+            items = [(m.topic, m.payload) for m in batch]
+
+            def work(items: list[tuple[str, bytes]] = items) -> tuple[list[int], int, int]:
+                return engine.process(items, time.monotonic()), engine.flushes, engine.version
+
+            needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
+            self._after_batch(batch, needs, flushes, version)
+
+    async def _ingest_workers(self) -> None:
+        """Updates authenticated and decoded by worker processes."""
+        pool = self._pool
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        while not self._stopping:
+            handles, items = await pool.take(self.cfg.limits.batch_max, timeout=0.2)
+            if not items:
+                continue
+
+            def work(items: list[Any] = items) -> tuple[list[int], int, int]:
+                return (
+                    engine.process_verified(items, time.monotonic()),
+                    engine.flushes,
+                    engine.version,
+                )
+
+            needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
+            self._after_batch(handles, needs, flushes, version)
+
+    def _after_batch(
+        self, handles: list[Any], needs: list[int], flushes: int, version: int
+    ) -> None:
+        for h in handles:
+            if isinstance(h, Incoming):
+                h.payload = b""  # only the packet id is needed until the PUBACK
+        self._acks.add(handles, needs)
+        self._engine_flushes, self._engine_version = flushes, version
+        self._release()
+        self._maybe_checkpoint()
+
+    def _release(self) -> None:
+        ready = self._acks.release(self._durable_flushes)
+        if not ready:
+            return
+        local = [h for h in ready if isinstance(h, Incoming)]
+        if local and self._link is not None:
+            self._link.ack(local)
+        if self._pool is not None and len(local) != len(ready):
+            self._pool.ack([h for h in ready if not isinstance(h, Incoming)])
+
+    # ------------------------------------------------------------------ durability
+    def _checkpoint_due(self) -> bool:
+        """A checkpoint is due whenever the buffer was flushed since the last one."""
+        return self._engine_flushes > self._durable_flushes
+
+    def _maybe_checkpoint(self) -> None:
+        if self._ckpt_task is not None and not self._ckpt_task.done():
+            self._ckpt_wanted = True
+            return
+        if self._checkpoint_due():
+            self._ckpt_task = asyncio.create_task(self._checkpoint_then_more())
+
+    async def _checkpoint_then_more(self) -> None:
+        try:
+            await self._checkpoint()
+        except Exception as e:
+            # A checkpoint that cannot be written (disk full, I/O error) must stop the service:
+            # without it nothing can be acknowledged and ingestion would silently stall.
+            log.error("cannot write a checkpoint: %s", e)
+            self._fatal = e
+            if self._fatal_event is not None:
+                self._fatal_event.set()
+            return
+        if self._ckpt_wanted:
+            self._ckpt_wanted = False
+            if self._checkpoint_due():
+                self._ckpt_task = asyncio.create_task(self._checkpoint_then_more())
+
+    async def _checkpoint(self) -> None:
+        loop = asyncio.get_running_loop()
+        snap = await loop.run_in_executor(self._engine_x, self.engine.snapshot)
+        t0 = time.perf_counter()
+        await loop.run_in_executor(self._io_x, self.store.write, snap.version, snap.data)
+        self.metrics.record_checkpoint(time.perf_counter() - t0)
+        self._durable_flushes = max(self._durable_flushes, snap.flushes)
+        new_version = snap.version > self._durable_version
+        self._durable_version = max(self._durable_version, snap.version)
+        self._latest = snap
+        self._release()
+        if new_version:
+            log.info(
+                "version %d checkpointed (%s)",
+                snap.version,
+                ", ".join(f"{k} {v:g}" for k, v in snap.stats.items()),
+            )
+            if self._publish_wake is not None:
+                self._publish_wake.set()
+
+    # ------------------------------------------------------------------ publishing
+    async def _on_connect(self) -> None:
+        """After every (re)connection: republish the plan and the current model (retained)."""
+        self._republish = True
+        if self._publish_wake is not None:
+            self._publish_wake.set()
+
+    async def _publisher(self) -> None:
+        """Publish the newest durable version (coalescing), the plan and the ONNX export."""
+        wake = self._publish_wake
+        assert wake is not None and self._link is not None
+        link = self._link
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        fed = cfg.federation.id
+        while True:
+            await wake.wait()
+            wake.clear()
+            snap = self._latest
+            if snap is None or not link.connected.is_set():
+                continue
+            republish, self._republish = self._republish, False
+            if republish:
+                plan = await loop.run_in_executor(
+                    self._pub_x, plan_payload, cfg, self.signer, self.plan_revision
+                )
+                if not await link.publish(topics.plan(fed), plan, retain=True):
+                    self._republish = True
+            if republish or snap.version > self._published_version:
+                payload = await loop.run_in_executor(
+                    self._pub_x, model_payload, cfg, self.signer, snap
+                )
+                if await link.publish(topics.model(fed), payload, retain=True):
+                    if snap.version > self._published_version:
+                        self._evaluate_soon(snap)
+                    self._published_version = max(self._published_version, snap.version)
+                else:
+                    self._republish = True
+                await self._maybe_onnx(snap)
+            if self._latest is not None and self._latest.version > self._published_version:
+                wake.set()
+
+    async def _maybe_onnx(self, snap: Snapshot) -> None:
+        every = self.cfg.onnx.every
+        if every <= 0 or self._onnx_disabled or self._link is None:
+            return
+        if self._onnx_version is not None and snap.version - self._onnx_version < every:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            payload = await loop.run_in_executor(
+                self._pub_x,
+                onnx_payload,
+                self.cfg,
+                self.signer,
+                snap,
+            )
+        except ImportError as e:
+            self._onnx_disabled = True
+            log.warning(
+                "[onnx] every = %d but the ONNX export is unavailable (%s); install "
+                "fedmqtt[onnx] to publish ONNX models",
+                every,
+                e,
+            )
+            return
+        if await self._link.publish(
+            topics.model_onnx(self.cfg.federation.id), payload, retain=True
+        ):
+            self._onnx_version = snap.version
+
+    def _evaluate_soon(self, snap: Snapshot | None) -> None:
+        """Score ``snap`` on the holdout in the evaluation thread; while one evaluation runs,
+        only the newest version asked for since is kept (a slow holdout never queues up)."""
+        if self.holdout is None or snap is None:
+            return
+        with self._eval_lock:
+            pending, self._eval_next = self._eval_next, snap
+            if pending is not None or self._eval_running:
+                return
+            self._eval_running = True
+        self._eval_x.submit(self._evaluate_loop)
+
+    def _evaluate_loop(self) -> None:
+        metric = metric_name(self.cfg.spec)
+        holdout = self.holdout
+        assert holdout is not None
+        while True:
+            with self._eval_lock:
+                snap, self._eval_next = self._eval_next, None
+                if snap is None:
+                    self._eval_running = False
+                    return
+            try:
+                score = evaluate(self.cfg.spec, self.engine.layout, snap.params, holdout)
+            except Exception:
+                log.exception("evaluation of version %d failed", snap.version)
+                continue
+            if self.metrics.eval_version is None or snap.version >= self.metrics.eval_version:
+                self.metrics.set_evaluation(snap.version, score, metric)
+                log.info("version %d: holdout %s %.4f", snap.version, metric, score)
+
+    # ------------------------------------------------------------------ periodic work
+    async def _housekeeping(self, notifier: Notifier) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        last_status = last_metrics = last_watchdog = 0.0
+        deadline = cfg.strategy.name == "fedavg" and cfg.strategy.deadline_s > 0
+        while True:
+            await asyncio.sleep(_TICK_S)
+            now = time.monotonic()
+            if deadline and not self._stopping:
+
+                def tick(engine: Engine = self.engine) -> tuple[bool, int, int]:
+                    return engine.tick(time.monotonic()), engine.flushes, engine.version
+
+                made, flushes, version = await loop.run_in_executor(self._engine_x, tick)
+                if made:
+                    self._engine_flushes, self._engine_version = flushes, version
+            self._maybe_checkpoint()
+            if now - last_status >= cfg.metrics.status_interval_s:
+                last_status = now
+                self._write_status_soon()
+            link = self._link
+            if (
+                now - last_metrics >= cfg.metrics.publish_interval_s
+                and link is not None
+                and link.connected.is_set()
+            ):
+                last_metrics = now
+                payload = self.metrics.message(cfg.metrics.format)
+                task = asyncio.create_task(
+                    link.publish(topics.metrics(cfg.federation.id), payload, retain=True)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            interval = notifier.watchdog_interval_s
+            if interval is not None and now - last_watchdog >= interval:
+                last_watchdog = now
+                notifier.notify(WATCHDOG="1")
+
+    def _status(self, state: str) -> dict[str, Any]:
+        s = self.metrics.snapshot()
+        s.update(
+            ready=self.ready.is_set(),
+            state=state,
+            pid=os.getpid(),
+            fedmqtt_version=fedmqtt.__version__,
+            strategy=self.cfg.strategy.name,
+            plan_revision=self.plan_revision,
+            durable_version=self._durable_version,
+            published_version=self._published_version,
+            status_interval_s=self.cfg.metrics.status_interval_s,
+        )
+        return s
+
+    def _write_status_soon(self) -> None:
+        status = self._status("running")
+        self._io_x.submit(write_status, self.cfg.state_dir, status)
+
+
+class AggregatorThread:
+    """Run an :class:`Aggregator` in its own thread with its own event loop (simulator, tests)."""
+
+    def __init__(self, config: AggregatorConfig, *, init: bool = True) -> None:
+        if init:
+            initialize(config)
+        self.service = Aggregator(config)
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="aggregator", daemon=True)
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await self.service.run(self._stop)
+
+        try:
+            asyncio.run(body())
+        except BaseException as e:
+            self.error = e
+            log.exception("aggregator stopped with an error")
+        finally:
+            self.service.ready.set()
+
+    def start(self, timeout: float = 30.0) -> AggregatorThread:
+        self._thread.start()
+        self.service.ready.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.service.snapshot()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.snapshot()):
+                return True
+            if self.error is not None:
+                raise self.error
+            time.sleep(0.05)
+        return predicate(self.snapshot())
+
+    def stop(self, timeout: float = 30.0) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+        self._thread.join(timeout)

@@ -1,0 +1,179 @@
+"""What every strategy shares: a buffer of accepted deltas and its (de)serialisation.
+
+A strategy owns a preallocated ``(capacity, d)`` float32 array. The engine decodes the next
+candidate update straight into :meth:`Strategy.slot` (the first free row), so an accepted delta
+is never copied; a candidate that fails validation is simply not committed and its row is
+reused. When :meth:`Strategy.ready` says so, :meth:`Strategy.aggregate` turns the buffer into
+new parameters with the pure functions of :mod:`fedmqtt.aggregation` and empties it.
+
+The buffer is NOT part of the checkpoint: a buffered update is acknowledged to the broker only
+once the version that applies it is durable, so after a crash the broker redelivers it.
+:meth:`Strategy.to_state` holds what outlives a version: the strategy's name and the server
+optimizer's momentum.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from aggregator.checkpoint import CheckpointError, f32, tensor
+from aggregator.config import StrategyConfig
+from aggregator.validate import UpdateMeta
+from fedmqtt.aggregation import Reducer, ServerOptimizer, clip_by_norm, fedbuff_aggregate
+from fedmqtt.aggregation.staleness import Staleness
+from fedmqtt.params import F32
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An accepted update waiting in the buffer (its delta is the row of the same index)."""
+
+    meta: UpdateMeta
+    tau: int  # staleness when it arrived
+    weight: float  # s(tau)
+    norm: float
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, cfg: StrategyConfig, d: int, capacity: int) -> None:
+        self.cfg = cfg
+        self.d = d
+        self.capacity = capacity
+        self.staleness: Staleness = cfg.staleness_fn()
+        self.rows: F32 = np.zeros((capacity, d), dtype=np.float32)
+        self.pending: list[Pending] = []
+        self.pending_ids: set[str] = set()
+        self.version_started = 0.0
+
+    # ------------------------------------------------------------------ buffer
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    @property
+    def max_staleness(self) -> int:
+        return self.cfg.max_staleness
+
+    def slot(self) -> F32:
+        """The row the next candidate delta is decoded into."""
+        row: F32 = self.rows[len(self.pending)]
+        return row
+
+    def add(self, meta: UpdateMeta, tau: int, norm: float) -> None:
+        """Commit the delta just decoded into :meth:`slot`."""
+        if len(self.pending) >= self.capacity:
+            raise RuntimeError("strategy buffer is full; aggregate first")
+        self.pending.append(Pending(meta, tau, float(self.staleness(tau)), norm))
+        self.pending_ids.add(meta.update_id)
+
+    def clipped(self, bound: float | None) -> F32:
+        """The buffered rows, clipped to ``bound`` if clipping is configured and known."""
+        x = self.rows[: len(self.pending)]
+        if self.cfg.clip and bound is not None:
+            x, _ = clip_by_norm(x, bound * self.cfg.clip_factor)
+        return x
+
+    def reduce(self, x: F32, s: F32) -> F32:
+        """The aggregate delta of rows ``x`` with staleness weights ``s`` (and sample counts).
+
+        Robust reducers go to :func:`fedmqtt.aggregation.fedbuff_aggregate`. The plain mean
+        (the default) is :func:`mean_of_rows`, the same formula as
+        ``fedbuff_aggregate(reducer="mean")`` computed in one float32 BLAS pass.
+        """
+        n = np.array([p.meta.num_samples for p in self.pending], dtype=np.float32)
+        if self.cfg.reducer == "mean":
+            return mean_of_rows(x, s, n)
+        reducer: Reducer = "median" if self.cfg.reducer == "median" else "trimmed-mean"
+        return fedbuff_aggregate(x, s, n, reducer=reducer, trim_fraction=self.cfg.trim_fraction)
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.pending_ids.clear()
+
+    def stats(self) -> dict[str, float]:
+        n = len(self.pending)
+        if not n:
+            return {"updates": 0.0}
+        return {
+            "updates": float(n),
+            "samples": float(sum(p.meta.num_samples for p in self.pending)),
+            "mean_staleness": float(np.mean([p.tau for p in self.pending])),
+            "max_staleness": float(max(p.tau for p in self.pending)),
+        }
+
+    # ------------------------------------------------------------------ policy
+    @abstractmethod
+    def ready(self, now: float) -> bool:
+        """True when the buffer should be aggregated now."""
+
+    @abstractmethod
+    def aggregate(self, params: F32, median_norm: float | None) -> F32:
+        """New parameters from ``params`` and the buffer (not modified on error)."""
+
+    def on_version(self, version: int, now: float) -> None:
+        """Called after every new version (and at start): remembers when it started."""
+        self.version_started = now
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def to_state(self) -> dict[str, Any]:
+        return {"name": self.name, **self.extra_state()}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise CheckpointError(
+                f"the checkpoint was written by strategy {state.get('name')!r}, the config says "
+                f"{self.name!r}; restore the old [strategy] or start a new state directory"
+            )
+        self.clear()
+        self.load_extra(state)
+
+
+def mean_of_rows(x: F32, s: F32, n: F32) -> F32:
+    """FedBuff's mean ``sum_i (n_i / sum_j n_j) * s_i * x_i`` as one float32 matrix-vector
+    product.
+
+    It is the formula of ``fedbuff_aggregate(reducer="mean")`` (and, with every ``s_i = 1``, of
+    FedAvg's ``weighted_mean``); tests check they agree to float32 precision. That function
+    re-checks every row for NaN and accumulates in float64 chunk by chunk, which at d = 1e5
+    costs about 70 microseconds per buffered update against 4 here -- the difference between
+    beating Flower's FedAvg and not. Both re-checks are redundant on this path: every row
+    was checked finite when it was decoded and its norm is bounded (``HARD_MAX_NORM``), so a
+    float32 sum of the rows cannot overflow; the float32 rounding of a sum of K terms (about K
+    ulps) is far below the noise of SGD. The server optimizer still refuses a non-finite result.
+    """
+    total = float(np.sum(n, dtype=np.float64))
+    if not total > 0:
+        raise ValueError("num_samples must have a positive sum")
+    coef = (n.astype(np.float64) / total * s).astype(np.float32)
+    out: F32 = coef @ x
+    return out
+
+
+def optimizer_state(opt: ServerOptimizer) -> dict[str, Any]:
+    s = opt.to_state()
+    v = s["velocity"]
+    return {"lr": s["lr"], "momentum": s["momentum"], "velocity": None if v is None else tensor(v)}
+
+
+def load_optimizer(cfg: StrategyConfig, state: Mapping[str, Any] | None) -> ServerOptimizer:
+    """The configured optimizer, with the checkpointed velocity if the momentum is unchanged."""
+    velocity = None
+    if (
+        state is not None
+        and state.get("velocity") is not None
+        and float(state.get("momentum", -1.0)) == cfg.momentum
+    ):
+        velocity = f32(state["velocity"], "server velocity")
+    return ServerOptimizer(cfg.server_lr, cfg.momentum, velocity)

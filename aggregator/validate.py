@@ -1,0 +1,246 @@
+"""The validation pipeline every update goes through before it may touch the model.
+
+Steps, cheapest first, each refusing with a reason constant from :mod:`fedmqtt.errors`:
+
+1. ``size``: payload above ``[limits] max_update_bytes`` (before any parsing);
+2. ``schema``: not a fedmqtt envelope (header parsed with tight msgpack limits);
+3. ``unknown_device``: no enrolled key for the device named by the topic;
+4. ``signature``: MAC / signature over the body bytes does not verify with that key;
+5. ``schema``: body not a valid update; ``federation`` / ``sender_mismatch``: for another
+   federation, or the body's sender is not the topic's device (the broker's ACL pins the topic);
+6. ``spec``: trained for another model (spec fingerprint);
+7. ``future`` / ``stale``: ``base_version`` newer than the current version, or staleness
+   ``version - base_version`` above ``max_staleness``;
+8. ``replay``: ``update_id`` already accepted (see :mod:`aggregator.replay`);
+9. ``shape`` / ``size`` / ``codec`` / ``nonfinite``: the delta does not decode into exactly the
+   model's tensors with finite values (decoded straight into the caller's buffer row);
+10. ``norm``: L2 norm above ``[limits] max_norm``, above ``norm_reject_factor`` times the
+    median norm of recently accepted updates, or above :data:`HARD_MAX_NORM`.
+
+Steps 1-6 and 9 depend only on the message (:func:`open_update`, :func:`decode_delta`): the
+scale-out worker processes run them. Steps 7, 8 and 10 depend on the aggregator's state
+(:func:`check_staleness`, :func:`check_replay`, :class:`NormGate`): the owner runs them.
+Signature verification comes before parsing the body, so forged bytes are never parsed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Final
+
+import numpy as np
+
+from aggregator.devices import DeviceKeys
+from aggregator.replay import ReplayWindow
+from fedmqtt import wire
+from fedmqtt.aggregation.robust import NormBound
+from fedmqtt.codecs import Limits, decode_params
+from fedmqtt.errors import (
+    FEDERATION,
+    FUTURE,
+    NORM,
+    REPLAY,
+    SCHEMA,
+    SENDER_MISMATCH,
+    SIZE,
+    SPEC,
+    STALE,
+    UNKNOWN_DEVICE,
+    RejectedError,
+)
+from fedmqtt.params import F32, Layout
+from fedmqtt.topics import PREFIX
+
+# No honest delta of a float32 model comes near this; bounding every accepted row keeps sums of
+# a whole buffer far from float32 overflow even when no adaptive bound is configured.
+HARD_MAX_NORM: Final = 1e12
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateMeta:
+    """What the aggregator keeps of an update besides its delta."""
+
+    sender: str
+    update_id: str
+    seq: int
+    base_version: int
+    num_samples: int
+    created_at: float
+    nbytes: int
+
+
+def topic_device(topic: str, federation: str) -> str | None:
+    """The device id of ``fl/<federation>/updates/<device>``, else None."""
+    parts = topic.split("/")
+    if (
+        len(parts) == 4
+        and parts[0] == PREFIX
+        and parts[1] == federation
+        and parts[2] in ("updates", "status")
+    ):
+        return parts[3]
+    return None
+
+
+def open_update(
+    topic: str,
+    payload: bytes,
+    *,
+    federation: str,
+    fingerprint: str,
+    keys: DeviceKeys,
+    max_bytes: int,
+) -> tuple[UpdateMeta, dict[str, Any]]:
+    """Steps 1-6: authenticate and parse an update; returns its metadata and encoded delta."""
+    if len(payload) > max_bytes:
+        raise RejectedError(SIZE, f"update of {len(payload)} bytes exceeds {max_bytes}")
+    device = topic_device(topic, federation)
+    if device is None:
+        raise RejectedError(SCHEMA, f"not an update topic: {topic[:80]!r}")
+    env = wire.open_envelope(payload, max_bytes=max_bytes)
+    verifier = keys.get(device)
+    if verifier is None:
+        raise RejectedError(UNKNOWN_DEVICE, f"no enrolled key for device {device!r}")
+    env.verify(verifier)
+    upd = wire.parse(env, wire.Update, max_bytes=max_bytes)
+    if upd.federation != federation:
+        raise RejectedError(FEDERATION, f"update for federation {upd.federation[:64]!r}")
+    if upd.sender != device:
+        raise RejectedError(
+            SENDER_MISMATCH, f"body says sender {upd.sender[:64]!r}, topic says {device!r}"
+        )
+    if upd.spec_fingerprint != fingerprint:
+        raise RejectedError(
+            SPEC, f"trained for model {upd.spec_fingerprint[:32]!r}, current is {fingerprint!r}"
+        )
+    meta = UpdateMeta(
+        sender=device,
+        update_id=upd.update_id,
+        seq=upd.seq,
+        base_version=upd.base_version,
+        num_samples=upd.num_samples,
+        created_at=upd.created_at,
+        nbytes=len(payload),
+    )
+    return meta, upd.delta
+
+
+def check_staleness(base_version: int, version: int, max_staleness: int) -> int:
+    """Step 7: the staleness ``tau`` of an update, or RejectedError (future / stale)."""
+    tau = version - base_version
+    if tau < 0:
+        raise RejectedError(FUTURE, f"base version {base_version} is newer than {version}")
+    if tau > max_staleness:
+        raise RejectedError(STALE, f"staleness {tau} exceeds max_staleness {max_staleness}")
+    return tau
+
+
+class ReplayError(RejectedError):
+    """A replayed update; carries its id so the caller can tell when the original is durable."""
+
+    def __init__(self, update_id: str) -> None:
+        super().__init__(REPLAY, f"update {update_id!r} was already accepted")
+        self.update_id = update_id
+
+
+def check_replay(update_id: str, window: ReplayWindow) -> None:
+    """Step 8."""
+    if update_id in window:
+        raise ReplayError(update_id)
+
+
+class CachedLayout(Layout):
+    """A :class:`~fedmqtt.params.Layout` whose sizes and offsets are computed once.
+
+    ``Layout`` recomputes them (``np.prod`` per tensor) on every call, and the decoder asks for
+    both on every update: at d = 650 that was 27 of the 69 microseconds the engine spent per
+    update. The values never change, so computing them once is exact.
+    """
+
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @cached_property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    @cached_property
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        return Layout.offsets(self)
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        return self._offsets
+
+
+def cached_layout(layout: Layout) -> CachedLayout:
+    return CachedLayout(layout.names, layout.shapes)
+
+
+def limits_for(layout: Layout, max_bytes: int) -> Limits:
+    """Decoder limits for this model: no tensor larger than the model's largest one."""
+    largest = max(layout.sizes) if layout.sizes else 0
+    # topk carries 4-byte values and 4-byte indices: at most 8 bytes per element.
+    return Limits(max_elements=largest, max_ndim=2, max_data_bytes=min(max_bytes, 8 * largest))
+
+
+def decode_delta(delta: dict[str, Any], layout: Layout, limits: Limits, out: F32) -> float:
+    """Step 9: decode into ``out`` (the model's flat layout); returns the delta's L2 norm."""
+    decode_params(delta, layout, limits=limits, out=out)
+    return l2_norm(out)
+
+
+def l2_norm(v: F32) -> float:
+    sq = float(np.dot(v, v))  # float32 BLAS; recomputed in float64 only if it overflowed
+    if not math.isfinite(sq):
+        sq = float(np.dot(v.astype(np.float64), v.astype(np.float64)))
+    return math.sqrt(sq)
+
+
+class NormGate:
+    """Step 10, and the running median of accepted norms that clipping also uses."""
+
+    def __init__(
+        self, *, max_norm: float, reject_factor: float, window: int, min_samples: int
+    ) -> None:
+        self.max_norm = max_norm
+        self.reject_factor = reject_factor
+        self.history = NormBound(factor=1.0, window=window, min_samples=min_samples)
+        self._median: float | None = None
+        self._dirty = True
+
+    def median(self) -> float | None:
+        if self._dirty:
+            self._median = self.history.bound()
+            self._dirty = False
+        return self._median
+
+    def check(self, norm: float) -> None:
+        if not norm <= HARD_MAX_NORM:  # also NaN
+            raise RejectedError(NORM, f"norm {norm:.3g} above the hard limit {HARD_MAX_NORM:g}")
+        if self.max_norm > 0 and norm > self.max_norm:
+            raise RejectedError(NORM, f"norm {norm:.4g} above max_norm {self.max_norm:g}")
+        if self.reject_factor > 0:
+            med = self.median()
+            if med is not None and norm > self.reject_factor * med:
+                raise RejectedError(
+                    NORM, f"norm {norm:.4g} above {self.reject_factor:g} x median {med:.4g}"
+                )
+
+    def observe(self, norm: float) -> None:
+        self.history.observe(norm)
+        self._dirty = True
+
+    def to_state(self) -> dict[str, Any]:
+        return self.history.to_state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        restored = NormBound.from_state(state)
+        self.history = NormBound(
+            factor=1.0, window=self.history.window, min_samples=self.history.min_samples
+        )
+        for n in restored.to_state()["norms"][-self.history.window :]:
+            self.history.observe(n)
+        self._dirty = True

@@ -1,0 +1,156 @@
+"""``kill -9`` of the aggregator process in the middle of a stream of updates.
+
+Every update i is the unit vector e_i (FedBuff, K = 32, constant staleness, server lr 1, model
+starting at zero), so the final parameters say exactly which updates were applied and how many
+times: coordinate i is 1/32 per application. N is a multiple of K, so once all N are accounted
+for the buffer is empty and each of the N updates the broker acknowledged to the publisher must
+be in the parameters exactly once. With K = 32, at any instant dozens of accepted updates exist
+only in memory: acknowledging any of them before the version applying it is on disk would lose
+it at the kill (checked by making the service acknowledge on receipt: this test then fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_aggregator_support import FED, Federation, ModelWatcher, client, wait_until
+
+from aggregator.checkpoint import CheckpointStore, f32
+from fedmqtt import topics
+from fedmqtt.broker import Mosquitto
+from fedmqtt.models.spec import ModelSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+K = 32
+N = 48 * K  # 1536 updates
+SPEC = ModelSpec("softmax", 153, 10)  # 1540 parameters: one coordinate per update
+DEVICES = ("dev0", "dev1", "dev2")
+
+
+def start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "run", "--config", str(cfg)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def status(state: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads((state / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def accepted_at_least(state: Path, n: int) -> bool:
+    return int(str(status(state).get("accepted", 0))) >= n
+
+
+def wait_running(state: Path, since: float) -> None:
+    """Until the service is ready: connected, and with workers, every worker subscribed."""
+    wait_until(
+        lambda: (
+            status(state).get("ready") is True
+            and float(str(status(state).get("updated_at", 0))) > since
+        ),
+        20,
+        "aggregator up",
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["single-process", "two-workers"])
+def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
+    broker: Mosquitto, tmp_path: Path, workers: int
+) -> None:
+    """With workers, only the owner is killed: its workers must notice and exit without
+    acknowledging anything, and the restarted owner's new workers resume their sessions."""
+    fed = Federation(tmp_path, SPEC, DEVICES)
+    cfg = fed.write_toml(
+        tmp_path / "aggregator.toml",
+        broker.host,
+        broker.port,
+        strategy={"buffer_size": K, "staleness": "constant", "max_staleness": 100_000},
+        scaleout={"workers": workers},
+    )
+    state = tmp_path / "state"
+    log = tmp_path / "aggregator.log"
+    watcher = ModelWatcher(broker.port, fed.verifier)
+    proc = start(cfg, log)
+    published = threading.Event()
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            c = client(broker.port)
+            infos = []
+            for i in range(N):
+                dev = DEVICES[i % len(DEVICES)]
+                delta = np.zeros(SPEC.layout().size, dtype=np.float32)
+                delta[i] = 1.0
+                payload = fed.update(dev, delta, update_id=f"crash-{i:06d}", num_samples=1, seq=i)
+                infos.append(c.publish(topics.updates(FED, dev), payload, qos=1))
+                if i % 50 == 49:
+                    time.sleep(0.06)  # a stream over ~2 s, not one burst
+            for info in infos:
+                info.wait_for_publish(60)
+                assert info.is_published()  # acknowledged by the broker
+            c.disconnect()
+            c.loop_stop()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            published.set()
+
+    try:
+        wait_running(state, 0)
+        sender = threading.Thread(target=publish, daemon=True)
+        sender.start()
+        for threshold in (200, 700):
+            # Kill -9 while updates are flowing, then start again at once.
+            wait_until(partial(accepted_at_least, state, threshold), 30, f"{threshold} accepted")
+            assert not published.is_set(), "the stream ended before the kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            restarted = time.time()
+            proc = start(cfg, log)
+            wait_running(state, restarted)
+        assert published.wait(60) and not errors, errors
+        wait_until(
+            partial(accepted_at_least, state, N),
+            60,
+            "every update accounted for",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        watcher.close()
+
+    assert int(str(status(state)["accepted"])) == N
+    rejected = status(state)["rejected"]
+    assert isinstance(rejected, dict) and set(rejected) <= {"replay"}
+    loaded = CheckpointStore(state / "checkpoints").load_latest()
+    assert loaded is not None
+    applied = f32(loaded.state["params"], "params") * K
+    assert np.all(np.isin(np.round(applied, 4), [0.0, 1.0])), "an update was applied twice"
+    count = np.round(applied).astype(int)
+    assert np.all(count[:N] == 1), f"lost: {np.flatnonzero(count[:N] == 0)[:10]}"
+    assert loaded.version == N // K
+    # The global version never went backwards, across both crashes.
+    assert watcher.versions == sorted(watcher.versions)
+    assert watcher.versions[-1] == loaded.version

@@ -1,0 +1,408 @@
+"""The aggregator service against a real Mosquitto (the project's broker config)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import threading
+import time
+import urllib.request
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_aggregator_support import (
+    FED,
+    Federation,
+    ModelWatcher,
+    client,
+    publish_all,
+    raw_tensor,
+    wait_until,
+)
+
+from aggregator.service import AggregatorThread
+from fedmqtt import codecs, topics, wire
+from fedmqtt.broker import Mosquitto, free_port
+from fedmqtt.models import TrainConfig, train_local
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.signing import HmacKey
+
+SMALL = ModelSpec("softmax", 6, 3)
+
+
+def rand(seed: int, spec: ModelSpec = SMALL, scale: float = 0.01) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, scale, spec.layout().size).astype(np.float32)
+
+
+def newer_by(version: int, n: int, m: wire.GlobalModel) -> bool:
+    return m.version >= version + n
+
+
+# ------------------------------------------------------------------ learning end to end
+def digits_setup(tmp_path: Path) -> tuple[Federation, list[tuple[Any, Any]], Path]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X.astype(np.float32), y, test_size=0.25, random_state=0, stratify=y
+    )
+    spec = ModelSpec(
+        "softmax", 64, 10, classes=tuple(range(10)), feature_scale=tuple([1.0 / 16.0] * 64)
+    )
+    devices = [f"dev{i}" for i in range(8)]
+    fed = Federation(tmp_path, spec, devices)
+    order = np.random.default_rng(0).permutation(len(y_tr))
+    shards = [(X_tr[idx], y_tr[idx]) for idx in np.array_split(order, len(devices))]
+    holdout = tmp_path / "holdout.npz"
+    np.savez(holdout, X=X_te, y=y_te)
+    return fed, shards, holdout
+
+
+def test_digits_devices_train_through_the_broker_to_90_percent(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    fed, shards, holdout = digits_setup(tmp_path)
+    cfg = fed.config(
+        broker.host,
+        broker.port,
+        strategy={"buffer_size": 4, "max_staleness": 10},
+        evaluation={"holdout": str(holdout)},
+    )
+    agg = AggregatorThread(cfg).start()
+    watcher = ModelWatcher(broker.port, fed.verifier)
+    pub = client(broker.port)
+    rng = np.random.default_rng(1)
+    train = TrainConfig(epochs=2, lr=0.1, batch_size=16, momentum=0.9)
+    try:
+        model = watcher.wait(lambda m: True, 10)  # the retained version-0 model
+        deadline = time.monotonic() + 60
+        rounds = 0
+        while time.monotonic() < deadline:
+            snap = agg.snapshot()
+            if snap["accuracy"] is not None and snap["accuracy"] > 0.9 and rounds >= 2:
+                break
+            infos = []
+            for i, (X, y) in enumerate(shards):
+                dev = f"dev{i}"
+                new, _ = train_local(fed.spec, model.params, X, y, train, rng)
+                delta = {k: new[k] - model.params[k] for k in new}
+                payload = fed.update(
+                    dev,
+                    delta,
+                    base_version=model.version,
+                    codec="int8",
+                    num_samples=len(y),
+                    seq=rounds,
+                )
+                infos.append(pub.publish(topics.updates(FED, dev), payload, qos=1))
+            for info in infos:
+                info.wait_for_publish(10)
+            version = model.version
+            model = watcher.wait(partial(newer_by, version, 2), 20)
+            rounds += 1
+        wait_until(lambda: agg.snapshot()["eval_version"] == model.version, 10, "evaluation")
+        snap = agg.snapshot()
+        assert snap["accuracy"] > 0.90, snap
+        assert snap["version"] >= 2 and snap["rejected_total"] == 0
+        assert snap["staleness_histogram"].get("1", 0) > 0  # half of each round was stale by 1
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        watcher.close()
+        agg.stop()
+    assert agg.error is None
+    # The published model scores the same outside the aggregator.
+    from fedmqtt.models import build_model
+
+    with np.load(holdout) as z:
+        assert watcher.latest is not None
+        acc = build_model(fed.spec, watcher.latest.params).score(z["X"], z["y"])
+    assert acc > 0.9
+
+
+# ------------------------------------------------------------------ hostile input
+def test_garbage_is_refused_by_reason_and_leaves_the_model_alone(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    fed = Federation(tmp_path, SMALL, devices=("dev0", "dev1"))
+    cfg = fed.config(broker.host, broker.port, strategy={"buffer_size": 1, "max_staleness": 2})
+    agg = AggregatorThread(cfg).start()
+    watcher = ModelWatcher(broker.port, fed.verifier)
+    t = topics.updates(FED, "dev0")
+    try:
+        # Advance to version 6 with valid updates (this also gives the norm bound a history).
+        for v in range(6):
+            publish_all(
+                broker.port,
+                [(t, fed.update("dev0", rand(v), base_version=v, update_id=f"valid-{v:04d}"))],
+            )
+            watcher.wait(partial(newer_by, v, 1), 10)
+        before = watcher.latest
+        assert before is not None
+        ok = rand(99)
+        nan = SMALL.layout().unflatten(ok)
+        nan["W0"][0, 0] = np.nan
+        bad_sig = bytearray(fed.update("dev0", ok))
+        bad_sig[-3] ^= 0x40
+        huge = {
+            "W0": {"c": "raw", "s": [1 << 31, 1 << 31], "d": b""},
+            "b0": raw_tensor(np.zeros(3, np.float32)),
+        }
+        wrong = {
+            "W0": raw_tensor(np.zeros((3, 6), np.float32)),
+            "b0": raw_tensor(np.zeros(3, np.float32)),
+        }
+        stranger = HmacKey.generate()
+        cases = [
+            (t, np.random.default_rng(1).bytes(300), "schema"),
+            (t, fed.update("dev0", ok, base_version=6)[:20], "schema"),  # truncated header
+            # Truncated body: the MAC covers the body bytes, so it fails before any parsing.
+            (t, fed.update("dev0", ok, base_version=6)[:150], "signature"),
+            (t, fed.update_encoded("dev0", wrong, base_version=6), "shape"),
+            (
+                t,
+                fed.update_encoded(
+                    "dev0", {k: raw_tensor(v) for k, v in nan.items()}, base_version=6
+                ),
+                "nonfinite",
+            ),
+            (t, fed.update_encoded("dev0", huge, base_version=6), "size"),
+            (t, bytes(bad_sig), "signature"),
+            (t, fed.update("dev0", rand(5), base_version=5, update_id="valid-0005"), "replay"),
+            (
+                topics.updates(FED, "intruder"),
+                fed.update("intruder", ok, key=stranger),
+                "unknown_device",
+            ),
+            (t, fed.update("dev0", ok, base_version=3), "stale"),
+            (t, fed.update("dev0", ok * np.float32(1e6), base_version=6), "norm"),
+        ]
+        publish_all(broker.port, [(topic, p) for topic, p, _ in cases])
+        expected: dict[str, int] = {}
+        for _, _, r in cases:
+            expected[r] = expected.get(r, 0) + 1
+        wait_until(lambda: agg.snapshot()["rejected_total"] == len(cases), 10, "refusals")
+        snap = agg.snapshot()
+        assert snap["rejected"] == expected
+        assert snap["accepted"] == 6 and snap["version"] == 6
+        time.sleep(0.3)
+        assert watcher.latest is before  # nothing was published
+        assert all(np.isfinite(v).all() for v in before.params.values())
+        # Still running: a valid update makes the next version.
+        publish_all(broker.port, [(t, fed.update("dev0", rand(7), base_version=6))])
+        after = watcher.wait(lambda m: m.version == 7, 10)
+        assert all(np.isfinite(v).all() for v in after.params.values())
+    finally:
+        watcher.close()
+        agg.stop()
+    assert agg.error is None
+
+
+# ------------------------------------------------------------------ the broker goes away
+def test_reconnects_after_a_broker_restart(broker: Mosquitto, tmp_path: Path) -> None:
+    fed = Federation(tmp_path, SMALL)
+    cfg = fed.config(broker.host, broker.port, strategy={"buffer_size": 3})
+    agg = AggregatorThread(cfg).start()
+    t = topics.updates(FED, "dev0")
+    watcher = ModelWatcher(broker.port, fed.verifier)
+    try:
+        # Four updates: three make version 1, the fourth waits in the buffer, unacknowledged.
+        publish_all(broker.port, [(t, fed.update("dev0", rand(i))) for i in range(4)])
+        wait_until(lambda: agg.snapshot()["accepted"] == 4, 10, "4 accepted")
+        # Version 1 on the model topic: its checkpoint is done and the three PUBACKs went out
+        # before the model on the same connection.
+        watcher.wait(lambda m: m.version == 1, 10)
+        watcher.close()
+        broker.stop()  # graceful: Mosquitto saves the session, including the unacked update
+        wait_until(lambda: not agg.snapshot()["connected"], 10, "disconnection")
+        broker.start()
+        wait_until(lambda: agg.snapshot()["connected"], 15, "reconnection")
+        publish_all(
+            broker.port,
+            [(t, fed.update("dev0", rand(10 + i), base_version=1)) for i in range(2)],
+        )
+        wait_until(lambda: agg.snapshot()["version"] == 2, 10, "version 2")
+        watcher = ModelWatcher(broker.port, fed.verifier)
+        try:
+            assert watcher.wait(lambda m: m.version == 2, 10).version == 2
+        finally:
+            watcher.close()
+        snap = agg.snapshot()
+        # The buffered update came back from the broker once more and was recognised.
+        assert snap["accepted"] == 6 and snap["rejected"] == {"replay": 1}
+    finally:
+        agg.stop()
+    assert agg.error is None
+
+
+# ------------------------------------------------------------------ burst
+def _burst_publisher(port: int, device: str, payloads: list[bytes], go: Any) -> None:
+    c = client(port, f"burst-{device}")
+    go.wait(30)
+    topic = topics.updates(FED, device)
+    infos = [c.publish(topic, p, qos=1) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_burst_of_10k_updates_is_fully_accounted_for(broker: Mosquitto, tmp_path: Path) -> None:
+    """10,000 valid updates published faster than the aggregator takes them.
+
+    Through the project's broker config every one arrives and is applied. With Mosquitto's
+    defaults (``max_queued_messages 1000``) this test fails: run it with
+    ``FEDMQTT_BROKER_CONFIG_DIR`` pointing at a copy of broker_config/mosquitto-dev.conf without
+    the ``max_queued_*``/``max_inflight_*`` lines and thousands of acknowledged updates vanish.
+    """
+    spec = ModelSpec("softmax", 3, 2)
+    devices = [f"dev{i}" for i in range(4)]
+    fed = Federation(tmp_path, spec, devices)
+    cfg = fed.config(
+        broker.host,
+        broker.port,
+        strategy={"buffer_size": 10, "max_staleness": 100_000},
+        limits={"receive_maximum": 500},
+    )
+    delta = spec.layout().unflatten(rand(0, spec))
+    enc = codecs.encode_params(delta, codecs.Codec("raw"), rng=np.random.default_rng(0))
+    per = 2500
+    payloads = {
+        dev: [
+            wire.encode(
+                wire.Update(FED, dev, uuid.uuid4().hex, i, 0, 4, spec.fingerprint(), enc),
+                fed.keys[dev],
+            )
+            for i in range(per)
+        ]
+        for dev in devices
+    }
+    agg = AggregatorThread(cfg).start()
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    procs = [
+        ctx.Process(target=_burst_publisher, args=(broker.port, d, payloads[d], go))
+        for d in devices
+    ]
+    try:
+        for p in procs:
+            p.start()
+        time.sleep(0.5)
+        go.set()
+        t0 = time.monotonic()
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+        published_s = time.monotonic() - t0
+        wait_until(
+            lambda: agg.snapshot()["accepted"] + agg.snapshot()["rejected_total"] >= 10_000,
+            60,
+            "all 10k updates",
+        )
+        done_s = time.monotonic() - t0
+        snap = agg.snapshot()
+        assert snap["updates_received"] == 10_000
+        assert snap["accepted"] == 10_000 and snap["rejected_total"] == 0
+        assert snap["version"] == 1000
+        # The publishers were done well before the aggregator (it really was a backlog).
+        assert published_s < done_s
+    finally:
+        agg.stop()
+    assert agg.error is None
+
+
+# ------------------------------------------------------------------ published artefacts
+def test_publishes_plan_onnx_metrics_and_prometheus(broker: Mosquitto, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    fed = Federation(tmp_path, SMALL)
+    port = free_port()
+    cfg = fed.config(
+        broker.host,
+        broker.port,
+        strategy={"buffer_size": 2},
+        onnx={"every": 1},
+        plan={"epochs": 3, "codec": "fp16"},
+        metrics={"prometheus_port": port, "publish_interval_s": 0.2},
+    )
+    agg = AggregatorThread(cfg).start()
+    got: dict[str, bytes] = {}
+    cond = threading.Condition()
+
+    def on_message(c: Any, u: Any, msg: Any) -> None:
+        with cond:
+            got[msg.topic] = msg.payload
+            cond.notify_all()
+
+    sub = client(broker.port)
+    sub.on_message = on_message
+    for topic in (topics.plan(FED), topics.model_onnx(FED), topics.metrics(FED)):
+        sub.subscribe(topic, 1)
+    try:
+        publish_all(
+            broker.port,
+            [(topics.updates(FED, "dev0"), fed.update("dev0", rand(i))) for i in range(2)],
+        )
+        wait_until(lambda: agg.snapshot()["version"] == 1, 10, "version 1")
+
+        def onnx_v1() -> bool:
+            p = got.get(topics.model_onnx(FED))
+            return p is not None and wire.decode(p, wire.OnnxModel, fed.verifier).version == 1
+
+        wait_until(onnx_v1, 20, "ONNX of version 1")
+        plan = wire.decode(got[topics.plan(FED)], wire.Plan, fed.verifier)
+        assert (plan.revision, plan.epochs, plan.codec) == (1, 3, "fp16")
+        wait_until(
+            lambda: json.loads(got.get(topics.metrics(FED), b"{}")).get("version") == 1,
+            10,
+            "metrics message",
+        )
+        m = json.loads(got[topics.metrics(FED)])
+        assert m["accepted"] == 2 and m["federation"] == FED
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"fedmqtt_updates_accepted_total 2.0" in text
+        assert b"fedmqtt_model_version 1.0" in text
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+        agg.stop()
+    assert agg.error is None
+
+
+# ------------------------------------------------------------------ scale-out
+def test_workers_share_the_stream_through_a_shared_subscription(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    fed = Federation(tmp_path, SMALL, devices=("dev0", "dev1", "dev2"))
+    cfg = fed.config(
+        broker.host,
+        broker.port,
+        strategy={"buffer_size": 5, "max_staleness": 1000},
+        scaleout={"workers": 2},
+    )
+    agg = AggregatorThread(cfg).start()
+    msgs = [
+        (topics.updates(FED, f"dev{i % 3}"), fed.update(f"dev{i % 3}", rand(i))) for i in range(60)
+    ]
+    msgs.append((topics.updates(FED, "dev1"), b"junk"))
+    try:
+        publish_all(broker.port, msgs)
+        wait_until(lambda: agg.snapshot()["accepted"] == 60, 30, "60 accepted")
+        wait_until(lambda: agg.snapshot()["rejected_total"] == 1, 10, "junk refused")
+        assert agg.snapshot()["version"] == 12
+        assert agg.snapshot()["rejected"] == {"schema": 1}
+    finally:
+        agg.stop()
+    assert agg.error is None
+    # Everything was acknowledged before the stop: a restart receives nothing again.
+    agg2 = AggregatorThread(cfg).start()
+    try:
+        time.sleep(1.5)
+        snap = agg2.snapshot()
+        assert snap["updates_received"] == 61 and snap["version"] == 12
+    finally:
+        agg2.stop()

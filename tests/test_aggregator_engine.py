@@ -1,0 +1,299 @@
+"""The engine (validation pipeline + strategy + snapshots) driven directly, without a broker."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from test_aggregator_support import FED, Federation, raw_tensor
+
+from aggregator.checkpoint import decode_state
+from aggregator.engine import Engine, Verified
+from aggregator.metrics import Metrics
+from aggregator.validate import UpdateMeta
+from fedmqtt import codecs, topics, wire
+from fedmqtt.errors import REASONS
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.signing import HmacKey
+
+SPEC = ModelSpec("softmax", 6, 3)
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Federation:
+    return Federation(tmp_path, SPEC, devices=("dev0", "dev1"))
+
+
+def engine(fed: Federation, **strategy: Any) -> Engine:
+    tables: dict[str, Any] = {"strategy": {"buffer_size": 3, "max_staleness": 2, **strategy}}
+    cfg = fed.config("127.0.0.1", 1883, **tables)
+    return Engine(cfg, Metrics(FED), keys=None)
+
+
+def small(seed: int = 0, scale: float = 0.01) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, scale, SPEC.layout().size).astype(np.float32)
+
+
+def upd_topic(device: str = "dev0") -> str:
+    return topics.updates(FED, device)
+
+
+def test_valid_updates_make_versions_and_needs_track_durability(fed: Federation) -> None:
+    e = engine(fed)
+    items = [(upd_topic(), fed.update("dev0", small(i), seq=i)) for i in range(4)]
+    needs = e.process(items, now=0.0)
+    assert e.version == 1 and len(e.strategy) == 1
+    # An update may be acknowledged once the flush that applies it is durable.
+    assert needs == [1, 1, 1, 2] and e.flushes == 1
+    assert e.metrics.snapshot()["accepted"] == 4
+
+
+def garbage(fed: Federation, e: Engine) -> list[tuple[str, bytes, str]]:
+    """(topic, payload, expected reason) for every kind of bad update."""
+    ok = small(1)
+    stranger = HmacKey.generate()
+    layout = SPEC.layout()
+    nan = ok.copy()
+    nan[3] = np.nan
+    wrong_spec = ModelSpec("softmax", 7, 3)
+    huge = {"c": "raw", "s": [1 << 30, 1 << 20], "d": b""}
+    body = wire.Update(
+        FED,
+        "dev0",
+        uuid.uuid4().hex,
+        0,
+        0,
+        10,
+        SPEC.fingerprint(),
+        {
+            "W0": huge,
+            "b0": codecs.encode_tensor(
+                np.zeros(3, np.float32), codecs.Codec("raw"), rng=np.random.default_rng(0)
+            ),
+        },
+    )
+    wrong_shapes = wire.Update(
+        FED,
+        "dev0",
+        uuid.uuid4().hex,
+        0,
+        0,
+        10,
+        SPEC.fingerprint(),
+        codecs.encode_params(
+            {"W0": np.zeros((3, 6), np.float32), "b0": np.zeros(3, np.float32)},
+            codecs.Codec("raw"),
+            rng=np.random.default_rng(0),
+        ),
+    )
+    missing = wire.Update(
+        FED,
+        "dev0",
+        uuid.uuid4().hex,
+        0,
+        0,
+        10,
+        SPEC.fingerprint(),
+        codecs.encode_params(
+            {"W0": np.zeros((6, 3), np.float32)}, codecs.Codec("raw"), rng=np.random.default_rng(0)
+        ),
+    )
+    bad_sig = bytearray(fed.update("dev0", ok))
+    bad_sig[-5] ^= 0x01
+    replayed_id = "replayed-0001"
+    first = fed.update("dev0", ok, update_id=replayed_id)
+    e.process([(upd_topic(), first)], 0.0)  # accepted once
+    big = ok * np.float32(1e6)  # accepted norms are ~0.1: this is 1e6 times the median
+    return [
+        (upd_topic(), np.random.default_rng(0).bytes(200), "schema"),
+        (upd_topic(), fed.update("dev0", ok)[:40], "schema"),
+        # A well-formed header with no body: the MAC is checked before any body parsing.
+        (upd_topic(), msgpack.packb({"v": 1, "alg": "hmac-sha256", "sig": b"x"}), "signature"),
+        (upd_topic(), b"", "schema"),
+        (upd_topic(), wire.encode(wrong_shapes, fed.keys["dev0"]), "shape"),
+        (upd_topic(), wire.encode(missing, fed.keys["dev0"]), "shape"),
+        (upd_topic(), wire.encode(body, fed.keys["dev0"]), "size"),
+        (
+            upd_topic(),
+            fed.update_encoded(
+                "dev0", {k: raw_tensor(v) for k, v in layout.unflatten(nan).items()}
+            ),
+            "nonfinite",
+        ),
+        (upd_topic(), bytes(bad_sig), "signature"),
+        (upd_topic(), fed.update("dev0", ok, key=stranger), "signature"),
+        (upd_topic(), first, "replay"),
+        (upd_topic("stranger"), fed.update("stranger", ok, key=stranger), "unknown_device"),
+        (upd_topic(), fed.update("dev0", ok, base_version=e.version + 1), "future"),
+        (upd_topic("dev1"), fed.update("dev0", ok, key=fed.keys["dev1"]), "sender_mismatch"),
+        (upd_topic(), fed.update("dev0", ok, federation="otherfed"), "federation"),
+        (
+            upd_topic(),
+            fed.update("dev0", np.zeros(wrong_spec.layout().size, np.float32), spec=wrong_spec),
+            "spec",
+        ),
+        (upd_topic(), b"\0" * (e.cfg.limits.max_update_bytes + 1), "size"),
+        (upd_topic(), fed.update("dev0", big), "norm"),
+        (
+            upd_topic(),
+            fed.update(
+                "dev0",
+                {"W0": layout.unflatten(ok)["W0"], "b0": layout.unflatten(ok)["b0"]},
+                codec="int8",
+            ),
+            "accepted",
+        ),
+    ]
+
+
+def test_every_kind_of_garbage_is_refused_with_its_reason(fed: Federation) -> None:
+    e = engine(fed, buffer_size=100)
+    # Build a norm history first, so the relative norm bound is active.
+    e.process([(upd_topic(), fed.update("dev0", small(100 + i))) for i in range(6)], 0.0)
+    cases = garbage(fed, e)
+    before = e.metrics.snapshot()
+    params_before = e.params.copy()
+    buffered_before = len(e.strategy)
+    needs = e.process([(t, p) for t, p, _ in cases], 0.0)
+    after = e.metrics.snapshot()
+    expected: dict[str, int] = {}
+    for _, _, reason in cases:
+        if reason != "accepted":
+            expected[reason] = expected.get(reason, 0) + 1
+    got = {r: after["rejected"].get(r, 0) - before["rejected"].get(r, 0) for r in REASONS}
+    assert {r: n for r, n in got.items() if n} == expected
+    assert after["accepted"] - before["accepted"] == 1
+    assert after["updates_received"] - before["updates_received"] == len(cases)
+    # Only the last (valid) one reached the buffer; the model is untouched and finite.
+    assert len(e.strategy) == buffered_before + 1
+    np.testing.assert_array_equal(e.params, params_before)
+    assert np.isfinite(e.strategy.rows[: len(e.strategy)]).all()
+    # Refusals need nothing durable, except the replay (its original is not on disk yet).
+    reasons = [r for _, _, r in cases]
+    # The replayed original is still buffered: its duplicate waits for the same flush.
+    assert needs[reasons.index("replay")] == e.flushes + 1
+    assert all(
+        n == 0 for n, r in zip(needs, reasons, strict=True) if r not in ("replay", "accepted")
+    )
+
+
+def test_stale_updates_are_refused_and_window_pruned(fed: Federation) -> None:
+    e = engine(fed, buffer_size=1, max_staleness=2)
+    ids = []
+    for i in range(5):
+        uid = f"update-{i:04d}"
+        ids.append(uid)
+        e.process(
+            [(upd_topic(), fed.update("dev0", small(i), base_version=e.version, update_id=uid))],
+            0.0,
+        )
+    assert e.version == 5
+    e.process([(upd_topic(), fed.update("dev0", small(9), base_version=2))], 0.0)
+    assert e.metrics.snapshot()["rejected"] == {"stale": 1}
+    # Ids older than version - max_staleness are forgotten; a replay of one is stale anyway.
+    assert ids[0] not in e.window and ids[4] in e.window
+    e.process([(upd_topic(), fed.update("dev0", small(0), base_version=0, update_id=ids[0]))], 0.0)
+    assert e.metrics.snapshot()["rejected"]["stale"] == 2
+
+
+def test_snapshot_restore_resumes_exactly(fed: Federation) -> None:
+    e = engine(fed, buffer_size=3, momentum=0.5)
+    first = [(upd_topic(), fed.update("dev0", small(i))) for i in range(5)]
+    e.process(first, 0.0)
+    state = decode_state(e.snapshot().data)
+    again = engine(fed, buffer_size=3, momentum=0.5)
+    again.restore(state)
+    # The snapshot holds the applied updates only; the two buffered ones are left to the
+    # broker, which redelivers them (unacknowledged) after a crash.
+    assert (again.version, again.flushes, len(again.strategy)) == (1, 1, 0)
+    assert again.metrics.snapshot()["accepted"] == 3
+    assert again.process(first, 0.0)[:3] == [1, 1, 1]  # applied ones: refused as replays
+    more = [(upd_topic(), fed.update("dev0", small(50 + i))) for i in range(4)]
+    e.process(more, 0.0)
+    again.process(more, 0.0)
+    np.testing.assert_array_equal(again.params, e.params)
+    assert again.metrics.snapshot()["accepted"] == e.metrics.snapshot()["accepted"] == 9
+    assert again.metrics.snapshot()["rejected"] == {"replay": 3}
+
+
+def test_restore_refuses_another_model(fed: Federation, tmp_path: Path) -> None:
+    e = engine(fed)
+    state = decode_state(e.snapshot().data)
+    other = Federation(tmp_path / "other", ModelSpec("softmax", 5, 3))
+    o = Engine(other.config("127.0.0.1", 1883), Metrics(FED), keys=None)
+    from aggregator.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"\[model\]"):
+        o.restore(state)
+
+
+def test_verified_items_from_workers(fed: Federation) -> None:
+    e = engine(fed, buffer_size=2)
+    d = SPEC.layout().size
+
+    def item(i: int, base: int = 0) -> Verified:
+        m = UpdateMeta("dev0", f"worker-upd-{i:04d}", i, base, 5, 0.0, 100)
+        return Verified("dev0", 100, m, 0.1, small(i).tobytes())
+
+    needs = e.process_verified(
+        [
+            item(0),
+            item(1),
+            item(0),
+            Verified("dev1", 10, reason="signature", detail="bad"),
+            Verified(
+                "dev0", 10, UpdateMeta("dev0", "short-delta", 0, 0, 5, 0.0, 10), 0.1, b"\0" * 8
+            ),
+        ],
+        0.0,
+    )
+    assert e.version == 1
+    snap = e.metrics.snapshot()
+    assert snap["accepted"] == 2
+    assert snap["rejected"] == {"replay": 1, "signature": 1, "shape": 1}
+    assert needs[:3] == [1, 1, 1] and needs[3] == 0
+    assert d == e.layout.size
+
+
+def test_presence_is_verified(fed: Federation) -> None:
+    e = engine(fed)
+    online = wire.encode(wire.Status(FED, "dev0", "online", 10.0), fed.keys["dev0"])
+    forged = wire.encode(wire.Status(FED, "dev1", "online", 10.0), fed.keys["dev0"])
+    older = wire.encode(wire.Status(FED, "dev0", "offline", 5.0), fed.keys["dev0"])
+    e.process(
+        [
+            (topics.status(FED, "dev0"), online),
+            (topics.status(FED, "dev1"), forged),
+            (topics.status(FED, "dev0"), older),
+        ],
+        0.0,
+    )
+    assert e.metrics.snapshot()["devices_online"] == 1
+    assert e.metrics.status_rejected == 1
+    offline = wire.encode(wire.Status(FED, "dev0", "offline", 11.0), fed.keys["dev0"])
+    e.process([(topics.status(FED, "dev0"), offline)], 0.0)
+    assert e.metrics.snapshot()["devices_online"] == 0
+
+
+def test_large_updates_are_opened_on_several_threads(fed: Federation) -> None:
+    big = ModelSpec("softmax", 2000, 10)
+    f2 = Federation(fed.root / "big", big)
+    cfg = f2.config("127.0.0.1", 1883, strategy={"buffer_size": 4}, limits={"verify_threads": 3})
+    e = Engine(cfg, Metrics(FED), keys=None)
+    rng = np.random.default_rng(0)
+    items = [
+        (
+            upd_topic(),
+            f2.update("dev0", rng.normal(0, 0.01, big.layout().size).astype(np.float32), seq=i),
+        )
+        for i in range(8)
+    ]
+    items.insert(3, (upd_topic(), b"junk"))
+    e.process(items, 0.0)
+    assert e._pool is not None  # the parallel path was taken
+    assert e.version == 2 and e.metrics.snapshot()["rejected"] == {"schema": 1}
+    e.close()

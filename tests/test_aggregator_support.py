@@ -1,0 +1,206 @@
+"""Shared helpers for the aggregator tests (no tests here): a federation on disk (keys, device
+keys, config), signed updates, and MQTT publishers/watchers against the real broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.config import AggregatorConfig
+from fedmqtt import codecs, topics, wire
+from fedmqtt.admin.tomlconf import dumps
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.params import F32
+from fedmqtt.signing import Ed25519Signer, Ed25519Verifier, HmacKey
+
+FED = "testfed"
+
+
+class Federation:
+    """A temp directory with the aggregator's signing key, enrolled device keys and config."""
+
+    def __init__(
+        self,
+        root: Path,
+        spec: ModelSpec,
+        devices: Iterable[str] = ("dev0",),
+        *,
+        signing_key: bool = True,
+    ) -> None:
+        self.root = root
+        self.spec = spec
+        self.layout = spec.layout()
+        self.signer = Ed25519Signer.generate()
+        if signing_key:  # else `fl-aggregator init` is expected to create it
+            self.signer.save(root / "aggregator.key")
+        self.verifier: Ed25519Verifier = self.signer.verifier()
+        (root / "devices").mkdir(exist_ok=True)
+        self.keys: dict[str, HmacKey] = {}
+        for d in devices:
+            self.enroll(d)
+
+    def enroll(self, device: str) -> HmacKey:
+        key = HmacKey.generate()
+        key.save(self.root / "devices" / f"{device}.hmac")
+        self.keys[device] = key
+        return key
+
+    def raw_config(self, host: str, port: int, **tables: dict[str, Any]) -> dict[str, Any]:
+        model: dict[str, Any] = dict(self.spec.to_wire())
+        raw: dict[str, Any] = {
+            "federation": {"id": FED, "state_dir": "state"},
+            "broker": {
+                "host": host,
+                "port": port,
+                "client_id": "agg-test",
+                "reconnect_min_s": 0.1,
+                "reconnect_max_s": 1.0,
+            },
+            "security": {"signing_key": "aggregator.key", "devices_dir": "devices"},
+            "model": model,
+            "metrics": {"prometheus_port": 0, "status_interval_s": 0.2, "publish_interval_s": 0.5},
+        }
+        for name, values in tables.items():
+            raw.setdefault(name, {}).update(values)
+        return raw
+
+    def config(self, host: str, port: int, **tables: dict[str, Any]) -> AggregatorConfig:
+        return AggregatorConfig.from_dict(self.raw_config(host, port, **tables), base_dir=self.root)
+
+    def write_toml(self, path: Path, host: str, port: int, **tables: dict[str, Any]) -> Path:
+        raw = self.raw_config(host, port, **tables)
+        path.write_text(dumps(raw))
+        return path
+
+    def update_encoded(
+        self,
+        device: str,
+        delta: dict[str, Any],
+        *,
+        base_version: int = 0,
+        update_id: str | None = None,
+    ) -> bytes:
+        """An update whose delta map is given already encoded (e.g. hand-made hostile maps)."""
+        u = wire.Update(
+            FED,
+            device,
+            update_id or uuid.uuid4().hex,
+            0,
+            base_version,
+            10,
+            self.spec.fingerprint(),
+            delta,
+        )
+        return wire.encode(u, self.keys[device])
+
+    def update(
+        self,
+        device: str,
+        delta: F32 | dict[str, F32],
+        *,
+        base_version: int = 0,
+        codec: str = "raw",
+        update_id: str | None = None,
+        num_samples: int = 10,
+        seq: int = 0,
+        key: Any = None,
+        spec: ModelSpec | None = None,
+        federation: str = FED,
+        sender: str | None = None,
+    ) -> bytes:
+        spec = spec or self.spec
+        params = delta if isinstance(delta, dict) else spec.layout().unflatten(delta)
+        enc = codecs.encode_params(
+            params, codecs.Codec.parse(codec), rng=np.random.default_rng(seq)
+        )
+        u = wire.Update(
+            federation,
+            sender or device,
+            update_id or uuid.uuid4().hex,
+            seq,
+            base_version,
+            num_samples,
+            spec.fingerprint(),
+            enc,
+        )
+        return wire.encode(u, key or self.keys[device])
+
+
+def raw_tensor(a: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """A tensor's wire map built by hand (the encoder refuses NaN; a hostile device does not)."""
+    return {"c": "raw", "s": list(a.shape), "d": np.asarray(a, "<f4").tobytes()}
+
+
+def client(port: int, client_id: str | None = None) -> mqtt.Client:
+    c = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id or uuid.uuid4().hex, protocol=mqtt.MQTTv5
+    )
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def publish_all(port: int, messages: Iterable[tuple[str, bytes]], timeout: float = 60) -> None:
+    """Publish at QoS 1 and wait for every PUBACK (success reason codes only)."""
+    c = client(port)
+    try:
+        infos = [c.publish(t, p, qos=1) for t, p in messages]
+        for info in infos:
+            info.wait_for_publish(timeout)
+            assert info.is_published()
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+class ModelWatcher:
+    """Subscribes to the model topic and records every verified global model."""
+
+    def __init__(self, port: int, verifier: Ed25519Verifier) -> None:
+        self.versions: list[int] = []
+        self.latest: wire.GlobalModel | None = None
+        self.cond = threading.Condition()
+        self._verifier = verifier
+        self.c = client(port)
+        self.c.on_message = self._on_message
+        self.c.subscribe(topics.model(FED), 1)
+
+    def _on_message(self, c: Any, u: Any, msg: Any) -> None:
+        m = wire.decode(msg.payload, wire.GlobalModel, self._verifier)
+        with self.cond:
+            self.versions.append(m.version)
+            self.latest = m
+            self.cond.notify_all()
+
+    def wait(self, pred: Callable[[wire.GlobalModel], bool], timeout: float) -> wire.GlobalModel:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.latest is None or not pred(self.latest):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no matching model; versions seen {self.versions[-5:]}")
+                self.cond.wait(left)
+            return self.latest
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
