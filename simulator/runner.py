@@ -93,6 +93,11 @@ class _Device:
     thread: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     agent: Any = None
+    delivered_before: int = 0  # PUBACKed updates of earlier agent instances (after outages)
+
+    @property
+    def delivered(self) -> int:
+        return self.delivered_before + (self.agent.updates_sent if self.agent is not None else 0)
 
 
 def run_simulation(cfg: SimConfig, out: TextIO | None = None) -> dict[str, Any]:
@@ -270,10 +275,18 @@ class _Simulation:
             for d in devices:
                 if d.thread is not None:
                     d.thread.join(15)
+            # Every update the broker acknowledged must reach the aggregator: wait for the
+            # broker's queue to drain before the books are closed.
+            delivered = sum(d.delivered for d in devices)
+            deadline = time.monotonic() + 30
+            while (agg.snapshot()["updates_received"] < delivered and agg.error is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
             final = agg.snapshot()
             agg.stop()
         summary = self._summary(final, progress, central, reached=reached, devices=devices,
                                 error=error)
+        summary["updates_delivered_by_agents"] = delivered
         summary["workdir"] = str(self.workdir)
         if cfg.json is not None:
             report.write_json(cfg.json, summary)
@@ -316,6 +329,8 @@ class _Simulation:
                 d.stop.set()
                 d.thread.join(15)  # type: ignore[union-attr]
                 d.thread = None
+                d.delivered_before = d.delivered
+                d.agent = None
             elif not offline and not running and d.behaviour.offline:
                 self._start_device(d)
 
@@ -335,6 +350,7 @@ class _Simulation:
             "target_accuracy": cfg.target_accuracy,
             "time_to_target_s": reached.t if reached else None,
             "uploads_to_target": reached.uploads if reached else None,
+            "bytes_to_target": reached.bytes_uploaded if reached else None,
             "bytes_uploaded": int(final.get("bytes_received", 0)),
             "updates_received": int(final["updates_received"]),
             "updates_accepted": int(final["accepted"]),

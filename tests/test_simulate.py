@@ -1,7 +1,12 @@
 """Learning quality through the whole system: real broker, real aggregator, 20 real agents.
 
-Short runs (15 s) of ``fedmqtt simulate`` on digits; the full-length numbers are in
+Short runs (20 s) of ``fedmqtt simulate`` on digits; the full-length numbers are in
 docs/benchmarks.md (bench/time_to_accuracy.py, bench/bytes_to_accuracy.py).
+
+"Final accuracy" is checked as ``tail_accuracy``, the mean test accuracy over the last quarter of
+the run: an asynchronous global model moves with every buffer of non-IID updates, and one
+evaluation on 359 test digits moves in steps of 0.28 points, so a single last evaluation is a
+coin toss within about a point of the level the model has reached.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import pytest
 
 from simulator.runner import SimConfig, run_simulation
 
-SHORT = SimConfig(clients=20, duration=15.0, compute_time=0.05, quiet=True, seed=1)
+SHORT = SimConfig(clients=20, duration=20.0, compute_time=0.05, quiet=True, seed=1)
 _cache: dict[str, dict[str, Any]] = {}
 
 
@@ -34,7 +39,8 @@ def simulate(**changes: Any) -> dict[str, Any]:
 def test_digits_reaches_quality_goal(partition: str, goal: float) -> None:
     s = simulate(partition=partition)
     assert s["error"] is None
-    assert s["final_accuracy"] >= goal, s
+    assert s["tail_accuracy"] >= goal, s
+    assert s["final_accuracy"] >= goal - 0.015, s
     # The centralized reference is computed in the same run on the same split.
     assert 0.95 <= s["centralized_accuracy"] <= 0.99
     assert s["versions"] > 20
@@ -43,18 +49,18 @@ def test_digits_reaches_quality_goal(partition: str, goal: float) -> None:
 
 
 def test_signflip_damage_shows_without_defence_and_median_removes_it() -> None:
-    clean = simulate(partition="iid")["final_accuracy"]
+    clean = simulate(partition="iid")["tail_accuracy"]
     undefended = simulate(partition="iid", attackers=0.2, attack="signflip", robust="none")
     defended = simulate(partition="iid", attackers=0.2, attack="signflip", robust="median")
-    assert undefended["final_accuracy"] < clean - 0.10, undefended
-    assert defended["final_accuracy"] >= clean - 0.03, defended
+    assert undefended["tail_accuracy"] < clean - 0.10, undefended
+    assert defended["tail_accuracy"] >= clean - 0.03, defended
     assert len(defended["attackers"]) == 4
 
 
 def test_scaling_attack_is_contained_by_clipping() -> None:
-    clean = simulate(partition="iid")["final_accuracy"]
+    clean = simulate(partition="iid")["tail_accuracy"]
     s = simulate(partition="iid", attackers=0.2, attack="scale", robust="clip")
-    assert s["final_accuracy"] >= clean - 0.03, s
+    assert s["tail_accuracy"] >= clean - 0.03, s
 
 
 def test_summary_json_and_plot(tmp_path: Path) -> None:
