@@ -1,6 +1,6 @@
 """The aggregator's configuration: ``aggregator.toml`` parsed into frozen dataclasses.
 
-The aggregator runs unattended, so every option is read through :class:`_Table`, which checks
+The aggregator runs unattended, so every option is read through :class:`Table`, which checks
 type and range and raises :class:`ConfigError` naming the option (``[strategy] buffer_size:
 ...``); unknown keys are refused too, because a typo would otherwise silently leave a default
 in force. The same code builds a config from a dict (:meth:`AggregatorConfig.from_dict`), which
@@ -13,9 +13,7 @@ expanded. Every option is documented in ``docs/aggregator.md`` and, annotated, i
 
 from __future__ import annotations
 
-import math
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -23,6 +21,7 @@ from typing import Any, Final, cast
 from fedmqtt.aggregation.staleness import Staleness, parse_staleness
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
+from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
 
 __all__ = [
@@ -208,7 +207,7 @@ class AggregatorConfig:
         ``base_dir`` anchors relative paths (default: the current directory).
         """
         base = Path(base_dir) if base_dir is not None else Path.cwd()
-        root = _Table(raw, "", base)
+        root = Table(raw, "", base)
         names = (
             "federation",
             "broker",
@@ -271,27 +270,17 @@ def _check_window(cfg: AggregatorConfig) -> None:
 def load_config(path: str | Path) -> AggregatorConfig:
     """Read and validate ``aggregator.toml``; any problem raises ConfigError naming the option."""
     p = Path(path).expanduser()
-    raw = _read_toml(p)
+    raw = read_toml(p)
     try:
         return AggregatorConfig.from_dict(raw, base_dir=p.resolve().parent, path=p)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
 
 
-def _read_toml(p: Path) -> dict[str, Any]:
-    try:
-        with open(p, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p} is not valid TOML: {e}") from None
-
-
 # ------------------------------------------------------------------------------ the tables
 
 
-def _federation(t: _Table) -> FederationConfig:
+def _federation(t: Table) -> FederationConfig:
     fed = t.text("id")
     try:
         check_id("federation id", fed)
@@ -300,7 +289,7 @@ def _federation(t: _Table) -> FederationConfig:
     return FederationConfig(id=fed, state_dir=t.path("state_dir"))
 
 
-def _broker(t: _Table) -> BrokerConfig:
+def _broker(t: Table) -> BrokerConfig:
     d = BrokerConfig()
     protocol = str(t.raw("protocol", "5"))
     if protocol not in ("5", "5.0"):
@@ -348,7 +337,7 @@ def _broker(t: _Table) -> BrokerConfig:
     )
 
 
-def _model(t: _Table) -> tuple[ModelSpec, int]:
+def _model(t: Table) -> tuple[ModelSpec, int]:
     kind = t.text("kind")
     if kind not in KINDS:
         raise t.error("kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -382,7 +371,7 @@ def _model(t: _Table) -> tuple[ModelSpec, int]:
     return spec, seed
 
 
-def _strategy(t: _Table) -> StrategyConfig:
+def _strategy(t: Table) -> StrategyConfig:
     d = StrategyConfig()
     name = t.text("name", d.name)
     if name not in STRATEGIES:
@@ -437,7 +426,7 @@ def _strategy(t: _Table) -> StrategyConfig:
     )
 
 
-def _plan(t: _Table) -> PlanConfig:
+def _plan(t: Table) -> PlanConfig:
     d = PlanConfig()
     codec = t.text("codec", d.codec)
     from fedmqtt.codecs import Codec
@@ -463,7 +452,7 @@ def _plan(t: _Table) -> PlanConfig:
     )
 
 
-def _metrics(t: _Table) -> MetricsConfig:
+def _metrics(t: Table) -> MetricsConfig:
     d = MetricsConfig()
     fmt = t.text("format", d.format)
     if fmt not in METRICS_FORMATS:
@@ -477,7 +466,7 @@ def _metrics(t: _Table) -> MetricsConfig:
     )
 
 
-def _limits(t: _Table, spec: ModelSpec) -> LimitsConfig:
+def _limits(t: Table, spec: ModelSpec) -> LimitsConfig:
     d_params = spec.layout().size
     default_bytes = 4 * d_params + UPDATE_OVERHEAD_BYTES
     d = LimitsConfig(max_update_bytes=default_bytes)
@@ -496,14 +485,14 @@ def _limits(t: _Table, spec: ModelSpec) -> LimitsConfig:
     )
 
 
-def _checkpoint(t: _Table) -> CheckpointConfig:
+def _checkpoint(t: Table) -> CheckpointConfig:
     d = CheckpointConfig()
     return CheckpointConfig(
         keep=t.integer("keep", d.keep, lo=2, hi=1000),
     )
 
 
-def _scaleout(t: _Table, broker: BrokerConfig, base: Path) -> ScaleoutConfig:
+def _scaleout(t: Table, broker: BrokerConfig, base: Path) -> ScaleoutConfig:
     d = ScaleoutConfig()
     group = t.text("group", d.group)
     try:
@@ -520,9 +509,9 @@ def _scaleout(t: _Table, broker: BrokerConfig, base: Path) -> ScaleoutConfig:
             raise t.error("workers", f"is {workers} but worker_configs names {len(files)} files")
         for i, name in enumerate(files):
             p = (base / Path(name).expanduser()).resolve()
-            raw = _read_toml(p)
+            raw = read_toml(p)
             try:
-                b = _broker(_Table(raw.get("broker", {}), "broker", p.parent))
+                b = _broker(Table(raw.get("broker", {}), "broker", p.parent))
             except ConfigError as e:
                 raise t.error("worker_configs", f"{p}: {e}") from None
             if b.username is not None and b.username == broker.username:
@@ -546,7 +535,7 @@ def _worker_broker(broker: BrokerConfig, i: int) -> BrokerConfig:
     return replace(broker, client_id=f"{broker.client_id}-w{i + 1}")
 
 
-def _logging(t: _Table) -> LoggingConfig:
+def _logging(t: Table) -> LoggingConfig:
     level = t.text("level", LoggingConfig().level).upper()
     if level not in LOG_LEVELS:
         raise t.error("level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -554,127 +543,3 @@ def _logging(t: _Table) -> LoggingConfig:
 
 
 # ------------------------------------------------------------------------------ typed reading
-
-
-class _Table:
-    """One TOML table, read key by key with type checks; remembers which keys were used."""
-
-    def __init__(self, raw: object, name: str, base: Path) -> None:
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"[{name}] must be a table")
-        self._raw = cast(Mapping[str, Any], raw)
-        self._name = name
-        self._base = base
-        self._used: set[str] = set()
-
-    def error(self, key: str, message: str) -> ConfigError:
-        where = f"[{self._name}] {key}" if self._name else key
-        return ConfigError(f"{where}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self._raw
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        self._used.add(key)
-        return self._raw.get(key, default)
-
-    def table(self, key: str) -> _Table:
-        value = self.raw(key, {})
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"[{key}] must be a table")
-        return _Table(value, key, self._base)
-
-    def done(self) -> None:
-        unknown = sorted(set(self._raw) - self._used)
-        if unknown:
-            where = f"[{self._name}]" if self._name else "top level"
-            raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.raw(key, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(key, "must be a non-empty string")
-        return value
-
-    def opt_text(self, key: str) -> str | None:
-        value = self.raw(key)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise self.error(key, "must be a string")
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise self.error(key, "must be true or false")
-        return value
-
-    def integer(
-        self, key: str, default: int | None, *, lo: int | None = None, hi: int | None = None
-    ) -> int:
-        value = self.raw(key, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"must be an integer, not {value!r}")
-        if lo is not None and value < lo:
-            raise self.error(key, f"must be >= {lo}, not {value}")
-        if hi is not None and value > hi:
-            raise self.error(key, f"must be <= {hi}, not {value}")
-        return value
-
-    def number(
-        self, key: str, default: float, *, lo: float | None = None, hi: float | None = None
-    ) -> float:
-        value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, f"must be a number, not {value!r}")
-        v = float(value)
-        if not math.isfinite(v):
-            raise self.error(key, "must be finite")
-        if lo is not None and v < lo:
-            raise self.error(key, f"must be >= {lo}, not {v}")
-        if hi is not None and v > hi:
-            raise self.error(key, f"must be <= {hi}, not {v}")
-        return v
-
-    def int_list(self, key: str, *, lo: int | None = None) -> list[int]:
-        value = self.raw(key, [])
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise self.error(key, "must be a list of integers")
-        out: list[int] = []
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-                raise self.error(key, f"must be a list of integers{f' >= {lo}' if lo else ''}")
-            out.append(v)
-        return out
-
-    def float_list(self, key: str) -> list[float]:
-        value = self.raw(key, [])
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise self.error(key, "must be a list of numbers")
-        out: list[float] = []
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise self.error(key, "must be a list of finite numbers")
-            out.append(float(v))
-        return out
-
-    def path(self, key: str) -> Path:
-        value = self.raw(key)
-        if value is None:
-            raise self.error(key, "is required")
-        if not isinstance(value, str) or not value:
-            raise self.error(key, "must be a path")
-        return (self._base / Path(value).expanduser()).resolve()
-
-    def opt_path(self, key: str) -> Path | None:
-        value = self.raw(key)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise self.error(key, "must be a path")
-        return (self._base / Path(value).expanduser()).resolve()

@@ -2,7 +2,7 @@
 
 A device runs unattended for months, so a mistake in its config must be caught at start (and
 by ``edge-agent check``), named precisely, and never discovered mid-run. Every option is read
-through :class:`_Table`, which checks its type and range and raises :class:`ConfigError` with
+through :class:`Table`, which checks its type and range and raises :class:`ConfigError` with
 the option's full name (``[broker] port: ...``); unknown keys are refused too, because a typo
 such as ``intervall_s`` would otherwise silently leave the default in force.
 
@@ -12,15 +12,14 @@ does the same), ``~`` is expanded. Every option is documented in ``docs/agent.md
 
 from __future__ import annotations
 
-import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.signing import ALGORITHMS, HMAC_SHA256
+from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
 
 __all__ = [
@@ -145,7 +144,7 @@ class AgentConfig:
         ``base_dir`` anchors relative paths (default: the current directory).
         """
         base = Path(base_dir) if base_dir is not None else Path.cwd()
-        root = _Table(raw, "", base)
+        root = Table(raw, "", base)
         tables = {
             name: root.table(name)
             for name in (
@@ -179,13 +178,7 @@ class AgentConfig:
 def load_config(path: str | Path) -> AgentConfig:
     """Read and validate ``agent.toml``; any problem raises ConfigError naming the option."""
     p = Path(path).expanduser()
-    try:
-        with open(p, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    raw = read_toml(p)
     try:
         return AgentConfig.from_dict(raw, base_dir=p.resolve().parent, path=p)
     except ConfigError as e:
@@ -195,7 +188,7 @@ def load_config(path: str | Path) -> AgentConfig:
 # ------------------------------------------------------------------------------ the tables
 
 
-def _device(t: _Table) -> DeviceConfig:
+def _device(t: Table) -> DeviceConfig:
     values = {}
     for key in ("id", "federation"):
         values[key] = t.text(key)
@@ -208,7 +201,7 @@ def _device(t: _Table) -> DeviceConfig:
     )
 
 
-def _broker(t: _Table) -> BrokerConfig:
+def _broker(t: Table) -> BrokerConfig:
     d = BrokerConfig()
     tls = t.flag("tls", d.tls)
     port = t.integer("port", 8883 if tls else 1883, lo=1, hi=65535)
@@ -244,7 +237,7 @@ def _broker(t: _Table) -> BrokerConfig:
     )
 
 
-def _security(t: _Table) -> SecurityConfig:
+def _security(t: Table) -> SecurityConfig:
     auth = t.text("update_auth", HMAC_SHA256)
     if auth not in ALGORITHMS:
         raise t.error("update_auth", f"must be one of {', '.join(ALGORITHMS)}, not {auth!r}")
@@ -255,7 +248,7 @@ def _security(t: _Table) -> SecurityConfig:
     )
 
 
-def _data(t: _Table) -> DataConfig:
+def _data(t: Table) -> DataConfig:
     source = t.text("source")
     if source not in DATA_SOURCES:
         raise t.error("source", f"must be one of {', '.join(DATA_SOURCES)}, not {source!r}")
@@ -296,7 +289,7 @@ def _data(t: _Table) -> DataConfig:
     )
 
 
-def _training(t: _Table) -> TrainingConfig:
+def _training(t: Table) -> TrainingConfig:
     d = TrainingConfig()
     interval = t.number("interval_s", d.interval_s, lo=0.0)
     per_version = t.integer("max_updates_per_version", d.max_updates_per_version, lo=0)
@@ -334,7 +327,7 @@ def _training(t: _Table) -> TrainingConfig:
     )
 
 
-def _outbox(t: _Table) -> OutboxConfig:
+def _outbox(t: Table) -> OutboxConfig:
     d = OutboxConfig()
     return OutboxConfig(
         max_updates=t.integer("max_updates", d.max_updates, lo=1),
@@ -346,11 +339,11 @@ def _outbox(t: _Table) -> OutboxConfig:
     )
 
 
-def _inference(t: _Table) -> InferenceConfig:
+def _inference(t: Table) -> InferenceConfig:
     return InferenceConfig(onnx=t.flag("onnx", InferenceConfig().onnx))
 
 
-def _logging(t: _Table) -> LoggingConfig:
+def _logging(t: Table) -> LoggingConfig:
     level = t.text("level", LoggingConfig().level).upper()
     if level not in LOG_LEVELS:
         raise t.error("level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -358,118 +351,3 @@ def _logging(t: _Table) -> LoggingConfig:
 
 
 # ------------------------------------------------------------------------------ typed reading
-
-
-class _Table:
-    """One TOML table, read key by key with type checks; remembers which keys were used."""
-
-    def __init__(self, raw: object, name: str, base: Path) -> None:
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"[{name}] must be a table")
-        self._raw = cast(Mapping[str, Any], raw)
-        self._name = name
-        self._base = base
-        self._used: set[str] = set()
-
-    def error(self, key: str, message: str) -> ConfigError:
-        where = f"[{self._name}] {key}" if self._name else key
-        return ConfigError(f"{where}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self._raw
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        self._used.add(key)
-        return self._raw.get(key, default)
-
-    def table(self, key: str) -> _Table:
-        value = self.raw(key, {})
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"[{key}] must be a table")
-        return _Table(value, key, self._base)
-
-    def done(self) -> None:
-        unknown = sorted(set(self._raw) - self._used)
-        if unknown:
-            where = f"[{self._name}]" if self._name else "top level"
-            raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.raw(key, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if not isinstance(value, str) or not value:
-            raise self.error(key, f"must be a non-empty string, not {value!r}")
-        return value
-
-    def opt_text(self, key: str) -> str | None:
-        if self.has(key):
-            return self.text(key)
-        self._used.add(key)
-        return None
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, not {value!r}")
-        return value
-
-    def integer(
-        self, key: str, default: int | None = None, *, lo: int | None = None, hi: int | None = None
-    ) -> int:
-        value = self.raw(key, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"must be an integer, not {value!r}")
-        _check_range(self, key, value, lo, hi)
-        return value
-
-    def opt_integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
-        if self.has(key):
-            return self.integer(key, lo=lo, hi=hi)
-        self._used.add(key)
-        return None
-
-    def number(
-        self,
-        key: str,
-        default: float | None = None,
-        *,
-        lo: float | None = None,
-        hi: float | None = None,
-    ) -> float:
-        value = self.raw(key, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, f"must be a number, not {value!r}")
-        if not math.isfinite(value):
-            raise self.error(key, "must be finite")
-        _check_range(self, key, value, lo, hi)
-        return float(value)
-
-    def opt_number(
-        self, key: str, *, lo: float | None = None, hi: float | None = None
-    ) -> float | None:
-        if self.has(key):
-            return self.number(key, lo=lo, hi=hi)
-        self._used.add(key)
-        return None
-
-    def path(self, key: str) -> Path:
-        p = Path(self.text(key)).expanduser()
-        return p if p.is_absolute() else self._base / p
-
-    def opt_path(self, key: str) -> Path | None:
-        if self.has(key):
-            return self.path(key)
-        self._used.add(key)
-        return None
-
-
-def _check_range(t: _Table, key: str, value: float, lo: float | None, hi: float | None) -> None:
-    if lo is not None and value < lo:
-        raise t.error(key, f"must be >= {lo}, not {value}")
-    if hi is not None and value > hi:
-        raise t.error(key, f"must be <= {hi}, not {value}")
