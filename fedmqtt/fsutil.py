@@ -9,16 +9,24 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def atomic_write_bytes(
+    path: Path, data: bytes, *, mode: int = 0o600, prepare: Callable[[int], None] | None = None
+) -> None:
+    """Replace ``path`` with ``data``; ``prepare(fd)`` runs on the temporary file before any
+    byte is written (``fedmqtt-admin`` gives files to a service user this way, so a secret is
+    never visible under the wrong owner)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
+            if prepare is not None:
+                prepare(f.fileno())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -9,17 +9,15 @@ mode are set on the temporary file, before the rename makes it visible.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import logging
 import os
 import pwd
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedmqtt.errors import ConfigError
-from fedmqtt.fsutil import fsync_dir
+from fedmqtt.fsutil import atomic_write_bytes
 
 log = logging.getLogger("fedmqtt.admin")
 
@@ -81,22 +79,7 @@ class Owner:
 
 def write_file(path: Path, data: bytes, *, mode: int, owner: Owner = Owner()) -> None:
     """Crash-safe replace of ``path`` with ``data``, created with ``mode`` and ``owner``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            owner.apply(f.fileno())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, data, mode=mode, prepare=owner.apply)
 
 
 def make_dir(path: Path, *, mode: int, owner: Owner = Owner()) -> None:
