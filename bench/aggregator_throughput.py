@@ -1,0 +1,482 @@
+"""Aggregator ingestion throughput against the broker's delivery ceiling, and Flower's FedAvg.
+
+Part 1 -- ingestion. For each model size d and codec: several publisher processes send N
+pre-encoded, valid, HMAC-signed updates (unique update ids) at QoS 1 through a real Mosquitto
+started with the project's broker config. Two subscribers take turns on the same stream, each
+on a fresh broker:
+
+* ``bare``: a bare paho subscriber (MQTT 3.1.1 and MQTT 5, QoS 1, auto-ack) that only counts
+  messages -- the broker's delivery ceiling on this machine;
+* ``aggregator``: the real aggregator (``aggregator.service.Aggregator`` in a thread of this
+  process, FedBuff K=10, every validation step, checkpoints and PUBACK-after-checkpoint), with
+  0 or more scale-out worker processes.
+
+A rate is N / (time of the last message handled - time of the first message received); for
+the aggregator "handled" means accepted or refused with a reason (all are accepted here).
+
+Part 2 -- the aggregation step alone, decode included, against Flower's FedAvg path
+(``flwr.server.strategy.aggregate.aggregate_inplace``, which decodes ``.npy`` tensors) on the
+same tensors: ours decodes wire updates (msgpack + codec) into the buffer and runs FedBuff's
+aggregate + server step. Flower runs in its own venv (``--flwr-python``), never in ours.
+
+Usage::
+
+    .venv/bin/python bench/aggregator_throughput.py --json /tmp/agg-bench.json
+    .venv/bin/python bench/aggregator_throughput.py --dims 650 --codecs raw --workers 0,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# One BLAS thread, as in the service (see aggregator/__init__.py): the aggregator runs in this
+# process, so this must happen before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from aggregator.config import AggregatorConfig  # noqa: E402
+from aggregator.service import AggregatorThread  # noqa: E402
+from fedmqtt import codecs, topics, wire  # noqa: E402
+from fedmqtt.admin.sizing import max_packet_size  # noqa: E402
+from fedmqtt.broker import Mosquitto  # noqa: E402
+from fedmqtt.models.spec import ModelSpec  # noqa: E402
+from fedmqtt.signing import Ed25519Signer, HmacKey  # noqa: E402
+
+FED = "bench"
+DEFAULT_N = {650: 20_000, 100_000: 3_000, 1_000_000: 400}
+
+
+def spec_for(d: int) -> ModelSpec:
+    """A softmax model with exactly d parameters: (d/10 - 1) features x 10 classes + 10 biases."""
+    if d % 10:
+        raise ValueError("d must be a multiple of 10")
+    return ModelSpec("softmax", d // 10 - 1, 10)
+
+
+# ------------------------------------------------------------------ payloads
+def make_payloads(
+    spec: ModelSpec, *, codec: str, device: str, key_hex: str, n: int, seed: int
+) -> list[bytes]:
+    """n valid updates of one device: a few distinct deltas, every update_id unique."""
+    key = HmacKey(bytes.fromhex(key_hex))
+    rng = np.random.default_rng(seed)
+    layout = spec.layout()
+    c = codecs.Codec.parse(codec)
+    deltas = [
+        codecs.encode_params(
+            layout.unflatten(rng.normal(0, 0.01, layout.size).astype(np.float32)), c, rng=rng
+        )
+        for _ in range(min(n, 4))
+    ]
+    out = []
+    fp = spec.fingerprint()
+    for i in range(n):
+        u = wire.Update(FED, device, uuid.uuid4().hex, i, 0, 32, fp, deltas[i % len(deltas)])
+        out.append(wire.encode(u, key))
+    return out
+
+
+@dataclass(frozen=True)
+class PubJob:
+    port: int
+    spec: ModelSpec
+    codec: str
+    device: str
+    key_hex: str
+    n: int
+    seed: int
+
+
+def publisher(job: PubJob, ready: Any, go: Any) -> None:
+    """One publisher process: pre-encode, report ready, wait for go, publish at QoS 1."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    device, port = job.device, job.port
+    payloads = make_payloads(
+        job.spec, codec=job.codec, device=device, key_hex=job.key_hex, n=job.n, seed=job.seed
+    )
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{device}", protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(200)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    ready.set()
+    go.wait()
+    topic = topics.updates(FED, device)
+    infos = [c.publish(topic, p, qos=1) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(600)
+    c.disconnect()
+    c.loop_stop()
+
+
+def bare_subscriber(port: int, total: int, proto: str, ready: Any, result: Any) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    if proto == "5":
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bare5", protocol=mqtt.MQTTv5)
+    else:
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="bare311",
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+    state = {"n": 0, "t0": 0.0, "t1": 0.0}
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        if state["n"] == 0:
+            state["t0"] = time.perf_counter()
+        state["n"] += 1
+        if state["n"] >= total:
+            state["t1"] = time.perf_counter()
+            client.disconnect()
+
+    def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.subscribe(topics.updates_filter(FED), 1)
+
+    def on_subscribe(*a: Any) -> None:
+        ready.set()
+
+    c.on_message = on_message
+    c.on_connect = on_connect
+    c.on_subscribe = on_subscribe
+    c.connect("127.0.0.1", port)
+    c.loop_forever()
+    result.put(total / (state["t1"] - state["t0"]))
+
+
+# ------------------------------------------------------------------ runs
+class Case:
+    def __init__(self, d: int, codec: str, n: int, publishers: int, work: Path) -> None:
+        self.d, self.codec, self.n, self.publishers = d, codec, n, publishers
+        self.spec = spec_for(d)
+        self.work = work
+        self.devices = [f"dev{i}" for i in range(publishers)]
+        self.keys = {dev: secrets.token_hex(32) for dev in self.devices}
+        (work / "devices").mkdir(parents=True, exist_ok=True)
+        for dev, k in self.keys.items():
+            HmacKey(bytes.fromhex(k)).save(work / "devices" / f"{dev}.hmac")
+        Ed25519Signer.generate().save(work / "aggregator.key")
+
+    def broker(self, tag: str) -> Mosquitto:
+        size = max(max_packet_size(self.d, self.spec.n_features), 16 * 1024 * 1024)
+        return Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size).start()
+
+    def publish(self, ctx: Any, port: int, before_go: Any = None) -> None:
+        ready = [ctx.Event() for _ in self.devices]
+        go = ctx.Event()
+        per = self.n // self.publishers
+        procs = [
+            ctx.Process(
+                target=publisher,
+                args=(
+                    PubJob(port, self.spec, self.codec, dev, self.keys[dev], per, i),
+                    ready[i],
+                    go,
+                ),
+            )
+            for i, dev in enumerate(self.devices)
+        ]
+        for p in procs:
+            p.start()
+        for r in ready:
+            if not r.wait(600):
+                raise RuntimeError("a publisher did not get ready")
+        go.set()
+        self._procs = procs
+
+    def join_publishers(self) -> None:
+        for p in self._procs:
+            p.join(900)
+
+    def run_bare(self, ctx: Any, proto: str) -> float:
+        m = self.broker(f"bare{proto}-{uuid.uuid4().hex[:8]}")
+        try:
+            ready, result = ctx.Event(), ctx.Queue()
+            total = (self.n // self.publishers) * self.publishers
+            sub = ctx.Process(target=bare_subscriber, args=(m.port, total, proto, ready, result))
+            sub.start()
+            ready.wait(30)
+            self.publish(ctx, m.port)
+            rate = float(result.get(timeout=900))
+            sub.join(30)
+            self.join_publishers()
+            return rate
+        finally:
+            m.close()
+
+    def run_aggregator(self, ctx: Any, workers: int) -> dict[str, Any]:
+        m = self.broker(f"agg{workers}-{uuid.uuid4().hex[:8]}")
+        state = self.work / f"state-w{workers}"
+        shutil.rmtree(state, ignore_errors=True)
+        raw = {
+            "federation": {"id": FED, "state_dir": str(state)},
+            "broker": {"host": m.host, "port": m.port, "client_id": f"agg-bench-{workers}"},
+            "security": {
+                "signing_key": str(self.work / "aggregator.key"),
+                "devices_dir": str(self.work / "devices"),
+            },
+            "model": {"kind": "softmax", "n_features": self.spec.n_features, "n_outputs": 10},
+            "strategy": {"name": "fedbuff", "buffer_size": 10, "max_staleness": 1_000_000},
+            "metrics": {"prometheus_port": 0, "publish_interval_s": 60},
+            "logging": {"level": "WARNING"},
+            "scaleout": {"workers": workers},
+        }
+        cfg = AggregatorConfig.from_dict(raw, base_dir=self.work)
+        total = (self.n // self.publishers) * self.publishers
+        agg = AggregatorThread(cfg).start()
+        try:
+            self.publish(ctx, m.port)
+            t0 = t1 = None
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                s = agg.snapshot()
+                now = time.perf_counter()
+                if t0 is None and s["updates_received"] > 0:
+                    t0 = now
+                if s["accepted"] + s["rejected_total"] >= total:
+                    t1 = now
+                    break
+                time.sleep(0.01)
+            self.join_publishers()
+            s = agg.snapshot()
+        finally:
+            agg.stop()
+            m.close()
+        if t0 is None or t1 is None or s["accepted"] != total:
+            raise RuntimeError(f"the aggregator did not accept exactly the {total} updates: {s}")
+        return {
+            "rate": total / (t1 - t0),
+            "accepted": s["accepted"],
+            "rejected": s["rejected"],
+            "version": s["version"],
+            "checkpoints": s["checkpoints"],
+        }
+
+
+def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for d in args.dims:
+        for codec in args.codecs:
+            n = args.n or DEFAULT_N.get(d, 2000)
+            with tempfile.TemporaryDirectory(prefix="fedmqtt-aggbench-") as tmp:
+                case = Case(d, codec, n, args.publishers, Path(tmp))
+                row: dict[str, Any] = {
+                    "d": d,
+                    "codec": codec,
+                    "n": n,
+                    "publishers": args.publishers,
+                }
+                # Interleaved repetitions, best of each: the machine is shared (broker and
+                # publishers run on the same two cores), so the best run is the least disturbed.
+                for _ in range(args.repeat):
+                    for proto in args.ceilings:
+                        rate = round(case.run_bare(ctx, proto))
+                        row.setdefault(f"bare_v{proto}_runs", []).append(rate)
+                    for w in args.workers:
+                        r = case.run_aggregator(ctx, w)
+                        row.setdefault(f"agg_w{w}_runs", []).append(round(r["rate"]))
+                        row[f"agg_w{w}_detail"] = r
+                for proto in args.ceilings:
+                    row[f"bare_v{proto}"] = max(row[f"bare_v{proto}_runs"])
+                for w in args.workers:
+                    row[f"agg_w{w}"] = max(row[f"agg_w{w}_runs"])
+                best = max(row[f"bare_v{p}"] for p in args.ceilings)
+                for w in args.workers:
+                    row[f"agg_w{w}_pct"] = round(100.0 * row[f"agg_w{w}"] / best, 1)
+                print(
+                    json.dumps({k: v for k, v in row.items() if not k.endswith("detail")}),
+                    flush=True,
+                )
+                rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ part 2: vs Flower
+def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
+    """Updates/s of our aggregation step, decode included: for each of K updates, open the
+    wire message, parse it, decode its delta straight into the strategy's buffer row (codec,
+    finite check, norm), then FedBuff's aggregate and server step -- the code the engine runs,
+    minus the signature check (Flower's path has none)."""
+    from aggregator.config import StrategyConfig
+    from aggregator.strategies import FedBuff
+    from aggregator.validate import UpdateMeta, cached_layout, decode_delta, limits_for
+
+    spec = spec_for(d)
+    layout = cached_layout(spec.layout())
+    payloads = make_payloads(
+        spec, codec=codec, device="dev0", key_hex=secrets.token_hex(32), n=k, seed=0
+    )
+    limits = limits_for(layout, 1 << 31)
+    strategy = FedBuff(StrategyConfig(buffer_size=k), layout.size)
+    w = np.zeros(layout.size, dtype=np.float32)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for p in payloads:
+            upd = wire.parse(wire.open_envelope(p), wire.Update)
+            norm = decode_delta(upd.delta, layout, limits, strategy.slot())
+            meta = UpdateMeta(
+                upd.sender,
+                upd.update_id,
+                upd.seq,
+                upd.base_version,
+                upd.num_samples,
+                upd.created_at,
+                len(p),
+            )
+            strategy.add(meta, 0, norm)
+        w = strategy.aggregate(w, None)
+        strategy.clear()
+        best = min(best, time.perf_counter() - t)
+    return k / best
+
+
+FLOWER_SNIPPET = textwrap.dedent("""
+    import sys, time, numpy as np
+    from flwr.common import ndarrays_to_parameters, FitRes, Status, Code
+    from flwr.server.strategy.aggregate import aggregate_inplace
+    d, k, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    rng = np.random.default_rng(0)
+    f = d // 10 - 1
+    def arrays():
+        return [rng.normal(0, 0.01, (f, 10)).astype(np.float32),
+                rng.normal(0, 0.01, (10,)).astype(np.float32)]
+    results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays()), 32, {}))
+               for _ in range(k)]
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        aggregate_inplace(results)
+        best = min(best, time.perf_counter() - t)
+    print(k / best)
+""")
+
+
+def flower_aggregation(python: str, d: int, k: int, rounds: int) -> float | None:
+    try:
+        out = subprocess.run(
+            [python, "-c", FLOWER_SNIPPET, str(d), str(k), str(rounds)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"flower run failed: {e}", file=sys.stderr)
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def flower_version(python: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [python, "-c", "import flwr; print(flwr.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def versus_flower(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for d in args.flower_dims:
+        k = args.flower_k
+        rounds = max(3, min(50, int(2e8 // (k * d))))
+        flower: list[float] = []
+        ours: dict[str, list[float]] = {"raw": [], "int8": []}
+        for _ in range(args.repeat + 1):  # interleaved, best of each
+            if args.flwr_python:
+                f = flower_aggregation(args.flwr_python, d, k, rounds)
+                if f is not None:
+                    flower.append(f)
+            for codec, rates in ours.items():
+                rates.append(ours_aggregation(d, codec, k, rounds))
+        best_flower = max(flower) if flower else None
+        row: dict[str, Any] = {
+            "d": d,
+            "k": k,
+            "flower": None if best_flower is None else round(best_flower),
+        }
+        for codec, rates in ours.items():
+            row[f"ours_{codec}"] = round(max(rates))
+            if best_flower:
+                row[f"ours_{codec}_x"] = round(max(rates) / best_flower, 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--dims", default="650,100000,1000000", type=lambda s: [int(float(x)) for x in s.split(",")]
+    )
+    ap.add_argument("--codecs", default="raw,int8", type=lambda s: s.split(","))
+    ap.add_argument("--n", type=int, default=0, help="updates per case (default by d)")
+    ap.add_argument("--publishers", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per case (best is reported)")
+    ap.add_argument("--workers", default="0", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--ceilings", default="311,5", type=lambda s: s.split(","))
+    ap.add_argument(
+        "--flwr-python",
+        default="/tmp/flwr-venv/bin/python",
+        help="python of a venv with flwr installed ('' to skip)",
+    )
+    ap.add_argument(
+        "--flower-dims",
+        default="650,100000,1000000",
+        type=lambda s: [int(float(x)) for x in s.split(",")],
+    )
+    ap.add_argument("--flower-k", type=int, default=10)
+    ap.add_argument("--skip-ingestion", action="store_true")
+    ap.add_argument("--skip-flower", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.flwr_python and not Path(args.flwr_python).exists():
+        args.flwr_python = ""
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "flwr": flower_version(args.flwr_python) if args.flwr_python else None,
+    }
+    if not args.skip_ingestion:
+        report["ingestion"] = ingestion(args)
+    if not args.skip_flower:
+        report["aggregation_vs_flower"] = versus_flower(args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
