@@ -43,10 +43,10 @@ from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
 from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import Incoming, MqttLink
 from aggregator.publish import model_payload, onnx_payload, plan_payload, plan_revision
-from aggregator.sdnotify import Notifier
 from aggregator.statusfile import write_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
+from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Signer
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Aggregator:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        notifier = Notifier()
+        notifier = Notifier.from_env()
         engine_x = ThreadPoolExecutor(1, thread_name_prefix="agg-engine")
         io_x = ThreadPoolExecutor(1, thread_name_prefix="agg-io")
         pub_x = ThreadPoolExecutor(1, thread_name_prefix="agg-publish")

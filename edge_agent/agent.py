@@ -44,7 +44,6 @@ from edge_agent.data import DataError, load_data
 from edge_agent.logs import DeviceLog
 from edge_agent.mqtt import Link, read_password
 from edge_agent.outbox import Outbox
-from edge_agent.sdnotify import Notifier
 from edge_agent.trainer import (
     DataTransform,
     DeltaResult,
@@ -59,6 +58,7 @@ from fedmqtt.codecs import ErrorFeedback
 from fedmqtt.errors import FEDERATION, DecodeError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes, clean_temp_files, remove_durably
 from fedmqtt.rand import LightRandom, RandomSource, seed_of
+from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Verifier, Signer, Verifier, load_update_signer
 
 log = logging.getLogger(__name__)

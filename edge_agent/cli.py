@@ -82,8 +82,8 @@ def cmd_run(config_path: Path, log_level: str | None) -> int:
     log = logging.getLogger("edge_agent")
 
     from edge_agent.agent import EdgeAgent
-    from edge_agent.sdnotify import Notifier
     from edge_agent.state import StateDirLockedError
+    from fedmqtt.sdnotify import Notifier
 
     try:
         agent = EdgeAgent(config, notifier=Notifier.from_env())

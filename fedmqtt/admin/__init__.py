@@ -2,6 +2,5 @@
 
 Run on the server that hosts the broker and the aggregator, as root (it writes files that
 Mosquitto and the aggregator's service user must read). Entry point: ``fedmqtt-admin``
-(:mod:`fedmqtt.admin.cli`). Modules here import ``cryptography`` lazily or only where needed, so
-``fedmqtt.admin.sdnotify`` stays importable on a device that only runs the agent.
+(:mod:`fedmqtt.admin.cli`). Modules here import ``cryptography`` lazily or only where needed.
 """

@@ -1,8 +1,8 @@
 """systemd ``Type=notify`` support without a dependency: datagrams to ``$NOTIFY_SOCKET``.
 
-The protocol is a newline-separated list of ``KEY=value`` assignments sent as one datagram to
-the AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a leading ``@`` means the Linux abstract
-namespace). The agent sends ``READY=1`` once it is set up, ``STATUS=...`` when something an
+Both services use it. The protocol is a newline-separated list of ``KEY=value`` assignments
+sent as one datagram to the AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a leading ``@`` means
+the Linux abstract namespace). A service sends ``READY=1`` once it is set up, ``STATUS=...`` when something an
 operator would want in ``systemctl status`` changes, ``WATCHDOG=1`` periodically when the unit
 has ``WatchdogSec=`` (systemd then exports ``$WATCHDOG_USEC``), and ``STOPPING=1`` on shutdown.
 
