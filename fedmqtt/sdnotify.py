@@ -2,12 +2,13 @@
 
 Both services use it. The protocol is a newline-separated list of ``KEY=value`` assignments
 sent as one datagram to the AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a leading ``@`` means
-the Linux abstract namespace). A service sends ``READY=1`` once it is set up, ``STATUS=...`` when something an
-operator would want in ``systemctl status`` changes, ``WATCHDOG=1`` periodically when the unit
-has ``WatchdogSec=`` (systemd then exports ``$WATCHDOG_USEC``), and ``STOPPING=1`` on shutdown.
+the Linux abstract namespace). A service sends ``READY=1`` once it is set up, ``STATUS=...``
+when something an operator would want in ``systemctl status`` changes, ``WATCHDOG=1``
+periodically when the unit has ``WatchdogSec=`` (systemd then exports ``$WATCHDOG_USEC``), and
+``STOPPING=1`` on shutdown.
 
-Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op, so the agent code does not need
-to care where it runs; a notification that cannot be delivered is logged once, never raised:
+Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op, so service code does not need to
+care where it runs; a notification that cannot be delivered is logged once, never raised:
 losing ``STATUS`` must not kill a device.
 """
 
