@@ -43,7 +43,6 @@ from aggregator.validate import (
     NormGate,
     ReplayError,
     UpdateMeta,
-    cached_layout,
     check_replay,
     check_staleness,
     decode_delta,
@@ -100,7 +99,7 @@ class Engine:
         self.keys = keys if keys is not None else DeviceKeys(cfg.security.devices_dir)
         self.federation = cfg.federation.id
         self.spec = cfg.spec
-        self.layout = cached_layout(cfg.spec.layout())
+        self.layout = cfg.spec.layout()
         self.fingerprint = cfg.spec.fingerprint()
         self.limits = limits_for(self.layout, cfg.limits.max_update_bytes)
         self.params: F32 = self.layout.flatten(

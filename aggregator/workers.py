@@ -49,7 +49,6 @@ from aggregator.engine import Verified
 from aggregator.mqtt import Incoming, MqttLink
 from aggregator.validate import (
     UpdateMeta,
-    cached_layout,
     decode_delta,
     limits_for,
     open_update,
@@ -234,7 +233,7 @@ class _Runner:
         self.conn = conn
         self.held: deque[tuple[int, Incoming]] = deque()
         self.token = 0
-        self.layout = cached_layout(cfg.spec.layout())
+        self.layout = cfg.spec.layout()
         self.limits = limits_for(self.layout, cfg.limits.max_update_bytes)
         self.keys = DeviceKeys(cfg.security.devices_dir)
         self.fingerprint = cfg.spec.fingerprint()

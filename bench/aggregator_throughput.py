@@ -323,10 +323,10 @@ def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
     minus the signature check (Flower's path has none)."""
     from aggregator.config import StrategyConfig
     from aggregator.strategies import FedBuff
-    from aggregator.validate import UpdateMeta, cached_layout, decode_delta, limits_for
+    from aggregator.validate import UpdateMeta, decode_delta, limits_for
 
     spec = spec_for(d)
-    layout = cached_layout(spec.layout())
+    layout = spec.layout()
     payloads = make_payloads(
         spec, codec=codec, device="dev0", key_hex=secrets.token_hex(32), n=k, seed=0
     )

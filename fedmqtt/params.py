@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +22,11 @@ Params = dict[str, F32]
 
 @dataclass(frozen=True)
 class Layout:
-    """Names, shapes and offsets of each tensor inside the flat vector."""
+    """Names, shapes and offsets of each tensor inside the flat vector.
+
+    Sizes and offsets are computed once per layout: decoders ask for them on every update, and
+    recomputing them was a third of the aggregator's per-update cost at d = 650.
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -29,22 +35,26 @@ class Layout:
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> Layout:
         return cls(tuple(shapes), tuple(tuple(int(d) for d in s) for s in shapes.values()))
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
 
-    @property
+    @cached_property
     def size(self) -> int:
         return sum(self.sizes)
 
-    def offsets(self) -> dict[str, tuple[int, int]]:
-        """name -> (start, stop) in the flat vector."""
+    @cached_property
+    def _offsets(self) -> Mapping[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}
         start = 0
         for name, n in zip(self.names, self.sizes, strict=True):
             out[name] = (start, start + n)
             start += n
-        return out
+        return MappingProxyType(out)
+
+    def offsets(self) -> Mapping[str, tuple[int, int]]:
+        """name -> (start, stop) in the flat vector (read-only, computed once)."""
+        return self._offsets
 
     def flatten(self, params: Mapping[str, npt.NDArray[np.floating]]) -> F32:
         """Concatenate ``params`` (which must match this layout exactly) into a new vector."""

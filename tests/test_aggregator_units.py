@@ -19,10 +19,9 @@ from aggregator.service import AckQueue
 from aggregator.statusfile import format_status, read_status, write_status
 from aggregator.strategies import FedAsync, FedAvg, FedBuff, build_strategy
 from aggregator.strategies.base import mean_of_rows
-from aggregator.validate import CachedLayout, UpdateMeta, cached_layout
+from aggregator.validate import UpdateMeta
 from fedmqtt.aggregation import fedbuff_aggregate, weighted_mean
 from fedmqtt.errors import ConfigError
-from fedmqtt.models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -241,14 +240,6 @@ def test_strategy_state_refuses_another_strategy() -> None:
 
 
 # ------------------------------------------------------------------ small pieces
-def test_cached_layout_equals_layout() -> None:
-    layout = ModelSpec("mlp", 7, 3, hidden=(5,)).layout()
-    cached = cached_layout(layout)
-    assert isinstance(cached, CachedLayout)
-    assert cached.size == layout.size and cached.sizes == layout.sizes
-    assert cached.offsets() == layout.offsets()
-
-
 def test_ack_queue_releases_in_order() -> None:
     q = AckQueue()
     q.add(["a", "b", "c", "d"], [0, 2, 0, 1])

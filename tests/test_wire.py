@@ -140,3 +140,14 @@ def test_global_model_round_trip() -> None:
     assert back.version == 5 and back.spec == spec and back.stats == {"acc": 0.9}
     for k, v in params.items():
         np.testing.assert_array_equal(back.params[k], v)
+
+
+def test_layout_offsets_are_computed_once_and_read_only() -> None:
+    from fedmqtt.models.spec import ModelSpec
+
+    layout = ModelSpec("mlp", 7, 3, hidden=(5,)).layout()
+    assert layout.offsets() is layout.offsets()
+    assert dict(layout.offsets()) == {"W0": (0, 35), "b0": (35, 40), "W1": (40, 55), "b1": (55, 58)}
+    assert layout.size == 58 and layout.sizes == (35, 5, 15, 3)
+    with pytest.raises(TypeError):
+        layout.offsets()["W0"] = (0, 1)  # type: ignore[index]
