@@ -1,6 +1,6 @@
 """The ONE module that talks to aiomqtt: a persistent MQTT 5 session with manual PUBACKs.
 
-Why these choices (numbers in docs/benchmarks-aggregator.md and docs/aggregator.md):
+Why these choices (numbers in docs/benchmarks.md and docs/aggregator.md):
 
 * **Manual acknowledgements.** paho (under aiomqtt) normally PUBACKs an update as soon as it is
   read, before the aggregator has it on disk: a ``kill -9`` at that moment loses an update the
