@@ -313,7 +313,10 @@ AGENT_WORK = textwrap.dedent(
     model = wire.encode(wire.GlobalModel("fed", "agg", 1, spec, params), signer)
     wire.decode(model, wire.GlobalModel, signer.verifier())
     ssl.create_default_context()
-    print("OK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child forked from a
+    # large pytest process would report the parent's size.
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print("OK", int(hwm.split()[1]) * 1024)
     """
 )
 
@@ -349,7 +352,10 @@ AGGREGATOR_WORK = textwrap.dedent(
     sess.run(None, {sess.get_inputs()[0].name: np.zeros((4, 784), np.float32)})
     signer = Ed25519Signer.generate()
     wire.encode(wire.GlobalModel("fed", "agg", 1, spec, params), signer)
-    print("OK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child forked from a
+    # large pytest process would report the parent's size.
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print("OK", int(hwm.split()[1]) * 1024)
     """
 )
 
