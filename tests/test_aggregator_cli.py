@@ -68,7 +68,7 @@ def test_init_refuses_a_changed_model(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_run_status_and_export_onnx(
     broker: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    onnx = pytest.importorskip("onnx")
+    import onnx
     fed = federation(tmp_path)
     cfg = fed.write_toml(
         tmp_path / "aggregator.toml", "127.0.0.1", broker.port, strategy={"buffer_size": 2}

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from test_aggregator_support import (
     FED,
     Federation,
@@ -318,7 +317,6 @@ def test_burst_of_10k_updates_is_fully_accounted_for(broker: Mosquitto, tmp_path
 
 # ------------------------------------------------------------------ published artefacts
 def test_publishes_plan_onnx_metrics_and_prometheus(broker: Mosquitto, tmp_path: Path) -> None:
-    pytest.importorskip("onnx")
     fed = Federation(tmp_path, SMALL)
     port = free_port()
     cfg = fed.config(
