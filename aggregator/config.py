@@ -21,6 +21,7 @@ from typing import Any, Final, cast
 from fedmqtt.aggregation.staleness import Staleness, parse_staleness
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
+from fedmqtt.mqttconf import read_connection
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
 
@@ -298,43 +299,12 @@ def _broker(t: Table) -> BrokerConfig:
             f"only MQTT 5 is supported, not {protocol!r}: the aggregator relies on Receive "
             "Maximum flow control and PUBACK reason codes (see docs/aggregator.md)",
         )
-    tls = t.flag("tls", d.tls)
-    cert, key = t.opt_path("cert_file"), t.opt_path("key_file")
-    if (cert is None) != (key is None):
-        raise t.error("cert_file", "cert_file and key_file must be given together")
-    if not tls:
-        for name in ("ca_file", "cert_file", "key_file"):
-            if t.has(name):
-                raise t.error(name, "is set but tls = false; set tls = true to use it")
-    username = t.opt_text("username")
-    password_file = t.opt_path("password_file")
-    if password_file is not None and username is None:
-        raise t.error("password_file", "needs username")
-    rmin = t.number("reconnect_min_s", d.reconnect_min_s, lo=0.01, hi=3600)
-    rmax = t.number("reconnect_max_s", d.reconnect_max_s, lo=0.01, hi=86_400)
-    if rmax < rmin:
-        raise t.error("reconnect_max_s", f"must be >= reconnect_min_s ({rmin})")
     client_id = t.text("client_id", d.client_id)
     try:
         check_id("client_id", client_id)
     except ConfigError as e:
         raise t.error("client_id", str(e)) from None
-    return BrokerConfig(
-        host=t.text("host", d.host),
-        port=t.integer("port", 8883 if tls else 1883, lo=1, hi=65535),
-        username=username,
-        password_file=password_file,
-        tls=tls,
-        ca_file=t.opt_path("ca_file"),
-        cert_file=cert,
-        key_file=key,
-        client_id=client_id,
-        keepalive=t.integer("keepalive", d.keepalive, lo=5, hi=65535),
-        session_expiry_s=t.integer("session_expiry_s", d.session_expiry_s, lo=60, hi=2**32 - 1),
-        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, lo=0.1, hi=600),
-        reconnect_min_s=rmin,
-        reconnect_max_s=rmax,
-    )
+    return BrokerConfig(client_id=client_id, **read_connection(t, d, min_session_expiry_s=60))
 
 
 def _model(t: Table) -> tuple[ModelSpec, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.mqttconf import read_connection
 from fedmqtt.signing import ALGORITHMS, HMAC_SHA256
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
@@ -202,39 +203,7 @@ def _device(t: Table) -> DeviceConfig:
 
 
 def _broker(t: Table) -> BrokerConfig:
-    d = BrokerConfig()
-    tls = t.flag("tls", d.tls)
-    port = t.integer("port", 8883 if tls else 1883, lo=1, hi=65535)
-    cert, key = t.opt_path("cert_file"), t.opt_path("key_file")
-    if (cert is None) != (key is None):
-        raise t.error("cert_file", "cert_file and key_file must be given together")
-    if not tls:
-        for name in ("ca_file", "cert_file", "key_file"):
-            if t.has(name):
-                raise t.error(name, "is set but tls = false; set tls = true to use it")
-    username = t.opt_text("username")
-    password_file = t.opt_path("password_file")
-    if password_file is not None and username is None:
-        raise t.error("password_file", "needs username")
-    rmin = t.number("reconnect_min_s", d.reconnect_min_s, lo=0.01, hi=3600)
-    rmax = t.number("reconnect_max_s", d.reconnect_max_s, lo=0.01, hi=86_400)
-    if rmax < rmin:
-        raise t.error("reconnect_max_s", f"must be >= reconnect_min_s ({rmin})")
-    return BrokerConfig(
-        host=t.text("host", d.host),
-        port=port,
-        username=username,
-        password_file=password_file,
-        tls=tls,
-        ca_file=t.opt_path("ca_file"),
-        cert_file=cert,
-        key_file=key,
-        keepalive=t.integer("keepalive", d.keepalive, lo=5, hi=65535),
-        session_expiry_s=t.integer("session_expiry_s", d.session_expiry_s, lo=0, hi=2**32 - 1),
-        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, lo=0.1, hi=600),
-        reconnect_min_s=rmin,
-        reconnect_max_s=rmax,
-    )
+    return BrokerConfig(**read_connection(t, BrokerConfig()))
 
 
 def _security(t: Table) -> SecurityConfig:
