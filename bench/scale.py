@@ -1,18 +1,21 @@
 """Scale: how many agents one broker and one aggregator sustain on this machine, losing nothing.
 
-For each fleet size, N real agents (threads in one process, each its own MQTT client, state
-directory and shard of FedProx's Synthetic(1,1) data) run against one Mosquitto and one
-aggregator. A size is *sustained* when every agent is online at the end, the aggregator received
+For each fleet size, N real agents (each its own MQTT client, state directory and shard of
+FedProx's Synthetic(1,1) data; threads spread over agent host processes, one per 100 agents by
+default) run against one Mosquitto and one aggregator. A size is *sustained* when every agent is online at the end, the aggregator received
 every update the broker acknowledged to an agent, and every received update was accepted or
 rejected with a reason.
 
-    .venv/bin/python -m bench.scale [--sizes 100,250,500] [--duration 60]
+    .venv/bin/python -m bench.scale [--sizes 100,250,500] [--duration 60] [--agent-processes P]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 
 from bench._sim import machine, run
 from simulator.runner import SimConfig
@@ -24,6 +27,11 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--compute-time", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tmpfs", action="store_true",
+                    help="keep the broker's and every agent's state in /dev/shm (RAM) instead "
+                         "of on the disk: one disk serialises every simulated device's fsyncs")
+    ap.add_argument("--agent-processes", type=int, default=0,
+                    help="processes hosting the agents (default: one per 100 agents)")
     args = ap.parse_args()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
@@ -31,8 +39,13 @@ def main() -> int:
             dataset="synthetic", model="softmax", clients=n, partition="iid",
             strategy="fedbuff", buffer_size=max(10, n // 20), codec="int8",
             duration=args.duration, compute_time=args.compute_time, quiet=True, seed=args.seed,
+            agent_processes=args.agent_processes,
         )
-        s = run(cfg)
+        if args.tmpfs:
+            with tempfile.TemporaryDirectory(prefix="fedmqtt-scale-", dir="/dev/shm") as d:
+                s = run(replace(cfg, workdir=Path(d)))
+        else:
+            s = run(cfg)
         online = max((p["online"] for p in s["history"][-8:]), default=0)
         rejected = sum(s["updates_rejected"].values())
         lost = s["updates_delivered_by_agents"] - s["updates_received"]
@@ -43,13 +56,14 @@ def main() -> int:
               file=sys.stderr)
     print(f"machine: {machine()}")
     print(f"setting: synthetic(1,1), softmax 60x10, FedBuff, int8, {args.duration:.0f} s per "
-          f"size, emulated compute {args.compute_time} s per round\n")
-    print("| agents | online at end | updates delivered | received by aggregator | accepted |"
+          f"size, emulated compute {args.compute_time} s per round, state on "
+          f"{'tmpfs (/dev/shm)' if args.tmpfs else 'disk'}\n")
+    print("| agents | agent processes | set-up s | online at end | updates delivered | received by aggregator | accepted |"
           " rejected | lost | versions | updates/s | sustained |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n, s, online, lost, _, ok in rows:
         rate = s["updates_received"] / max(s["config"]["duration"], 1e-9)
-        print(f"| {n} | {online} | {s['updates_delivered_by_agents']} | "
+        print(f"| {n} | {s['agent_processes']} | {s['setup_s']} | {online} | {s['updates_delivered_by_agents']} | "
               f"{s['updates_received']} | {s['updates_accepted']} | "
               f"{sum(s['updates_rejected'].values())} | {max(lost, 0)} | {s['versions']} | "
               f"{rate:.0f} | {'yes' if ok else 'NO'} |")

@@ -54,6 +54,9 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="local learning rate (default 0.1)")
     p.add_argument("--batch-size", type=int, default=16, help="local batch size (default 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--agent-processes", type=int, default=0, metavar="P",
+                   help="processes hosting the agents (default 0: automatic -- all in this "
+                        "process up to 50 agents, then one process per 100 agents)")
     p.add_argument("--broker", default=None, metavar="HOST:PORT",
                    help="use this broker instead of starting a local Mosquitto")
     p.add_argument("--workdir", type=Path, default=None,

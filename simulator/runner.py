@@ -15,9 +15,8 @@ import contextlib
 import logging
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,9 +28,8 @@ from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import Codec
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.params import Params
 from fedmqtt.signing import Ed25519Signer, HmacKey
-from simulator import behaviour, datasets, report
+from simulator import behaviour, datasets, fleet, report
 from simulator.central import centralized_accuracy
 from simulator.partition import partition
 
@@ -68,6 +66,8 @@ class SimConfig:
     lr: float = 0.1
     batch_size: int = 16
     onnx_every: int = 0  # publish an ONNX export every N versions (0: never)
+    # Processes hosting the agents (0: automatic, see simulator.fleet.host_count).
+    agent_processes: int = 0
     extra_strategy: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -80,24 +80,11 @@ class SimConfig:
             raise ConfigError("--clients must be at least 1")
         if self.duration <= 0:
             raise ConfigError("--duration must be positive")
+        if self.agent_processes < 0:
+            raise ConfigError("--agent-processes must be 0 (automatic) or more")
         Codec.parse(self.codec)
         if self.model == "linear" and self.dataset != "synthetic":
             log.info("linear model: least-squares classifier on one-hot targets")
-
-
-@dataclass
-class _Device:
-    id: str
-    behaviour: behaviour.DeviceBehaviour
-    config: Any  # edge_agent.config.AgentConfig
-    thread: threading.Thread | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-    agent: Any = None
-    delivered_before: int = 0  # PUBACKed updates of earlier agent instances (after outages)
-
-    @property
-    def delivered(self) -> int:
-        return self.delivered_before + (self.agent.updates_sent if self.agent is not None else 0)
 
 
 def run_simulation(cfg: SimConfig, out: TextIO | None = None) -> dict[str, Any]:
@@ -182,10 +169,10 @@ class _Simulation:
         }
         return AggregatorConfig.from_dict(raw, base_dir=self.workdir)
 
-    def _device_config(self, i: int, host: str, port: int, agg_pub: Path,
-                       shard: tuple[npt.NDArray[np.float32], npt.NDArray[Any]]) -> Any:
-        from edge_agent.config import AgentConfig
-
+    def _device(self, i: int, b: behaviour.DeviceBehaviour, broker: tuple[str, int],
+                agg_pub: Path, shard: tuple[npt.NDArray[np.float32], npt.NDArray[Any]],
+                ) -> fleet.DeviceSpec:
+        host, port = broker
         dev = f"dev{i:04d}"
         home = self.workdir / "agents" / dev
         (home / "data").mkdir(parents=True, exist_ok=True)
@@ -203,7 +190,7 @@ class _Simulation:
             "training": {"seed": self.cfg.seed * 100_003 + i},
             "logging": {"level": "WARNING"},
         }
-        return AgentConfig.from_dict(raw, base_dir=home)
+        return fleet.DeviceSpec(dev, b, raw, home)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
@@ -221,13 +208,8 @@ class _Simulation:
         signer.save(keys / "aggregator.key")
         signer.verifier().save(keys / "aggregator.pub")
         agg_cfg = self._aggregator_config(host, port, keys / "aggregator.key")
-        devices = [
-            _Device(cfg_dev.device.id, b, cfg_dev)
-            for b, cfg_dev in (
-                (sched[i], self._device_config(i, host, port, keys / "aggregator.pub", shards[i]))
-                for i in range(n)
-            )
-        ]
+        devices = [self._device(i, sched[i], (host, port), keys / "aggregator.pub", shards[i])
+                   for i in range(n)]
         central = centralized_accuracy(
             self.spec, np.concatenate([s[0] for s in shards]),
             np.concatenate([s[1] for s in shards]), self.ds.X_test,
@@ -238,17 +220,26 @@ class _Simulation:
 
         agg = AggregatorThread(agg_cfg)
         agg.start()
+        self.stack.callback(agg.stop)  # idempotent; covers a failure while the fleet starts
+        attacks = fleet.Attacks(cfg.attack, cfg.seed, self.ds.n_classes)
+        processes = fleet.host_count(cfg.agent_processes, n)
+        agents: fleet.Fleet = (fleet.ProcessFleet(devices, attacks, processes) if processes
+                               else fleet.LocalFleet(devices, attacks))
         progress = report.Progress(out=self.out, every_s=5.0)
         t0 = time.monotonic()
-        for d in devices:
-            self._start_device(d)
+        agents.start()
         log.info("set-up took %.1fs", t0 - t_setup)
+        delivered = 0
         reached: report.Point | None = None
         error: str | None = None
         try:
             while (now := time.monotonic() - t0) < cfg.duration:
                 time.sleep(0.25)
-                self._apply_dropout(devices, now)
+                try:
+                    agents.tick(now)
+                except RuntimeError as e:
+                    error = str(e)
+                    break
                 snap = agg.snapshot()
                 point = report.Point(
                     t=round(now, 3), version=int(snap["version"]),
@@ -270,14 +261,11 @@ class _Simulation:
                         break
         finally:
             progress.close()
-            for d in devices:
-                d.stop.set()
-            for d in devices:
-                if d.thread is not None:
-                    d.thread.join(15)
+            delivered = sum(agents.stop().values())
+            if agents.failures and error is None:
+                error = "; ".join(agents.failures)
             # Every update the broker acknowledged must reach the aggregator: wait for the
             # broker's queue to drain before the books are closed.
-            delivered = sum(d.delivered for d in devices)
             deadline = time.monotonic() + 30
             while (agg.snapshot()["updates_received"] < delivered and agg.error is None
                    and time.monotonic() < deadline):
@@ -287,6 +275,7 @@ class _Simulation:
         summary = self._summary(final, progress, central, reached=reached, devices=devices,
                                 error=error)
         summary["updates_delivered_by_agents"] = delivered
+        summary["setup_s"] = round(t0 - t_setup, 1)
         summary["workdir"] = str(self.workdir)
         if cfg.json is not None:
             report.write_json(cfg.json, summary)
@@ -296,46 +285,8 @@ class _Simulation:
                               f"{cfg.partition}, {n} agents")
         return summary
 
-    def _start_device(self, d: _Device) -> None:
-        from edge_agent.agent import EdgeAgent
-
-        cfg = self.cfg
-        b = d.behaviour
-        attack: Callable[[Params], Params] | None = None
-        data_tf = None
-        if b.attacker:
-            if cfg.attack == "labelflip":
-                data_tf = behaviour.label_flip(self.ds.n_classes)
-            else:
-                attack = behaviour.delta_attack(cfg.attack, seed=cfg.seed + b.index)
-        compute_s = b.compute_s
-        d.stop = threading.Event()
-
-        def delta_tf(delta: Params, stop: threading.Event = d.stop) -> Params:
-            # Emulated slow hardware: the update leaves compute_s after the model arrived,
-            # so its staleness is what a device of this speed would produce.
-            stop.wait(compute_s)
-            return attack(delta) if attack is not None else delta
-
-        d.agent = EdgeAgent(d.config, delta_transform=delta_tf, data_transform=data_tf)
-        d.thread = threading.Thread(target=d.agent.run, args=(d.stop,), name=d.id, daemon=True)
-        d.thread.start()
-
-    def _apply_dropout(self, devices: list[_Device], now: float) -> None:
-        for d in devices:
-            offline = any(a <= now < b for a, b in d.behaviour.offline)
-            running = d.thread is not None and d.thread.is_alive()
-            if offline and running:
-                d.stop.set()
-                d.thread.join(15)  # type: ignore[union-attr]
-                d.thread = None
-                d.delivered_before = d.delivered
-                d.agent = None
-            elif not offline and not running and d.behaviour.offline:
-                self._start_device(d)
-
     def _summary(self, final: dict[str, Any], progress: report.Progress, central: float, *,
-                 reached: report.Point | None, devices: list[_Device],
+                 reached: report.Point | None, devices: list[fleet.DeviceSpec],
                  error: str | None) -> dict[str, Any]:
         cfg = self.cfg
         if reached is None and cfg.target_accuracy is not None:
@@ -357,6 +308,7 @@ class _Simulation:
             "updates_rejected": rejected,
             "versions": int(final["version"]),
             "agents": len(devices),
+            "agent_processes": fleet.host_count(cfg.agent_processes, len(devices)),
             "attackers": [d.id for d in devices if d.behaviour.attacker],
             "stragglers": [d.id for d in devices if d.behaviour.straggler],
             "error": error,

@@ -1,0 +1,314 @@
+"""Where the simulated devices run: agent threads in this process, or spread over processes.
+
+Every simulated device is a real :class:`edge_agent.agent.EdgeAgent` (its own MQTT client,
+state directory and data shard) running in a thread. A handful of devices fit in the
+simulator's own process; hundreds do not: each agent is three threads (its loop, its MQTT
+client, its training), and 1,500 threads under one GIL starved each other badly enough that
+starting 500 agents took minutes and some never came online (docs/benchmarks.md, Scale). So
+large fleets are split over *agent host* processes, each hosting a slice of the devices with
+its own interpreter and GIL.
+
+The split changes nothing a device sees: its configuration, shard, speed, outage windows and
+attack come from the same seeded schedule whichever process hosts it, and the outage windows
+are timed against one ``time.monotonic()`` start (CLOCK_MONOTONIC is system-wide on Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedmqtt.params import Params
+from simulator import behaviour
+
+log = logging.getLogger("fedmqtt.simulate")
+
+#: Above this many devices the simulator hosts agents in separate processes by default.
+IN_PROCESS_MAX = 50
+#: Devices per agent host process when the count is chosen automatically.
+DEVICES_PER_HOST = 100
+_READY_TIMEOUT_S = 300.0
+_STOP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Everything needed to run one simulated device, in a form that pickles."""
+
+    id: str
+    behaviour: behaviour.DeviceBehaviour
+    config: dict[str, Any]  # the agent's TOML tables, as edge_agent.config reads them
+    home: Path
+
+
+@dataclass(frozen=True)
+class Attacks:
+    """The federation-wide attack settings; each attacker gets its own seeded transform."""
+
+    attack: str
+    seed: int
+    n_classes: int
+
+
+def host_count(requested: int, n_devices: int) -> int:
+    """Agent host processes to use: ``requested`` if positive, else one per
+    :data:`DEVICES_PER_HOST` devices above :data:`IN_PROCESS_MAX` (0 = all in this process)."""
+    if requested > 0:
+        return min(requested, n_devices)
+    if n_devices <= IN_PROCESS_MAX:
+        return 0
+    return -(-n_devices // DEVICES_PER_HOST)
+
+
+@dataclass
+class _Running:
+    spec: DeviceSpec
+    thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    agent: Any = None
+    delivered_before: int = 0  # PUBACKed updates of earlier agent instances (after outages)
+
+    @property
+    def delivered(self) -> int:
+        return self.delivered_before + (self.agent.updates_sent if self.agent is not None else 0)
+
+
+class AgentHost:
+    """Runs a set of devices as agent threads and applies their outage windows."""
+
+    def __init__(self, specs: list[DeviceSpec], attacks: Attacks) -> None:
+        self.attacks = attacks
+        self.devices = [_Running(s) for s in specs]
+        self._configs: dict[str, Any] = {}
+
+    def prepare(self) -> None:
+        """Parse every device's configuration (fails early, before anything starts)."""
+        from edge_agent.config import AgentConfig
+
+        for d in self.devices:
+            self._configs[d.spec.id] = AgentConfig.from_dict(d.spec.config, base_dir=d.spec.home)
+
+    def start(self) -> None:
+        for d in self.devices:
+            if not _offline(d.spec.behaviour, 0.0):
+                self._start(d)
+
+    def tick(self, now: float) -> None:
+        """Stop devices entering an outage and restart those leaving one (``now``: seconds
+        since the simulation started)."""
+        for d in self.devices:
+            if not d.spec.behaviour.offline:
+                continue
+            offline = _offline(d.spec.behaviour, now)
+            running = d.thread is not None and d.thread.is_alive()
+            if offline and running:
+                self._stop([d])
+            elif not offline and not running:
+                self._start(d)
+
+    def stop(self) -> dict[str, int]:
+        """Stop every agent; returns the updates each device saw acknowledged by the broker."""
+        self._stop(self.devices)
+        return {d.spec.id: d.delivered for d in self.devices}
+
+    def delivered(self) -> dict[str, int]:
+        return {d.spec.id: d.delivered for d in self.devices}
+
+    def _start(self, d: _Running) -> None:
+        from edge_agent.agent import EdgeAgent
+
+        b = d.spec.behaviour
+        attack: Callable[[Params], Params] | None = None
+        data_tf = None
+        if b.attacker:
+            if self.attacks.attack == "labelflip":
+                data_tf = behaviour.label_flip(self.attacks.n_classes)
+            else:
+                seed = self.attacks.seed + b.index
+                attack = behaviour.delta_attack(self.attacks.attack, seed=seed)
+        compute_s = b.compute_s
+        d.stop = threading.Event()
+
+        def delta_tf(delta: Params, stop: threading.Event = d.stop) -> Params:
+            # Emulated slow hardware: the update leaves compute_s after the model arrived,
+            # so its staleness is what a device of this speed would produce.
+            stop.wait(compute_s)
+            return attack(delta) if attack is not None else delta
+
+        d.agent = EdgeAgent(self._configs[d.spec.id], delta_transform=delta_tf,
+                            data_transform=data_tf)
+        d.thread = threading.Thread(target=d.agent.run, args=(d.stop,), name=d.spec.id,
+                                    daemon=True)
+        d.thread.start()
+
+    @staticmethod
+    def _stop(devices: list[_Running]) -> None:
+        for d in devices:  # signal all first: they wind down in parallel
+            d.stop.set()
+        for d in devices:
+            if d.thread is not None:
+                d.thread.join(15)
+                if d.thread.is_alive():
+                    log.warning("agent %s did not stop within 15 s", d.spec.id)
+                d.thread = None
+            d.delivered_before = d.delivered
+            d.agent = None
+
+
+def _offline(b: behaviour.DeviceBehaviour, now: float) -> bool:
+    return any(start <= now < end for start, end in b.offline)
+
+
+class Fleet(Protocol):
+    """The simulator's view of its devices, wherever they run."""
+
+    failures: list[str]
+
+    def start(self) -> None: ...
+    def tick(self, now: float) -> None:
+        """Housekeeping every 0.25 s; raises RuntimeError if part of the fleet died."""
+    def stop(self) -> dict[str, int]:
+        """Stop every agent; the updates each device saw acknowledged (``failures`` lists the
+        parts of the fleet whose counts are missing)."""
+
+
+class LocalFleet:
+    """All devices as threads of this process (small fleets, and the tests)."""
+
+    def __init__(self, specs: list[DeviceSpec], attacks: Attacks) -> None:
+        self.host = AgentHost(specs, attacks)
+        self.host.prepare()
+        self.failures: list[str] = []
+
+    def start(self) -> None:
+        self.host.start()
+
+    def tick(self, now: float) -> None:
+        self.host.tick(now)
+
+    def stop(self) -> dict[str, int]:
+        return self.host.stop()
+
+
+class ProcessFleet:
+    """Devices spread round-robin over ``processes`` agent host processes.
+
+    Each host is a fresh interpreter (``spawn``: forking a process that already runs the
+    aggregator's threads is unsafe). Protocol on one pipe per host: the host parses its
+    devices' configs and sends ``ready``; the parent sends ``("go", t0)`` with the shared start
+    time; the host starts its agents and applies their outage windows itself until it receives
+    ``stop``, then stops them and sends back the delivered counts. A host whose parent dies
+    stops its agents and exits.
+    """
+
+    def __init__(self, specs: list[DeviceSpec], attacks: Attacks, processes: int) -> None:
+        ctx = mp.get_context("spawn")
+        self._procs: list[Any] = []
+        self._pipes: list[mpc.Connection] = []
+        self.failures: list[str] = []
+        level = logging.getLogger().getEffectiveLevel()
+        for i in range(processes):
+            mine = specs[i::processes]
+            if not mine:
+                continue
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_host_main, args=(child, mine, attacks, level, os.getpid()),
+                            name=f"fedmqtt-agents-{i}", daemon=True)
+            p.start()
+            child.close()
+            self._procs.append(p)
+            self._pipes.append(parent)
+        try:
+            for i, pipe in enumerate(self._pipes):
+                msg = _recv(pipe, _READY_TIMEOUT_S, f"agent host {i} to get ready")
+                if msg != ("ready",):
+                    raise RuntimeError(f"agent host {i} failed to start: {msg!r}")
+        except BaseException:
+            self.close()
+            raise
+        log.info("%d devices in %d agent host processes", len(specs), len(self._procs))
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        for pipe in self._pipes:
+            pipe.send(("go", t0))
+
+    def tick(self, now: float) -> None:
+        for i, p in enumerate(self._procs):
+            if not p.is_alive():
+                raise RuntimeError(f"agent host process {i} died (exit code {p.exitcode})")
+
+    def stop(self) -> dict[str, int]:
+        """Stop every host; a host that died or fails to answer is logged and left out of the
+        counts (its devices' deliveries are unknown, so the run reports an error)."""
+        delivered: dict[str, int] = {}
+        self.failures = []
+        for pipe in self._pipes:
+            with contextlib.suppress(OSError):  # a dead host is reported below
+                pipe.send(("stop",))
+        for i, pipe in enumerate(self._pipes):
+            try:
+                msg = _recv(pipe, _STOP_TIMEOUT_S, f"agent host {i} to stop")
+                if not (isinstance(msg, tuple) and msg[0] == "stopped"):
+                    raise RuntimeError(f"agent host {i} failed while stopping: {msg!r}")
+            except RuntimeError as e:
+                log.error("%s", e)
+                self.failures.append(str(e))
+                continue
+            delivered.update(msg[1])
+        self.close()
+        return delivered
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            pipe.close()
+        for p in self._procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _recv(pipe: mpc.Connection, timeout: float, what: str) -> Any:
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+    try:
+        return pipe.recv()
+    except EOFError:
+        raise RuntimeError(f"{what}: the process exited") from None
+
+
+def _host_main(pipe: mpc.Connection, specs: list[DeviceSpec], attacks: Attacks, level: int,
+               parent_pid: int) -> None:
+    """Entry point of an agent host process."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host = AgentHost(specs, attacks)
+    try:
+        host.prepare()
+    except Exception as e:  # report it to the parent instead of dying silently
+        pipe.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    pipe.send(("ready",))
+    msg = pipe.recv()
+    if msg[0] != "go":
+        return
+    t0 = float(msg[1])
+    host.start()
+    try:
+        while os.getppid() == parent_pid:
+            if pipe.poll(0.25):
+                break  # "stop" (or the parent closed the pipe)
+            host.tick(time.monotonic() - t0)
+    finally:
+        delivered = host.stop()
+        with contextlib.suppress(OSError):  # the parent may be gone
+            pipe.send(("stopped", delivered))

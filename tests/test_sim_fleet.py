@@ -1,0 +1,65 @@
+"""Simulated devices hosted in separate processes (simulator.fleet), through the real system."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import threading
+import time
+
+from simulator.fleet import DEVICES_PER_HOST, IN_PROCESS_MAX, host_count
+from simulator.runner import SimConfig, run_simulation
+
+
+def test_host_count_defaults_to_threads_for_small_fleets() -> None:
+    assert host_count(0, 1) == 0
+    assert host_count(0, IN_PROCESS_MAX) == 0
+    assert host_count(0, IN_PROCESS_MAX + 1) == 1
+    assert host_count(0, 5 * DEVICES_PER_HOST) == 5
+    assert host_count(0, 5 * DEVICES_PER_HOST + 1) == 6
+    assert host_count(3, 10) == 3
+    assert host_count(8, 2) == 2  # never more processes than devices
+
+
+def test_agents_in_processes_learn_and_lose_nothing() -> None:
+    s = run_simulation(
+        SimConfig(clients=6, agent_processes=2, duration=10.0, compute_time=0.05, dropout=0.34,
+                  partition="iid", quiet=True, seed=1),
+        out=io.StringIO(),
+    )
+    assert s["error"] is None, s["error"]
+    assert s["agent_processes"] == 2
+    assert s["versions"] > 5
+    assert s["final_accuracy"] > 0.5
+    # Every update an agent saw acknowledged reached the aggregator, and every received update
+    # was accepted or refused with a reason.
+    assert s["updates_received"] >= s["updates_delivered_by_agents"] > 0
+    assert s["updates_received"] == s["updates_accepted"] + sum(s["updates_rejected"].values())
+
+
+def test_a_dead_agent_host_ends_the_run_with_an_error() -> None:
+    killed: list[str] = []
+
+    def kill_one_host() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            hosts = [p for p in multiprocessing.active_children()
+                     if p.name.startswith("fedmqtt-agents-")]
+            if len(hosts) == 2 and all(p.pid for p in hosts):
+                time.sleep(3.0)  # let the run get going
+                hosts[0].kill()
+                killed.append(hosts[0].name)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_host, daemon=True)
+    killer.start()
+    t = time.monotonic()
+    s = run_simulation(
+        SimConfig(clients=4, agent_processes=2, duration=60.0, compute_time=0.05, quiet=True),
+        out=io.StringIO(),
+    )
+    killer.join(5)
+    assert killed
+    assert s["error"] is not None and "died" in s["error"], s["error"]
+    assert time.monotonic() - t < 50  # the run stopped instead of carrying on for 60 s
+    assert s["updates_accepted"] > 0  # the aggregator's books are still reported
