@@ -332,13 +332,14 @@ class EdgeAgent:
         self._retry_at = 0.0  # a new version deserves a round now, even after a failure
         if not from_disk:
             self._store_payload(st.GLOBAL_MODEL_FILE, payload)
-        self.log.info(
-            "global model v%d accepted (%s, %d parameters)%s",
-            msg.version,
-            msg.spec.kind,
-            msg.spec.layout().size,
-            " from the state directory" if from_disk else "",
-        )
+        if self.log.isEnabledFor(logging.INFO):  # the parameter count costs a layout
+            self.log.info(
+                "global model v%d accepted (%s, %d parameters)%s",
+                msg.version,
+                msg.spec.kind,
+                msg.spec.layout().size,
+                " from the state directory" if from_disk else "",
+            )
         self._update_status()
 
     def _accept_plan(self, payload: bytes, *, from_disk: bool = False) -> None:

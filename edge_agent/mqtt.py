@@ -362,8 +362,14 @@ class Link:
         sock = client.socket()
         if sock is None:
             return
-        wlist = [sock] if client.want_write() else []
-        readable, _, _ = select.select([sock], wlist, [], timeout)
+        try:
+            readable, woken, _ = _wait(sock, self._wake_r, client.want_write(), timeout)
+        except (OSError, ValueError):
+            self._close_socket()
+            return
+        if woken:  # stop() wakes the loop; drain it or every later wait returns at once
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._wake_r.recv(4096)
         if readable:
             client.loop_read()
         if client.socket() is not None and client.want_write():

@@ -9,8 +9,7 @@ between the two without guessing: it is derived from the model spec.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
@@ -24,33 +23,33 @@ Params = dict[str, F32]
 class Layout:
     """Names, shapes and offsets of each tensor inside the flat vector.
 
-    Sizes and offsets are computed once per layout: decoders ask for them on every update, and
-    recomputing them was a third of the aggregator's per-update cost at d = 650.
+    Sizes and offsets are computed once, when the layout is built: decoders ask for them on
+    every update, and recomputing them was a third of the aggregator's per-update cost at
+    d = 650. Eagerly rather than with ``functools.cached_property``, whose Python 3.11 version
+    takes one lock shared by every instance of the class: with hundreds of agent threads in a
+    process (the simulator) that lock was a hot spot.
     """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    sizes: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    size: int = field(init=False, repr=False, compare=False)
+    _offsets: Mapping[str, tuple[int, int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sizes = tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+        offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, n in zip(self.names, sizes, strict=True):
+            offsets[name] = (start, start + n)
+            start += n
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "size", start)
+        object.__setattr__(self, "_offsets", MappingProxyType(offsets))
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> Layout:
         return cls(tuple(shapes), tuple(tuple(int(d) for d in s) for s in shapes.values()))
-
-    @cached_property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-    @cached_property
-    def size(self) -> int:
-        return sum(self.sizes)
-
-    @cached_property
-    def _offsets(self) -> Mapping[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
-        start = 0
-        for name, n in zip(self.names, self.sizes, strict=True):
-            out[name] = (start, start + n)
-            start += n
-        return MappingProxyType(out)
 
     def offsets(self) -> Mapping[str, tuple[int, int]]:
         """name -> (start, stop) in the flat vector (read-only, computed once)."""
