@@ -588,6 +588,14 @@ class AggregatorThread:
     def snapshot(self) -> dict[str, Any]:
         return self.service.snapshot()
 
+    def presence(self) -> dict[str, str]:
+        """Each device's last believed presence state ("online"/"offline"), as a copy.
+
+        Read from another thread than the engine's: ``Presence.devices`` copies its dict in one
+        C-level ``sorted(dict.items())`` call, which the GIL makes atomic for str keys."""
+        engine = getattr(self.service, "engine", None)
+        return dict(engine.presence.devices()) if engine is not None else {}
+
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -2,11 +2,12 @@
 
 For each fleet size, N real agents (each its own MQTT client, state directory and shard of
 FedProx's Synthetic(1,1) data; threads spread over agent host processes, one per 100 agents by
-default) run against one Mosquitto and one aggregator. A size is *sustained* when every agent is online at the end, the aggregator received
-every update the broker acknowledged to an agent, and every received update was accepted or
-rejected with a reason.
+default) run against one Mosquitto and one aggregator. A size is *sustained* when every agent
+has a live connection at the end (its own view) and is online in the aggregator's presence
+view, the aggregator received every update the broker acknowledged to an agent, and every
+received update was accepted or rejected with a reason.
 
-    .venv/bin/python -m bench.scale [--sizes 100,250,500] [--duration 60] [--agent-processes P]
+    .venv/bin/python -m bench.scale [--sizes 100,250,500] [--duration 60] [--tmpfs]
 """
 
 from __future__ import annotations
@@ -16,9 +17,27 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from bench._sim import machine, run
 from simulator.runner import SimConfig
+
+COLUMNS = (
+    "agents", "agent processes", "set-up s", "connected at end (agents)",
+    "online at end (aggregator)", "updates delivered", "received by aggregator", "accepted",
+    "rejected", "lost", "versions", "updates/s", "sustained",
+)
+
+
+def judge(n: int, s: dict[str, Any]) -> dict[str, Any]:
+    online = max((p["online"] for p in s["history"][-8:]), default=0)
+    rejected = sum(s["updates_rejected"].values())
+    lost = s["updates_delivered_by_agents"] - s["updates_received"]
+    accounted = s["updates_received"] == s["updates_accepted"] + rejected
+    connected = s["agents_connected_at_end"]
+    ok = online == n and connected == n and lost <= 0 and accounted and s["error"] is None
+    return {"online": online, "rejected": rejected, "lost": max(lost, 0),
+            "connected": connected, "ok": ok}
 
 
 def main() -> int:
@@ -46,27 +65,25 @@ def main() -> int:
                 s = run(replace(cfg, workdir=Path(d)))
         else:
             s = run(cfg)
-        online = max((p["online"] for p in s["history"][-8:]), default=0)
-        rejected = sum(s["updates_rejected"].values())
-        lost = s["updates_delivered_by_agents"] - s["updates_received"]
-        accounted = s["updates_received"] == s["updates_accepted"] + rejected
-        ok = online == n and lost <= 0 and accounted and s["error"] is None
-        rows.append((n, s, online, lost, accounted, ok))
-        print(f"{n}: online {online}, received {s['updates_received']}, lost {lost}, ok {ok}",
-              file=sys.stderr)
+        j = judge(n, s)
+        rows.append((n, s, j))
+        print(f"{n}: connected {j['connected']}, online {j['online']}, received "
+              f"{s['updates_received']}, lost {j['lost']}, sustained {j['ok']}; not online per "
+              f"the aggregator: {s['devices_not_online'][:20]}", file=sys.stderr)
     print(f"machine: {machine()}")
     print(f"setting: synthetic(1,1), softmax 60x10, FedBuff, int8, {args.duration:.0f} s per "
           f"size, emulated compute {args.compute_time} s per round, state on "
           f"{'tmpfs (/dev/shm)' if args.tmpfs else 'disk'}\n")
-    print("| agents | agent processes | set-up s | online at end | updates delivered | received by aggregator | accepted |"
-          " rejected | lost | versions | updates/s | sustained |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for n, s, online, lost, _, ok in rows:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---:|" * (len(COLUMNS) - 1) + "---|")
+    for n, s, j in rows:
         rate = s["updates_received"] / max(s["config"]["duration"], 1e-9)
-        print(f"| {n} | {s['agent_processes']} | {s['setup_s']} | {online} | {s['updates_delivered_by_agents']} | "
-              f"{s['updates_received']} | {s['updates_accepted']} | "
-              f"{sum(s['updates_rejected'].values())} | {max(lost, 0)} | {s['versions']} | "
-              f"{rate:.0f} | {'yes' if ok else 'NO'} |")
+        cells = (
+            n, s["agent_processes"], s["setup_s"], j["connected"], j["online"],
+            s["updates_delivered_by_agents"], s["updates_received"], s["updates_accepted"],
+            j["rejected"], j["lost"], s["versions"], f"{rate:.0f}", "yes" if j["ok"] else "NO",
+        )
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     return 0
 
 

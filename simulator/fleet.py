@@ -89,6 +89,7 @@ class AgentHost:
         self.attacks = attacks
         self.devices = [_Running(s) for s in specs]
         self._configs: dict[str, Any] = {}
+        self.connected_at_stop = 0
 
     def prepare(self) -> None:
         """Parse every device's configuration (fails early, before anything starts)."""
@@ -116,9 +117,19 @@ class AgentHost:
                 self._start(d)
 
     def stop(self) -> dict[str, int]:
-        """Stop every agent; returns the updates each device saw acknowledged by the broker."""
+        """Stop every agent; returns the updates each device saw acknowledged by the broker.
+        ``connected_at_stop`` counts the agents that had a live MQTT connection just before."""
+        self.connected_at_stop = self.connected()
         self._stop(self.devices)
         return {d.spec.id: d.delivered for d in self.devices}
+
+    def connected(self) -> int:
+        """Agents whose MQTT connection is up (their own view, not the aggregator's)."""
+        return sum(
+            1
+            for d in self.devices
+            if d.agent is not None and d.agent.link is not None and d.agent.link.connected
+        )
 
     def delivered(self) -> dict[str, int]:
         return {d.spec.id: d.delivered for d in self.devices}
@@ -172,6 +183,7 @@ class Fleet(Protocol):
     """The simulator's view of its devices, wherever they run."""
 
     failures: list[str]
+    connected_at_stop: int  # agents with a live MQTT connection when stop() began
 
     def start(self) -> None: ...
     def tick(self, now: float) -> None:
@@ -188,6 +200,7 @@ class LocalFleet:
         self.host = AgentHost(specs, attacks)
         self.host.prepare()
         self.failures: list[str] = []
+        self.connected_at_stop = 0
 
     def start(self) -> None:
         self.host.start()
@@ -196,7 +209,9 @@ class LocalFleet:
         self.host.tick(now)
 
     def stop(self) -> dict[str, int]:
-        return self.host.stop()
+        delivered = self.host.stop()
+        self.connected_at_stop = self.host.connected_at_stop
+        return delivered
 
 
 class ProcessFleet:
@@ -215,6 +230,7 @@ class ProcessFleet:
         self._procs: list[Any] = []
         self._pipes: list[mpc.Connection] = []
         self.failures: list[str] = []
+        self.connected_at_stop = 0
         level = logging.getLogger().getEffectiveLevel()
         for i in range(processes):
             mine = specs[i::processes]
@@ -252,6 +268,7 @@ class ProcessFleet:
         counts (its devices' deliveries are unknown, so the run reports an error)."""
         delivered: dict[str, int] = {}
         self.failures = []
+        self.connected_at_stop = 0
         for pipe in self._pipes:
             with contextlib.suppress(OSError):  # a dead host is reported below
                 pipe.send(("stop",))
@@ -265,6 +282,7 @@ class ProcessFleet:
                 self.failures.append(str(e))
                 continue
             delivered.update(msg[1])
+            self.connected_at_stop += int(msg[2])
         self.close()
         return delivered
 
@@ -311,4 +329,4 @@ def _host_main(pipe: mpc.Connection, specs: list[DeviceSpec], attacks: Attacks, 
     finally:
         delivered = host.stop()
         with contextlib.suppress(OSError):  # the parent may be gone
-            pipe.send(("stopped", delivered))
+            pipe.send(("stopped", delivered, host.connected_at_stop))

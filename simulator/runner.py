@@ -261,6 +261,7 @@ class _Simulation:
                         break
         finally:
             progress.close()
+            presence = agg.presence()  # before the agents say goodbye
             delivered = sum(agents.stop().values())
             if agents.failures and error is None:
                 error = "; ".join(agents.failures)
@@ -276,6 +277,8 @@ class _Simulation:
                                 error=error)
         summary["updates_delivered_by_agents"] = delivered
         summary["setup_s"] = round(t0 - t_setup, 1)
+        summary["agents_connected_at_end"] = agents.connected_at_stop
+        summary["devices_not_online"] = [d.id for d in devices if presence.get(d.id) != "online"]
         summary["workdir"] = str(self.workdir)
         if cfg.json is not None:
             report.write_json(cfg.json, summary)
