@@ -25,17 +25,14 @@ Signature verification comes before parsing the body, so forged bytes are never 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Final
-
-import numpy as np
 
 from aggregator.devices import DeviceKeys
 from aggregator.replay import ReplayWindow
 from fedmqtt import wire
 from fedmqtt.aggregation.robust import NormBound
-from fedmqtt.codecs import Limits, decode_params
+from fedmqtt.codecs import Limits, decode_params_norm
 from fedmqtt.errors import (
     FEDERATION,
     FUTURE,
@@ -158,16 +155,12 @@ def limits_for(layout: Layout, max_bytes: int) -> Limits:
 
 
 def decode_delta(delta: dict[str, Any], layout: Layout, limits: Limits, out: F32) -> float:
-    """Step 9: decode into ``out`` (the model's flat layout); returns the delta's L2 norm."""
-    decode_params(delta, layout, limits=limits, out=out)
-    return l2_norm(out)
+    """Step 9: decode into ``out`` (the model's flat layout); returns the delta's L2 norm.
 
-
-def l2_norm(v: F32) -> float:
-    sq = float(np.dot(v, v))  # float32 BLAS; recomputed in float64 only if it overflowed
-    if not math.isfinite(sq):
-        sq = float(np.dot(v.astype(np.float64), v.astype(np.float64)))
-    return math.sqrt(sq)
+    The decoder computes the norm with its finiteness check (one pass over each tensor, see
+    :func:`fedmqtt.codecs.decode_params_norm`) instead of a second pass over ``out`` here.
+    """
+    return decode_params_norm(delta, layout, limits=limits, out=out)[1]
 
 
 class NormGate:

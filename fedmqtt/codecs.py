@@ -64,6 +64,7 @@ CODEC_NAMES: Final[tuple[CodecName, ...]] = get_args(CodecName)
 FP16_MAX: Final = 65504.0
 ZLIB_LEVEL: Final = 6
 _MAX_SCALE: Final = float(np.finfo(np.float32).max) / 128.0  # int8 codes reach -128
+_SAFE_SUM: Final = float(np.finfo(np.float32).max) / 2  # a float32 sum below it cannot overflow
 # Element-wise checks walk large tensors in blocks so that their temporaries stay small (and
 # in cache) instead of costing one or two bytes per element of a possibly 50M-element tensor.
 _BLOCK: Final = 1 << 18
@@ -352,8 +353,20 @@ def decode_tensor(
     """
     if out is not None:
         _check_out(out)
+    return _decode_checked(obj, limits, expected_shape, out, want_sq=False)[0]
+
+
+def _decode_checked(
+    obj: object,
+    limits: Limits,
+    expected_shape: tuple[int, ...] | None,
+    out: F32 | None,
+    *,
+    want_sq: bool,
+) -> tuple[F32, float]:
+    """:func:`_decode` with every failure turned into a DecodeError."""
     try:
-        return _decode(obj, limits, expected_shape, out)
+        return _decode(obj, limits, expected_shape, out, want_sq)
     except DecodeError:
         raise
     except MemoryError as exc:
@@ -376,6 +389,34 @@ def decode_params(
     The names must be exactly ``layout.names`` (any order) and every shape must match, else
     DecodeError(SHAPE). ``out`` (size ``layout.size``) receives the vector if given.
     """
+    return _decode_params(obj, layout, limits, out, want_sq=False)[0]
+
+
+def decode_params_norm(
+    obj: object,
+    layout: Layout,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    out: F32 | None = None,
+) -> tuple[F32, float]:
+    """:func:`decode_params`, also returning the L2 norm of the decoded vector.
+
+    The aggregator needs both, and the norm comes almost for free: the finiteness check of a
+    large raw (or topk) tensor is itself the float32 dot product ``v . v`` (see
+    :func:`_finite_sq`), here taken on the decoded values while they are still in cache, so a
+    large delta is not read once more just for its norm. Large tensors' sums of squares are
+    added in float64; a small model (at most 8192 values) gets one float32 dot product over
+    the whole vector after decoding. A float32 sum that overflows (finite values above ~1e19)
+    is redone in float64, so the norm is always finite and within float32 rounding of
+    ``np.linalg.norm`` of the result. Same errors as :func:`decode_params`.
+    """
+    flat, sq = _decode_params(obj, layout, limits, out, want_sq=True)
+    return flat, math.sqrt(sq)
+
+
+def _decode_params(
+    obj: object, layout: Layout, limits: Limits, out: F32 | None, *, want_sq: bool
+) -> tuple[F32, float]:
     if out is not None:
         _check_out(out)
         if out.size != layout.size:
@@ -390,12 +431,21 @@ def decode_params(
             SHAPE, f"tensor names differ from the model: missing {missing}, unexpected {extra[:10]}"
         )
     dst = np.empty(layout.size, dtype=np.float32) if out is None else out
+    # A small model is summed once, after decoding, as one float32 dot product over the whole
+    # (cached) vector: cheaper than a float64 sum per tensor when per-call costs dominate.
+    per_tensor = want_sq and layout.size > _SMALL
+    total = 0.0
     for (name, (start, stop)), shape in zip(layout.offsets().items(), layout.shapes, strict=True):
         try:
-            decode_tensor(obj[name], limits=limits, expected_shape=shape, out=dst[start:stop])
+            sq = _decode_checked(obj[name], limits, shape, dst[start:stop], want_sq=per_tensor)[1]
         except DecodeError as exc:
             raise DecodeError(exc.reason, f"tensor {name!r}: {exc.detail}") from exc
-    return dst
+        total += sq
+    if want_sq and not per_tensor:
+        total = float(np.dot(dst, dst))
+        if not math.isfinite(total):  # finite values above ~1e19: redo it in float64
+            total = _sq64(dst)
+    return dst, total
 
 
 def _check_out(out: object) -> None:
@@ -407,8 +457,13 @@ def _check_out(out: object) -> None:
 
 
 def _decode(
-    obj: object, limits: Limits, expected_shape: tuple[int, ...] | None, out: F32 | None
-) -> F32:
+    obj: object,
+    limits: Limits,
+    expected_shape: tuple[int, ...] | None,
+    out: F32 | None,
+    want_sq: bool,
+) -> tuple[F32, float]:
+    """The decoded tensor and, if ``want_sq``, the float64 sum of its squares (else 0.0)."""
     if not isinstance(obj, dict):
         raise DecodeError(SCHEMA, f"tensor must be a map, got {type(obj).__name__}")
     codec = obj.get("c")
@@ -445,26 +500,42 @@ def _decode(
     data = _payload(obj["d"], "d", data_len, compressed)
     index = _payload(obj["i"], "i", index_len, compressed) if codec == "topk" else b""
     dst = np.empty(n, dtype=np.float32) if out is None else out
+    sq = 0.0
 
     if codec == "raw":
-        values = np.frombuffer(data, _F4)
-        if not _all_finite(values):
+        # Copy first, then check the copy: the check (a dot product, see _finite_sq) reads
+        # ``dst`` while it is still in cache. A refused tensor leaves garbage
+        # in ``dst``, which the contract allows (contents unspecified after a DecodeError).
+        np.copyto(dst, np.frombuffer(data, _F4))
+        sq = _finite_sq(dst, want_sq)
+        if sq < 0:
             raise DecodeError(NONFINITE, "raw tensor contains NaN or Inf")
-        np.copyto(dst, values)
     elif codec == "int8":
         # Codes are bounded (|q| <= 128) and 128 * scale was checked finite: no scan needed.
+        # (A single np.multiply(q, scale, out=dst, casting="unsafe") is slower than these two
+        # passes: numpy runs mixed-type ufuncs through a buffered cast.)
         np.copyto(dst, np.frombuffer(data, _I1))
         np.multiply(dst, scale, out=dst)
+        if want_sq:  # the values are finite; only the float32 sum of squares may overflow
+            if n * (128.0 * float(scale)) ** 2 < _SAFE_SUM:
+                sq = float(np.dot(dst, dst))  # bounded: cannot overflow, no np.errstate needed
+            else:
+                sq = _sq64(dst) if n <= _SMALL else _finite_sq(dst, True)
     elif codec == "fp16":
         if n <= _SMALL:  # numpy's cast has less per-call overhead than the bit trick
             np.copyto(dst, np.frombuffer(data, _F2))
             if not _scan_finite(dst):
                 raise DecodeError(NONFINITE, "fp16 tensor contains NaN or Inf")
+            if want_sq:
+                sq = _sq64(dst)
         else:
             half = np.frombuffer(data, _U2)
             if not _half_all_finite(half):
                 raise DecodeError(NONFINITE, "fp16 tensor contains NaN or Inf")
             _half_to_float(half, dst)
+            if want_sq:
+                # |x| <= 65504: a float32 sum of squares cannot overflow below ~7.9e28 terms.
+                sq = float(np.dot(dst, dst))
     else:
         values = np.frombuffer(data, _F4)
         idx = np.frombuffer(index, _U4)
@@ -473,11 +544,13 @@ def _decode(
                 raise DecodeError(CODEC, f"topk index {int(idx[-1])} out of range for {n}")
             if k > 1 and not bool(np.all(idx[1:] > idx[:-1])):
                 raise DecodeError(CODEC, "topk indices are not strictly increasing")
-        if not _all_finite(values):
+        # Indices are distinct, so the squares of the kept values are those of the tensor.
+        sq = _finite_sq(values, want_sq)
+        if sq < 0:
             raise DecodeError(NONFINITE, "topk values contain NaN or Inf")
         dst.fill(0.0)
         dst[idx] = values
-    return dst if len(shape) == 1 else dst.reshape(shape)
+    return (dst if len(shape) == 1 else dst.reshape(shape)), sq
 
 
 def _explain_fields(obj: dict[Any, Any], codec: str, allowed: frozenset[str]) -> NoReturn:
@@ -586,22 +659,41 @@ def _inflate(value: bytes | bytearray, key: str, size: int) -> bytearray:
 
 
 def _all_finite(a: F32) -> bool:
-    """True iff the float32 array ``a`` (1-D) holds no NaN or Inf.
+    """True iff the float32 array ``a`` (1-D) holds no NaN or Inf (see :func:`_finite_sq`)."""
+    return _finite_sq(a, False) >= 0
+
+
+def _finite_sq(a: F32, want_sq: bool) -> float:
+    """-1.0 if the float32 array ``a`` (1-D) holds a NaN or Inf, else the float64 value of its
+    sum of squares if ``want_sq`` (else 0.0).
 
     Large arrays take a fast path: ``a . a`` is a sum of non-negative squares, so it is finite
     whenever every element is finite, and NaN or Inf as soon as one element is (IEEE rules:
     NaN propagates, Inf cannot be cancelled by non-negative terms). That is one BLAS call
-    with no temporary, faster than ``isfinite(a).all()``. It also overflows for huge finite
-    values (|x| > ~1e19), so a non-finite result is confirmed element-wise, in blocks to keep
-    the boolean temporaries small. Small arrays skip it: entering ``np.errstate`` (needed to
-    keep overflow and signalling-NaN warnings out of the logs) costs more than the scan.
+    with no temporary, faster than ``isfinite(a).all()``, and it is also the squared norm the
+    aggregator needs, so one pass answers both. It overflows for huge finite values
+    (|x| > ~1e19), so a non-finite result is confirmed element-wise, in blocks to keep the
+    boolean temporaries small, and the sum is then redone in float64. Small arrays skip it:
+    entering ``np.errstate`` (needed to keep overflow and signalling-NaN warnings out of the
+    logs) costs more than a scan plus a float64 dot, which cannot overflow.
     """
     if a.size <= _SMALL:
-        return _scan_finite(a)
+        if not _scan_finite(a):
+            return -1.0
+        return _sq64(a) if want_sq else 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        if math.isfinite(float(np.dot(a, a))):
-            return True
-    return all(_scan_finite(a[i : i + _BLOCK]) for i in range(0, a.size, _BLOCK))
+        sq = float(np.dot(a, a))
+    if math.isfinite(sq):
+        return sq if want_sq else 0.0
+    if not all(_scan_finite(a[i : i + _BLOCK]) for i in range(0, a.size, _BLOCK)):
+        return -1.0
+    return sum(_sq64(a[i : i + _BLOCK]) for i in range(0, a.size, _BLOCK)) if want_sq else 0.0
+
+
+def _sq64(a: F32) -> float:
+    """Sum of squares of finite float32 values in float64 (cannot overflow: < 1.2e77 each)."""
+    b = a.astype(np.float64)
+    return float(np.dot(b, b))
 
 
 def _scan_finite(a: F32) -> bool:

@@ -429,6 +429,66 @@ def test_server_optimizer_validation_and_atomic_failure() -> None:
         opt.step(np.zeros(3, np.float32), np.ones(3, np.float32))
 
 
+def _wide_f32(rng: np.random.Generator, n: int) -> F32:
+    """Random float32 values over the whole exponent range, subnormals and extremes included."""
+    bits = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    x[~np.isfinite(x)] = 0.0
+    x[:6] = [0.0, -0.0, 1.4e-45, -3.4028235e38, 3.4028235e38, 1.1754942e-38]
+    return x
+
+
+@pytest.mark.parametrize("n", [50, 20_000])
+def test_server_step_with_unit_lr_matches_the_float64_formula_bit_for_bit(n: int) -> None:
+    # lr = 1 without momentum adds in float32; it must equal the general path's float64 sum
+    # rounded once (double rounding is exact for + when 53 >= 2 * 24 + 2).
+    rng = np.random.default_rng(n)
+    for scale_w, scale_d in ((1.0, 1.0), (1.0, 1e-30), (1e30, 1.0)):
+        w = _wide_f32(rng, n) if scale_w == 1.0 else rng.standard_normal(n).astype(np.float32)
+        d = _wide_f32(rng, n) if scale_d == 1.0 else rng.standard_normal(n).astype(np.float32)
+        w, d = (w * np.float32(scale_w)).astype(np.float32), (d * np.float32(scale_d))
+        with np.errstate(over="ignore"):
+            expected = (w.astype(np.float64) + d.astype(np.float64)).astype(np.float32)
+        finite = np.isfinite(expected)
+        w, d, expected = w[finite], d[finite], expected[finite]
+        got = ServerOptimizer(lr=1.0).step(w, d)
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+        assert got is not w and got is not d
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.5])
+@pytest.mark.parametrize("n", [5, 20_000])
+def test_server_step_errors_are_the_same_on_every_path(lr: float, n: int) -> None:
+    opt = ServerOptimizer(lr=lr)
+    ok, nan = np.ones(n, np.float32), np.ones(n, np.float32)
+    nan[-1] = np.nan
+    with pytest.raises(ValueError, match=r"^w contains NaN or Inf$"):
+        opt.step(nan, ok)
+    with pytest.raises(ValueError, match=r"^aggregate_delta contains NaN or Inf$"):
+        opt.step(ok, nan)
+    with pytest.raises(ValueError, match=r"^w contains NaN or Inf$"):  # w is checked first
+        opt.step(nan, np.ones(n + 1, np.float32))
+    with pytest.raises(ValueError, match=r"^aggregate_delta has length"):
+        opt.step(ok, np.ones(n + 1, np.float32))
+    big = np.full(n, 3e38, np.float32)
+    with pytest.raises(ValueError, match=r"^server step result is not finite in float32"):
+        opt.step(big, big)
+    huge = np.full(n, 1e30, np.float32)  # squares overflow the fast finiteness check
+    np.testing.assert_array_equal(opt.step(huge, np.zeros(n, np.float32)), huge)
+
+
+def test_all_finite() -> None:
+    for n in (3, 100_000):
+        x = np.full(n, 0.5, np.float32)
+        assert _common.all_finite(x)
+        x[0] = -3e38  # overflows the dot product, still finite
+        assert _common.all_finite(x)
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[-1] = bad
+            assert not _common.all_finite(y)
+
+
 # ---------------------------------------------------------------------------------------------
 # Robust reducers
 

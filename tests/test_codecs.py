@@ -18,6 +18,7 @@ from fedmqtt.codecs import (
     ErrorFeedback,
     Limits,
     decode_params,
+    decode_params_norm,
     decode_tensor,
     encode_params,
     encode_tensor,
@@ -436,6 +437,57 @@ def test_params_wrong_names_or_shapes_are_shape_errors(label: str, obj: Any) -> 
 def test_params_not_a_map() -> None:
     with pytest.raises(DecodeError):
         decode_params([1, 2], LAYOUT)
+
+
+# ----------------------------------------------------------------------- decode_params_norm
+
+# W0 is above the decoder's small-tensor threshold (8192 elements), the others below it.
+BIG_LAYOUT = Layout.from_shapes({"W0": (3000, 4), "b0": (4,), "W1": (4, 3), "b1": (3,)})
+NORM_CODECS = [*ALL_CODECS, "raw+zlib", "fp16+zlib", "int8+zlib", "topk:0.3+zlib"]
+
+
+def _params(layout: Layout, seed: int = 0) -> dict[str, F32]:
+    rng = np.random.default_rng(seed)
+    shapes = zip(layout.names, layout.shapes, strict=True)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes}
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
+@pytest.mark.parametrize("text", NORM_CODECS)
+def test_norm_is_that_of_the_decoded_vector(layout: Layout, text: str) -> None:
+    enc = wire(encode_params(_params(layout), Codec.parse(text), rng=np.random.default_rng(1)))
+    out = np.empty(layout.size, np.float32)
+    flat, norm = decode_params_norm(enc, layout, out=out)
+    assert flat is out
+    np.testing.assert_array_equal(flat, decode_params(enc, layout))
+    assert norm == pytest.approx(float(np.linalg.norm(flat.astype(np.float64))), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # small models: float32 dot first
+@pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
+@pytest.mark.parametrize("text", ["raw", "int8", "topk:1", "raw+zlib"])
+def test_norm_of_huge_finite_values_is_finite(layout: Layout, text: str) -> None:
+    # Squares of these overflow float32; the norm must still be the float64 one, not inf.
+    params = _params(layout)
+    params["W0"].reshape(-1)[:3] = [1e30, -3e38, 2e19]
+    enc = wire(encode_params(params, Codec.parse(text), rng=np.random.default_rng(1)))
+    flat, norm = decode_params_norm(enc, layout)
+    assert math.isfinite(norm)
+    assert norm == pytest.approx(float(np.linalg.norm(flat.astype(np.float64))), rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_norm_path_rejects_nonfinite(layout: Layout, bad: float) -> None:
+    params = _params(layout)
+    params["W0"].reshape(-1)[-1] = bad
+    enc = {
+        name: {"c": "raw", "s": list(p.shape), "d": p.astype("<f4").tobytes()}
+        for name, p in params.items()
+    }
+    with pytest.raises(DecodeError) as err:
+        decode_params_norm(enc, layout)
+    assert err.value.reason == NONFINITE and "'W0'" in err.value.detail
 
 
 # --------------------------------------------------------------------------- error feedback

@@ -20,7 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmqtt.codecs import Codec, Limits, decode_tensor, encode_tensor
+from fedmqtt.codecs import (
+    DEFAULT_LIMITS,
+    Codec,
+    Limits,
+    _decode_checked,
+    decode_tensor,
+    encode_tensor,
+)
 from fedmqtt.errors import CODEC, NONFINITE, SCHEMA, SHAPE, SIZE, DecodeError
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -173,6 +180,14 @@ CASES: list[tuple[str, Any, str]] = [
 def test_hostile_case(label: str, obj: Any, reason: str) -> None:
     rejects(obj, reason)
     assert peak_bytes(lambda: decode_tensor(obj)) < MB
+
+
+@pytest.mark.parametrize(("label", "obj", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_hostile_case_with_norm(label: str, obj: Any, reason: str) -> None:
+    """The aggregator's path (values, finiteness and norm in one pass) refuses the same way."""
+    with pytest.raises(DecodeError) as err:
+        _decode_checked(obj, DEFAULT_LIMITS, None, None, want_sq=True)
+    assert err.value.reason == reason
 
 
 def test_shape_expectation_and_limits() -> None:

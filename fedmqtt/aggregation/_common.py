@@ -32,6 +32,7 @@ F64 = npt.NDArray[np.float64]
 CHUNK_ELEMENTS = 1 << 18
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_DOT_CHECK_MIN = 1 << 13  # below this, isfinite().all() is cheaper than entering np.errstate
 
 
 def as_f32(x: Any, name: str) -> F32:
@@ -59,16 +60,35 @@ def batch(deltas: Any, name: str = "deltas", *, allow_empty: bool = False) -> F3
     return a
 
 
-def vector(x: Any, name: str, d: int | None = None) -> F32:
-    """Validate a flat float32 vector of finite values (of length ``d`` if given)."""
+def vector(x: Any, name: str, d: int | None = None, *, finite: bool = True) -> F32:
+    """Validate a flat float32 vector of finite values (of length ``d`` if given).
+
+    ``finite=False`` skips the NaN/Inf check, for a caller that checks its result instead.
+    """
     a = as_f32(x, name)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a flat (d,) vector, got shape {a.shape}")
     if d is not None and a.shape[0] != d:
         raise ValueError(f"{name} has length {a.shape[0]}, expected {d}")
-    if not np.isfinite(a).all():
+    if finite and not all_finite(a):
         raise ValueError(f"{name} contains NaN or Inf")
     return a
+
+
+def all_finite(a: F32) -> bool:
+    """True iff the 1-D float32 array ``a`` holds no NaN or Inf.
+
+    Large arrays are checked with one BLAS dot product ``a . a``: a sum of non-negative squares
+    is finite iff every element is, except that huge finite values (|x| > ~1e19) overflow it,
+    so a non-finite sum is confirmed element-wise. It reads ``a`` once, without the d-byte
+    boolean temporary of ``isfinite(a).all()``; for small arrays entering ``np.errstate``
+    costs more than that temporary.
+    """
+    if a.size > _DOT_CHECK_MIN:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if math.isfinite(float(np.dot(a, a))):
+                return True
+    return bool(np.isfinite(a).all())
 
 
 def row_weights(x: Any, k: int, name: str) -> F64:
