@@ -18,8 +18,9 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), Python "
-            f"{platform.python_version()}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+    )
 
 
 def run(cfg: SimConfig) -> dict[str, Any]:

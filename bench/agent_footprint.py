@@ -288,9 +288,7 @@ def main() -> int:
     with Mosquitto() as broker:
         results["bare numpy"] = measure([sys.executable, "-c", "import numpy"], env=base_env)
         results["numpy + msgpack + paho-mqtt"] = measure([sys.executable, "-c", paho], env=base_env)
-        results["agent deps only (+ PyNaCl)"] = measure(
-            [sys.executable, "-c", deps], env=base_env
-        )
+        results["agent deps only (+ PyNaCl)"] = measure([sys.executable, "-c", deps], env=base_env)
         results["deps with numpy.random + cryptography instead (not used)"] = measure(
             [sys.executable, "-c", avoided], env=base_env
         )

@@ -36,8 +36,10 @@ def main() -> None:
     sk = Ed25519PrivateKey.generate()
     pk = sk.public_key()
     print(f"machine: {platform.machine()}, python {platform.python_version()}\n")
-    print("| payload | HMAC-SHA256 verify µs | BLAKE2b-keyed verify µs | Ed25519 verify µs |"
-          " Ed25519 / HMAC |")
+    print(
+        "| payload | HMAC-SHA256 verify µs | BLAKE2b-keyed verify µs | Ed25519 verify µs |"
+        " Ed25519 / HMAC |"
+    )
     print("|---|---|---|---|---|")
     sizes = (("0.7 KB", 700), ("2.6 KB", 2600), ("400 KB", 400_000), ("1 MB", 1_000_000))
     for label, size in sizes:

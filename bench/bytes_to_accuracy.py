@@ -29,26 +29,36 @@ def main() -> int:
     rows = []
     for codec in args.codecs.split(","):
         cfg = SimConfig(
-            dataset="digits", partition="dirichlet:0.5", clients=args.clients, codec=codec,
-            duration=args.duration, target_accuracy=args.target, stop_at_target=True,
-            quiet=True, seed=args.seed, compute_time=0.1,
+            dataset="digits",
+            partition="dirichlet:0.5",
+            clients=args.clients,
+            codec=codec,
+            duration=args.duration,
+            target_accuracy=args.target,
+            stop_at_target=True,
+            quiet=True,
+            seed=args.seed,
+            compute_time=0.1,
         )
         s = run(cfg)
         rows.append((codec, s))
         print(f"{codec}: {s['bytes_to_target']} bytes", file=sys.stderr)
     print(f"machine: {machine()}")
-    print(f"setting: digits, {args.clients} agents, Dirichlet(0.5), FedBuff, "
-          f"target {args.target}, seed {args.seed}\n")
-    print("| codec | bytes to target | x fewer than raw | uploads to target | bytes / upload |"
-          " seconds to target |")
+    print(
+        f"setting: digits, {args.clients} agents, Dirichlet(0.5), FedBuff, "
+        f"target {args.target}, seed {args.seed}\n"
+    )
+    print(
+        "| codec | bytes to target | x fewer than raw | uploads to target | bytes / upload |"
+        " seconds to target |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     raw = dict(rows).get("raw", {}).get("bytes_to_target")
     for codec, s in rows:
         b, u = s["bytes_to_target"], s["uploads_to_target"]
         ratio = f"{raw / b:.1f}" if raw and b else "-"
         per = f"{b / u:.0f}" if b and u else "-"
-        print(f"| {codec} | {fmt(b)} | {ratio} | {fmt(u)} | {per} | "
-              f"{fmt(s['time_to_target_s'])} |")
+        print(f"| {codec} | {fmt(b)} | {ratio} | {fmt(u)} | {per} | {fmt(s['time_to_target_s'])} |")
     return 0
 
 

@@ -23,9 +23,19 @@ from bench._sim import machine, run
 from simulator.runner import SimConfig
 
 COLUMNS = (
-    "agents", "agent processes", "set-up s", "connected at end (agents)",
-    "online at end (aggregator)", "updates delivered", "received by aggregator", "accepted",
-    "rejected", "lost", "versions", "updates/s", "sustained",
+    "agents",
+    "agent processes",
+    "set-up s",
+    "connected at end (agents)",
+    "online at end (aggregator)",
+    "updates delivered",
+    "received by aggregator",
+    "accepted",
+    "rejected",
+    "lost",
+    "versions",
+    "updates/s",
+    "sustained",
 )
 
 
@@ -36,8 +46,13 @@ def judge(n: int, s: dict[str, Any]) -> dict[str, Any]:
     accounted = s["updates_received"] == s["updates_accepted"] + rejected
     connected = s["agents_connected_at_end"]
     ok = online == n and connected == n and lost <= 0 and accounted and s["error"] is None
-    return {"online": online, "rejected": rejected, "lost": max(lost, 0),
-            "connected": connected, "ok": ok}
+    return {
+        "online": online,
+        "rejected": rejected,
+        "lost": max(lost, 0),
+        "connected": connected,
+        "ok": ok,
+    }
 
 
 def main() -> int:
@@ -46,18 +61,33 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--compute-time", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tmpfs", action="store_true",
-                    help="keep the broker's and every agent's state in /dev/shm (RAM) instead "
-                         "of on the disk: one disk serialises every simulated device's fsyncs")
-    ap.add_argument("--agent-processes", type=int, default=0,
-                    help="processes hosting the agents (default: one per 100 agents)")
+    ap.add_argument(
+        "--tmpfs",
+        action="store_true",
+        help="keep the broker's and every agent's state in /dev/shm (RAM) instead "
+        "of on the disk: one disk serialises every simulated device's fsyncs",
+    )
+    ap.add_argument(
+        "--agent-processes",
+        type=int,
+        default=0,
+        help="processes hosting the agents (default: one per 100 agents)",
+    )
     args = ap.parse_args()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         cfg = SimConfig(
-            dataset="synthetic", model="softmax", clients=n, partition="iid",
-            strategy="fedbuff", buffer_size=max(10, n // 20), codec="int8",
-            duration=args.duration, compute_time=args.compute_time, quiet=True, seed=args.seed,
+            dataset="synthetic",
+            model="softmax",
+            clients=n,
+            partition="iid",
+            strategy="fedbuff",
+            buffer_size=max(10, n // 20),
+            codec="int8",
+            duration=args.duration,
+            compute_time=args.compute_time,
+            quiet=True,
+            seed=args.seed,
             agent_processes=args.agent_processes,
         )
         if args.tmpfs:
@@ -67,21 +97,36 @@ def main() -> int:
             s = run(cfg)
         j = judge(n, s)
         rows.append((n, s, j))
-        print(f"{n}: connected {j['connected']}, online {j['online']}, received "
-              f"{s['updates_received']}, lost {j['lost']}, sustained {j['ok']}; not online per "
-              f"the aggregator: {s['devices_not_online'][:20]}", file=sys.stderr)
+        print(
+            f"{n}: connected {j['connected']}, online {j['online']}, received "
+            f"{s['updates_received']}, lost {j['lost']}, sustained {j['ok']}; not online per "
+            f"the aggregator: {s['devices_not_online'][:20]}",
+            file=sys.stderr,
+        )
     print(f"machine: {machine()}")
-    print(f"setting: synthetic(1,1), softmax 60x10, FedBuff, int8, {args.duration:.0f} s per "
-          f"size, emulated compute {args.compute_time} s per round, state on "
-          f"{'tmpfs (/dev/shm)' if args.tmpfs else 'disk'}\n")
+    print(
+        f"setting: synthetic(1,1), softmax 60x10, FedBuff, int8, {args.duration:.0f} s per "
+        f"size, emulated compute {args.compute_time} s per round, state on "
+        f"{'tmpfs (/dev/shm)' if args.tmpfs else 'disk'}\n"
+    )
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---:|" * (len(COLUMNS) - 1) + "---|")
     for n, s, j in rows:
         rate = s["updates_received"] / max(s["config"]["duration"], 1e-9)
         cells = (
-            n, s["agent_processes"], s["setup_s"], j["connected"], j["online"],
-            s["updates_delivered_by_agents"], s["updates_received"], s["updates_accepted"],
-            j["rejected"], j["lost"], s["versions"], f"{rate:.0f}", "yes" if j["ok"] else "NO",
+            n,
+            s["agent_processes"],
+            s["setup_s"],
+            j["connected"],
+            j["online"],
+            s["updates_delivered_by_agents"],
+            s["updates_received"],
+            s["updates_accepted"],
+            j["rejected"],
+            j["lost"],
+            s["versions"],
+            f"{rate:.0f}",
+            "yes" if j["ok"] else "NO",
         )
         print("| " + " | ".join(str(c) for c in cells) + " |")
     return 0

@@ -25,30 +25,45 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     base = SimConfig(
-        dataset="digits", partition="dirichlet:0.5", clients=args.clients, codec="int8",
-        stragglers=args.stragglers, duration=args.duration, target_accuracy=args.target,
-        stop_at_target=True, quiet=True, seed=args.seed,
+        dataset="digits",
+        partition="dirichlet:0.5",
+        clients=args.clients,
+        codec="int8",
+        stragglers=args.stragglers,
+        duration=args.duration,
+        target_accuracy=args.target,
+        stop_at_target=True,
+        quiet=True,
+        seed=args.seed,
     )
     rows = []
     for strategy in ("fedavg", "fedasync", "fedbuff"):
         cfg = SimConfig(**{**base.__dict__, "strategy": strategy})
         s = run(cfg)
         rows.append((strategy, s))
-        print(f"{strategy}: {fmt(s['time_to_target_s'])} s, {s['uploads_to_target']} uploads",
-              file=sys.stderr)
+        print(
+            f"{strategy}: {fmt(s['time_to_target_s'])} s, {s['uploads_to_target']} uploads",
+            file=sys.stderr,
+        )
     print(f"machine: {machine()}")
-    print(f"setting: digits, {args.clients} agents, Dirichlet(0.5), int8, "
-          f"{args.stragglers:.0%} stragglers (10x slower), target {args.target}, "
-          f"seed {args.seed}\n")
+    print(
+        f"setting: digits, {args.clients} agents, Dirichlet(0.5), int8, "
+        f"{args.stragglers:.0%} stragglers (10x slower), target {args.target}, "
+        f"seed {args.seed}\n"
+    )
     print("| strategy | seconds to target | uploads to target | versions | accuracy at stop |")
     print("|---|---:|---:|---:|---:|")
     for name, s in rows:
-        print(f"| {name} | {fmt(s['time_to_target_s'])} | {fmt(s['uploads_to_target'])} | "
-              f"{s['versions']} | {fmt(s['final_accuracy'], 3)} |")
+        print(
+            f"| {name} | {fmt(s['time_to_target_s'])} | {fmt(s['uploads_to_target'])} | "
+            f"{s['versions']} | {fmt(s['final_accuracy'], 3)} |"
+        )
     t = {name: s["time_to_target_s"] for name, s in rows}
     if t["fedavg"] and t["fedbuff"]:
-        print(f"\nFedBuff reaches {args.target} {t['fedavg'] / t['fedbuff']:.1f}x faster than "
-              "synchronous FedAvg (goal >= 3x).")
+        print(
+            f"\nFedBuff reaches {args.target} {t['fedavg'] / t['fedbuff']:.1f}x faster than "
+            "synchronous FedAvg (goal >= 3x)."
+        )
     return 0
 
 

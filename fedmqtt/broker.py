@@ -86,9 +86,13 @@ class Mosquitto:
             data_dir = Path(self._tmp.name)
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        values = {"port": str(self.port), "data_dir": str(self.data_dir),
-                  "user": getpass.getuser(),
-                  "max_packet_size": str(max_packet_size), **(extra or {})}
+        values = {
+            "port": str(self.port),
+            "data_dir": str(self.data_dir),
+            "user": getpass.getuser(),
+            "max_packet_size": str(max_packet_size),
+            **(extra or {}),
+        }
         text = (config_dir() / template).read_text()
         self.config_path = self.data_dir / "mosquitto.conf"
         self.config_path.write_text(text.format(**values))
@@ -107,7 +111,9 @@ class Mosquitto:
             return self
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         if not wait_for_port(self.host, self.port, timeout):
             err = b""

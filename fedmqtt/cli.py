@@ -23,44 +23,88 @@ def _fraction(text: str) -> float:
 
 def add_simulation_options(p: argparse.ArgumentParser) -> None:
     """The simulator's options. Their names are a contract: scripts and docs use them."""
-    p.add_argument("--dataset", default="digits",
-                   choices=["digits", "breast_cancer", "wine", "synthetic"])
+    p.add_argument(
+        "--dataset", default="digits", choices=["digits", "breast_cancer", "wine", "synthetic"]
+    )
     p.add_argument("--model", default="softmax", choices=["softmax", "mlp", "linear"])
     p.add_argument("--clients", type=int, default=10, help="number of agents (default 10)")
-    p.add_argument("--partition", default="dirichlet:0.5",
-                   help="iid | dirichlet:BETA | shards:K (default dirichlet:0.5)")
+    p.add_argument(
+        "--partition",
+        default="dirichlet:0.5",
+        help="iid | dirichlet:BETA | shards:K (default dirichlet:0.5)",
+    )
     p.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync", "fedavg"])
     p.add_argument("--codec", default="int8", help="raw | fp16 | int8 | topk:FRACTION [+zlib]")
-    p.add_argument("--stragglers", type=_fraction, default=0.0,
-                   help="fraction of devices 10x slower (default 0)")
-    p.add_argument("--dropout", type=_fraction, default=0.0,
-                   help="fraction of devices that go offline for a while and come back")
-    p.add_argument("--attackers", type=_fraction, default=0.0,
-                   help="fraction of devices that poison their updates")
-    p.add_argument("--attack", default="signflip",
-                   choices=["signflip", "scale", "noise", "labelflip"])
-    p.add_argument("--robust", default="none",
-                   choices=["none", "clip", "trimmed-mean", "median"])
+    p.add_argument(
+        "--stragglers",
+        type=_fraction,
+        default=0.0,
+        help="fraction of devices 10x slower (default 0)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=_fraction,
+        default=0.0,
+        help="fraction of devices that go offline for a while and come back",
+    )
+    p.add_argument(
+        "--attackers",
+        type=_fraction,
+        default=0.0,
+        help="fraction of devices that poison their updates",
+    )
+    p.add_argument(
+        "--attack", default="signflip", choices=["signflip", "scale", "noise", "labelflip"]
+    )
+    p.add_argument("--robust", default="none", choices=["none", "clip", "trimmed-mean", "median"])
     p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
-    p.add_argument("--target-accuracy", type=float, default=None,
-                   help="report time and uploads to reach this test accuracy")
-    p.add_argument("--stop-at-target", action="store_true",
-                   help="end the run as soon as --target-accuracy is reached")
-    p.add_argument("--buffer-size", type=int, default=None,
-                   help="FedBuff K / FedAvg updates per round (default: clients/2, clients)")
-    p.add_argument("--compute-time", type=float, default=0.3,
-                   help="median emulated seconds of local training per round (default 0.3)")
+    p.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        help="report time and uploads to reach this test accuracy",
+    )
+    p.add_argument(
+        "--stop-at-target",
+        action="store_true",
+        help="end the run as soon as --target-accuracy is reached",
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=None,
+        help="FedBuff K / FedAvg updates per round (default: clients/2, clients)",
+    )
+    p.add_argument(
+        "--compute-time",
+        type=float,
+        default=0.3,
+        help="median emulated seconds of local training per round (default 0.3)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--lr", type=float, default=0.1, help="local learning rate (default 0.1)")
     p.add_argument("--batch-size", type=int, default=16, help="local batch size (default 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--agent-processes", type=int, default=0, metavar="P",
-                   help="processes hosting the agents (default 0: automatic -- all in this "
-                        "process up to 50 agents, then one process per 100 agents)")
-    p.add_argument("--broker", default=None, metavar="HOST:PORT",
-                   help="use this broker instead of starting a local Mosquitto")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep state, keys and logs here (default: a temporary directory)")
+    p.add_argument(
+        "--agent-processes",
+        type=int,
+        default=0,
+        metavar="P",
+        help="processes hosting the agents (default 0: automatic -- all in this "
+        "process up to 50 agents, then one process per 100 agents)",
+    )
+    p.add_argument(
+        "--broker",
+        default=None,
+        metavar="HOST:PORT",
+        help="use this broker instead of starting a local Mosquitto",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep state, keys and logs here (default: a temporary directory)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the summary here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy curves here")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -64,8 +64,13 @@ def open_envelope(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
     if len(payload) > max_bytes:
         raise DecodeError(SIZE, f"message of {len(payload)} bytes exceeds {max_bytes}")
     unpacker = msgpack.Unpacker(
-        raw=False, max_buffer_size=_MAX_HEADER_BYTES, max_bin_len=128, max_str_len=64,
-        max_array_len=0, max_map_len=8, max_ext_len=0,
+        raw=False,
+        max_buffer_size=_MAX_HEADER_BYTES,
+        max_bin_len=128,
+        max_str_len=64,
+        max_array_len=0,
+        max_map_len=8,
+        max_ext_len=0,
     )
     unpacker.feed(payload[:_MAX_HEADER_BYTES])
     try:
@@ -88,8 +93,14 @@ def unpack_body(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     """Parse the body map of an envelope (call after verifying it)."""
     try:
         body = msgpack.unpackb(
-            env.body, raw=False, strict_map_key=True, max_bin_len=max_bytes,
-            max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12, max_ext_len=0,
+            env.body,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=1 << 20,
+            max_array_len=1 << 16,
+            max_map_len=1 << 12,
+            max_ext_len=0,
         )
     except Exception as e:  # ValueError, ExtraData, FormatError, StackError, TypeError...
         raise DecodeError(SCHEMA, f"body is not valid msgpack: {type(e).__name__}") from None
@@ -182,10 +193,18 @@ class Update:
 
     def to_body(self) -> dict[str, Any]:
         return {
-            "v": VERSION, "type": "update", "federation": self.federation, "sender": self.sender,
-            "update_id": self.update_id, "seq": self.seq, "base_version": self.base_version,
-            "num_samples": self.num_samples, "spec": self.spec_fingerprint,
-            "metrics": self.metrics, "created_at": self.created_at, "delta": self.delta,
+            "v": VERSION,
+            "type": "update",
+            "federation": self.federation,
+            "sender": self.sender,
+            "update_id": self.update_id,
+            "seq": self.seq,
+            "base_version": self.base_version,
+            "num_samples": self.num_samples,
+            "spec": self.spec_fingerprint,
+            "metrics": self.metrics,
+            "created_at": self.created_at,
+            "delta": self.delta,
         }
 
     @classmethod
@@ -198,10 +217,16 @@ class Update:
         if num_samples == 0:
             raise DecodeError(SCHEMA, "num_samples must be positive")
         return cls(
-            federation=fed, sender=sender, update_id=update_id, seq=_nonneg_int(m, "seq"),
-            base_version=_nonneg_int(m, "base_version"), num_samples=num_samples,
-            spec_fingerprint=field_of(m, "spec", str), delta=field_of(m, "delta", dict),
-            metrics=_float_map(m, "metrics"), created_at=_number(m, "created_at"),
+            federation=fed,
+            sender=sender,
+            update_id=update_id,
+            seq=_nonneg_int(m, "seq"),
+            base_version=_nonneg_int(m, "base_version"),
+            num_samples=num_samples,
+            spec_fingerprint=field_of(m, "spec", str),
+            delta=field_of(m, "delta", dict),
+            metrics=_float_map(m, "metrics"),
+            created_at=_number(m, "created_at"),
         )
 
 
@@ -221,8 +246,13 @@ class GlobalModel:
         from fedmqtt.codecs import Codec, encode_params
 
         return {
-            "v": VERSION, "type": "model", "federation": self.federation, "sender": self.sender,
-            "version": self.version, "spec": self.spec.to_wire(), "stats": self.stats,
+            "v": VERSION,
+            "type": "model",
+            "federation": self.federation,
+            "sender": self.sender,
+            "version": self.version,
+            "spec": self.spec.to_wire(),
+            "stats": self.stats,
             "created_at": self.created_at,
             "params": encode_params(self.params, Codec("raw"), rng=np.random.default_rng(0)),
         }
@@ -236,8 +266,12 @@ class GlobalModel:
         layout = spec.layout()
         flat = decode_params(field_of(m, "params", dict), layout)
         return cls(
-            federation=fed, sender=sender, version=_nonneg_int(m, "version"), spec=spec,
-            params=layout.unflatten(flat, copy=False), stats=_float_map(m, "stats"),
+            federation=fed,
+            sender=sender,
+            version=_nonneg_int(m, "version"),
+            spec=spec,
+            params=layout.unflatten(flat, copy=False),
+            stats=_float_map(m, "stats"),
             created_at=_number(m, "created_at"),
         )
 
@@ -260,10 +294,19 @@ class Plan:
 
     def to_body(self) -> dict[str, Any]:
         return {
-            "v": VERSION, "type": "plan", "federation": self.federation, "sender": self.sender,
-            "revision": self.revision, "epochs": self.epochs, "lr": self.lr,
-            "batch_size": self.batch_size, "momentum": self.momentum, "mu": self.mu,
-            "codec": self.codec, "min_interval_s": self.min_interval_s, "extra": self.extra,
+            "v": VERSION,
+            "type": "plan",
+            "federation": self.federation,
+            "sender": self.sender,
+            "revision": self.revision,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "momentum": self.momentum,
+            "mu": self.mu,
+            "codec": self.codec,
+            "min_interval_s": self.min_interval_s,
+            "extra": self.extra,
         }
 
     @classmethod
@@ -273,10 +316,17 @@ class Plan:
         if not 1 <= epochs <= 1000 or not 1 <= batch <= 1 << 20:
             raise DecodeError(SCHEMA, "plan epochs/batch_size out of range")
         return cls(
-            federation=fed, sender=sender, revision=_nonneg_int(m, "revision"), epochs=epochs,
-            lr=_number(m, "lr"), batch_size=batch, momentum=_number(m, "momentum"),
-            mu=_number(m, "mu"), codec=field_of(m, "codec", str),
-            min_interval_s=_number(m, "min_interval_s"), extra=_float_map(m, "extra"),
+            federation=fed,
+            sender=sender,
+            revision=_nonneg_int(m, "revision"),
+            epochs=epochs,
+            lr=_number(m, "lr"),
+            batch_size=batch,
+            momentum=_number(m, "momentum"),
+            mu=_number(m, "mu"),
+            codec=field_of(m, "codec", str),
+            min_interval_s=_number(m, "min_interval_s"),
+            extra=_float_map(m, "extra"),
         )
 
 
@@ -290,8 +340,14 @@ class Status:
     at: float = field(default_factory=time.time)
 
     def to_body(self) -> dict[str, Any]:
-        return {"v": VERSION, "type": "status", "federation": self.federation,
-                "sender": self.sender, "state": self.state, "at": self.at}
+        return {
+            "v": VERSION,
+            "type": "status",
+            "federation": self.federation,
+            "sender": self.sender,
+            "state": self.state,
+            "at": self.at,
+        }
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any]) -> Status:
@@ -313,15 +369,26 @@ class OnnxModel:
     created_at: float = field(default_factory=time.time)
 
     def to_body(self) -> dict[str, Any]:
-        return {"v": VERSION, "type": "onnx", "federation": self.federation,
-                "sender": self.sender, "version": self.version, "onnx": self.onnx,
-                "created_at": self.created_at}
+        return {
+            "v": VERSION,
+            "type": "onnx",
+            "federation": self.federation,
+            "sender": self.sender,
+            "version": self.version,
+            "onnx": self.onnx,
+            "created_at": self.created_at,
+        }
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any]) -> OnnxModel:
         fed, sender = _common(m, "onnx")
-        return cls(fed, sender, _nonneg_int(m, "version"), field_of(m, "onnx", bytes),
-                   _number(m, "created_at"))
+        return cls(
+            fed,
+            sender,
+            _nonneg_int(m, "version"),
+            field_of(m, "onnx", bytes),
+            _number(m, "created_at"),
+        )
 
 
 Message = Update | GlobalModel | Plan | Status | OnnxModel

@@ -55,9 +55,15 @@ def schedule(
         if i in gone:  # one outage of 10-30 % of the run, starting in its first 60 %
             start = float(rng.uniform(0.1, 0.6) * duration_s)
             windows = ((start, start + float(rng.uniform(0.1, 0.3)) * duration_s),)
-        out.append(DeviceBehaviour(
-            i, float(speeds[i]) * (10.0 if i in slow else 1.0), i in slow, i in bad, windows,
-        ))
+        out.append(
+            DeviceBehaviour(
+                i,
+                float(speeds[i]) * (10.0 if i in slow else 1.0),
+                i in slow,
+                i in bad,
+                windows,
+            )
+        )
     return out
 
 
@@ -77,7 +83,9 @@ def delta_attack(
     raise ConfigError(f"{attack!r} is not a delta attack; use one of {ATTACKS}")
 
 
-def label_flip(n_classes: int) -> Callable[
+def label_flip(
+    n_classes: int,
+) -> Callable[
     [npt.NDArray[np.float32], npt.NDArray[np.generic]],
     tuple[npt.NDArray[np.float32], npt.NDArray[np.generic]],
 ]:

@@ -40,8 +40,11 @@ def load(name: str, *, seed: int, n_devices: int = 10, test_fraction: float = 0.
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
     from sklearn import datasets
 
-    loader = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
-              "wine": datasets.load_wine}[name]
+    loader = {
+        "digits": datasets.load_digits,
+        "breast_cancer": datasets.load_breast_cancer,
+        "wine": datasets.load_wine,
+    }[name]
     X, y = loader(return_X_y=True)
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
@@ -91,6 +94,11 @@ def synthetic(
     X_train = np.concatenate([s[0] for s in shards])
     y_train = np.concatenate([s[1] for s in shards])
     return Dataset(
-        "synthetic", X_train, y_train, np.concatenate(tests_X), np.concatenate(tests_y),
-        n_classes, device_shards=shards,
+        "synthetic",
+        X_train,
+        y_train,
+        np.concatenate(tests_X),
+        np.concatenate(tests_y),
+        n_classes,
+        device_shards=shards,
     )

@@ -32,7 +32,10 @@ fedmqtt demo: 10 devices learn to read handwritten digits without sharing a sing
 
 
 def run_demo(
-    *, duration: float = 60.0, workdir: Path | None = None, broker: str | None = None,
+    *,
+    duration: float = 60.0,
+    workdir: Path | None = None,
+    broker: str | None = None,
     out: TextIO | None = None,
 ) -> int:
     out = out if out is not None else sys.stdout
@@ -42,9 +45,18 @@ def run_demo(
         out.write(INTRO + "\n")
         out.flush()
         cfg = SimConfig(
-            dataset="digits", model="softmax", clients=10, partition="dirichlet:0.5",
-            strategy="fedbuff", codec="int8", duration=duration, target_accuracy=0.9,
-            broker=broker, workdir=work, onnx_every=25, seed=0,
+            dataset="digits",
+            model="softmax",
+            clients=10,
+            partition="dirichlet:0.5",
+            strategy="fedbuff",
+            codec="int8",
+            duration=duration,
+            target_accuracy=0.9,
+            broker=broker,
+            workdir=work,
+            onnx_every=25,
+            seed=0,
         )
         summary = run_simulation(cfg, out=out)
         if summary.get("error"):
@@ -73,8 +85,12 @@ def _explain(s: dict[str, object], out: TextIO) -> None:
         f"{acc if acc is None else f'{acc:.3f}'} against {s['centralized_accuracy']:.3f} for the "
         "same model trained centrally on the pooled data (which federated learning never "
         "builds)\n"
-        + (f"  * 90 % accuracy was first reached after {ttt:.1f} s "
-           f"and {s['uploads_to_target']} uploads\n" if ttt is not None else "")
+        + (
+            f"  * 90 % accuracy was first reached after {ttt:.1f} s "
+            f"and {s['uploads_to_target']} uploads\n"
+            if ttt is not None
+            else ""
+        )
     )
 
 

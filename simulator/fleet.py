@@ -155,10 +155,10 @@ class AgentHost:
             stop.wait(compute_s)
             return attack(delta) if attack is not None else delta
 
-        d.agent = EdgeAgent(self._configs[d.spec.id], delta_transform=delta_tf,
-                            data_transform=data_tf)
-        d.thread = threading.Thread(target=d.agent.run, args=(d.stop,), name=d.spec.id,
-                                    daemon=True)
+        d.agent = EdgeAgent(
+            self._configs[d.spec.id], delta_transform=delta_tf, data_transform=data_tf
+        )
+        d.thread = threading.Thread(target=d.agent.run, args=(d.stop,), name=d.spec.id, daemon=True)
         d.thread.start()
 
     @staticmethod
@@ -188,6 +188,7 @@ class Fleet(Protocol):
     def start(self) -> None: ...
     def tick(self, now: float) -> None:
         """Housekeeping every 0.25 s; raises RuntimeError if part of the fleet died."""
+
     def stop(self) -> dict[str, int]:
         """Stop every agent; the updates each device saw acknowledged (``failures`` lists the
         parts of the fleet whose counts are missing)."""
@@ -237,8 +238,12 @@ class ProcessFleet:
             if not mine:
                 continue
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_host_main, args=(child, mine, attacks, level, os.getpid()),
-                            name=f"fedmqtt-agents-{i}", daemon=True)
+            p = ctx.Process(
+                target=_host_main,
+                args=(child, mine, attacks, level, os.getpid()),
+                name=f"fedmqtt-agents-{i}",
+                daemon=True,
+            )
             p.start()
             child.close()
             self._procs.append(p)
@@ -305,8 +310,9 @@ def _recv(pipe: mpc.Connection, timeout: float, what: str) -> Any:
         raise RuntimeError(f"{what}: the process exited") from None
 
 
-def _host_main(pipe: mpc.Connection, specs: list[DeviceSpec], attacks: Attacks, level: int,
-               parent_pid: int) -> None:
+def _host_main(
+    pipe: mpc.Connection, specs: list[DeviceSpec], attacks: Attacks, level: int, parent_pid: int
+) -> None:
     """Entry point of an agent host process."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = AgentHost(specs, attacks)

@@ -66,5 +66,6 @@ def _shards(y: npt.NDArray[np.int64], n: int, k: int, rng: np.random.Generator) 
     order = np.argsort(y, kind="stable")
     shards = np.array_split(order, n * k)
     pick = rng.permutation(n * k)
-    return [np.sort(np.concatenate([shards[s] for s in pick[d * k:(d + 1) * k]]))
-            for d in range(n)]
+    return [
+        np.sort(np.concatenate([shards[s] for s in pick[d * k : (d + 1) * k]])) for d in range(n)
+    ]

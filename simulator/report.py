@@ -43,8 +43,10 @@ class Progress:
         rate = (p.uploads - self._last_uploads) / dt
         self._last_uploads, self._last_t, self._last_print = p.uploads, p.t, now
         acc = "  -  " if p.accuracy is None else f"{p.accuracy:.3f}"
-        line = (f"t={p.t:6.1f}s  version {p.version:5d}  accuracy {acc}  "
-                f"{rate:7.1f} updates/s  devices online {p.online}")
+        line = (
+            f"t={p.t:6.1f}s  version {p.version:5d}  accuracy {acc}  "
+            f"{rate:7.1f} updates/s  devices online {p.online}"
+        )
         if tty:
             self.out.write("\r" + line + " " * 4)
         else:

@@ -104,8 +104,14 @@ class _Simulation:
         self.cfg, self.workdir, self.out, self.stack = cfg, workdir, out, stack
         self.ds = datasets.load(cfg.dataset, seed=cfg.seed, n_devices=cfg.clients)
         self.spec = _spec_for(cfg, self.ds)
-        self.plan_cfg = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                         "momentum": 0.9, "mu": 0.0, "codec": cfg.codec}
+        self.plan_cfg = {
+            "epochs": cfg.epochs,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "momentum": 0.9,
+            "mu": 0.0,
+            "codec": cfg.codec,
+        }
 
     # ------------------------------------------------------------------ set-up
     def _shards(self) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[Any]]]:
@@ -155,8 +161,10 @@ class _Simulation:
         raw = {
             "federation": {"id": FEDERATION, "state_dir": str(self.workdir / "aggregator")},
             "broker": {"host": host, "port": port, "client_id": "fedmqtt-aggregator-sim"},
-            "security": {"signing_key": str(signing_key),
-                         "devices_dir": str(self.workdir / "devices")},
+            "security": {
+                "signing_key": str(signing_key),
+                "devices_dir": str(self.workdir / "devices"),
+            },
             "model": _model_table(self.spec, cfg.seed),
             "strategy": strategy,
             "plan": self.plan_cfg,
@@ -169,9 +177,14 @@ class _Simulation:
         }
         return AggregatorConfig.from_dict(raw, base_dir=self.workdir)
 
-    def _device(self, i: int, b: behaviour.DeviceBehaviour, broker: tuple[str, int],
-                agg_pub: Path, shard: tuple[npt.NDArray[np.float32], npt.NDArray[Any]],
-                ) -> fleet.DeviceSpec:
+    def _device(
+        self,
+        i: int,
+        b: behaviour.DeviceBehaviour,
+        broker: tuple[str, int],
+        agg_pub: Path,
+        shard: tuple[npt.NDArray[np.float32], npt.NDArray[Any]],
+    ) -> fleet.DeviceSpec:
         host, port = broker
         dev = f"dev{i:04d}"
         home = self.workdir / "agents" / dev
@@ -182,10 +195,11 @@ class _Simulation:
         key.save(self.workdir / "devices" / f"{dev}.hmac")
         raw = {
             "device": {"id": dev, "federation": FEDERATION, "state_dir": str(home / "state")},
-            "broker": {"host": host, "port": port, "reconnect_min_s": 0.2,
-                       "reconnect_max_s": 5.0},
-            "security": {"aggregator_public_key": str(agg_pub),
-                         "update_key": str(home / "device.hmac")},
+            "broker": {"host": host, "port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 5.0},
+            "security": {
+                "aggregator_public_key": str(agg_pub),
+                "update_key": str(home / "device.hmac"),
+            },
             "data": {"source": "npz", "path": str(home / "data")},
             "training": {"seed": self.cfg.seed * 100_003 + i},
             "logging": {"level": "WARNING"},
@@ -199,8 +213,13 @@ class _Simulation:
         shards = self._shards()
         n = len(shards)
         sched = behaviour.schedule(
-            n, seed=cfg.seed, stragglers=cfg.stragglers, dropout=cfg.dropout,
-            attackers=cfg.attackers, duration_s=cfg.duration, median_compute_s=cfg.compute_time,
+            n,
+            seed=cfg.seed,
+            stragglers=cfg.stragglers,
+            dropout=cfg.dropout,
+            attackers=cfg.attackers,
+            duration_s=cfg.duration,
+            median_compute_s=cfg.compute_time,
         )
         host, port = self._broker()
         signer = Ed25519Signer.generate()
@@ -208,13 +227,20 @@ class _Simulation:
         signer.save(keys / "aggregator.key")
         signer.verifier().save(keys / "aggregator.pub")
         agg_cfg = self._aggregator_config(host, port, keys / "aggregator.key")
-        devices = [self._device(i, sched[i], (host, port), keys / "aggregator.pub", shards[i])
-                   for i in range(n)]
+        devices = [
+            self._device(i, sched[i], (host, port), keys / "aggregator.pub", shards[i])
+            for i in range(n)
+        ]
         central = centralized_accuracy(
-            self.spec, np.concatenate([s[0] for s in shards]),
-            np.concatenate([s[1] for s in shards]), self.ds.X_test,
+            self.spec,
+            np.concatenate([s[0] for s in shards]),
+            np.concatenate([s[1] for s in shards]),
+            self.ds.X_test,
             self.ds.y_test if cfg.model != "linear" else np.eye(self.ds.n_classes)[self.ds.y_test],
-            epochs=30, lr=cfg.lr, batch_size=32, seed=cfg.seed,
+            epochs=30,
+            lr=cfg.lr,
+            batch_size=32,
+            seed=cfg.seed,
         )
         from aggregator.service import AggregatorThread
 
@@ -223,8 +249,11 @@ class _Simulation:
         self.stack.callback(agg.stop)  # idempotent; covers a failure while the fleet starts
         attacks = fleet.Attacks(cfg.attack, cfg.seed, self.ds.n_classes)
         processes = fleet.host_count(cfg.agent_processes, n)
-        agents: fleet.Fleet = (fleet.ProcessFleet(devices, attacks, processes) if processes
-                               else fleet.LocalFleet(devices, attacks))
+        agents: fleet.Fleet = (
+            fleet.ProcessFleet(devices, attacks, processes)
+            if processes
+            else fleet.LocalFleet(devices, attacks)
+        )
         progress = report.Progress(out=self.out, every_s=5.0)
         t0 = time.monotonic()
         agents.start()
@@ -242,8 +271,10 @@ class _Simulation:
                     break
                 snap = agg.snapshot()
                 point = report.Point(
-                    t=round(now, 3), version=int(snap["version"]),
-                    accuracy=snap.get("accuracy"), uploads=int(snap["updates_received"]),
+                    t=round(now, 3),
+                    version=int(snap["version"]),
+                    accuracy=snap.get("accuracy"),
+                    uploads=int(snap["updates_received"]),
                     bytes_uploaded=int(snap.get("bytes_received", 0)),
                     online=int(snap.get("devices_online", 0)),
                 )
@@ -254,8 +285,12 @@ class _Simulation:
                 if agg.error is not None:
                     error = f"aggregator failed: {agg.error!r}"
                     break
-                if (reached is None and cfg.target_accuracy is not None
-                        and point.accuracy is not None and point.accuracy >= cfg.target_accuracy):
+                if (
+                    reached is None
+                    and cfg.target_accuracy is not None
+                    and point.accuracy is not None
+                    and point.accuracy >= cfg.target_accuracy
+                ):
                     reached = point
                     if cfg.stop_at_target:
                         break
@@ -268,13 +303,17 @@ class _Simulation:
             # Every update the broker acknowledged must reach the aggregator: wait for the
             # broker's queue to drain before the books are closed.
             deadline = time.monotonic() + 30
-            while (agg.snapshot()["updates_received"] < delivered and agg.error is None
-                   and time.monotonic() < deadline):
+            while (
+                agg.snapshot()["updates_received"] < delivered
+                and agg.error is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.1)
             final = agg.snapshot()
             agg.stop()
-        summary = self._summary(final, progress, central, reached=reached, devices=devices,
-                                error=error)
+        summary = self._summary(
+            final, progress, central, reached=reached, devices=devices, error=error
+        )
         summary["updates_delivered_by_agents"] = delivered
         summary["setup_s"] = round(t0 - t_setup, 1)
         summary["agents_connected_at_end"] = agents.connected_at_stop
@@ -283,21 +322,34 @@ class _Simulation:
         if cfg.json is not None:
             report.write_json(cfg.json, summary)
         if cfg.plot is not None:
-            report.plot(cfg.plot, progress.history, centralized=central,
-                        title=f"{cfg.dataset} / {cfg.strategy} / {cfg.codec} / "
-                              f"{cfg.partition}, {n} agents")
+            report.plot(
+                cfg.plot,
+                progress.history,
+                centralized=central,
+                title=f"{cfg.dataset} / {cfg.strategy} / {cfg.codec} / {cfg.partition}, {n} agents",
+            )
         return summary
 
-    def _summary(self, final: dict[str, Any], progress: report.Progress, central: float, *,
-                 reached: report.Point | None, devices: list[fleet.DeviceSpec],
-                 error: str | None) -> dict[str, Any]:
+    def _summary(
+        self,
+        final: dict[str, Any],
+        progress: report.Progress,
+        central: float,
+        *,
+        reached: report.Point | None,
+        devices: list[fleet.DeviceSpec],
+        error: str | None,
+    ) -> dict[str, Any]:
         cfg = self.cfg
         if reached is None and cfg.target_accuracy is not None:
             reached = progress.first_reaching(cfg.target_accuracy)
         rejected = dict(final.get("rejected", {}))
         return {
-            "config": {k: (str(v) if isinstance(v, Path) else v)
-                       for k, v in cfg.__dict__.items() if k not in ("extra_strategy",)},
+            "config": {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in cfg.__dict__.items()
+                if k not in ("extra_strategy",)
+            },
             "final_accuracy": final.get("accuracy"),
             "tail_accuracy": _tail_mean(progress.history, 0.25),
             "centralized_accuracy": round(central, 4),

@@ -47,6 +47,7 @@ class TlsBroker:
 @pytest.fixture
 def tls_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TlsBroker]:
     from fedmqtt.admin import passwd, pki
+
     # Mosquitto drops root before reading its files: they live in a world-readable directory.
     tls_dir = Path(tempfile.mkdtemp(prefix="fedmqtt-agent-tls-"))
     tls_dir.chmod(0o755)

@@ -69,6 +69,7 @@ def test_run_status_and_export_onnx(
     broker: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import onnx
+
     fed = federation(tmp_path)
     cfg = fed.write_toml(
         tmp_path / "aggregator.toml", "127.0.0.1", broker.port, strategy={"buffer_size": 2}

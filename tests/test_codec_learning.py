@@ -25,8 +25,14 @@ Setting = tuple[datasets.Dataset, ModelSpec, list[np.ndarray]]
 @pytest.fixture(scope="module")
 def setting() -> Setting:
     ds = datasets.load("digits", seed=0)
-    spec = ModelSpec("softmax", 64, 10, classes=tuple(range(10)),
-                     feature_offset=ds.feature_offset, feature_scale=ds.feature_scale)
+    spec = ModelSpec(
+        "softmax",
+        64,
+        10,
+        classes=tuple(range(10)),
+        feature_offset=ds.feature_offset,
+        feature_scale=ds.feature_scale,
+    )
     return ds, spec, partition(ds.y_train, 20, "dirichlet:0.5", seed=0)
 
 

@@ -58,8 +58,9 @@ def test_enrolled_agent_update_is_applied_over_tls(site: Site, tmp_path: Path) -
     ds = datasets.load("digits", seed=0)
     np.savez(tmp_path / "holdout.npz", X=ds.X_test, y=ds.y_test)
     agg_toml = site.base / "agg" / "aggregator.toml"
-    agg_toml.write_text(agg_toml.read_text() + MODEL.format(
-        holdout=tmp_path / "holdout.npz", scale=[1 / 16] * 64))
+    agg_toml.write_text(
+        agg_toml.read_text() + MODEL.format(holdout=tmp_path / "holdout.npz", scale=[1 / 16] * 64)
+    )
     agg = AggregatorThread(load_aggregator_config(agg_toml)).start()
 
     bundle = site.bundles / "dev-a"
@@ -77,14 +78,16 @@ def test_enrolled_agent_update_is_applied_over_tls(site: Site, tmp_path: Path) -
     raw["data"] = {"source": "npz", "path": str(data)}
     raw["device"]["state_dir"] = str(tmp_path / "state")
     (bundle / "agent.toml").write_text(tomlconf.dumps(raw, "# filled in by the test"))
-    agent = EdgeAgent(AgentConfig.from_dict(
-        tomllib.loads((bundle / "agent.toml").read_text()), base_dir=bundle))
+    agent = EdgeAgent(
+        AgentConfig.from_dict(tomllib.loads((bundle / "agent.toml").read_text()), base_dir=bundle)
+    )
     stop = threading.Event()
     t = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     t.start()
     try:
         assert agg.wait_for(lambda s: s["accepted"] >= 1 and s["version"] >= 1, timeout=60), (
-            agg.snapshot())
+            agg.snapshot()
+        )
         snap = agg.snapshot()
         assert snap["rejected"] == {}
         assert snap["federation"] == FED

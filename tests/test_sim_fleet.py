@@ -23,8 +23,16 @@ def test_host_count_defaults_to_threads_for_small_fleets() -> None:
 
 def test_agents_in_processes_learn_and_lose_nothing() -> None:
     s = run_simulation(
-        SimConfig(clients=6, agent_processes=2, duration=10.0, compute_time=0.05, dropout=0.34,
-                  partition="iid", quiet=True, seed=1),
+        SimConfig(
+            clients=6,
+            agent_processes=2,
+            duration=10.0,
+            compute_time=0.05,
+            dropout=0.34,
+            partition="iid",
+            quiet=True,
+            seed=1,
+        ),
         out=io.StringIO(),
     )
     assert s["error"] is None, s["error"]
@@ -43,8 +51,9 @@ def test_a_dead_agent_host_ends_the_run_with_an_error() -> None:
     def kill_one_host() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            hosts = [p for p in multiprocessing.active_children()
-                     if p.name.startswith("fedmqtt-agents-")]
+            hosts = [
+                p for p in multiprocessing.active_children() if p.name.startswith("fedmqtt-agents-")
+            ]
             if len(hosts) == 2 and all(p.pid for p in hosts):
                 time.sleep(3.0)  # let the run get going
                 hosts[0].kill()

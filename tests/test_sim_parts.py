@@ -36,9 +36,14 @@ def test_partition_covers_each_sample_once(digits: datasets.Dataset, scheme: str
 def test_dirichlet_small_beta_is_skewed(digits: datasets.Dataset) -> None:
     def classes_per_device(scheme: str) -> float:
         parts = partition(digits.y_train, 20, scheme, seed=1)
-        return float(np.mean([
-            (np.bincount(digits.y_train[p], minlength=10) >= 0.05 * len(p)).sum() for p in parts
-        ]))
+        return float(
+            np.mean(
+                [
+                    (np.bincount(digits.y_train[p], minlength=10) >= 0.05 * len(p)).sum()
+                    for p in parts
+                ]
+            )
+        )
 
     assert classes_per_device("dirichlet:0.1") < classes_per_device("iid") - 3
 

@@ -68,13 +68,28 @@ def test_scaling_attack_is_contained_by_clipping() -> None:
 
 def test_summary_json_and_plot(tmp_path: Path) -> None:
     out = io.StringIO()
-    cfg = SimConfig(clients=4, duration=4.0, compute_time=0.05, seed=2, partition="iid",
-                    target_accuracy=0.5, json=tmp_path / "s.json", plot=tmp_path / "s.png")
+    cfg = SimConfig(
+        clients=4,
+        duration=4.0,
+        compute_time=0.05,
+        seed=2,
+        partition="iid",
+        target_accuracy=0.5,
+        json=tmp_path / "s.json",
+        plot=tmp_path / "s.png",
+    )
     run_simulation(cfg, out=out)
     s = json.loads((tmp_path / "s.json").read_text())
-    for key in ("final_accuracy", "centralized_accuracy", "time_to_target_s",
-                "uploads_to_target", "bytes_uploaded", "updates_accepted", "updates_rejected",
-                "versions"):
+    for key in (
+        "final_accuracy",
+        "centralized_accuracy",
+        "time_to_target_s",
+        "uploads_to_target",
+        "bytes_uploaded",
+        "updates_accepted",
+        "updates_rejected",
+        "versions",
+    ):
         assert key in s
     assert s["time_to_target_s"] is not None and s["uploads_to_target"] > 0
     assert s["bytes_uploaded"] > 0
@@ -83,6 +98,15 @@ def test_summary_json_and_plot(tmp_path: Path) -> None:
 
 
 def test_unreached_target_is_null() -> None:
-    s = run_simulation(SimConfig(clients=3, duration=2.0, compute_time=0.05, quiet=True,
-                                 partition="iid", target_accuracy=0.999), out=io.StringIO())
+    s = run_simulation(
+        SimConfig(
+            clients=3,
+            duration=2.0,
+            compute_time=0.05,
+            quiet=True,
+            partition="iid",
+            target_accuracy=0.999,
+        ),
+        out=io.StringIO(),
+    )
     assert s["time_to_target_s"] is None and s["uploads_to_target"] is None

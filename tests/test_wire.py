@@ -18,9 +18,16 @@ AGG_KEY = Ed25519Signer.generate()
 
 def _update(**kw: object) -> wire.Update:
     base = dict(
-        federation="fed", sender="dev1", update_id="a" * 32, seq=3, base_version=7,
-        num_samples=90, spec_fingerprint="abcd", delta={"W0": {"c": "raw"}},
-        metrics={"loss": 0.5}, created_at=1.0,
+        federation="fed",
+        sender="dev1",
+        update_id="a" * 32,
+        seq=3,
+        base_version=7,
+        num_samples=90,
+        spec_fingerprint="abcd",
+        delta={"W0": {"c": "raw"}},
+        metrics={"loss": 0.5},
+        created_at=1.0,
     )
     base.update(kw)
     return wire.Update(**base)  # type: ignore[arg-type]

@@ -56,9 +56,11 @@ class ModelSpec:
             raise ValueError("a classifier needs at least 2 classes")
         if self.classes and len(self.classes) != self.n_outputs:
             raise ValueError("classes must list one label per output")
-        for name, vec in (("feature_offset", self.feature_offset),
-                          ("feature_scale", self.feature_scale),
-                          ("feature_names", self.feature_names)):
+        for name, vec in (
+            ("feature_offset", self.feature_offset),
+            ("feature_scale", self.feature_scale),
+            ("feature_names", self.feature_names),
+        ):
             if vec and len(vec) != self.n_features:
                 raise ValueError(f"{name} must have n_features={self.n_features} entries")
         if self.layout().size > MAX_PARAMS:
