@@ -26,6 +26,7 @@ COLUMNS = (
     "agents",
     "agent processes",
     "set-up s",
+    "all online after s",
     "connected at end (agents)",
     "online at end (aggregator)",
     "updates delivered",
@@ -45,8 +46,10 @@ def judge(n: int, s: dict[str, Any]) -> dict[str, Any]:
     lost = s["updates_delivered_by_agents"] - s["updates_received"]
     accounted = s["updates_received"] == s["updates_accepted"] + rejected
     connected = s["agents_connected_at_end"]
+    all_online = next((p["t"] for p in s["history"] if p["online"] >= n), None)
     ok = online == n and connected == n and lost <= 0 and accounted and s["error"] is None
     return {
+        "all_online": all_online,
         "online": online,
         "rejected": rejected,
         "lost": max(lost, 0),
@@ -61,6 +64,13 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--compute-time", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--buffer-divisor",
+        type=int,
+        default=5,
+        help="FedBuff K = agents / this (default 5): every version is broadcast "
+        "to every agent, and here all agents share two cores",
+    )
     ap.add_argument(
         "--tmpfs",
         action="store_true",
@@ -82,7 +92,7 @@ def main() -> int:
             clients=n,
             partition="iid",
             strategy="fedbuff",
-            buffer_size=max(10, n // 20),
+            buffer_size=max(10, n // args.buffer_divisor),
             codec="int8",
             duration=args.duration,
             compute_time=args.compute_time,
@@ -100,12 +110,13 @@ def main() -> int:
         print(
             f"{n}: connected {j['connected']}, online {j['online']}, received "
             f"{s['updates_received']}, lost {j['lost']}, sustained {j['ok']}; not online per "
-            f"the aggregator: {s['devices_not_online'][:20]}",
+            f"the aggregator: {dict(list(s['devices_not_online'].items())[:20])}",
             file=sys.stderr,
         )
     print(f"machine: {machine()}")
     print(
-        f"setting: synthetic(1,1), softmax 60x10, FedBuff, int8, {args.duration:.0f} s per "
+        f"setting: synthetic(1,1), softmax 60x10, FedBuff K = agents/{args.buffer_divisor}, "
+        f"int8, {args.duration:.0f} s per "
         f"size, emulated compute {args.compute_time} s per round, state on "
         f"{'tmpfs (/dev/shm)' if args.tmpfs else 'disk'}\n"
     )
@@ -117,6 +128,7 @@ def main() -> int:
             n,
             s["agent_processes"],
             s["setup_s"],
+            j["all_online"],
             j["connected"],
             j["online"],
             s["updates_delivered_by_agents"],
