@@ -254,11 +254,24 @@ class AggregatorConfig:
         return cfg
 
 
+def buffer_capacity(s: StrategyConfig) -> int:
+    """How many accepted updates the strategy may hold unapplied (and so unacknowledged)."""
+    return {"fedbuff": s.buffer_size, "fedavg": s.min_updates}.get(s.name, 1)
+
+
+def window_pressure(cfg: AggregatorConfig) -> int:
+    """Messages awaiting acknowledgement at which a partial buffer is applied early: 90 % of
+    the window, but never below the buffer's own capacity (which ``_check_window`` keeps under
+    the window), so a normal buffer always fills first."""
+    window = cfg.limits.inflight_window
+    return max(buffer_capacity(cfg.strategy), window * 9 // 10)
+
+
 def _check_window(cfg: AggregatorConfig) -> None:
     """Buffered updates stay unacknowledged until applied: the Receive Maximum window must be
     able to hold a full buffer, or the buffer could never fill."""
     s = cfg.strategy
-    capacity = {"fedbuff": s.buffer_size, "fedavg": s.min_updates}.get(s.name, 1)
+    capacity = buffer_capacity(s)
     window = cfg.limits.inflight_window
     if window <= capacity:
         raise ConfigError(

@@ -321,6 +321,14 @@ class Engine:
             return self._aggregate(now)
         return False
 
+    def flush_partial(self, now: float) -> int:
+        """Aggregate the buffer now, however few updates it holds (the acknowledgement window
+        is nearly full, see ``Aggregator._relieve_window``); returns how many it held."""
+        n = len(self.strategy)
+        if n:
+            self._aggregate(now)
+        return n
+
     def _replay_needs(self, e: RejectedError) -> int:
         """The flush that applies (or applied) the original of a replayed update."""
         uid = e.update_id if isinstance(e, ReplayError) else None

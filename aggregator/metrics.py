@@ -75,6 +75,7 @@ class Metrics:
         self.connected = False
         self.checkpoints = 0
         self.status_rejected = 0
+        self.partial_flushes = 0  # buffers applied early because the ack window was nearly full
 
         # Counters and gauges are plain attributes exported by a collector at scrape time, so
         # recording an update costs a few integer additions, not a locked Prometheus call.
@@ -190,6 +191,7 @@ class Metrics:
                 "connected": self.connected,
                 "checkpoints": self.checkpoints,
                 "status_rejected": self.status_rejected,
+                "partial_flushes": self.partial_flushes,
                 "uptime_s": round(time.time() - self.started, 3),
             }
 
@@ -220,6 +222,11 @@ class _Collector(Collector):
         )
         yield CounterMetricFamily(
             "fedmqtt_updates_accepted", "Updates that passed validation", accepted
+        )
+        yield CounterMetricFamily(
+            "fedmqtt_partial_flushes",
+            "Buffers applied before K updates because the acknowledgement window was nearly full",
+            m.partial_flushes,
         )
         rej = CounterMetricFamily(
             "fedmqtt_updates_rejected", "Refused updates by reason", labels=["reason"]

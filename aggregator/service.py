@@ -36,7 +36,7 @@ from typing import Any
 
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
-from aggregator.config import AggregatorConfig
+from aggregator.config import AggregatorConfig, window_pressure
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Snapshot, initial_state
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
@@ -95,6 +95,14 @@ class AckQueue:
     def add(self, handles: Iterable[Any], needs: Iterable[int]) -> None:
         self._q.extend(zip(handles, needs, strict=True))
 
+    def blocked_by_buffer(self, flushes: int) -> int:
+        """Messages that cannot be acknowledged before a flush that has not happened yet (the
+        first one needing flush ``flushes + 1`` and everything behind it)."""
+        for i, (_, need) in enumerate(self._q):
+            if need > flushes:
+                return len(self._q) - i
+        return 0
+
     def release(self, durable: int) -> list[Any]:
         """Handles whose flush is durable, from the front, stopping at the first that is not."""
         out = []
@@ -122,6 +130,7 @@ class Aggregator:
         self._latest: Snapshot | None = None
         self._stopping = False
         self._acks = AckQueue()
+        self._window_pressure = window_pressure(config)
         self._ckpt_task: asyncio.Task[None] | None = None
         self._ckpt_wanted = False
         self._publish_wake: asyncio.Event | None = None
@@ -301,6 +310,7 @@ class Aggregator:
 
             needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
             self._after_batch(batch, needs, flushes, version)
+            await self._relieve_window()
 
     async def _ingest_workers(self) -> None:
         """Updates authenticated and decoded by worker processes."""
@@ -321,6 +331,7 @@ class Aggregator:
 
             needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
             self._after_batch(handles, needs, flushes, version)
+            await self._relieve_window()
 
     def _after_batch(
         self, handles: list[Any], needs: list[int], flushes: int, version: int
@@ -332,6 +343,40 @@ class Aggregator:
         self._engine_flushes, self._engine_version = flushes, version
         self._release()
         self._maybe_checkpoint()
+
+    async def _relieve_window(self) -> None:
+        """Flush a partial buffer when the messages awaiting acknowledgement nearly fill the
+        Receive Maximum window.
+
+        PUBACKs must leave in arrival order, so every message that arrives after a buffered
+        update -- a refused one, a presence message -- waits for the flush that applies it.
+        Without this, a stream of refused messages (a hostile device) or of presence messages
+        (1,500 agents connecting) could fill the window while the buffer waits for its K-th
+        update, which the broker then never sends: the service would stall for good.
+        """
+        # Messages waiting only for a checkpoint of a flush already made are released when it
+        # is durable; only those stuck behind the unfilled buffer call for an early flush.
+        if len(self._acks) < self._window_pressure:
+            return
+        if self._acks.blocked_by_buffer(self._engine_flushes) < self._window_pressure:
+            return
+        engine = self.engine
+        loop = asyncio.get_running_loop()
+
+        def work() -> tuple[int, int, int]:
+            return engine.flush_partial(time.monotonic()), engine.flushes, engine.version
+
+        held, flushes, version = await loop.run_in_executor(self._engine_x, work)
+        if held:
+            self.metrics.partial_flushes += 1
+            log.info(
+                "%d messages await acknowledgement (window %d): applied a partial buffer of "
+                "%d update(s) early",
+                len(self._acks),
+                self.cfg.limits.inflight_window,
+                held,
+            )
+            self._after_batch([], [], flushes, version)
 
     def _release(self) -> None:
         ready = self._acks.release(self._durable_flushes)

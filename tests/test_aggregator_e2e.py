@@ -404,3 +404,39 @@ def test_workers_share_the_stream_through_a_shared_subscription(
         assert snap["updates_received"] == 61 and snap["version"] == 12
     finally:
         agg2.stop()
+
+
+# ------------------------------------------------------------------ the acknowledgement window
+def test_refused_messages_cannot_stall_a_partly_filled_buffer(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """PUBACKs leave in arrival order, so refused messages behind a buffered update wait for
+    the flush that applies it. A flood of them must not fill the Receive Maximum window while
+    the buffer waits for its K-th update: the broker would never send that update."""
+    fed = Federation(tmp_path, SMALL, devices=("dev0", "dev1"))
+    window, k = 40, 20
+    cfg = fed.config(
+        broker.host,
+        broker.port,
+        strategy={"buffer_size": k, "max_staleness": 50},
+        limits={"receive_maximum": window},
+    )
+    agg = AggregatorThread(cfg).start()
+    t0, t1 = topics.updates(FED, "dev0"), topics.updates(FED, "dev1")
+    try:
+        good = [(t0, fed.update("dev0", rand(i), update_id=f"good-{i:04d}")) for i in range(30)]
+        garbage = [(t1, np.random.default_rng(i).bytes(200)) for i in range(3 * window)]
+        # 5 valid updates buffered, then three windows' worth of garbage, then 25 more valid.
+        publish_all(broker.port, good[:5] + garbage + good[5:])
+        total = len(good) + len(garbage)
+        wait_until(
+            lambda: agg.snapshot()["accepted"] + agg.snapshot()["rejected_total"] == total,
+            30,
+            "every message accounted for",
+        )
+        snap = agg.snapshot()
+        assert snap["accepted"] == 30 and snap["rejected"] == {"schema": len(garbage)}
+        assert snap["partial_flushes"] >= 1 and snap["version"] >= 2
+    finally:
+        agg.stop()
+    assert agg.error is None
