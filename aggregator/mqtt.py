@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import select
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -48,6 +49,8 @@ from aggregator.config import BrokerConfig
 log = logging.getLogger(__name__)
 
 STABLE_S: Final = 30.0
+READ_BURST: Final = 64  # packets read per wake-up of the event loop, at most ...
+READ_BURST_BYTES: Final = 1 << 20  # ... and payload bytes: large updates leave the loop sooner
 SUBSCRIBE_TIMEOUT_S: Final = 30.0
 
 if not hasattr(paho.Client, "manual_ack_set"):  # pragma: no cover - guarded by the pins
@@ -113,11 +116,13 @@ class MqttLink:
         self._lost: asyncio.Event | None = None
         self._pub_waiters: dict[int, asyncio.Future[int]] = {}
         self._rng = random.Random()
+        self._burst_bytes = 0
         self.connects = 0
 
     # ------------------------------------------------------------------ receiving
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        self._burst_bytes += len(payload)
         self.inbox.append(Incoming(msg.topic, payload, msg.mid, msg.qos, self.generation))
         self._arrived.set()
 
@@ -245,7 +250,60 @@ class MqttLink:
 
         pc.on_publish = on_publish
         pc.on_disconnect = on_disconnect
+        aio_on_socket_open: Any = pc.on_socket_open
+
+        def on_socket_open(c: paho.Client, u: Any, sock: Any) -> None:
+            # paho calls this on the thread that connects; aiomqtt registers its one-packet
+            # reader from it, and ours replaces that reader right after (same loop queue).
+            if aio_on_socket_open is not None:
+                aio_on_socket_open(c, u, sock)
+            loop.call_soon_threadsafe(self._install_reader, c, sock)
+
+        pc.on_socket_open = on_socket_open
         return client
+
+    def _install_reader(self, pc: paho.Client, sock: Any) -> None:
+        """Read every packet already in the socket per wake-up, not one.
+
+        aiomqtt's reader calls ``loop_read()`` once per readable event, and paho reads at most
+        one packet per call: under a stream of updates every packet costs a trip through the
+        event loop (an epoll round and the loop's bookkeeping), and a 100 KB message that
+        arrives in pieces costs several. This reader keeps calling ``loop_read()`` while a
+        zero-timeout ``poll`` (or the TLS layer's ``pending()``) says more bytes are there, up
+        to :data:`READ_BURST` packets or :data:`READ_BURST_BYTES` of payload, so that the
+        loop's other work (and the engine thread, which needs the GIL) still gets its turn:
+        without the byte bound, 400 KB updates were taken ~20 % slower than one per wake-up.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            fd = sock.fileno()
+        except OSError:
+            return
+        if fd < 0 or pc.socket() is not sock:
+            return  # already closed or replaced
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        pending = getattr(sock, "pending", None)
+
+        def reader() -> None:
+            self._burst_bytes = 0
+            try:
+                for _ in range(READ_BURST):
+                    if pc.loop_read() != paho.MQTT_ERR_SUCCESS or pc.socket() is not sock:
+                        return
+                    if self._burst_bytes >= READ_BURST_BYTES:
+                        return
+                    if not (callable(pending) and pending() > 0) and not poller.poll(0):
+                        return
+            except Exception as e:  # a broken connection: reconnect, as aiomqtt would
+                log.debug("%s: read failed: %r", self.name, e)
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(fd)
+                if self._lost is not None:
+                    self._lost.set()
+
+        loop.remove_reader(fd)
+        loop.add_reader(fd, reader)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, subscribe, stay connected until ``stop``; reconnect with backoff."""

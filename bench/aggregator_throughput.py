@@ -251,12 +251,14 @@ class Case:
             self.publish(ctx, m.port)
             t0 = t1 = None
             deadline = time.monotonic() + 900
+            # Poll the counters themselves, not snapshot(): this loop shares the aggregator's
+            # GIL, and building a snapshot 100 times a second took measurable time from it.
+            m = agg.service.metrics
             while time.monotonic() < deadline:
-                s = agg.snapshot()
                 now = time.perf_counter()
-                if t0 is None and s["updates_received"] > 0:
+                if t0 is None and m.received > 0:
                     t0 = now
-                if s["accepted"] + s["rejected_total"] >= total:
+                if m.accepted + sum(m.rejected.values()) >= total:
                     t1 = now
                     break
                 time.sleep(0.01)
