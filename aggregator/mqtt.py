@@ -18,7 +18,9 @@ Why these choices (numbers in docs/benchmarks.md and docs/aggregator.md):
   the broker keeps our subscription and queues updates while we are away, and redelivers every
   unacknowledged one when we come back (with ``dup`` set).
 * **A fast receive path.** Messages go from paho's ``on_message`` straight into a deque that the
-  service drains in batches; aiomqtt's per-message queue and iterator task are bypassed.
+  service drains in batches; aiomqtt's per-message queue and iterator task are bypassed, and
+  our socket reader (``MqttLink._install_reader``) replaces aiomqtt's one-packet-per-wake-up
+  reader. This module is where the coupling to aiomqtt's internals lives; both are pinned.
 
 Reconnects wait ``uniform(min, min(max, min * 2**attempt))`` seconds ("full jitter" with a
 floor); the attempt count resets once a connection stayed up for :data:`STABLE_S`. Every

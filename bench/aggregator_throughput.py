@@ -253,12 +253,12 @@ class Case:
             deadline = time.monotonic() + 900
             # Poll the counters themselves, not snapshot(): this loop shares the aggregator's
             # GIL, and building a snapshot 100 times a second took measurable time from it.
-            m = agg.service.metrics
+            counters = agg.service.metrics
             while time.monotonic() < deadline:
                 now = time.perf_counter()
-                if t0 is None and m.received > 0:
+                if t0 is None and counters.received > 0:
                     t0 = now
-                if m.accepted + sum(m.rejected.values()) >= total:
+                if counters.accepted + sum(counters.rejected.values()) >= total:
                     t1 = now
                     break
                 time.sleep(0.01)
