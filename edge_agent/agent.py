@@ -452,7 +452,8 @@ class EdgeAgent:
         while thread.is_alive():
             thread.join(0.1)
             if stop.is_set() and thread.is_alive():
-                self.log.warning(
+                # A requested stop, not a fault: the round is simply not finished.
+                self.log.info(
                     "stop requested: abandoning the round in progress (nothing of it was written)"
                 )
                 return
