@@ -138,7 +138,7 @@ def test_password_hash_is_mosquitto_format_and_verifies() -> None:
     assert passwd.hash_password("s3cret") != passwd.hash_password("s3cret")  # random salt
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="needs mosquitto_passwd")
+@pytest.mark.requires(shutil.which("mosquitto_passwd"), "needs mosquitto_passwd")
 def test_hashes_written_by_mosquitto_passwd_verify(tmp_path: Path) -> None:
     f = tmp_path / "pw"
     f.touch()
@@ -287,7 +287,7 @@ def test_aggregator_setup_creates_keys_and_credentials(env: Env) -> None:
     assert len(env.site().registry.aggregators) == 1
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+@pytest.mark.requires(os.geteuid() == 0, "chown needs root")
 def test_aggregator_keys_belong_to_its_service_user(tmp_path: Path) -> None:
     e = Env(tmp_path)
     assert (

@@ -33,6 +33,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import STRICT, require
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -53,6 +54,8 @@ DEVICES = ("dev-a", "dev-b", "dev-r")
 try:
     find_mosquitto()
 except FedMQTTError:
+    if STRICT:  # scripts/test installs it: under CI its absence is a broken set-up
+        raise
     pytest.skip("mosquitto is not installed", allow_module_level=True)
 
 
@@ -240,8 +243,9 @@ def _service_readable(base: Path, data_dir: Path) -> None:
     try:
         uid = pwd.getpwnam("mosquitto").pw_uid
         gid = grp.getgrnam("mosquitto").gr_gid
-    except KeyError:
-        pytest.skip("running as root without a mosquitto user: Mosquitto would drop to nobody")
+    except KeyError:  # Debian's package creates it
+        require(False, "running as root without a mosquitto user: Mosquitto would drop to nobody")
+        raise
     base.chmod(0o755)
     os.chown(data_dir, uid, gid)
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -35,7 +36,7 @@ AGGREGATOR = UNITS / "fedmqtt-aggregator.service"
 DROPIN = UNITS / "mosquitto.service.d" / "fedmqtt.conf"
 MAX_EXPOSURE = 1.5
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+needs_analyze = pytest.mark.requires(ANALYZE, "systemd-analyze is not installed")
 
 
 def directives(path: Path) -> dict[str, list[str]]:
@@ -164,6 +165,7 @@ def test_verify_reports_a_missing_binary(tmp_path: Path) -> None:
     """Why the previous test swaps the path: verify does fail on the shipped ExecStart here."""
     assert ANALYZE is not None
     if Path("/opt/fedmqtt/venv/bin/edge-agent").exists():
+        # Not a missing prerequisite: a real installation makes the premise false.
         pytest.skip("the agent is installed on this machine")
     copy = tmp_path / AGENT.name
     shutil.copy(AGENT, copy)
@@ -177,8 +179,7 @@ def test_verify_reports_a_missing_binary(tmp_path: Path) -> None:
 def test_mosquitto_dropin_verifies_and_hardens(tmp_path: Path) -> None:
     assert ANALYZE is not None
     debian_unit = Path("/lib/systemd/system/mosquitto.service")
-    if not debian_unit.exists():
-        pytest.skip("Debian's mosquitto.service is not installed")
+    require(debian_unit.exists(), "Debian's mosquitto.service is not installed")
     shutil.copy(debian_unit, tmp_path / "mosquitto.service")
     (tmp_path / "mosquitto.service.d").mkdir()
     shutil.copy(DROPIN, tmp_path / "mosquitto.service.d" / "fedmqtt.conf")
@@ -370,8 +371,8 @@ def test_workload_runs_under_the_units_restrictions(unit: Path, work: str) -> No
     import json
 
     lib = ctypes.util.find_library("seccomp")
-    if lib is None:
-        pytest.skip("libseccomp is not installed")
+    require(lib, "libseccomp is not installed")
+    assert lib is not None
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for assignment in " ".join(directives(unit).get("Environment", [])).split():
         key, _, value = assignment.partition("=")
@@ -386,6 +387,7 @@ def test_workload_runs_under_the_units_restrictions(unit: Path, work: str) -> No
         cwd=ROOT,
     )
     if r.returncode == 3 and "NO-MDWE" in r.stdout:
+        # The kernel is the one thing scripts/test cannot install.
         pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
     assert r.returncode == 0, r.stdout + r.stderr
     status, peak = r.stdout.split()[-2:]
@@ -409,12 +411,13 @@ def test_mosquitto_starts_with_the_dropins_capabilities(tmp_path: Path) -> None:
         shutil.which("mosquitto")
         or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None),
     )
-    if os.geteuid() != 0 or setpriv is None or mosquitto is None:
-        pytest.skip("needs root, setpriv and mosquitto")
+    require(os.geteuid() == 0 and setpriv and mosquitto, "needs root, setpriv and mosquitto")
+    assert setpriv is not None and mosquitto is not None
     try:
         mosq = pwd.getpwnam("mosquitto")
     except KeyError:
-        pytest.skip("no mosquitto user")
+        require(False, "no mosquitto user")
+        raise
     caps = one(directives(DROPIN), "CapabilityBoundingSet").split()
     bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
 
