@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from aggregator.checkpoint import decode_state
 from aggregator.engine import Engine, Verified
 from aggregator.metrics import Metrics
 from aggregator.validate import UpdateMeta
-from fedmqtt import codecs, topics, wire
+from fedmqtt import topics, wire
 from fedmqtt.errors import REASONS
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import HmacKey
@@ -61,47 +60,10 @@ def garbage(fed: Federation, e: Engine) -> list[tuple[str, bytes, str]]:
     nan[3] = np.nan
     wrong_spec = ModelSpec("softmax", 7, 3)
     huge = {"c": "raw", "s": [1 << 30, 1 << 20], "d": b""}
-    body = wire.Update(
-        FED,
-        "dev0",
-        uuid.uuid4().hex,
-        0,
-        0,
-        10,
-        SPEC.fingerprint(),
-        {
-            "W0": huge,
-            "b0": codecs.encode_tensor(
-                np.zeros(3, np.float32), codecs.Codec("raw"), rng=np.random.default_rng(0)
-            ),
-        },
-    )
-    wrong_shapes = wire.Update(
-        FED,
-        "dev0",
-        uuid.uuid4().hex,
-        0,
-        0,
-        10,
-        SPEC.fingerprint(),
-        codecs.encode_params(
-            {"W0": np.zeros((3, 6), np.float32), "b0": np.zeros(3, np.float32)},
-            codecs.Codec("raw"),
-            rng=np.random.default_rng(0),
-        ),
-    )
-    missing = wire.Update(
-        FED,
-        "dev0",
-        uuid.uuid4().hex,
-        0,
-        0,
-        10,
-        SPEC.fingerprint(),
-        codecs.encode_params(
-            {"W0": np.zeros((6, 3), np.float32)}, codecs.Codec("raw"), rng=np.random.default_rng(0)
-        ),
-    )
+    zeros3 = raw_tensor(np.zeros(3, np.float32))
+    huge_body = {"W0": huge, "b0": zeros3}
+    wrong_shapes = {"W0": raw_tensor(np.zeros((3, 6), np.float32)), "b0": zeros3}
+    missing = {"W0": raw_tensor(np.zeros((6, 3), np.float32))}
     bad_sig = bytearray(fed.update("dev0", ok))
     bad_sig[-5] ^= 0x01
     replayed_id = "replayed-0001"
@@ -114,9 +76,9 @@ def garbage(fed: Federation, e: Engine) -> list[tuple[str, bytes, str]]:
         # A well-formed header with no body: the MAC is checked before any body parsing.
         (upd_topic(), msgpack.packb({"v": 1, "alg": "hmac-sha256", "sig": b"x"}), "signature"),
         (upd_topic(), b"", "schema"),
-        (upd_topic(), wire.encode(wrong_shapes, fed.keys["dev0"]), "shape"),
-        (upd_topic(), wire.encode(missing, fed.keys["dev0"]), "shape"),
-        (upd_topic(), wire.encode(body, fed.keys["dev0"]), "size"),
+        (upd_topic(), fed.update_encoded("dev0", wrong_shapes), "shape"),
+        (upd_topic(), fed.update_encoded("dev0", missing), "shape"),
+        (upd_topic(), fed.update_encoded("dev0", huge_body), "size"),
         (
             upd_topic(),
             fed.update_encoded(

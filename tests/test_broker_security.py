@@ -17,6 +17,7 @@ Observed on Mosquitto 2.0.11 (Debian 12), asserted exactly:
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -216,6 +217,11 @@ class Site:
             c.close()
         self.clients.clear()
 
+    def close(self) -> None:
+        self.close_clients()
+        self.broker.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
 
 AGGREGATOR_TOML = """\
 [federation]
@@ -332,26 +338,26 @@ def build_site(identity: str) -> Site:
     return Site(identity, base, broker)
 
 
-@pytest.fixture(scope="module")
-def pw_site() -> Iterator[Site]:
-    site = build_site("password")
+@contextlib.contextmanager
+def running_site(identity: str) -> Iterator[Site]:
+    """A site built with :func:`build_site`, closed and removed afterwards."""
+    site = build_site(identity)
     try:
         yield site
     finally:
-        site.close_clients()
-        site.broker.close()
-        shutil.rmtree(site.base, ignore_errors=True)
+        site.close()
+
+
+@pytest.fixture(scope="module")
+def pw_site() -> Iterator[Site]:
+    with running_site("password") as site:
+        yield site
 
 
 @pytest.fixture(scope="module")
 def cert_site() -> Iterator[Site]:
-    site = build_site("certificate")
-    try:
+    with running_site("certificate") as site:
         yield site
-    finally:
-        site.close_clients()
-        site.broker.close()
-        shutil.rmtree(site.base, ignore_errors=True)
 
 
 @pytest.fixture

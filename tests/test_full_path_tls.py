@@ -9,7 +9,6 @@ owner would), the aggregator's ``aggregator.toml`` with a model added.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_broker_security import FED, Site, build_site
+from test_broker_security import FED, Site, running_site
 
 from aggregator.config import load_config as load_aggregator_config
 from aggregator.service import AggregatorThread
@@ -45,13 +44,8 @@ holdout = "{holdout}"
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
-    s = build_site("password")
-    try:
+    with running_site("password") as s:
         yield s
-    finally:
-        s.close_clients()
-        s.broker.close()
-        shutil.rmtree(s.base, ignore_errors=True)
 
 
 def test_enrolled_agent_update_is_applied_over_tls(site: Site, tmp_path: Path) -> None:
