@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
+from fedmqtt import mqttconf
 from fedmqtt.aggregation.staleness import Staleness, parse_staleness
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
@@ -57,21 +58,13 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
-class BrokerConfig:
-    host: str = "localhost"
-    port: int = 1883
-    username: str | None = None
-    password_file: Path | None = None
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_id: str = "fedmqtt-aggregator"
-    keepalive: int = 60
+class BrokerConfig(mqttconf.BrokerConfig):
+    """The shared ``[broker]`` options with the aggregator's defaults, and its client id."""
+
     session_expiry_s: int = 7 * 86_400
-    connect_timeout_s: float = 10.0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
+    client_id: str = "fedmqtt-aggregator"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from fedmqtt.errors import ConfigError
-from fedmqtt.mqttconf import read_connection
+from fedmqtt.mqttconf import BrokerConfig, read_connection
 from fedmqtt.signing import ALGORITHMS, HMAC_SHA256
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
@@ -47,23 +47,6 @@ class DeviceConfig:
     id: str
     federation: str
     state_dir: Path
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    host: str = "localhost"
-    port: int = 1883
-    username: str | None = None
-    password_file: Path | None = None
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    keepalive: int = 60
-    session_expiry_s: int = 86_400
-    connect_timeout_s: float = 10.0
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 120.0
 
 
 @dataclass(frozen=True)

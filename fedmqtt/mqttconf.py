@@ -1,39 +1,37 @@
 """The ``[broker]`` table both services share: where the broker is and how to log in.
 
-The agent and the aggregator keep their own ``BrokerConfig`` dataclasses (their defaults
-differ: a device keeps a one-day session, the aggregator a week, and only the aggregator has a
-client id of its own), but the options and their checks are the same and live here once.
+:class:`BrokerConfig` holds the options with a device's defaults; the aggregator subclasses it
+for its own defaults (a week's session instead of a day, quicker first retry) and its client id.
+The options and their checks live here once.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from fedmqtt.tomltable import Table
 
 
-class ConnectionDefaults(Protocol):
-    """What a service's (frozen) BrokerConfig provides as defaults for the shared options."""
-
-    @property
-    def host(self) -> str: ...
-    @property
-    def tls(self) -> bool: ...
-    @property
-    def keepalive(self) -> int: ...
-    @property
-    def session_expiry_s(self) -> int: ...
-    @property
-    def connect_timeout_s(self) -> float: ...
-    @property
-    def reconnect_min_s(self) -> float: ...
-    @property
-    def reconnect_max_s(self) -> float: ...
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "localhost"
+    port: int = 1883
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = 60
+    session_expiry_s: int = 86_400
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 120.0
 
 
-def read_connection(
-    t: Table, d: ConnectionDefaults, *, min_session_expiry_s: int = 0
-) -> dict[str, Any]:
+def read_connection(t: Table, d: BrokerConfig, *, min_session_expiry_s: int = 0) -> dict[str, Any]:
     """The shared ``[broker]`` options as keyword arguments for a BrokerConfig."""
     tls = t.flag("tls", d.tls)
     port = t.integer("port", 8883 if tls else 1883, lo=1, hi=65535)
