@@ -13,6 +13,9 @@ on a fresh broker:
 
 A rate is N / (time of the last message handled - time of the first message received); for
 the aggregator "handled" means accepted or refused with a reason (all are accepted here).
+``agg_w<W>_cpu_us`` is the CPU time of this process (the aggregator's threads; not the worker
+processes) per update: less disturbed by the shared machine than a rate, so the better measure
+of a change to the aggregator's own cost.
 
 Part 2 -- the aggregation step alone, decode included, against Flower's FedAvg path
 (``flwr.server.strategy.aggregate.aggregate_inplace``, which decodes ``.npy`` tensors) on the
@@ -248,6 +251,7 @@ class Case:
         total = (self.n // self.publishers) * self.publishers
         agg = AggregatorThread(cfg).start()
         try:
+            cpu0 = time.process_time()  # this process: the aggregator's threads, not workers
             self.publish(ctx, m.port)
             t0 = t1 = None
             deadline = time.monotonic() + 900
@@ -260,6 +264,7 @@ class Case:
                     t0 = now
                 if counters.accepted + sum(counters.rejected.values()) >= total:
                     t1 = now
+                    cpu1 = time.process_time()
                     break
                 time.sleep(0.01)
             self.join_publishers()
@@ -271,6 +276,7 @@ class Case:
             raise RuntimeError(f"the aggregator did not accept exactly the {total} updates: {s}")
         return {
             "rate": total / (t1 - t0),
+            "cpu_us": 1e6 * (cpu1 - cpu0) / total,
             "accepted": s["accepted"],
             "rejected": s["rejected"],
             "version": s["version"],
@@ -301,6 +307,7 @@ def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for w in args.workers:
                         r = case.run_aggregator(ctx, w)
                         row.setdefault(f"agg_w{w}_runs", []).append(round(r["rate"]))
+                        row.setdefault(f"agg_w{w}_cpu_us", []).append(round(r["cpu_us"]))
                         row[f"agg_w{w}_detail"] = r
                 for proto in args.ceilings:
                     row[f"bare_v{proto}"] = max(row[f"bare_v{proto}_runs"])
