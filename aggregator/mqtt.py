@@ -17,10 +17,16 @@ Why these choices (numbers in docs/benchmarks.md and docs/aggregator.md):
 * **Persistent session.** Fixed client id, ``clean_start=False`` and a Session Expiry Interval:
   the broker keeps our subscription and queues updates while we are away, and redelivers every
   unacknowledged one when we come back (with ``dup`` set).
-* **A fast receive path.** Messages go from paho's ``on_message`` straight into a deque that the
-  service drains in batches; aiomqtt's per-message queue and iterator task are bypassed, and
-  our socket reader (``MqttLink._install_reader``) replaces aiomqtt's one-packet-per-wake-up
-  reader. This module is where the coupling to aiomqtt's internals lives; both are pinned.
+* **A fast receive path.** Messages go from the PUBLISH handler straight into a deque that the
+  service drains in batches; aiomqtt's per-message queue and iterator task are bypassed. Our
+  socket reader (``MqttLink._install_reader``) replaces aiomqtt's one-packet-per-wake-up
+  reader, paho reads through :class:`~aggregator.readahead.ReadAhead` (one ``recv`` for many
+  packets instead of five or more calls per packet), and QoS 0/1 PUBLISH packets are decoded by
+  :mod:`aggregator.publishpacket` (one copy of the payload instead of paho's four). Together
+  these took the single-process rate from ~45 % to ~70 % of a bare paho subscriber's
+  (docs/benchmarks.md). This module is where the coupling to aiomqtt's and paho's internals
+  (``Client._client``, ``_sock``, ``_in_packet``, ``_handle_publish``) lives; both are pinned
+  and the receive path is tested against a real Mosquitto.
 
 Reconnects wait ``uniform(min, min(max, min * 2**attempt))`` seconds ("full jitter" with a
 floor); the attempt count resets once a connection stayed up for :data:`STABLE_S`. Every
@@ -43,20 +49,30 @@ from typing import Any, Final
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.config import BrokerConfig
+from aggregator.publishpacket import MalformedPublishError, decode_publish
+from aggregator.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
 STABLE_S: Final = 30.0
 READ_BURST: Final = 64  # packets read per wake-up of the event loop, at most ...
 READ_BURST_BYTES: Final = 1 << 20  # ... and payload bytes: large updates leave the loop sooner
+INBOX_HIGH_BYTES: Final = 8 << 20  # stop reading the socket while the inbox holds this much ...
+INBOX_LOW_BYTES: Final = 4 << 20  # ... until the consumer has taken it below this
 SUBSCRIBE_TIMEOUT_S: Final = 30.0
 
 if not hasattr(paho.Client, "manual_ack_set"):  # pragma: no cover - guarded by the pins
     raise ImportError("paho-mqtt >= 2.0 is required (manual acknowledgements)")
+# The fast receive path replaces these paho internals; if a paho release renames them, the
+# service falls back to paho's own (slower) path instead of failing.
+FAST_RECEIVE: Final = all(
+    hasattr(paho.Client, name) for name in ("_handle_publish", "_packet_read", "_sock_recv")
+)
 
 
 class Incoming:
@@ -119,14 +135,44 @@ class MqttLink:
         self._pub_waiters: dict[int, asyncio.Future[int]] = {}
         self._rng = random.Random()
         self._burst_bytes = 0
+        self._inbox_bytes = 0
+        self._resume: Callable[[], None] | None = None
         self.connects = 0
 
     # ------------------------------------------------------------------ receiving
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        self._deliver(msg.topic, payload, msg.mid, msg.qos)
+
+    def _deliver(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         self._burst_bytes += len(payload)
-        self.inbox.append(Incoming(msg.topic, payload, msg.mid, msg.qos, self.generation))
+        self._inbox_bytes += len(payload)
+        self.inbox.append(Incoming(topic, payload, mid, qos, self.generation))
         self._arrived.set()
+
+    def _fast_publish_handler(self, pc: paho.Client) -> Callable[[], MQTTErrorCode]:
+        """paho's ``_handle_publish`` for QoS 0 and 1, decoded by :mod:`aggregator.publishpacket`.
+
+        With manual acknowledgements paho does nothing else for these QoS levels than decode
+        the packet and call ``on_message`` (no state, no PUBACK); QoS 2, which our QoS 1
+        subscriptions never receive, stays with paho.
+        """
+        paho_handler = pc._handle_publish
+
+        def handle_publish() -> MQTTErrorCode:
+            inpacket = pc._in_packet  # paho replaces this dict on reconnect
+            header = inpacket["command"]
+            if header & 0x06 == 0x04:
+                return paho_handler()
+            try:
+                p = decode_publish(header, inpacket["packet"])
+            except MalformedPublishError as e:
+                log.error("%s: malformed PUBLISH from the broker: %s", self.name, e)
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            self._deliver(p.topic, p.payload, p.mid, p.qos)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+        return handle_publish
 
     async def wait(self, timeout: float) -> bool:
         """Wait until a message is waiting (True) or ``timeout`` passed (False)."""
@@ -140,8 +186,15 @@ class MqttLink:
     def take(self, n: int) -> list[Incoming]:
         out: list[Incoming] = []
         inbox = self.inbox
+        taken = 0
         while inbox and len(out) < n:
-            out.append(inbox.popleft())
+            m = inbox.popleft()
+            taken += len(m.payload)
+            out.append(m)
+        self._inbox_bytes -= taken
+        if self._resume is not None and self._inbox_bytes < INBOX_LOW_BYTES:
+            resume, self._resume = self._resume, None
+            resume()
         return out
 
     def ack(self, msgs: Iterable[Incoming]) -> int:
@@ -234,6 +287,9 @@ class MqttLink:
             # per message on the event loop thread.
             pc.disable_logger()
         pc.on_message = self._on_message
+        fast = FAST_RECEIVE and isinstance(getattr(pc, "_in_packet", None), dict)
+        if fast:
+            pc._handle_publish = self._fast_publish_handler(pc)  # type: ignore[method-assign]
         aio_on_publish: Any = pc.on_publish
         aio_on_disconnect: Any = pc.on_disconnect
         loop = asyncio.get_running_loop()
@@ -259,22 +315,37 @@ class MqttLink:
             # reader from it, and ours replaces that reader right after (same loop queue).
             if aio_on_socket_open is not None:
                 aio_on_socket_open(c, u, sock)
+            # paho reads through ``_sock`` only; connecting has not read anything yet.
+            if fast:
+                sock = ReadAhead(sock)
+                c._sock = sock
             loop.call_soon_threadsafe(self._install_reader, c, sock)
 
         pc.on_socket_open = on_socket_open
         return client
 
     def _install_reader(self, pc: paho.Client, sock: Any) -> None:
-        """Read every packet already in the socket per wake-up, not one.
+        """Read every packet already received per wake-up, not one.
 
         aiomqtt's reader calls ``loop_read()`` once per readable event, and paho reads at most
         one packet per call: under a stream of updates every packet costs a trip through the
         event loop (an epoll round and the loop's bookkeeping), and a 100 KB message that
-        arrives in pieces costs several. This reader keeps calling ``loop_read()`` while a
-        zero-timeout ``poll`` (or the TLS layer's ``pending()``) says more bytes are there, up
-        to :data:`READ_BURST` packets or :data:`READ_BURST_BYTES` of payload, so that the
-        loop's other work (and the engine thread, which needs the GIL) still gets its turn:
-        without the byte bound, 400 KB updates were taken ~20 % slower than one per wake-up.
+        arrives in pieces costs several. This reader keeps calling ``loop_read()`` while bytes
+        are waiting -- in the read-ahead buffer or the TLS layer (``sock.pending()``), or in
+        the kernel (a zero-timeout ``poll``) -- up to :data:`READ_BURST` packets or
+        :data:`READ_BURST_BYTES` of payload, so that the loop's other work (and the engine
+        thread, which needs the GIL) still gets its turn: without the byte bound, 400 KB
+        updates were taken ~20 % slower than one per wake-up. Bytes already taken from the
+        kernel never wake ``epoll`` again, so when a burst ends with some buffered, the reader
+        schedules itself to go on.
+
+        Backpressure: once the inbox holds :data:`INBOX_HIGH_BYTES` of payload the reader stops
+        watching the socket until :meth:`take` brings it below :data:`INBOX_LOW_BYTES`. The rest
+        waits in the kernel's socket buffer and in the broker (bounded by Receive Maximum, so
+        nothing is lost). Reading far ahead of a slower engine gains nothing and costs memory:
+        at d = 1e5 int8 the inbox held 700 updates (70 MB) on average, and up to Receive Maximum
+        times the update size; with the bound it holds ~85, and the CPU per update is unchanged
+        (docs/benchmarks.md).
         """
         loop = asyncio.get_running_loop()
         try:
@@ -286,17 +357,34 @@ class MqttLink:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         pending = getattr(sock, "pending", None)
+        if not callable(pending):
+            pending = _nothing_pending
+        self._resume = None  # a paused reader of an earlier connection stays paused
+
+        def resume() -> None:
+            if pc.socket() is sock:
+                loop.add_reader(fd, reader)
+                loop.call_soon(reader)  # bytes may wait in the read-ahead buffer
 
         def reader() -> None:
+            if pc.socket() is not sock:
+                return  # a later connection has its own reader
             self._burst_bytes = 0
             try:
                 for _ in range(READ_BURST):
                     if pc.loop_read() != paho.MQTT_ERR_SUCCESS or pc.socket() is not sock:
                         return
+                    if self._inbox_bytes >= INBOX_HIGH_BYTES:
+                        if self._resume is None:
+                            loop.remove_reader(fd)
+                            self._resume = resume
+                        return
                     if self._burst_bytes >= READ_BURST_BYTES:
+                        break
+                    if not pending() and not poller.poll(0):
                         return
-                    if not (callable(pending) and pending() > 0) and not poller.poll(0):
-                        return
+                if pending():
+                    loop.call_soon(reader)
             except Exception as e:  # a broken connection: reconnect, as aiomqtt would
                 log.debug("%s: read failed: %r", self.name, e)
                 with contextlib.suppress(Exception):
@@ -381,6 +469,10 @@ class MqttLink:
             )
             if self.on_state is not None:
                 self.on_state(False)
+
+
+def _nothing_pending() -> int:
+    return 0
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

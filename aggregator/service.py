@@ -40,6 +40,7 @@ from aggregator.config import AggregatorConfig, window_pressure
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Snapshot, initial_state
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
+from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import Incoming, MqttLink
 from aggregator.publish import model_payload, onnx_payload, plan_payload, plan_revision
@@ -152,6 +153,7 @@ class Aggregator:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
+        tune_malloc()
         notifier = Notifier.from_env()
         engine_x = ThreadPoolExecutor(1, thread_name_prefix="agg-engine")
         io_x = ThreadPoolExecutor(1, thread_name_prefix="agg-io")

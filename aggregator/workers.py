@@ -46,6 +46,7 @@ import numpy as np
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Verified
+from aggregator.memtune import tune_malloc
 from aggregator.mqtt import Incoming, MqttLink
 from aggregator.validate import (
     UpdateMeta,
@@ -221,6 +222,7 @@ def worker_main(cfg: AggregatorConfig, index: int, conn: Connection) -> None:
     logging.basicConfig(
         level=cfg.logging.level, format=f"%(levelname)s worker-{index + 1} %(name)s: %(message)s"
     )
+    tune_malloc()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_Runner(cfg, index, conn).run())
     os._exit(0)  # never run atexit handlers that could touch the parent's resources

@@ -328,3 +328,15 @@ def test_scaleout_worker_configs_need_their_own_accounts(tmp_path: Path) -> None
             raw_config(broker=base, scaleout={"worker_configs": ["w0.toml", "w1.toml"]}),
             base_dir=tmp_path,
         )
+
+
+def test_tune_malloc_applies_on_glibc_and_defers_to_glibc_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import platform
+
+    from aggregator import memtune
+
+    assert memtune.tune_malloc() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert memtune.tune_malloc() is False  # the operator's own setting wins

@@ -1,0 +1,299 @@
+"""The aggregator's receive path: read-ahead socket, PUBLISH decoder, and both through Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+import aggregator.mqtt
+from aggregator.config import BrokerConfig
+from aggregator.mqtt import Incoming, MqttLink
+from aggregator.publishpacket import MalformedPublishError, decode_publish
+from aggregator.readahead import CHUNK, ReadAhead
+from fedmqtt.broker import Mosquitto
+
+
+# ------------------------------------------------------------------ PUBLISH decoder
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _publish(topic: bytes, payload: bytes, *, qos: int, mid: int, props: bytes = b"\x00") -> bytes:
+    """Variable header + payload of a PUBLISH, laid out as MQTT 5.0 section 3.3 says."""
+    return (
+        struct.pack("!H", len(topic))
+        + topic
+        + (struct.pack("!H", mid) if qos else b"")
+        + props
+        + payload
+    )
+
+
+def _props_obj(**values: object) -> Properties:
+    p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for k, v in values.items():
+        setattr(p, k, v)
+    return p
+
+
+def _props(**values: object) -> bytes:
+    return bytes(_props_obj(**values).pack())  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_decode_publish_reads_topic_mid_and_payload_past_the_properties(qos: int) -> None:
+    props = _props(
+        UserProperty=[("a", "b"), ("c", "d" * 300)],
+        ContentType="application/x-msgpack",
+        MessageExpiryInterval=60,
+        CorrelationData=b"\x80" * 200,  # long enough for a two-byte property length
+    )
+    assert props[0] & 0x80  # the property length is a multi-byte variable integer
+    payload = bytes(range(256)) * 40
+    header = 0x30 | (qos << 1) | 0x08 | 0x01
+    p = decode_publish(
+        header,
+        bytearray(_publish("fl/f/updates/dé".encode(), payload, qos=qos, mid=513, props=props)),
+    )
+    assert (p.topic, p.payload, p.mid, p.qos, p.dup, p.retain) == (
+        "fl/f/updates/dé",
+        payload,
+        513 if qos else 0,
+        qos,
+        True,
+        True,
+    )
+    assert type(p.payload) is bytes
+
+
+def test_decode_publish_agrees_with_paho_on_random_packets() -> None:
+    _packet = pytest.importorskip("paho.mqtt._packet")  # paho >= 2.2 has its decoder there
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    rng = random.Random(7)
+    for _ in range(300):
+        qos = rng.choice([0, 1])
+        topic = "".join(rng.choice("ab/+é_") for _ in range(rng.randint(1, 40))).encode()
+        props = (
+            _props(UserProperty=[("k", "v" * rng.randint(0, 200))])
+            if rng.random() < 0.5
+            else b"\x00"
+        )
+        payload = rng.randbytes(rng.randint(0, 3000))
+        header = 0x30 | (qos << 1)
+        packet = _publish(topic, payload, qos=qos, mid=rng.randint(1, 65535), props=props)
+        ours = decode_publish(header, packet)
+        theirs = _packet.decode_publish(header, packet, MQTTProtocolVersion.MQTTv5)
+        assert (ours.topic.encode(), ours.payload, ours.mid, ours.qos) == (
+            theirs.topic,
+            theirs.payload,
+            theirs.mid,
+            theirs.qos,
+        )
+
+
+@pytest.mark.parametrize(
+    ("header", "packet", "needle"),
+    [
+        (0x32, b"", "no topic length"),
+        (0x32, b"\x00", "no topic length"),
+        (0x32, b"\x00\x00\x00\x01\x00", "empty topic"),
+        (0x32, b"\x00\x09abc", "past the packet"),
+        (0x32, b"\x00\x02\xff\xfe\x00\x01\x00", "not UTF-8"),
+        (0x32, b"\x00\x01a\x00", "no packet identifier"),
+        (0x32, b"\x00\x01a\x00\x00\x00", "identifier 0"),
+        (0x32, b"\x00\x01a\x00\x01", "property length runs past"),
+        (0x32, b"\x00\x01a\x00\x01\x80", "property length runs past"),
+        (0x32, b"\x00\x01a\x00\x01\x80\x80\x80\x80\x01", "longer than four bytes"),
+        (0x32, b"\x00\x01a\x00\x01\x05abc", "properties run past"),
+        (0x36, b"\x00\x01a\x00\x01\x00", "QoS 3"),
+    ],
+)
+def test_decode_publish_refuses_malformed_packets(header: int, packet: bytes, needle: str) -> None:
+    with pytest.raises(MalformedPublishError, match=needle):
+        decode_publish(header, packet)
+
+
+# ------------------------------------------------------------------ read-ahead socket
+def test_read_ahead_returns_the_stream_unchanged() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        data = random.Random(3).randbytes(CHUNK * 3 + 17)
+        a.sendall(data[:4096])
+        sock = ReadAhead(b)
+        got = bytearray()
+        rng = random.Random(4)
+        sent = 4096
+        while len(got) < len(data):
+            try:
+                piece = sock.recv(rng.choice([1, 1, 2, 100, 5000, CHUNK + 1]))
+            except BlockingIOError:
+                assert sock.pending() == 0  # only ever raised when nothing is buffered
+                a.sendall(data[sent : sent + 4096])  # fits the drained socket buffer
+                sent += 4096
+                continue
+            assert piece
+            got += piece
+        assert bytes(got) == data
+        assert sock.pending() == 0
+        a.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b""  # end of stream, as a socket reports it
+        assert sock.fileno() == b.fileno()  # everything else is the socket's
+
+
+class _CountingSocket:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.recvs = 0
+
+    def recv(self, n: int) -> bytes:
+        self.recvs += 1
+        return self.sock.recv(n)
+
+
+def test_read_ahead_takes_many_small_reads_from_one_recv() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        a.sendall(bytes(range(200)) * 50)
+        inner = _CountingSocket(b)
+        sock = ReadAhead(inner)
+        got = b"".join(sock.recv(1) for _ in range(10_000))
+        assert got == bytes(range(200)) * 50
+        assert inner.recvs == 1
+
+
+def test_read_ahead_pending_counts_what_it_holds() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        a.sendall(b"0123456789")
+        sock = ReadAhead(b)
+        assert sock.recv(1) == b"0"
+        assert sock.pending() == 9  # the kernel has nothing left; epoll would not wake a reader
+        assert sock.recv(100) == b"123456789"
+        assert sock.pending() == 0
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+
+
+# ------------------------------------------------------------------ through Mosquitto
+def _publish_v5(
+    broker: Mosquitto, messages: list[tuple[str, bytes, int, Properties | None]]
+) -> None:
+    """Publish (topic, payload, qos, properties) in order with a plain paho MQTT 5 client."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="publisher", protocol=paho.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        for topic, payload, qos, props in messages:
+            c.publish(topic, payload, qos=qos, properties=props).wait_for_publish(10)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "paho-fallback"])
+def test_link_receives_exact_messages_with_properties_through_mosquitto(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """Small and large (above the read-ahead chunk) messages, QoS 0 and 1, with properties:
+    what the link delivers is byte for byte what was published, in order; after acking, a new
+    connection of the same session gets nothing again, while the unacknowledged one comes back.
+    The same holds on paho's own receive path, which the link falls back to if a paho release
+    lacks the internals the fast path replaces."""
+    monkeypatch.setattr(aggregator.mqtt, "FAST_RECEIVE", fast)
+    topic = "fl/recv/updates/dev-1"
+    rng = random.Random(11)
+    sizes = [0, 1, 100, 2_000, 100_000, CHUNK + 5_000, 3 * CHUNK, 50]
+    payloads = [rng.randbytes(n) for n in sizes]
+
+    def publish_all() -> None:
+        props = [
+            _props_obj(UserProperty=[("i", str(i))], ContentType="x/y") for i in range(len(sizes))
+        ]
+        _publish_v5(broker, [(topic, p, i % 2, props[i]) for i, p in enumerate(payloads)])
+
+    async def receive(n: int, ack_all_but_last: bool) -> list[tuple[str, bytes, int]]:
+        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-test")
+        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=100)
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        await asyncio.wait_for(link.connected.wait(), 10)
+        if n:
+            await asyncio.get_running_loop().run_in_executor(None, publish_all)
+        got: list[Incoming] = []
+        deadline = asyncio.get_running_loop().time() + 15
+        while len(got) < n and asyncio.get_running_loop().time() < deadline:
+            await link.wait(0.2)
+            got.extend(link.take(100))
+        if not n:
+            await link.wait(1.0)
+            got.extend(link.take(100))
+        if ack_all_but_last:
+            link.ack([m for m in got if m.qos][:-1])
+            await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return [(m.topic, m.payload, m.qos) for m in got]
+
+    got = asyncio.run(receive(len(payloads), ack_all_but_last=True))
+    assert got == [(topic, p, i % 2) for i, p in enumerate(payloads)]
+    # Same session again, publishing nothing: only the one QoS 1 message left unacknowledged.
+    again = asyncio.run(receive(0, ack_all_but_last=False))
+    last_qos1 = max(i for i in range(len(payloads)) if i % 2)
+    assert again == [(topic, payloads[last_qos1], 1)]
+
+
+def test_link_stops_reading_while_the_inbox_is_full_and_loses_nothing(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure: with nobody taking messages the inbox stops growing at the high-water
+    mark (the rest waits in the socket and the broker); taking resumes reading, and every
+    message arrives exactly once, in order."""
+    monkeypatch.setattr(aggregator.mqtt, "INBOX_HIGH_BYTES", 50_000)
+    monkeypatch.setattr(aggregator.mqtt, "INBOX_LOW_BYTES", 20_000)
+    topic = "fl/recv/updates/dev-2"
+    payloads = [i.to_bytes(4, "big") * 2_500 for i in range(60)]  # 10 KB each, 600 KB in all
+
+    def publish_all() -> None:
+        _publish_v5(broker, [(topic, p, 1, None) for p in payloads])
+
+    async def main() -> tuple[int, list[bytes]]:
+        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-bp")
+        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=1000)
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        await asyncio.wait_for(link.connected.wait(), 10)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, publish_all)
+        await asyncio.sleep(1.0)  # plenty of time to read everything, were it not paused
+        held = sum(len(m.payload) for m in link.inbox)
+        got: list[bytes] = []
+        deadline = loop.time() + 15
+        while len(got) < len(payloads) and loop.time() < deadline:
+            await link.wait(0.2)
+            batch = link.take(3)
+            got.extend(m.payload for m in batch)
+            link.ack(batch)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return held, got
+
+    held, got = asyncio.run(main())
+    assert 50_000 <= held < 50_000 + 10_000 + 100  # stopped right after crossing the mark
+    assert got == payloads
