@@ -737,3 +737,20 @@ def test_norm_bound_validation() -> None:
         NormBound.from_state({"factor": 3.0})
     with pytest.raises(ValueError):
         NormBound.from_state({"factor": 3.0, "window": 2, "min_samples": 1, "norms": [-1.0]})
+
+
+def test_norm_bound_median_matches_statistics_over_a_sliding_window() -> None:
+    import random
+    import statistics
+
+    rng = random.Random(5)
+    for window in (1, 2, 7, 100):
+        nb = NormBound(factor=2.0, window=window, min_samples=1)
+        seen: list[float] = []
+        for _ in range(400):
+            v = rng.choice([rng.random(), 0.5, 1.0, 0.0])  # repeats exercise equal keys
+            nb.observe(v)
+            seen.append(v)
+            assert nb.bound() == 2.0 * statistics.median(seen[-window:])
+        again = NormBound.from_state(nb.to_state())
+        assert again.bound() == nb.bound()

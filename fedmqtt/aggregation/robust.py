@@ -25,8 +25,8 @@ average the kept order statistics in float64; chunking bounds memory (see ``_com
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -93,6 +93,10 @@ class NormBound:
         self.window = window
         self.min_samples = min_samples
         self._norms: deque[float] = deque(maxlen=window)
+        # The same norms kept sorted, so that the median is a lookup: the aggregator asks for
+        # it for every update (statistics.median sorted the window each time, ~2 % of the
+        # aggregator's CPU at d = 1e5).
+        self._sorted: list[float] = []
 
     def observe(self, norm: float) -> None:
         """Record the norm of an accepted update (finite, >= 0); the oldest beyond the window
@@ -100,13 +104,18 @@ class NormBound:
         v = float(norm)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"norm must be finite and >= 0, got {norm!r}")
+        if len(self._norms) == self.window:
+            del self._sorted[bisect.bisect_left(self._sorted, self._norms[0])]
         self._norms.append(v)
+        bisect.insort(self._sorted, v)
 
     def bound(self) -> float | None:
         """``factor * median`` of the remembered norms, or None before ``min_samples``."""
         if len(self._norms) < self.min_samples:
             return None
-        return self.factor * statistics.median(self._norms)
+        s, n = self._sorted, len(self._sorted)
+        mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2.0
+        return self.factor * mid
 
     def __len__(self) -> int:
         return len(self._norms)
