@@ -84,7 +84,7 @@ def _init(cfg: AggregatorConfig) -> int:
     print(f"public key       {pub}: {signer.verifier().public_hex()}")
     print("                 (devices pin it: [security] aggregator_public_key)")
     cfg.security.devices_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    print(f"device keys      {cfg.security.devices_dir}/<device id>.hmac|.pub")
+    print(f"device keys      {cfg.security.devices_dir}/<device id>.chacha|.hmac|.pub")
     version = initialize(cfg)
     print(f"state directory  {cfg.state_dir} (model version {version})")
     return 0

@@ -1,4 +1,4 @@
-"""Enrolled device keys, read from ``devices_dir/<device id>.hmac|.pub`` and cached.
+"""Enrolled device keys, read from ``devices_dir/<device id>.chacha|.hmac|.pub`` and cached.
 
 ``fedmqtt-admin`` adds, rotates and removes key files while the aggregator runs (each change is
 an atomic rename, so the directory's mtime changes). The cache is dropped whenever that mtime
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fedmqtt.errors import ConfigError
-from fedmqtt.signing import Verifier, load_device_verifier
+from fedmqtt.signing import DEVICE_KEY_SUFFIX, Verifier, load_device_verifier
 from fedmqtt.topics import check_id
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class DeviceKeys:
             check_id("device id", device_id)
         except ConfigError:
             return None
-        for suffix in (".hmac", ".pub"):
+        for suffix in DEVICE_KEY_SUFFIX.values():
             path = self.directory / f"{device_id}{suffix}"
             if path.exists():
                 try:

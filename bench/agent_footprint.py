@@ -46,7 +46,7 @@ from fedmqtt.broker import Mosquitto  # noqa: E402
 from fedmqtt.codecs import decode_params  # noqa: E402
 from fedmqtt.models.dense import init_params  # noqa: E402
 from fedmqtt.models.spec import ModelSpec  # noqa: E402
-from fedmqtt.signing import Ed25519Signer, HmacKey  # noqa: E402
+from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer  # noqa: E402
 
 FED = "bench"
 DEVICE = "bench-dev"
@@ -112,7 +112,7 @@ class Aggregator:
     """Publishes signed model versions and applies each update it receives."""
 
     def __init__(
-        self, broker: Mosquitto, signer: Ed25519Signer, key: HmacKey, spec: ModelSpec
+        self, broker: Mosquitto, signer: Ed25519Signer, key: ChaChaPolyKey, spec: ModelSpec
     ) -> None:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
@@ -161,17 +161,17 @@ class Aggregator:
 
 def write_device(
     root: Path, broker: Mosquitto, signer: Ed25519Signer, X: np.ndarray, y: np.ndarray
-) -> tuple[Path, HmacKey]:
+) -> tuple[Path, ChaChaPolyKey]:
     signer.verifier().save(root / "aggregator.pub")
-    key = HmacKey.generate()
-    key.save(root / "device.hmac")
+    key = ChaChaPolyKey.generate()
+    key.save(root / "device.key")
     (root / "data").mkdir()
     np.savez(root / "data" / "shard.npz", X=X, y=y)
     cfg = root / "agent.toml"
     cfg.write_text(
         f'[device]\nid = "{DEVICE}"\nfederation = "{FED}"\nstate_dir = "state"\n'
         f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
-        f'[security]\naggregator_public_key = "aggregator.pub"\nupdate_key = "device.hmac"\n'
+        f'[security]\naggregator_public_key = "aggregator.pub"\nupdate_key = "device.key"\n'
         f'[data]\nsource = "npz"\npath = "data"\n'
         f'[logging]\nlevel = "WARNING"\n'
     )

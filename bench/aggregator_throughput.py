@@ -1,8 +1,9 @@
 """Aggregator ingestion throughput against the broker's delivery ceiling, and Flower's FedAvg.
 
 Part 1 -- ingestion. For each model size d and codec: several publisher processes send N
-pre-encoded, valid, HMAC-signed updates (unique update ids) at QoS 1 through a real Mosquitto
-started with the project's broker config. Two subscribers take turns on the same stream, each
+pre-encoded, valid updates (unique update ids, authenticated with the device MAC chosen by
+``--auth``, by default the product's default) at QoS 1 through a real Mosquitto started with
+the project's broker config. Two subscribers take turns on the same stream, each
 on a fresh broker:
 
 * ``bare``: a bare paho subscriber (MQTT 3.1.1 and MQTT 5, QoS 1, auto-ack) that only counts
@@ -62,10 +63,22 @@ from fedmqtt import codecs, topics, wire  # noqa: E402
 from fedmqtt.admin.sizing import max_packet_size  # noqa: E402
 from fedmqtt.broker import Mosquitto  # noqa: E402
 from fedmqtt.models.spec import ModelSpec  # noqa: E402
-from fedmqtt.signing import Ed25519Signer, HmacKey  # noqa: E402
+from fedmqtt.signing import (  # noqa: E402
+    CHACHA20_POLY1305,
+    DEFAULT_UPDATE_AUTH,
+    DEVICE_KEY_SUFFIX,
+    HMAC_SHA256,
+    ChaChaPolyKey,
+    Ed25519Signer,
+    HmacKey,
+)
 
 FED = "bench"
 DEFAULT_N = {650: 20_000, 100_000: 3_000, 1_000_000: 400}
+MAC_KEYS: dict[str, type[ChaChaPolyKey] | type[HmacKey]] = {
+    CHACHA20_POLY1305: ChaChaPolyKey,
+    HMAC_SHA256: HmacKey,
+}
 
 
 def spec_for(d: int) -> ModelSpec:
@@ -77,10 +90,10 @@ def spec_for(d: int) -> ModelSpec:
 
 # ------------------------------------------------------------------ payloads
 def make_payloads(
-    spec: ModelSpec, *, codec: str, device: str, key_hex: str, n: int, seed: int
+    spec: ModelSpec, *, codec: str, device: str, key_hex: str, n: int, seed: int, auth: str
 ) -> list[bytes]:
     """n valid updates of one device: a few distinct deltas, every update_id unique."""
-    key = HmacKey(bytes.fromhex(key_hex))
+    key = MAC_KEYS[auth](bytes.fromhex(key_hex))
     rng = np.random.default_rng(seed)
     layout = spec.layout()
     c = codecs.Codec.parse(codec)
@@ -107,6 +120,7 @@ class PubJob:
     key_hex: str
     n: int
     seed: int
+    auth: str
 
 
 def publisher(job: PubJob, ready: Any, go: Any) -> None:
@@ -116,7 +130,13 @@ def publisher(job: PubJob, ready: Any, go: Any) -> None:
 
     device, port = job.device, job.port
     payloads = make_payloads(
-        job.spec, codec=job.codec, device=device, key_hex=job.key_hex, n=job.n, seed=job.seed
+        job.spec,
+        codec=job.codec,
+        device=device,
+        key_hex=job.key_hex,
+        n=job.n,
+        seed=job.seed,
+        auth=job.auth,
     )
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{device}", protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(200)
@@ -172,15 +192,20 @@ def bare_subscriber(port: int, total: int, proto: str, ready: Any, result: Any) 
 
 # ------------------------------------------------------------------ runs
 class Case:
-    def __init__(self, d: int, codec: str, n: int, publishers: int, work: Path) -> None:
+    def __init__(
+        self, d: int, codec: str, n: int, publishers: int, work: Path, *, auth: str
+    ) -> None:
         self.d, self.codec, self.n, self.publishers = d, codec, n, publishers
+        self.auth = auth
         self.spec = spec_for(d)
         self.work = work
         self.devices = [f"dev{i}" for i in range(publishers)]
         self.keys = {dev: secrets.token_hex(32) for dev in self.devices}
         (work / "devices").mkdir(parents=True, exist_ok=True)
         for dev, k in self.keys.items():
-            HmacKey(bytes.fromhex(k)).save(work / "devices" / f"{dev}.hmac")
+            MAC_KEYS[auth](bytes.fromhex(k)).save(
+                work / "devices" / f"{dev}{DEVICE_KEY_SUFFIX[auth]}"
+            )
         Ed25519Signer.generate().save(work / "aggregator.key")
 
     def broker(self, tag: str) -> Mosquitto:
@@ -195,7 +220,7 @@ class Case:
             ctx.Process(
                 target=publisher,
                 args=(
-                    PubJob(port, self.spec, self.codec, dev, self.keys[dev], per, i),
+                    PubJob(port, self.spec, self.codec, dev, self.keys[dev], per, i, self.auth),
                     ready[i],
                     go,
                 ),
@@ -291,10 +316,11 @@ def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
         for codec in args.codecs:
             n = args.n or DEFAULT_N.get(d, 2000)
             with tempfile.TemporaryDirectory(prefix="fedmqtt-aggbench-") as tmp:
-                case = Case(d, codec, n, args.publishers, Path(tmp))
+                case = Case(d, codec, n, args.publishers, Path(tmp), auth=args.auth)
                 row: dict[str, Any] = {
                     "d": d,
                     "codec": codec,
+                    "auth": args.auth,
                     "n": n,
                     "publishers": args.publishers,
                 }
@@ -337,7 +363,13 @@ def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
     spec = spec_for(d)
     layout = spec.layout()
     payloads = make_payloads(
-        spec, codec=codec, device="dev0", key_hex=secrets.token_hex(32), n=k, seed=0
+        spec,
+        codec=codec,
+        device="dev0",
+        key_hex=secrets.token_hex(32),
+        n=k,
+        seed=0,
+        auth=DEFAULT_UPDATE_AUTH,
     )
     limits = limits_for(layout, 1 << 31)
     strategy = FedBuff(StrategyConfig(buffer_size=k), layout.size)
@@ -449,6 +481,12 @@ def main() -> None:
         "--dims", default="650,100000,1000000", type=lambda s: [int(float(x)) for x in s.split(",")]
     )
     ap.add_argument("--codecs", default="raw,int8", type=lambda s: s.split(","))
+    ap.add_argument(
+        "--auth",
+        default=DEFAULT_UPDATE_AUTH,
+        choices=sorted(MAC_KEYS),
+        help="the devices' update MAC (default: the product default, %(default)s)",
+    )
     ap.add_argument("--n", type=int, default=0, help="updates per case (default by d)")
     ap.add_argument("--publishers", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2, help="runs per case (best is reported)")

@@ -19,7 +19,7 @@ from typing import Any, Final, Literal
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqttconf import BrokerConfig, read_connection
-from fedmqtt.signing import ALGORITHMS, HMAC_SHA256
+from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
 
@@ -53,7 +53,7 @@ class DeviceConfig:
 class SecurityConfig:
     aggregator_public_key: Path
     update_key: Path
-    update_auth: str = HMAC_SHA256
+    update_auth: str = DEFAULT_UPDATE_AUTH
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def _broker(t: Table) -> BrokerConfig:
 
 
 def _security(t: Table) -> SecurityConfig:
-    auth = t.text("update_auth", HMAC_SHA256)
+    auth = t.text("update_auth", DEFAULT_UPDATE_AUTH)
     if auth not in ALGORITHMS:
         raise t.error("update_auth", f"must be one of {', '.join(ALGORITHMS)}, not {auth!r}")
     return SecurityConfig(

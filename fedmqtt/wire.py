@@ -2,7 +2,7 @@
 
 A message is a msgpack *stream of two objects*::
 
-    header = {"v": 1, "alg": "hmac-sha256" | "ed25519", "sig": bin}
+    header = {"v": 1, "alg": "chacha20-poly1305" | "hmac-sha256" | "ed25519", "sig": bin}
     body   = {"v": 1, "type": "update" | "model" | "plan" | "status" | "onnx",
               "federation": str, "sender": str, ...type-specific fields}
 

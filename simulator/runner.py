@@ -28,7 +28,7 @@ from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import Codec
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.signing import Ed25519Signer, HmacKey
+from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer
 from simulator import behaviour, datasets, fleet, report
 from simulator.central import centralized_accuracy
 from simulator.partition import partition
@@ -190,15 +190,15 @@ class _Simulation:
         home = self.workdir / "agents" / dev
         (home / "data").mkdir(parents=True, exist_ok=True)
         np.savez(home / "data" / "shard.npz", X=shard[0], y=shard[1])
-        key = HmacKey.generate()
-        key.save(home / "device.hmac")
-        key.save(self.workdir / "devices" / f"{dev}.hmac")
+        key = ChaChaPolyKey.generate()
+        key.save(home / "device.key")
+        key.save(self.workdir / "devices" / f"{dev}.chacha")
         raw = {
             "device": {"id": dev, "federation": FEDERATION, "state_dir": str(home / "state")},
             "broker": {"host": host, "port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 5.0},
             "security": {
                 "aggregator_public_key": str(agg_pub),
-                "update_key": str(home / "device.hmac"),
+                "update_key": str(home / "device.key"),
             },
             "data": {"source": "npz", "path": str(home / "data")},
             "training": {"seed": self.cfg.seed * 100_003 + i},

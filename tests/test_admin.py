@@ -33,6 +33,7 @@ from fedmqtt.codecs import Codec, encode_params
 from fedmqtt.errors import ConfigError
 from fedmqtt.models import ModelSpec, init_params
 from fedmqtt.signing import (
+    DEVICE_KEY_SUFFIX,
     Ed25519Signer,
     Ed25519Verifier,
     load_device_verifier,
@@ -306,7 +307,7 @@ def test_aggregator_keys_belong_to_its_service_user(tmp_path: Path) -> None:
     for p in (e.agg / "signing.key", e.agg / "broker.password", e.agg / "devices"):
         assert p.stat().st_uid == nobody, p
     assert e.run("enroll", "dev-1", "--out", str(tmp_path / "b")) == 0
-    assert (e.agg / "devices" / "dev-1.hmac").stat().st_uid == nobody
+    assert (e.agg / "devices" / "dev-1.chacha").stat().st_uid == nobody
 
 
 def test_second_worker_must_share_the_signing_key(env: Env) -> None:
@@ -327,7 +328,7 @@ def bundle_config_pointing_into(env: Env, device: str, auth: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("auth", ["hmac-sha256", "ed25519"])
+@pytest.mark.parametrize("auth", ["chacha20-poly1305", "hmac-sha256", "ed25519"])
 def test_bundle_is_accepted_by_the_agent_and_matches_the_aggregator(env: Env, auth: str) -> None:
     from edge_agent.config import load_config
 
@@ -348,8 +349,7 @@ def test_bundle_is_accepted_by_the_agent_and_matches_the_aggregator(env: Env, au
 
     # update authentication: what the device signs, the aggregator verifies
     signer = load_update_signer(cfg.security.update_auth, cfg.security.update_key)
-    suffix = ".hmac" if auth == "hmac-sha256" else ".pub"
-    verifier = load_device_verifier(env.agg / "devices" / f"dev-1{suffix}")
+    verifier = load_device_verifier(env.agg / "devices" / f"dev-1{DEVICE_KEY_SUFFIX[auth]}")
     spec = ModelSpec("softmax", 4, 3)
     rng = np.random.default_rng(0)
     delta = encode_params(init_params(spec, rng), Codec.parse("raw"), rng=rng)
@@ -447,8 +447,8 @@ def test_revoke_removes_credentials_key_and_access(
     assert env.run("enroll", "dev-2", "--out", str(env.tmp / "b2")) == 0
     assert env.run("revoke", "dev-1") == 0
     assert "dev-1" not in env.passwd() and "dev-2" in env.passwd()
-    assert not (env.agg / "devices" / "dev-1.hmac").exists()
-    assert (env.agg / "devices" / "dev-2.hmac").exists()
+    assert not (env.agg / "devices" / "dev-1.chacha").exists()
+    assert (env.agg / "devices" / "dev-2.chacha").exists()
     assert "user dev-1\ntopic deny #\n" in (env.broker / "acl").read_text()
     dev = env.site().registry.devices["dev-1"]
     assert dev.status == "revoked" and dev.revoked_at is not None
@@ -483,9 +483,9 @@ def test_rotate_replaces_every_secret(tmp_path: Path, identity: str) -> None:
     assert (
         e.run("enroll", "dev-1", "--out", str(tmp_path / "old"), "--data-path", "/srv/d.csv") == 0
     )
-    old_key = (e.agg / "devices" / "dev-1.hmac").read_text()
+    old_key = (e.agg / "devices" / "dev-1.chacha").read_text()
     assert e.run("rotate", "dev-1", "--out", str(tmp_path / "new"), "--auth", "ed25519") == 0
-    assert not (e.agg / "devices" / "dev-1.hmac").exists()
+    assert not (e.agg / "devices" / "dev-1.chacha").exists()
     new_pub = Ed25519Verifier.load(e.agg / "devices" / "dev-1.pub")
     new_signer = load_update_signer("ed25519", tmp_path / "new" / "update.key")
     assert new_pub.verify(b"x", new_signer.sign(b"x"))

@@ -24,7 +24,7 @@ from fedmqtt.broker import Mosquitto
 from fedmqtt.models.dense import init_params
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import Params
-from fedmqtt.signing import Ed25519Signer, HmacKey, Signer
+from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer, Signer
 
 FED = "testfed"
 N_FEATURES = 64
@@ -63,7 +63,7 @@ class Device:
 
     root: Path
     device_id: str
-    key: HmacKey
+    key: ChaChaPolyKey
     aggregator: Ed25519Signer
 
     @property
@@ -85,7 +85,7 @@ class Device:
             },
             "security": {
                 "aggregator_public_key": str(self.root / "aggregator.pub"),
-                "update_key": str(self.root / "device.hmac"),
+                "update_key": str(self.root / "device.key"),
             },
             "data": {"source": "npz", "path": str(self.root / "data")},
             "training": {"seed": 7, "retry_s": 0.5},
@@ -116,8 +116,8 @@ def make_device(
     root.mkdir(parents=True, exist_ok=True)
     agg = aggregator or Ed25519Signer.generate()
     agg.verifier().save(root / "aggregator.pub")
-    key = HmacKey.generate()
-    key.save(root / "device.hmac")
+    key = ChaChaPolyKey.generate()
+    key.save(root / "device.key")
     (root / "data").mkdir(exist_ok=True)
     X, y = digits_like(n_samples, seed=sum(device_id.encode()))
     np.savez(root / "data" / "shard.npz", X=X, y=y)
@@ -171,7 +171,7 @@ class FakeAggregator:
 
     broker: Mosquitto
     signer: Ed25519Signer
-    device_keys: dict[str, HmacKey]
+    device_keys: dict[str, ChaChaPolyKey]
     tls_ca: Path | None = None
     username: str | None = None
     password: str | None = None

@@ -229,7 +229,7 @@ def test_check_reports_each_problem(broker: Mosquitto, tmp_path: Path) -> None:
 
     device = make_device(tmp_path / "dev")
     config = device.write_toml(broker)
-    (device.root / "device.hmac").chmod(0o644)
+    (device.root / "device.key").chmod(0o644)
     (device.root / "data" / "shard.npz").unlink()
     broker.stop()
     buf = io.StringIO()

@@ -51,7 +51,7 @@ def test_example_config_loads_and_resolves_paths() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg.device.id == "sensor-0042"
     assert cfg.broker.tls and cfg.broker.port == 8883
-    assert cfg.security.update_key == Path("/etc/fedmqtt/sensor-0042.hmac")
+    assert cfg.security.update_key == Path("/etc/fedmqtt/update.key")
     assert cfg.data.label_column == "label"
 
 
@@ -439,4 +439,4 @@ def test_delta_transform_hook_is_applied() -> None:
 
 def test_make_device_helper_writes_private_keys(tmp_path: Path) -> None:
     dev = make_device(tmp_path / "d")
-    assert (dev.root / "device.hmac").stat().st_mode & 0o777 == 0o600
+    assert (dev.root / "device.key").stat().st_mode & 0o777 == 0o600

@@ -580,7 +580,7 @@ def test_revoked_device_is_cut_off_and_refused(pw: Site) -> None:
     assert dev.connect() == 0
     assert dev.publish(f"fl/{FED}/status/dev-r", b"online-r", retain=True) == 0
     agg.wait_for(f"fl/{FED}/status/dev-r", b"online-r")
-    key = pw.agg_dir / "devices" / "dev-r.hmac"
+    key = pw.agg_dir / "devices" / "dev-r.chacha"
     assert key.exists()
 
     assert pw.admin("revoke", "dev-r") == 0  # reloads the broker through its pid file

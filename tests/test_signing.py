@@ -9,12 +9,14 @@ import pytest
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.signing import (
+    ChaChaPolyKey,
     Ed25519Signer,
     Ed25519Verifier,
     HmacKey,
     load_device_verifier,
     load_update_signer,
 )
+from fedmqtt.signing import _chacha_tagger as chacha_tagger
 
 
 def test_ed25519_save_load(tmp_path: Path) -> None:
@@ -28,13 +30,23 @@ def test_ed25519_save_load(tmp_path: Path) -> None:
     assert not v.verify(b"n", s2.sign(b"m"))
 
 
-def test_hmac_save_load_and_device_lookup(tmp_path: Path) -> None:
-    k = HmacKey.generate()
-    k.save(tmp_path / "dev1.hmac")
-    assert os.stat(tmp_path / "dev1.hmac").st_mode & 0o777 == 0o600
-    signer = load_update_signer("hmac-sha256", tmp_path / "dev1.hmac")
-    verifier = load_device_verifier(tmp_path / "dev1.hmac")
-    assert verifier.verify(b"x", signer.sign(b"x"))
+@pytest.mark.parametrize(
+    ("key_type", "alg", "suffix"),
+    [(HmacKey, "hmac-sha256", ".hmac"), (ChaChaPolyKey, "chacha20-poly1305", ".chacha")],
+)
+def test_shared_secret_save_load_and_device_lookup(
+    tmp_path: Path, key_type: type[HmacKey] | type[ChaChaPolyKey], alg: str, suffix: str
+) -> None:
+    key_type.generate().save(tmp_path / f"dev1{suffix}")
+    assert os.stat(tmp_path / f"dev1{suffix}").st_mode & 0o777 == 0o600
+    signer = load_update_signer(alg, tmp_path / f"dev1{suffix}")
+    verifier = load_device_verifier(tmp_path / f"dev1{suffix}")
+    assert signer.alg == verifier.alg == alg
+    body = os.urandom(100_000)
+    sig = signer.sign(body)
+    assert verifier.verify(body, sig)
+    assert verifier.verify(memoryview(b"xx" + body)[2:], sig)  # the body as the wire hands it
+    assert not verifier.verify(body[:-1], sig)
 
 
 def test_world_readable_secret_refused(tmp_path: Path) -> None:
@@ -70,3 +82,51 @@ def test_both_ed25519_backends_agree(backend: str, monkeypatch: pytest.MonkeyPat
     assert not v.verify(b"payloaD", sig)
     assert not v.verify(b"payload", sig[:-1] + bytes([sig[-1] ^ 1]))
     assert not v.verify(b"payload", sig[:10])
+
+
+def test_chacha_poly_mac_is_a_fresh_nonce_and_a_tag() -> None:
+    k = ChaChaPolyKey.generate()
+    sig = k.sign(b"body")
+    assert len(sig) == 28  # 12-byte nonce + 16-byte tag
+    assert k.sign(b"body")[:12] != sig[:12]  # a fresh nonce per message
+
+
+@pytest.mark.parametrize("where", ["body", "nonce", "tag", "short", "long", "key"])
+def test_chacha_poly_mac_refuses_any_change(where: str) -> None:
+    k = ChaChaPolyKey.generate()
+    body = bytearray(os.urandom(3000))
+    sig = bytearray(k.sign(bytes(body)))
+    verifier = k
+    if where == "body":
+        body[1234] ^= 1
+    elif where == "nonce":
+        sig[3] ^= 0x80
+    elif where == "tag":
+        sig[-1] ^= 1
+    elif where == "short":
+        sig = sig[:-1]
+    elif where == "long":
+        sig += b"\0"
+    else:
+        verifier = ChaChaPolyKey.generate()
+    assert not verifier.verify(bytes(body), bytes(sig))
+
+
+def test_chacha_poly_backends_compute_the_same_rfc8439_tag() -> None:
+    """PyNaCl (libsodium, on devices) and cryptography (OpenSSL, on the aggregator) are two
+    independent implementations of RFC 8439; a device's tag must verify at the aggregator."""
+    pytest.importorskip("nacl")
+    key, nonce = os.urandom(32), os.urandom(12)
+    nacl_tag = chacha_tagger(key, prefer_nacl=True)
+    crypto_tag = chacha_tagger(key, prefer_nacl=False)
+    for n in (0, 1, 63, 64, 65, 100_000):
+        data = os.urandom(n)
+        assert nacl_tag(nonce, data) == crypto_tag(nonce, data)
+        assert len(crypto_tag(nonce, data)) == 16
+
+
+def test_chacha_poly_key_file_must_hold_32_bytes(tmp_path: Path) -> None:
+    (tmp_path / "d.chacha").write_text("00" * 16 + "\n")
+    os.chmod(tmp_path / "d.chacha", 0o600)
+    with pytest.raises(ConfigError, match="32 bytes"):
+        load_device_verifier(tmp_path / "d.chacha")

@@ -296,7 +296,7 @@ AGENT_WORK = textwrap.dedent(
     from fedmqtt import wire
     from fedmqtt.codecs import Codec, encode_params
     from fedmqtt.models import ModelSpec, TrainConfig, init_params, train_local
-    from fedmqtt.signing import Ed25519Signer, HmacKey
+    from fedmqtt.signing import Ed25519Signer, ChaChaPolyKey
     import ssl
     rng = np.random.default_rng(0)
     spec = ModelSpec("mlp", 64, 10, hidden=(64,))
@@ -307,7 +307,7 @@ AGENT_WORK = textwrap.dedent(
     delta = {k: params[k] - base[k] for k in base}
     upd = wire.Update("fed", "dev", "u" * 16, 1, 0, len(y), spec.fingerprint(),
                       encode_params(delta, Codec.parse("int8"), rng=rng))
-    key = HmacKey.generate()
+    key = ChaChaPolyKey.generate()
     payload = wire.encode(upd, key)
     assert wire.decode(payload, wire.Update, key).num_samples == len(y)
     signer = Ed25519Signer.generate()

@@ -31,7 +31,7 @@ from fedmqtt.admin.registry import IDENTITIES
 from fedmqtt.admin.site import DEFAULT_DIR, AgentOptions, Site
 from fedmqtt.admin.tomlconf import AggregatorConfig
 from fedmqtt.errors import ConfigError
-from fedmqtt.signing import ALGORITHMS, HMAC_SHA256
+from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
 
 ENV_DIR = "FEDMQTT_ADMIN_DIR"
 
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     enr.add_argument("--out", type=Path, required=True, help="bundle directory (new or empty)")
     enr.add_argument("--federation", default=None)
     enr.add_argument("--reenroll", action="store_true", help="allow reusing a revoked id")
-    _agent_args(enr, auth_default=HMAC_SHA256)
+    _agent_args(enr, auth_default=DEFAULT_UPDATE_AUTH)
     _reload_flag(enr)
 
     rot = sub.add_parser("rotate", help="new credentials and update key for a device")
@@ -176,7 +176,7 @@ def _agent_args(p: argparse.ArgumentParser, *, auth_default: str | None) -> None
         "--auth",
         choices=ALGORITHMS,
         default=auth_default,
-        help="update authentication (default hmac-sha256)",
+        help=f"update authentication (default {DEFAULT_UPDATE_AUTH})",
     )
     p.add_argument("--data-source", choices=("csv", "npz", "plugin"), default=None)
     p.add_argument(

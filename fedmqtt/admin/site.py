@@ -6,7 +6,7 @@ from it and written into their own directories with the ownership they need:
 
 * broker directory (``registry.broker.dir``): certificates, ``passwd``, ``acl``, ``crl.pem``,
   ``mosquitto.conf`` -- 0640 root:mosquitto;
-* aggregator: its Ed25519 signing key, broker credentials and ``devices_dir/<id>.hmac|.pub``
+* aggregator: its Ed25519 signing key, broker credentials and ``devices_dir/<id>.chacha|.hmac|.pub``
   -- owned by the aggregator's service user;
 * an enrollment bundle per device: ``agent.toml`` plus the files it names, to be installed
   into ``/etc/fedmqtt-agent`` by ``scripts/install-agent --bundle``.
@@ -39,7 +39,14 @@ from fedmqtt.admin.registry import (
 )
 from fedmqtt.errors import ConfigError
 from fedmqtt.fsutil import remove_durably
-from fedmqtt.signing import ALGORITHMS, HMAC_KEY_BYTES, HMAC_SHA256, Ed25519Signer
+from fedmqtt.signing import (
+    ALGORITHMS,
+    DEFAULT_UPDATE_AUTH,
+    DEVICE_KEY_SUFFIX,
+    MAC_KEY_BYTES,
+    SHARED_SECRET_ALGS,
+    Ed25519Signer,
+)
 from fedmqtt.topics import check_id
 
 DEFAULT_DIR: Final = Path("/etc/fedmqtt-admin")
@@ -365,7 +372,7 @@ class Site:
         out: Path,
         *,
         federation: str | None = None,
-        auth: str = HMAC_SHA256,
+        auth: str = DEFAULT_UPDATE_AUTH,
         options: AgentOptions | None = None,
         reenroll: bool = False,
     ) -> Path:
@@ -434,19 +441,20 @@ class Site:
         # Update-authentication key: the device keeps the secret, the aggregator the verifier
         # (owned like its devices_dir, i.e. by the aggregator's service user).
         for d in key_dirs:
-            for suffix in (".hmac", ".pub"):
+            for suffix in DEVICE_KEY_SUFFIX.values():
                 remove_durably(d / f"{device_id}{suffix}")
-        if device.auth == HMAC_SHA256:
-            secret = (secrets.token_bytes(HMAC_KEY_BYTES).hex() + "\n").encode()
+        suffix = DEVICE_KEY_SUFFIX[device.auth]
+        if device.auth in SHARED_SECRET_ALGS:
+            secret = (secrets.token_bytes(MAC_KEY_BYTES).hex() + "\n").encode()
             write_file(out / B_UPDATE_KEY, secret, mode=0o600)
             for d in key_dirs:
-                write_file(d / f"{device_id}.hmac", secret, mode=0o600, owner=Owner.of(d))
+                write_file(d / f"{device_id}{suffix}", secret, mode=0o600, owner=Owner.of(d))
         else:
             signer, pem = _new_ed25519()
             write_file(out / B_UPDATE_KEY, pem, mode=0o600)
             pub = (signer.verifier().public_hex() + "\n").encode()
             for d in key_dirs:
-                write_file(d / f"{device_id}.pub", pub, mode=0o644, owner=Owner.of(d))
+                write_file(d / f"{device_id}{suffix}", pub, mode=0o644, owner=Owner.of(d))
 
         broker: dict[str, tomlconf.TomlValue] = {"host": self.broker.host, "port": self.broker.port}
         if device.identity == "password":
@@ -508,7 +516,7 @@ class Site:
         for d in dict.fromkeys(
             Path(a.devices_dir) for a in self.registry.aggregators_of(device.federation)
         ):
-            for suffix in (".hmac", ".pub"):
+            for suffix in DEVICE_KEY_SUFFIX.values():
                 path = d / f"{device_id}{suffix}"
                 if path.exists():
                     remove_durably(path)
