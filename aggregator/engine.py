@@ -53,6 +53,7 @@ from aggregator.validate import (
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
 from fedmqtt.params import F32
+from fedmqtt.wire import unpack_map
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Verified:
     delta: bytes | memoryview = b""
     reason: str | None = None
     detail: str = ""
+    encoded: bool = False  # ``delta`` is the msgpack wire encoding, not float32 bytes
 
 
 @dataclass(frozen=True)
@@ -294,10 +296,14 @@ class Engine:
                 check_replay(meta.update_id, self.window)
                 self.gate.check(item.norm)
                 row = self.strategy.slot()
-                src = np.frombuffer(item.delta, dtype=np.float32)
-                if src.shape != row.shape:
-                    raise RejectedError("shape", "worker sent a delta of the wrong size")
-                row[:] = src
+                if item.encoded:
+                    delta = unpack_map(item.delta, max_bytes=self.cfg.limits.max_update_bytes)
+                    decode_delta(delta, self.layout, self.limits, row)
+                else:
+                    src = np.frombuffer(item.delta, dtype=np.float32)
+                    if src.shape != row.shape:
+                        raise RejectedError("shape", "worker sent a delta of the wrong size")
+                    row[:] = src
             except RejectedError as e:
                 rejected[e.reason] += 1
                 self.reject_log(item.device, e.reason, e.detail)

@@ -6,9 +6,14 @@ its own persistent MQTT 5 session and subscribes to the shared subscription
 (Mosquitto 2.0 round-robins a shared subscription). A worker runs the message-only part of the
 validation pipeline -- size, envelope, device key, signature, body, federation, sender, spec,
 decode, finite values, norm (:mod:`aggregator.validate`) -- and sends the result to the owner
-over a pipe: a small msgpack header per update plus the decoded float32 delta. The owner runs
-the state-dependent checks (staleness, replay, norm bound), the strategy and the checkpoints,
-exactly as in single-process mode.
+over a pipe: a small msgpack header per update plus its delta. For large models
+(:data:`ENCODED_MIN_ROW_BYTES`) and compact codecs (a message at most half the size of the
+float32 row: int8, fp16, top-k, zlib) the delta goes as its already-checked wire encoding,
+which the owner decodes straight into the buffer row; otherwise as the decoded float32 row.
+Sending int8 updates of d = 1e5 as float32 rows cost the owner more CPU per update than one
+process spends in total (docs/benchmarks.md). The owner runs the state-dependent checks
+(staleness, replay, norm bound), the strategy and the checkpoints, exactly as in
+single-process mode.
 
 Acknowledgements stay with the owner's durability rule: a worker never PUBACKs on its own. It
 keeps every message it forwarded, in order, and acknowledges them when the owner says
@@ -20,8 +25,9 @@ messages) is picked up again.
 
 Pipe frames (``Connection.send_bytes``, never pickle). Worker -> owner: ``{"ready": true}``
 once subscribed; then per batch one msgpack list of items ``[token, device, nbytes,
-reason|None, detail, meta|None, norm]`` followed by one frame per accepted item with its
-delta's raw float32 bytes. Owner -> worker: msgpack ``{"ack": token}`` or ``{"stop": true}``.
+reason|None, detail, meta|None, norm, encoded]`` followed by one frame per accepted item: the
+msgpack wire encoding of its delta if ``encoded``, else the delta's raw float32 bytes.
+Owner -> worker: msgpack ``{"ack": token}`` or ``{"stop": true}``.
 Process start-up uses ``multiprocessing``'s spawn context, which does pickle the worker's
 configuration object once -- local, between our own processes.
 """
@@ -61,6 +67,10 @@ from fedmqtt.errors import RejectedError
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0
+# Forward a delta as its wire encoding only when the float32 row is at least this large: below
+# it, unpacking and decoding again costs the owner more than the bytes it saves (measured: at
+# d = 650 int8 the owner's CPU per update rose from ~55 to ~80-110 microseconds).
+ENCODED_MIN_ROW_BYTES = 64 * 1024
 
 
 def _pack(obj: Any) -> bytes:
@@ -138,10 +148,12 @@ class WorkerPool:
                     loop.call_soon_threadsafe(self._check_ready)
                     continue
                 batch: list[tuple[tuple[int, int, int], Verified]] = []
-                for token, device, nbytes, reason, detail, meta, norm in header:
+                for token, device, nbytes, reason, detail, meta, norm, encoded in header:
                     if reason is None:
                         delta = conn.recv_bytes()
-                        item = Verified(device, nbytes, UpdateMeta(*meta), norm, delta)
+                        item = Verified(
+                            device, nbytes, UpdateMeta(*meta), norm, delta, encoded=encoded
+                        )
                     else:
                         item = Verified(device, nbytes, None, 0.0, b"", reason, detail)
                     batch.append(((w.index, incarnation, token), item))
@@ -297,7 +309,8 @@ class _Runner:
     def _forward(self, batch: list[Incoming], first: int) -> None:
         fed = self.cfg.federation.id
         header: list[Any] = []
-        deltas: list[np.ndarray[Any, Any]] = []
+        frames: list[bytes | memoryview] = []
+        row_bytes = 4 * self.layout.size
         for i, m in enumerate(batch):
             token = first + i
             device = topic_device(m.topic, fed) or "?"
@@ -313,11 +326,17 @@ class _Runner:
                 out = np.empty(self.layout.size, dtype=np.float32)
                 norm = decode_delta(delta, self.layout, self.limits, out)
             except RejectedError as e:
-                header.append([token, device, len(m.payload), e.reason, e.detail[:200], None, 0.0])
+                header.append(
+                    [token, device, len(m.payload), e.reason, e.detail[:200], None, 0.0, False]
+                )
                 continue
-            header.append([token, device, len(m.payload), None, "", list(astuple(meta)), norm])
-            deltas.append(out)
+            encoded = row_bytes >= ENCODED_MIN_ROW_BYTES and 2 * len(m.payload) <= row_bytes
+            header.append(
+                [token, device, len(m.payload), None, "", list(astuple(meta)), norm, encoded]
+            )
+            # The array's buffer needs no intermediate bytes copy.
+            frames.append(_pack(delta) if encoded else out.data)
         with self.send_lock:
             self.conn.send_bytes(_pack(header))
-            for d in deltas:
-                self.conn.send_bytes(d.data)  # the array's buffer: no intermediate bytes copy
+            for f in frames:
+                self.conn.send_bytes(f)

@@ -91,9 +91,16 @@ def open_envelope(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
 
 def unpack_body(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """Parse the body map of an envelope (call after verifying it)."""
+    body = unpack_map(env.body, max_bytes=max_bytes)
+    _check_version(body)
+    return body
+
+
+def unpack_map(data: bytes | memoryview, *, max_bytes: int) -> dict[str, Any]:
+    """A msgpack map with text keys, parsed under tight limits; DecodeError(SCHEMA) otherwise."""
     try:
         body = msgpack.unpackb(
-            env.body,
+            data,
             raw=False,
             strict_map_key=True,
             max_bin_len=max_bytes,
@@ -106,7 +113,6 @@ def unpack_body(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
         raise DecodeError(SCHEMA, f"body is not valid msgpack: {type(e).__name__}") from None
     if not isinstance(body, dict):
         raise DecodeError(SCHEMA, "body must be a map")
-    _check_version(body)
     return cast(dict[str, Any], body)
 
 

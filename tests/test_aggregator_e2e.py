@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from test_aggregator_support import (
     FED,
     Federation,
@@ -372,10 +373,20 @@ def test_publishes_plan_onnx_metrics_and_prometheus(broker: Mosquitto, tmp_path:
 
 
 # ------------------------------------------------------------------ scale-out
+# Workers hand the owner float32 rows, or for int8 updates of models with rows of at least
+# ENCODED_MIN_ROW_BYTES (17,010 x 4 bytes here) the checked wire encoding.
+@pytest.mark.parametrize(
+    ("codec", "spec"),
+    [("raw", SMALL), ("int8", SMALL), ("int8", ModelSpec("softmax", 1700, 10))],
+    ids=["raw-rows", "int8-rows", "int8-encoded"],
+)
 def test_workers_share_the_stream_through_a_shared_subscription(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, codec: str, spec: ModelSpec
 ) -> None:
-    fed = Federation(tmp_path, SMALL, devices=("dev0", "dev1", "dev2"))
+    from aggregator.workers import ENCODED_MIN_ROW_BYTES
+
+    assert (4 * spec.layout().size >= ENCODED_MIN_ROW_BYTES) == (spec is not SMALL)
+    fed = Federation(tmp_path, spec, devices=("dev0", "dev1", "dev2"))
     cfg = fed.config(
         broker.host,
         broker.port,
@@ -384,7 +395,8 @@ def test_workers_share_the_stream_through_a_shared_subscription(
     )
     agg = AggregatorThread(cfg).start()
     msgs = [
-        (topics.updates(FED, f"dev{i % 3}"), fed.update(f"dev{i % 3}", rand(i))) for i in range(60)
+        (topics.updates(FED, f"dev{i % 3}"), fed.update(f"dev{i % 3}", rand(i, spec), codec=codec))
+        for i in range(60)
     ]
     msgs.append((topics.updates(FED, "dev1"), b"junk"))
     try:

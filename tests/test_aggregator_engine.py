@@ -221,6 +221,41 @@ def test_verified_items_from_workers(fed: Federation) -> None:
     assert d == e.layout.size
 
 
+def test_workers_compact_encoding_gives_the_same_model_as_float32_rows(fed: Federation) -> None:
+    """Workers forward int8 updates as their wire encoding and large ones as float32 rows;
+    both forms must apply the same decoded values, and a malformed encoding is refused."""
+    from fedmqtt.codecs import Codec, decode_params, encode_params
+
+    layout = SPEC.layout()
+    engines = [engine(fed, buffer_size=2), engine(fed, buffer_size=2)]
+    rng = np.random.default_rng(3)
+    encoded = [
+        encode_params(layout.unflatten(small(i)), Codec.parse("int8"), rng=rng) for i in range(2)
+    ]
+    meta = [UpdateMeta("dev0", f"enc-{i}", i, 0, 5, 0.0, 100) for i in range(2)]
+    as_wire = [
+        Verified("dev0", 100, meta[i], 0.1, msgpack.packb(encoded[i]), encoded=True)
+        for i in range(2)
+    ]
+    as_rows = [
+        Verified("dev0", 100, meta[i], 0.1, decode_params(encoded[i], layout).tobytes())
+        for i in range(2)
+    ]
+    engines[0].process_verified(as_wire, 0.0)
+    engines[1].process_verified(as_rows, 0.0)
+    assert engines[0].version == engines[1].version == 1
+    np.testing.assert_array_equal(engines[0].params, engines[1].params)
+
+    before = engines[0].params.copy()
+    bad = UpdateMeta("dev0", "enc-bad", 9, 1, 5, 0.0, 100)
+    needs = engines[0].process_verified(
+        [Verified("dev0", 100, bad, 0.1, b"\xc1 not msgpack", encoded=True)], 0.0
+    )
+    assert needs == [0]
+    assert engines[0].metrics.snapshot()["rejected"] == {"schema": 1}
+    np.testing.assert_array_equal(engines[0].params, before)
+
+
 def test_presence_is_verified(fed: Federation) -> None:
     e = engine(fed)
     online = wire.encode(wire.Status(FED, "dev0", "online", 10.0), fed.keys["dev0"])
