@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from fedmqtt.errors import ConfigError
 from fedmqtt.fsutil import atomic_write_bytes
 
-if TYPE_CHECKING:  # cryptography is imported lazily: a device using HMAC never loads it for signing
+if TYPE_CHECKING:  # cryptography is imported lazily: a MAC device never loads it for signing
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 ED25519: Final = "ed25519"

@@ -25,7 +25,7 @@ fedmqtt demo: 10 devices learn to read handwritten digits without sharing a sing
   * the aggregator publishes a signed global model (retained) to fl/sim/model;
   * each agent holds its own shard of scikit-learn's digits, skewed by a Dirichlet(0.5)
     split so that most devices see only a few classes, trains on it whenever a new global
-    version arrives, and publishes an HMAC-authenticated, int8-compressed update;
+    version arrives, and publishes a ChaCha20-Poly1305-authenticated, int8 update;
   * the aggregator checks every update (signature, replay, shapes, staleness, finiteness),
     folds them in FedBuff-style (K=5, staleness-weighted) and publishes the next version.
 """
