@@ -311,7 +311,9 @@ def _chacha_tagger(key: bytes, *, prefer_nacl: bool) -> Callable[[bytes, Buffer]
 def load_update_signer(alg: str, path: Path) -> Signer:
     """The device's update signer, by algorithm name from its config."""
     if alg == CHACHA20_POLY1305:
-        return ChaChaPolyKey.load(path)
+        key = ChaChaPolyKey.load(path)
+        key.sign(b"")  # a missing backend (PyNaCl or cryptography) fails here, at start-up
+        return key
     if alg == HMAC_SHA256:
         return HmacKey.load(path)
     if alg == ED25519:

@@ -130,3 +130,15 @@ def test_chacha_poly_key_file_must_hold_32_bytes(tmp_path: Path) -> None:
     os.chmod(tmp_path / "d.chacha", 0o600)
     with pytest.raises(ConfigError, match="32 bytes"):
         load_device_verifier(tmp_path / "d.chacha")
+
+
+def test_chacha_poly_signer_without_a_backend_fails_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    ChaChaPolyKey.generate().save(tmp_path / "k")
+    monkeypatch.setitem(sys.modules, "nacl.bindings", None)  # None: importing it fails
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", None)
+    with pytest.raises(ConfigError, match="pip install pynacl"):
+        load_update_signer("chacha20-poly1305", tmp_path / "k")
