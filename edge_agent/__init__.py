@@ -4,9 +4,10 @@
 and publishes a signed, encoded update through a durable outbox (see docs/agent.md).
 
 Importing this package is deliberately cheap: it loads nothing but this docstring. The
-modules import only numpy, msgpack, paho-mqtt, cryptography (Ed25519 verification) and the
-standard library; scikit-learn, onnx and onnxruntime are never imported by the agent (only
-``edge-agent predict`` loads onnxruntime, lazily).
+modules import only numpy, msgpack, paho-mqtt, PyNaCl (the model's Ed25519 signature, the
+update MAC) and the standard library -- not even all of what paho imports (see
+:mod:`edge_agent.lazyimport`); scikit-learn, onnx and onnxruntime are never imported by the
+agent (only ``edge-agent predict`` loads onnxruntime, lazily).
 """
 
 from __future__ import annotations

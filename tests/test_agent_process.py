@@ -27,7 +27,7 @@ from fedmqtt.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("sklearn", "onnx", "onnxruntime", "aiomqtt", "asyncio_mqtt")
+HEAVY = ("sklearn", "onnx", "onnxruntime", "aiomqtt", "asyncio_mqtt", "http", "email")
 
 
 def _spawn(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -292,3 +292,24 @@ def test_predict_is_wired_to_the_predictor(tmp_path: Path) -> None:
     # no model has been received yet: the predictor says so and exits with its "no model" code
     assert out.returncode == 2, out.stdout + out.stderr
     assert "no model" in out.stderr
+
+
+def test_deferred_urllib_request_still_works_when_used() -> None:
+    """paho imports urllib.request; the agent defers it (edge_agent/lazyimport.py). Whoever
+    does use it -- paho with PySocks installed, a data plugin -- must get the real module."""
+    code = textwrap.dedent("""
+        import sys
+        import edge_agent.mqtt
+        assert "http.client" not in sys.modules
+        import urllib, urllib.request
+        from urllib.request import getproxies, urlopen
+        assert isinstance(getproxies(), dict) and callable(urlopen)
+        assert urllib.request.proxy_bypass("localhost") in (0, 1, True, False)
+        assert sys.modules["urllib.request"] is urllib.request
+        assert urllib.request.urlopen is urlopen and "http.client" in sys.modules
+        print("ok")
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == "ok"
