@@ -297,3 +297,35 @@ def test_link_stops_reading_while_the_inbox_is_full_and_loses_nothing(
     held, got = asyncio.run(main())
     assert 50_000 <= held < 50_000 + 10_000 + 100  # stopped right after crossing the mark
     assert got == payloads
+
+
+def test_packets_left_in_the_read_ahead_buffer_are_read_without_new_socket_data(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst ends after READ_BURST packets; packets already taken from the kernel into the
+    read-ahead buffer never wake epoll again, so the reader must schedule itself. With one
+    packet per burst, a batch of small messages and then silence must still all arrive."""
+    monkeypatch.setattr(aggregator.mqtt, "READ_BURST", 1)
+    topic = "fl/recv/updates/dev-3"
+    payloads = [bytes([i]) * 100 for i in range(50)]
+
+    async def main() -> list[bytes]:
+        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-burst")
+        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=1000)
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        await asyncio.wait_for(link.connected.wait(), 10)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, _publish_v5, broker, [(topic, p, 0, None) for p in payloads]
+        )
+        got: list[bytes] = []
+        deadline = loop.time() + 5  # far below the keepalive that would otherwise bring data
+        while len(got) < len(payloads) and loop.time() < deadline:
+            await link.wait(0.1)
+            got.extend(m.payload for m in link.take(100))
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return got
+
+    assert asyncio.run(main()) == payloads
