@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
+from collections.abc import AsyncIterator
 
 import paho.mqtt.client as paho
 import pytest
@@ -207,6 +209,23 @@ def _publish_v5(
         c.disconnect()
 
 
+@contextlib.asynccontextmanager
+async def _running_link(
+    broker: Mosquitto, client_id: str, receive_maximum: int = 1000
+) -> AsyncIterator[MqttLink]:
+    """A connected MqttLink subscribed to fl/recv/updates/+, stopped (cleanly) on exit."""
+    cfg = BrokerConfig(host=broker.host, port=broker.port, client_id=client_id)
+    link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=receive_maximum)
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await asyncio.wait_for(link.connected.wait(), 10)
+    try:
+        yield link
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "paho-fallback"])
 def test_link_receives_exact_messages_with_properties_through_mosquitto(
     broker: Mosquitto, monkeypatch: pytest.MonkeyPatch, fast: bool
@@ -229,27 +248,21 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
         _publish_v5(broker, [(topic, p, i % 2, props[i]) for i, p in enumerate(payloads)])
 
     async def receive(n: int, ack_all_but_last: bool) -> list[tuple[str, bytes, int]]:
-        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-test")
-        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=100)
-        stop = asyncio.Event()
-        task = asyncio.create_task(link.run(stop))
-        await asyncio.wait_for(link.connected.wait(), 10)
-        if n:
-            await asyncio.get_running_loop().run_in_executor(None, publish_all)
-        got: list[Incoming] = []
-        deadline = asyncio.get_running_loop().time() + 15
-        while len(got) < n and asyncio.get_running_loop().time() < deadline:
-            await link.wait(0.2)
-            got.extend(link.take(100))
-        if not n:
-            await link.wait(1.0)
-            got.extend(link.take(100))
-        if ack_all_but_last:
-            link.ack([m for m in got if m.qos][:-1])
-            await asyncio.sleep(0.5)
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        return [(m.topic, m.payload, m.qos) for m in got]
+        async with _running_link(broker, "recv-test", receive_maximum=100) as link:
+            if n:
+                await asyncio.get_running_loop().run_in_executor(None, publish_all)
+            got: list[Incoming] = []
+            deadline = asyncio.get_running_loop().time() + 15
+            while len(got) < n and asyncio.get_running_loop().time() < deadline:
+                await link.wait(0.2)
+                got.extend(link.take(100))
+            if not n:
+                await link.wait(1.0)
+                got.extend(link.take(100))
+            if ack_all_but_last:
+                link.ack([m for m in got if m.qos][:-1])
+                await asyncio.sleep(0.5)
+            return [(m.topic, m.payload, m.qos) for m in got]
 
     got = asyncio.run(receive(len(payloads), ack_all_but_last=True))
     assert got == [(topic, p, i % 2) for i, p in enumerate(payloads)]
@@ -274,25 +287,19 @@ def test_link_stops_reading_while_the_inbox_is_full_and_loses_nothing(
         _publish_v5(broker, [(topic, p, 1, None) for p in payloads])
 
     async def main() -> tuple[int, list[bytes]]:
-        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-bp")
-        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=1000)
-        stop = asyncio.Event()
-        task = asyncio.create_task(link.run(stop))
-        await asyncio.wait_for(link.connected.wait(), 10)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, publish_all)
-        await asyncio.sleep(1.0)  # plenty of time to read everything, were it not paused
-        held = sum(len(m.payload) for m in link.inbox)
-        got: list[bytes] = []
-        deadline = loop.time() + 15
-        while len(got) < len(payloads) and loop.time() < deadline:
-            await link.wait(0.2)
-            batch = link.take(3)
-            got.extend(m.payload for m in batch)
-            link.ack(batch)
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        return held, got
+        async with _running_link(broker, "recv-bp") as link:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, publish_all)
+            await asyncio.sleep(1.0)  # plenty of time to read everything, were it not paused
+            held = sum(len(m.payload) for m in link.inbox)
+            got: list[bytes] = []
+            deadline = loop.time() + 15
+            while len(got) < len(payloads) and loop.time() < deadline:
+                await link.wait(0.2)
+                batch = link.take(3)
+                got.extend(m.payload for m in batch)
+                link.ack(batch)
+            return held, got
 
     held, got = asyncio.run(main())
     assert 50_000 <= held < 50_000 + 10_000 + 100  # stopped right after crossing the mark
@@ -310,22 +317,16 @@ def test_packets_left_in_the_read_ahead_buffer_are_read_without_new_socket_data(
     payloads = [bytes([i]) * 100 for i in range(50)]
 
     async def main() -> list[bytes]:
-        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-burst")
-        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=1000)
-        stop = asyncio.Event()
-        task = asyncio.create_task(link.run(stop))
-        await asyncio.wait_for(link.connected.wait(), 10)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None, _publish_v5, broker, [(topic, p, 0, None) for p in payloads]
-        )
-        got: list[bytes] = []
-        deadline = loop.time() + 5  # far below the keepalive that would otherwise bring data
-        while len(got) < len(payloads) and loop.time() < deadline:
-            await link.wait(0.1)
-            got.extend(m.payload for m in link.take(100))
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        return got
+        async with _running_link(broker, "recv-burst") as link:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None, _publish_v5, broker, [(topic, p, 0, None) for p in payloads]
+            )
+            got: list[bytes] = []
+            deadline = loop.time() + 5  # far below the keepalive that would otherwise bring data
+            while len(got) < len(payloads) and loop.time() < deadline:
+                await link.wait(0.1)
+                got.extend(m.payload for m in link.take(100))
+            return got
 
     assert asyncio.run(main()) == payloads
