@@ -50,6 +50,7 @@ from aggregator.validate import (
     open_update,
     topic_device,
 )
+from fedmqtt.codecs import decode_params
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
 from fedmqtt.params import F32
@@ -297,8 +298,10 @@ class Engine:
                 self.gate.check(item.norm)
                 row = self.strategy.slot()
                 if item.encoded:
+                    # Decoded (and checked again) straight into the row; the norm the worker
+                    # computed is the one gated above, so it is not computed a second time.
                     delta = unpack_map(item.delta, max_bytes=self.cfg.limits.max_update_bytes)
-                    decode_delta(delta, self.layout, self.limits, row)
+                    decode_params(delta, self.layout, limits=self.limits, out=row)
                 else:
                     src = np.frombuffer(item.delta, dtype=np.float32)
                     if src.shape != row.shape:

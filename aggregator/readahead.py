@@ -32,10 +32,6 @@ class ReadAhead:
         self._buf = b""
         self._pos = 0
 
-    @property
-    def wrapped(self) -> Any:
-        return self._sock
-
     def recv(self, n: int) -> bytes:
         """Up to ``n`` bytes: from the read-ahead buffer, else from one large ``recv``.
 

@@ -55,8 +55,7 @@ DEFAULT_UPDATE_AUTH: Final = CHACHA20_POLY1305
 DEVICE_KEY_SUFFIX: Final = {CHACHA20_POLY1305: ".chacha", HMAC_SHA256: ".hmac", ED25519: ".pub"}
 #: Algorithms whose device key is a shared secret of this many random bytes (hex in its file).
 SHARED_SECRET_ALGS: Final = (CHACHA20_POLY1305, HMAC_SHA256)
-HMAC_KEY_BYTES: Final = 32
-MAC_KEY_BYTES: Final = 32
+MAC_KEY_BYTES: Final = 32  # shared secrets: ChaCha20-Poly1305 keys, generated HMAC keys
 _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16
 
@@ -220,7 +219,7 @@ class HmacKey:
 
     @classmethod
     def generate(cls) -> HmacKey:
-        return cls(secrets.token_bytes(HMAC_KEY_BYTES))
+        return cls(secrets.token_bytes(MAC_KEY_BYTES))
 
     def sign(self, data: Buffer) -> bytes:
         return hmac.digest(self._key, data, hashlib.sha256)
