@@ -26,7 +26,8 @@ Why these choices (numbers in docs/benchmarks.md and docs/aggregator.md):
   these took one process at d = 650 int8 from 45.7 % to 70.7 % of a bare paho MQTT 5
   subscriber's rate in the same run (docs/benchmarks.md). This module is where the coupling
   to aiomqtt's and paho's internals (``Client._client``, ``_sock``, ``_in_packet``,
-  ``_handle_publish``) lives; both are pinned and the receive path is tested against a real
+  ``_handle_publish``, and ``_packet_queue`` for batched PUBACKs, see :meth:`MqttLink.ack`)
+  lives; both are pinned and the receive path is tested against a real
   Mosquitto.
 
 Reconnects wait ``uniform(min, min(max, min * 2**attempt))`` seconds ("full jitter" with a
@@ -43,6 +44,7 @@ import contextlib
 import logging
 import random
 import select
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -74,6 +76,9 @@ if not hasattr(paho.Client, "manual_ack_set"):  # pragma: no cover - guarded by 
 FAST_RECEIVE: Final = all(
     hasattr(paho.Client, name) for name in ("_handle_publish", "_packet_read", "_sock_recv")
 )
+# Likewise for acknowledging a batch with one queued write (see MqttLink.ack).
+FAST_ACK: Final = hasattr(paho.Client, "_packet_queue")
+_PUBACK: Final = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
 
 
 class Incoming:
@@ -200,16 +205,31 @@ class MqttLink:
 
     def ack(self, msgs: Iterable[Incoming]) -> int:
         """PUBACK the messages of the current connection; older ones are skipped (the broker
-        redelivers them). Returns how many were acknowledged."""
+        redelivers them). Returns how many were acknowledged.
+
+        paho queues every PUBACK as its own packet: a wake-up of the loop's writer, a
+        re-registration with the selector and a ``send`` per message. The PUBACKs of a batch
+        are instead queued as one write (MQTT 5.0, 3.4.2.1: reason code and properties may be
+        omitted when the code is Success), so the broker gets them in one segment too.
+        """
         pc = self._paho
         if pc is None or not self.connected.is_set():
             return 0
         gen = self.generation
+        mids: list[int] = []
         n = 0
         for m in msgs:
-            if m.generation == gen and m.qos > 0:
+            if m.generation != gen or not m.qos:
+                continue
+            n += 1
+            if m.qos == 1 and FAST_ACK:
+                mids.append(m.mid)
+            else:
                 pc.ack(m.mid, m.qos)
-                n += 1
+        if mids:
+            pack = _PUBACK.pack
+            blob = b"".join([pack(paho.PUBACK, 2, mid) for mid in mids])
+            pc._packet_queue(paho.PUBACK, blob, 0, 1)
         return n
 
     # ------------------------------------------------------------------ publishing

@@ -252,8 +252,9 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
     what the link delivers is byte for byte what was published, in order; after acking, a new
     connection of the same session gets nothing again, while the unacknowledged one comes back.
     The same holds on paho's own receive path, which the link falls back to if a paho release
-    lacks the internals the fast path replaces."""
+    lacks the internals the fast path replaces (acknowledging a batch as one write included)."""
     monkeypatch.setattr(aggregator.mqtt, "FAST_RECEIVE", fast)
+    monkeypatch.setattr(aggregator.mqtt, "FAST_ACK", fast)
     topic = "fl/recv/updates/dev-1"
     rng = random.Random(11)
     sizes = [0, 1, 100, 2_000, 100_000, CHUNK + 5_000, 3 * CHUNK, 50]
@@ -288,6 +289,42 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
     again = asyncio.run(receive(0, ack_all_but_last=False))
     last_qos1 = max(i for i in range(len(payloads)) if i % 2)
     assert again == [(topic, payloads[last_qos1], 1)]
+
+
+def test_batched_pubacks_free_the_receive_window_and_end_redelivery(broker: Mosquitto) -> None:
+    """The PUBACKs of a batch go out as one write: the broker must count every one of them.
+    With Receive Maximum 20 it stops sending after 20 unacknowledged messages, so 300 arrive
+    only if each batched acknowledgement frees its slot; the link is never disconnected for a
+    malformed packet, and the same session afterwards gets nothing redelivered."""
+    topic = "fl/recv/updates/dev-acks"
+    payloads = [i.to_bytes(2, "big") for i in range(300)]
+
+    def publish_all() -> None:
+        _publish_v5(broker, [(topic, p, 1, None) for p in payloads])
+
+    async def receive(expect: int) -> tuple[list[bytes], int, int]:
+        async with _running_link(broker, "recv-acks", receive_maximum=20) as link:
+            loop = asyncio.get_running_loop()
+            publishing = loop.run_in_executor(None, publish_all) if expect else None
+            got: list[bytes] = []
+            deadline = loop.time() + (20 if expect else 1.0)
+            acked = 0
+            while len(got) < max(expect, 1) and loop.time() < deadline:
+                await link.wait(0.2)
+                batch = link.take(1000)
+                got.extend(m.payload for m in batch)
+                acked += link.ack(batch)
+            if publishing is not None:
+                await publishing
+            await asyncio.sleep(0.3)  # let the last PUBACKs reach the broker
+            return got, acked, link.connects
+
+    got, acked, connects = asyncio.run(receive(len(payloads)))
+    assert got == payloads
+    assert acked == len(payloads)
+    assert connects == 1
+    again, _, _ = asyncio.run(receive(0))
+    assert again == []
 
 
 def test_link_stops_reading_while_the_inbox_is_full_and_loses_nothing(
