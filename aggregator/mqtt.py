@@ -137,6 +137,7 @@ class MqttLink:
         self._arrived = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._paho: paho.Client | None = None
+        self._acker: paho.Client | None = None  # the current connection's, from socket open
         self._lost: asyncio.Event | None = None
         self._pub_waiters: dict[int, asyncio.Future[int]] = {}
         self._rng = random.Random()
@@ -212,8 +213,11 @@ class MqttLink:
         are instead queued as one write (MQTT 5.0, 3.4.2.1: reason code and properties may be
         omitted when the code is Success), so the broker gets them in one segment too.
         """
-        pc = self._paho
-        if pc is None or not self.connected.is_set():
+        # Not gated on ``connected``: that waits for the SUBACKs, and a resumed session's
+        # backlog arrives ahead of them (up to Receive Maximum messages). Left unacknowledged,
+        # those would hold the receive window shut for the whole connection.
+        pc = self._acker
+        if pc is None:
             return 0
         gen = self.generation
         mids: list[int] = []
@@ -340,10 +344,20 @@ class MqttLink:
             if fast:
                 sock = ReadAhead(sock)
                 c._sock = sock
-            loop.call_soon_threadsafe(self._install_reader, c, sock)
+            loop.call_soon_threadsafe(self._socket_opened, c, sock)
 
         pc.on_socket_open = on_socket_open
         return client
+
+    def _socket_opened(self, pc: paho.Client, sock: Any) -> None:
+        """A new connection: its generation starts before anything can arrive on it (the
+        broker sends a resumed session's backlog right after CONNACK, possibly in the same
+        read as the CONNACK itself), and its messages can be acknowledged from then on."""
+        if pc.socket() is not sock:
+            return  # already closed or replaced
+        self.generation += 1
+        self._acker = pc
+        self._install_reader(pc, sock)
 
     def _install_reader(self, pc: paho.Client, sock: Any) -> None:
         """Read every packet already received per wake-up, not one.
@@ -445,7 +459,6 @@ class MqttLink:
                 await asyncio.wait_for(stop.wait(), delay)
 
     async def _connected(self, client: aiomqtt.Client) -> None:
-        self.generation += 1
         self.connects += 1
         self._client = client
         self._paho = client._client
@@ -477,6 +490,7 @@ class MqttLink:
         was_up = self.connected.is_set()
         self.connected.clear()
         self._paho = None
+        self._acker = None
         self._client = None
         for fut in self._pub_waiters.values():
             if not fut.done():

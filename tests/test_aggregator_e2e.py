@@ -240,6 +240,35 @@ def test_reconnects_after_a_broker_restart(broker: Mosquitto, tmp_path: Path) ->
     assert agg.error is None
 
 
+def test_restart_with_a_backlog_beyond_the_receive_window(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """Updates published while the aggregator is down wait in its persistent session. On
+    restart the broker sends the first Receive Maximum of them before the SUBACK of the
+    re-subscription; they must be acknowledged like any other, or the window stays full and
+    the rest of the backlog never arrives."""
+    fed = Federation(tmp_path, SMALL)
+    cfg = fed.config(
+        broker.host,
+        broker.port,
+        strategy={"buffer_size": 3, "max_staleness": 1000},
+        limits={"receive_maximum": 20},
+    )
+    first = AggregatorThread(cfg).start()
+    wait_until(lambda: first.snapshot()["connected"], 10, "first connection")
+    first.stop()
+    assert first.error is None
+    t = topics.updates(FED, "dev0")
+    publish_all(broker.port, [(t, fed.update("dev0", rand(i))) for i in range(150)])
+    agg = AggregatorThread(cfg).start()
+    try:
+        wait_until(lambda: agg.snapshot()["accepted"] == 150, 30, "the whole backlog accepted")
+        assert agg.snapshot()["version"] == 50
+    finally:
+        agg.stop()
+    assert agg.error is None
+
+
 # ------------------------------------------------------------------ burst
 def _burst_publisher(port: int, device: str, payloads: list[bytes], go: Any) -> None:
     c = client(port, f"burst-{device}")

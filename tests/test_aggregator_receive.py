@@ -327,6 +327,38 @@ def test_batched_pubacks_free_the_receive_window_and_end_redelivery(broker: Mosq
     assert again == []
 
 
+def test_backlog_delivered_before_the_suback_is_acknowledged(broker: Mosquitto) -> None:
+    """A resumed session with a backlog: the broker sends up to Receive Maximum queued
+    messages right after CONNACK, ahead of the SUBACK of our (re-)subscription. A consumer
+    that, like the service, takes and acknowledges messages as they come must get them
+    acknowledged: unacknowledged, they would fill the receive window for the whole
+    connection and nothing more would ever arrive."""
+    topic = "fl/recv/updates/dev-backlog"
+    payloads = [i.to_bytes(2, "big") * 50 for i in range(300)]
+
+    async def consume(expect: int) -> list[bytes]:
+        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-backlog")
+        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=50)
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        got: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (15 if expect else 3)
+        while (len(got) < expect or not link.connected.is_set()) and loop.time() < deadline:
+            await link.wait(0.1)
+            batch = link.take(20)  # not waiting for `connected`, as the service does not
+            got.extend(m.payload for m in batch)
+            link.ack(batch)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return got
+
+    assert asyncio.run(consume(0)) == []  # creates the session and its subscription
+    _publish_v5(broker, [(topic, p, 1, None) for p in payloads])  # queued for the session
+    assert asyncio.run(consume(len(payloads))) == payloads
+
+
 def test_link_stops_reading_while_the_inbox_is_full_and_loses_nothing(
     broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
