@@ -20,15 +20,18 @@ Why these choices (numbers in docs/benchmarks.md and docs/aggregator.md):
 * **A fast receive path.** Messages go from the PUBLISH handler straight into a deque that the
   service drains in batches; aiomqtt's per-message queue and iterator task are bypassed. Our
   socket reader (``MqttLink._install_reader``) replaces aiomqtt's one-packet-per-wake-up
-  reader, paho reads through :class:`~aggregator.readahead.ReadAhead` (one ``recv`` for many
-  packets instead of five or more calls per packet), and QoS 0/1 PUBLISH packets are decoded by
-  :mod:`aggregator.publishpacket` (one copy of the payload instead of paho's four). Together
-  these took one process at d = 650 int8 from 45.7 % to 70.7 % of a bare paho MQTT 5
-  subscriber's rate in the same run (docs/benchmarks.md). This module is where the coupling
-  to aiomqtt's and paho's internals (``Client._client``, ``_sock``, ``_in_packet``,
-  ``_handle_publish``, and ``_packet_queue`` for batched PUBACKs, see :meth:`MqttLink.ack`)
-  lives; both are pinned and the receive path is tested against a real
-  Mosquitto.
+  reader, the socket is read through :class:`~aggregator.readahead.ReadAhead` (one ``recv``
+  for many packets instead of five or more calls per packet), and whole QoS 0/1 PUBLISH
+  packets are decoded from its buffer by :mod:`aggregator.publishpacket` (one copy of the
+  payload instead of paho's four; :meth:`MqttLink._framed_reader`). The first three took
+  one process at d = 650 int8 from 45.7 % to 70.7 % of a bare paho MQTT 5 subscriber's rate
+  in the same run; decoding from the buffer then cut the event-loop thread's CPU per message
+  by half at 650 bytes (``bench/link.py``, docs/benchmarks.md). This module is where the
+  coupling to aiomqtt's and paho's internals (``Client._client``, ``_sock``, ``_in_packet``,
+  ``_msgtime_mutex``, ``_last_bytes_received``, ``_handle_publish``, and ``_packet_queue`` for
+  batched PUBACKs, see :meth:`MqttLink.ack`) lives; both are pinned, each piece falls back to
+  paho's own path if a release lacks what it needs, and the receive path is tested against a
+  real Mosquitto.
 
 Reconnects wait ``uniform(min, min(max, min * 2**attempt))`` seconds ("full jitter" with a
 floor); the attempt count resets once a connection stayed up for :data:`STABLE_S`. Every
@@ -58,7 +61,7 @@ from paho.mqtt.properties import Properties
 
 from aggregator.config import BrokerConfig
 from aggregator.publishpacket import MalformedPublishError, decode_publish
-from aggregator.readahead import ReadAhead
+from aggregator.readahead import WOULD_BLOCK, ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,9 @@ if not hasattr(paho.Client, "manual_ack_set"):  # pragma: no cover - guarded by 
 FAST_RECEIVE: Final = all(
     hasattr(paho.Client, name) for name in ("_handle_publish", "_packet_read", "_sock_recv")
 )
+# The framed reader (MqttLink._framed_reader) also keeps paho's keepalive clock.
+FRAMED_RECEIVE: Final = FAST_RECEIVE and hasattr(paho, "time_func")
+_FRAMED_STATE: Final = ("_in_packet", "_msgtime_mutex", "_last_bytes_received")  # per client
 # Likewise for acknowledging a batch with one queued write (see MqttLink.ack).
 FAST_ACK: Final = hasattr(paho.Client, "_packet_queue")
 _PUBACK: Final = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
@@ -401,14 +407,22 @@ class MqttLink:
                 loop.add_reader(fd, reader)
                 loop.call_soon(reader)  # bytes may wait in the read-ahead buffer
 
+        read_one: Callable[[], MQTTErrorCode] = pc.loop_read
+        if (
+            FRAMED_RECEIVE
+            and isinstance(sock, ReadAhead)
+            and all(hasattr(pc, name) for name in _FRAMED_STATE)
+        ):
+            read_one = self._framed_reader(pc, sock)
+
         def reader() -> None:
             if pc.socket() is not sock:
                 return  # a later connection has its own reader
             self._burst_bytes = 0
             try:
                 for _ in range(READ_BURST):
-                    if pc.loop_read() != paho.MQTT_ERR_SUCCESS or pc.socket() is not sock:
-                        return
+                    if read_one() != paho.MQTT_ERR_SUCCESS or pc.socket() is not sock:
+                        return  # also MQTT_ERR_AGAIN: only part of a packet is here yet
                     if self._inbox_bytes >= INBOX_HIGH_BYTES:
                         if self._resume is None:
                             loop.remove_reader(fd)
@@ -429,6 +443,49 @@ class MqttLink:
 
         loop.remove_reader(fd)
         loop.add_reader(fd, reader)
+
+    def _framed_reader(self, pc: paho.Client, sock: ReadAhead) -> Callable[[], MQTTErrorCode]:
+        """Read one packet: a QoS 0/1 PUBLISH straight from the read-ahead buffer, anything
+        else through paho's ``loop_read``.
+
+        paho assembles every packet from several reads into a ``bytearray`` before its
+        handler sees it: two more copies of each payload and a dozen Python-level steps. Whole
+        PUBLISH packets already in the buffer are decoded in place instead, copying the payload
+        once. paho stays the reader of everything else (CONNACK, SUBACK, PUBACKs of our own
+        publishes, PINGRESP, DISCONNECT, QoS 2) and of anything it has started to read; a
+        malformed PUBLISH is left in the buffer for paho too, whose read then reaches
+        :meth:`_fast_publish_handler` and reports the protocol error as before. The one piece
+        of paho's reading state kept up to date here is the time bytes last arrived, which its
+        keepalive check reads.
+        """
+        msgtime = pc._msgtime_mutex
+        deliver = self._deliver
+        loop_read = pc.loop_read
+        success = MQTTErrorCode.MQTT_ERR_SUCCESS
+        again = MQTTErrorCode.MQTT_ERR_AGAIN
+
+        def read_one() -> MQTTErrorCode:
+            if pc._in_packet["command"]:  # paho is in the middle of a packet
+                return loop_read()
+            header, offset, total = sock.peek_packet()
+            if header == WOULD_BLOCK:
+                return again  # the kernel is drained: wait for the socket to be readable
+            if header & 0xF0 != 0x30 or header & 0x06 == 0x04:  # not PUBLISH, or QoS 2
+                return loop_read()  # also UNFRAMED: end of stream, malformed length
+            with sock.view(offset, total) as body:
+                try:
+                    p = decode_publish(header, body)
+                except MalformedPublishError:
+                    p = None
+            if p is None:
+                return loop_read()
+            sock.consume(total)
+            with msgtime:
+                pc._last_bytes_received = paho.time_func()
+            deliver(p.topic, p.payload, p.mid, p.qos)
+            return success
+
+        return read_one
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, subscribe, stay connected until ``stop``; reconnect with backoff."""

@@ -32,7 +32,7 @@ class Publish(NamedTuple):
     retain: bool
 
 
-def decode_publish(header: int, packet: bytes | bytearray) -> Publish:
+def decode_publish(header: int, packet: bytes | bytearray | memoryview) -> Publish:
     """Decode the PUBLISH whose fixed-header byte is ``header`` and whose variable header and
     payload are ``packet`` (everything after the remaining length)."""
     qos = (header >> 1) & 0x03
@@ -47,7 +47,7 @@ def decode_publish(header: int, packet: bytes | bytearray) -> Publish:
     if pos > end:
         raise MalformedPublishError("topic runs past the packet")
     try:
-        topic = packet[2:pos].decode("utf-8")
+        topic = str(packet[2:pos], "utf-8")
     except UnicodeDecodeError:
         raise MalformedPublishError("topic is not UTF-8") from None
     mid = 0

@@ -7,11 +7,12 @@ import contextlib
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -19,7 +20,7 @@ import aggregator.mqtt
 from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
 from aggregator.publishpacket import MalformedPublishError, decode_publish
-from aggregator.readahead import CHUNK, ReadAhead
+from aggregator.readahead import CHUNK, UNFRAMED, WOULD_BLOCK, ReadAhead
 from fedmqtt.broker import Mosquitto
 
 
@@ -148,31 +149,41 @@ def test_decode_publish_refuses_malformed_packets(header: int, packet: bytes, ne
 
 
 # ------------------------------------------------------------------ read-ahead socket
-def test_read_ahead_returns_the_stream_unchanged() -> None:
+Pair = tuple[socket.socket, socket.socket]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """A connected socket pair: (sending end, non-blocking receiving end)."""
     a, b = socket.socketpair()
     with a, b:
         b.setblocking(False)
-        data = random.Random(3).randbytes(CHUNK * 3 + 17)
-        a.sendall(data[:4096])
-        sock = ReadAhead(b)
-        got = bytearray()
-        rng = random.Random(4)
-        sent = 4096
-        while len(got) < len(data):
-            try:
-                piece = sock.recv(rng.choice([1, 1, 2, 100, 5000, CHUNK + 1]))
-            except BlockingIOError:
-                assert sock.pending() == 0  # only ever raised when nothing is buffered
-                a.sendall(data[sent : sent + 4096])  # fits the drained socket buffer
-                sent += 4096
-                continue
-            assert piece
-            got += piece
-        assert bytes(got) == data
-        assert sock.pending() == 0
-        a.shutdown(socket.SHUT_WR)
-        assert sock.recv(10) == b""  # end of stream, as a socket reports it
-        assert sock.fileno() == b.fileno()  # everything else is the socket's
+        yield a, b
+
+
+def test_read_ahead_returns_the_stream_unchanged(pair: Pair) -> None:
+    a, b = pair
+    data = random.Random(3).randbytes(CHUNK * 3 + 17)
+    a.sendall(data[:4096])
+    sock = ReadAhead(b)
+    got = bytearray()
+    rng = random.Random(4)
+    sent = 4096
+    while len(got) < len(data):
+        try:
+            piece = sock.recv(rng.choice([1, 1, 2, 100, 5000, CHUNK + 1]))
+        except BlockingIOError:
+            assert sock.pending() == 0  # only ever raised when nothing is buffered
+            a.sendall(data[sent : sent + 4096])  # fits the drained socket buffer
+            sent += 4096
+            continue
+        assert piece
+        got += piece
+    assert bytes(got) == data
+    assert sock.pending() == 0
+    a.shutdown(socket.SHUT_WR)
+    assert sock.recv(10) == b""  # end of stream, as a socket reports it
+    assert sock.fileno() == b.fileno()  # everything else is the socket's
 
 
 class _CountingSocket:
@@ -184,31 +195,142 @@ class _CountingSocket:
         self.recvs += 1
         return self.sock.recv(n)
 
-
-def test_read_ahead_takes_many_small_reads_from_one_recv() -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        b.setblocking(False)
-        a.sendall(bytes(range(200)) * 50)
-        inner = _CountingSocket(b)
-        sock = ReadAhead(inner)
-        got = b"".join(sock.recv(1) for _ in range(10_000))
-        assert got == bytes(range(200)) * 50
-        assert inner.recvs == 1
+    def recv_into(self, buf: bytearray | memoryview, n: int = 0) -> int:
+        self.recvs += 1
+        return self.sock.recv_into(buf, n)
 
 
-def test_read_ahead_pending_counts_what_it_holds() -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        b.setblocking(False)
-        a.sendall(b"0123456789")
-        sock = ReadAhead(b)
-        assert sock.recv(1) == b"0"
-        assert sock.pending() == 9  # the kernel has nothing left; epoll would not wake a reader
-        assert sock.recv(100) == b"123456789"
-        assert sock.pending() == 0
-        with pytest.raises(BlockingIOError):
-            sock.recv(1)
+def test_read_ahead_takes_many_small_reads_from_one_recv(
+    pair: Pair,
+) -> None:
+    a, b = pair
+    a.sendall(bytes(range(200)) * 50)
+    inner = _CountingSocket(b)
+    sock = ReadAhead(inner)
+    got = b"".join(sock.recv(1) for _ in range(10_000))
+    assert got == bytes(range(200)) * 50
+    assert inner.recvs == 1
+
+
+def test_read_ahead_pending_counts_what_it_holds(pair: Pair) -> None:
+    a, b = pair
+    a.sendall(b"0123456789")
+    sock = ReadAhead(b)
+    assert sock.recv(1) == b"0"
+    assert sock.pending() == 9  # the kernel has nothing left; epoll would not wake a reader
+    assert sock.recv(100) == b"123456789"
+    assert sock.pending() == 0
+    with pytest.raises(BlockingIOError):
+        sock.recv(1)
+
+
+def _mqtt_packet(header: int, body: bytes) -> bytes:
+    """A packet with MQTT's fixed header: the byte, then the remaining length (varint)."""
+    n, length = len(body), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes([header]) + bytes(length) + body
+
+
+def test_read_ahead_frames_packets_of_any_size_and_mixes_with_plain_reads(
+    pair: Pair,
+) -> None:
+    """Packets from empty to several chunks long, whose lengths take one to four bytes, arrive
+    in arbitrary pieces: peek_packet() reports each one once it is all buffered (never a part
+    of one), view() shows exactly its variable header and payload, and a packet left to
+    recv() instead (as paho reads the packets the framer leaves it) comes out byte for byte."""
+    rng = random.Random(21)
+    sizes = [0, 1, 2, 126, 127, 128, 16_383, 16_384, 100_000, CHUNK - 3, CHUNK + 7, 3 * CHUNK]
+    sizes += [rng.randrange(0, 3_000) for _ in range(200)]
+    rng.shuffle(sizes)
+    packets = [(0x30 | (i % 4 << 1), rng.randbytes(n)) for i, n in enumerate(sizes)]
+    stream = b"".join(_mqtt_packet(h, body) for h, body in packets)
+    a, b = pair
+    sock = ReadAhead(b)
+    sent = 0
+    for i, (header, body) in enumerate(packets):
+        while True:
+            found, offset, total = sock.peek_packet()
+            if found != WOULD_BLOCK:
+                break
+            piece = rng.choice([1, 2, 3, 700, 9_000, 60_000])  # fits the drained buffer
+            a.sendall(stream[sent : sent + piece])
+            sent += piece
+        assert found == header
+        assert total == offset + len(body)
+        if i % 3:
+            with sock.view(offset, total) as view:
+                assert bytes(view) == body
+            sock.consume(total)
+        else:
+            got = bytearray()
+            while len(got) < total:
+                got += sock.recv(min(rng.choice([1, 4, total]), total - len(got)))
+            assert bytes(got) == _mqtt_packet(header, body)
+    assert sent >= len(stream)
+    assert sock.peek_packet()[0] == WOULD_BLOCK
+    assert sock.pending() == 0
+    a.shutdown(socket.SHUT_WR)
+    assert sock.peek_packet()[0] == UNFRAMED  # end of stream: paho's read reports it
+    assert sock.recv(10) == b""
+
+
+def test_read_ahead_leaves_a_malformed_length_to_paho(
+    pair: Pair,
+) -> None:
+    a, b = pair
+    a.sendall(b"\x30\x80\x80\x80\x80\x01rest")
+    sock = ReadAhead(b)
+    assert sock.peek_packet()[0] == UNFRAMED
+    assert sock.recv(1) == b"\x30"  # nothing consumed
+
+
+class _PahoReadState:
+    """The parts of a paho client the framed reader touches; loop_read() is recorded."""
+
+    def __init__(self) -> None:
+        self._in_packet = {"command": 0}
+        self._msgtime_mutex = threading.Lock()
+        self._last_bytes_received = 0.0
+        self.loop_reads = 0
+
+    def loop_read(self) -> int:
+        self.loop_reads += 1
+        return 0
+
+
+def test_framed_reader_decodes_publish_in_place_and_leaves_the_rest_to_paho(
+    pair: Pair,
+) -> None:
+    """A whole PUBLISH is delivered from the buffer and keeps paho's keepalive clock; a
+    malformed PUBLISH, a PINGRESP and a packet paho has started are left in the buffer for
+    paho's own read (which reports a malformed one as a protocol error); a partial packet
+    waits for the socket."""
+    cfg = BrokerConfig(host="127.0.0.1", port=1, client_id="framer")
+    link = MqttLink(cfg, subscriptions=[], receive_maximum=10)
+    pc = _PahoReadState()
+    good = b"\x00\x03a/b\x00\x07\x00payload"  # topic a/b, packet id 7, no properties
+    a, b = pair
+    sock = ReadAhead(b)
+    read_one = link._framed_reader(pc, sock)  # type: ignore[arg-type]
+    a.sendall(_mqtt_packet(0x32, good))
+    assert read_one() == 0
+    assert [(m.topic, m.payload, m.mid, m.qos) for m in link.inbox] == [("a/b", b"payload", 7, 1)]
+    assert pc._last_bytes_received > 0 and pc.loop_reads == 0 and sock.pending() == 0
+
+    for packet in (_mqtt_packet(0x32, b"\x00\x09a"), _mqtt_packet(0xD0, b"")):
+        a.sendall(packet)
+        assert read_one() == 0
+        assert pc.loop_reads == 1 and sock.pending() == len(packet)  # not consumed
+        sock.recv(len(packet))  # what paho's read would have taken
+        pc.loop_reads = 0
+
+    a.sendall(_mqtt_packet(0x32, good)[:5])
+    assert read_one() == paho.MQTT_ERR_AGAIN and pc.loop_reads == 0
+    pc._in_packet = {"command": 0x32}  # paho is mid-packet: it goes on reading
+    assert read_one() == 0 and pc.loop_reads == 1
 
 
 # ------------------------------------------------------------------ through Mosquitto
@@ -244,9 +366,13 @@ async def _running_link(
         await asyncio.wait_for(task, 10)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "paho-fallback"])
+@pytest.mark.parametrize(
+    ("fast", "framed"),
+    [(True, True), (True, False), (False, False)],
+    ids=["framed", "read-ahead-paho-framing", "paho-fallback"],
+)
 def test_link_receives_exact_messages_with_properties_through_mosquitto(
-    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch, fast: bool
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch, fast: bool, framed: bool
 ) -> None:
     """Small and large (above the read-ahead chunk) messages, QoS 0 and 1, with properties:
     what the link delivers is byte for byte what was published, in order; after acking, a new
@@ -254,7 +380,17 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
     The same holds on paho's own receive path, which the link falls back to if a paho release
     lacks the internals the fast path replaces (acknowledging a batch as one write included)."""
     monkeypatch.setattr(aggregator.mqtt, "FAST_RECEIVE", fast)
+    monkeypatch.setattr(aggregator.mqtt, "FRAMED_RECEIVE", framed)
     monkeypatch.setattr(aggregator.mqtt, "FAST_ACK", fast)
+    paho_reads = 0
+    paho_packet_read = paho.Client._packet_read
+
+    def counting_packet_read(self: paho.Client) -> MQTTErrorCode:
+        nonlocal paho_reads
+        paho_reads += 1
+        return paho_packet_read(self)
+
+    monkeypatch.setattr(paho.Client, "_packet_read", counting_packet_read)
     topic = "fl/recv/updates/dev-1"
     rng = random.Random(11)
     sizes = [0, 1, 100, 2_000, 100_000, CHUNK + 5_000, 3 * CHUNK, 50]
@@ -285,6 +421,8 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
 
     got = asyncio.run(receive(len(payloads), ack_all_but_last=True))
     assert got == [(topic, p, i % 2) for i, p in enumerate(payloads)]
+    # The framed reader takes the PUBLISH packets itself; paho reads CONNACK and SUBACK.
+    assert (paho_reads < len(payloads)) if framed else (paho_reads >= len(payloads))
     # Same session again, publishing nothing: only the one QoS 1 message left unacknowledged.
     again = asyncio.run(receive(0, ack_all_but_last=False))
     last_qos1 = max(i for i in range(len(payloads)) if i % 2)

@@ -1,0 +1,179 @@
+"""CPU cost of the aggregator's MQTT link per message: receiving, and acknowledging.
+
+``aggregator/mqtt.py`` replaces parts of paho's receive and acknowledgement paths; this script
+measures each replacement against what it replaces, through a real Mosquitto (the project's
+dev config), timing the CPU of the event-loop thread (``time.thread_time``) that runs
+``MqttLink`` -- the thread that also has to leave the GIL to the engine.
+
+* **receive**: N QoS 1 messages of S bytes wait in the broker for the link's persistent
+  session; the link connects and takes them all (acknowledging each batch taken). Modes:
+  ``framed`` (PUBLISH packets decoded straight from the read-ahead buffer, the default),
+  ``read-ahead`` (paho assembles packets from the read-ahead buffer; our PUBLISH decoder),
+  ``paho`` (paho's own receive path: what the link falls back to).
+* **ack**: after receiving N small messages, acknowledge them in batches of B, with one
+  write per batch (the default) or paho's one PUBACK per message.
+
+Modes alternate on the same broker; the best of the repeats is reported (this machine is
+shared). Run from the repository root:
+
+    .venv/bin/python bench/link.py [--repeat 3] [--sizes 650,100000] [--batches 10,100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+import aggregator.mqtt
+from aggregator.config import BrokerConfig
+from aggregator.mqtt import Incoming, MqttLink
+from fedmqtt.broker import Mosquitto
+
+TOPIC = "fl/linkbench/updates/dev"
+FILTER = "fl/linkbench/updates/+"
+RECEIVE_MODES = {  # FAST_RECEIVE, FRAMED_RECEIVE
+    "framed": (True, True),
+    "read-ahead": (True, False),
+    "paho": (False, False),
+}
+
+
+def publish(port: int, n: int, size: int) -> None:
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="linkbench-pub", protocol=paho.MQTTv5)
+    c.max_inflight_messages_set(500)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        payload = os.urandom(size)
+        infos = [c.publish(TOPIC, payload, qos=1) for _ in range(n)]
+        for info in infos:
+            info.wait_for_publish(120)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def _link(port: int, client_id: str, receive_maximum: int) -> MqttLink:
+    cfg = BrokerConfig(host="127.0.0.1", port=port, client_id=client_id)
+    return MqttLink(cfg, subscriptions=[FILTER], receive_maximum=receive_maximum)
+
+
+async def _take(link: MqttLink, n: int, *, ack: bool) -> list[Incoming]:
+    got: list[Incoming] = []
+    deadline = asyncio.get_running_loop().time() + 300
+    while len(got) < n and asyncio.get_running_loop().time() < deadline:
+        await link.wait(1.0)
+        batch = link.take(n)
+        if ack:
+            link.ack(batch)
+        got.extend(batch)
+    if len(got) != n:
+        raise RuntimeError(f"received {len(got)} of {n} messages")
+    return got
+
+
+async def _session(port: int, client_id: str) -> None:
+    """Create the persistent session (and its subscription), then leave."""
+    link = _link(port, client_id, 1000)
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await asyncio.wait_for(link.connected.wait(), 10)
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def receive_cpu_us(port: int, n: int, client_id: str) -> float:
+    """Loop-thread CPU microseconds per message taken from a backlog in the broker."""
+    link = _link(port, client_id, 1000)
+    stop = asyncio.Event()
+    cpu = time.thread_time()
+    task = asyncio.create_task(link.run(stop))
+    try:
+        # Not waiting for `connected`: the backlog arrives ahead of the SUBACK.
+        await _take(link, n, ack=True)
+        return 1e6 * (time.thread_time() - cpu) / n
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def ack_cpu_us(port: int, n: int, batch: int, client_id: str) -> float:
+    """Loop-thread CPU microseconds per acknowledged message."""
+    link = _link(port, client_id, n)
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    try:
+        await asyncio.wait_for(link.connected.wait(), 10)
+        await asyncio.get_running_loop().run_in_executor(None, publish, port, n, 100)
+        got = await _take(link, n, ack=False)
+        await asyncio.sleep(0.3)
+        cpu = time.thread_time()
+        for i in range(0, n, batch):
+            link.ack(got[i : i + batch])
+            await asyncio.sleep(0)  # the writer callback runs on the next loop iterations
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.3)
+        return 1e6 * (time.thread_time() - cpu) / n
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sizes", default="650,100000", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--batches", default="10,100", type=lambda s: [int(x) for x in s.split(",")])
+    args = ap.parse_args()
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, python {platform.python_version()}")
+    with tempfile.TemporaryDirectory(prefix="fedmqtt-linkbench-") as tmp:
+        broker = Mosquitto(data_dir=Path(tmp) / "broker").start()
+        try:
+            print("\n| message bytes | N | " + " | ".join(RECEIVE_MODES) + " | paho / framed |")
+            print("|---|---|" + "---|" * (len(RECEIVE_MODES) + 1))
+            for size in args.sizes:
+                n = min(20_000, max(200, 200_000_000 // size))
+                best = dict.fromkeys(RECEIVE_MODES, float("inf"))
+                for r in range(args.repeat):
+                    for mode, (fast, framed) in RECEIVE_MODES.items():
+                        setattr(aggregator.mqtt, "FAST_RECEIVE", fast)  # noqa: B010
+                        setattr(aggregator.mqtt, "FRAMED_RECEIVE", framed)  # noqa: B010
+                        cid = f"linkbench-rx-{size}-{r}-{mode}"
+                        asyncio.run(_session(broker.port, cid))
+                        publish(broker.port, n, size)
+                        us = asyncio.run(receive_cpu_us(broker.port, n, cid))
+                        best[mode] = min(best[mode], us)
+                cells = " | ".join(f"{best[m]:.1f}" for m in RECEIVE_MODES)
+                print(f"| {size} | {n} | {cells} | {best['paho'] / best['framed']:.2f} |")
+            print("\n| PUBACKs per batch | paho, one per message | one write per batch | × |")
+            print("|---|---|---|---|")
+            for batch in args.batches:
+                acks = {False: float("inf"), True: float("inf")}
+                for r in range(args.repeat):
+                    for batched in (False, True):
+                        setattr(aggregator.mqtt, "FAST_ACK", batched)  # noqa: B010
+                        cid = f"linkbench-ack-{batch}-{r}-{int(batched)}"
+                        us = asyncio.run(ack_cpu_us(broker.port, 2000, batch, cid))
+                        acks[batched] = min(acks[batched], us)
+                ratio = acks[False] / acks[True]
+                print(f"| {batch} | {acks[False]:.2f} | {acks[True]:.2f} | {ratio:.1f} |")
+        finally:
+            broker.close()
+
+
+if __name__ == "__main__":
+    main()
