@@ -36,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import secrets
 import shutil
 import subprocess
@@ -229,11 +230,20 @@ class Case:
         ]
         for p in procs:
             p.start()
-        for r in ready:
-            if not r.wait(600):
-                raise RuntimeError("a publisher did not get ready")
-        go.set()
         self._procs = procs
+        deadline = time.monotonic() + 600
+        for r in ready:
+            while not r.wait(0.5):
+                self.check_publishers()
+                if time.monotonic() > deadline:
+                    raise RuntimeError("a publisher did not get ready")
+        go.set()
+
+    def check_publishers(self) -> None:
+        """Fail fast (instead of waiting out a timeout) when a publisher process died."""
+        for p in self._procs:
+            if p.exitcode not in (None, 0):
+                raise RuntimeError(f"publisher {p.name} exited with code {p.exitcode}")
 
     def join_publishers(self) -> None:
         for p in self._procs:
@@ -248,7 +258,21 @@ class Case:
             sub.start()
             ready.wait(30)
             self.publish(ctx, m.port)
-            rate = float(result.get(timeout=900))
+            deadline = time.monotonic() + 900
+            while True:
+                try:
+                    rate = float(result.get(timeout=0.5))
+                    break
+                except queue.Empty:
+                    self.check_publishers()
+                    if not sub.is_alive():  # its result may still be on its way
+                        try:
+                            rate = float(result.get(timeout=5))
+                        except queue.Empty:
+                            raise RuntimeError("the bare subscriber died") from None
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the bare subscriber did not finish") from None
             sub.join(30)
             self.join_publishers()
             return rate
@@ -292,6 +316,7 @@ class Case:
                     cpu1 = time.process_time()
                     break
                 time.sleep(0.01)
+                self.check_publishers()
             self.join_publishers()
             s = agg.snapshot()
         finally:
