@@ -112,7 +112,11 @@ class ReadAhead:
             self._start = self._end = 0
 
     def _make_room(self, total: int) -> None:
-        """Make the buffer able to hold a ``total``-byte packet from ``_start``."""
+        """Make the buffer able to hold a ``total``-byte packet from ``_start``.
+
+        A packet larger than the buffer grows it, and it keeps that size: the next large
+        update reuses it instead of faulting in fresh pages. It is bounded by the largest
+        packet the broker accepts (``max_packet_size``), one buffer per connection."""
         buf, start, end = self._buf, self._start, self._end
         if start + total <= len(buf):
             return
