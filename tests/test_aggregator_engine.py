@@ -17,7 +17,7 @@ from aggregator.validate import UpdateMeta
 from fedmqtt import topics, wire
 from fedmqtt.errors import REASONS
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.signing import HmacKey
+from fedmqtt.signing import ChaChaPolyKey, HmacKey
 
 SPEC = ModelSpec("softmax", 6, 3)
 
@@ -276,21 +276,39 @@ def test_presence_is_verified(fed: Federation) -> None:
     assert e.metrics.snapshot()["devices_online"] == 0
 
 
-def test_large_updates_are_opened_on_several_threads(fed: Federation) -> None:
-    big = ModelSpec("softmax", 2000, 10)
-    f2 = Federation(fed.root / "big", big)
-    cfg = f2.config("127.0.0.1", 1883, strategy={"buffer_size": 4}, limits={"verify_threads": 3})
-    e = Engine(cfg, Metrics(FED), keys=None)
+BIG = ModelSpec("softmax", 2000, 10)
+
+
+def _large_batch(f: Federation) -> tuple[Engine, list[tuple[str, bytes]]]:
+    """An engine allowed 3 verification threads and 8 large updates from dev0 of ``f``."""
+    cfg = f.config("127.0.0.1", 1883, strategy={"buffer_size": 4}, limits={"verify_threads": 3})
     rng = np.random.default_rng(0)
+    size = BIG.layout().size
     items = [
-        (
-            upd_topic(),
-            f2.update("dev0", rng.normal(0, 0.01, big.layout().size).astype(np.float32), seq=i),
-        )
+        (upd_topic(), f.update("dev0", rng.normal(0, 0.01, size).astype(np.float32), seq=i))
         for i in range(8)
     ]
+    return Engine(cfg, Metrics(FED), keys=None), items
+
+
+def test_large_updates_are_opened_on_several_threads(fed: Federation) -> None:
+    e, items = _large_batch(Federation(fed.root / "big", BIG))  # HMAC-SHA256 keys
     items.insert(3, (upd_topic(), b"junk"))
     e.process(items, 0.0)
     assert e._pool is not None  # the parallel path was taken
     assert e.version == 2 and e.metrics.snapshot()["rejected"] == {"schema": 1}
+    e.close()
+
+
+def test_updates_with_a_cheap_mac_stay_on_one_thread(fed: Federation) -> None:
+    """ChaCha20-Poly1305 is too fast for a thread hand-off to pay (bench/engine.py): the same
+    large batch as above, authenticated with it, is opened on the engine's thread alone."""
+    f = Federation(fed.root / "cheap", BIG, devices=())
+    key = ChaChaPolyKey.generate()
+    key.save(f.root / "devices" / "dev0.chacha")
+    f.keys["dev0"] = key  # type: ignore[assignment]
+    e, items = _large_batch(f)
+    e.process(items, 0.0)
+    assert e._pool is None
+    assert e.version == 2 and e.metrics.snapshot()["accepted"] == 8
     e.close()
