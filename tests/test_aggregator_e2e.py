@@ -269,6 +269,33 @@ def test_restart_with_a_backlog_beyond_the_receive_window(
     assert agg.error is None
 
 
+def test_a_clean_stop_keeps_the_counters_of_refusals_since_the_last_version(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A refused message is acknowledged at once and makes no new version; only its counter
+    remembers it. A clean stop must write it to disk like everything else."""
+    fed = Federation(tmp_path, SMALL)
+    cfg = fed.config(broker.host, broker.port, strategy={"buffer_size": 5})
+    t = topics.updates(FED, "dev0")
+    agg = AggregatorThread(cfg).start()
+    try:
+        publish_all(broker.port, [(t, fed.update("dev0", rand(i))) for i in range(5)])
+        wait_until(lambda: agg.snapshot()["checkpoints"] >= 1, 10, "version 1 checkpointed")
+        publish_all(broker.port, [(t, b"junk")])
+        wait_until(lambda: agg.snapshot()["rejected_total"] == 1, 10, "junk refused")
+    finally:
+        agg.stop()
+    assert agg.error is None
+    again = AggregatorThread(cfg).start()
+    try:
+        time.sleep(1.0)
+        snap = again.snapshot()
+        assert snap["version"] == 1 and snap["rejected"] == {"schema": 1}
+        assert snap["updates_received"] == 6
+    finally:
+        again.stop()
+
+
 # ------------------------------------------------------------------ burst
 def _burst_publisher(port: int, device: str, payloads: list[bytes], go: Any) -> None:
     c = client(port, f"burst-{device}")
