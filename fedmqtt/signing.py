@@ -38,7 +38,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol, Self
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.fsutil import atomic_write_bytes
@@ -207,19 +207,39 @@ def _ed25519_backend(raw: bytes) -> Callable[[bytes, bytes], bool]:
     return crypto_verify
 
 
-class HmacKey:
-    """A per-device secret shared by the device and the aggregator; signs and verifies."""
+class _SharedSecret:
+    """A per-device secret held by the device and the aggregator alike: generated as
+    :data:`MAC_KEY_BYTES` random bytes, stored in hex with mode 0600 (:meth:`save`,
+    :meth:`load`). Subclasses add ``alg``, ``sign`` and ``verify``."""
+
+    #: Exact key length that :meth:`load` requires; None accepts any (see ``__init__``).
+    _LOAD_BYTES: ClassVar[int | None] = MAC_KEY_BYTES
+
+    def __init__(self, key: bytes) -> None:
+        self._key = bytes(key)
+
+    @classmethod
+    def generate(cls) -> Self:
+        return cls(secrets.token_bytes(MAC_KEY_BYTES))
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(path, (self._key.hex() + "\n").encode(), mode=0o600)
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        return cls(_read_hex(path, cls._LOAD_BYTES, secret=True))
+
+
+class HmacKey(_SharedSecret):
+    """HMAC-SHA256 with a per-device secret; signs and verifies."""
 
     alg = HMAC_SHA256
+    _LOAD_BYTES = None  # keys enrolled before 32 bytes became the rule: any length >= 16
 
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ConfigError("an HMAC key must be at least 16 bytes")
-        self._key = key
-
-    @classmethod
-    def generate(cls) -> HmacKey:
-        return cls(secrets.token_bytes(MAC_KEY_BYTES))
+        super().__init__(key)
 
     def sign(self, data: Buffer) -> bytes:
         return hmac.digest(self._key, data, hashlib.sha256)
@@ -227,15 +247,8 @@ class HmacKey:
     def verify(self, data: Buffer, sig: bytes) -> bool:
         return hmac.compare_digest(hmac.digest(self._key, data, hashlib.sha256), sig)
 
-    def save(self, path: Path) -> None:
-        atomic_write_bytes(path, (self._key.hex() + "\n").encode(), mode=0o600)
 
-    @classmethod
-    def load(cls, path: Path) -> HmacKey:
-        return cls(_read_hex(path, None, secret=True))
-
-
-class ChaChaPolyKey:
+class ChaChaPolyKey(_SharedSecret):
     """A per-device secret used as a MAC key with ChaCha20-Poly1305 (see the module docstring).
 
     ``sign`` returns ``nonce (12 bytes) || tag (16 bytes)``; ``verify`` recomputes the tag for
@@ -249,13 +262,9 @@ class ChaChaPolyKey:
     def __init__(self, key: bytes) -> None:
         if len(key) != MAC_KEY_BYTES:
             raise ConfigError(f"a {CHACHA20_POLY1305} key must be {MAC_KEY_BYTES} bytes")
-        self._key = bytes(key)
+        super().__init__(key)
         self._sign_tag: Callable[[bytes, Buffer], bytes] | None = None
         self._verify_tag: Callable[[bytes, Buffer], bytes] | None = None
-
-    @classmethod
-    def generate(cls) -> ChaChaPolyKey:
-        return cls(secrets.token_bytes(MAC_KEY_BYTES))
 
     def sign(self, data: Buffer) -> bytes:
         if self._sign_tag is None:
@@ -270,13 +279,6 @@ class ChaChaPolyKey:
             self._verify_tag = _chacha_tagger(self._key, prefer_nacl=False)
         tag = self._verify_tag(sig[:_NONCE_BYTES], data)
         return hmac.compare_digest(tag, sig[_NONCE_BYTES:])
-
-    def save(self, path: Path) -> None:
-        atomic_write_bytes(path, (self._key.hex() + "\n").encode(), mode=0o600)
-
-    @classmethod
-    def load(cls, path: Path) -> ChaChaPolyKey:
-        return cls(_read_hex(path, MAC_KEY_BYTES, secret=True))
 
 
 def _chacha_tagger(key: bytes, *, prefer_nacl: bool) -> Callable[[bytes, Buffer], bytes]:
@@ -322,13 +324,15 @@ def load_update_signer(alg: str, path: Path) -> Signer:
 
 def load_device_verifier(path: Path) -> Verifier:
     """An enrolled device's verifier, by the suffix of its key file (:data:`DEVICE_KEY_SUFFIX`)."""
-    if path.suffix == ".chacha":
-        return ChaChaPolyKey.load(path)
-    if path.suffix == ".hmac":
-        return HmacKey.load(path)
-    if path.suffix == ".pub":
-        return Ed25519Verifier.load(path)
-    raise ConfigError(f"{path}: device keys end in {', '.join(DEVICE_KEY_SUFFIX.values())}")
+    loaders: dict[str, Callable[[Path], Verifier]] = {
+        DEVICE_KEY_SUFFIX[CHACHA20_POLY1305]: ChaChaPolyKey.load,
+        DEVICE_KEY_SUFFIX[HMAC_SHA256]: HmacKey.load,
+        DEVICE_KEY_SUFFIX[ED25519]: Ed25519Verifier.load,
+    }
+    load = loaders.get(path.suffix)
+    if load is None:
+        raise ConfigError(f"{path}: device keys end in {', '.join(DEVICE_KEY_SUFFIX.values())}")
+    return load(path)
 
 
 def _read_secret(path: Path) -> bytes:
