@@ -55,7 +55,8 @@ class ReadAhead:
             if self._eof:
                 return b""
             if n >= CHUNK:
-                return bytes(self._sock.recv(n))
+                data: bytes = self._sock.recv(n)  # large: straight from the socket
+                return data
             got = self._sock.recv_into(self._buf, CHUNK)
             if got == 0:
                 self._eof = True

@@ -15,6 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from test_aggregator_support import client
 
 import aggregator.mqtt
 from aggregator.config import BrokerConfig
@@ -338,9 +339,7 @@ def _publish_v5(
     broker: Mosquitto, messages: list[tuple[str, bytes, int, Properties | None]]
 ) -> None:
     """Publish (topic, payload, qos, properties) in order with a plain paho MQTT 5 client."""
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="publisher", protocol=paho.MQTTv5)
-    c.connect(broker.host, broker.port)
-    c.loop_start()
+    c = client(broker.port, "publisher")
     try:
         for topic, payload, qos, props in messages:
             c.publish(topic, payload, qos=qos, properties=props).wait_for_publish(10)
