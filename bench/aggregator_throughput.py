@@ -209,6 +209,29 @@ class Case:
             )
         Ed25519Signer.generate().save(work / "aggregator.key")
 
+    def config(
+        self,
+        state: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        client_id: str = "agg-bench",
+        **tables: dict[str, Any],
+    ) -> AggregatorConfig:
+        """The aggregator's config for this case: FedBuff K = 10, this case's keys and model."""
+        raw: dict[str, Any] = {
+            "federation": {"id": FED, "state_dir": str(state)},
+            "broker": {"host": host, "port": port, "client_id": client_id},
+            "security": {
+                "signing_key": str(self.work / "aggregator.key"),
+                "devices_dir": str(self.work / "devices"),
+            },
+            "model": {"kind": "softmax", "n_features": self.spec.n_features, "n_outputs": 10},
+            "strategy": {"name": "fedbuff", "buffer_size": 10, "max_staleness": 1_000_000},
+            **tables,
+        }
+        return AggregatorConfig.from_dict(raw, base_dir=self.work)
+
     def broker(self, tag: str) -> Mosquitto:
         size = max(max_packet_size(self.d, self.spec.n_features), 16 * 1024 * 1024)
         return Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size).start()
@@ -283,20 +306,15 @@ class Case:
         m = self.broker(f"agg{workers}-{uuid.uuid4().hex[:8]}")
         state = self.work / f"state-w{workers}"
         shutil.rmtree(state, ignore_errors=True)
-        raw = {
-            "federation": {"id": FED, "state_dir": str(state)},
-            "broker": {"host": m.host, "port": m.port, "client_id": f"agg-bench-{workers}"},
-            "security": {
-                "signing_key": str(self.work / "aggregator.key"),
-                "devices_dir": str(self.work / "devices"),
-            },
-            "model": {"kind": "softmax", "n_features": self.spec.n_features, "n_outputs": 10},
-            "strategy": {"name": "fedbuff", "buffer_size": 10, "max_staleness": 1_000_000},
-            "metrics": {"prometheus_port": 0, "publish_interval_s": 60},
-            "logging": {"level": "WARNING"},
-            "scaleout": {"workers": workers},
-        }
-        cfg = AggregatorConfig.from_dict(raw, base_dir=self.work)
+        cfg = self.config(
+            state,
+            host=m.host,
+            port=m.port,
+            client_id=f"agg-bench-{workers}",
+            metrics={"prometheus_port": 0, "publish_interval_s": 60},
+            logging={"level": "WARNING"},
+            scaleout={"workers": workers},
+        )
         total = (self.n // self.publishers) * self.publishers
         agg = AggregatorThread(cfg).start()
         try:

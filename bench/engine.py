@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import random
-import secrets
 import sys
 import tempfile
 import time
@@ -31,38 +30,22 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics
-from bench.aggregator_throughput import FED, MAC_KEYS, make_payloads, spec_for
+from bench.aggregator_throughput import FED, Case, make_payloads
 from fedmqtt import topics
-from fedmqtt.signing import DEVICE_KEY_SUFFIX, Ed25519Signer
-
-DEVICES = ("dev0", "dev1", "dev2")
 
 
-def build(work: Path, d: int, auth: str, verify_threads: int) -> AggregatorConfig:
-    spec = spec_for(d)
-    raw = {
-        "federation": {"id": FED, "state_dir": str(work / "state")},
-        "broker": {"host": "127.0.0.1", "port": 1883, "client_id": "engine-bench"},
-        "security": {
-            "signing_key": str(work / "aggregator.key"),
-            "devices_dir": str(work / f"devices-{auth}"),
-        },
-        "model": {"kind": "softmax", "n_features": spec.n_features, "n_outputs": 10},
-        "strategy": {"name": "fedbuff", "buffer_size": 10, "max_staleness": 1_000_000},
-        "limits": {"verify_threads": verify_threads},
-    }
-    return AggregatorConfig.from_dict(raw, base_dir=work)
-
-
-def messages(work: Path, d: int, auth: str, n: int) -> list[tuple[str, bytes]]:
-    devices = work / f"devices-{auth}"
-    devices.mkdir(exist_ok=True)
+def messages(case: Case) -> list[tuple[str, bytes]]:
+    """The case's int8 updates from each of its devices, interleaved at random."""
     out: list[tuple[str, bytes]] = []
-    for i, dev in enumerate(DEVICES):
-        key_hex = secrets.token_hex(32)
-        MAC_KEYS[auth](bytes.fromhex(key_hex)).save(devices / f"{dev}{DEVICE_KEY_SUFFIX[auth]}")
+    for i, dev in enumerate(case.devices):
         for p in make_payloads(
-            spec_for(d), codec="int8", device=dev, key_hex=key_hex, n=n // 3, seed=i, auth=auth
+            case.spec,
+            codec="int8",
+            device=dev,
+            key_hex=case.keys[dev],
+            n=case.n // case.publishers,
+            seed=i,
+            auth=case.auth,
         ):
             out.append((topics.updates(FED, dev), p))
     random.Random(0).shuffle(out)
@@ -97,23 +80,23 @@ def main() -> None:
     print(f"machine: {cpu_name}, {os.cpu_count()} cores, python {platform.python_version()}")
     print("\n| d | MAC | updates | batch | verify_threads | CPU µs/update | wall µs/update |")
     print("|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory(prefix="fedmqtt-enginebench-") as tmp:
-        work = Path(tmp)
-        Ed25519Signer.generate().save(work / "aggregator.key")
-        for d in args.dims:
-            n = 15_000 if d <= 10_000 else 3_000
-            batch = 250 if d <= 10_000 else 80  # what the service's batches were at this size
-            for auth in args.auths:
-                items = messages(work, d, auth, n)
+    for d in args.dims:
+        n = 15_000 if d <= 10_000 else 3_000
+        batch = 250 if d <= 10_000 else 80  # what the service's batches were at this size
+        for auth in args.auths:
+            with tempfile.TemporaryDirectory(prefix="fedmqtt-enginebench-") as tmp:
+                case = Case(d, "int8", n, 3, Path(tmp), auth=auth)  # keys of three devices
+                items = messages(case)
                 best = {t: (float("inf"), float("inf")) for t in args.threads}
                 for _ in range(args.repeat):
                     for t in args.threads:
-                        cpu, wall = run(build(work, d, auth, t), items, batch)
+                        cfg = case.config(Path(tmp) / "state", limits={"verify_threads": t})
+                        cpu, wall = run(cfg, items, batch)
                         best[t] = (min(best[t][0], cpu), min(best[t][1], wall))
-                for t in args.threads:
-                    cpu, wall = best[t]
-                    cells = f"{d} | {auth} | {len(items)} | {batch} | {t} | {cpu:.1f} | {wall:.1f}"
-                    print(f"| {cells} |")
+            for t in args.threads:
+                cpu, wall = best[t]
+                cells = f"{d} | {auth} | {len(items)} | {batch} | {t} | {cpu:.1f} | {wall:.1f}"
+                print(f"| {cells} |")
 
 
 if __name__ == "__main__":
