@@ -311,9 +311,11 @@ class _Runner:
         header: list[Any] = []
         frames: list[bytes | memoryview] = []
         row_bytes = 4 * self.layout.size
+        scratch: np.ndarray[Any, Any] | None = None  # decoded rows that are not sent
         for i, m in enumerate(batch):
             token = first + i
             device = topic_device(m.topic, fed) or "?"
+            encoded = row_bytes >= ENCODED_MIN_ROW_BYTES and 2 * len(m.payload) <= row_bytes
             try:
                 meta, delta = open_update(
                     m.topic,
@@ -323,14 +325,18 @@ class _Runner:
                     keys=self.keys,
                     max_bytes=self.cfg.limits.max_update_bytes,
                 )
-                out = np.empty(self.layout.size, dtype=np.float32)
+                if encoded:  # decoded only to check it: one buffer serves the whole batch
+                    if scratch is None:
+                        scratch = np.empty(self.layout.size, dtype=np.float32)
+                    out = scratch
+                else:  # sent as is: each needs its own
+                    out = np.empty(self.layout.size, dtype=np.float32)
                 norm = decode_delta(delta, self.layout, self.limits, out)
             except RejectedError as e:
                 header.append(
                     [token, device, len(m.payload), e.reason, e.detail[:200], None, 0.0, False]
                 )
                 continue
-            encoded = row_bytes >= ENCODED_MIN_ROW_BYTES and 2 * len(m.payload) <= row_bytes
             header.append(
                 [token, device, len(m.payload), None, "", list(astuple(meta)), norm, encoded]
             )
