@@ -9,7 +9,13 @@ periodically when the unit has ``WatchdogSec=`` (systemd then exports ``$WATCHDO
 
 Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op, so service code does not need to
 care where it runs; a notification that cannot be delivered is logged once, never raised:
-losing ``STATUS`` must not kill a device.
+losing ``STATUS`` must not kill a device. Nor may waiting for it: a datagram socket holds only
+``net.unix.max_dgram_qlen`` (10 by default) unread messages, after which a plain ``sendto``
+blocks until the reader catches up -- forever if systemd is wedged, freezing the agent's main
+loop or the aggregator's event loop. Each send therefore waits at most
+:data:`SEND_TIMEOUT_S`, then the notification is dropped (and logged). A lost ``WATCHDOG=1``
+is followed by another half a ``WatchdogSec`` later; a lost ``READY=1`` makes systemd restart
+the service after ``TimeoutStartSec``, which is what a hang would have come to anyway.
 """
 
 from __future__ import annotations
@@ -18,15 +24,25 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
+from typing import Final
 
 log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S: Final = 1.0
 
 
 class Notifier:
     """Sends notifications to systemd; a disabled notifier (``address=None``) does nothing."""
 
-    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        watchdog_usec: int | None = None,
+        *,
+        send_timeout_s: float = SEND_TIMEOUT_S,
+    ) -> None:
         self._address: str | None = None
+        self._send_timeout_s = send_timeout_s
         if address:
             self._address = "\0" + address[1:] if address.startswith("@") else address
         self._watchdog_usec = watchdog_usec
@@ -65,6 +81,7 @@ class Notifier:
         text = "\n".join(f"{k}={v}" for k, v in fields.items())
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.settimeout(self._send_timeout_s)
                 s.sendto(text.encode("utf-8", "replace"), self._address)
         except OSError as e:
             if not self._warned:

@@ -7,6 +7,7 @@ import random
 import re
 import socket
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,25 @@ def test_sdnotify_abstract_socket_and_disabled() -> None:
     )
     assert other_pid.watchdog_interval_s is None  # the watchdog belongs to another process
     assert not Notifier("/nonexistent/socket").status("x")  # logged, never raised
+
+
+def test_sdnotify_never_blocks_on_a_reader_that_does_not_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A datagram socket queues only net.unix.max_dgram_qlen (10) unread messages; a plain
+    sendto then blocks until the reader drains it. A wedged systemd must not freeze the
+    service: every send gives up after its timeout, and the loss is logged once."""
+    path = str(tmp_path / "n.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        n = Notifier(path, 2_000_000, send_timeout_s=0.05)
+        t0 = time.monotonic()
+        sent = [n.watchdog() for _ in range(40)]
+        elapsed = time.monotonic() - t0
+        assert sent[0] and not sent[-1]  # the queue filled up; later pings were dropped
+        assert elapsed < 40 * 0.05 + 5, elapsed
+        assert caplog.text.count("cannot notify systemd") == 1
+        assert s.recv(100) == b"WATCHDOG=1"
 
 
 # ------------------------------------------------------------------------------ trainer
