@@ -26,6 +26,7 @@ import shutil
 import ssl
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from conftest import STRICT, require
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedmqtt.admin import pki
+from fedmqtt.admin import pki, tomlconf
 from fedmqtt.admin.cli import main as admin
 from fedmqtt.broker import Mosquitto, find_mosquitto, free_port
 from fedmqtt.errors import FedMQTTError
@@ -207,6 +208,36 @@ class Site:
             return self.client(ca=d / "ca.crt", username=user, password=pw)
         return self.client(ca=d / "ca.crt", cert=d / "client.crt", key=d / "client.key")
 
+    def add_model(self, holdout: Path, extra: str = "") -> Path:
+        """Complete the aggregator's ``aggregator.toml`` as an operator would: a softmax model
+        for digits, FedBuff with K = 1 (every update makes a version), a holdout, ``extra``."""
+        toml = self.agg_dir / "aggregator.toml"
+        toml.write_text(
+            toml.read_text() + MODEL.format(holdout=holdout, scale=[1 / 16] * 64) + extra
+        )
+        return toml
+
+    def agent_config(
+        self, device: str, data: Path, state: Path, training: dict[str, Any] | None = None
+    ) -> Path:
+        """The device's ``agent.toml`` from its enrollment bundle, filled in as its owner would
+        (``[data]``, the state directory, changes to ``[training]``); the bundle's files stay
+        in the bundle."""
+        bundle = self.bundles / device
+        raw = tomllib.loads((bundle / "agent.toml").read_text())
+        assert raw["broker"]["tls"] is True and raw["broker"]["port"] == self.broker.port
+        # The bundle's files go to /etc/fedmqtt-agent/ on a device; here they stay in the bundle.
+        for table in raw.values():
+            for key, value in table.items():
+                if isinstance(value, str) and value.startswith("/etc/fedmqtt-agent/"):
+                    table[key] = str(bundle / value.removeprefix("/etc/fedmqtt-agent/"))
+        raw["broker"]["host"] = "127.0.0.1"  # the certificate names broker.test and loopback
+        raw["data"] = {"source": "npz", "path": str(data)}
+        raw["device"]["state_dir"] = str(state)
+        raw["training"].update(training or {})
+        (bundle / "agent.toml").write_text(tomlconf.dumps(raw, "# filled in by the test"))
+        return bundle / "agent.toml"
+
     def client(self, **kw: Any) -> Client:
         c = Client(self.broker.port, **kw)
         self.clients.append(c)
@@ -222,6 +253,23 @@ class Site:
         self.broker.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
+
+# What an operator adds to the aggregator.toml that aggregator-setup wrote.
+MODEL = """
+[model]
+kind = "softmax"
+n_features = 64
+n_outputs = 10
+feature_scale = {scale}
+seed = 0
+
+[strategy]
+name = "fedbuff"
+buffer_size = 1
+
+[evaluation]
+holdout = "{holdout}"
+"""
 
 AGGREGATOR_TOML = """\
 [federation]

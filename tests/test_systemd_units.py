@@ -1,4 +1,4 @@
-"""The systemd units: hardening score, syntax, and the agent's workload under their restrictions.
+"""The systemd units: hardening score, syntax, and the real services under their restrictions.
 
 ``systemd-analyze security --offline=true`` scores the sandbox (goal: exposure <= 1.5) and
 ``systemd-analyze verify`` checks the syntax; both run when systemd-analyze is installed (the
@@ -6,26 +6,37 @@ tests are skipped otherwise). ``verify`` also checks that ExecStart's binary exi
 does not on a build machine, so the unit is checked with that path pointed at an executable
 that exists -- every other line is verified as shipped.
 
-No systemd runs as PID 1 in a test container, so the agent's workload is run under the two
+No systemd runs as PID 1 in a test container, so the real services -- the aggregator with a
+scale-out worker and the agent, on the production TLS broker config -- run under the two
 restrictions most likely to break Python with native extensions, reproduced with the same
 kernel mechanisms systemd uses: ``MemoryDenyWriteExecute=yes`` (PR_SET_MDWE, Linux >= 6.3)
 and the unit's ``SystemCallFilter=`` allow list with ``SystemCallErrorNumber=EPERM`` (a
 seccomp filter built with libseccomp from the groups ``systemd-analyze syscall-filter``
-lists). Its peak memory must stay under the unit's ``MemoryHigh``.
+lists), with the unit's ``Environment=`` and a ``$NOTIFY_SOCKET`` read as systemd reads it.
+Their peak memory must stay under the unit's ``MemoryHigh``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
+import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from conftest import require
 
@@ -288,113 +299,234 @@ SANDBOX_PRELUDE = textwrap.dedent(
     """
 )
 
-AGENT_WORK = textwrap.dedent(
+# After the prelude: run ``python -m <module> <args>`` in this process, as ExecStart would.
+SERVICE_MAIN = textwrap.dedent(
     """
-    # The agent's work: its modules, local training, encoding, signing, TLS context.
-    import numpy as np
-    import edge_agent.agent, edge_agent.mqtt, edge_agent.trainer, edge_agent.outbox
-    from fedmqtt import wire
-    from fedmqtt.codecs import Codec, encode_params
-    from fedmqtt.models import ModelSpec, TrainConfig, init_params, train_local
-    from fedmqtt.signing import Ed25519Signer, ChaChaPolyKey
-    import ssl
-    rng = np.random.default_rng(0)
-    spec = ModelSpec("mlp", 64, 10, hidden=(64,))
-    X = rng.standard_normal((2000, 64)).astype(np.float32)
-    y = rng.integers(0, 10, 2000)
-    base = init_params(spec, rng)
-    params, stats = train_local(spec, base, X, y, TrainConfig(epochs=2), rng)
-    delta = {k: params[k] - base[k] for k in base}
-    upd = wire.Update("fed", "dev", "u" * 16, 1, 0, len(y), spec.fingerprint(),
-                      encode_params(delta, Codec.parse("int8"), rng=rng))
-    key = ChaChaPolyKey.generate()
-    payload = wire.encode(upd, key)
-    assert wire.decode(payload, wire.Update, key).num_samples == len(y)
-    signer = Ed25519Signer.generate()
-    model = wire.encode(wire.GlobalModel("fed", "agg", 1, spec, params), signer)
-    wire.decode(model, wire.GlobalModel, signer.verifier())
-    ssl.create_default_context()
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child forked from a
-    # large pytest process would report the parent's size.
-    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    print("OK", int(hwm.split()[1]) * 1024)
+    import runpy
+    sys.argv = sys.argv[3:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
     """
 )
+# Anything a refused system call or W^X mapping would leave in a service's log.
+SANDBOX_FAILURES = ("Operation not permitted", "PermissionError", "Traceback", "MemoryError")
 
-AGGREGATOR_WORK = textwrap.dedent(
-    """
-    # What the aggregator does besides its own code (not written yet): asyncio + aiomqtt,
-    # a Prometheus endpoint thread, buffered robust aggregation, ONNX export and a check of
-    # the export in onnxruntime, Ed25519 signing.
-    import asyncio, urllib.request
-    import aiomqtt, numpy as np, onnxruntime, prometheus_client
-    from fedmqtt import wire
-    from fedmqtt.aggregation.fedbuff import fedbuff_aggregate
-    from fedmqtt.models import ModelSpec, init_params
-    from fedmqtt.onnx_export import export_onnx
-    from fedmqtt.signing import Ed25519Signer
-    server, _thread = prometheus_client.start_http_server(0, addr="127.0.0.1")
-    port = server.server_address[1]
-    assert b"python_info" in urllib.request.urlopen(f"http://127.0.0.1:{port}/").read()
-    rng = np.random.default_rng(0)
-    spec = ModelSpec("mlp", 784, 10, hidden=(128,))
-    params = init_params(spec, rng)
-    d = spec.layout().size
-    deltas = rng.standard_normal((32, d)).astype(np.float32)
-    w = np.ones(32, np.float32)
-    agg = fedbuff_aggregate(deltas, w, w, reducer="trimmed-mean", trim_fraction=0.1)
-    assert agg.shape == (d,)
-    async def tick():
-        await asyncio.sleep(0.01)
-        return 1
-    assert asyncio.run(tick()) == 1
-    onnx_bytes = export_onnx(spec, params, federation="f", version=1, created_at=0.0)
-    sess = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    sess.run(None, {sess.get_inputs()[0].name: np.zeros((4, 784), np.float32)})
-    signer = Ed25519Signer.generate()
-    wire.encode(wire.GlobalModel("fed", "agg", 1, spec, params), signer)
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child forked from a
-    # large pytest process would report the parent's size.
-    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    print("OK", int(hwm.split()[1]) * 1024)
-    """
-)
+
+class NotifySocket:
+    """``$NOTIFY_SOCKET`` as systemd serves it: every datagram is read as it arrives (a socket
+    left unread holds only 10 before senders block or drop them)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def close(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        return self.messages
+
+
+@dataclass
+class Sandboxed:
+    """A service process started under its unit's MDWE, system call filter and environment."""
+
+    unit: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    notify: NotifySocket
+
+    @classmethod
+    def start(cls, unit: Path, module: str, args: list[str], tmp: Path, lib: str) -> Sandboxed:
+        name = unit.stem
+        tmp.mkdir(parents=True, exist_ok=True)
+        notify = NotifySocket(tmp / f"{name}.notify")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        }
+        env.update(PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(tmp / f"{name}.notify"))
+        env["WATCHDOG_USEC"] = "2000000"  # pings every second, as WatchdogSec=2 would ask
+        for assignment in " ".join(directives(unit).get("Environment", [])).split():
+            key, _, value = assignment.partition("=")
+            env[key] = value
+        log = tmp / f"{name}.log"
+        syscalls = json.dumps(allowed_syscalls(unit))
+        code = SANDBOX_PRELUDE + SERVICE_MAIN
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code, lib, syscalls, module, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=tmp,
+                env=env,
+            )
+        return cls(unit, proc, log, notify)
+
+    def alive(self) -> None:
+        """Fail now, with the log, if the service has exited (a refused call can kill it)."""
+        code = self.proc.poll()
+        assert code is None, f"{self.unit.name} exited with {code}:\n{self.text()}"
+
+    def peak_rss(self) -> int:
+        """VmHWM of the service and of its child processes (the unit's cgroup counts all)."""
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+            pids += [int(c) for c in children.split()]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
+    def stop(self) -> int | None:
+        """SIGTERM, as ``systemctl stop`` sends; the exit code, or None if the service was
+        still running after 30 s (it is then killed, as systemd would after TimeoutStopSec)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _status(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait(what: str, pred: Callable[[], bool], services: list[Sandboxed], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        for s in services:
+            s.alive()
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 @needs_analyze
-@pytest.mark.parametrize(
-    ("unit", "work"),
-    [(AGENT, AGENT_WORK), (AGGREGATOR, AGGREGATOR_WORK)],
-    ids=["agent", "aggregator"],
-)
-def test_workload_runs_under_the_units_restrictions(unit: Path, work: str) -> None:
-    import json
+def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
+    """The real aggregator (with a scale-out worker, evaluation, ONNX export and the Prometheus
+    endpoint) and the real agent, each under its unit's MemoryDenyWriteExecute and system call
+    filter, on the production TLS broker config: the agent's updates are applied for several
+    versions, both report READY, WATCHDOG and STOPPING to their notify socket, stop cleanly on
+    SIGTERM with nothing refused in their logs, and peak below their unit's ``MemoryHigh``.
+    Then ``edge-agent predict`` runs the ONNX model the agent received, in onnxruntime, under
+    the agent's sandbox."""
+    import urllib.request
+
+    from test_broker_security import running_site
+
+    from fedmqtt.broker import free_port
+    from simulator import datasets
 
     lib = ctypes.util.find_library("seccomp")
     require(lib, "libseccomp is not installed")
     assert lib is not None
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for assignment in " ".join(directives(unit).get("Environment", [])).split():
-        key, _, value = assignment.partition("=")
-        env[key] = value
-    r = subprocess.run(
-        [sys.executable, "-c", SANDBOX_PRELUDE + work, lib, json.dumps(allowed_syscalls(unit))],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
-    )
-    if r.returncode == 3 and "NO-MDWE" in r.stdout:
+    mdwe = "import ctypes, sys; sys.exit(3 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) else 0)"
+    if subprocess.run([sys.executable, "-c", mdwe], check=False).returncode == 3:
         # The kernel is the one thing scripts/test cannot install.
         pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
-    assert r.returncode == 0, r.stdout + r.stderr
-    status, peak = r.stdout.split()[-2:]
-    assert status == "OK"
-    memory_high = memory_bytes(one(directives(unit), "MemoryHigh"))
-    print(f"{unit.name} workload peak RSS {int(peak) >> 20} MiB")
-    assert int(peak) < memory_high, f"peak RSS {int(peak) >> 20} MiB"
+    ds = datasets.load("digits", seed=0)
+    np.savez(tmp_path / "holdout.npz", X=ds.X_test, y=ds.y_test)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "shard.npz", X=ds.X_train[:300], y=ds.y_train[:300])
+    prometheus = free_port()
+    with running_site("password") as site:
+        agg_toml = site.add_model(
+            tmp_path / "holdout.npz",
+            textwrap.dedent(
+                f"""
+                [onnx]
+                every = 1
+
+                [metrics]
+                prometheus_port = {prometheus}
+                status_interval_s = 0.2
+
+                [scaleout]
+                workers = 1
+                worker_configs = ["../agg2/aggregator.toml"]
+                """
+            ),
+        )
+        # A round per version, not one per 300 s as an enrollment bundle has it.
+        agent_toml = site.agent_config(
+            "dev-a", data, tmp_path / "agent-state", training={"interval_s": 0.0}
+        )
+        agg = Sandboxed.start(
+            AGGREGATOR, "aggregator", ["run", "--config", str(agg_toml)], tmp_path, lib
+        )
+        services = [agg]
+        try:
+            status = site.agg_dir / "state" / "status.json"
+            _wait("the aggregator", lambda: _status(status).get("ready") is True, services, 60)
+            services.append(
+                Sandboxed.start(
+                    AGENT, "edge_agent", ["run", "--config", str(agent_toml)], tmp_path, lib
+                )
+            )
+            _wait("three versions", lambda: _status(status).get("version", 0) >= 3, services, 90)
+            with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/metrics", timeout=5) as r:
+                assert b"fedmqtt_updates_accepted" in r.read()
+            time.sleep(1.5)  # at least one more watchdog period
+            for s in services:
+                s.alive()
+            peaks = {s.unit.name: s.peak_rss() for s in services}
+        finally:
+            codes = {s.unit.name: s.stop() for s in reversed(services)}
+        snap = _status(status)
+        # On-device inference (onnxruntime, which maps executable code) under the same sandbox.
+        rows = tmp_path / "rows.csv"
+        np.savetxt(rows, ds.X_test[:5], delimiter=",")
+        predict = Sandboxed.start(
+            AGENT,
+            "edge_agent",
+            ["predict", "--config", str(agent_toml), "--input", str(rows)],
+            tmp_path / "predict",
+            lib,
+        )
+        assert predict.proc.wait(60) == 0, predict.text()
+        predict.notify.close()
+        out = predict.text()
+        labels = [line for line in out.splitlines() if re.fullmatch(r"\d+(,[-+.e\d]+){10}", line)]
+        assert len(labels) == 5 and "5 rows predicted" in out, out
+    for s in services:
+        log = s.text()
+        assert codes[s.unit.name] == 0, log
+        assert not [f for f in SANDBOX_FAILURES if f in log], log
+        sent = s.notify.close()
+        for message in ("READY=1", "WATCHDOG=1", "STOPPING=1"):
+            assert any(m.startswith(message) for m in sent), (s.unit.name, sent)
+        high = memory_bytes(one(directives(s.unit), "MemoryHigh"))
+        print(f"{s.unit.name}: peak RSS {peaks[s.unit.name] >> 20} MiB, MemoryHigh {high >> 20}")
+        assert 0 < peaks[s.unit.name] < high
+    assert snap["rejected"] == {} and snap["accepted"] >= 3, snap
+    assert snap.get("accuracy") is not None, snap
 
 
 def test_mosquitto_starts_with_the_dropins_capabilities(tmp_path: Path) -> None:
