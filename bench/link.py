@@ -12,11 +12,17 @@ dev config), timing the CPU of the event-loop thread (``time.thread_time``) that
   ``paho`` (paho's own receive path: what the link falls back to).
 * **ack**: after receiving N small messages, acknowledge them in batches of B, with one
   write per batch (the default) or paho's one PUBACK per message.
+* **transport**: the receive measurement (framed mode) over plain TCP and over TLS, both on
+  loopback: what a site's aggregator pays for reaching the broker on its own host through the
+  devices' TLS listener, against a loopback-only listener without TLS
+  (``fedmqtt-admin broker-config --local-port``). The broker gets a TLS listener with a
+  certificate from a throw-away CA for this.
 
 Modes alternate on the same broker; the best of the repeats is reported (this machine is
 shared). Run from the repository root:
 
     .venv/bin/python bench/link.py [--repeat 3] [--sizes 650,100000] [--batches 10,100]
+        [--transport-sizes 100000]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 import aggregator.mqtt
 from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
-from fedmqtt.broker import Mosquitto
+from fedmqtt.broker import Mosquitto, free_port
 
 TOPIC = "fl/linkbench/updates/dev"
 FILTER = "fl/linkbench/updates/+"
@@ -47,6 +54,33 @@ RECEIVE_MODES = {  # FAST_RECEIVE, FRAMED_RECEIVE
     "read-ahead": (True, False),
     "paho": (False, False),
 }
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the link under test reaches the broker (the publisher always uses plain TCP)."""
+
+    name: str
+    port: int
+    ca: Path | None = None  # TLS, checked against this CA
+
+
+def tls_listener(broker: Mosquitto, directory: Path) -> Route:
+    """Add a loopback TLS listener to ``broker`` (before it starts), with a throw-away CA."""
+    from fedmqtt.admin.pki import CA, cert_pem, key_pem
+
+    ca = CA.create("linkbench CA")
+    key, cert = ca.issue_server([], ["127.0.0.1"])
+    (directory / "ca.crt").write_bytes(cert_pem(ca.cert))
+    (directory / "server.crt").write_bytes(cert_pem(cert))
+    (directory / "server.key").write_bytes(key_pem(key))
+    port = free_port()
+    with broker.config_path.open("a") as conf:
+        conf.write(
+            f"\nlistener {port} 127.0.0.1\ncertfile {directory / 'server.crt'}\n"
+            f"keyfile {directory / 'server.key'}\n"
+        )
+    return Route("TLS", port, ca=directory / "ca.crt")
 
 
 def publish(port: int, n: int, size: int) -> None:
@@ -65,8 +99,14 @@ def publish(port: int, n: int, size: int) -> None:
         c.disconnect()
 
 
-def _link(port: int, client_id: str, receive_maximum: int) -> MqttLink:
-    cfg = BrokerConfig(host="127.0.0.1", port=port, client_id=client_id)
+def _link(route: Route, client_id: str, receive_maximum: int) -> MqttLink:
+    cfg = BrokerConfig(
+        host="127.0.0.1",
+        port=route.port,
+        client_id=client_id,
+        tls=route.ca is not None,
+        ca_file=route.ca,
+    )
     return MqttLink(cfg, subscriptions=[FILTER], receive_maximum=receive_maximum)
 
 
@@ -84,9 +124,9 @@ async def _take(link: MqttLink, n: int, *, ack: bool) -> list[Incoming]:
     return got
 
 
-async def _session(port: int, client_id: str) -> None:
+async def _session(route: Route, client_id: str) -> None:
     """Create the persistent session (and its subscription), then leave."""
-    link = _link(port, client_id, 1000)
+    link = _link(route, client_id, 1000)
     stop = asyncio.Event()
     task = asyncio.create_task(link.run(stop))
     await asyncio.wait_for(link.connected.wait(), 10)
@@ -95,9 +135,9 @@ async def _session(port: int, client_id: str) -> None:
     await asyncio.wait_for(task, 10)
 
 
-async def receive_cpu_us(port: int, n: int, client_id: str) -> float:
+async def receive_cpu_us(route: Route, n: int, client_id: str) -> float:
     """Loop-thread CPU microseconds per message taken from a backlog in the broker."""
-    link = _link(port, client_id, 1000)
+    link = _link(route, client_id, 1000)
     stop = asyncio.Event()
     cpu = time.thread_time()
     task = asyncio.create_task(link.run(stop))
@@ -112,7 +152,7 @@ async def receive_cpu_us(port: int, n: int, client_id: str) -> float:
 
 async def ack_cpu_us(port: int, n: int, batch: int, client_id: str) -> float:
     """Loop-thread CPU microseconds per acknowledged message."""
-    link = _link(port, client_id, n)
+    link = _link(Route("TCP", port), client_id, n)
     stop = asyncio.Event()
     task = asyncio.create_task(link.run(stop))
     try:
@@ -137,11 +177,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sizes", default="650,100000", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--batches", default="10,100", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument(
+        "--transport-sizes", default="100000", type=lambda s: [int(x) for x in s.split(",") if x]
+    )
     args = ap.parse_args()
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} cores, python {platform.python_version()}")
     with tempfile.TemporaryDirectory(prefix="fedmqtt-linkbench-") as tmp:
-        broker = Mosquitto(data_dir=Path(tmp) / "broker").start()
+        broker = Mosquitto(data_dir=Path(tmp) / "broker")
+        tcp = Route("TCP", broker.port)
+        routes = [tcp, tls_listener(broker, Path(tmp))]
+        broker.start()
         try:
             print("\n| message bytes | N | " + " | ".join(RECEIVE_MODES) + " | paho / framed |")
             print("|---|---|" + "---|" * (len(RECEIVE_MODES) + 1))
@@ -153,9 +199,9 @@ def main() -> None:
                         setattr(aggregator.mqtt, "FAST_RECEIVE", fast)  # noqa: B010
                         setattr(aggregator.mqtt, "FRAMED_RECEIVE", framed)  # noqa: B010
                         cid = f"linkbench-rx-{size}-{r}-{mode}"
-                        asyncio.run(_session(broker.port, cid))
+                        asyncio.run(_session(tcp, cid))
                         publish(broker.port, n, size)
-                        us = asyncio.run(receive_cpu_us(broker.port, n, cid))
+                        us = asyncio.run(receive_cpu_us(tcp, n, cid))
                         best[mode] = min(best[mode], us)
                 cells = " | ".join(f"{best[m]:.1f}" for m in RECEIVE_MODES)
                 print(f"| {size} | {n} | {cells} | {best['paho'] / best['framed']:.2f} |")
@@ -171,6 +217,24 @@ def main() -> None:
                         acks[batched] = min(acks[batched], us)
                 ratio = acks[False] / acks[True]
                 print(f"| {batch} | {acks[False]:.2f} | {acks[True]:.2f} | {ratio:.1f} |")
+            setattr(aggregator.mqtt, "FAST_RECEIVE", True)  # noqa: B010
+            setattr(aggregator.mqtt, "FRAMED_RECEIVE", True)  # noqa: B010
+            names = [r.name for r in routes]
+            print("\n| message bytes | N | " + " | ".join(names) + " | TLS / TCP |")
+            print("|---|---|" + "---|" * (len(routes) + 1))
+            for size in args.transport_sizes:
+                n = min(20_000, max(200, 200_000_000 // size))
+                by_route = {r.name: float("inf") for r in routes}
+                for r in range(args.repeat):
+                    for route in routes:
+                        cid = f"linkbench-tx-{size}-{r}-{route.name.split()[0]}"
+                        asyncio.run(_session(route, cid))
+                        publish(broker.port, n, size)
+                        us = asyncio.run(receive_cpu_us(route, n, cid))
+                        by_route[route.name] = min(by_route[route.name], us)
+                cells = " | ".join(f"{by_route[m]:.1f}" for m in names)
+                ratio = by_route["TLS"] / by_route["TCP"]
+                print(f"| {size} | {n} | {cells} | {ratio:.2f} |")
         finally:
             broker.close()
 
