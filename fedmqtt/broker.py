@@ -91,6 +91,7 @@ class Mosquitto:
             "data_dir": str(self.data_dir),
             "user": getpass.getuser(),
             "max_packet_size": str(max_packet_size),
+            "local_listener": "",  # the production template's optional loopback listener
             **(extra or {}),
         }
         text = (config_dir() / template).read_text()

@@ -239,6 +239,40 @@ def test_broker_config_is_sized_from_the_model_and_fully_rendered(env: Env) -> N
         assert f"\n{setting}\n" in text
 
 
+def test_local_listener_is_rendered_kept_and_removed(env: Env) -> None:
+    conf = env.broker / "mosquitto.conf"
+    base = ["broker-config", "--aggregator-config", str(env.agg / "aggregator.toml")]
+    assert "127.0.0.1" not in conf.read_text()  # none unless asked for
+    assert env.run(*base, "--local-port", "1883") == 0
+    text = conf.read_text()
+    block = text[text.index("\nlistener 1883 127.0.0.1\n") :]
+    assert block.startswith(
+        "\nlistener 1883 127.0.0.1\nprotocol mqtt\nuse_username_as_clientid true\n"
+    )
+    assert "cafile" not in block.split("\n# ---")[0]  # no TLS on it
+    assert env.site().registry.broker.local_port == 1883
+    assert env.run(*base) == 0  # re-rendered without the option (as the installer does): kept
+    assert "\nlistener 1883 127.0.0.1\n" in conf.read_text()
+    assert env.run(*base, "--local-port", "0") == 0
+    assert "127.0.0.1" not in conf.read_text()
+    assert env.run(*base, "--local-port", "8883") == 1  # the TLS port
+
+
+def test_local_listener_needs_password_identity(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="password identity"):
+        brokerconf.render_config(
+            "certificate",
+            port=8883,
+            bind_address="",
+            broker_dir=tmp_path,
+            data_dir=tmp_path,
+            max_packet_size=65536,
+            pid_file=tmp_path / "pid",
+            log_dest="syslog",
+            local_port=1883,
+        )
+
+
 def test_acl_is_rendered_from_the_registry() -> None:
     reg = Registry()
     reg.aggregators = [Aggregator("alpha", "agg-a"), Aggregator("beta", "agg-b")]

@@ -23,6 +23,7 @@ import os
 import pwd
 import queue
 import shutil
+import socket
 import ssl
 import tempfile
 import time
@@ -39,7 +40,7 @@ from conftest import STRICT, require
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedmqtt.admin import pki, tomlconf
+from fedmqtt.admin import brokerconf, pki, tomlconf
 from fedmqtt.admin.cli import main as admin
 from fedmqtt.broker import Mosquitto, find_mosquitto, free_port
 from fedmqtt.errors import FedMQTTError
@@ -66,10 +67,11 @@ except FedMQTTError:
 
 @dataclass
 class Client:
-    """A paho MQTT 5 client over TLS whose callbacks land in queues the test can wait on."""
+    """A paho MQTT 5 client (over TLS if given a CA) whose callbacks land in queues the test
+    can wait on."""
 
     port: int
-    ca: Path
+    ca: Path | None = None  # None: plain MQTT (the local listener), else TLS pinned to this CA
     username: str | None = None
     password: str | None = None
     cert: Path | None = None
@@ -89,11 +91,12 @@ class Client:
         )
         if self.username is not None:
             c.username_pw_set(self.username, self.password)
-        c.tls_set(
-            ca_certs=str(self.ca),
-            certfile=str(self.cert) if self.cert else None,
-            keyfile=str(self.key) if self.key else None,
-        )
+        if self.ca is not None:
+            c.tls_set(
+                ca_certs=str(self.ca),
+                certfile=str(self.cert) if self.cert else None,
+                keyfile=str(self.key) if self.key else None,
+            )
         c.on_connect = self._on_connect
         c.on_disconnect = lambda _c, _u, flags, rc, _p: self.events.put(
             ("disconnect", (flags.is_disconnect_packet_from_server, rc.value))
@@ -172,6 +175,7 @@ class Site:
     identity: str
     base: Path
     broker: Mosquitto
+    local_port: int = 0  # the loopback listener without TLS (broker-config --local-port), if any
     clients: list[Client] = field(default_factory=list)
 
     @property
@@ -217,6 +221,15 @@ class Site:
         )
         return toml
 
+    def via_local_listener(self, aggregator_toml: Path) -> None:
+        """Point an aggregator.toml at the local listener instead of the TLS one, as an
+        operator does after ``broker-config --local-port`` (docs/deploy.md)."""
+        assert self.local_port, "site built without --local-port"
+        raw = tomllib.loads(aggregator_toml.read_text())
+        raw["broker"].update(host="127.0.0.1", port=self.local_port, tls=False)
+        del raw["broker"]["ca_file"]
+        aggregator_toml.write_text(tomlconf.dumps(raw, "# local listener"))
+
     def agent_config(
         self, device: str, data: Path, state: Path, training: dict[str, Any] | None = None
     ) -> Path:
@@ -238,8 +251,8 @@ class Site:
         (bundle / "agent.toml").write_text(tomlconf.dumps(raw, "# filled in by the test"))
         return bundle / "agent.toml"
 
-    def client(self, **kw: Any) -> Client:
-        c = Client(self.broker.port, **kw)
+    def client(self, port: int | None = None, **kw: Any) -> Client:
+        c = Client(self.broker.port if port is None else port, **kw)
         self.clients.append(c)
         return c
 
@@ -304,7 +317,7 @@ def _service_readable(base: Path, data_dir: Path) -> None:
     os.chown(data_dir, uid, gid)
 
 
-def build_site(identity: str) -> Site:
+def build_site(identity: str, *, local_port: int = 0) -> Site:
     base = Path(tempfile.mkdtemp(prefix=f"fedmqtt-sec-{identity}-"))
     data = base / "data"
     data.mkdir()
@@ -351,6 +364,7 @@ def build_site(identity: str) -> Site:
             f"pidfile:{pid}",
             "--max-packet-size",
             str(MAX_PACKET),
+            *(["--local-port", str(local_port)] if local_port else []),
         ],
         *(
             [
@@ -376,6 +390,7 @@ def build_site(identity: str) -> Site:
             "bind_address": "127.0.0.1",
             "pid_file": str(pid),
             "log_dest": f"file {data}/mosquitto.log",
+            "local_listener": brokerconf.local_listener(local_port) if local_port else "",
         },
     )
     broker.start()
@@ -383,13 +398,13 @@ def build_site(identity: str) -> Site:
     deadline = time.monotonic() + 5
     while not pid.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    return Site(identity, base, broker)
+    return Site(identity, base, broker, local_port)
 
 
 @contextlib.contextmanager
-def running_site(identity: str) -> Iterator[Site]:
+def running_site(identity: str, *, local_port: int = 0) -> Iterator[Site]:
     """A site built with :func:`build_site`, closed and removed afterwards."""
-    site = build_site(identity)
+    site = build_site(identity, local_port=local_port)
     try:
         yield site
     finally:
@@ -398,7 +413,7 @@ def running_site(identity: str) -> Iterator[Site]:
 
 @pytest.fixture(scope="module")
 def pw_site() -> Iterator[Site]:
-    with running_site("password") as site:
+    with running_site("password", local_port=free_port()) as site:
         yield site
 
 
@@ -491,6 +506,36 @@ def test_client_id_cannot_take_over_another_session(pw: Site) -> None:
     second = pw.aggregator()
     assert second.connect() == 0
     agg.wait_disconnect()
+
+
+def test_local_listener_serves_the_aggregator_without_tls_on_loopback_only(pw: Site) -> None:
+    """``broker-config --local-port``: plain MQTT on 127.0.0.1 for the aggregator on the broker's
+    host, with the accounts, the ACL and the client-id rule of the TLS listener."""
+    local = pw.local_port
+    assert f"\nlistener {local} 127.0.0.1\n" in pw.broker.config_path.read_text()
+    assert pw.client(port=local).connect() == NOT_AUTHORIZED  # anonymous
+    agg_pw = (pw.agg_dir / "broker.password").read_text().strip()
+    assert pw.client(port=local, username=AGG_USER, password="wrong").connect() == NOT_AUTHORIZED
+    agg = pw.client(port=local, username=AGG_USER, password=agg_pw)
+    assert agg.connect() == 0
+    assert agg.subscribe(f"$share/aggregators/fl/{FED}/updates/+") == 1
+    assert agg.publish(f"fl/{FED}/model", b"v1", retain=True) in (0, NO_MATCHING_SUBSCRIBERS)
+    # A device's account works there too, under the same ACL and client-id rule.
+    dev_pw = (pw.bundles / "dev-a" / "broker.password").read_text().strip()
+    dev = pw.client(port=local, username="dev-a", password=dev_pw, client_id=AGG_USER)
+    assert dev.connect() == 0
+    time.sleep(0.2)
+    assert agg.mqtt.is_connected()  # the aggregator's session was not taken over
+    assert dev.publish(f"fl/{FED}/model", b"forged", retain=True) == NOT_AUTHORIZED
+    # Loopback only: not reachable on the host's other addresses.
+    others = {
+        a[4][0]
+        for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+        if not a[4][0].startswith("127.")
+    }
+    for address in others:
+        with pytest.raises(OSError):
+            socket.create_connection((address, local), timeout=2).close()
 
 
 # --------------------------------------------------------------------------- ACL

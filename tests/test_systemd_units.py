@@ -430,10 +430,11 @@ def _wait(what: str, pred: Callable[[], bool], services: list[Sandboxed], timeou
 @needs_analyze
 def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
     """The real aggregator (with a scale-out worker, evaluation, ONNX export and the Prometheus
-    endpoint) and the real agent, each under its unit's MemoryDenyWriteExecute and system call
-    filter, on the production TLS broker config: the agent's updates are applied for several
-    versions, both report READY, WATCHDOG and STOPPING to their notify socket, stop cleanly on
-    SIGTERM with nothing refused in their logs, and peak below their unit's ``MemoryHigh``.
+    endpoint; on the broker's loopback listener) and the real agent (over TLS), each under its
+    unit's MemoryDenyWriteExecute and system call filter, on the production broker config: the
+    agent's updates are applied for several versions, both report READY, WATCHDOG and STOPPING
+    to their notify socket, stop cleanly on SIGTERM with nothing refused in their logs, and
+    peak below their unit's ``MemoryHigh``.
     Then ``edge-agent predict`` runs the ONNX model the agent received, in onnxruntime, under
     the agent's sandbox."""
     import urllib.request
@@ -456,7 +457,8 @@ def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
     data.mkdir()
     np.savez(data / "shard.npz", X=ds.X_train[:300], y=ds.y_train[:300])
     prometheus = free_port()
-    with running_site("password") as site:
+    local_port = free_port()
+    with running_site("password", local_port=local_port) as site:
         agg_toml = site.add_model(
             tmp_path / "holdout.npz",
             textwrap.dedent(
@@ -474,6 +476,10 @@ def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
                 """
             ),
         )
+        # The owner and its worker reach the broker as docs/deploy.md recommends: through the
+        # loopback listener without TLS.
+        site.via_local_listener(agg_toml)
+        site.via_local_listener(site.base / "agg2" / "aggregator.toml")
         # A round per version, not one per 300 s as an enrollment bundle has it.
         agent_toml = site.agent_config(
             "dev-a", data, tmp_path / "agent-state", training={"interval_s": 0.0}
@@ -526,6 +532,8 @@ def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
         print(f"{s.unit.name}: peak RSS {peaks[s.unit.name] >> 20} MiB, MemoryHigh {high >> 20}")
         assert 0 < peaks[s.unit.name] < high
     assert snap["rejected"] == {} and snap["accepted"] >= 3, snap
+    for link in ("aggregator", "worker-1"):
+        assert f"{link}: connected to 127.0.0.1:{local_port} " in services[0].text()
     assert snap.get("accuracy") is not None, snap
 
 
@@ -624,3 +632,39 @@ def test_installers_parse_and_install_the_units_they_ship(script: str) -> None:
     assert (
         f"ETC={one(directives(unit), 'ExecStart').split('--config ')[1].rsplit('/', 1)[0]}" in text
     )
+
+
+@pytest.mark.parametrize(
+    ("identity", "local_port", "broker"),
+    [
+        ("password", "", {"host": "127.0.0.1", "port": 1883, "tls": False}),
+        ("password", "0", {"host": "localhost", "port": 8883, "tls": True}),
+        ("password", "1884", {"host": "127.0.0.1", "port": 1884, "tls": False}),
+        ("certificate", "", {"host": "localhost", "port": 8883, "tls": True}),
+    ],
+)
+def test_installer_starter_config_loads(
+    tmp_path: Path, identity: str, local_port: str, broker: dict[str, Any]
+) -> None:
+    """The aggregator.toml install-aggregator writes on a first install (its heredoc, run on its
+    own) is a valid config once [model] is filled in, reaching the broker through the loopback
+    listener by default with password identity and through TLS otherwise."""
+    from aggregator.config import load_config
+
+    text = (ROOT / "scripts" / "install-aggregator").read_text()
+    start = text.index('elif [ ! -f "$ETC/aggregator.toml" ]; then')
+    body = text[text.index("\n", start) + 1 : text.index("\nfi\n", start)]
+    script = (
+        f"ETC={tmp_path} FEDERATION=greenhouse USER_NAME=$(id -gn) IDENTITY={identity} "
+        f"LOCAL_PORT={local_port} PORT=\n{body}\n"
+    )
+    r = subprocess.run(["bash", "-c", script], check=False, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    toml = tmp_path / "aggregator.toml"
+    toml.write_text(
+        toml.read_text() + '\n[model]\nkind = "softmax"\nn_features = 4\nn_outputs = 2\n'
+    )
+    cfg = load_config(toml).broker
+    assert {"host": cfg.host, "port": cfg.port, "tls": cfg.tls} == broker
+    assert (cfg.ca_file is not None) == broker["tls"]
+    assert (cfg.password_file is not None) == (identity == "password")

@@ -58,8 +58,17 @@ def render_config(
     max_packet_size: int,
     pid_file: Path,
     log_dest: str,
+    local_port: int = 0,
 ) -> str:
-    """The production mosquitto.conf for ``identity`` (same rendering as fedmqtt.broker)."""
+    """The production mosquitto.conf for ``identity`` (same rendering as fedmqtt.broker), with
+    the loopback listener of :func:`local_listener` if ``local_port`` is not 0."""
+    if local_port and identity != "password":
+        raise ConfigError(
+            "--local-port needs password identity: a listener without TLS has no client "
+            "certificate to identify the aggregator by"
+        )
+    if local_port == port:
+        raise ConfigError(f"--local-port {local_port} is the TLS port; pick another (e.g. 1883)")
     text = (templates_dir() / TEMPLATES[identity]).read_text()
     return text.format(
         port=port,
@@ -69,6 +78,25 @@ def render_config(
         max_packet_size=max_packet_size,
         pid_file=pid_file,
         log_dest=log_dest,
+        local_listener=local_listener(local_port) if local_port else "",
+    )
+
+
+def local_listener(port: int) -> str:
+    """A listener on 127.0.0.1 without TLS, for an aggregator on the broker's own host.
+
+    TLS on loopback protects nothing (the bytes never leave the machine, and whoever can read
+    them there is root) but doubles what the aggregator pays to receive an update
+    (bench/link.py). Accounts and ACL are the TLS listener's (``per_listener_settings false``);
+    ``use_username_as_clientid`` is a per-listener option, so it is repeated here.
+    """
+    return (
+        "\n# ---------------------------------------------------------------- local listener\n"
+        "# Loopback only and without TLS, for the aggregator on this host (fedmqtt-admin\n"
+        "# broker-config --local-port). Same accounts and ACL as the TLS listener.\n"
+        f"listener {port} 127.0.0.1\n"
+        "protocol mqtt\n"
+        "use_username_as_clientid true\n"
     )
 
 

@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cfg.add_argument("--port", type=int, default=None, help="TLS port (default 8883)")
     cfg.add_argument("--bind", default="", help="listen address (default: all interfaces)")
+    cfg.add_argument(
+        "--local-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also listen on 127.0.0.1:N without TLS, for the aggregator on this host "
+        "(password identity; 0 removes it; default: keep the previous setting, none at first)",
+    )
     cfg.add_argument("--host", default=None, help="broker host name written into bundles")
     cfg.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"))
     cfg.add_argument("--pid-file", type=Path, default=Path("/run/mosquitto/mosquitto.pid"))
@@ -293,8 +301,10 @@ def run(a: argparse.Namespace) -> int:
             log_dest=a.log_dest,
             reload=a.reload_how,
             host=a.host,
+            local_port=a.local_port,
         )
-        print(f"wrote {path} (identity {b.identity}, port {b.port}, max_packet_size {size})")
+        local = f", local port {b.local_port} on 127.0.0.1" if b.local_port else ""
+        print(f"wrote {path} (identity {b.identity}, port {b.port}{local}, max_packet_size {size})")
         print(
             "start Mosquitto with it (systemd/mosquitto.service.d/fedmqtt.conf does) and "
             "restart it: systemctl restart mosquitto"

@@ -43,6 +43,8 @@ class BrokerSettings:
     reload: str = "systemctl:mosquitto"
     # Group that must be able to read the broker's files after it drops root ("" = leave as is).
     group: str = "mosquitto"
+    # Port of the loopback listener without TLS for an aggregator on the broker's host; 0 = none.
+    local_port: int = 0
 
 
 @dataclass

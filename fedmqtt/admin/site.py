@@ -177,8 +177,12 @@ class Site:
         log_dest: str = "file /var/log/mosquitto/mosquitto.log",
         reload: str | None = None,
         host: str | None = None,
+        local_port: int | None = None,
     ) -> Path:
-        """Render mosquitto.conf into the broker directory and (re)generate passwd/acl/crl."""
+        """Render mosquitto.conf into the broker directory and (re)generate passwd/acl/crl.
+
+        ``local_port``: the loopback listener without TLS for the aggregator (0 = none, None =
+        keep the registry's setting, so that re-rendering, e.g. by the installer, keeps it)."""
         b = self.broker
         if b.identity != identity:
             other = [k for k, d in self.registry.active_devices().items() if d.identity != identity]
@@ -187,6 +191,9 @@ class Site:
                     f"{len(other)} active device(s) use {b.identity} identity (e.g. {other[0]});"
                     " rotate or revoke them before switching the broker to " + identity
                 )
+        local = b.local_port if local_port is None else local_port
+        if not 0 <= local <= 65535:
+            raise ConfigError(f"--local-port {local}: must be 1-65535 (or 0 for none)")
         b.identity, b.port = identity, port
         if reload is not None:
             b.reload = reload
@@ -202,7 +209,9 @@ class Site:
             max_packet_size=max_packet_size,
             pid_file=pid_file,
             log_dest=log_dest,
+            local_port=local,
         )
+        b.local_port = local
         self._write_broker_file(brokerconf.CONF, text.encode())
         if not (self.broker_dir / brokerconf.PASSWD).exists():
             self._write_broker_file(brokerconf.PASSWD, b"")
