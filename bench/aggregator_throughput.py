@@ -23,10 +23,16 @@ Part 2 -- the aggregation step alone, decode included, against Flower's FedAvg p
 same tensors: ours decodes wire updates (msgpack + codec) into the buffer and runs FedBuff's
 aggregate + server step. Flower runs in its own venv (``--flwr-python``), never in ours.
 
+``--tls-compare`` (instead of part 1): the publishers (devices) send over TLS, as on a site,
+and the aggregator (one process) takes the stream either over TLS too or through the broker's
+plain loopback listener (``fedmqtt-admin broker-config --local-port``), interleaved on fresh
+brokers. It measures what the loopback listener saves end to end.
+
 Usage::
 
     .venv/bin/python bench/aggregator_throughput.py --json /tmp/agg-bench.json
     .venv/bin/python bench/aggregator_throughput.py --dims 650 --codecs raw --workers 0,2
+    .venv/bin/python bench/aggregator_throughput.py --tls-compare --dims 650,100000 --codecs int8
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.service import AggregatorThread  # noqa: E402
+from bench.tlsbroker import add_tls_listener  # noqa: E402
 from fedmqtt import codecs, topics, wire  # noqa: E402
 from fedmqtt.admin.sizing import max_packet_size  # noqa: E402
 from fedmqtt.broker import Mosquitto  # noqa: E402
@@ -122,6 +130,7 @@ class PubJob:
     n: int
     seed: int
     auth: str
+    ca: str | None = None  # publish over TLS, checking the broker against this CA
 
 
 def publisher(job: PubJob, ready: Any, go: Any) -> None:
@@ -142,6 +151,8 @@ def publisher(job: PubJob, ready: Any, go: Any) -> None:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{device}", protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(200)
     c.max_queued_messages_set(0)
+    if job.ca is not None:
+        c.tls_set(ca_certs=job.ca)
     c.connect("127.0.0.1", port)
     c.loop_start()
     ready.set()
@@ -216,12 +227,17 @@ class Case:
         host: str = "127.0.0.1",
         port: int = 1883,
         client_id: str = "agg-bench",
+        tls_ca: Path | None = None,
         **tables: dict[str, Any],
     ) -> AggregatorConfig:
-        """The aggregator's config for this case: FedBuff K = 10, this case's keys and model."""
+        """The aggregator's config for this case: FedBuff K = 10, this case's keys and model;
+        over TLS checked against ``tls_ca`` if given."""
+        broker: dict[str, Any] = {"host": host, "port": port, "client_id": client_id}
+        if tls_ca is not None:
+            broker.update(tls=True, ca_file=str(tls_ca))
         raw: dict[str, Any] = {
             "federation": {"id": FED, "state_dir": str(state)},
-            "broker": {"host": host, "port": port, "client_id": client_id},
+            "broker": broker,
             "security": {
                 "signing_key": str(self.work / "aggregator.key"),
                 "devices_dir": str(self.work / "devices"),
@@ -236,15 +252,25 @@ class Case:
         size = max(max_packet_size(self.d, self.spec.n_features), 16 * 1024 * 1024)
         return Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size).start()
 
-    def publish(self, ctx: Any, port: int, before_go: Any = None) -> None:
+    def broker_with_tls(self, tag: str) -> tuple[Mosquitto, int, Path]:
+        """A broker with a loopback TLS listener too: (broker, TLS port, CA file)."""
+        size = max(max_packet_size(self.d, self.spec.n_features), 16 * 1024 * 1024)
+        m = Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size)
+        port, ca = add_tls_listener(m, self.work / f"tls-{tag}")
+        return m.start(), port, ca
+
+    def publish(self, ctx: Any, port: int, before_go: Any = None, ca: Path | None = None) -> None:
         ready = [ctx.Event() for _ in self.devices]
         go = ctx.Event()
         per = self.n // self.publishers
+        cafile = None if ca is None else str(ca)
         procs = [
             ctx.Process(
                 target=publisher,
                 args=(
-                    PubJob(port, self.spec, self.codec, dev, self.keys[dev], per, i, self.auth),
+                    PubJob(
+                        port, self.spec, self.codec, dev, self.keys[dev], per, i, self.auth, cafile
+                    ),
                     ready[i],
                     go,
                 ),
@@ -302,14 +328,25 @@ class Case:
         finally:
             m.close()
 
-    def run_aggregator(self, ctx: Any, workers: int) -> dict[str, Any]:
-        m = self.broker(f"agg{workers}-{uuid.uuid4().hex[:8]}")
+    def run_aggregator(self, ctx: Any, workers: int, tls: str = "") -> dict[str, Any]:
+        """One aggregator run. ``tls``: "" (everything plain), "devices" (the publishers over
+        TLS, the aggregator on the plain loopback listener, as a site with the local listener
+        runs) or "both" (the aggregator over TLS too, as sites ran before it)."""
+        tag = f"agg{workers}-{uuid.uuid4().hex[:8]}"
+        pub_port, pub_ca, agg_port, agg_ca = 0, None, 0, None
+        if tls:
+            m, pub_port, pub_ca = self.broker_with_tls(tag)
+            agg_port, agg_ca = (pub_port, pub_ca) if tls == "both" else (m.port, None)
+        else:
+            m = self.broker(tag)
+            pub_port = agg_port = m.port
         state = self.work / f"state-w{workers}"
         shutil.rmtree(state, ignore_errors=True)
         cfg = self.config(
             state,
             host=m.host,
-            port=m.port,
+            port=agg_port,
+            tls_ca=agg_ca,
             client_id=f"agg-bench-{workers}",
             metrics={"prometheus_port": 0, "publish_interval_s": 60},
             logging={"level": "WARNING"},
@@ -319,7 +356,7 @@ class Case:
         agg = AggregatorThread(cfg).start()
         try:
             cpu0 = time.process_time()  # this process: the aggregator's threads, not workers
-            self.publish(ctx, m.port)
+            self.publish(ctx, pub_port, ca=pub_ca)
             t0 = t1 = None
             deadline = time.monotonic() + 900
             # Poll the counters themselves, not snapshot(): this loop shares the aggregator's
@@ -352,44 +389,49 @@ class Case:
         }
 
 
-def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    rows = []
+def cases(args: argparse.Namespace) -> Iterator[tuple[int, str, int, Case]]:
+    """(d, codec, N, its Case in a fresh directory) for every case of the command line."""
     for d in args.dims:
         for codec in args.codecs:
             n = args.n or DEFAULT_N.get(d, 2000)
             with tempfile.TemporaryDirectory(prefix="fedmqtt-aggbench-") as tmp:
-                case = Case(d, codec, n, args.publishers, Path(tmp), auth=args.auth)
-                row: dict[str, Any] = {
-                    "d": d,
-                    "codec": codec,
-                    "auth": args.auth,
-                    "n": n,
-                    "publishers": args.publishers,
-                }
-                # Interleaved repetitions, best of each: the machine is shared (broker and
-                # publishers run on the same two cores), so the best run is the least disturbed.
-                for _ in range(args.repeat):
-                    for proto in args.ceilings:
-                        rate = round(case.run_bare(ctx, proto))
-                        row.setdefault(f"bare_v{proto}_runs", []).append(rate)
-                    for w in args.workers:
-                        r = case.run_aggregator(ctx, w)
-                        row.setdefault(f"agg_w{w}_runs", []).append(round(r["rate"]))
-                        row.setdefault(f"agg_w{w}_cpu_us", []).append(round(r["cpu_us"]))
-                        row[f"agg_w{w}_detail"] = r
-                for proto in args.ceilings:
-                    row[f"bare_v{proto}"] = max(row[f"bare_v{proto}_runs"])
-                for w in args.workers:
-                    row[f"agg_w{w}"] = max(row[f"agg_w{w}_runs"])
-                best = max(row[f"bare_v{p}"] for p in args.ceilings)
-                for w in args.workers:
-                    row[f"agg_w{w}_pct"] = round(100.0 * row[f"agg_w{w}"] / best, 1)
-                print(
-                    json.dumps({k: v for k, v in row.items() if not k.endswith("detail")}),
-                    flush=True,
-                )
-                rows.append(row)
+                yield d, codec, n, Case(d, codec, n, args.publishers, Path(tmp), auth=args.auth)
+
+
+def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for d, codec, n, case in cases(args):
+        row: dict[str, Any] = {
+            "d": d,
+            "codec": codec,
+            "auth": args.auth,
+            "n": n,
+            "publishers": args.publishers,
+        }
+        # Interleaved repetitions, best of each: the machine is shared (broker and
+        # publishers run on the same two cores), so the best run is the least disturbed.
+        for _ in range(args.repeat):
+            for proto in args.ceilings:
+                rate = round(case.run_bare(ctx, proto))
+                row.setdefault(f"bare_v{proto}_runs", []).append(rate)
+            for w in args.workers:
+                r = case.run_aggregator(ctx, w)
+                row.setdefault(f"agg_w{w}_runs", []).append(round(r["rate"]))
+                row.setdefault(f"agg_w{w}_cpu_us", []).append(round(r["cpu_us"]))
+                row[f"agg_w{w}_detail"] = r
+        for proto in args.ceilings:
+            row[f"bare_v{proto}"] = max(row[f"bare_v{proto}_runs"])
+        for w in args.workers:
+            row[f"agg_w{w}"] = max(row[f"agg_w{w}_runs"])
+        best = max(row[f"bare_v{p}"] for p in args.ceilings)
+        for w in args.workers:
+            row[f"agg_w{w}_pct"] = round(100.0 * row[f"agg_w{w}"] / best, 1)
+        print(
+            json.dumps({k: v for k, v in row.items() if not k.endswith("detail")}),
+            flush=True,
+        )
+        rows.append(row)
     return rows
 
 
@@ -518,6 +560,25 @@ def versus_flower(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def tls_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The aggregator beside the broker, devices over TLS: its connection over TLS (as sites
+    ran before the loopback listener) against the plain loopback listener, interleaved."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for d, codec, n, case in cases(args):
+        row: dict[str, Any] = {"d": d, "codec": codec, "n": n}
+        for _ in range(args.repeat):
+            for mode in ("both", "devices"):
+                r = case.run_aggregator(ctx, 0, tls=mode)
+                name = "agg_tls" if mode == "both" else "agg_local"
+                row.setdefault(f"{name}_runs", []).append(round(r["rate"]))
+                row.setdefault(f"{name}_cpu_us", []).append(round(r["cpu_us"]))
+        row["local_over_tls"] = round(max(row["agg_local_runs"]) / max(row["agg_tls_runs"]), 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -546,6 +607,12 @@ def main() -> None:
         type=lambda s: [int(float(x)) for x in s.split(",")],
     )
     ap.add_argument("--flower-k", type=int, default=10)
+    ap.add_argument(
+        "--tls-compare",
+        action="store_true",
+        help="instead of the ingestion table: devices over TLS, the aggregator over TLS "
+        "against the plain loopback listener (one process), interleaved",
+    )
     ap.add_argument("--skip-ingestion", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -560,7 +627,9 @@ def main() -> None:
         },
         "flwr": flower_version(args.flwr_python) if args.flwr_python else None,
     }
-    if not args.skip_ingestion:
+    if args.tls_compare:
+        report["tls_compare"] = tls_compare(args)
+    elif not args.skip_ingestion:
         report["ingestion"] = ingestion(args)
     if not args.skip_flower:
         report["aggregation_vs_flower"] = versus_flower(args)

@@ -45,7 +45,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 import aggregator.mqtt
 from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
-from fedmqtt.broker import Mosquitto, free_port
+from bench.tlsbroker import add_tls_listener
+from fedmqtt.broker import Mosquitto
 
 TOPIC = "fl/linkbench/updates/dev"
 FILTER = "fl/linkbench/updates/+"
@@ -67,20 +68,8 @@ class Route:
 
 def tls_listener(broker: Mosquitto, directory: Path) -> Route:
     """Add a loopback TLS listener to ``broker`` (before it starts), with a throw-away CA."""
-    from fedmqtt.admin.pki import CA, cert_pem, key_pem
-
-    ca = CA.create("linkbench CA")
-    key, cert = ca.issue_server([], ["127.0.0.1"])
-    (directory / "ca.crt").write_bytes(cert_pem(ca.cert))
-    (directory / "server.crt").write_bytes(cert_pem(cert))
-    (directory / "server.key").write_bytes(key_pem(key))
-    port = free_port()
-    with broker.config_path.open("a") as conf:
-        conf.write(
-            f"\nlistener {port} 127.0.0.1\ncertfile {directory / 'server.crt'}\n"
-            f"keyfile {directory / 'server.key'}\n"
-        )
-    return Route("TLS", port, ca=directory / "ca.crt")
+    port, ca = add_tls_listener(broker, directory)
+    return Route("TLS", port, ca=ca)
 
 
 def publish(port: int, n: int, size: int) -> None:
