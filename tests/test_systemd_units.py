@@ -668,3 +668,25 @@ def test_installer_starter_config_loads(
     assert {"host": cfg.host, "port": cfg.port, "tls": cfg.tls} == broker
     assert (cfg.ca_file is not None) == broker["tls"]
     assert (cfg.password_file is not None) == (identity == "password")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--local-port", "1a3"], "--local-port is a port number"),
+        (["--identity", "certificate", "--local-port", "1883"], "needs password identity"),
+    ],
+)
+def test_installer_refuses_a_bad_local_port_before_changing_anything(
+    args: list[str], message: str
+) -> None:
+    require(os.geteuid() == 0, "the installer checks for root first")
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install-aggregator"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert r.stdout == ""  # refused before its first step ("==> ...")

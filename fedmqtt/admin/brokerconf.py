@@ -65,7 +65,7 @@ def render_config(
     if local_port and identity != "password":
         raise ConfigError(
             "--local-port needs password identity: a listener without TLS has no client "
-            "certificate to identify the aggregator by"
+            "certificate to identify the aggregator by (remove it with --local-port 0)"
         )
     if local_port == port:
         raise ConfigError(f"--local-port {local_port} is the TLS port; pick another (e.g. 1883)")
