@@ -62,6 +62,8 @@ def render_config(
 ) -> str:
     """The production mosquitto.conf for ``identity`` (same rendering as fedmqtt.broker), with
     the loopback listener of :func:`local_listener` if ``local_port`` is not 0."""
+    if not 0 <= local_port <= 65535:
+        raise ConfigError(f"--local-port {local_port}: must be 1-65535 (or 0 for none)")
     if local_port and identity != "password":
         raise ConfigError(
             "--local-port needs password identity: a listener without TLS has no client "

@@ -192,8 +192,6 @@ class Site:
                     " rotate or revoke them before switching the broker to " + identity
                 )
         local = b.local_port if local_port is None else local_port
-        if not 0 <= local <= 65535:
-            raise ConfigError(f"--local-port {local}: must be 1-65535 (or 0 for none)")
         b.identity, b.port = identity, port
         if reload is not None:
             b.reload = reload
