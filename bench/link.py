@@ -115,37 +115,22 @@ async def _take(link: MqttLink, n: int, *, ack: bool) -> list[Incoming]:
 
 async def _session(route: Route, client_id: str) -> None:
     """Create the persistent session (and its subscription), then leave."""
-    link = _link(route, client_id, 1000)
-    stop = asyncio.Event()
-    task = asyncio.create_task(link.run(stop))
-    await asyncio.wait_for(link.connected.wait(), 10)
-    await asyncio.sleep(0.2)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with _link(route, client_id, 1000).running():
+        await asyncio.sleep(0.2)
 
 
 async def receive_cpu_us(route: Route, n: int, client_id: str) -> float:
     """Loop-thread CPU microseconds per message taken from a backlog in the broker."""
-    link = _link(route, client_id, 1000)
-    stop = asyncio.Event()
     cpu = time.thread_time()
-    task = asyncio.create_task(link.run(stop))
-    try:
-        # Not waiting for `connected`: the backlog arrives ahead of the SUBACK.
+    # Not waiting for `connected`: the backlog arrives ahead of the SUBACK.
+    async with _link(route, client_id, 1000).running(wait_connected=False) as link:
         await _take(link, n, ack=True)
         return 1e6 * (time.thread_time() - cpu) / n
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def ack_cpu_us(port: int, n: int, batch: int, client_id: str) -> float:
     """Loop-thread CPU microseconds per acknowledged message."""
-    link = _link(Route("TCP", port), client_id, n)
-    stop = asyncio.Event()
-    task = asyncio.create_task(link.run(stop))
-    try:
-        await asyncio.wait_for(link.connected.wait(), 10)
+    async with _link(Route("TCP", port), client_id, n).running() as link:
         await asyncio.get_running_loop().run_in_executor(None, publish, port, n, 100)
         got = await _take(link, n, ack=False)
         await asyncio.sleep(0.3)
@@ -156,9 +141,6 @@ async def ack_cpu_us(port: int, n: int, batch: int, client_id: str) -> float:
             await asyncio.sleep(0)
         await asyncio.sleep(0.3)
         return 1e6 * (time.thread_time() - cpu) / n
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 def main() -> None:

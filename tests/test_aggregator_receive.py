@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import paho.mqtt.client as paho
 import pytest
@@ -348,21 +347,10 @@ def _publish_v5(
         c.disconnect()
 
 
-@contextlib.asynccontextmanager
-async def _running_link(
-    broker: Mosquitto, client_id: str, receive_maximum: int = 1000
-) -> AsyncIterator[MqttLink]:
-    """A connected MqttLink subscribed to fl/recv/updates/+, stopped (cleanly) on exit."""
+def _link(broker: Mosquitto, client_id: str, receive_maximum: int = 1000) -> MqttLink:
+    """An MqttLink subscribed to fl/recv/updates/+ (run it with ``async with link.running()``)."""
     cfg = BrokerConfig(host=broker.host, port=broker.port, client_id=client_id)
-    link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=receive_maximum)
-    stop = asyncio.Event()
-    task = asyncio.create_task(link.run(stop))
-    await asyncio.wait_for(link.connected.wait(), 10)
-    try:
-        yield link
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    return MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=receive_maximum)
 
 
 @pytest.mark.parametrize(
@@ -402,7 +390,7 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
         _publish_v5(broker, [(topic, p, i % 2, props[i]) for i, p in enumerate(payloads)])
 
     async def receive(n: int, ack_all_but_last: bool) -> list[tuple[str, bytes, int]]:
-        async with _running_link(broker, "recv-test", receive_maximum=100) as link:
+        async with _link(broker, "recv-test", 100).running() as link:
             if n:
                 await asyncio.get_running_loop().run_in_executor(None, publish_all)
             got: list[Incoming] = []
@@ -440,7 +428,7 @@ def test_batched_pubacks_free_the_receive_window_and_end_redelivery(broker: Mosq
         _publish_v5(broker, [(topic, p, 1, None) for p in payloads])
 
     async def receive(expect: int) -> tuple[list[bytes], int, int]:
-        async with _running_link(broker, "recv-acks", receive_maximum=20) as link:
+        async with _link(broker, "recv-acks", 20).running() as link:
             loop = asyncio.get_running_loop()
             publishing = loop.run_in_executor(None, publish_all) if expect else None
             got: list[bytes] = []
@@ -474,21 +462,16 @@ def test_backlog_delivered_before_the_suback_is_acknowledged(broker: Mosquitto) 
     payloads = [i.to_bytes(2, "big") * 50 for i in range(300)]
 
     async def consume(expect: int) -> list[bytes]:
-        cfg = BrokerConfig(host=broker.host, port=broker.port, client_id="recv-backlog")
-        link = MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=50)
-        stop = asyncio.Event()
-        task = asyncio.create_task(link.run(stop))
         got: list[bytes] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (15 if expect else 3)
-        while (len(got) < expect or not link.connected.is_set()) and loop.time() < deadline:
-            await link.wait(0.1)
-            batch = link.take(20)  # not waiting for `connected`, as the service does not
-            got.extend(m.payload for m in batch)
-            link.ack(batch)
-        await asyncio.sleep(0.3)
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        async with _link(broker, "recv-backlog", 50).running(wait_connected=False) as link:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (15 if expect else 3)
+            while (len(got) < expect or not link.connected.is_set()) and loop.time() < deadline:
+                await link.wait(0.1)
+                batch = link.take(20)  # not waiting for `connected`, as the service does not
+                got.extend(m.payload for m in batch)
+                link.ack(batch)
+            await asyncio.sleep(0.3)
         return got
 
     assert asyncio.run(consume(0)) == []  # creates the session and its subscription
@@ -511,7 +494,7 @@ def test_link_stops_reading_while_the_inbox_is_full_and_loses_nothing(
         _publish_v5(broker, [(topic, p, 1, None) for p in payloads])
 
     async def main() -> tuple[int, list[bytes]]:
-        async with _running_link(broker, "recv-bp") as link:
+        async with _link(broker, "recv-bp").running() as link:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, publish_all)
             await asyncio.sleep(1.0)  # plenty of time to read everything, were it not paused
@@ -541,7 +524,7 @@ def test_packets_left_in_the_read_ahead_buffer_are_read_without_new_socket_data(
     payloads = [bytes([i]) * 100 for i in range(50)]
 
     async def main() -> list[bytes]:
-        async with _running_link(broker, "recv-burst") as link:
+        async with _link(broker, "recv-burst").running() as link:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
                 None, _publish_v5, broker, [(topic, p, 0, None) for p in payloads]
