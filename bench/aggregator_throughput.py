@@ -248,18 +248,20 @@ class Case:
         }
         return AggregatorConfig.from_dict(raw, base_dir=self.work)
 
-    def broker(self, tag: str) -> Mosquitto:
+    def _new_broker(self, tag: str) -> Mosquitto:
         size = max(max_packet_size(self.d, self.spec.n_features), 16 * 1024 * 1024)
-        return Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size).start()
+        return Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size)
+
+    def broker(self, tag: str) -> Mosquitto:
+        return self._new_broker(tag).start()
 
     def broker_with_tls(self, tag: str) -> tuple[Mosquitto, int, Path]:
         """A broker with a loopback TLS listener too: (broker, TLS port, CA file)."""
-        size = max(max_packet_size(self.d, self.spec.n_features), 16 * 1024 * 1024)
-        m = Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size)
+        m = self._new_broker(tag)
         port, ca = add_tls_listener(m, self.work / f"tls-{tag}")
         return m.start(), port, ca
 
-    def publish(self, ctx: Any, port: int, before_go: Any = None, ca: Path | None = None) -> None:
+    def publish(self, ctx: Any, port: int, ca: Path | None = None) -> None:
         ready = [ctx.Event() for _ in self.devices]
         go = ctx.Event()
         per = self.n // self.publishers
@@ -333,13 +335,12 @@ class Case:
         TLS, the aggregator on the plain loopback listener, as a site with the local listener
         runs) or "both" (the aggregator over TLS too, as sites ran before it)."""
         tag = f"agg{workers}-{uuid.uuid4().hex[:8]}"
-        pub_port, pub_ca, agg_port, agg_ca = 0, None, 0, None
         if tls:
-            m, pub_port, pub_ca = self.broker_with_tls(tag)
-            agg_port, agg_ca = (pub_port, pub_ca) if tls == "both" else (m.port, None)
+            m, tls_port, ca = self.broker_with_tls(tag)
         else:
-            m = self.broker(tag)
-            pub_port = agg_port = m.port
+            m, tls_port, ca = self.broker(tag), 0, None
+        pub_port, pub_ca = (tls_port, ca) if tls else (m.port, None)
+        agg_port, agg_ca = (tls_port, ca) if tls == "both" else (m.port, None)
         state = self.work / f"state-w{workers}"
         shutil.rmtree(state, ignore_errors=True)
         cfg = self.config(
