@@ -28,11 +28,17 @@ and the aggregator (one process) takes the stream either over TLS too or through
 plain loopback listener (``fedmqtt-admin broker-config --local-port``), interleaved on fresh
 brokers. It measures what the loopback listener saves end to end.
 
+``--read-chunks A,B,...`` (instead of part 1): one process with the event loop's read-ahead
+buffer (``aggregator.readahead.CHUNK``, the most one read takes from the kernel) at each size,
+interleaved, with the bare MQTT 3.1.1 subscriber in every round.
+
 Usage::
 
     .venv/bin/python bench/aggregator_throughput.py --json /tmp/agg-bench.json
     .venv/bin/python bench/aggregator_throughput.py --dims 650 --codecs raw --workers 0,2
     .venv/bin/python bench/aggregator_throughput.py --tls-compare --dims 650,100000 --codecs int8
+    .venv/bin/python bench/aggregator_throughput.py --read-chunks 262144,1048576 --dims 100000 \
+        --codecs int8 --n 12000 --repeat 4 --skip-flower
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aggregator import readahead  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.service import AggregatorThread  # noqa: E402
 from bench.tlsbroker import add_tls_listener  # noqa: E402
@@ -561,6 +568,11 @@ def versus_flower(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _record(row: dict[str, Any], name: str, r: dict[str, Any]) -> None:
+    row.setdefault(f"{name}_runs", []).append(round(r["rate"]))
+    row.setdefault(f"{name}_cpu_us", []).append(round(r["cpu_us"]))
+
+
 def tls_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The aggregator beside the broker, devices over TLS: its connection over TLS (as sites
     ran before the loopback listener) against the plain loopback listener, interleaved."""
@@ -570,13 +582,33 @@ def tls_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"d": d, "codec": codec, "n": n}
         for _ in range(args.repeat):
             for mode in ("both", "devices"):
-                r = case.run_aggregator(ctx, 0, tls=mode)
                 name = "agg_tls" if mode == "both" else "agg_local"
-                row.setdefault(f"{name}_runs", []).append(round(r["rate"]))
-                row.setdefault(f"{name}_cpu_us", []).append(round(r["cpu_us"]))
+                _record(row, name, case.run_aggregator(ctx, 0, tls=mode))
         row["local_over_tls"] = round(max(row["agg_local_runs"]) / max(row["agg_tls_runs"]), 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def read_chunk_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One process at each read-ahead buffer size, interleaved, against the bare MQTT 3.1.1
+    subscriber of the same round (the aggregator runs in this process, so setting the module's
+    constant before each run is all it takes)."""
+    ctx = mp.get_context("spawn")
+    default = readahead.CHUNK
+    rows = []
+    try:
+        for d, codec, n, case in cases(args):
+            row: dict[str, Any] = {"d": d, "codec": codec, "n": n}
+            for _ in range(args.repeat):
+                row.setdefault("bare_v311_runs", []).append(round(case.run_bare(ctx, "311")))
+                for chunk in args.read_chunks:
+                    setattr(readahead, "CHUNK", chunk)  # noqa: B010
+                    _record(row, f"agg_chunk{chunk}", case.run_aggregator(ctx, 0))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        setattr(readahead, "CHUNK", default)  # noqa: B010
     return rows
 
 
@@ -614,6 +646,12 @@ def main() -> None:
         help="instead of the ingestion table: devices over TLS, the aggregator over TLS "
         "against the plain loopback listener (one process), interleaved",
     )
+    ap.add_argument(
+        "--read-chunks",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="instead of the ingestion table: one process at each of these read-ahead "
+        "buffer sizes (bytes), interleaved",
+    )
     ap.add_argument("--skip-ingestion", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -630,6 +668,8 @@ def main() -> None:
     }
     if args.tls_compare:
         report["tls_compare"] = tls_compare(args)
+    elif args.read_chunks:
+        report["read_chunks"] = read_chunk_compare(args)
     elif not args.skip_ingestion:
         report["ingestion"] = ingestion(args)
     if not args.skip_flower:

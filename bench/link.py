@@ -17,12 +17,15 @@ dev config), timing the CPU of the event-loop thread (``time.thread_time``) that
   devices' TLS listener, against a loopback-only listener without TLS
   (``fedmqtt-admin broker-config --local-port``). The broker gets a TLS listener with a
   certificate from a throw-away CA for this.
+* **read size**: the receive measurement (framed mode, plain TCP) with the read-ahead buffer
+  (``aggregator.readahead.CHUNK``, the most one read takes from the kernel) at each of
+  ``--read-chunks`` bytes.
 
 Modes alternate on the same broker; the best of the repeats is reported (this machine is
 shared). Run from the repository root:
 
     .venv/bin/python bench/link.py [--repeat 3] [--sizes 650,100000] [--batches 10,100]
-        [--transport-sizes 100000]
+        [--transport-sizes 100000] [--read-chunks 262144,1048576,4194304] [--read-sizes 650,100000]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +47,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 import aggregator.mqtt
+import aggregator.readahead
 from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
 from bench.tlsbroker import add_tls_listener
@@ -143,6 +148,47 @@ async def ack_cpu_us(port: int, n: int, batch: int, client_id: str) -> float:
         return 1e6 * (time.thread_time() - cpu) / n
 
 
+def messages_for(size: int) -> int:
+    """How many messages of ``size`` bytes one receive measurement takes (~200 MB at most)."""
+    return min(20_000, max(200, 200_000_000 // size))
+
+
+def best_receive_us(
+    broker: Mosquitto,
+    size: int,
+    repeat: int,
+    variants: dict[str, tuple[Route, Callable[[], None]]],
+    tag: str,
+) -> dict[str, float]:
+    """Best loop-thread CPU per message of each variant (its route, and a set-up run before
+    each of its measurements), the variants alternating on ``broker``."""
+    n = messages_for(size)
+    best = dict.fromkeys(variants, float("inf"))
+    for r in range(repeat):
+        for name, (route, setup) in variants.items():
+            setup()
+            cid = f"linkbench-{tag}-{size}-{r}-{name.split()[0]}"
+            asyncio.run(_session(route, cid))
+            publish(broker.port, n, size)
+            best[name] = min(best[name], asyncio.run(receive_cpu_us(route, n, cid)))
+    return best
+
+
+def _receive_mode(fast: bool, framed: bool) -> Callable[[], None]:
+    def setup() -> None:
+        setattr(aggregator.mqtt, "FAST_RECEIVE", fast)  # noqa: B010
+        setattr(aggregator.mqtt, "FRAMED_RECEIVE", framed)  # noqa: B010
+
+    return setup
+
+
+def _read_chunk(chunk: int) -> Callable[[], None]:
+    def setup() -> None:
+        setattr(aggregator.readahead, "CHUNK", chunk)  # noqa: B010
+
+    return setup
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -150,6 +196,15 @@ def main() -> None:
     ap.add_argument("--batches", default="10,100", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument(
         "--transport-sizes", default="100000", type=lambda s: [int(x) for x in s.split(",") if x]
+    )
+    ap.add_argument(
+        "--read-chunks",
+        default="262144,1048576,4194304",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="read-ahead buffer sizes to compare (aggregator.readahead.CHUNK), framed mode",
+    )
+    ap.add_argument(
+        "--read-sizes", default="650,100000", type=lambda s: [int(x) for x in s.split(",") if x]
     )
     args = ap.parse_args()
     cpu = platform.processor() or platform.machine()
@@ -162,20 +217,12 @@ def main() -> None:
         try:
             print("\n| message bytes | N | " + " | ".join(RECEIVE_MODES) + " | paho / framed |")
             print("|---|---|" + "---|" * (len(RECEIVE_MODES) + 1))
+            modes = {m: (tcp, _receive_mode(*flags)) for m, flags in RECEIVE_MODES.items()}
             for size in args.sizes:
-                n = min(20_000, max(200, 200_000_000 // size))
-                best = dict.fromkeys(RECEIVE_MODES, float("inf"))
-                for r in range(args.repeat):
-                    for mode, (fast, framed) in RECEIVE_MODES.items():
-                        setattr(aggregator.mqtt, "FAST_RECEIVE", fast)  # noqa: B010
-                        setattr(aggregator.mqtt, "FRAMED_RECEIVE", framed)  # noqa: B010
-                        cid = f"linkbench-rx-{size}-{r}-{mode}"
-                        asyncio.run(_session(tcp, cid))
-                        publish(broker.port, n, size)
-                        us = asyncio.run(receive_cpu_us(tcp, n, cid))
-                        best[mode] = min(best[mode], us)
+                best = best_receive_us(broker, size, args.repeat, modes, "rx")
                 cells = " | ".join(f"{best[m]:.1f}" for m in RECEIVE_MODES)
-                print(f"| {size} | {n} | {cells} | {best['paho'] / best['framed']:.2f} |")
+                ratio = best["paho"] / best["framed"]
+                print(f"| {size} | {messages_for(size)} | {cells} | {ratio:.2f} |")
             print("\n| PUBACKs per batch | paho, one per message | one write per batch | × |")
             print("|---|---|---|---|")
             for batch in args.batches:
@@ -188,24 +235,27 @@ def main() -> None:
                         acks[batched] = min(acks[batched], us)
                 ratio = acks[False] / acks[True]
                 print(f"| {batch} | {acks[False]:.2f} | {acks[True]:.2f} | {ratio:.1f} |")
-            setattr(aggregator.mqtt, "FAST_RECEIVE", True)  # noqa: B010
-            setattr(aggregator.mqtt, "FRAMED_RECEIVE", True)  # noqa: B010
+            framed = _receive_mode(True, True)
+            framed()
             names = [r.name for r in routes]
             print("\n| message bytes | N | " + " | ".join(names) + " | TLS / TCP |")
             print("|---|---|" + "---|" * (len(routes) + 1))
             for size in args.transport_sizes:
-                n = min(20_000, max(200, 200_000_000 // size))
-                by_route = {r.name: float("inf") for r in routes}
-                for r in range(args.repeat):
-                    for route in routes:
-                        cid = f"linkbench-tx-{size}-{r}-{route.name.split()[0]}"
-                        asyncio.run(_session(route, cid))
-                        publish(broker.port, n, size)
-                        us = asyncio.run(receive_cpu_us(route, n, cid))
-                        by_route[route.name] = min(by_route[route.name], us)
+                by_route = best_receive_us(
+                    broker, size, args.repeat, {r.name: (r, framed) for r in routes}, "tx"
+                )
                 cells = " | ".join(f"{by_route[m]:.1f}" for m in names)
                 ratio = by_route["TLS"] / by_route["TCP"]
-                print(f"| {size} | {n} | {cells} | {ratio:.2f} |")
+                print(f"| {size} | {messages_for(size)} | {cells} | {ratio:.2f} |")
+            default_chunk = aggregator.readahead.CHUNK
+            chunks = {f"{c // 1024} KiB": (tcp, _read_chunk(c)) for c in args.read_chunks}
+            print("\n| message bytes | N | " + " | ".join(chunks) + " |")
+            print("|---|---|" + "---|" * len(chunks))
+            for size in args.read_sizes:
+                best = best_receive_us(broker, size, args.repeat, chunks, "chunk")
+                cells = " | ".join(f"{best[c]:.1f}" for c in chunks)
+                print(f"| {size} | {messages_for(size)} | {cells} |")
+            _read_chunk(default_chunk)()
         finally:
             broker.close()
 
