@@ -156,6 +156,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     keep: int = 2
+    min_interval_s: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,7 @@ def _checkpoint(t: Table) -> CheckpointConfig:
     d = CheckpointConfig()
     return CheckpointConfig(
         keep=t.integer("keep", d.keep, lo=2, hi=1000),
+        min_interval_s=t.number("min_interval_s", d.min_interval_s, lo=0.0, hi=60.0),
     )
 
 

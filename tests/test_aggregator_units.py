@@ -46,6 +46,7 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.spec.layout().size == 15
     assert cfg.limits.max_update_bytes == 4 * 15 + 64 * 1024
     assert cfg.limits.inflight_window == 1000
+    assert cfg.checkpoint.min_interval_s == 0.1 and cfg.checkpoint.keep == 2
 
 
 @pytest.mark.parametrize(
@@ -68,6 +69,8 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ({"metrics": {"format": "xml"}}, "[metrics] format"),
         ({"limits": {"max_update_bytes": "big"}}, "[limits] max_update_bytes"),
         ({"scaleout": {"workers": 2, "worker_configs": ["a.toml"]}}, "[scaleout] workers"),
+        ({"checkpoint": {"min_interval_s": -1}}, "[checkpoint] min_interval_s"),
+        ({"checkpoint": {"min_interval_s": 61}}, "[checkpoint] min_interval_s"),
         ({"bogus": {}}, "unknown option(s) bogus"),
         (
             {"strategy": {"buffer_size": 50}, "limits": {"receive_maximum": 50}},
