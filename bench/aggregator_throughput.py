@@ -30,7 +30,8 @@ brokers. It measures what the loopback listener saves end to end.
 
 ``--read-chunks A,B,...`` (instead of part 1): one process with the event loop's read-ahead
 buffer (``aggregator.readahead.CHUNK``, the most one read takes from the kernel) at each size,
-interleaved, with the bare MQTT 3.1.1 subscriber in every round.
+interleaved, with the bare MQTT 3.1.1 subscriber in every round. ``--checkpoint-intervals
+A,B,...`` likewise at each ``[checkpoint] min_interval_s``.
 
 Usage::
 
@@ -57,7 +58,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,28 @@ def bare_subscriber(port: int, total: int, proto: str, ready: Any, result: Any) 
 
 
 # ------------------------------------------------------------------ runs
+def broker_usage(m: Mosquitto, messages: int) -> dict[str, float]:
+    """The broker's CPU per message (µs), minor page faults per message and peak RSS (MB) over
+    its life so far -- one fresh broker per run, so: over the run. Read before it stops.
+
+    The broker's cost per message is not a constant: the slower the subscriber, the more of
+    the stream it queues, and every queued update is fresh memory (docs/benchmarks.md)."""
+    assert m.proc is not None
+    pid = m.proc.pid
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    hwm_kb = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
+    return {
+        "cpu_us": round(1e6 * ticks / os.sysconf("SC_CLK_TCK") / messages, 1),
+        "faults": round(int(fields[7]) / messages, 1),  # minflt (field 10)
+        "peak_mb": round(hwm_kb / 1024),
+    }
+
+
 class Case:
     def __init__(
         self, d: int, codec: str, n: int, publishers: int, work: Path, *, auth: str
@@ -220,6 +243,7 @@ class Case:
         self.work = work
         self.devices = [f"dev{i}" for i in range(publishers)]
         self.keys = {dev: secrets.token_hex(32) for dev in self.devices}
+        self.last_broker: dict[str, float] = {}  # broker_usage() of the last run
         (work / "devices").mkdir(parents=True, exist_ok=True)
         for dev, k in self.keys.items():
             MAC_KEYS[auth](bytes.fromhex(k)).save(
@@ -333,14 +357,18 @@ class Case:
                         raise RuntimeError("the bare subscriber did not finish") from None
             sub.join(30)
             self.join_publishers()
+            self.last_broker = broker_usage(m, total)
             return rate
         finally:
             m.close()
 
-    def run_aggregator(self, ctx: Any, workers: int, tls: str = "") -> dict[str, Any]:
+    def run_aggregator(
+        self, ctx: Any, workers: int, tls: str = "", checkpoint: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """One aggregator run. ``tls``: "" (everything plain), "devices" (the publishers over
         TLS, the aggregator on the plain loopback listener, as a site with the local listener
-        runs) or "both" (the aggregator over TLS too, as sites ran before it)."""
+        runs) or "both" (the aggregator over TLS too, as sites ran before it). ``checkpoint``:
+        the config's ``[checkpoint]`` table (the service's defaults if None)."""
         tag = f"agg{workers}-{uuid.uuid4().hex[:8]}"
         if tls:
             m, tls_port, ca = self.broker_with_tls(tag)
@@ -359,6 +387,7 @@ class Case:
             metrics={"prometheus_port": 0, "publish_interval_s": 60},
             logging={"level": "WARNING"},
             scaleout={"workers": workers},
+            checkpoint=checkpoint or {},
         )
         total = (self.n // self.publishers) * self.publishers
         agg = AggregatorThread(cfg).start()
@@ -382,6 +411,7 @@ class Case:
                 self.check_publishers()
             self.join_publishers()
             s = agg.snapshot()
+            self.last_broker = broker_usage(m, total)
         finally:
             agg.stop()
             m.close()
@@ -406,6 +436,11 @@ def cases(args: argparse.Namespace) -> Iterator[tuple[int, str, int, Case]]:
                 yield d, codec, n, Case(d, codec, n, args.publishers, Path(tmp), auth=args.auth)
 
 
+def _record(row: dict[str, Any], name: str, r: dict[str, Any]) -> None:
+    row.setdefault(f"{name}_runs", []).append(round(r["rate"]))
+    row.setdefault(f"{name}_cpu_us", []).append(round(r["cpu_us"]))
+
+
 def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     rows = []
@@ -423,10 +458,11 @@ def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
             for proto in args.ceilings:
                 rate = round(case.run_bare(ctx, proto))
                 row.setdefault(f"bare_v{proto}_runs", []).append(rate)
+                row.setdefault(f"bare_v{proto}_broker", []).append(case.last_broker)
             for w in args.workers:
                 r = case.run_aggregator(ctx, w)
-                row.setdefault(f"agg_w{w}_runs", []).append(round(r["rate"]))
-                row.setdefault(f"agg_w{w}_cpu_us", []).append(round(r["cpu_us"]))
+                _record(row, f"agg_w{w}", r)
+                row.setdefault(f"agg_w{w}_broker", []).append(case.last_broker)
                 row[f"agg_w{w}_detail"] = r
         for proto in args.ceilings:
             row[f"bare_v{proto}"] = max(row[f"bare_v{proto}_runs"])
@@ -568,48 +604,72 @@ def versus_flower(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _record(row: dict[str, Any], name: str, r: dict[str, Any]) -> None:
-    row.setdefault(f"{name}_runs", []).append(round(r["rate"]))
-    row.setdefault(f"{name}_cpu_us", []).append(round(r["cpu_us"]))
+Variant = Callable[[Case, Any], dict[str, Any]]  # one aggregator run of a Case
 
 
-def tls_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The aggregator beside the broker, devices over TLS: its connection over TLS (as sites
-    ran before the loopback listener) against the plain loopback listener, interleaved."""
+def compare(
+    args: argparse.Namespace, variants: dict[str, Variant], *, bare: bool = True
+) -> list[dict[str, Any]]:
+    """Each variant of the aggregator once per round, interleaved on fresh brokers, with the
+    bare MQTT 3.1.1 subscriber first in every round if ``bare``: updates/s and CPU per update
+    of every run (and the broker's usage), per case of the command line."""
     ctx = mp.get_context("spawn")
     rows = []
     for d, codec, n, case in cases(args):
         row: dict[str, Any] = {"d": d, "codec": codec, "n": n}
         for _ in range(args.repeat):
-            for mode in ("both", "devices"):
-                name = "agg_tls" if mode == "both" else "agg_local"
-                _record(row, name, case.run_aggregator(ctx, 0, tls=mode))
-        row["local_over_tls"] = round(max(row["agg_local_runs"]) / max(row["agg_tls_runs"]), 2)
+            if bare:
+                row.setdefault("bare_v311_runs", []).append(round(case.run_bare(ctx, "311")))
+                row.setdefault("bare_v311_broker", []).append(case.last_broker)
+            for name, run in variants.items():
+                r = run(case, ctx)
+                _record(row, name, r)
+                row.setdefault(f"{name}_checkpoints", []).append(r["checkpoints"])
+                row.setdefault(f"{name}_broker", []).append(case.last_broker)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
+def tls_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The aggregator beside the broker, devices over TLS: its connection over TLS (as sites
+    ran before the loopback listener) against the plain loopback listener."""
+    return compare(
+        args,
+        {
+            "agg_tls": lambda case, ctx: case.run_aggregator(ctx, 0, tls="both"),
+            "agg_local": lambda case, ctx: case.run_aggregator(ctx, 0, tls="devices"),
+        },
+        bare=False,
+    )
+
+
 def read_chunk_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One process at each read-ahead buffer size, interleaved, against the bare MQTT 3.1.1
-    subscriber of the same round (the aggregator runs in this process, so setting the module's
-    constant before each run is all it takes)."""
-    ctx = mp.get_context("spawn")
+    """One process at each read-ahead buffer size (the aggregator runs in this process, so
+    setting the module's constant before each run is all it takes)."""
+
+    def at(chunk: int) -> Variant:
+        def run(case: Case, ctx: Any) -> dict[str, Any]:
+            setattr(readahead, "CHUNK", chunk)  # noqa: B010
+            try:
+                return case.run_aggregator(ctx, 0)
+            finally:
+                setattr(readahead, "CHUNK", default)  # noqa: B010
+
+        return run
+
     default = readahead.CHUNK
-    rows = []
-    try:
-        for d, codec, n, case in cases(args):
-            row: dict[str, Any] = {"d": d, "codec": codec, "n": n}
-            for _ in range(args.repeat):
-                row.setdefault("bare_v311_runs", []).append(round(case.run_bare(ctx, "311")))
-                for chunk in args.read_chunks:
-                    setattr(readahead, "CHUNK", chunk)  # noqa: B010
-                    _record(row, f"agg_chunk{chunk}", case.run_aggregator(ctx, 0))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    finally:
-        setattr(readahead, "CHUNK", default)  # noqa: B010
-    return rows
+    return compare(args, {f"agg_chunk{c}": at(c) for c in args.read_chunks})
+
+
+def checkpoint_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One process at each ``[checkpoint] min_interval_s``."""
+
+    def at(interval: float) -> Variant:
+        table = {"min_interval_s": interval}
+        return lambda case, ctx: case.run_aggregator(ctx, 0, checkpoint=table)
+
+    return compare(args, {f"agg_ckpt{i:g}s": at(i) for i in args.checkpoint_intervals})
 
 
 def main() -> None:
@@ -652,6 +712,12 @@ def main() -> None:
         help="instead of the ingestion table: one process at each of these read-ahead "
         "buffer sizes (bytes), interleaved",
     )
+    ap.add_argument(
+        "--checkpoint-intervals",
+        type=lambda s: [float(x) for x in s.split(",") if x],
+        help="instead of the ingestion table: one process at each of these [checkpoint] "
+        "min_interval_s values (seconds), interleaved",
+    )
     ap.add_argument("--skip-ingestion", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -670,6 +736,8 @@ def main() -> None:
         report["tls_compare"] = tls_compare(args)
     elif args.read_chunks:
         report["read_chunks"] = read_chunk_compare(args)
+    elif args.checkpoint_intervals:
+        report["checkpoint_intervals"] = checkpoint_compare(args)
     elif not args.skip_ingestion:
         report["ingestion"] = ingestion(args)
     if not args.skip_flower:
