@@ -1,7 +1,8 @@
 """The fedmqtt aggregator service (``fl-aggregator``): receives device updates over MQTT,
-validates them, aggregates them into a global model, checkpoints every version and publishes it
-signed and retained. Start at :mod:`aggregator.service`; docs/aggregator.md explains the design,
-the configuration and the delivery guarantee.
+validates them, aggregates them into a global model, checkpoints it (at most every 0.1 s by
+default under a fast stream) and publishes each checkpointed version signed and retained.
+Start at :mod:`aggregator.service`; docs/aggregator.md explains the design, the configuration
+and the delivery guarantee.
 
 Importing this package pins OpenBLAS (numpy's BLAS) to one thread unless the environment says
 otherwise. The service already runs its own threads, next to the broker; OpenBLAS's worker
