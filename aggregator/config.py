@@ -164,6 +164,7 @@ class ScaleoutConfig:
     workers: int = 0
     group: str = "fedmqtt-aggregators"
     worker_brokers: tuple[BrokerConfig, ...] = ()
+    pin_cpu: bool = True
 
 
 @dataclass(frozen=True)
@@ -504,7 +505,12 @@ def _scaleout(t: Table, broker: BrokerConfig, base: Path) -> ScaleoutConfig:
             brokers.append(_worker_broker(broker, i))
     if len({b.client_id for b in brokers} | {broker.client_id}) != len(brokers) + 1:
         raise t.error("worker_configs", "every worker needs its own client id (or user name)")
-    return ScaleoutConfig(workers=workers, group=group, worker_brokers=tuple(brokers))
+    return ScaleoutConfig(
+        workers=workers,
+        group=group,
+        worker_brokers=tuple(brokers),
+        pin_cpu=t.flag("pin_cpu", d.pin_cpu),
+    )
 
 
 def _worker_broker(broker: BrokerConfig, i: int) -> BrokerConfig:

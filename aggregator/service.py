@@ -37,6 +37,7 @@ from typing import Any
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.config import AggregatorConfig, window_pressure
+from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Snapshot, initial_state
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
@@ -140,6 +141,7 @@ class Aggregator:
         self._republish = False
         self._link: MqttLink | None = None
         self._pool: Any = None  # aggregator.workers.WorkerPool when [scaleout] workers > 0
+        self._cpus: list[int] = []  # usable CPUs before pinning ([scaleout] pin_cpu), or none
         self._fatal: BaseException | None = None
         self._eval_lock = threading.Lock()
         self._eval_next: Snapshot | None = None
@@ -156,6 +158,10 @@ class Aggregator:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         tune_malloc()
+        # Before any executor thread exists, so that they all inherit the CPU (aggregator/cpu.py).
+        cpus = usable_cpus() if cfg.scaleout.pin_cpu else []
+        pin_current_thread(cpu_for(0, cpus), "aggregator")
+        self._cpus = cpus
         notifier = Notifier.from_env()
         engine_x = ThreadPoolExecutor(1, thread_name_prefix="agg-engine")
         io_x = ThreadPoolExecutor(1, thread_name_prefix="agg-io")
@@ -229,7 +235,7 @@ class Aggregator:
         if cfg.scaleout.workers:
             from aggregator.workers import WorkerPool
 
-            self._pool = WorkerPool(cfg)
+            self._pool = WorkerPool(cfg, self._cpus)
             await self._pool.start()
             tasks.append(asyncio.create_task(self._ingest_workers(), name="ingest-workers"))
         tasks.append(asyncio.create_task(self._ingest_local(), name="ingest"))

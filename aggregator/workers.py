@@ -50,6 +50,7 @@ import msgpack
 import numpy as np
 
 from aggregator.config import AggregatorConfig
+from aggregator.cpu import cpu_for, pin_current_thread
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Verified
 from aggregator.memtune import tune_malloc
@@ -93,8 +94,9 @@ class _Worker:
 class WorkerPool:
     """Owner side: start, feed from and acknowledge through N worker processes."""
 
-    def __init__(self, cfg: AggregatorConfig) -> None:
+    def __init__(self, cfg: AggregatorConfig, cpus: list[int] | None = None) -> None:
         self.cfg = cfg
+        self._cpus = cpus or []  # the CPUs to spread the workers over ([scaleout] pin_cpu)
         self._ctx = mp.get_context("spawn")
         self._workers = [_Worker(i) for i in range(cfg.scaleout.workers)]
         self._items: deque[tuple[tuple[int, int, int], Verified]] = deque()
@@ -120,7 +122,7 @@ class WorkerPool:
         w.incarnation += 1
         w.proc = self._ctx.Process(
             target=worker_main,
-            args=(self.cfg, w.index, child),
+            args=(self.cfg, w.index, child, cpu_for(w.index + 1, self._cpus)),
             name=f"fl-aggregator-worker-{w.index + 1}",
             daemon=True,
         )
@@ -229,12 +231,15 @@ class WorkerPool:
 # ---------------------------------------------------------------------------- worker process
 
 
-def worker_main(cfg: AggregatorConfig, index: int, conn: Connection) -> None:
-    """Entry point of a worker process."""
+def worker_main(
+    cfg: AggregatorConfig, index: int, conn: Connection, cpu: int | None = None
+) -> None:
+    """Entry point of a worker process (its threads on ``cpu``, if given)."""
     logging.basicConfig(
         level=cfg.logging.level, format=f"%(levelname)s worker-{index + 1} %(name)s: %(message)s"
     )
     tune_malloc()
+    pin_current_thread(cpu, f"worker {index + 1}")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_Runner(cfg, index, conn).run())
     os._exit(0)  # never run atexit handlers that could touch the parent's resources

@@ -31,7 +31,8 @@ brokers. It measures what the loopback listener saves end to end.
 ``--read-chunks A,B,...`` (instead of part 1): one process with the event loop's read-ahead
 buffer (``aggregator.readahead.CHUNK``, the most one read takes from the kernel) at each size,
 interleaved, with the bare MQTT 3.1.1 subscriber in every round. ``--checkpoint-intervals
-A,B,...`` likewise at each ``[checkpoint] min_interval_s``.
+A,B,...`` likewise at each ``[checkpoint] min_interval_s``, and ``--pin-compare`` with the
+service's threads free against kept on one CPU per process (``[scaleout] pin_cpu``).
 
 Usage::
 
@@ -363,12 +364,18 @@ class Case:
             m.close()
 
     def run_aggregator(
-        self, ctx: Any, workers: int, tls: str = "", checkpoint: dict[str, Any] | None = None
+        self,
+        ctx: Any,
+        workers: int,
+        tls: str = "",
+        checkpoint: dict[str, Any] | None = None,
+        pin_cpu: bool = True,
     ) -> dict[str, Any]:
         """One aggregator run. ``tls``: "" (everything plain), "devices" (the publishers over
         TLS, the aggregator on the plain loopback listener, as a site with the local listener
         runs) or "both" (the aggregator over TLS too, as sites ran before it). ``checkpoint``:
-        the config's ``[checkpoint]`` table (the service's defaults if None)."""
+        the config's ``[checkpoint]`` table (the service's defaults if None); ``pin_cpu``:
+        ``[scaleout] pin_cpu``."""
         tag = f"agg{workers}-{uuid.uuid4().hex[:8]}"
         if tls:
             m, tls_port, ca = self.broker_with_tls(tag)
@@ -386,7 +393,7 @@ class Case:
             client_id=f"agg-bench-{workers}",
             metrics={"prometheus_port": 0, "publish_interval_s": 60},
             logging={"level": "WARNING"},
-            scaleout={"workers": workers},
+            scaleout={"workers": workers, "pin_cpu": pin_cpu},
             checkpoint=checkpoint or {},
         )
         total = (self.n // self.publishers) * self.publishers
@@ -670,6 +677,20 @@ def read_chunk_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     return compare(args, {f"agg_chunk{c}": at(c) for c in args.read_chunks})
 
 
+def pin_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The service's threads on one CPU (``[scaleout] pin_cpu``, the default) or free."""
+    return compare(
+        args,
+        {
+            f"agg_w{w}_{name}": (
+                lambda case, ctx, w=w, pin=pin: case.run_aggregator(ctx, w, pin_cpu=pin)
+            )
+            for w in args.workers
+            for name, pin in (("free", False), ("pinned", True))
+        },
+    )
+
+
 def checkpoint_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One process at each ``[checkpoint] min_interval_s``."""
 
@@ -726,6 +747,12 @@ def main() -> None:
         help="instead of the ingestion table: one process at each of these [checkpoint] "
         "min_interval_s values (seconds), interleaved",
     )
+    ap.add_argument(
+        "--pin-compare",
+        action="store_true",
+        help="instead of the ingestion table: the aggregator's threads free against kept on "
+        "one CPU per process ([scaleout] pin_cpu), for each --workers count, interleaved",
+    )
     ap.add_argument("--skip-ingestion", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -746,6 +773,8 @@ def main() -> None:
         report["read_chunks"] = read_chunk_compare(args)
     elif args.checkpoint_intervals:
         report["checkpoint_intervals"] = checkpoint_compare(args)
+    elif args.pin_compare:
+        report["pin_compare"] = pin_compare(args)
     elif not args.skip_ingestion:
         report["ingestion"] = ingestion(args)
     if not args.skip_flower:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import threading
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import require
 from test_aggregator_support import (
     FED,
     Federation,
@@ -25,6 +27,7 @@ from test_aggregator_support import (
 )
 
 from aggregator.checkpoint import CheckpointStore
+from aggregator.cpu import usable_cpus
 from aggregator.service import AggregatorThread
 from fedmqtt import codecs, topics, wire
 from fedmqtt.broker import Mosquitto, free_port
@@ -583,3 +586,30 @@ def test_many_updates_awaiting_acknowledgement_do_not_wait_for_the_checkpoint_pa
     finally:
         agg.stop()
     assert agg.error is None
+
+
+# ------------------------------------------------------------------ CPU pinning
+@pytest.mark.parametrize("pin", [True, False])
+def test_the_services_threads_share_one_cpu_unless_told_otherwise(
+    broker: Mosquitto, tmp_path: Path, pin: bool
+) -> None:
+    """[scaleout] pin_cpu (default on): the event loop, the engine and the other executor
+    threads of the service all run on the last usable CPU (aggregator/cpu.py)."""
+    cpus = usable_cpus()
+    require(len(cpus) >= 2, "two CPUs to choose from")
+    fed = Federation(tmp_path, SMALL, devices=("dev0",))
+    cfg = fed.config(broker.host, broker.port, scaleout={"pin_cpu": pin})
+    agg = AggregatorThread(cfg).start()
+    try:
+        publish_all(broker.port, [(topics.updates(FED, "dev0"), fed.update("dev0", rand(1)))])
+        wait_until(lambda: agg.snapshot()["accepted"] == 1, 10, "the update accepted")
+        names = ("aggregator", "agg-engine", "agg-io", "agg-publish")
+        threads = [t for t in threading.enumerate() if t.name.startswith(names)]
+        assert {t.name.split("_")[0] for t in threads} >= set(names)
+        masks = {t.name: os.sched_getaffinity(t.native_id or 0) for t in threads}
+    finally:
+        agg.stop()
+    assert agg.error is None
+    want = {cpus[-1]} if pin else set(cpus)
+    assert all(m == want for m in masks.values()), masks
+    assert os.sched_getaffinity(0) == set(cpus)  # the test's own thread is left alone

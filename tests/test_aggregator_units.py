@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import require
 from prometheus_client import generate_latest
 
 from aggregator.checkpoint import CheckpointError, CheckpointStore, decode_state, encode_state
 from aggregator.config import AggregatorConfig, StrategyConfig, load_config
+from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.metrics import Metrics, RejectionLog
 from aggregator.mqtt import backoff_delay
 from aggregator.replay import ReplayWindow
@@ -47,6 +51,7 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.limits.max_update_bytes == 4 * 15 + 64 * 1024
     assert cfg.limits.inflight_window == 1000
     assert cfg.checkpoint.min_interval_s == 0.1 and cfg.checkpoint.keep == 2
+    assert cfg.scaleout.pin_cpu is True
 
 
 @pytest.mark.parametrize(
@@ -343,3 +348,32 @@ def test_tune_malloc_applies_on_glibc_and_defers_to_glibc_environment(
     assert memtune.tune_malloc() is (platform.libc_ver()[0] == "glibc")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert memtune.tune_malloc() is False  # the operator's own setting wins
+
+
+# ------------------------------------------------------------------ CPU pinning
+def test_cpu_for_gives_the_owner_the_last_cpu_and_workers_the_ones_before() -> None:
+    assert cpu_for(0, [0, 1, 2, 3]) == 3
+    assert [cpu_for(i + 1, [0, 1, 2, 3]) for i in range(4)] == [2, 1, 0, 3]  # round robin
+    assert cpu_for(0, [5]) is None and cpu_for(0, []) is None  # nothing to choose
+
+
+def test_pinning_a_thread_covers_the_threads_it_starts_later() -> None:
+    cpus = usable_cpus()
+    require(len(cpus) >= 2, "two CPUs to choose from")
+    seen: dict[str, set[int]] = {}
+
+    def child() -> None:
+        seen["child"] = os.sched_getaffinity(0)
+
+    def main() -> None:
+        assert pin_current_thread(cpus[0], "test")
+        seen["pinned"] = os.sched_getaffinity(0)
+        t = threading.Thread(target=child)
+        t.start()
+        t.join()
+
+    t = threading.Thread(target=main)
+    t.start()
+    t.join()
+    assert seen == {"pinned": {cpus[0]}, "child": {cpus[0]}}
+    assert os.sched_getaffinity(0) == set(cpus)  # this thread was left alone

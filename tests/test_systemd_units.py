@@ -534,6 +534,9 @@ def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
     assert snap["rejected"] == {} and snap["accepted"] >= 3, snap
     for link in ("aggregator", "worker-1"):
         assert f"{link}: connected to 127.0.0.1:{local_port} " in services[0].text()
+    if len(os.sched_getaffinity(0)) >= 2:  # the unit lets it keep its threads on one CPU
+        for process in ("aggregator", "worker 1"):
+            assert f"{process}: threads on CPU " in services[0].text()
     assert snap.get("accuracy") is not None, snap
 
 
