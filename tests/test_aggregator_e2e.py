@@ -23,6 +23,7 @@ from test_aggregator_support import (
     client,
     publish_all,
     raw_tensor,
+    snapshot_after_restart,
     wait_until,
 )
 
@@ -290,14 +291,9 @@ def test_a_clean_stop_keeps_the_counters_of_refusals_since_the_last_version(
     finally:
         agg.stop()
     assert agg.error is None
-    again = AggregatorThread(cfg).start()
-    try:
-        time.sleep(1.0)
-        snap = again.snapshot()
-        assert snap["version"] == 1 and snap["rejected"] == {"schema": 1}
-        assert snap["updates_received"] == 6
-    finally:
-        again.stop()
+    snap = snapshot_after_restart(cfg, 1.0)
+    assert snap["version"] == 1 and snap["rejected"] == {"schema": 1}
+    assert snap["updates_received"] == 6
 
 
 # ------------------------------------------------------------------ burst
@@ -469,13 +465,8 @@ def test_workers_share_the_stream_through_a_shared_subscription(
         agg.stop()
     assert agg.error is None
     # Everything was acknowledged before the stop: a restart receives nothing again.
-    agg2 = AggregatorThread(cfg).start()
-    try:
-        time.sleep(1.5)
-        snap = agg2.snapshot()
-        assert snap["updates_received"] == 61 and snap["version"] == 12
-    finally:
-        agg2.stop()
+    snap = snapshot_after_restart(cfg, 1.5)
+    assert snap["updates_received"] == 61 and snap["version"] == 12
 
 
 # ------------------------------------------------------------------ the acknowledgement window

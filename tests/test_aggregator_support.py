@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorThread
 from fedmqtt import codecs, topics, wire
 from fedmqtt.admin.tomlconf import dumps
 from fedmqtt.models.spec import ModelSpec
@@ -204,3 +205,14 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str = "condition"
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+def snapshot_after_restart(cfg: AggregatorConfig, settle_s: float) -> dict[str, Any]:
+    """Start the aggregator again on ``cfg``'s state directory, give it ``settle_s`` to take
+    whatever the broker still holds for its session, and return its snapshot (then stop it)."""
+    agg = AggregatorThread(cfg).start()
+    try:
+        time.sleep(settle_s)
+        return agg.snapshot()
+    finally:
+        agg.stop()
