@@ -244,7 +244,6 @@ class Case:
         self.work = work
         self.devices = [f"dev{i}" for i in range(publishers)]
         self.keys = {dev: secrets.token_hex(32) for dev in self.devices}
-        self.last_broker: dict[str, float] = {}  # broker_usage() of the last run
         (work / "devices").mkdir(parents=True, exist_ok=True)
         for dev, k in self.keys.items():
             MAC_KEYS[auth](bytes.fromhex(k)).save(
@@ -332,7 +331,8 @@ class Case:
         for p in self._procs:
             p.join(900)
 
-    def run_bare(self, ctx: Any, proto: str) -> float:
+    def run_bare(self, ctx: Any, proto: str) -> dict[str, Any]:
+        """One run of the bare subscriber: its rate and the broker's usage."""
         m = self.broker(f"bare{proto}-{uuid.uuid4().hex[:8]}")
         try:
             ready, result = ctx.Event(), ctx.Queue()
@@ -358,8 +358,7 @@ class Case:
                         raise RuntimeError("the bare subscriber did not finish") from None
             sub.join(30)
             self.join_publishers()
-            self.last_broker = broker_usage(m, total)
-            return rate
+            return {"rate": rate, "broker": broker_usage(m, total)}
         finally:
             m.close()
 
@@ -418,7 +417,7 @@ class Case:
                 self.check_publishers()
             self.join_publishers()
             s = agg.snapshot()
-            self.last_broker = broker_usage(m, total)
+            broker = broker_usage(m, total)
         finally:
             agg.stop()
             m.close()
@@ -430,6 +429,7 @@ class Case:
             "accepted": s["accepted"],
             "rejected": s["rejected"],
             "version": s["version"],
+            "broker": broker,
             "checkpoints": s["checkpoints"],
         }
 
@@ -444,8 +444,16 @@ def cases(args: argparse.Namespace) -> Iterator[tuple[int, str, int, Case]]:
 
 
 def _record(row: dict[str, Any], name: str, r: dict[str, Any]) -> None:
+    """Append one aggregator run to ``row``: updates/s, CPU per update, checkpoints, broker."""
     row.setdefault(f"{name}_runs", []).append(round(r["rate"]))
     row.setdefault(f"{name}_cpu_us", []).append(round(r["cpu_us"]))
+    row.setdefault(f"{name}_checkpoints", []).append(r["checkpoints"])
+    row.setdefault(f"{name}_broker", []).append(r["broker"])
+
+
+def _record_bare(row: dict[str, Any], proto: str, r: dict[str, Any]) -> None:
+    row.setdefault(f"bare_v{proto}_runs", []).append(round(r["rate"]))
+    row.setdefault(f"bare_v{proto}_broker", []).append(r["broker"])
 
 
 def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -463,13 +471,10 @@ def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
         # publishers run on the same two cores), so the best run is the least disturbed.
         for _ in range(args.repeat):
             for proto in args.ceilings:
-                rate = round(case.run_bare(ctx, proto))
-                row.setdefault(f"bare_v{proto}_runs", []).append(rate)
-                row.setdefault(f"bare_v{proto}_broker", []).append(case.last_broker)
+                _record_bare(row, proto, case.run_bare(ctx, proto))
             for w in args.workers:
                 r = case.run_aggregator(ctx, w)
                 _record(row, f"agg_w{w}", r)
-                row.setdefault(f"agg_w{w}_broker", []).append(case.last_broker)
                 row[f"agg_w{w}_detail"] = r
         for proto in args.ceilings:
             row[f"bare_v{proto}"] = max(row[f"bare_v{proto}_runs"])
@@ -634,13 +639,9 @@ def compare(
         row: dict[str, Any] = {"d": d, "codec": codec, "n": n}
         for _ in range(args.repeat):
             if bare:
-                row.setdefault("bare_v311_runs", []).append(round(case.run_bare(ctx, "311")))
-                row.setdefault("bare_v311_broker", []).append(case.last_broker)
+                _record_bare(row, "311", case.run_bare(ctx, "311"))
             for name, run in variants.items():
-                r = run(case, ctx)
-                _record(row, name, r)
-                row.setdefault(f"{name}_checkpoints", []).append(r["checkpoints"])
-                row.setdefault(f"{name}_broker", []).append(case.last_broker)
+                _record(row, name, run(case, ctx))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -679,12 +680,14 @@ def read_chunk_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def pin_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The service's threads on one CPU (``[scaleout] pin_cpu``, the default) or free."""
+
+    def at(workers: int, pin: bool) -> Variant:
+        return lambda case, ctx: case.run_aggregator(ctx, workers, pin_cpu=pin)
+
     return compare(
         args,
         {
-            f"agg_w{w}_{name}": (
-                lambda case, ctx, w=w, pin=pin: case.run_aggregator(ctx, w, pin_cpu=pin)
-            )
+            f"agg_w{w}_{name}": at(w, pin)
             for w in args.workers
             for name, pin in (("free", False), ("pinned", True))
         },
