@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def cpu_for(slot: int, cpus: list[int]) -> int | None:
+def cpu_for(slot: int, cpus: Sequence[int]) -> int | None:
     """The CPU of process ``slot`` (0 = the owner, ``i + 1`` = worker ``i``), or None when
     there is nothing to choose (fewer than two CPUs)."""
     if len(cpus) < 2:

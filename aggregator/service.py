@@ -159,9 +159,8 @@ class Aggregator:
         loop = asyncio.get_running_loop()
         tune_malloc()
         # Before any executor thread exists, so that they all inherit the CPU (aggregator/cpu.py).
-        cpus = usable_cpus() if cfg.scaleout.pin_cpu else []
-        pin_current_thread(cpu_for(0, cpus), "aggregator")
-        self._cpus = cpus
+        self._cpus = usable_cpus() if cfg.scaleout.pin_cpu else []
+        pin_current_thread(cpu_for(0, self._cpus), "aggregator")
         notifier = Notifier.from_env()
         engine_x = ThreadPoolExecutor(1, thread_name_prefix="agg-engine")
         io_x = ThreadPoolExecutor(1, thread_name_prefix="agg-io")

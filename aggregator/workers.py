@@ -41,7 +41,7 @@ import multiprocessing as mp
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple
 from multiprocessing.connection import Connection
 from typing import Any, cast
@@ -94,9 +94,9 @@ class _Worker:
 class WorkerPool:
     """Owner side: start, feed from and acknowledge through N worker processes."""
 
-    def __init__(self, cfg: AggregatorConfig, cpus: list[int] | None = None) -> None:
+    def __init__(self, cfg: AggregatorConfig, cpus: Sequence[int] = ()) -> None:
         self.cfg = cfg
-        self._cpus = cpus or []  # the CPUs to spread the workers over ([scaleout] pin_cpu)
+        self._cpus = cpus  # the CPUs to spread the workers over ([scaleout] pin_cpu)
         self._ctx = mp.get_context("spawn")
         self._workers = [_Worker(i) for i in range(cfg.scaleout.workers)]
         self._items: deque[tuple[tuple[int, int, int], Verified]] = deque()
