@@ -18,6 +18,12 @@ the aggregator "handled" means accepted or refused with a reason (all are accept
 processes) per update: less disturbed by the shared machine than a rate, so the better measure
 of a change to the aggregator's own cost.
 
+Every run also records where the machine's CPU went per message (``*_budget``, see
+:func:`budget`): the publishers' (while publishing), the broker's, and the subscriber's -- the
+bare one's, or all of the aggregator's processes -- with the cores their sum kept busy at the
+run's rate; and, for the aggregator, its threads' shares (``*_threads``: event loop
+``aggregator``, engine, checkpoint writer, publisher, and each worker's reader thread).
+
 Part 2 -- the aggregation step alone, decode included, against Flower's FedAvg path
 (``flwr.server.strategy.aggregate.aggregate_inplace``, which decodes ``.npy`` tensors) on the
 same tensors: ours decodes wire updates (msgpack + codec) into the buffer and runs FedBuff's
@@ -46,6 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -57,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -142,8 +150,9 @@ class PubJob:
     ca: str | None = None  # publish over TLS, checking the broker against this CA
 
 
-def publisher(job: PubJob, ready: Any, go: Any) -> None:
-    """One publisher process: pre-encode, report ready, wait for go, publish at QoS 1."""
+def publisher(job: PubJob, ready: Any, go: Any, cpu: Any) -> None:
+    """One publisher process: pre-encode, report ready, wait for go, publish at QoS 1; puts
+    the CPU seconds it spent from go to the end (all its threads) on ``cpu``."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -166,12 +175,14 @@ def publisher(job: PubJob, ready: Any, go: Any) -> None:
     c.loop_start()
     ready.set()
     go.wait()
+    cpu0 = time.process_time()
     topic = topics.updates(FED, device)
     infos = [c.publish(topic, p, qos=1) for p in payloads]
     for info in infos:
         info.wait_for_publish(600)
     c.disconnect()
     c.loop_stop()
+    cpu.put(time.process_time() - cpu0)
 
 
 def bare_subscriber(port: int, total: int, proto: str, ready: Any, result: Any) -> None:
@@ -187,14 +198,16 @@ def bare_subscriber(port: int, total: int, proto: str, ready: Any, result: Any) 
             protocol=mqtt.MQTTv311,
             clean_session=True,
         )
-    state = {"n": 0, "t0": 0.0, "t1": 0.0}
+    state = {"n": 0, "t0": 0.0, "t1": 0.0, "cpu0": 0.0, "cpu1": 0.0}
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         if state["n"] == 0:
             state["t0"] = time.perf_counter()
+            state["cpu0"] = time.process_time()
         state["n"] += 1
         if state["n"] >= total:
             state["t1"] = time.perf_counter()
+            state["cpu1"] = time.process_time()
             client.disconnect()
 
     def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
@@ -208,7 +221,8 @@ def bare_subscriber(port: int, total: int, proto: str, ready: Any, result: Any) 
     c.on_subscribe = on_subscribe
     c.connect("127.0.0.1", port)
     c.loop_forever()
-    result.put(total / (state["t1"] - state["t0"]))
+    cpu_us = 1e6 * (state["cpu1"] - state["cpu0"]) / total
+    result.put((total / (state["t1"] - state["t0"]), cpu_us))
 
 
 # ------------------------------------------------------------------ runs
@@ -220,18 +234,53 @@ def broker_usage(m: Mosquitto, messages: int) -> dict[str, float]:
     the stream it queues, and every queued update is fresh memory (docs/benchmarks.md)."""
     assert m.proc is not None
     pid = m.proc.pid
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    fields = _stat(f"/proc/{pid}/stat")
     hwm_kb = next(
         int(line.split()[1])
         for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         if line.startswith("VmHWM:")
     )
     return {
-        "cpu_us": round(1e6 * ticks / os.sysconf("SC_CLK_TCK") / messages, 1),
+        "cpu_us": round(1e6 * _cpu_s(fields) / messages, 1),
         "faults": round(int(fields[7]) / messages, 1),  # minflt (field 10)
         "peak_mb": round(hwm_kb / 1024),
     }
+
+
+def _stat(path: str) -> list[str]:
+    """The fields of a ``/proc/.../stat`` file after the command name (proc(5) field 3 on)."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_s(fields: list[str]) -> float:
+    """utime + stime (proc(5) fields 14 and 15) in seconds."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each live thread of this process, by thread name: where the
+    aggregator's time goes between its event loop, engine, checkpoint and publishing
+    threads."""
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            spent = _cpu_s(_stat(f"/proc/self/task/{t.native_id}/stat"))
+        except OSError:
+            continue  # ended meanwhile
+        out[t.name] = out.get(t.name, 0.0) + spent
+    return out
+
+
+def workers_cpu_s(agg: AggregatorThread) -> float:
+    """CPU seconds of the service's scale-out worker processes over their lives so far (a
+    worker that restarted meanwhile would count from its restart)."""
+    pool = agg.service._pool
+    spent = 0.0
+    for w in pool._workers if pool is not None else []:
+        if w.proc is not None and w.proc.pid is not None:
+            with contextlib.suppress(OSError):
+                spent += _cpu_s(_stat(f"/proc/{w.proc.pid}/stat"))
+    return spent
 
 
 class Case:
@@ -295,6 +344,7 @@ class Case:
     def publish(self, ctx: Any, port: int, ca: Path | None = None) -> None:
         ready = [ctx.Event() for _ in self.devices]
         go = ctx.Event()
+        self._pub_cpu = ctx.Queue()
         per = self.n // self.publishers
         cafile = None if ca is None else str(ca)
         procs = [
@@ -306,6 +356,7 @@ class Case:
                     ),
                     ready[i],
                     go,
+                    self._pub_cpu,
                 ),
             )
             for i, dev in enumerate(self.devices)
@@ -327,9 +378,12 @@ class Case:
             if p.exitcode not in (None, 0):
                 raise RuntimeError(f"publisher {p.name} exited with code {p.exitcode}")
 
-    def join_publishers(self) -> None:
+    def join_publishers(self) -> float:
+        """Wait for the publishers; their CPU per message while publishing (µs, all three)."""
+        spent = sum(float(self._pub_cpu.get(timeout=900)) for _ in self._procs)
         for p in self._procs:
             p.join(900)
+        return 1e6 * spent / ((self.n // self.publishers) * self.publishers)
 
     def run_bare(self, ctx: Any, proto: str) -> dict[str, Any]:
         """One run of the bare subscriber: its rate and the broker's usage."""
@@ -344,21 +398,26 @@ class Case:
             deadline = time.monotonic() + 900
             while True:
                 try:
-                    rate = float(result.get(timeout=0.5))
+                    rate, sub_cpu = result.get(timeout=0.5)
                     break
                 except queue.Empty:
                     self.check_publishers()
                     if not sub.is_alive():  # its result may still be on its way
                         try:
-                            rate = float(result.get(timeout=5))
+                            rate, sub_cpu = result.get(timeout=5)
                         except queue.Empty:
                             raise RuntimeError("the bare subscriber died") from None
                         break
                     if time.monotonic() > deadline:
                         raise RuntimeError("the bare subscriber did not finish") from None
             sub.join(30)
-            self.join_publishers()
-            return {"rate": rate, "broker": broker_usage(m, total)}
+            pub_cpu = self.join_publishers()
+            return {
+                "rate": float(rate),
+                "cpu_us": float(sub_cpu),
+                "broker": broker_usage(m, total),
+                "publishers_cpu_us": pub_cpu,
+            }
         finally:
             m.close()
 
@@ -399,6 +458,8 @@ class Case:
         agg = AggregatorThread(cfg).start()
         try:
             cpu0 = time.process_time()  # this process: the aggregator's threads, not workers
+            threads0 = thread_cpu()
+            workers0 = workers_cpu_s(agg)
             self.publish(ctx, pub_port, ca=pub_ca)
             t0 = t1 = None
             deadline = time.monotonic() + 900
@@ -412,10 +473,12 @@ class Case:
                 if counters.accepted + sum(counters.rejected.values()) >= total:
                     t1 = now
                     cpu1 = time.process_time()
+                    threads1 = thread_cpu()
+                    workers1 = workers_cpu_s(agg)
                     break
                 time.sleep(0.01)
                 self.check_publishers()
-            self.join_publishers()
+            pub_cpu = self.join_publishers()
             s = agg.snapshot()
             broker = broker_usage(m, total)
         finally:
@@ -426,10 +489,17 @@ class Case:
         return {
             "rate": total / (t1 - t0),
             "cpu_us": 1e6 * (cpu1 - cpu0) / total,
+            "workers_cpu_us": 1e6 * (workers1 - workers0) / total,
             "accepted": s["accepted"],
             "rejected": s["rejected"],
             "version": s["version"],
             "broker": broker,
+            "publishers_cpu_us": pub_cpu,
+            "threads_cpu_us": {
+                name: round(1e6 * (spent - threads0.get(name, 0.0)) / total, 1)
+                for name, spent in threads1.items()
+                if spent - threads0.get(name, 0.0) > 0
+            },
             "checkpoints": s["checkpoints"],
         }
 
@@ -443,17 +513,37 @@ def cases(args: argparse.Namespace) -> Iterator[tuple[int, str, int, Case]]:
                 yield d, codec, n, Case(d, codec, n, args.publishers, Path(tmp), auth=args.auth)
 
 
+def budget(r: dict[str, Any]) -> dict[str, float]:
+    """Where the machine's CPU went per message in one run: the publishers, the broker and the
+    subscriber (µs each), their total, and ``cores``, the cores that total kept busy at the
+    run's rate. Everything shares the two cores, so a subscriber's rate is bounded by the sum,
+    not only by its own cost: ``cores`` near 2 means the run was CPU-bound."""
+    parts = {
+        "publishers": r["publishers_cpu_us"],
+        "broker": r["broker"]["cpu_us"],
+        "subscriber": r["cpu_us"] + r.get("workers_cpu_us", 0.0),  # the aggregator: all processes
+    }
+    total = sum(parts.values())
+    out = {k: round(v, 1) for k, v in parts.items()}
+    out.update(total=round(total, 1), cores=round(r["rate"] * total / 1e6, 2))
+    return out
+
+
 def _record(row: dict[str, Any], name: str, r: dict[str, Any]) -> None:
-    """Append one aggregator run to ``row``: updates/s, CPU per update, checkpoints, broker."""
+    """Append one aggregator run to ``row``: updates/s, CPU per update, checkpoints, broker,
+    the CPU budget of the run and the aggregator's threads' share of it."""
     row.setdefault(f"{name}_runs", []).append(round(r["rate"]))
     row.setdefault(f"{name}_cpu_us", []).append(round(r["cpu_us"]))
     row.setdefault(f"{name}_checkpoints", []).append(r["checkpoints"])
     row.setdefault(f"{name}_broker", []).append(r["broker"])
+    row.setdefault(f"{name}_budget", []).append(budget(r))
+    row.setdefault(f"{name}_threads", []).append(r["threads_cpu_us"])
 
 
 def _record_bare(row: dict[str, Any], proto: str, r: dict[str, Any]) -> None:
     row.setdefault(f"bare_v{proto}_runs", []).append(round(r["rate"]))
     row.setdefault(f"bare_v{proto}_broker", []).append(r["broker"])
+    row.setdefault(f"bare_v{proto}_budget", []).append(budget(r))
 
 
 def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
