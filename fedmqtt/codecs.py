@@ -423,8 +423,9 @@ def _decode_params(
             raise ValueError(f"out has {out.size} elements, layout needs {layout.size}")
     if not isinstance(obj, dict):
         raise DecodeError(SCHEMA, f"tensors must be a map, got {type(obj).__name__}")
-    wanted = set(layout.names)
-    if len(obj) != len(wanted) or any(key not in wanted for key in obj):
+    offsets = layout.offsets()
+    if obj.keys() != offsets.keys():  # one set comparison in C
+        wanted = set(layout.names)
         missing = sorted(wanted.difference(obj))
         extra = sorted(_short(key) for key in obj if key not in wanted)
         raise DecodeError(
@@ -435,7 +436,7 @@ def _decode_params(
     # (cached) vector: cheaper than a float64 sum per tensor when per-call costs dominate.
     per_tensor = want_sq and layout.size > _SMALL
     total = 0.0
-    for (name, (start, stop)), shape in zip(layout.offsets().items(), layout.shapes, strict=True):
+    for (name, (start, stop)), shape in zip(offsets.items(), layout.shapes, strict=True):
         try:
             sq = _decode_checked(obj[name], limits, shape, dst[start:stop], want_sq=per_tensor)[1]
         except DecodeError as exc:
