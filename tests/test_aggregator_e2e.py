@@ -43,6 +43,13 @@ def rand(seed: int, spec: ModelSpec = SMALL, scale: float = 0.01) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, scale, spec.layout().size).astype(np.float32)
 
 
+def dev0_updates(fed: Federation, n: int) -> list[tuple[str, bytes]]:
+    """``n`` valid updates of device dev0 (deltas ``rand(0)`` .. ``rand(n - 1)``, fresh ids),
+    with their topic, ready for :func:`publish_all`."""
+    topic = topics.updates(FED, "dev0")
+    return [(topic, fed.update("dev0", rand(i))) for i in range(n)]
+
+
 def newer_by(version: int, n: int, m: wire.GlobalModel) -> bool:
     return m.version >= version + n
 
@@ -217,7 +224,7 @@ def test_reconnects_after_a_broker_restart(broker: Mosquitto, tmp_path: Path) ->
     watcher = ModelWatcher(broker.port, fed.verifier)
     try:
         # Four updates: three make version 1, the fourth waits in the buffer, unacknowledged.
-        publish_all(broker.port, [(t, fed.update("dev0", rand(i))) for i in range(4)])
+        publish_all(broker.port, dev0_updates(fed, 4))
         wait_until(lambda: agg.snapshot()["accepted"] == 4, 10, "4 accepted")
         # Version 1 on the model topic: its checkpoint is done and the three PUBACKs went out
         # before the model on the same connection.
@@ -263,8 +270,7 @@ def test_restart_with_a_backlog_beyond_the_receive_window(
     wait_until(lambda: first.snapshot()["connected"], 10, "first connection")
     first.stop()
     assert first.error is None
-    t = topics.updates(FED, "dev0")
-    publish_all(broker.port, [(t, fed.update("dev0", rand(i))) for i in range(150)])
+    publish_all(broker.port, dev0_updates(fed, 150))
     agg = AggregatorThread(cfg).start()
     try:
         wait_until(lambda: agg.snapshot()["accepted"] == 150, 30, "the whole backlog accepted")
@@ -284,7 +290,7 @@ def test_a_clean_stop_keeps_the_counters_of_refusals_since_the_last_version(
     t = topics.updates(FED, "dev0")
     agg = AggregatorThread(cfg).start()
     try:
-        publish_all(broker.port, [(t, fed.update("dev0", rand(i))) for i in range(5)])
+        publish_all(broker.port, dev0_updates(fed, 5))
         wait_until(lambda: agg.snapshot()["checkpoints"] >= 1, 10, "version 1 checkpointed")
         publish_all(broker.port, [(t, b"junk")])
         wait_until(lambda: agg.snapshot()["rejected_total"] == 1, 10, "junk refused")
@@ -398,10 +404,7 @@ def test_publishes_plan_onnx_metrics_and_prometheus(broker: Mosquitto, tmp_path:
     for topic in (topics.plan(FED), topics.model_onnx(FED), topics.metrics(FED)):
         sub.subscribe(topic, 1)
     try:
-        publish_all(
-            broker.port,
-            [(topics.updates(FED, "dev0"), fed.update("dev0", rand(i))) for i in range(2)],
-        )
+        publish_all(broker.port, dev0_updates(fed, 2))
         wait_until(lambda: agg.snapshot()["version"] == 1, 10, "version 1")
 
         def onnx_v1() -> bool:
@@ -485,9 +488,9 @@ def test_refused_messages_cannot_stall_a_partly_filled_buffer(
         limits={"receive_maximum": window},
     )
     agg = AggregatorThread(cfg).start()
-    t0, t1 = topics.updates(FED, "dev0"), topics.updates(FED, "dev1")
+    t1 = topics.updates(FED, "dev1")
     try:
-        good = [(t0, fed.update("dev0", rand(i), update_id=f"good-{i:04d}")) for i in range(30)]
+        good = dev0_updates(fed, 30)
         garbage = [(t1, np.random.default_rng(i).bytes(200)) for i in range(3 * window)]
         # 5 valid updates buffered, then three windows' worth of garbage, then 25 more valid.
         publish_all(broker.port, good[:5] + garbage + good[5:])
@@ -519,16 +522,11 @@ def test_checkpoints_are_paced_and_a_stop_does_not_wait_for_the_pace(
         checkpoint={"min_interval_s": 60.0},
     )
     agg = AggregatorThread(cfg).start()
-    topic = topics.updates(FED, "dev0")
     try:
-        first = [
-            (topic, fed.update("dev0", rand(i), update_id=f"pace-a-{i:04d}")) for i in range(2)
-        ]
-        publish_all(broker.port, first)
+        publish_all(broker.port, dev0_updates(fed, 2))
         wait_until(lambda: agg.snapshot()["checkpoints"] >= 1, 10, "version 1 checkpointed")
         checkpoints = agg.snapshot()["checkpoints"]
-        rest = [(topic, fed.update("dev0", rand(i), update_id=f"pace-b-{i:04d}")) for i in range(6)]
-        publish_all(broker.port, rest)
+        publish_all(broker.port, dev0_updates(fed, 6))
         wait_until(lambda: agg.snapshot()["version"] == 4, 10, "versions 2-4 made")
         time.sleep(0.5)
         assert agg.snapshot()["checkpoints"] == checkpoints  # paced: none for versions 2-4
@@ -561,12 +559,8 @@ def test_many_updates_awaiting_acknowledgement_do_not_wait_for_the_checkpoint_pa
     )
     store = CheckpointStore(cfg.state_dir / "checkpoints")
     agg = AggregatorThread(cfg).start()
-    topic = topics.updates(FED, "dev0")
     try:
-        updates = [
-            (topic, fed.update("dev0", rand(i), update_id=f"window-{i:04d}")) for i in range(100)
-        ]
-        publish_all(broker.port, updates)
+        publish_all(broker.port, dev0_updates(fed, 100))
         wait_until(lambda: agg.snapshot()["version"] == 50, 20, "all 100 applied")
 
         def durable_version() -> int:
