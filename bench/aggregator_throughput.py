@@ -40,6 +40,11 @@ interleaved, with the bare MQTT 3.1.1 subscriber in every round. ``--checkpoint-
 A,B,...`` likewise at each ``[checkpoint] min_interval_s``, and ``--pin-compare`` with the
 service's threads free against kept on one CPU per process (``[scaleout] pin_cpu``).
 
+``--broker-malloc-compare`` (instead of part 1): the broker with the production malloc
+settings (``fedmqtt.broker.MALLOC_TUNABLES``, the same as the systemd drop-in's; every other
+mode runs with them) against glibc's defaults, each round the bare 3.1.1 subscriber and one
+aggregator process under both.
+
 Usage::
 
     .venv/bin/python bench/aggregator_throughput.py --json /tmp/agg-bench.json
@@ -87,7 +92,7 @@ from aggregator.service import AggregatorThread  # noqa: E402
 from bench.tlsbroker import add_tls_listener  # noqa: E402
 from fedmqtt import codecs, topics, wire  # noqa: E402
 from fedmqtt.admin.sizing import max_packet_size  # noqa: E402
-from fedmqtt.broker import Mosquitto  # noqa: E402
+from fedmqtt.broker import MALLOC_TUNABLES, Mosquitto  # noqa: E402
 from fedmqtt.models.spec import ModelSpec  # noqa: E402
 from fedmqtt.signing import (  # noqa: E402
     CHACHA20_POLY1305,
@@ -292,6 +297,7 @@ class Case:
         self.spec = spec_for(d)
         self.work = work
         self.devices = [f"dev{i}" for i in range(publishers)]
+        self.broker_tunables = MALLOC_TUNABLES  # the brokers' glibc malloc settings
         self.keys = {dev: secrets.token_hex(32) for dev in self.devices}
         (work / "devices").mkdir(parents=True, exist_ok=True)
         for dev, k in self.keys.items():
@@ -330,7 +336,11 @@ class Case:
 
     def _new_broker(self, tag: str) -> Mosquitto:
         size = max(max_packet_size(self.d, self.spec.n_features), 16 * 1024 * 1024)
-        return Mosquitto(data_dir=self.work / f"broker-{tag}", max_packet_size=size)
+        return Mosquitto(
+            data_dir=self.work / f"broker-{tag}",
+            max_packet_size=size,
+            malloc_tunables=self.broker_tunables,
+        )
 
     def broker(self, tag: str) -> Mosquitto:
         return self._new_broker(tag).start()
@@ -794,6 +804,32 @@ def checkpoint_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     return compare(args, {f"agg_ckpt{i:g}s": at(i) for i in args.checkpoint_intervals})
 
 
+def broker_malloc_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The broker with the production malloc settings (``fedmqtt.broker.MALLOC_TUNABLES``,
+    huge pages for its heap) against glibc's defaults. The setting changes the ceiling too, so
+    each round runs the bare MQTT 3.1.1 subscriber and one aggregator process under each, on
+    fresh brokers, the two settings taking turns to go first."""
+    ctx = mp.get_context("spawn")
+    settings = [("thp", MALLOC_TUNABLES), ("glibc", "")]
+    rows = []
+    for d, codec, n, case in cases(args):
+        row: dict[str, Any] = {"d": d, "codec": codec, "n": n, "tunables": MALLOC_TUNABLES}
+        for i in range(args.repeat):
+            for name, tunables in settings if i % 2 == 0 else settings[::-1]:
+                case.broker_tunables = tunables
+                _record_bare(row, f"311_{name}", case.run_bare(ctx, "311"))
+                _record(row, f"agg_{name}", case.run_aggregator(ctx, 0))
+        for name, _ in settings:
+            bare, agg = row[f"bare_v311_{name}_runs"], row[f"agg_{name}_runs"]
+            row[f"{name}_round_pct"] = [
+                round(100.0 * a / b, 1) for a, b in zip(agg, bare, strict=True)
+            ]
+            row[f"{name}_mean"] = {"bare": round(np.mean(bare)), "agg": round(np.mean(agg))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -846,6 +882,13 @@ def main() -> None:
         help="instead of the ingestion table: the aggregator's threads free against kept on "
         "one CPU per process ([scaleout] pin_cpu), for each --workers count, interleaved",
     )
+    ap.add_argument(
+        "--broker-malloc-compare",
+        action="store_true",
+        help="instead of the ingestion table: the broker with the production malloc settings "
+        "(huge pages) against glibc's defaults, the bare 3.1.1 subscriber and one aggregator "
+        "process under each, interleaved",
+    )
     ap.add_argument("--skip-ingestion", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -868,6 +911,8 @@ def main() -> None:
         report["checkpoint_intervals"] = checkpoint_compare(args)
     elif args.pin_compare:
         report["pin_compare"] = pin_compare(args)
+    elif args.broker_malloc_compare:
+        report["broker_malloc_compare"] = broker_malloc_compare(args)
     elif not args.skip_ingestion:
         report["ingestion"] = ingestion(args)
     if not args.skip_flower:

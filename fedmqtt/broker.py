@@ -18,11 +18,21 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from fedmqtt.errors import FedMQTTError
 
 INSTALL_HINT = "apt-get install -y mosquitto   (Debian/Ubuntu/Raspberry Pi OS; run as root)"
 DEFAULT_MAX_PACKET_SIZE = 16 * 1024 * 1024
+# glibc malloc tunables for the broker process, the same line that the production drop-in
+# systemd/mosquitto.service.d/fedmqtt.conf sets (tests/test_systemd_units.py keeps the two
+# equal). ``hugetlb=1`` asks for transparent huge pages on malloc's heap. Every update the
+# broker queues for a subscriber that is behind is fresh memory: with 4 KiB pages, a 100 KB
+# update costs 25 page faults, each with its kernel bookkeeping. With huge pages that is one
+# fault per 2 MiB. Measured with bench/aggregator_throughput.py --broker-malloc-compare
+# (docs/benchmarks.md). A kernel with transparent huge pages off, or a glibc older than 2.35,
+# ignores the setting. The memory cost is the heap rounded up to 2 MiB.
+MALLOC_TUNABLES: Final = "glibc.malloc.hugetlb=1"
 
 
 class BrokerError(FedMQTTError):
@@ -35,6 +45,18 @@ def config_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent / "broker_config"
+
+
+def broker_environ(tunables: str = MALLOC_TUNABLES) -> dict[str, str]:
+    """This process's environment plus ``GLIBC_TUNABLES=tunables`` for a broker process.
+
+    A ``GLIBC_TUNABLES`` already in the environment wins: whoever set it meant it. An empty
+    ``tunables`` leaves glibc at its defaults.
+    """
+    env = dict(os.environ)
+    if tunables:
+        env.setdefault("GLIBC_TUNABLES", tunables)
+    return env
 
 
 def find_mosquitto() -> str:
@@ -65,7 +87,9 @@ class Mosquitto:
     """A Mosquitto process on 127.0.0.1 with a config rendered from ``broker_config/``.
 
     ``stop()``/``kill()`` and ``start()`` keep the same port and data directory, so tests can take
-    the broker away under running clients and bring it back.
+    the broker away under running clients and bring it back. The process runs with the
+    production drop-in's malloc settings (:data:`MALLOC_TUNABLES`; ``malloc_tunables=""`` for
+    glibc's defaults).
     """
 
     def __init__(
@@ -76,8 +100,10 @@ class Mosquitto:
         data_dir: Path | None = None,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         extra: dict[str, str] | None = None,
+        malloc_tunables: str = MALLOC_TUNABLES,
     ) -> None:
         self.binary = find_mosquitto()
+        self.malloc_tunables = malloc_tunables
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -115,6 +141,7 @@ class Mosquitto:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            env=broker_environ(self.malloc_tunables),
         )
         if not wait_for_port(self.host, self.port, timeout):
             err = b""

@@ -219,6 +219,21 @@ def test_mosquitto_dropin_verifies_and_hardens(tmp_path: Path) -> None:
     ]
 
 
+def dropin_environment() -> dict[str, str]:
+    """The drop-in's ``Environment=`` assignments (space-separated, none quoted)."""
+    return dict(
+        v.partition("=")[::2] for line in directives(DROPIN)["Environment"] for v in line.split()
+    )
+
+
+def test_mosquitto_dropin_sets_the_malloc_tunables_the_tests_run_with() -> None:
+    """The broker that tests and benchmarks start runs with fedmqtt.broker.MALLOC_TUNABLES; the
+    production broker must run with the same, or the benchmarks measure another broker."""
+    from fedmqtt.broker import MALLOC_TUNABLES
+
+    assert dropin_environment() == {"GLIBC_TUNABLES": MALLOC_TUNABLES}
+
+
 # --------------------------------------------------------------------------- the agent, sandboxed
 
 
@@ -541,9 +556,9 @@ def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
 
 
 def test_mosquitto_starts_with_the_dropins_capabilities(tmp_path: Path) -> None:
-    """The drop-in keeps only CAP_SETUID, CAP_SETGID and CAP_CHOWN: with the production config,
-    Mosquitto must still start as root, drop to its user and serve TLS (setpriv applies the
-    same bounding set systemd would)."""
+    """The drop-in keeps only CAP_SETUID, CAP_SETGID and CAP_CHOWN: with the production config
+    and the drop-in's environment, Mosquitto must still start as root, drop to its user and
+    serve TLS (setpriv applies the same bounding set systemd would)."""
     import pwd
     import socket
     import ssl
@@ -594,6 +609,7 @@ def test_mosquitto_starts_with_the_dropins_capabilities(tmp_path: Path) -> None:
             [setpriv, f"--bounding-set={bounding}", "--inh-caps=-all", mosquitto, "-c", str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env={**os.environ, **dropin_environment()},
         )
         try:
             assert wait_for_port("127.0.0.1", port, 10), proc.stderr.read() if proc.stderr else ""
