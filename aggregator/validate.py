@@ -154,13 +154,17 @@ def limits_for(layout: Layout, max_bytes: int) -> Limits:
     return Limits(max_elements=largest, max_ndim=2, max_data_bytes=min(max_bytes, 8 * largest))
 
 
-def decode_delta(delta: dict[str, Any], layout: Layout, limits: Limits, out: F32) -> float:
+def decode_delta(
+    delta: dict[str, Any], layout: Layout, limits: Limits, out: F32, scales: F32 | None = None
+) -> float:
     """Step 9: decode into ``out`` (the model's flat layout); returns the delta's L2 norm.
 
     The decoder computes the norm with its finiteness check (one pass over each tensor, see
     :func:`fedmqtt.codecs.decode_params_norm`) instead of a second pass over ``out`` here.
+    With ``scales`` (one per tensor), int8 tensors of a large model are left unscaled and their
+    scales go there, for the strategy to apply (:meth:`aggregator.strategies.Strategy.slot`).
     """
-    return decode_params_norm(delta, layout, limits=limits, out=out)[1]
+    return decode_params_norm(delta, layout, limits=limits, out=out, scales=scales)[1]
 
 
 class NormGate:

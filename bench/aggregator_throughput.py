@@ -621,14 +621,17 @@ def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
         auth=DEFAULT_UPDATE_AUTH,
     )
     limits = limits_for(layout, 1 << 31)
-    strategy = FedBuff(StrategyConfig(buffer_size=k), layout.size)
+    # As the engine builds it: int8 scales of a large model are left to the strategy.
+    strategy = FedBuff(StrategyConfig(buffer_size=k), layout.size, list(layout.offsets().values()))
+    defer = codecs.defers_int8_scales(layout)
     w = np.zeros(layout.size, dtype=np.float32)
     best = float("inf")
     for _ in range(rounds):
         t = time.perf_counter()
         for p in payloads:
             upd = wire.parse(wire.open_envelope(p), wire.Update)
-            norm = decode_delta(upd.delta, layout, limits, strategy.slot())
+            scales = strategy.slot_scales() if defer else None
+            norm = decode_delta(upd.delta, layout, limits, strategy.slot(), scales)
             meta = UpdateMeta(
                 upd.sender,
                 upd.update_id,

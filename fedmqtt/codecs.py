@@ -363,10 +363,11 @@ def _decode_checked(
     out: F32 | None,
     *,
     want_sq: bool,
-) -> tuple[F32, float]:
+    defer_scale: bool = False,
+) -> tuple[F32, float, float]:
     """:func:`_decode` with every failure turned into a DecodeError."""
     try:
-        return _decode(obj, limits, expected_shape, out, want_sq)
+        return _decode(obj, limits, expected_shape, out, want_sq, defer_scale=defer_scale)
     except DecodeError:
         raise
     except MemoryError as exc:
@@ -392,12 +393,20 @@ def decode_params(
     return _decode_params(obj, layout, limits, out, want_sq=False)[0]
 
 
+def defers_int8_scales(layout: Layout) -> bool:
+    """Whether :func:`decode_params_norm` leaves int8 tensors of ``layout`` unscaled when given
+    ``scales`` (models of more than 8192 values); for smaller ones passing ``scales`` only
+    costs time."""
+    return layout.size > _SMALL
+
+
 def decode_params_norm(
     obj: object,
     layout: Layout,
     *,
     limits: Limits = DEFAULT_LIMITS,
     out: F32 | None = None,
+    scales: F32 | None = None,
 ) -> tuple[F32, float]:
     """:func:`decode_params`, also returning the L2 norm of the decoded vector.
 
@@ -409,18 +418,38 @@ def decode_params_norm(
     the whole vector after decoding. A float32 sum that overflows (finite values above ~1e19)
     is redone in float64, so the norm is always finite and within float32 rounding of
     ``np.linalg.norm`` of the result. Same errors as :func:`decode_params`.
+
+    ``scales`` (float32, one entry per tensor of ``layout``, in layout order) lets the caller
+    apply int8 scales later, where they cost nothing: in a model of more than 8192 values each
+    int8 tensor is then left as its codes (``q`` as float32) and its scale goes to ``scales``;
+    every other tensor is decoded in full and gets 1.0. The decoded vector is ``flat`` with
+    each tensor's segment multiplied by its entry. The norm is always that of the decoded
+    vector. It saves the aggregator one pass over every int8 update, whose sum with the
+    others is a matrix-vector product that takes the scales for free
+    (``aggregator.strategies.base.mean_of_rows``). A small model is decoded in full (all 1.0):
+    its norm is taken over the whole vector after decoding.
     """
-    flat, sq = _decode_params(obj, layout, limits, out, want_sq=True)
+    flat, sq = _decode_params(obj, layout, limits, out, want_sq=True, scales=scales)
     return flat, math.sqrt(sq)
 
 
 def _decode_params(
-    obj: object, layout: Layout, limits: Limits, out: F32 | None, *, want_sq: bool
+    obj: object,
+    layout: Layout,
+    limits: Limits,
+    out: F32 | None,
+    *,
+    want_sq: bool,
+    scales: F32 | None = None,
 ) -> tuple[F32, float]:
     if out is not None:
         _check_out(out)
         if out.size != layout.size:
             raise ValueError(f"out has {out.size} elements, layout needs {layout.size}")
+    if scales is not None:
+        _check_out(scales)
+        if scales.size != len(layout.names):
+            raise ValueError(f"scales has {scales.size} entries, layout has {len(layout.names)}")
     if not isinstance(obj, dict):
         raise DecodeError(SCHEMA, f"tensors must be a map, got {type(obj).__name__}")
     offsets = layout.offsets()
@@ -435,13 +464,20 @@ def _decode_params(
     # A small model is summed once, after decoding, as one float32 dot product over the whole
     # (cached) vector: cheaper than a float64 sum per tensor when per-call costs dominate.
     per_tensor = want_sq and layout.size > _SMALL
+    defer = scales is not None and per_tensor
     total = 0.0
-    for (name, (start, stop)), shape in zip(offsets.items(), layout.shapes, strict=True):
+    for t, ((name, (start, stop)), shape) in enumerate(
+        zip(offsets.items(), layout.shapes, strict=True)
+    ):
         try:
-            sq = _decode_checked(obj[name], limits, shape, dst[start:stop], want_sq=per_tensor)[1]
+            _, sq, scale = _decode_checked(
+                obj[name], limits, shape, dst[start:stop], want_sq=per_tensor, defer_scale=defer
+            )
         except DecodeError as exc:
             raise DecodeError(exc.reason, f"tensor {name!r}: {exc.detail}") from exc
         total += sq
+        if scales is not None:
+            scales[t] = scale
     if want_sq and not per_tensor:
         total = float(np.dot(dst, dst))
         if not math.isfinite(total):  # finite values above ~1e19: redo it in float64
@@ -463,8 +499,12 @@ def _decode(
     expected_shape: tuple[int, ...] | None,
     out: F32 | None,
     want_sq: bool,
-) -> tuple[F32, float]:
-    """The decoded tensor and, if ``want_sq``, the float64 sum of its squares (else 0.0)."""
+    *,
+    defer_scale: bool = False,
+) -> tuple[F32, float, float]:
+    """The decoded tensor, if ``want_sq`` the float64 sum of its squares (else 0.0), and the
+    scale still to apply to it: 1.0, except for an int8 tensor with ``defer_scale``, which is
+    left as its codes (the sum of squares is still that of the scaled values)."""
     if not isinstance(obj, dict):
         raise DecodeError(SCHEMA, f"tensor must be a map, got {type(obj).__name__}")
     codec = obj.get("c")
@@ -501,7 +541,7 @@ def _decode(
     data = _payload(obj["d"], "d", data_len, compressed)
     index = _payload(obj["i"], "i", index_len, compressed) if codec == "topk" else b""
     dst = np.empty(n, dtype=np.float32) if out is None else out
-    sq = 0.0
+    sq, left = 0.0, 1.0
 
     if codec == "raw":
         # Copy first, then check the copy: the check (a dot product, see _finite_sq) reads
@@ -516,6 +556,13 @@ def _decode(
         # (A single np.multiply(q, scale, out=dst, casting="unsafe") is slower than these two
         # passes: numpy runs mixed-type ufuncs through a buffered cast.)
         np.copyto(dst, np.frombuffer(data, _I1))
+        if defer_scale:
+            # sum q^2 <= n * 128^2 is exact enough in float32 (no overflow below ~1e34 codes);
+            # the product with scale^2 (< 7.1e72) is taken in float64, where it cannot overflow.
+            left = float(scale)
+            if want_sq:
+                sq = float(np.dot(dst, dst)) * left * left
+            return (dst if len(shape) == 1 else dst.reshape(shape)), sq, left
         np.multiply(dst, scale, out=dst)
         if want_sq:  # the values are finite; only the float32 sum of squares may overflow
             if n * (128.0 * float(scale)) ** 2 < _SAFE_SUM:
@@ -551,7 +598,7 @@ def _decode(
             raise DecodeError(NONFINITE, "topk values contain NaN or Inf")
         dst.fill(0.0)
         dst[idx] = values
-    return (dst if len(shape) == 1 else dst.reshape(shape)), sq
+    return (dst if len(shape) == 1 else dst.reshape(shape)), sq, left
 
 
 def _explain_fields(obj: dict[Any, Any], codec: str, allowed: frozenset[str]) -> NoReturn:

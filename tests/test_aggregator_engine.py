@@ -312,3 +312,40 @@ def test_updates_with_a_cheap_mac_stay_on_one_thread(fed: Federation) -> None:
     assert e._pool is None
     assert e.version == 2 and e.metrics.snapshot()["accepted"] == 8
     e.close()
+
+
+@pytest.mark.parametrize("strategy", [{}, {"robust": "median"}, {"name": "fedasync"}])
+def test_large_int8_updates_left_unscaled_give_the_model_of_their_values(
+    fed: Federation, strategy: dict[str, Any]
+) -> None:
+    """In a model above 8192 values the engine leaves int8 tensors as codes and their scales
+    to the strategy. The model must be the one that the fully decoded updates make."""
+    from fedmqtt.codecs import Codec, decode_params, encode_params
+
+    big = Federation(fed.root / "big", BIG)
+    layout = BIG.layout()
+    cfg = big.config(
+        "127.0.0.1", 1883, strategy={"buffer_size": 4, "max_staleness": 100, **strategy}
+    )
+    deferred, decoded = (Engine(cfg, Metrics(FED), keys=None) for _ in range(2))
+    rng = np.random.default_rng(5)
+    items, rows = [], []
+    for i in range(8):
+        delta = layout.unflatten(rng.normal(0, 0.01, layout.size).astype(np.float32))
+        enc = encode_params(delta, Codec.parse("int8"), rng=rng)
+        payload = big.update_encoded("dev0", enc, update_id=f"update-{i:04d}")
+        items.append((upd_topic(), payload))
+        values = decode_params(enc, layout)
+        meta = UpdateMeta(
+            "dev0", f"update-{i:04d}", 0, 0, 10, 0.0, len(payload)
+        )  # update_encoded's
+        norm = float(np.linalg.norm(values))
+        rows.append(Verified("dev0", len(payload), meta, norm, values.tobytes()))
+    assert deferred._defer_scales
+    deferred.process(items, 0.0)
+    decoded.process_verified(rows, 0.0)
+    assert deferred.metrics.accepted == decoded.metrics.accepted == 8
+    assert deferred.version == decoded.version > 0
+    np.testing.assert_allclose(deferred.params, decoded.params, rtol=1e-5, atol=1e-7)
+    deferred.close()
+    decoded.close()

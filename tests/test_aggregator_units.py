@@ -240,6 +240,56 @@ def test_fedasync_mixes_every_update() -> None:
     np.testing.assert_allclose(s.aggregate(np.ones(3, np.float32), None), [2, 2, 2])
 
 
+SEGMENTS = [(0, 30), (30, 33), (33, 40)]  # three tensors of a 40-value model
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StrategyConfig(buffer_size=4, staleness="poly:0.5"),
+        StrategyConfig(buffer_size=4, server_lr=0.5, momentum=0.9),
+        StrategyConfig(buffer_size=4, robust=("median",)),
+        StrategyConfig(buffer_size=4, robust=("trimmed-mean",), trim_fraction=0.25),
+        StrategyConfig(buffer_size=4, robust=("clip",), clip_factor=0.5),
+        StrategyConfig(name="fedavg", min_updates=4),
+        StrategyConfig(name="fedasync", alpha=0.5),
+    ],
+    ids=["mean", "momentum", "median", "trimmed", "clip", "fedavg", "fedasync"],
+)
+def test_rows_left_unscaled_aggregate_as_their_values(cfg: StrategyConfig) -> None:
+    """A row holding int8 codes with its scales in slot_scales() aggregates exactly as the row
+    of decoded values would, whatever the strategy and reducer (the mean folds the scales into
+    its coefficients, everything else applies them first)."""
+    rng = np.random.default_rng(3)
+    scaled = build_strategy(cfg, 40, SEGMENTS)
+    plain = build_strategy(cfg, 40, SEGMENTS)
+    params = rng.normal(0, 1, 40).astype(np.float32)
+    for rnd in range(2):  # the second round reuses the rows and scales of the first
+        for i in range(scaled.capacity):
+            codes = rng.integers(-127, 128, 40).astype(np.float32)
+            scales = rng.uniform(0.001, 0.1, len(SEGMENTS)).astype(np.float32)
+            values = codes * np.repeat(scales, [b - a for a, b in SEGMENTS])
+            if i == 1:  # a row of values (a worker's), beside rows of codes
+                scaled.slot()[:] = values
+                scaled.slot_scales().fill(1.0)
+            else:
+                scaled.slot()[:] = codes
+                scaled.slot_scales()[:] = scales
+            plain.slot()[:] = values
+            norm = float(np.linalg.norm(values))
+            for s in (scaled, plain):
+                s.add(meta(10 * rnd + i, n=i + 1), i, norm)
+        assert scaled.ready(0.0) and plain.ready(0.0)
+        median_norm = 0.5 if "clip" in cfg.robust else None
+        got = scaled.aggregate(params, median_norm)
+        want = plain.aggregate(params, median_norm)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for s in (scaled, plain):
+            s.clear()
+        np.testing.assert_array_equal(scaled.scales, 1.0)
+        params = want
+
+
 def test_strategy_state_refuses_another_strategy() -> None:
     a = FedBuff(StrategyConfig(buffer_size=2), 3)
     b = FedAvg(StrategyConfig(name="fedavg", min_updates=2), 3)

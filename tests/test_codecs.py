@@ -20,6 +20,7 @@ from fedmqtt.codecs import (
     decode_params,
     decode_params_norm,
     decode_tensor,
+    defers_int8_scales,
     encode_params,
     encode_tensor,
     topk_count,
@@ -488,6 +489,36 @@ def test_norm_path_rejects_nonfinite(layout: Layout, bad: float) -> None:
     with pytest.raises(DecodeError) as err:
         decode_params_norm(enc, layout)
     assert err.value.reason == NONFINITE and "'W0'" in err.value.detail
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
+@pytest.mark.parametrize("text", ["int8", "int8+zlib", "raw", "fp16", "topk:0.3"])
+def test_deferred_scales_give_the_same_vector_and_norm(layout: Layout, text: str) -> None:
+    enc = wire(encode_params(_params(layout), Codec.parse(text), rng=np.random.default_rng(1)))
+    full, full_norm = decode_params_norm(enc, layout)
+    out = np.empty(layout.size, np.float32)
+    scales = np.full(len(layout.names), -1.0, np.float32)  # every entry must be written
+    flat, norm = decode_params_norm(enc, layout, out=out, scales=scales)
+    sizes = [b - a for a, b in layout.offsets().values()]
+    deferred = defers_int8_scales(layout) and text.startswith("int8")
+    assert deferred == (layout is BIG_LAYOUT and text.startswith("int8"))
+    if deferred:
+        assert (scales > 0).all() and (scales != 1.0).all()
+        # codes are left in the row: small integers, exactly
+        np.testing.assert_array_equal(flat, np.round(flat))
+        assert np.abs(flat).max() <= 128
+    else:
+        np.testing.assert_array_equal(scales, 1.0)
+    np.testing.assert_allclose(flat * np.repeat(scales, sizes), full, rtol=1e-6, atol=0)
+    assert norm == pytest.approx(full_norm, rel=1e-5)
+
+
+def test_deferred_scales_need_one_entry_per_tensor() -> None:
+    enc = wire(
+        encode_params(_params(BIG_LAYOUT), Codec.parse("int8"), rng=np.random.default_rng(1))
+    )
+    with pytest.raises(ValueError, match="scales has 3 entries"):
+        decode_params_norm(enc, BIG_LAYOUT, scales=np.ones(3, np.float32))
 
 
 # --------------------------------------------------------------------------- error feedback

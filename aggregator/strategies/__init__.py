@@ -3,6 +3,8 @@ functions of :mod:`fedmqtt.aggregation` that decide when to aggregate and keep t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aggregator.config import StrategyConfig
 from aggregator.strategies.base import Pending, Strategy
 from aggregator.strategies.fedasync import FedAsync
@@ -12,11 +14,15 @@ from aggregator.strategies.fedbuff import FedBuff
 __all__ = ["FedAsync", "FedAvg", "FedBuff", "Pending", "Strategy", "build_strategy"]
 
 
-def build_strategy(cfg: StrategyConfig, d: int) -> Strategy:
+def build_strategy(
+    cfg: StrategyConfig, d: int, segments: Sequence[tuple[int, int]] | None = None
+) -> Strategy:
+    """The configured strategy for a model of ``d`` values whose tensors take ``segments``
+    (start, stop) of each row (one tensor of ``d`` if None)."""
     if cfg.name == "fedbuff":
-        return FedBuff(cfg, d)
+        return FedBuff(cfg, d, segments)
     if cfg.name == "fedasync":
-        return FedAsync(cfg, d)
+        return FedAsync(cfg, d, segments)
     if cfg.name == "fedavg":
-        return FedAvg(cfg, d)
+        return FedAvg(cfg, d, segments)
     raise ValueError(f"unknown strategy {cfg.name!r}")

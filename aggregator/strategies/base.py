@@ -3,8 +3,11 @@
 A strategy owns a preallocated ``(capacity, d)`` float32 array. The engine decodes the next
 candidate update straight into :meth:`Strategy.slot` (the first free row), so an accepted delta
 is never copied; a candidate that fails validation is simply not committed and its row is
-reused. When :meth:`Strategy.ready` says so, :meth:`Strategy.aggregate` turns the buffer into
-new parameters with the pure functions of :mod:`fedmqtt.aggregation` and empties it.
+reused. An int8 tensor may stay unscaled in its row, with its scale beside it in
+:meth:`Strategy.slot_scales` (one per tensor of the model): the plain weighted mean folds the
+scales into its coefficients, and every other use of the rows applies them first. When
+:meth:`Strategy.ready` says so, :meth:`Strategy.aggregate` turns the buffer into new parameters
+with the pure functions of :mod:`fedmqtt.aggregation` and empties it.
 
 The buffer is NOT part of the checkpoint: a buffered update is acknowledged to the broker only
 once the version that applies it is durable, so after a crash the broker redelivers it.
@@ -15,7 +18,7 @@ optimizer's momentum.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,12 +45,22 @@ class Pending:
 class Strategy(ABC):
     name: ClassVar[str]
 
-    def __init__(self, cfg: StrategyConfig, d: int, capacity: int) -> None:
+    def __init__(
+        self,
+        cfg: StrategyConfig,
+        d: int,
+        capacity: int,
+        segments: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.d = d
         self.capacity = capacity
         self.staleness: Staleness = cfg.staleness_fn()
         self.rows: F32 = np.zeros((capacity, d), dtype=np.float32)
+        # (start, stop) of each tensor in a row, and each buffered row's scale per tensor.
+        self.segments = tuple(segments) if segments else ((0, d),)
+        self.scales: F32 = np.ones((capacity, len(self.segments)), dtype=np.float32)
+        self._scales_used = False  # whether any scale may differ from 1 (slot_scales was called)
         self.pending: list[Pending] = []
         self.pending_ids: set[str] = set()
         self.version_started = 0.0
@@ -65,6 +78,14 @@ class Strategy(ABC):
         row: F32 = self.rows[len(self.pending)]
         return row
 
+    def slot_scales(self) -> F32:
+        """The scales of :meth:`slot`'s tensors, one per segment: the row's values are the row
+        times these. The decoder writes every entry (``decode_delta(..., scales=)``); a row
+        filled any other way must set them to 1."""
+        self._scales_used = True
+        scales: F32 = self.scales[len(self.pending)]
+        return scales
+
     def add(self, meta: UpdateMeta, tau: int, norm: float) -> None:
         """Commit the delta just decoded into :meth:`slot`."""
         if len(self.pending) >= self.capacity:
@@ -73,11 +94,33 @@ class Strategy(ABC):
         self.pending_ids.add(meta.update_id)
 
     def clipped(self, bound: float | None) -> F32:
-        """The buffered rows, clipped to ``bound`` if clipping is configured and known."""
+        """The buffered rows' values (scales applied), clipped to ``bound`` if clipping is
+        configured and known."""
+        self._apply_scales()
         x = self.rows[: len(self.pending)]
         if self.cfg.clip and bound is not None:
             x, _ = clip_by_norm(x, bound * self.cfg.clip_factor)
         return x
+
+    def _apply_scales(self) -> None:
+        """Multiply the buffered rows by their scales, in place (then all scales are 1)."""
+        k = len(self.pending)
+        scales = self.scales[:k]
+        if not self._scales_used or bool(np.all(scales == 1.0)):
+            return
+        for t, (a, b) in enumerate(self.segments):
+            self.rows[:k, a:b] *= scales[:, t : t + 1]
+        scales.fill(1.0)
+
+    def buffered_delta(self, bound: float | None, s: F32) -> F32:
+        """:meth:`reduce` of the buffer with staleness weights ``s``. The plain mean without
+        clipping takes the rows as they are, folding their scales into its coefficients."""
+        if self.cfg.reducer == "mean" and not (self.cfg.clip and bound is not None):
+            k = len(self.pending)
+            n = np.array([p.meta.num_samples for p in self.pending], dtype=np.float32)
+            scales = self.scales[:k] if self._scales_used else None
+            return mean_of_rows(self.rows[:k], s, n, scales, self.segments)
+        return self.reduce(self.clipped(bound), s)
 
     def reduce(self, x: F32, s: F32) -> F32:
         """The aggregate delta of rows ``x`` with staleness weights ``s`` (and sample counts).
@@ -93,6 +136,8 @@ class Strategy(ABC):
         return fedbuff_aggregate(x, s, n, reducer=reducer, trim_fraction=self.cfg.trim_fraction)
 
     def clear(self) -> None:
+        if self._scales_used:
+            self.scales[: len(self.pending)] = 1.0
         self.pending.clear()
         self.pending_ids.clear()
 
@@ -140,9 +185,19 @@ class Strategy(ABC):
         self.load_extra(state)
 
 
-def mean_of_rows(x: F32, s: F32, n: F32) -> F32:
+def mean_of_rows(
+    x: F32,
+    s: F32,
+    n: F32,
+    scales: F32 | None = None,
+    segments: Sequence[tuple[int, int]] = (),
+) -> F32:
     """FedBuff's mean ``sum_i (n_i / sum_j n_j) * s_i * x_i`` as one float32 matrix-vector
     product.
+
+    With ``scales`` (``(len(x), len(segments))``), row ``i``'s values in segment ``t`` are
+    ``scales[i, t] * x[i, segment t]``: one product per segment then takes each row's scale
+    into its coefficient, instead of a pass over every row to apply it.
 
     It is the formula of ``fedbuff_aggregate(reducer="mean")`` (and, with every ``s_i = 1``, of
     FedAvg's ``weighted_mean``); tests check they agree to float32 precision. That function
@@ -157,7 +212,12 @@ def mean_of_rows(x: F32, s: F32, n: F32) -> F32:
     if not total > 0:
         raise ValueError("num_samples must have a positive sum")
     coef = (n.astype(np.float64) / total * s).astype(np.float32)
-    out: F32 = coef @ x
+    if scales is None or bool(np.all(scales == 1.0)):
+        out: F32 = coef @ x
+        return out
+    out = np.empty(x.shape[1], dtype=np.float32)
+    for t, (a, b) in enumerate(segments):
+        np.matmul(coef * scales[:, t], x[:, a:b], out=out[a:b])
     return out
 
 

@@ -11,6 +11,8 @@ new version.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from aggregator.config import StrategyConfig
@@ -22,8 +24,10 @@ from fedmqtt.params import F32
 class FedAsync(Strategy):
     name = "fedasync"
 
-    def __init__(self, cfg: StrategyConfig, d: int) -> None:
-        super().__init__(cfg, d, 1)
+    def __init__(
+        self, cfg: StrategyConfig, d: int, segments: Sequence[tuple[int, int]] | None = None
+    ) -> None:
+        super().__init__(cfg, d, 1, segments)
 
     def ready(self, now: float) -> bool:
         return len(self.pending) >= 1

@@ -8,7 +8,7 @@ is refused as stale, which is what makes this synchronous.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,8 +21,10 @@ from fedmqtt.params import F32
 class FedAvg(Strategy):
     name = "fedavg"
 
-    def __init__(self, cfg: StrategyConfig, d: int) -> None:
-        super().__init__(cfg, d, cfg.min_updates)
+    def __init__(
+        self, cfg: StrategyConfig, d: int, segments: Sequence[tuple[int, int]] | None = None
+    ) -> None:
+        super().__init__(cfg, d, cfg.min_updates, segments)
         self.optimizer = load_optimizer(cfg, None)
 
     @property
@@ -38,7 +40,7 @@ class FedAvg(Strategy):
 
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         ones = np.ones(len(self.pending), dtype=np.float32)
-        return self.optimizer.step(params, self.reduce(self.clipped(median_norm), ones))
+        return self.optimizer.step(params, self.buffered_delta(median_norm, ones))
 
     def extra_state(self) -> dict[str, Any]:
         return {"optimizer": optimizer_state(self.optimizer)}

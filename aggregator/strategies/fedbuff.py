@@ -10,7 +10,7 @@ and :class:`fedmqtt.aggregation.ServerOptimizer`; this class decides *when* and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,10 @@ from fedmqtt.params import F32
 class FedBuff(Strategy):
     name = "fedbuff"
 
-    def __init__(self, cfg: StrategyConfig, d: int) -> None:
-        super().__init__(cfg, d, cfg.buffer_size)
+    def __init__(
+        self, cfg: StrategyConfig, d: int, segments: Sequence[tuple[int, int]] | None = None
+    ) -> None:
+        super().__init__(cfg, d, cfg.buffer_size, segments)
         self.optimizer = load_optimizer(cfg, None)
 
     def ready(self, now: float) -> bool:
@@ -32,7 +34,7 @@ class FedBuff(Strategy):
 
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         s = np.array([p.weight for p in self.pending], dtype=np.float32)
-        return self.optimizer.step(params, self.reduce(self.clipped(median_norm), s))
+        return self.optimizer.step(params, self.buffered_delta(median_norm, s))
 
     def extra_state(self) -> dict[str, Any]:
         return {"optimizer": optimizer_state(self.optimizer)}
