@@ -290,6 +290,13 @@ def test_rows_left_unscaled_aggregate_as_their_values(cfg: StrategyConfig) -> No
         params = want
 
 
+def test_mean_of_rows_refuses_scales_without_their_segments() -> None:
+    x = np.ones((2, 4), np.float32)
+    ones = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match="scales of shape"):
+        mean_of_rows(x, ones, ones, np.full((2, 1), 2.0, np.float32))
+
+
 def test_strategy_state_refuses_another_strategy() -> None:
     a = FedBuff(StrategyConfig(buffer_size=2), 3)
     b = FedAvg(StrategyConfig(name="fedavg", min_updates=2), 3)

@@ -215,6 +215,10 @@ def mean_of_rows(
     if scales is None or bool(np.all(scales == 1.0)):
         out: F32 = coef @ x
         return out
+    if scales.shape != (len(x), len(segments)):
+        raise ValueError(
+            f"scales of shape {scales.shape} for {len(x)} rows, {len(segments)} tensors"
+        )
     out = np.empty(x.shape[1], dtype=np.float32)
     for t, (a, b) in enumerate(segments):
         np.matmul(coef * scales[:, t], x[:, a:b], out=out[a:b])
