@@ -97,6 +97,6 @@ def test_a_backlog_sits_on_huge_pages_with_the_tunables(broker_factory: type[Mos
         queue_backlog(m, messages=160, size=100_000)  # 16 MB, as 160 updates of d = 1e5 int8
         huge[tunables] = anon_huge_kib(m.proc.pid)
         m.close()
-    assert huge[MALLOC_TUNABLES] >= 4096, huge  # at least two 2 MiB pages
+    assert huge[MALLOC_TUNABLES] >= 2048, huge  # at least one 2 MiB page (14 MiB here)
     if mode == "madvise":  # only what malloc asked for gets huge pages: none without it
         assert huge[""] == 0, huge
