@@ -48,9 +48,10 @@ from aggregator.validate import (
     decode_delta,
     limits_for,
     open_update,
+    scale_segments,
     topic_device,
 )
-from fedmqtt.codecs import decode_params, defers_int8_scales
+from fedmqtt.codecs import decode_params
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
 from fedmqtt.params import F32
@@ -119,10 +120,8 @@ class Engine:
         self.stats: dict[str, float] = {}
         self.version_created_at = time.time()
         self.strategy: Strategy = build_strategy(
-            cfg.strategy, self.layout.size, list(self.layout.offsets().values())
+            cfg.strategy, self.layout.size, scale_segments(self.layout)
         )
-        # int8 scales are left to the strategy where the decoder can defer them (large models).
-        self._defer_scales = defers_int8_scales(self.layout)
         self.window = ReplayWindow()
         lim = cfg.limits
         self.gate = NormGate(
@@ -228,8 +227,9 @@ class Engine:
                 tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
                 check_replay(meta.update_id, self.window)
                 strategy = self.strategy
-                scales = strategy.slot_scales() if self._defer_scales else None
-                norm = decode_delta(delta, self.layout, self.limits, strategy.slot(), scales)
+                norm = decode_delta(
+                    delta, self.layout, self.limits, strategy.slot(), strategy.slot_scales()
+                )
                 self.gate.check(norm)
             except RejectedError as e:
                 rejected[e.reason] += 1
@@ -323,8 +323,9 @@ class Engine:
                 check_replay(meta.update_id, self.window)
                 self.gate.check(item.norm)
                 row = self.strategy.slot()
-                if self._defer_scales:  # the values themselves go in the row
-                    self.strategy.slot_scales().fill(1.0)
+                scales = self.strategy.slot_scales()
+                if scales is not None:  # the values themselves go in the row
+                    scales.fill(1.0)
                 if item.encoded:
                     # Decoded (and checked again) straight into the row; the norm the worker
                     # computed is the one gated above, so it is not computed a second time.

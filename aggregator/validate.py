@@ -32,7 +32,7 @@ from aggregator.devices import DeviceKeys
 from aggregator.replay import ReplayWindow
 from fedmqtt import wire
 from fedmqtt.aggregation.robust import NormBound
-from fedmqtt.codecs import Limits, decode_params_norm
+from fedmqtt.codecs import Limits, decode_params_norm, defers_int8_scales
 from fedmqtt.errors import (
     FEDERATION,
     FUTURE,
@@ -152,6 +152,13 @@ def limits_for(layout: Layout, max_bytes: int) -> Limits:
     largest = max(layout.sizes) if layout.sizes else 0
     # topk carries 4-byte values and 4-byte indices: at most 8 bytes per element.
     return Limits(max_elements=largest, max_ndim=2, max_data_bytes=min(max_bytes, 8 * largest))
+
+
+def scale_segments(layout: Layout) -> list[tuple[int, int]] | None:
+    """The tensor segments a strategy keeps int8 scales for (``build_strategy(...,
+    segments)``): the layout's, where :func:`decode_delta` can leave int8 tensors unscaled
+    (:func:`fedmqtt.codecs.defers_int8_scales`), else None (the rows hold the values)."""
+    return list(layout.offsets().values()) if defers_int8_scales(layout) else None
 
 
 def decode_delta(

@@ -539,6 +539,11 @@ def budget(r: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _round_pcts(runs: list[int], ceilings: list[int]) -> list[float]:
+    """Each aggregator run as a percentage of the bare ceiling of its own round."""
+    return [round(100.0 * a / b, 1) for a, b in zip(runs, ceilings, strict=True)]
+
+
 def _record(row: dict[str, Any], name: str, r: dict[str, Any]) -> None:
     """Append one aggregator run to ``row``: updates/s, CPU per update, checkpoints, broker,
     the CPU budget of the run and the aggregator's threads' share of it."""
@@ -588,9 +593,7 @@ def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
         for w in args.workers:
             row[f"agg_w{w}_pct"] = round(100.0 * row[f"agg_w{w}"] / best, 1)
             runs = row[f"agg_w{w}_runs"]
-            row[f"agg_w{w}_round_pct"] = [
-                round(100.0 * a / b, 1) for a, b in zip(runs, round_best, strict=True)
-            ]
+            row[f"agg_w{w}_round_pct"] = _round_pcts(runs, round_best)
         print(
             json.dumps({k: v for k, v in row.items() if not k.endswith("detail")}),
             flush=True,
@@ -607,7 +610,7 @@ def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
     minus the signature check (Flower's path has none)."""
     from aggregator.config import StrategyConfig
     from aggregator.strategies import FedBuff
-    from aggregator.validate import UpdateMeta, decode_delta, limits_for
+    from aggregator.validate import UpdateMeta, decode_delta, limits_for, scale_segments
 
     spec = spec_for(d)
     layout = spec.layout()
@@ -622,16 +625,14 @@ def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
     )
     limits = limits_for(layout, 1 << 31)
     # As the engine builds it: int8 scales of a large model are left to the strategy.
-    strategy = FedBuff(StrategyConfig(buffer_size=k), layout.size, list(layout.offsets().values()))
-    defer = codecs.defers_int8_scales(layout)
+    strategy = FedBuff(StrategyConfig(buffer_size=k), layout.size, scale_segments(layout))
     w = np.zeros(layout.size, dtype=np.float32)
     best = float("inf")
     for _ in range(rounds):
         t = time.perf_counter()
         for p in payloads:
             upd = wire.parse(wire.open_envelope(p), wire.Update)
-            scales = strategy.slot_scales() if defer else None
-            norm = decode_delta(upd.delta, layout, limits, strategy.slot(), scales)
+            norm = decode_delta(upd.delta, layout, limits, strategy.slot(), strategy.slot_scales())
             meta = UpdateMeta(
                 upd.sender,
                 upd.update_id,
@@ -824,9 +825,7 @@ def broker_malloc_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                 _record(row, f"agg_{name}", case.run_aggregator(ctx, 0))
         for name, _ in settings:
             bare, agg = row[f"bare_v311_{name}_runs"], row[f"agg_{name}_runs"]
-            row[f"{name}_round_pct"] = [
-                round(100.0 * a / b, 1) for a, b in zip(agg, bare, strict=True)
-            ]
+            row[f"{name}_round_pct"] = _round_pcts(agg, bare)
             row[f"{name}_mean"] = {"bare": round(np.mean(bare)), "agg": round(np.mean(agg))}
         print(json.dumps(row), flush=True)
         rows.append(row)

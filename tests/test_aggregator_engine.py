@@ -341,7 +341,7 @@ def test_large_int8_updates_left_unscaled_give_the_model_of_their_values(
         )  # update_encoded's
         norm = float(np.linalg.norm(values))
         rows.append(Verified("dev0", len(payload), meta, norm, values.tobytes()))
-    assert deferred._defer_scales
+    assert deferred.strategy.scales is not None
     deferred.process(items, 0.0)
     decoded.process_verified(rows, 0.0)
     assert deferred.metrics.accepted == decoded.metrics.accepted == 8

@@ -57,10 +57,12 @@ class Strategy(ABC):
         self.capacity = capacity
         self.staleness: Staleness = cfg.staleness_fn()
         self.rows: F32 = np.zeros((capacity, d), dtype=np.float32)
-        # (start, stop) of each tensor in a row, and each buffered row's scale per tensor.
-        self.segments = tuple(segments) if segments else ((0, d),)
-        self.scales: F32 = np.ones((capacity, len(self.segments)), dtype=np.float32)
-        self._scales_used = False  # whether any scale may differ from 1 (slot_scales was called)
+        # With segments ((start, stop) of each tensor in a row), each buffered row keeps a
+        # scale per tensor: its values are the row times them. None: rows hold the values.
+        self.segments = tuple(segments or ())
+        self.scales: F32 | None = (
+            np.ones((capacity, len(self.segments)), dtype=np.float32) if segments else None
+        )
         self.pending: list[Pending] = []
         self.pending_ids: set[str] = set()
         self.version_started = 0.0
@@ -78,13 +80,11 @@ class Strategy(ABC):
         row: F32 = self.rows[len(self.pending)]
         return row
 
-    def slot_scales(self) -> F32:
-        """The scales of :meth:`slot`'s tensors, one per segment: the row's values are the row
-        times these. The decoder writes every entry (``decode_delta(..., scales=)``); a row
-        filled any other way must set them to 1."""
-        self._scales_used = True
-        scales: F32 = self.scales[len(self.pending)]
-        return scales
+    def slot_scales(self) -> F32 | None:
+        """The scales of :meth:`slot`'s tensors, one per segment (None if this strategy keeps
+        none): the row's values are the row times these. The decoder writes every entry
+        (``decode_delta(..., scales=)``); a row filled any other way must set them to 1."""
+        return None if self.scales is None else self.scales[len(self.pending)]
 
     def add(self, meta: UpdateMeta, tau: int, norm: float) -> None:
         """Commit the delta just decoded into :meth:`slot`."""
@@ -104,9 +104,11 @@ class Strategy(ABC):
 
     def _apply_scales(self) -> None:
         """Multiply the buffered rows by their scales, in place (then all scales are 1)."""
+        if self.scales is None:
+            return
         k = len(self.pending)
         scales = self.scales[:k]
-        if not self._scales_used or bool(np.all(scales == 1.0)):
+        if bool(np.all(scales == 1.0)):
             return
         for t, (a, b) in enumerate(self.segments):
             self.rows[:k, a:b] *= scales[:, t : t + 1]
@@ -118,7 +120,7 @@ class Strategy(ABC):
         if self.cfg.reducer == "mean" and not (self.cfg.clip and bound is not None):
             k = len(self.pending)
             n = np.array([p.meta.num_samples for p in self.pending], dtype=np.float32)
-            scales = self.scales[:k] if self._scales_used else None
+            scales = None if self.scales is None else self.scales[:k]
             return mean_of_rows(self.rows[:k], s, n, scales, self.segments)
         return self.reduce(self.clipped(bound), s)
 
@@ -136,7 +138,7 @@ class Strategy(ABC):
         return fedbuff_aggregate(x, s, n, reducer=reducer, trim_fraction=self.cfg.trim_fraction)
 
     def clear(self) -> None:
-        if self._scales_used:
+        if self.scales is not None:
             self.scales[: len(self.pending)] = 1.0
         self.pending.clear()
         self.pending_ids.clear()
