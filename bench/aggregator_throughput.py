@@ -45,6 +45,13 @@ settings (``fedmqtt.broker.MALLOC_TUNABLES``, the same as the systemd drop-in's;
 mode runs with them) against glibc's defaults, each round the bare 3.1.1 subscriber and one
 aggregator process under both.
 
+``--warm-broker`` (instead of part 1; a diagnostic, not the goals' measurement): the bare 3.1.1
+subscriber and one aggregator process on one broker per round whose memory is already warm --
+it keeps freed memory (a glibc trim threshold above the stream's size) and has queued and
+drained the whole stream before the measured runs. It separates this virtual machine's cost
+of fresh memory, which a fresh broker pays for every update it queues, from the subscribers'
+own cost.
+
 Usage::
 
     .venv/bin/python bench/aggregator_throughput.py --json /tmp/agg-bench.json
@@ -230,24 +237,109 @@ def bare_subscriber(port: int, total: int, proto: str, ready: Any, result: Any) 
     result.put((total / (state["t1"] - state["t0"]), cpu_us))
 
 
+def _wait_until(done: Callable[[], bool], timeout_s: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(0.01)
+
+
+def drop_session(port: int, client_id: str) -> None:
+    """End ``client_id``'s persistent session on the broker at ``port``: connect with a clean
+    start and a Session Expiry Interval of 0, then disconnect."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    c.connect("127.0.0.1", port, clean_start=True, properties=props)
+    c.loop_start()
+    try:
+        _wait_until(c.is_connected, 10, f"could not connect as {client_id} to drop its session")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def grow_broker_heap(case: Case, ctx: Any, m: Mosquitto) -> float:
+    """Make broker ``m`` queue the case's whole stream at once, then drain it; the seconds the
+    drain took. An offline persistent session subscribes, the publishers send everything, and
+    a subscriber on that session takes it all. Afterwards the broker's heap has held the
+    largest backlog any run of the case can leave it, and with a trim threshold above that it
+    keeps the memory for the next runs."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    total = (case.n // case.publishers) * case.publishers
+    got = [0]
+    subscribed = threading.Event()
+
+    def client() -> mqtt.Client:
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="grow-heap",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        c.on_message = lambda *a: got.__setitem__(0, got[0] + 1)
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.connect("127.0.0.1", m.port)
+        c.loop_start()
+        return c
+
+    c = client()
+    c.subscribe(topics.updates_filter(FED), 1)
+    if not subscribed.wait(30):
+        raise RuntimeError("the heap-growing subscriber could not subscribe")
+    c.disconnect()
+    c.loop_stop()
+    case.publish(ctx, m.port)
+    case.join_publishers()
+    t0 = time.perf_counter()
+    c = client()
+    try:
+        _wait_until(lambda: got[0] >= total, 600, "the queued stream did not drain")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    drained = time.perf_counter() - t0
+    drop_session(m.port, "grow-heap")
+    return drained
+
+
 # ------------------------------------------------------------------ runs
-def broker_usage(m: Mosquitto, messages: int) -> dict[str, float]:
-    """The broker's CPU per message (µs), minor page faults per message and peak RSS (MB) over
-    its life so far -- one fresh broker per run, so: over the run. Read before it stops.
+def broker_counters(m: Mosquitto) -> tuple[float, int]:
+    """The broker's CPU seconds and minor page faults over its life so far."""
+    assert m.proc is not None
+    fields = _stat(f"/proc/{m.proc.pid}/stat")
+    return _cpu_s(fields), int(fields[7])  # minflt (field 10)
+
+
+def broker_usage(
+    m: Mosquitto, messages: int, since: tuple[float, int] = (0.0, 0)
+) -> dict[str, float]:
+    """The broker's CPU per message (µs) and minor page faults per message since ``since``
+    (:func:`broker_counters` at the start of the run), and its peak RSS (MB) over its life.
+    Read before it stops.
 
     The broker's cost per message is not a constant: the slower the subscriber, the more of
-    the stream it queues, and every queued update is fresh memory (docs/benchmarks.md)."""
+    the stream it queues, and every queued update is fresh memory (docs/benchmarks.md). With
+    huge pages for its heap (the default, ``MALLOC_TUNABLES``) one fault can clear 2 MiB, so
+    the fault count no longer says how much fresh memory it touched; the peak RSS does."""
     assert m.proc is not None
-    pid = m.proc.pid
-    fields = _stat(f"/proc/{pid}/stat")
+    cpu_s, faults = broker_counters(m)
     hwm_kb = next(
         int(line.split()[1])
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        for line in Path(f"/proc/{m.proc.pid}/status").read_text().splitlines()
         if line.startswith("VmHWM:")
     )
     return {
-        "cpu_us": round(1e6 * _cpu_s(fields) / messages, 1),
-        "faults": round(int(fields[7]) / messages, 1),  # minflt (field 10)
+        "cpu_us": round(1e6 * (cpu_s - since[0]) / messages, 1),
+        "faults": round((faults - since[1]) / messages, 2),
         "peak_mb": round(hwm_kb / 1024),
     }
 
@@ -298,6 +390,9 @@ class Case:
         self.work = work
         self.devices = [f"dev{i}" for i in range(publishers)]
         self.broker_tunables = MALLOC_TUNABLES  # the brokers' glibc malloc settings
+        # If set, every run uses this broker (started and stopped by the caller) instead of a
+        # fresh one: see warm_broker_compare.
+        self.kept_broker: Mosquitto | None = None
         self.keys = {dev: secrets.token_hex(32) for dev in self.devices}
         (work / "devices").mkdir(parents=True, exist_ok=True)
         for dev, k in self.keys.items():
@@ -343,7 +438,14 @@ class Case:
         )
 
     def broker(self, tag: str) -> Mosquitto:
+        if self.kept_broker is not None:
+            return self.kept_broker
         return self._new_broker(tag).start()
+
+    def _release(self, m: Mosquitto) -> None:
+        """Stop a run's broker, unless it is the kept one."""
+        if m is not self.kept_broker:
+            m.close()
 
     def broker_with_tls(self, tag: str) -> tuple[Mosquitto, int, Path]:
         """A broker with a loopback TLS listener too: (broker, TLS port, CA file)."""
@@ -398,6 +500,7 @@ class Case:
     def run_bare(self, ctx: Any, proto: str) -> dict[str, Any]:
         """One run of the bare subscriber: its rate and the broker's usage."""
         m = self.broker(f"bare{proto}-{uuid.uuid4().hex[:8]}")
+        since = broker_counters(m)
         try:
             ready, result = ctx.Event(), ctx.Queue()
             total = (self.n // self.publishers) * self.publishers
@@ -425,11 +528,11 @@ class Case:
             return {
                 "rate": float(rate),
                 "cpu_us": float(sub_cpu),
-                "broker": broker_usage(m, total),
+                "broker": broker_usage(m, total, since),
                 "publishers_cpu_us": pub_cpu,
             }
         finally:
-            m.close()
+            self._release(m)
 
     def run_aggregator(
         self,
@@ -465,6 +568,7 @@ class Case:
             checkpoint=checkpoint or {},
         )
         total = (self.n // self.publishers) * self.publishers
+        since = broker_counters(m)
         agg = AggregatorThread(cfg).start()
         try:
             cpu0 = time.process_time()  # this process: the aggregator's threads, not workers
@@ -490,10 +594,14 @@ class Case:
                 self.check_publishers()
             pub_cpu = self.join_publishers()
             s = agg.snapshot()
-            broker = broker_usage(m, total)
+            broker = broker_usage(m, total, since)
         finally:
             agg.stop()
-            m.close()
+            if m is self.kept_broker:
+                # Its persistent session would keep the updates it had not acknowledged yet
+                # (buffered, or awaiting a checkpoint) for the next run with this client id.
+                drop_session(m.port, str(cfg.broker.client_id))
+            self._release(m)
         if t0 is None or t1 is None or s["accepted"] != total:
             raise RuntimeError(f"the aggregator did not accept exactly the {total} updates: {s}")
         return {
@@ -832,6 +940,60 @@ def broker_malloc_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def warm_broker_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A diagnostic, not the goal's measurement: the bare 3.1.1 subscriber and one aggregator
+    process on one long-lived broker per round whose memory is already warm, their order
+    alternating.
+
+    On this virtual machine memory a process touches for the first time costs 30-60 times
+    memory it rewrites (``bench/first_touch.py``), and a fresh broker pays that for every
+    update it queues; a slower subscriber makes it queue more. Here each round's broker runs
+    with a glibc trim threshold above the stream's size (so freed memory stays mapped) and
+    has first queued and drained the whole stream (:func:`grow_broker_heap`). What is left of
+    the gap to the bare subscriber is then the subscribers' own cost, not first touches."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for d, codec, n, case in cases(args):
+        one = make_payloads(
+            case.spec,
+            codec=codec,
+            device="dev0",
+            key_hex=case.keys["dev0"],
+            n=1,
+            seed=0,
+            auth=case.auth,
+        )[0]
+        keep = max(256 << 20, 2 * n * len(one))  # heap the broker may keep mapped, bytes
+        # Setting the trim threshold turns glibc's adaptive mmap threshold off: pin that too
+        # (to its largest value), or every update above 128 KiB would be a fresh mmap.
+        tunables = (
+            f"{MALLOC_TUNABLES}:glibc.malloc.trim_threshold={keep}"
+            f":glibc.malloc.mmap_threshold={32 << 20}"
+        )
+        row: dict[str, Any] = {"d": d, "codec": codec, "n": n, "tunables": tunables}
+        for i in range(args.repeat):
+            case.broker_tunables = tunables
+            m = case.broker(f"warm-{uuid.uuid4().hex[:8]}")
+            case.kept_broker = m
+            try:
+                row.setdefault("drain_s", []).append(round(grow_broker_heap(case, ctx, m), 2))
+                for kind in ("bare", "agg") if i % 2 == 0 else ("agg", "bare"):
+                    if kind == "bare":
+                        _record_bare(row, "311", case.run_bare(ctx, "311"))
+                    else:
+                        _record(row, "agg_w0", case.run_aggregator(ctx, 0))
+            finally:
+                case.kept_broker = None
+                case.broker_tunables = MALLOC_TUNABLES
+                m.close()
+        bare, agg = row["bare_v311_runs"], row["agg_w0_runs"]
+        row["round_pct"] = _round_pcts(agg, bare)
+        row["mean"] = {"bare": round(np.mean(bare)), "agg": round(np.mean(agg))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -891,6 +1053,13 @@ def main() -> None:
         "(huge pages) against glibc's defaults, the bare 3.1.1 subscriber and one aggregator "
         "process under each, interleaved",
     )
+    ap.add_argument(
+        "--warm-broker",
+        action="store_true",
+        help="instead of the ingestion table (a diagnostic): the bare 3.1.1 subscriber and one "
+        "aggregator process on one broker per round whose memory is already warm (it keeps "
+        "freed memory and has queued and drained the whole stream first), interleaved",
+    )
     ap.add_argument("--skip-ingestion", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -915,6 +1084,8 @@ def main() -> None:
         report["pin_compare"] = pin_compare(args)
     elif args.broker_malloc_compare:
         report["broker_malloc_compare"] = broker_malloc_compare(args)
+    elif args.warm_broker:
+        report["warm_broker"] = warm_broker_compare(args)
     elif not args.skip_ingestion:
         report["ingestion"] = ingestion(args)
     if not args.skip_flower:
