@@ -8,9 +8,16 @@ an end-to-end run. It answers one question the end-to-end benchmark could not: w
 MACs on ``verify_threads`` threads pays, per device MAC. CPU is the process's (all threads);
 wall is elapsed time. The configurations alternate; the best of the repeats is reported.
 
+``--primitives`` instead times, per update of d values, the library calls an int8 update costs
+at its size (the cast of the codes, the norm's dot product, the update's share of FedBuff's
+matrix-vector product, msgpack's copy of the tensor bytes, the MAC), next to alternatives that
+move less memory (the cast and dot in cache-sized chunks, an integer sum of squares), so the
+floor under the engine's cost per update is on record.
+
 Run from the repository root:
 
     .venv/bin/python bench/engine.py [--dims 650,100000] [--repeat 3]
+    .venv/bin/python bench/engine.py --primitives [--dims 100000]
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import random
 import sys
 import tempfile
 import time
+import timeit
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,6 +41,7 @@ from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics
 from bench.aggregator_throughput import FED, Case, make_payloads
 from fedmqtt import topics
+from fedmqtt.params import F32
 
 
 def messages(case: Case) -> list[tuple[str, bytes]]:
@@ -68,16 +78,95 @@ def run(cfg: AggregatorConfig, items: list[tuple[str, bytes]], batch: int) -> tu
     return 1e6 * cpu / len(items), 1e6 * wall / len(items)
 
 
+def primitives(d: int, repeat: int) -> list[tuple[str, float]]:
+    """(what, best µs per update) for the library calls an int8 update of d values costs."""
+    import msgpack
+    import numpy as np
+
+    from fedmqtt.signing import ChaChaPolyKey
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, d, dtype=np.int8).tobytes()
+    rows = np.empty((10, d), dtype=np.float32)  # a FedBuff buffer of K = 10 rows
+    rows[:] = np.frombuffer(codes, dtype=np.int8)
+    coef = np.full(10, 0.1, dtype=np.float32)
+    packed = msgpack.packb({"d": codes, "q": 0.01}, use_bin_type=True)
+    key = ChaChaPolyKey(bytes(32))
+    tag = key.sign(codes)
+    scratch16 = np.empty(d, dtype=np.int16)
+    turn = [0]
+
+    def row() -> F32:  # the next row of the buffer, as the engine takes them
+        turn[0] += 1
+        r: F32 = rows[turn[0] % 10]
+        return r
+
+    def cast_and_dot() -> float:
+        r = row()
+        np.copyto(r, np.frombuffer(codes, dtype=np.int8))
+        return float(np.dot(r, r))
+
+    def chunked(chunk: int) -> Callable[[], float]:
+        def run() -> float:
+            r, src, sq = row(), np.frombuffer(codes, dtype=np.int8), 0.0
+            for a in range(0, d, chunk):
+                v = r[a : a + chunk]
+                np.copyto(v, src[a : a + chunk])
+                sq += float(np.dot(v, v))
+            return sq
+
+        return run
+
+    calls: list[tuple[str, Callable[[], object], int]] = [
+        (
+            "int8 -> float32 cast into a buffer row",
+            lambda: np.copyto(row(), np.frombuffer(codes, dtype=np.int8)),
+            1,
+        ),
+        ("float32 dot (sum of squares of a row)", lambda: float(np.dot(rows[0], rows[0])), 1),
+        ("cast + dot, as the decoder does", cast_and_dot, 1),
+        ("cast + dot in chunks of 16,384", chunked(16_384), 1),
+        ("cast + dot in chunks of 65,536", chunked(65_536), 1),
+        (
+            "int16 sum of squares of the codes",
+            lambda: int(
+                np.square(np.frombuffer(codes, dtype=np.int8), out=scratch16, dtype=np.int16).sum(
+                    dtype=np.int64
+                )
+            ),
+            1,
+        ),
+        ("FedBuff mean of K = 10 rows, per update", lambda: coef @ rows, 10),
+        ("msgpack unpack of the tensor bytes (a copy)", lambda: msgpack.unpackb(packed), 1),
+        ("ChaCha20-Poly1305 MAC check", lambda: key.verify(codes, tag), 1),
+    ]
+    out = []
+    for what, call, per in calls:
+        n = max(20, 2_000_000 // d)
+        best = min(timeit.repeat(call, number=n, repeat=repeat)) / n
+        out.append((what, 1e6 * best / per))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="650,100000", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--auths", default="chacha20-poly1305,hmac-sha256", type=lambda s: s.split(","))
     ap.add_argument("--threads", default="1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--primitives", action="store_true", help="time the library calls of one update instead"
+    )
     args = ap.parse_args()
     tune_malloc()  # as the service does
     cpu_name = platform.processor() or platform.machine()
     print(f"machine: {cpu_name}, {os.cpu_count()} cores, python {platform.python_version()}")
+    if args.primitives:
+        for d in args.dims:
+            print(f"\n| d = {d}: call | µs per update, best of {max(args.repeat, 5)} |\n|---|---|")
+            for what, us in primitives(d, max(args.repeat, 5)):
+                print(f"| {what} | {us:.1f} |")
+        return
     print("\n| d | MAC | updates | batch | verify_threads | CPU µs/update | wall µs/update |")
     print("|---|---|---|---|---|---|---|")
     for d in args.dims:
