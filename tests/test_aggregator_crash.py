@@ -11,11 +11,7 @@ it at the kill (checked by making the service acknowledge on receipt: this test 
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from functools import partial
@@ -23,53 +19,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_aggregator_support import FED, Federation, ModelWatcher, client, wait_until
+from test_aggregator_support import (
+    FED,
+    ModelWatcher,
+    applications,
+    client,
+    service_status,
+    start_service,
+    unit_vector_service,
+    wait_service_ready,
+    wait_until,
+)
 
-from aggregator.checkpoint import CheckpointStore, f32
 from fedmqtt import topics
 from fedmqtt.broker import Mosquitto
 from fedmqtt.models.spec import ModelSpec
 
-ROOT = Path(__file__).resolve().parent.parent
 K = 32
 N = 48 * K  # 1536 updates
 SPEC = ModelSpec("softmax", 153, 10)  # 1540 parameters: one coordinate per update
 DEVICES = ("dev0", "dev1", "dev2")
 
 
-def start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "run", "--config", str(cfg)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-
-
-def status(state: Path) -> dict[str, object]:
-    try:
-        return dict(json.loads((state / "status.json").read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
 def accepted_at_least(state: Path, n: int) -> bool:
-    return int(str(status(state).get("accepted", 0))) >= n
-
-
-def wait_running(state: Path, since: float) -> None:
-    """Until the service is ready: connected, and with workers, every worker subscribed."""
-    wait_until(
-        lambda: (
-            status(state).get("ready") is True
-            and float(str(status(state).get("updated_at", 0))) > since
-        ),
-        20,
-        "aggregator up",
-    )
+    return int(str(service_status(state).get("accepted", 0))) >= n
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["single-process", "two-workers"])
@@ -78,18 +51,11 @@ def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
 ) -> None:
     """With workers, only the owner is killed: its workers must notice and exit without
     acknowledging anything, and the restarted owner's new workers resume their sessions."""
-    fed = Federation(tmp_path, SPEC, DEVICES)
-    cfg = fed.write_toml(
-        tmp_path / "aggregator.toml",
-        broker.host,
-        broker.port,
-        strategy={"buffer_size": K, "staleness": "constant", "max_staleness": 100_000},
-        scaleout={"workers": workers},
-    )
+    fed, cfg = unit_vector_service(tmp_path, broker.port, SPEC, DEVICES, k=K, workers=workers)
     state = tmp_path / "state"
     log = tmp_path / "aggregator.log"
     watcher = ModelWatcher(broker.port, fed.verifier)
-    proc = start(cfg, log)
+    proc = start_service(cfg, log)
     published = threading.Event()
     errors: list[BaseException] = []
 
@@ -116,7 +82,7 @@ def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
             published.set()
 
     try:
-        wait_running(state, 0)
+        wait_service_ready(state, 0)
         sender = threading.Thread(target=publish, daemon=True)
         sender.start()
         for threshold in (200, 700):
@@ -126,8 +92,8 @@ def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             restarted = time.time()
-            proc = start(cfg, log)
-            wait_running(state, restarted)
+            proc = start_service(cfg, log)
+            wait_service_ready(state, restarted)
         assert published.wait(60) and not errors, errors
         wait_until(
             partial(accepted_at_least, state, N),
@@ -141,16 +107,11 @@ def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
             proc.kill()
         watcher.close()
 
-    assert int(str(status(state)["accepted"])) == N
-    rejected = status(state)["rejected"]
+    assert int(str(service_status(state)["accepted"])) == N
+    rejected = service_status(state)["rejected"]
     assert isinstance(rejected, dict) and set(rejected) <= {"replay"}
-    loaded = CheckpointStore(state / "checkpoints").load_latest()
-    assert loaded is not None
-    applied = f32(loaded.state["params"], "params") * K
-    assert np.all(np.isin(np.round(applied, 4), [0.0, 1.0])), "an update was applied twice"
-    count = np.round(applied).astype(int)
-    assert np.all(count[:N] == 1), f"lost: {np.flatnonzero(count[:N] == 0)[:10]}"
-    assert loaded.version == N // K
+    _, version = applications(state, K, N)
+    assert version == N // K
     # The global version never went backwards, across both crashes.
     assert watcher.versions == sorted(watcher.versions)
-    assert watcher.versions[-1] == loaded.version
+    assert watcher.versions[-1] == version

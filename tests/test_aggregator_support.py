@@ -3,6 +3,10 @@ keys, config), signed updates, and MQTT publishers/watchers against the real bro
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -11,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from aggregator.checkpoint import CheckpointStore, f32
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorThread
 from fedmqtt import codecs, topics, wire
@@ -23,6 +29,7 @@ from fedmqtt.params import F32
 from fedmqtt.signing import Ed25519Signer, Ed25519Verifier, HmacKey
 
 FED = "testfed"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Federation:
@@ -216,3 +223,72 @@ def snapshot_after_restart(cfg: AggregatorConfig, settle_s: float) -> dict[str, 
         return agg.snapshot()
     finally:
         agg.stop()
+
+
+def start_service(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m aggregator run --config cfg`` as its own process (so that it can be killed),
+    its stderr appended to ``log``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "run", "--config", str(cfg)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def service_status(state: Path) -> dict[str, Any]:
+    """The service's status file (``{}`` while it does not exist or is being replaced)."""
+    try:
+        return dict(json.loads((state / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_service_ready(state: Path, since: float, timeout: float = 20) -> None:
+    """Until the service is ready (connected, and with workers every worker subscribed), as
+    reported in a status file written after ``since``."""
+    wait_until(
+        lambda: (
+            service_status(state).get("ready") is True
+            and float(str(service_status(state).get("updated_at", 0))) > since
+        ),
+        timeout,
+        "aggregator up",
+    )
+
+
+def unit_vector_service(
+    root: Path, broker_port: int, spec: ModelSpec, devices: Iterable[str], *, k: int, workers: int
+) -> tuple[Federation, Path]:
+    """A federation and the service's config file for a ledger test: FedBuff with K = ``k``,
+    constant staleness, server lr 1 and a model starting at zero. If update i is the unit
+    vector e_i, coordinate i of the parameters is 1/k per application, so the final model says
+    which updates were applied and how many times (:func:`applications`)."""
+    fed = Federation(root, spec, devices)
+    cfg = fed.write_toml(
+        root / "aggregator.toml",
+        "127.0.0.1",
+        broker_port,
+        strategy={"buffer_size": k, "staleness": "constant", "max_staleness": 1_000_000},
+        scaleout={"workers": workers},
+    )
+    return fed, cfg
+
+
+def applications(state: Path, k: int, n: int) -> tuple[npt.NDArray[np.int64], int]:
+    """From the newest checkpoint of a :func:`unit_vector_service`: how many times each
+    coordinate's update was applied, and the checkpoint's version. Asserts that the model is
+    finite and that nothing was applied twice (or in part) and that none of the first ``n``
+    updates is missing."""
+    loaded = CheckpointStore(state / "checkpoints").load_latest()
+    assert loaded is not None, "no checkpoint"
+    params = f32(loaded.state["params"], "params")
+    assert np.all(np.isfinite(params)), "the model is not finite"
+    applied = params * k
+    assert np.all(np.isin(np.round(applied, 4), [0.0, 1.0])), "an update was applied twice"
+    count = np.round(applied).astype(np.int64)
+    assert np.all(count[:n] == 1), f"lost: {np.flatnonzero(count[:n] == 0)[:10]}"
+    return count, loaded.version
