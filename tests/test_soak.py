@@ -168,8 +168,8 @@ class Stream:
 def garbage(fed: Federation, stream: Stream, rng: random.Random) -> list[tuple[str, bytes]]:
     """One of each kind of bad message, built from the stream so far."""
     t = topics.updates(FED, "dev0")
-    valid = fed.update("dev0", np.zeros(SPEC.layout().size, np.float32), num_samples=1)
     layout = SPEC.layout()
+    valid = fed.update("dev0", np.zeros(layout.size, np.float32), num_samples=1)
     nan = {
         name: raw_tensor(np.full(shape, np.nan, np.float32))
         for name, shape in zip(layout.names, layout.shapes, strict=True)
@@ -178,7 +178,7 @@ def garbage(fed: Federation, stream: Stream, rng: random.Random) -> list[tuple[s
         (t, rng.randbytes(rng.randint(1, 4000))),
         (t, valid[: len(valid) // 2]),
         (t, fed.update_encoded("dev0", nan)),
-        (t, fed.update("dev0", np.ones(SPEC.layout().size, np.float32), key=HmacKey.generate())),
+        (t, fed.update("dev0", np.ones(layout.size, np.float32), key=HmacKey.generate())),
         (topics.updates(FED, "intruder"), valid),
     ]
     if stream.payloads:  # a device's own update, sent once more
