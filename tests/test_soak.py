@@ -15,8 +15,9 @@ failure every few seconds, in a seeded random order:
   unknown device, and a copy of an update already sent.
 
 At the end every update the broker acknowledged must be in the parameters exactly once, the
-versions seen on the model topic must never go backwards, the model must be finite, only the
-expected refusal reasons may have been counted, and the service's log must hold no traceback.
+versions seen on the model topic must never go backwards and must end at the last one, the
+model must be finite, only the expected refusal reasons may have been counted, and the
+service's log must hold no traceback.
 Each default-suite test checks one of these failures once; this one checks that they compose.
 
 ``FEDMQTT_SOAK_S`` sets how long the stream lasts (default 90 s per case).
@@ -237,6 +238,9 @@ def test_soak_every_failure_composes(tmp_path: Path, workers: int) -> None:
         )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        # The last version reaches the model topic (retained) once its checkpoint is durable.
+        w = watcher
+        wait_until(lambda: w.versions[-1:] == [N // K], 30, "the last version published")
     finally:
         for c in (stream, watcher):
             if c is not None:
