@@ -147,12 +147,19 @@ def raw_tensor(a: np.ndarray[Any, Any]) -> dict[str, Any]:
     return {"c": "raw", "s": list(a.shape), "d": np.asarray(a, "<f4").tobytes()}
 
 
-def client(port: int, client_id: str | None = None) -> mqtt.Client:
+def client(
+    port: int, client_id: str | None = None, *, on_connect: Callable[..., None] | None = None
+) -> mqtt.Client:
+    """An MQTT 5 client on the loopback broker, its network loop running; ``on_connect`` is
+    set before it connects (so it also runs for the first connection)."""
     c = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id or uuid.uuid4().hex, protocol=mqtt.MQTTv5
     )
+    if on_connect is not None:
+        c.on_connect = on_connect
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
+    c.reconnect_delay_set(1, 2)  # paho's loop thread reconnects by itself after a broker restart
     c.connect("127.0.0.1", port)
     c.loop_start()
     return c
@@ -172,19 +179,36 @@ def publish_all(port: int, messages: Iterable[tuple[str, bytes]], timeout: float
 
 
 class ModelWatcher:
-    """Subscribes to the model topic and records every verified global model."""
+    """Subscribes to the model topic and records every verified global model, across broker
+    restarts (it subscribes again on every connect). A model that does not verify or is not
+    finite goes to ``bad`` instead, for the test to assert on: an exception would end paho's
+    thread and leave the test waiting."""
 
     def __init__(self, port: int, verifier: Ed25519Verifier) -> None:
         self.versions: list[int] = []
+        self.bad: list[str] = []
         self.latest: wire.GlobalModel | None = None
         self.cond = threading.Condition()
         self._verifier = verifier
-        self.c = client(port)
-        self.c.on_message = self._on_message
-        self.c.subscribe(topics.model(FED), 1)
+        subscribed = threading.Event()
+
+        def on_connect(c: mqtt.Client, *a: Any) -> None:
+            c.on_message = self._on_message
+            c.on_subscribe = lambda *a: subscribed.set()
+            c.subscribe(topics.model(FED), 1)
+
+        self.c = client(port, on_connect=on_connect)
+        if not subscribed.wait(10):
+            raise TimeoutError("the model watcher could not subscribe")
 
     def _on_message(self, c: Any, u: Any, msg: Any) -> None:
-        m = wire.decode(msg.payload, wire.GlobalModel, self._verifier)
+        try:
+            m = wire.decode(msg.payload, wire.GlobalModel, self._verifier)
+        except Exception as e:  # recorded for the test
+            self.bad.append(repr(e))
+            return
+        if not all(np.all(np.isfinite(v)) for v in m.params.values()):
+            self.bad.append(f"version {m.version} is not finite")
         with self.cond:
             self.versions.append(m.version)
             self.latest = m

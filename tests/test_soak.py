@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from test_aggregator_support import (
     FED,
     Federation,
+    ModelWatcher,
     applications,
+    client,
     raw_tensor,
     service_status,
     start_service,
@@ -51,7 +52,7 @@ from test_aggregator_support import (
     wait_until,
 )
 
-from fedmqtt import topics, wire
+from fedmqtt import topics
 from fedmqtt.broker import Mosquitto
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import HmacKey
@@ -68,55 +69,13 @@ EXPECTED_REASONS = {"schema", "signature", "unknown_device", "nonfinite", "repla
 FAILURES = ["kill9", "sigterm", "broker", "cut", "garbage"]
 
 
-def mqtt5_client(port: int, client_id: str) -> mqtt.Client:
-    """A client that reconnects by itself (paho's loop thread) and queues while away."""
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    c.reconnect_delay_set(1, 2)
-    c.max_inflight_messages_set(50)
-    c.max_queued_messages_set(0)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    return c
-
-
-class Watcher:
-    """Every verified global model version seen on the model topic, across broker restarts."""
-
-    def __init__(self, port: int, fed: Federation) -> None:
-        self.versions: list[int] = []
-        self.bad: list[str] = []
-        self._fed = fed
-        self.c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="soak-watcher", protocol=mqtt.MQTTv5
-        )
-        self.c.reconnect_delay_set(1, 2)
-        self.c.on_connect = lambda c, *a: c.subscribe(topics.model(FED), 1)
-        self.c.on_message = self._on_message
-        self.c.connect("127.0.0.1", port)
-        self.c.loop_start()
-
-    def _on_message(self, c: Any, u: Any, msg: Any) -> None:
-        try:
-            m = wire.decode(msg.payload, wire.GlobalModel, self._fed.verifier)
-        except Exception as e:  # recorded and asserted on
-            self.bad.append(repr(e))
-            return
-        if not np.all(np.isfinite(m.spec.layout().flatten(m.params))):
-            self.bad.append(f"version {m.version} is not finite")
-        self.versions.append(m.version)
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
 class Stream:
     """The three devices' N unit-vector updates, paced over ``SOAK_S``, on one connection that
     the chaos may cut: paho resends whatever had no PUBACK when it reconnects."""
 
     def __init__(self, port: int, fed: Federation) -> None:
         self.fed = fed
-        self.c = mqtt5_client(port, "soak-devices")
+        self.c = client(port, "soak-devices")
         # Completion comes from on_publish: an info made while the link was down keeps
         # "not connected" as its result even after paho sent it on reconnecting.
         self.acked: set[int] = set()
@@ -201,9 +160,9 @@ def test_soak_every_failure_composes(tmp_path: Path, workers: int) -> None:
     vandal = None
     try:
         wait_service_ready(state, 0, 30)
-        watcher = Watcher(broker.port, fed)
+        watcher = ModelWatcher(broker.port, fed.verifier)
         stream = Stream(broker.port, fed)
-        vandal = mqtt5_client(broker.port, "soak-vandal")
+        vandal = client(broker.port, "soak-vandal")
         stream.thread.start()
         while not stream.done.wait(rng.uniform(2.0, 5.0)):
             if not pending:  # every kind once per round, in a random order
@@ -263,6 +222,7 @@ def test_soak_every_failure_composes(tmp_path: Path, workers: int) -> None:
     count, version = applications(state, K, N)
     assert not np.any(count[N:]), f"garbage reached the model; {note}"
     assert version == N // K
-    assert watcher is not None and not watcher.bad, watcher.bad if watcher else None
+    assert watcher is not None
+    assert not watcher.bad, watcher.bad
     assert watcher.versions == sorted(watcher.versions), f"a version went backwards; {note}"
     assert "Traceback" not in log.read_text(errors="replace"), log.read_text()[-3000:]
