@@ -652,6 +652,15 @@ def _round_pcts(runs: list[int], ceilings: list[int]) -> list[float]:
     return [round(100.0 * a / b, 1) for a, b in zip(runs, ceilings, strict=True)]
 
 
+def _versus_bare(agg: list[int], bare: list[int]) -> dict[str, Any]:
+    """Aggregator runs against the bare runs of the same rounds: each round's percentage, and
+    the two means."""
+    return {
+        "round_pct": _round_pcts(agg, bare),
+        "mean": {"bare": round(np.mean(bare)), "agg": round(np.mean(agg))},
+    }
+
+
 def _record(row: dict[str, Any], name: str, r: dict[str, Any]) -> None:
     """Append one aggregator run to ``row``: updates/s, CPU per update, checkpoints, broker,
     the CPU budget of the run and the aggregator's threads' share of it."""
@@ -932,9 +941,8 @@ def broker_malloc_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                 _record_bare(row, f"311_{name}", case.run_bare(ctx, "311"))
                 _record(row, f"agg_{name}", case.run_aggregator(ctx, 0))
         for name, _ in settings:
-            bare, agg = row[f"bare_v311_{name}_runs"], row[f"agg_{name}_runs"]
-            row[f"{name}_round_pct"] = _round_pcts(agg, bare)
-            row[f"{name}_mean"] = {"bare": round(np.mean(bare)), "agg": round(np.mean(agg))}
+            vs = _versus_bare(row[f"agg_{name}_runs"], row[f"bare_v311_{name}_runs"])
+            row[f"{name}_round_pct"], row[f"{name}_mean"] = vs["round_pct"], vs["mean"]
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -986,9 +994,7 @@ def warm_broker_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                 case.kept_broker = None
                 case.broker_tunables = MALLOC_TUNABLES
                 m.close()
-        bare, agg = row["bare_v311_runs"], row["agg_w0_runs"]
-        row["round_pct"] = _round_pcts(agg, bare)
-        row["mean"] = {"bare": round(np.mean(bare)), "agg": round(np.mean(agg))}
+        row.update(_versus_bare(row["agg_w0_runs"], row["bare_v311_runs"]))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
