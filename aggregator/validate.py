@@ -6,7 +6,8 @@ Steps, cheapest first, each refusing with a reason constant from :mod:`fedmqtt.e
 2. ``schema``: not a fedmqtt envelope (header parsed with tight msgpack limits);
 3. ``unknown_device``: no enrolled key for the device named by the topic;
 4. ``signature``: MAC / signature over the body bytes does not verify with that key;
-5. ``schema``: body not a valid update; ``federation`` / ``sender_mismatch``: for another
+5. ``schema``: body not a valid update (parsed without copying its tensors,
+   :mod:`aggregator.updatebody`); ``federation`` / ``sender_mismatch``: for another
    federation, or the body's sender is not the topic's device (the broker's ACL pins the topic);
 6. ``spec``: trained for another model (spec fingerprint);
 7. ``future`` / ``stale``: ``base_version`` newer than the current version, or staleness
@@ -30,6 +31,7 @@ from typing import Any, Final
 
 from aggregator.devices import DeviceKeys
 from aggregator.replay import ReplayWindow
+from aggregator.updatebody import parse_update
 from fedmqtt import wire
 from fedmqtt.aggregation.robust import NormBound
 from fedmqtt.codecs import Limits, decode_params_norm, defers_int8_scales
@@ -100,7 +102,7 @@ def open_update(
     if verifier is None:
         raise RejectedError(UNKNOWN_DEVICE, f"no enrolled key for device {device!r}")
     env.verify(verifier)
-    upd = wire.parse(env, wire.Update, max_bytes=max_bytes)
+    upd = parse_update(env, max_bytes=max_bytes)
     if upd.federation != federation:
         raise RejectedError(FEDERATION, f"update for federation {upd.federation[:64]!r}")
     if upd.sender != device:

@@ -722,11 +722,13 @@ def ingestion(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ part 2: vs Flower
 def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
     """Updates/s of our aggregation step, decode included: for each of K updates, open the
-    wire message, parse it, decode its delta straight into the strategy's buffer row (codec,
-    finite check, norm), then FedBuff's aggregate and server step -- the code the engine runs,
-    minus the signature check (Flower's path has none)."""
+    wire message, parse it (:mod:`aggregator.updatebody`, as the engine does), decode its
+    delta straight into the strategy's buffer row (codec, finite check, norm), then FedBuff's
+    aggregate and server step -- the code the engine runs, minus the signature check
+    (Flower's path has none)."""
     from aggregator.config import StrategyConfig
     from aggregator.strategies import FedBuff
+    from aggregator.updatebody import parse_update
     from aggregator.validate import UpdateMeta, decode_delta, limits_for, scale_segments
 
     spec = spec_for(d)
@@ -748,7 +750,7 @@ def ours_aggregation(d: int, codec: str, k: int, rounds: int) -> float:
     for _ in range(rounds):
         t = time.perf_counter()
         for p in payloads:
-            upd = wire.parse(wire.open_envelope(p), wire.Update)
+            upd = parse_update(wire.open_envelope(p), max_bytes=wire.DEFAULT_MAX_MESSAGE_BYTES)
             norm = decode_delta(upd.delta, layout, limits, strategy.slot(), strategy.slot_scales())
             meta = UpdateMeta(
                 upd.sender,

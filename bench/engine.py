@@ -42,15 +42,16 @@ from aggregator.metrics import Metrics
 from bench.aggregator_throughput import FED, Case, make_payloads
 from fedmqtt import topics
 from fedmqtt.params import F32
+from fedmqtt.signing import DEFAULT_UPDATE_AUTH
 
 
 def messages(case: Case) -> list[tuple[str, bytes]]:
-    """The case's int8 updates from each of its devices, interleaved at random."""
+    """The case's updates (its codec) from each of its devices, interleaved at random."""
     out: list[tuple[str, bytes]] = []
     for i, dev in enumerate(case.devices):
         for p in make_payloads(
             case.spec,
-            codec="int8",
+            codec=case.codec,
             device=dev,
             key_hex=case.keys[dev],
             n=case.n // case.publishers,
@@ -148,19 +149,64 @@ def primitives(d: int, repeat: int) -> list[tuple[str, float]]:
     return out
 
 
+def parsers(d: int, codec: str, repeat: int) -> dict[str, list[float]]:
+    """CPU µs per update of the engine with each body parser, alternating, ``repeat`` times."""
+    from aggregator import validate
+    from aggregator.updatebody import parse_update
+    from fedmqtt import wire
+
+    def reference(env: wire.Envelope, *, max_bytes: int) -> wire.Update:
+        return wire.parse(env, wire.Update, max_bytes=max_bytes)
+
+    choices = {
+        "reference (msgpack, copies)": reference,
+        "updatebody (msgspec, views)": parse_update,
+    }
+    n = 300 if d >= 1_000_000 else 3_000 if d > 10_000 else 15_000
+    batch = 80 if d > 10_000 else 250
+    out: dict[str, list[float]] = {name: [] for name in choices}
+    with tempfile.TemporaryDirectory(prefix="fedmqtt-enginebench-") as tmp:
+        case = Case(d, codec, n, 3, Path(tmp), auth=DEFAULT_UPDATE_AUTH)
+        items = messages(case)
+        cfg = case.config(Path(tmp) / "state", limits={"verify_threads": 1})
+        try:
+            for _ in range(repeat):
+                for name, parse in choices.items():
+                    validate.parse_update = parse  # what open_update calls
+                    out[name].append(run(cfg, items, batch)[0])
+        finally:
+            validate.parse_update = parse_update
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="650,100000", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--auths", default="chacha20-poly1305,hmac-sha256", type=lambda s: s.split(","))
     ap.add_argument("--threads", default="1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--codecs", default="int8,raw", type=lambda s: s.split(","))
     ap.add_argument(
         "--primitives", action="store_true", help="time the library calls of one update instead"
+    )
+    ap.add_argument(
+        "--parsers",
+        action="store_true",
+        help="the engine with the reference body parser against aggregator.updatebody instead",
     )
     args = ap.parse_args()
     tune_malloc()  # as the service does
     cpu_name = platform.processor() or platform.machine()
     print(f"machine: {cpu_name}, {os.cpu_count()} cores, python {platform.python_version()}")
+    if args.parsers:
+        print(f"\n| d | codec | body parser | CPU µs/update, {args.repeat} passes | best |")
+        print("|---|---|---|---|---|")
+        for d in args.dims:
+            for codec in args.codecs:
+                for name, cpu in parsers(d, codec, args.repeat).items():
+                    runs = " / ".join(f"{x:.1f}" for x in cpu)
+                    print(f"| {d} | {codec} | {name} | {runs} | {min(cpu):.1f} |", flush=True)
+        return
     if args.primitives:
         for d in args.dims:
             print(f"\n| d = {d}: call | µs per update, best of {max(args.repeat, 5)} |\n|---|---|")

@@ -649,9 +649,18 @@ def _check_scale(q: object) -> np.float32:
     return np.float32(value)
 
 
-def _payload(value: object, key: str, size: int, compressed: bool) -> bytes | bytearray:
-    """The bytes of field ``key``, exactly ``size`` long after optional bounded inflation."""
-    if not isinstance(value, bytes | bytearray):
+def _payload(
+    value: object, key: str, size: int, compressed: bool
+) -> bytes | bytearray | memoryview:
+    """The bytes of field ``key``, exactly ``size`` long after optional bounded inflation.
+
+    A ``memoryview`` of bytes (what the aggregator's zero-copy body parser yields,
+    :mod:`aggregator.updatebody`) is used in place, like ``bytes``.
+    """
+    if isinstance(value, memoryview):
+        if not (value.ndim == 1 and value.itemsize == 1 and value.c_contiguous):
+            raise DecodeError(SCHEMA, f"tensor field {key!r} must be binary")
+    elif not isinstance(value, bytes | bytearray):
         raise DecodeError(SCHEMA, f"tensor field {key!r} must be binary")
     if not compressed:
         if len(value) != size:
@@ -660,7 +669,7 @@ def _payload(value: object, key: str, size: int, compressed: bool) -> bytes | by
     return _inflate(value, key, size)
 
 
-def _inflate(value: bytes | bytearray, key: str, size: int) -> bytearray:
+def _inflate(value: bytes | bytearray | memoryview, key: str, size: int) -> bytearray:
     """Inflate the zlib stream ``value`` that must yield exactly ``size`` bytes.
 
     Memory stays at ``size`` plus small chunks whatever the stream claims: input is fed in

@@ -35,6 +35,11 @@ from fedmqtt.signing import Signer, Verifier
 VERSION: Final = 1
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 _MAX_HEADER_BYTES: Final = 512
+# msgpack's limits for a body (besides max_bytes for binary fields): a hostile length prefix is
+# refused before anything is allocated. aggregator.updatebody mirrors them.
+MAX_STR_BYTES: Final = 1 << 20
+MAX_ARRAY_LEN: Final = 1 << 16
+MAX_MAP_LEN: Final = 1 << 12
 T = TypeVar("T")
 
 
@@ -105,9 +110,9 @@ def unpack_map(data: bytes | memoryview, *, max_bytes: int) -> dict[str, Any]:
             raw=False,
             strict_map_key=True,
             max_bin_len=max_bytes,
-            max_str_len=1 << 20,
-            max_array_len=1 << 16,
-            max_map_len=1 << 12,
+            max_str_len=MAX_STR_BYTES,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
             max_ext_len=0,
         )
     except Exception as e:  # ValueError, ExtraData, FormatError, StackError, TypeError...

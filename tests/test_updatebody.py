@@ -1,0 +1,204 @@
+"""The aggregator's zero-copy update parser agrees with the wire module's reference parser.
+
+:func:`aggregator.updatebody.parse_update` must accept exactly the bodies
+:func:`fedmqtt.wire.parse` accepts, return the same update (tensor bytes as views of the
+payload), and refuse everything else with the reference's reason and detail. Checked on real
+encoded updates, on hypothesis' mutations of them, and on the hostile shapes the reference's
+msgpack limits exist for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aggregator.updatebody import parse_update
+from fedmqtt import wire
+from fedmqtt.codecs import Codec, encode_params
+from fedmqtt.errors import DecodeError
+
+MAX = wire.DEFAULT_MAX_MESSAGE_BYTES
+CODECS = ("raw", "fp16", "int8", "int8+zlib", "topk:0.25")
+
+
+def _body(codec: str = "int8") -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    delta = {
+        "W": rng.standard_normal((6, 5)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float32),
+    }
+    upd = wire.Update(
+        federation="fed",
+        sender="dev1",
+        update_id="u" * 32,
+        seq=3,
+        base_version=7,
+        num_samples=90,
+        spec_fingerprint="abcd",
+        delta=encode_params(delta, Codec.parse(codec), rng=rng),
+        metrics={"loss": 0.5, "n": 2},
+        created_at=1.0,
+    )
+    return upd.to_body()
+
+
+def _envelope(body_bytes: bytes) -> wire.Envelope:
+    return wire.Envelope("hmac-sha256", b"", memoryview(body_bytes))
+
+
+def _outcome(parse: Any, body_bytes: bytes) -> tuple[str, Any]:
+    try:
+        upd = parse(_envelope(body_bytes))
+    except DecodeError as e:
+        return ("refused", (e.reason, e.detail))
+    delta = {  # the reference leaves a tensor's own checks to the codecs: it may be anything
+        name: {
+            k: bytes(v) if isinstance(v, memoryview) else v for k, v in sorted(t.items(), key=repr)
+        }
+        if isinstance(t, dict)
+        else t
+        for name, t in upd.delta.items()
+    }
+    fields = {k: v for k, v in vars(upd).items() if k != "delta"}
+    return ("accepted", (fields, delta))
+
+
+def _same(body_bytes: bytes) -> tuple[str, Any]:
+    ours = _outcome(lambda env: parse_update(env, max_bytes=MAX), body_bytes)
+    reference = _outcome(lambda env: wire.parse(env, wire.Update, max_bytes=MAX), body_bytes)
+    # Compared as msgpack bytes, where NaN equals NaN (the reference leaves tensor fields and
+    # metric values to later checks, so a NaN can be in an accepted body).
+    assert msgpack.packb(ours) == msgpack.packb(reference), (ours, reference)
+    return ours
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_valid_updates_parse_the_same_with_tensor_bytes_as_views(codec: str) -> None:
+    packed = msgpack.packb(_body(codec), use_bin_type=True)
+    kind, _ = _same(packed)
+    assert kind == "accepted"
+    upd = parse_update(_envelope(packed), max_bytes=MAX)
+    views = [v for t in upd.delta.values() for v in t.values() if isinstance(v, memoryview)]
+    assert views and all(v.obj is packed for v in views)  # no copy of the tensor bytes
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=70),
+    st.binary(max_size=16),
+    st.lists(st.one_of(st.integers(-3, 40), st.booleans(), st.text(max_size=2)), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.one_of(st.integers(-2, 2), st.floats()), max_size=2),
+)
+_BODY_KEYS = (
+    "v",
+    "type",
+    "federation",
+    "sender",
+    "update_id",
+    "seq",
+    "base_version",
+    "num_samples",
+    "spec",
+    "metrics",
+    "created_at",
+    "delta",
+)
+_TENSOR_KEYS = ("c", "s", "d", "z", "q", "k", "i", "x")
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    codec=st.sampled_from(CODECS),
+    body_edits=st.dictionaries(
+        st.sampled_from((*_BODY_KEYS, "extra")), st.one_of(st.just("drop"), _VALUES), max_size=3
+    ),
+    tensor_edits=st.dictionaries(
+        st.sampled_from(_TENSOR_KEYS), st.one_of(st.just("drop"), _VALUES), max_size=2
+    ),
+)
+def test_mutated_updates_get_the_reference_outcome(
+    codec: str, body_edits: dict[str, Any], tensor_edits: dict[str, Any]
+) -> None:
+    body = _body(codec)
+    for key, value in body_edits.items():
+        if value == "drop":
+            body.pop(key, None)
+        else:
+            body[key] = value
+    delta = body.get("delta")
+    tensor = delta.get("W") if isinstance(delta, dict) else None
+    if isinstance(tensor, dict):
+        for key, value in tensor_edits.items():
+            if value == "drop":
+                tensor.pop(key, None)
+            else:
+                tensor[key] = value
+    _same(msgpack.packb(body, use_bin_type=True))
+
+
+def _with(**change: Any) -> bytes:
+    body = _body()
+    body.update(change)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "body_bytes",
+    [
+        _with(sender="d" * (wire.MAX_STR_BYTES + 1)),  # longer than msgpack's string limit
+        _with(sender="é" * (wire.MAX_STR_BYTES // 4 + 1)),  # over the character bound, in it
+        _with(sender="é" * (wire.MAX_STR_BYTES // 2 + 1)),  # few enough characters, too long
+        _with(metrics={f"m{i}": 1.0 for i in range(wire.MAX_MAP_LEN + 1)}),
+        _with(extra=list(range(wire.MAX_ARRAY_LEN + 1))),
+        _with(v=True),
+        _with(v=1.0),
+        _with(created_at=float("inf")),
+        _with(extra=msgpack.ExtType(1, b"x")),
+        _with(update_id="x" * 65),
+        _with(update_id="é" * 8),
+        _with(seq=2**64 - 1),
+        msgpack.packb(_body(), use_bin_type=True) + b"\x00",  # trailing bytes
+        msgpack.packb(_body(), use_bin_type=True)[:-7],  # truncated tensor bytes
+        b"\x81\xa3seq" + b"\x91" * 100_000 + b"\x01",  # nested past the recursion limit
+        b"\x82\xa1v\x01\xa4type\xa2\xff\xfe",  # invalid UTF-8
+        b"\x81\xc4\x01v\x01",  # a binary key
+        b"\xdf\x7f\xff\xff\xff",  # a map header that claims 2**31 entries
+    ],
+    ids=[
+        "long-string",
+        "long-multibyte-string",
+        "multibyte-string-over-the-byte-limit",
+        "big-map",
+        "big-array",
+        "bool-version",
+        "float-version",
+        "infinite-time",
+        "ext-type",
+        "long-update-id",
+        "multibyte-update-id",
+        "uint64-seq",
+        "trailing-bytes",
+        "truncated",
+        "deep-nesting",
+        "bad-utf8",
+        "binary-key",
+        "huge-map-header",
+    ],
+)
+def test_hostile_bodies_get_the_reference_outcome(body_bytes: bytes) -> None:
+    _same(body_bytes)
+
+
+def test_a_shape_too_long_for_msgpack_is_refused_as_the_reference_does() -> None:
+    body = _body("raw")
+    body["delta"]["W"]["s"] = [1] * (wire.MAX_ARRAY_LEN + 1)
+    kind, _ = _same(msgpack.packb(body, use_bin_type=True))
+    assert kind == "refused"
