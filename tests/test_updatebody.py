@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from aggregator.updatebody import parse_update
 from fedmqtt import wire
-from fedmqtt.codecs import Codec, encode_params
-from fedmqtt.errors import DecodeError
+from fedmqtt.codecs import Codec, decode_params, encode_params
+from fedmqtt.errors import SCHEMA, DecodeError
+from fedmqtt.params import Layout
 
 MAX = wire.DEFAULT_MAX_MESSAGE_BYTES
 CODECS = ("raw", "fp16", "int8", "int8+zlib", "topk:0.25")
@@ -147,7 +148,8 @@ def test_mutated_updates_get_the_reference_outcome(
 def _with(**change: Any) -> bytes:
     body = _body()
     body.update(change)
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 @pytest.mark.parametrize(
@@ -202,3 +204,24 @@ def test_a_shape_too_long_for_msgpack_is_refused_as_the_reference_does() -> None
     body["delta"]["W"]["s"] = [1] * (wire.MAX_ARRAY_LEN + 1)
     kind, _ = _same(msgpack.packb(body, use_bin_type=True))
     assert kind == "refused"
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_views_decode_to_the_same_values_as_bytes(codec: str) -> None:
+    packed = msgpack.packb(_body(codec), use_bin_type=True)
+    ours = parse_update(_envelope(packed), max_bytes=MAX)
+    reference = wire.parse(_envelope(packed), wire.Update, max_bytes=MAX)
+    layout = Layout.from_shapes({"W": (6, 5), "b": (5,)})
+    assert decode_params(ours.delta, layout).tobytes() == (
+        decode_params(reference.delta, layout).tobytes()
+    )
+
+
+def test_a_view_of_anything_but_bytes_is_refused_as_not_binary() -> None:
+    body = _body("raw")
+    tensor = dict(body["delta"]["b"])
+    tensor["d"] = memoryview(np.zeros(5, dtype=np.float32).data)  # 4-byte items: 5 long, 20 bytes
+    with pytest.raises(DecodeError) as e:
+        decode_params({"b": tensor}, Layout.from_shapes({"b": (5,)}))
+    assert e.value.reason == SCHEMA
+    assert "must be binary" in e.value.detail
