@@ -56,7 +56,9 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["update"]
     federation: Text
     sender: Text
-    update_id: Annotated[str, Meta(min_length=8, max_length=64)]
+    update_id: Annotated[
+        str, Meta(min_length=wire.UPDATE_ID_CHARS[0], max_length=wire.UPDATE_ID_CHARS[1])
+    ]
     seq: Count
     base_version: Count
     num_samples: Annotated[int, Meta(gt=0)]

@@ -274,7 +274,7 @@ def grow_broker_heap(case: Case, ctx: Any, m: Mosquitto) -> float:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    total = (case.n // case.publishers) * case.publishers
+    total = case.total
     got = [0]
     subscribed = threading.Event()
 
@@ -385,6 +385,8 @@ class Case:
         self, d: int, codec: str, n: int, publishers: int, work: Path, *, auth: str
     ) -> None:
         self.d, self.codec, self.n, self.publishers = d, codec, n, publishers
+        self.per_publisher = n // publishers  # each publisher sends this many ...
+        self.total = self.per_publisher * publishers  # ... so the stream is this long
         self.auth = auth
         self.spec = spec_for(d)
         self.work = work
@@ -457,7 +459,7 @@ class Case:
         ready = [ctx.Event() for _ in self.devices]
         go = ctx.Event()
         self._pub_cpu = ctx.Queue()
-        per = self.n // self.publishers
+        per = self.per_publisher
         cafile = None if ca is None else str(ca)
         procs = [
             ctx.Process(
@@ -495,7 +497,7 @@ class Case:
         spent = sum(float(self._pub_cpu.get(timeout=900)) for _ in self._procs)
         for p in self._procs:
             p.join(900)
-        return 1e6 * spent / ((self.n // self.publishers) * self.publishers)
+        return 1e6 * spent / self.total
 
     def run_bare(self, ctx: Any, proto: str) -> dict[str, Any]:
         """One run of the bare subscriber: its rate and the broker's usage."""
@@ -503,7 +505,7 @@ class Case:
         since = broker_counters(m)
         try:
             ready, result = ctx.Event(), ctx.Queue()
-            total = (self.n // self.publishers) * self.publishers
+            total = self.total
             sub = ctx.Process(target=bare_subscriber, args=(m.port, total, proto, ready, result))
             sub.start()
             ready.wait(30)
@@ -567,7 +569,7 @@ class Case:
             scaleout={"workers": workers, "pin_cpu": pin_cpu},
             checkpoint=checkpoint or {},
         )
-        total = (self.n // self.publishers) * self.publishers
+        total = self.total
         since = broker_counters(m)
         agg = AggregatorThread(cfg).start()
         try:

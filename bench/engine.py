@@ -54,13 +54,20 @@ def messages(case: Case) -> list[tuple[str, bytes]]:
             codec=case.codec,
             device=dev,
             key_hex=case.keys[dev],
-            n=case.n // case.publishers,
+            n=case.per_publisher,
             seed=i,
             auth=case.auth,
         ):
             out.append((topics.updates(FED, dev), p))
     random.Random(0).shuffle(out)
     return out
+
+
+def workload(d: int) -> tuple[int, int]:
+    """(updates, batch size) for a run at d: enough updates for a steady figure without
+    holding gigabytes of payloads, in the batch sizes the service used at that size."""
+    n = 300 if d >= 1_000_000 else 3_000 if d > 10_000 else 15_000
+    return n, 80 if d > 10_000 else 250
 
 
 def run(cfg: AggregatorConfig, items: list[tuple[str, bytes]], batch: int) -> tuple[float, float]:
@@ -162,8 +169,7 @@ def parsers(d: int, codec: str, repeat: int) -> dict[str, list[float]]:
         "reference (msgpack, copies)": reference,
         "updatebody (msgspec, views)": parse_update,
     }
-    n = 300 if d >= 1_000_000 else 3_000 if d > 10_000 else 15_000
-    batch = 80 if d > 10_000 else 250
+    n, batch = workload(d)
     out: dict[str, list[float]] = {name: [] for name in choices}
     with tempfile.TemporaryDirectory(prefix="fedmqtt-enginebench-") as tmp:
         case = Case(d, codec, n, 3, Path(tmp), auth=DEFAULT_UPDATE_AUTH)
@@ -216,8 +222,7 @@ def main() -> None:
     print("\n| d | MAC | updates | batch | verify_threads | CPU µs/update | wall µs/update |")
     print("|---|---|---|---|---|---|---|")
     for d in args.dims:
-        n = 15_000 if d <= 10_000 else 3_000
-        batch = 250 if d <= 10_000 else 80  # what the service's batches were at this size
+        n, batch = workload(d)
         for auth in args.auths:
             with tempfile.TemporaryDirectory(prefix="fedmqtt-enginebench-") as tmp:
                 case = Case(d, "int8", n, 3, Path(tmp), auth=auth)  # keys of three devices

@@ -40,6 +40,7 @@ _MAX_HEADER_BYTES: Final = 512
 MAX_STR_BYTES: Final = 1 << 20
 MAX_ARRAY_LEN: Final = 1 << 16
 MAX_MAP_LEN: Final = 1 << 12
+UPDATE_ID_CHARS: Final = (8, 64)  # an update id's shortest and longest length
 T = TypeVar("T")
 
 
@@ -225,8 +226,9 @@ class Update:
     def from_body(cls, m: Mapping[str, Any]) -> Update:
         fed, sender = _common(m, "update")
         update_id = field_of(m, "update_id", str)
-        if not 8 <= len(update_id) <= 64:
-            raise DecodeError(SCHEMA, "update_id must be 8-64 characters")
+        shortest, longest = UPDATE_ID_CHARS
+        if not shortest <= len(update_id) <= longest:
+            raise DecodeError(SCHEMA, f"update_id must be {shortest}-{longest} characters")
         num_samples = _nonneg_int(m, "num_samples")
         if num_samples == 0:
             raise DecodeError(SCHEMA, "num_samples must be positive")

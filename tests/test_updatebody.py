@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_wire import _update
 
 from aggregator.updatebody import parse_update
 from fedmqtt import wire
@@ -33,17 +34,8 @@ def _body(codec: str = "int8") -> dict[str, Any]:
         "W": rng.standard_normal((6, 5)).astype(np.float32),
         "b": rng.standard_normal(5).astype(np.float32),
     }
-    upd = wire.Update(
-        federation="fed",
-        sender="dev1",
-        update_id="u" * 32,
-        seq=3,
-        base_version=7,
-        num_samples=90,
-        spec_fingerprint="abcd",
-        delta=encode_params(delta, Codec.parse(codec), rng=rng),
-        metrics={"loss": 0.5, "n": 2},
-        created_at=1.0,
+    upd = _update(
+        delta=encode_params(delta, Codec.parse(codec), rng=rng), metrics={"loss": 0.5, "n": 2}
     )
     return upd.to_body()
 
