@@ -1,6 +1,9 @@
-"""``fedmqtt``: the newcomer's entry point — ``fedmqtt demo`` and ``fedmqtt simulate``.
+"""The ``fedmqtt`` console command: ``fedmqtt demo`` and ``fedmqtt simulate``.
 
-The simulator is imported only when one of these runs, so ``import fedmqtt`` stays light.
+It lives in the simulator package because both subcommands drive the simulator, which depends
+on the services; the core (``fedmqtt/``) never imports this layer (the layer contracts in
+pyproject.toml, checked by ``scripts/check``). The runner and the demo are imported only when
+their subcommand runs, so ``fedmqtt --help`` stays quick.
 """
 
 from __future__ import annotations
