@@ -3,10 +3,9 @@
 Every simulated device is a real :class:`edge_agent.agent.EdgeAgent` (its own MQTT client,
 state directory and data shard) running in a thread. A handful of devices fit in the
 simulator's own process; hundreds do not: each agent is three threads (its loop, its MQTT
-client, its training), and 1,500 threads under one GIL starved each other badly enough that
-starting 500 agents took minutes and some never came online (docs/benchmarks.md, Scale). So
-large fleets are split over *agent host* processes, each hosting a slice of the devices with
-its own interpreter and GIL.
+client, its training), and hundreds of agents under one GIL starve each other until some never
+come online (docs/architecture.md, "The simulator"). So large fleets are split over *agent
+host* processes, each hosting a slice of the devices with its own interpreter and GIL.
 
 The split changes nothing a device sees: its configuration, shard, speed, outage windows and
 attack come from the same seeded schedule whichever process hosts it, and the outage windows
@@ -102,8 +101,9 @@ class AgentHost:
         """Start every device that is not in an outage at time 0, all at once.
 
         Each agent thread waits at a gate until every thread exists: ``Thread.start`` blocks
-        until the new thread has run, and with the first agents already busy (hundreds of
-        threads wanting the GIL) starting the last ones one by one took over a minute.
+        until the new thread has run, so once the first agents are busy (hundreds of threads
+        wanting the GIL) every further start waits its turn, and a host's last agents would
+        start long after its first.
         """
         gate = threading.Event()
         for d in self.devices:
