@@ -40,6 +40,7 @@ from test_broker_security import (
 )
 
 from fedmqtt import topics
+from fedmqtt.admin.registry import Registry
 from fedmqtt.broker import free_port
 
 ALPHA, BETA = "alpha", "beta"
@@ -197,6 +198,9 @@ def site(site_of: Site) -> Iterator[Site]:
 def test_acl_grants_nothing_to_every_client(site: Site) -> None:
     """No ``pattern`` line (it would apply to the devices of every federation): each right
     belongs to one user, and each device's rights name only its own federation's topics."""
+    registry = Registry.load(site.admin_dir)
+    fed_of = {a.user: a.federation for a in registry.aggregators}
+    fed_of |= {k: d.federation for k, d in registry.active_devices().items()}
     acl = (site.base / "broker" / "acl").read_text()
     rules = [ln for ln in acl.splitlines() if ln and not ln.startswith("#")]
     assert not [ln for ln in rules if not ln.startswith(("user ", "topic "))]
@@ -204,9 +208,13 @@ def test_acl_grants_nothing_to_every_client(site: Site) -> None:
     for ln in rules:
         if ln.startswith("user "):
             user = ln.removeprefix("user ")
-            continue
-        fed = ALPHA if user in DEVICES[ALPHA] or user == agg_user(ALPHA) else BETA
-        assert ln.split()[-1].startswith(f"fl/{fed}/"), (user, ln)
+        elif user in registry.revoked_devices():
+            assert ln == "topic deny #"
+        else:
+            assert ln.split()[-1].startswith(f"fl/{fed_of[user]}/"), (user, ln)
+    assert {ln.removeprefix("user ") for ln in rules if ln.startswith("user ")} == set(
+        fed_of
+    ) | set(registry.revoked_devices())
 
 
 # --------------------------------------------------------------------------- positive controls
