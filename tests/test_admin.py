@@ -279,15 +279,30 @@ def test_acl_is_rendered_from_the_registry() -> None:
     reg.devices = {
         "d1": Device("alpha", "password", "hmac-sha256"),
         "d2": Device("beta", "password", "hmac-sha256", status="revoked"),
+        "d3": Device("beta", "certificate", "ed25519"),
     }
     acl = brokerconf.render_acl(reg)
     lines = [ln for ln in acl.splitlines() if ln and not ln.startswith("#")]
-    assert "pattern write fl/alpha/updates/%u" in lines
-    assert "pattern write fl/beta/status/%u" in lines
-    assert "pattern read fl/beta/model/onnx" in lines
-    # The aggregator blocks are scoped to their federation.
-    i = lines.index("user agg-a")
-    assert lines[i + 1 : i + 7] == [
+    # No pattern line: a pattern applies to every client, whatever its federation.
+    assert not any(ln.startswith("pattern") for ln in lines)
+    blocks: dict[str, list[str]] = {}
+    for ln in lines:
+        if ln.startswith("user "):
+            user = ln.removeprefix("user ")
+            assert user not in blocks, f"two blocks for {user}"
+            blocks[user] = []
+        else:
+            blocks[user].append(ln)
+    # Each account's rights name its own federation's topics, and nothing else.
+    assert blocks["d1"] == [
+        "topic write fl/alpha/updates/d1",
+        "topic write fl/alpha/status/d1",
+        "topic read fl/alpha/model",
+        "topic read fl/alpha/model/onnx",
+        "topic read fl/alpha/plan",
+    ]
+    assert blocks["d3"] == [ln.replace("alpha", "beta").replace("d1", "d3") for ln in blocks["d1"]]
+    assert blocks["agg-a"] == [
         "topic read fl/alpha/updates/+",
         "topic read fl/alpha/status/+",
         "topic readwrite fl/alpha/model",
@@ -295,9 +310,32 @@ def test_acl_is_rendered_from_the_registry() -> None:
         "topic readwrite fl/alpha/plan",
         "topic readwrite fl/alpha/metrics",
     ]
-    # Revoked: denied everything, and that block comes after every grant.
-    assert lines[-2:] == ["user d2", "topic deny #"]
-    assert not any(ln.startswith("topic") and "write" in ln and "+/" in ln for ln in lines)
+    assert blocks["agg-b"] == [ln.replace("alpha", "beta") for ln in blocks["agg-a"]]
+    # Revoked: denied everything and granted nothing.
+    assert blocks["d2"] == ["topic deny #"]
+    assert set(blocks) == {"d1", "d2", "d3", "agg-a", "agg-b"}
+
+
+def test_acl_refuses_an_id_that_would_inject_lines() -> None:
+    """A hand-edited registry cannot smuggle rights into the ACL."""
+    reg = Registry()
+    reg.aggregators = [Aggregator("alpha", "agg-a")]
+    reg.devices = {"d1\ntopic read #": Device("alpha", "password", "hmac-sha256")}
+    with pytest.raises(ConfigError, match="device id"):
+        brokerconf.render_acl(reg)
+
+
+def test_reload_rewrites_an_acl_of_an_older_version(env: Env) -> None:
+    """Migration: ``fedmqtt-admin reload`` (like every enroll, rotate and revoke) regenerates
+    the ACL from the registry, so an ACL written with per-federation patterns is replaced."""
+    assert env.run("enroll", "dev-1", "--out", str(env.tmp / "b1")) == 0
+    acl = env.broker / "acl"
+    rendered = acl.read_text()
+    acl.write_text("pattern read fl/demo/model\npattern write fl/demo/updates/%u\n")
+    assert env.run("reload") == 0
+    assert acl.read_text() == rendered
+    assert mode(acl) == 0o640
+    assert "\nuser dev-1\ntopic write fl/demo/updates/dev-1\n" in rendered
 
 
 # --------------------------------------------------------------------------- aggregator
@@ -349,6 +387,20 @@ def test_second_worker_must_share_the_signing_key(env: Env) -> None:
     other.mkdir()
     (other / "aggregator.toml").write_text(AGG_TOML.format(fed="demo", user="aggregator-2"))
     assert env.run("aggregator-setup", "--aggregator-config", str(other / "aggregator.toml")) == 1
+
+
+def test_an_aggregator_account_serves_one_federation(env: Env) -> None:
+    """Rights are per federation: the account of federation demo cannot also be another's."""
+    other = env.tmp / "agg-other"
+    other.mkdir()
+    (other / "aggregator.toml").write_text(AGG_TOML.format(fed="other", user="aggregator"))
+    registry = (env.dir / "registry.json").read_bytes()
+    with pytest.raises(ConfigError, match="already serves federation 'demo'"):
+        env.site().setup_aggregator(other / "aggregator.toml")
+    assert (env.dir / "registry.json").read_bytes() == registry
+    assert not (other / "signing.key").exists()
+    (other / "aggregator.toml").write_text(AGG_TOML.format(fed="other", user="agg-other"))
+    assert env.run("aggregator-setup", "--aggregator-config", str(other / "aggregator.toml")) == 0
 
 
 # --------------------------------------------------------------------------- enrollment
@@ -497,7 +549,9 @@ def test_revoke_removes_credentials_key_and_access(
     # The id comes back only on purpose, with new credentials and without the deny block.
     assert env.run("enroll", "dev-1", "--out", str(env.tmp / "b3")) == 1
     assert env.run("enroll", "dev-1", "--out", str(env.tmp / "b4"), "--reenroll") == 0
-    assert "user dev-1\n" not in (env.broker / "acl").read_text()
+    acl = (env.broker / "acl").read_text()
+    assert "topic deny #" not in acl
+    assert "\nuser dev-1\ntopic write fl/demo/updates/dev-1\n" in acl
     old = (env.tmp / "b1" / "broker.password").read_text().strip()
     assert not passwd.check_password(env.passwd()["dev-1"], old)
 

@@ -319,24 +319,42 @@ def _service_readable(base: Path, data_dir: Path) -> None:
 
 def build_site(identity: str, *, local_port: int = 0) -> Site:
     base = Path(tempfile.mkdtemp(prefix=f"fedmqtt-sec-{identity}-"))
-    data = base / "data"
-    data.mkdir()
-    _service_readable(base, data)
     port = free_port()
-    creds = (
-        'password_file = "broker.password"'
-        if identity == "password"
-        else 'cert_file = "client.crt"\nkey_file = "client.key"'
-    )
+    creds = aggregator_credentials(identity)
     # Two aggregator workers: separate broker accounts, one signing key and devices_dir.
     for name, user, keys in (("agg", AGG_USER, ""), ("agg2", f"{AGG_USER}-2", "../agg/")):
         (base / name).mkdir()
         (base / name / "aggregator.toml").write_text(
             AGGREGATOR_TOML.format(fed=FED, port=port, user=user, credentials=creds, keys=keys)
         )
-    adm = ["--dir", str(base / "admin")]
-    pid = data / "mosquitto.pid"
     steps = [
+        *broker_steps(identity, base, port, local_port=local_port),
+        *(
+            [
+                "aggregator-setup",
+                "--aggregator-config",
+                str(base / a / "aggregator.toml"),
+                "--no-reload",
+            ]
+            for a in ("agg", "agg2")
+        ),
+        *(["enroll", d, "--out", str(base / "bundles" / d), "--no-reload"] for d in DEVICES),
+    ]
+    return start_site(identity, base, port, steps, local_port=local_port)
+
+
+def aggregator_credentials(identity: str) -> str:
+    """The [broker] credential lines of an aggregator.toml (AGGREGATOR_TOML's {credentials})."""
+    if identity == "password":
+        return 'password_file = "broker.password"'
+    return 'cert_file = "client.crt"\nkey_file = "client.key"'
+
+
+def broker_steps(identity: str, base: Path, port: int, *, local_port: int = 0) -> list[list[str]]:
+    """The fedmqtt-admin commands that make a CA, the broker's certificate and its
+    production config for a loopback ``port``, with everything under ``base``."""
+    data, pid = base / "data", base / "data" / "mosquitto.pid"
+    return [
         ["ca", "init"],
         [
             "broker-cert",
@@ -366,19 +384,20 @@ def build_site(identity: str, *, local_port: int = 0) -> Site:
             str(MAX_PACKET),
             *(["--local-port", str(local_port)] if local_port else []),
         ],
-        *(
-            [
-                "aggregator-setup",
-                "--aggregator-config",
-                str(base / a / "aggregator.toml"),
-                "--no-reload",
-            ]
-            for a in ("agg", "agg2")
-        ),
-        *(["enroll", d, "--out", str(base / "bundles" / d), "--no-reload"] for d in DEVICES),
     ]
+
+
+def start_site(
+    identity: str, base: Path, port: int, steps: list[list[str]], *, local_port: int = 0
+) -> Site:
+    """Run the fedmqtt-admin ``steps`` (which start with :func:`broker_steps`) on the admin
+    directory ``base/admin``, then start Mosquitto with the config they rendered."""
+    data = base / "data"
+    data.mkdir()
+    _service_readable(base, data)
+    pid = data / "mosquitto.pid"
     for step in steps:
-        assert admin([*adm, *step]) == 0, step
+        assert admin(["--dir", str(base / "admin"), *step]) == 0, step
     template = "mosquitto.conf" if identity == "password" else "mosquitto-certs.conf"
     broker = Mosquitto(
         template=template,

@@ -264,6 +264,17 @@ class Site:
         check_id("federation", cfg.federation)
         if account in self.registry.devices:
             raise ConfigError(f"{account!r} is a device id; pick another aggregator user name")
+        elsewhere = sorted(
+            a.federation
+            for a in self.registry.aggregators
+            if a.user == account and a.federation != cfg.federation
+        )
+        if elsewhere:
+            raise ConfigError(
+                f"broker account {account!r} already serves federation {elsewhere[0]!r}; an "
+                f"account reads and writes one federation only, so give federation "
+                f"{cfg.federation!r} its own ([broker] username or --user)"
+            )
         own = Owner.named(owner) if owner else Owner()
         new_pem: bytes | None = None
         if cfg.signing_key.exists():
