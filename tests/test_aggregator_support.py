@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
+from conftest import WATCHED
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.checkpoint import CheckpointStore, f32
@@ -181,10 +182,14 @@ def publish_all(port: int, messages: Iterable[tuple[str, bytes]], timeout: float
 class ModelWatcher:
     """Subscribes to the model topic and records every verified global model, across broker
     restarts (it subscribes again on every connect). A model that does not verify or is not
-    finite goes to ``bad`` instead, for the test to assert on: an exception would end paho's
-    thread and leave the test waiting."""
+    finite goes to ``bad`` instead (an exception would end paho's thread and leave the test
+    waiting). Every watcher registers itself with ``conftest``, which fails the test after it
+    ran if :meth:`problems` reports any: ``bad`` models, a traceback in ``log`` (the log of a
+    service process) or one logged in the test process."""
 
-    def __init__(self, port: int, verifier: Ed25519Verifier) -> None:
+    def __init__(self, port: int, verifier: Ed25519Verifier, *, log: Path | None = None) -> None:
+        self.log = log
+        WATCHED.append(self)
         self.versions: list[int] = []
         self.bad: list[str] = []
         self.latest: wire.GlobalModel | None = None
@@ -223,6 +228,17 @@ class ModelWatcher:
                     raise TimeoutError(f"no matching model; versions seen {self.versions[-5:]}")
                 self.cond.wait(left)
             return self.latest
+
+    def problems(self) -> list[str]:
+        out = list(self.bad)
+        if self.log is not None:
+            try:
+                text = self.log.read_text(errors="replace")
+            except OSError as e:
+                text = f"Traceback: the service log cannot be read: {e}"
+            if "Traceback" in text:
+                out.append(f"a traceback in {self.log}:\n{text[-3000:]}")
+        return out
 
     def close(self) -> None:
         self.c.disconnect()
