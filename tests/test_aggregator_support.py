@@ -300,6 +300,11 @@ def wait_service_ready(state: Path, since: float, timeout: float = 20) -> None:
     )
 
 
+def unit_vector_strategy(k: int) -> dict[str, Any]:
+    """FedBuff with K = ``k``, constant staleness, server lr 1: see :func:`unit_vector_service`."""
+    return {"buffer_size": k, "staleness": "constant", "max_staleness": 1_000_000}
+
+
 def unit_vector_service(
     root: Path, broker_port: int, spec: ModelSpec, devices: Iterable[str], *, k: int, workers: int
 ) -> tuple[Federation, Path]:
@@ -312,7 +317,7 @@ def unit_vector_service(
         root / "aggregator.toml",
         "127.0.0.1",
         broker_port,
-        strategy={"buffer_size": k, "staleness": "constant", "max_staleness": 1_000_000},
+        strategy=unit_vector_strategy(k),
         scaleout={"workers": workers},
     )
     return fed, cfg
