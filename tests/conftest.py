@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -34,6 +36,47 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         require(*mark.args)
+
+
+class Watched(Protocol):
+    def problems(self) -> list[str]: ...
+
+
+#: Watchers made during the running test (``test_aggregator_support.ModelWatcher`` registers
+#: itself): :func:`_watchers_saw_no_problem` fails the test on anything they report.
+WATCHED: list[Watched] = []
+
+
+class _Tracebacks(logging.Handler):
+    """Log records that carry a traceback, from any thread of the test process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.stack_info:
+            self.seen.append(f"{record.name}: {record.getMessage()}\n{self.format(record)}")
+
+
+@pytest.fixture(autouse=True)
+def _watchers_saw_no_problem() -> Iterator[None]:
+    """A test that watches the model also asserts, without having to remember it, that no
+    model it saw failed to verify or was not finite, and that nothing logged a traceback: not
+    the in-process services (the root logger) nor the service logs its watchers were given."""
+    WATCHED.clear()
+    tracebacks = _Tracebacks()
+    root = logging.getLogger()
+    root.addHandler(tracebacks)
+    try:
+        yield
+    finally:
+        root.removeHandler(tracebacks)
+    watchers = list(WATCHED)
+    WATCHED.clear()
+    if watchers:
+        problems = [p for w in watchers for p in w.problems()] + tracebacks.seen
+        assert not problems, "\n".join(problems)
 
 
 @pytest.fixture

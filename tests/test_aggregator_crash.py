@@ -39,6 +39,8 @@ K = 32
 N = 48 * K  # 1536 updates
 SPEC = ModelSpec("softmax", 153, 10)  # 1540 parameters: one coordinate per update
 DEVICES = ("dev0", "dev1", "dev2")
+GATES = (400, 900)  # the publisher waits there for the kill and restart ...
+KILL_AT = (200, 700)  # ... made once the service has accepted this many
 
 
 def accepted_at_least(state: Path, n: int) -> bool:
@@ -54,23 +56,28 @@ def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
     fed, cfg = unit_vector_service(tmp_path, broker.port, SPEC, DEVICES, k=K, workers=workers)
     state = tmp_path / "state"
     log = tmp_path / "aggregator.log"
-    watcher = ModelWatcher(broker.port, fed.verifier)
+    watcher = ModelWatcher(broker.port, fed.verifier, log=log)
     proc = start_service(cfg, log)
     published = threading.Event()
     errors: list[BaseException] = []
+    # The publisher holds after GATES[k] updates until the k-th kill and restart are done, so
+    # both happen mid-stream whatever the machine's speed: the stream cannot end first.
+    resume = [threading.Event() for _ in GATES]
 
     def publish() -> None:
         try:
             c = client(broker.port)
             infos = []
             for i in range(N):
+                if i in GATES:
+                    resume[GATES.index(i)].wait()
                 dev = DEVICES[i % len(DEVICES)]
                 delta = np.zeros(SPEC.layout().size, dtype=np.float32)
                 delta[i] = 1.0
                 payload = fed.update(dev, delta, update_id=f"crash-{i:06d}", num_samples=1, seq=i)
                 infos.append(c.publish(topics.updates(FED, dev), payload, qos=1))
                 if i % 50 == 49:
-                    time.sleep(0.06)  # a stream over ~2 s, not one burst
+                    time.sleep(0.06)  # a stream, not one burst
             for info in infos:
                 info.wait_for_publish(60)
                 assert info.is_published()  # acknowledged by the broker
@@ -85,15 +92,17 @@ def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
         wait_service_ready(state, 0)
         sender = threading.Thread(target=publish, daemon=True)
         sender.start()
-        for threshold in (200, 700):
-            # Kill -9 while updates are flowing, then start again at once.
+        for threshold, go_on in zip(KILL_AT, resume, strict=True):
+            # Kill -9 while the service works through the updates published before the gate
+            # (it has taken at least `threshold` of them), then start again at once.
             wait_until(partial(accepted_at_least, state, threshold), 30, f"{threshold} accepted")
-            assert not published.is_set(), "the stream ended before the kill"
+            assert not published.is_set(), errors
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             restarted = time.time()
             proc = start_service(cfg, log)
             wait_service_ready(state, restarted)
+            go_on.set()
         assert published.wait(60) and not errors, errors
         wait_until(
             partial(accepted_at_least, state, N),
@@ -103,6 +112,8 @@ def test_kill_9_loses_nothing_acknowledged_and_applies_nothing_twice(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
+        for go_on in resume:  # let the publisher end if the test failed before a gate
+            go_on.set()
         if proc.poll() is None:
             proc.kill()
         watcher.close()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
+from conftest import WATCHED
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.checkpoint import CheckpointStore, f32
@@ -181,10 +182,14 @@ def publish_all(port: int, messages: Iterable[tuple[str, bytes]], timeout: float
 class ModelWatcher:
     """Subscribes to the model topic and records every verified global model, across broker
     restarts (it subscribes again on every connect). A model that does not verify or is not
-    finite goes to ``bad`` instead, for the test to assert on: an exception would end paho's
-    thread and leave the test waiting."""
+    finite goes to ``bad`` instead (an exception would end paho's thread and leave the test
+    waiting). Every watcher registers itself with ``conftest``, which fails the test after it
+    ran if :meth:`problems` reports any: ``bad`` models, a traceback in ``log`` (the log of a
+    service process) or one logged in the test process."""
 
-    def __init__(self, port: int, verifier: Ed25519Verifier) -> None:
+    def __init__(self, port: int, verifier: Ed25519Verifier, *, log: Path | None = None) -> None:
+        self.log = log
+        WATCHED.append(self)
         self.versions: list[int] = []
         self.bad: list[str] = []
         self.latest: wire.GlobalModel | None = None
@@ -223,6 +228,17 @@ class ModelWatcher:
                     raise TimeoutError(f"no matching model; versions seen {self.versions[-5:]}")
                 self.cond.wait(left)
             return self.latest
+
+    def problems(self) -> list[str]:
+        out = list(self.bad)
+        if self.log is not None:
+            try:
+                text = self.log.read_text(errors="replace")
+            except OSError as e:
+                text = f"Traceback: the service log cannot be read: {e}"
+            if "Traceback" in text:
+                out.append(f"a traceback in {self.log}:\n{text[-3000:]}")
+        return out
 
     def close(self) -> None:
         self.c.disconnect()
@@ -284,6 +300,11 @@ def wait_service_ready(state: Path, since: float, timeout: float = 20) -> None:
     )
 
 
+def unit_vector_strategy(k: int) -> dict[str, Any]:
+    """FedBuff with K = ``k``, constant staleness, server lr 1: see :func:`unit_vector_service`."""
+    return {"buffer_size": k, "staleness": "constant", "max_staleness": 1_000_000}
+
+
 def unit_vector_service(
     root: Path, broker_port: int, spec: ModelSpec, devices: Iterable[str], *, k: int, workers: int
 ) -> tuple[Federation, Path]:
@@ -296,7 +317,7 @@ def unit_vector_service(
         root / "aggregator.toml",
         "127.0.0.1",
         broker_port,
-        strategy={"buffer_size": k, "staleness": "constant", "max_staleness": 1_000_000},
+        strategy=unit_vector_strategy(k),
         scaleout={"workers": workers},
     )
     return fed, cfg

@@ -160,7 +160,7 @@ def test_soak_every_failure_composes(tmp_path: Path, workers: int) -> None:
     vandal = None
     try:
         wait_service_ready(state, 0, 30)
-        watcher = ModelWatcher(broker.port, fed.verifier)
+        watcher = ModelWatcher(broker.port, fed.verifier, log=log)  # conftest checks it
         stream = Stream(broker.port, fed)
         vandal = client(broker.port, "soak-vandal")
         stream.thread.start()
@@ -223,6 +223,4 @@ def test_soak_every_failure_composes(tmp_path: Path, workers: int) -> None:
     assert not np.any(count[N:]), f"garbage reached the model; {note}"
     assert version == N // K
     assert watcher is not None
-    assert not watcher.bad, watcher.bad
     assert watcher.versions == sorted(watcher.versions), f"a version went backwards; {note}"
-    assert "Traceback" not in log.read_text(errors="replace"), log.read_text()[-3000:]

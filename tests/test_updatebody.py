@@ -144,27 +144,44 @@ def _with(**change: Any) -> bytes:
     return packed
 
 
+NOT_MSGPACK = "body is not valid msgpack"
+_REFUSED = "refused"
+_ACCEPTED = "accepted"
+
+
 @pytest.mark.parametrize(
-    "body_bytes",
+    ("body_bytes", "outcome", "detail"),
     [
-        _with(sender="d" * (wire.MAX_STR_BYTES + 1)),  # longer than msgpack's string limit
-        _with(sender="é" * (wire.MAX_STR_BYTES // 4 + 1)),  # over the character bound, in it
-        _with(sender="é" * (wire.MAX_STR_BYTES // 2 + 1)),  # few enough characters, too long
-        _with(metrics={f"m{i}": 1.0 for i in range(wire.MAX_MAP_LEN + 1)}),
-        _with(extra=list(range(wire.MAX_ARRAY_LEN + 1))),
-        _with(v=True),
-        _with(v=1.0),
-        _with(created_at=float("inf")),
-        _with(extra=msgpack.ExtType(1, b"x")),
-        _with(update_id="x" * 65),
-        _with(update_id="é" * 8),
-        _with(seq=2**64 - 1),
-        msgpack.packb(_body(), use_bin_type=True) + b"\x00",  # trailing bytes
-        msgpack.packb(_body(), use_bin_type=True)[:-7],  # truncated tensor bytes
-        b"\x81\xa3seq" + b"\x91" * 100_000 + b"\x01",  # nested past the recursion limit
-        b"\x82\xa1v\x01\xa4type\xa2\xff\xfe",  # invalid UTF-8
-        b"\x81\xc4\x01v\x01",  # a binary key
-        b"\xdf\x7f\xff\xff\xff",  # a map header that claims 2**31 entries
+        # longer than msgpack's string limit
+        (_with(sender="d" * (wire.MAX_STR_BYTES + 1)), _REFUSED, NOT_MSGPACK),
+        # over the character bound, within the byte limit: a string msgpack may read
+        (_with(sender="é" * (wire.MAX_STR_BYTES // 4 + 1)), _ACCEPTED, ""),
+        # few enough characters, too many bytes
+        (_with(sender="é" * (wire.MAX_STR_BYTES // 2 + 1)), _REFUSED, NOT_MSGPACK),
+        (
+            _with(metrics={f"m{i}": 1.0 for i in range(wire.MAX_MAP_LEN + 1)}),
+            _REFUSED,
+            NOT_MSGPACK,
+        ),
+        (_with(extra=list(range(wire.MAX_ARRAY_LEN + 1))), _REFUSED, NOT_MSGPACK),
+        (_with(v=True), _REFUSED, "unsupported schema version True"),
+        (_with(v=1.0), _ACCEPTED, ""),  # 1.0 == 1: the version the build speaks
+        (_with(created_at=float("inf")), _REFUSED, "field 'created_at' must be finite"),
+        (_with(extra=msgpack.ExtType(1, b"x")), _REFUSED, NOT_MSGPACK),
+        (_with(update_id="x" * 65), _REFUSED, "update_id must be 8-64 characters"),
+        (_with(update_id="é" * 8), _ACCEPTED, ""),  # 8 characters: the bound counts characters
+        (_with(seq=2**64 - 1), _ACCEPTED, ""),  # the largest msgpack unsigned integer
+        (
+            msgpack.packb(_body(), use_bin_type=True) + b"\x00",
+            _REFUSED,
+            f"{NOT_MSGPACK}: ExtraData",
+        ),
+        (msgpack.packb(_body(), use_bin_type=True)[:-7], _REFUSED, NOT_MSGPACK),  # truncated
+        # nested past the recursion limit
+        (b"\x81\xa3seq" + b"\x91" * 100_000 + b"\x01", _REFUSED, f"{NOT_MSGPACK}: StackError"),
+        (b"\x82\xa1v\x01\xa4type\xa2\xff\xfe", _REFUSED, f"{NOT_MSGPACK}: UnicodeDecodeError"),
+        (b"\x81\xc4\x01v\x01", _REFUSED, "unsupported schema version None"),  # a binary key
+        (b"\xdf\x7f\xff\xff\xff", _REFUSED, NOT_MSGPACK),  # a map header claiming 2**31 entries
     ],
     ids=[
         "long-string",
@@ -187,8 +204,17 @@ def _with(**change: Any) -> bytes:
         "huge-map-header",
     ],
 )
-def test_hostile_bodies_get_the_reference_outcome(body_bytes: bytes) -> None:
-    _same(body_bytes)
+def test_hostile_bodies_get_the_reference_outcome(
+    body_bytes: bytes, outcome: str, detail: str
+) -> None:
+    """Both parsers agree, and on the expected outcome: a body refused by both for the wrong
+    reason, or accepted by both, fails here."""
+    kind, value = _same(body_bytes)
+    assert kind == outcome, value
+    if outcome == _REFUSED:
+        reason, text = value
+        assert reason == SCHEMA
+        assert text.startswith(detail), text
 
 
 def test_a_shape_too_long_for_msgpack_is_refused_as_the_reference_does() -> None:
