@@ -14,6 +14,10 @@ assert is that SUBACK and that not one message of the other federation is delive
 forbidden subscription (and any forbidden publish), a message of the client's own federation
 is published afresh; Mosquitto delivers to one client in order, so anything forbidden would
 have arrived before that barrier.
+
+Because subscriptions are granted, a device that joins the aggregator's shared-subscription
+group takes a share of its updates, which the ACL then drops: the group ``aggregator-setup``
+writes is secret, and a positive control shows the loss with the public default group.
 """
 
 from __future__ import annotations
