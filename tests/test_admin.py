@@ -365,6 +365,14 @@ def test_aggregator_setup_creates_keys_and_credentials(env: Env) -> None:
 @pytest.mark.requires(os.geteuid() == 0, "chown needs root")
 def test_aggregator_keys_belong_to_its_service_user(tmp_path: Path) -> None:
     e = Env(tmp_path)
+    # aggregator.toml as install-aggregator leaves it: root:<service group> 0640, no group yet.
+    import grp
+
+    config = e.agg / "aggregator.toml"
+    config.write_text(AGG_TOML.format(fed="demo", user="aggregator"))
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    os.chown(config, 0, nogroup)
+    config.chmod(0o640)
     assert (
         e.run(
             "aggregator-setup",
@@ -380,6 +388,9 @@ def test_aggregator_keys_belong_to_its_service_user(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody").pw_uid
     for p in (e.agg / "signing.key", e.agg / "broker.password", e.agg / "devices"):
         assert p.stat().st_uid == nobody, p
+    # The secret group was written into it without changing who may read it.
+    assert "group" in tomllib.loads(config.read_text())["scaleout"]
+    assert (config.stat().st_uid, config.stat().st_gid, mode(config)) == (0, nogroup, 0o640)
     assert e.run("enroll", "dev-1", "--out", str(tmp_path / "b")) == 0
     assert (e.agg / "devices" / "dev-1.chacha").stat().st_uid == nobody
 
