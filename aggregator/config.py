@@ -24,7 +24,7 @@ from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
 from fedmqtt.mqttconf import read_connection
 from fedmqtt.tomltable import Table, read_toml
-from fedmqtt.topics import check_id
+from fedmqtt.topics import PUBLIC_SHARED_GROUP, check_id
 
 __all__ = [
     "AggregatorConfig",
@@ -162,7 +162,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class ScaleoutConfig:
     workers: int = 0
-    group: str = "fedmqtt-aggregators"
+    group: str = PUBLIC_SHARED_GROUP
     worker_brokers: tuple[BrokerConfig, ...] = ()
     pin_cpu: bool = True
 
@@ -505,12 +505,30 @@ def _scaleout(t: Table, broker: BrokerConfig, base: Path) -> ScaleoutConfig:
             brokers.append(_worker_broker(broker, i))
     if len({b.client_id for b in brokers} | {broker.client_id}) != len(brokers) + 1:
         raise t.error("worker_configs", "every worker needs its own client id (or user name)")
+    if group == PUBLIC_SHARED_GROUP and any(_logs_in(b) for b in brokers):
+        # Mosquitto 2.0 grants every SUBSCRIBE and applies the ACL only to delivered messages:
+        # a client of any account that joins a group it knows gets its share of the updates,
+        # which the broker then drops. A broker without accounts (development) has no ACL
+        # to keep anyone out anyway, so the public name is refused only where clients log in.
+        raise t.error(
+            "group",
+            f"is the public default {PUBLIC_SHARED_GROUP!r}, but the workers log in to the "
+            "broker: any client that can log in (a device of any federation) could join the "
+            "group and take a share of the updates, which the broker then drops. Run "
+            "fedmqtt-admin aggregator-setup on this config (it writes a secret group), or set "
+            "a name nobody can guess (e.g. openssl rand -hex 16); docs/security.md, ACL",
+        )
     return ScaleoutConfig(
         workers=workers,
         group=group,
         worker_brokers=tuple(brokers),
         pin_cpu=t.flag("pin_cpu", d.pin_cpu),
     )
+
+
+def _logs_in(b: BrokerConfig) -> bool:
+    """Whether the connection authenticates (user name or client certificate)."""
+    return b.username is not None or b.cert_file is not None
 
 
 def _worker_broker(broker: BrokerConfig, i: int) -> BrokerConfig:

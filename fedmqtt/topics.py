@@ -13,11 +13,17 @@ fl/<fed>/metrics            aggregator metrics snapshot, retained
 from __future__ import annotations
 
 import re
+import secrets
 
 from fedmqtt.errors import ConfigError
 
 PREFIX = "fl"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The shared-subscription group scale-out workers use unless configured: public, so fit only
+# for a broker without accounts (development). Mosquitto 2.0 does not check a SUBSCRIBE against
+# its ACL file: any client that can log in may join a group whose name it knows and take a share
+# of the updates, which the broker then drops at the ACL check (docs/security.md, ACL).
+PUBLIC_SHARED_GROUP = "fedmqtt-aggregators"
 
 
 def check_id(kind: str, value: str) -> str:
@@ -36,6 +42,12 @@ def updates(fed: str, device: str) -> str:
 
 def updates_filter(fed: str) -> str:
     return f"{PREFIX}/{fed}/updates/+"
+
+
+def new_shared_group() -> str:
+    """A shared-subscription group name nobody can guess: 128 random bits, a valid topic level
+    (hex digits after a prefix: no ``+``, ``#``, ``/``, and it passes :func:`check_id`)."""
+    return f"fedmqtt-{secrets.token_hex(16)}"
 
 
 def shared_updates_filter(group: str, fed: str) -> str:

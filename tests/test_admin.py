@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -24,7 +25,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmqtt import wire
+from aggregator.config import AggregatorConfig
+from fedmqtt import topics, wire
 from fedmqtt.admin import brokerconf, passwd, pki, sizing, tomlconf
 from fedmqtt.admin.cli import main as admin
 from fedmqtt.admin.registry import Aggregator, Device, Registry
@@ -363,6 +365,14 @@ def test_aggregator_setup_creates_keys_and_credentials(env: Env) -> None:
 @pytest.mark.requires(os.geteuid() == 0, "chown needs root")
 def test_aggregator_keys_belong_to_its_service_user(tmp_path: Path) -> None:
     e = Env(tmp_path)
+    # aggregator.toml as install-aggregator leaves it: root:<service group> 0640, no group yet.
+    import grp
+
+    config = e.agg / "aggregator.toml"
+    config.write_text(AGG_TOML.format(fed="demo", user="aggregator"))
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    os.chown(config, 0, nogroup)
+    config.chmod(0o640)
     assert (
         e.run(
             "aggregator-setup",
@@ -378,8 +388,99 @@ def test_aggregator_keys_belong_to_its_service_user(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody").pw_uid
     for p in (e.agg / "signing.key", e.agg / "broker.password", e.agg / "devices"):
         assert p.stat().st_uid == nobody, p
+    # The secret group was written into it without changing who may read it.
+    assert "group" in tomllib.loads(config.read_text())["scaleout"]
+    assert (config.stat().st_uid, config.stat().st_gid, mode(config)) == (0, nogroup, 0o640)
     assert e.run("enroll", "dev-1", "--out", str(tmp_path / "b")) == 0
     assert (e.agg / "devices" / "dev-1.chacha").stat().st_uid == nobody
+
+
+def scaleout_group(config: Path) -> str:
+    group = tomllib.loads(config.read_text())["scaleout"]["group"]
+    assert isinstance(group, str)
+    return group
+
+
+def test_aggregator_setup_writes_a_secret_scaleout_group(env: Env) -> None:
+    """A random group per federation in [scaleout] group, valid as a topic level, accepted by
+    the aggregator's own config loader with workers on an account; kept on every re-run, also
+    when aggregator.toml was replaced by one without it."""
+    config = env.agg / "aggregator.toml"
+    group = scaleout_group(config)
+    assert re.fullmatch(r"fedmqtt-[0-9a-f]{32}", group)  # 128 bits, no + # / $
+    assert topics.check_id("group", group) == group
+    assert env.site().registry.scaleout_groups == {"demo": group}
+    raw = tomllib.loads(config.read_text())
+    raw["scaleout"]["workers"] = 1
+    cfg = AggregatorConfig.from_dict(raw, base_dir=env.agg)
+    assert cfg.scaleout.group == group
+
+    config.chmod(0o640)
+    text = config.read_text()
+    assert env.run("aggregator-setup", "--aggregator-config", str(config)) == 0
+    assert config.read_text() == text and mode(config) == 0o640  # re-run: untouched
+
+    config.write_text(AGG_TOML.format(fed="demo", user="aggregator"))  # e.g. install --config
+    assert env.run("aggregator-setup", "--aggregator-config", str(config)) == 0
+    assert scaleout_group(config) == group
+
+    other = env.tmp / "agg-other"
+    other.mkdir()
+    (other / "aggregator.toml").write_text(AGG_TOML.format(fed="other", user="agg-other"))
+    assert env.run("aggregator-setup", "--aggregator-config", str(other / "aggregator.toml")) == 0
+    assert scaleout_group(other / "aggregator.toml") not in (group, topics.PUBLIC_SHARED_GROUP)
+
+
+SCALEOUT_TABLE = """
+[scaleout]
+# how many worker processes
+workers = 2   # two
+group = "fedmqtt-aggregators"
+pin_cpu = false
+
+[logging]
+level = "DEBUG"
+"""
+
+
+def test_aggregator_setup_replaces_the_public_group_and_keeps_the_rest(env: Env) -> None:
+    config = env.agg / "aggregator.toml"
+    original = AGG_TOML.format(fed="demo", user="aggregator") + SCALEOUT_TABLE
+    config.write_text(original)
+    assert env.run("aggregator-setup", "--aggregator-config", str(config)) == 0
+    group = env.site().registry.scaleout_groups["demo"]
+    assert config.read_text() == original.replace(topics.PUBLIC_SHARED_GROUP, group)
+    # A group other than the public one is the operator's: kept, and recorded.
+    mine = original.replace(topics.PUBLIC_SHARED_GROUP, "ops-chosen-name")
+    config.write_text(mine)
+    assert env.run("aggregator-setup", "--aggregator-config", str(config)) == 0
+    assert config.read_text() == mine
+    assert env.site().registry.scaleout_groups["demo"] == "ops-chosen-name"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "scaleout = { workers = 2 }\n",  # an inline table (before [federation])
+        "scaleout.workers = 2\n",  # a dotted key
+        '[scaleout]\ngroup = """\nfedmqtt-aggregators"""\n',  # a multi-line string
+    ],
+)
+def test_aggregator_setup_refuses_a_scaleout_table_it_cannot_edit(env: Env, layout: str) -> None:
+    """Nothing is written: the operator is told which line to add by hand."""
+    config = env.tmp / "agg-other" / "aggregator.toml"
+    config.parent.mkdir()
+    text = AGG_TOML.format(fed="other", user="agg-other")
+    text = layout + text if not layout.startswith("[") else text + layout
+    config.write_text(text)
+    registry = (env.dir / "registry.json").read_bytes()
+    with pytest.raises(
+        ConfigError, match=r"write it there by hand: group = \"fedmqtt-[0-9a-f]{32}\""
+    ):
+        env.site().setup_aggregator(config)
+    assert config.read_text() == text
+    assert (env.dir / "registry.json").read_bytes() == registry
+    assert not (config.parent / "signing.key").exists()
 
 
 def test_second_worker_must_share_the_signing_key(env: Env) -> None:

@@ -24,6 +24,7 @@ from aggregator.statusfile import format_status, read_status, write_status
 from aggregator.strategies import FedAsync, FedAvg, FedBuff, build_strategy
 from aggregator.strategies.base import mean_of_rows
 from aggregator.validate import UpdateMeta
+from fedmqtt import topics
 from fedmqtt.aggregation import fedbuff_aggregate, weighted_mean
 from fedmqtt.errors import ConfigError
 
@@ -378,10 +379,8 @@ def test_scaleout_worker_configs_need_their_own_accounts(tmp_path: Path) -> None
             f'password_file = "w{i}.password"\n'
         )
     base = {"username": "aggregator", "password_file": "p"}
-    cfg = AggregatorConfig.from_dict(
-        raw_config(broker=base, scaleout={"worker_configs": ["w0.toml", "w1.toml"]}),
-        base_dir=tmp_path,
-    )
+    scaleout = {"worker_configs": ["w0.toml", "w1.toml"], "group": SECRET_GROUP}
+    cfg = AggregatorConfig.from_dict(raw_config(broker=base, scaleout=scaleout), base_dir=tmp_path)
     assert cfg.scaleout.workers == 2
     brokers = cfg.scaleout.worker_brokers
     assert [b.username for b in brokers] == ["aggregator-w1", "aggregator-w2"]
@@ -389,10 +388,45 @@ def test_scaleout_worker_configs_need_their_own_accounts(tmp_path: Path) -> None
     assert len({b.client_id for b in brokers} | {cfg.broker.client_id}) == 3
     (tmp_path / "w1.toml").write_text('[broker]\nusername = "aggregator"\n')
     with pytest.raises(ConfigError, match="its own broker account"):
+        AggregatorConfig.from_dict(raw_config(broker=base, scaleout=scaleout), base_dir=tmp_path)
+
+
+SECRET_GROUP = "fedmqtt-00112233445566778899aabbccddeeff"
+LOGINS = {
+    "password": {"username": "aggregator", "password_file": "p"},
+    "certificate": {"tls": True, "cert_file": "c.crt", "key_file": "c.key"},
+}
+
+
+@pytest.mark.parametrize("login", sorted(LOGINS))
+def test_public_shared_group_refused_when_workers_log_in(tmp_path: Path, login: str) -> None:
+    """Mosquitto 2.0 lets any client that logs in join a shared subscription whose group it
+    knows: with workers on a broker with accounts, the public default group is refused."""
+    broker = LOGINS[login]
+    for scaleout in ({"workers": 1}, {"workers": 2, "group": topics.PUBLIC_SHARED_GROUP}):
+        with pytest.raises(ConfigError, match=r"\[scaleout\] group: is the public default"):
+            AggregatorConfig.from_dict(
+                raw_config(broker=broker, scaleout=scaleout), base_dir=tmp_path
+            )
+    # Workers with accounts of their own (worker_configs) are checked too.
+    (tmp_path / "w.toml").write_text('[broker]\nusername = "aggregator-w1"\npassword_file = "q"\n')
+    with pytest.raises(ConfigError, match=r"\[scaleout\] group"):
         AggregatorConfig.from_dict(
-            raw_config(broker=base, scaleout={"worker_configs": ["w0.toml", "w1.toml"]}),
-            base_dir=tmp_path,
+            raw_config(scaleout={"worker_configs": ["w.toml"]}), base_dir=tmp_path
         )
+    # A secret group, or no shared subscription at all (workers = 0), is accepted.
+    ok = AggregatorConfig.from_dict(
+        raw_config(broker=broker, scaleout={"workers": 1, "group": SECRET_GROUP}),
+        base_dir=tmp_path,
+    )
+    assert ok.scaleout.group == SECRET_GROUP
+    assert AggregatorConfig.from_dict(raw_config(broker=broker), base_dir=tmp_path).scaleout
+
+
+def test_public_shared_group_allowed_on_an_anonymous_broker(tmp_path: Path) -> None:
+    """The development broker has no accounts and so no ACL to protect: the default stands."""
+    cfg = AggregatorConfig.from_dict(raw_config(scaleout={"workers": 2}), base_dir=tmp_path)
+    assert cfg.scaleout.group == topics.PUBLIC_SHARED_GROUP
 
 
 def test_tune_malloc_applies_on_glibc_and_defers_to_glibc_environment(

@@ -14,6 +14,10 @@ assert is that SUBACK and that not one message of the other federation is delive
 forbidden subscription (and any forbidden publish), a message of the client's own federation
 is published afresh; Mosquitto delivers to one client in order, so anything forbidden would
 have arrived before that barrier.
+
+Because subscriptions are granted, a device that joins the aggregator's shared-subscription
+group takes a share of its updates, which the ACL then drops: the group ``aggregator-setup``
+writes is secret, and a positive control shows the loss with the public default group.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import shutil
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +44,13 @@ from test_broker_security import (
     start_site,
 )
 
+from aggregator.config import AggregatorConfig
 from fedmqtt import topics
 from fedmqtt.admin.registry import Registry
 from fedmqtt.broker import free_port
 
 ALPHA, BETA = "alpha", "beta"
-DEVICES = {ALPHA: ("a1", "a-mover", "a-rotated"), BETA: ("b1",)}
+DEVICES = {ALPHA: ("a1", "a2", "a-mover", "a-rotated"), BETA: ("b1",)}
 HOME = {"a1": ALPHA, "b1": BETA}  # the devices the tests connect as, by federation
 OTHER = {ALPHA: BETA, BETA: ALPHA}
 
@@ -81,10 +87,21 @@ def connected(client: Client) -> Client:
     return client
 
 
-def listening(site: Site, fed: str) -> Client:
-    """The federation's aggregator, subscribed to its updates as the aggregator does."""
+def scaleout_group(site: Site, fed: str) -> str:
+    """The shared-subscription group the federation's aggregator would run its workers with:
+    its aggregator.toml as ``aggregator-setup`` left it, read by the aggregator's own loader."""
+    d = site.base / agg_user(fed)
+    raw = tomllib.loads((d / "aggregator.toml").read_text())
+    raw["model"] = {"kind": "softmax", "n_features": 4, "n_outputs": 2}
+    raw["scaleout"]["workers"] = 1
+    return AggregatorConfig.from_dict(raw, base_dir=d).scaleout.group
+
+
+def listening(site: Site, fed: str, group: str | None = None) -> Client:
+    """The federation's aggregator, subscribed to its updates as its workers do."""
     agg = connected(aggregator(site, fed))
-    assert agg.subscribe(topics.shared_updates_filter("aggregators", fed)) == GRANTED_QOS_1
+    shared = topics.shared_updates_filter(group or scaleout_group(site, fed), fed)
+    assert agg.subscribe(shared) == GRANTED_QOS_1
     return agg
 
 
@@ -338,6 +355,61 @@ def test_aggregator_receives_no_update_of_the_other_federation(site: Site, fed: 
     marker = f"own-{uuid.uuid4().hex}".encode()
     assert connected(site.device(mine)).publish(topics.updates(fed, mine), marker) == SUCCESS
     assert agg.wait_for(topics.updates(fed, mine), marker) == [(topics.updates(fed, mine), marker)]
+
+
+# --------------------------------------------------------------------------- shared subscription
+
+N_UPDATES = 20
+THIEVES = pytest.mark.parametrize(
+    "thief", ["a2", "b1"], ids=["device-of-the-same-federation", "device-of-another-federation"]
+)
+
+
+def steal(site: Site, group: str, thief: str) -> tuple[list[bytes], list[bytes]]:
+    """Alpha's aggregator listens with ``group``; device ``thief`` joins the public default
+    group on alpha's updates (Mosquitto 2.0 grants it); device a1 publishes N_UPDATES updates,
+    each acknowledged. Returns the updates sent and those the aggregator received."""
+    agg = listening(site, ALPHA, group)
+    stealer = connected(site.device(thief))
+    public = topics.shared_updates_filter(topics.PUBLIC_SHARED_GROUP, ALPHA)
+    assert stealer.subscribe(public) == GRANTED_QOS_1  # Mosquitto 2.0: unchecked
+    presence = topics.status(ALPHA, "a1")
+    assert agg.subscribe(presence) == GRANTED_QOS_1
+    dev = connected(site.device("a1"))
+    sent = [f"update-{i}-{uuid.uuid4().hex}".encode() for i in range(N_UPDATES)]
+    for payload in sent:
+        assert dev.publish(topics.updates(ALPHA, "a1"), payload) == SUCCESS
+    # Barrier: each PUBACK came after the broker queued (or dropped) the update for every
+    # subscription; a presence message published now reaches the aggregator after them all.
+    marker = f"barrier-{uuid.uuid4().hex}".encode()
+    assert dev.publish(presence, marker) == SUCCESS
+    got = [p for t, p in agg.wait_for(presence, marker) if t == topics.updates(ALPHA, "a1")]
+    # The thief may read no update: whatever share it was handed, the ACL dropped.
+    theirs = barrier(site, stealer, HOME.get(thief, ALPHA))
+    assert not [t for t, _ in theirs if t.startswith(f"fl/{ALPHA}/updates/")]
+    return sent, got
+
+
+@THIEVES
+def test_secret_group_gets_every_update_despite_a_device_in_the_public_group(
+    site: Site, thief: str
+) -> None:
+    """The group aggregator-setup wrote: a device that joins the public default group on the
+    federation's updates forms a group of its own and takes nothing from the aggregator."""
+    group = scaleout_group(site, ALPHA)
+    assert group != topics.PUBLIC_SHARED_GROUP
+    sent, got = steal(site, group, thief)
+    assert got == sent
+
+
+@THIEVES
+def test_public_group_loses_updates_to_a_device_that_joins_it(site: Site, thief: str) -> None:
+    """Positive control, the broker limitation the secret group works around: with the public
+    default, the device joins the aggregator's group and Mosquitto hands it its share of the
+    acknowledged updates, then drops them at the ACL check. Delivered to nobody."""
+    sent, got = steal(site, topics.PUBLIC_SHARED_GROUP, thief)
+    assert set(got) < set(sent)
+    assert 0 < len(got) <= N_UPDATES // 2 + 1  # Mosquitto 2.0 round-robins the two members
 
 
 @pytest.mark.parametrize("kind", ["model", "model/onnx", "plan", "metrics"])

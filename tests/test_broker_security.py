@@ -263,9 +263,11 @@ class Site:
         """Complete the aggregator's ``aggregator.toml`` as an operator would: a softmax model
         for digits, FedBuff with K = 1 (every update makes a version), a holdout, ``extra``."""
         toml = self.agg_dir / "aggregator.toml"
-        toml.write_text(
-            toml.read_text() + MODEL.format(holdout=holdout, scale=[1 / 16] * 64) + extra
-        )
+        raw = tomllib.loads(toml.read_text())
+        added = tomllib.loads(MODEL.format(holdout=holdout, scale=[1 / 16] * 64) + extra)
+        for name, table in added.items():  # merged: aggregator-setup wrote [scaleout] group
+            raw[name] = raw.get(name, {}) | table
+        toml.write_text(tomlconf.dumps(raw, "# completed by the test"))
         return toml
 
     def via_local_listener(self, aggregator_toml: Path) -> None:

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _size_args(size)
 
     agg = sub.add_parser(
-        "aggregator-setup", help="aggregator signing key, devices dir and broker account"
+        "aggregator-setup",
+        help="aggregator signing key, devices dir, broker account and secret scale-out group",
     )
     agg.add_argument("--aggregator-config", type=Path, required=True, metavar="TOML")
     agg.add_argument(
@@ -314,7 +315,8 @@ def run(a: argparse.Namespace) -> int:
         agg = site.setup_aggregator(a.aggregator_config, owner=a.owner, user=a.user)
         print(
             f"aggregator account {agg.user!r} for federation {agg.federation!r}; device keys "
-            f"go to {agg.devices_dir}; public key {agg.public_key}"
+            f"go to {agg.devices_dir}; public key {agg.public_key}; the federation's secret "
+            f"scale-out group is in [scaleout] group of {agg.config}"
         )
         return _reload(site, a, "aggregator account created")
     if a.cmd == "enroll":

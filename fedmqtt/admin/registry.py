@@ -5,7 +5,9 @@ every change, so an interrupted ``enroll`` or ``revoke`` leaves either the old o
 It is the source from which the broker's ACL and CRL are regenerated: those files are outputs,
 never edited by hand, so a revoked device cannot come back because someone restored an old ACL.
 Secrets are not stored here (password hashes live in the broker's password file, keys in their
-own 0600 files).
+own 0600 files), except each federation's shared-subscription group name, which the
+aggregator's config holds too: kept here so that re-running ``aggregator-setup`` on a replaced
+``aggregator.toml`` writes the same group again.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class Registry:
     devices: dict[str, Device] = field(default_factory=dict)
     # Every client certificate serial ever revoked (hex -> ISO time): the CRL is built from it.
     revoked_serials: dict[str, str] = field(default_factory=dict)
+    # Federation -> the secret [scaleout] group its aggregators subscribe with.
+    scaleout_groups: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
 
@@ -125,6 +129,7 @@ class Registry:
                 aggregators=[Aggregator(**a) for a in raw.get("aggregators", [])],
                 devices={k: Device(**v) for k, v in raw.get("devices", {}).items()},
                 revoked_serials=dict(raw.get("revoked_serials", {})),
+                scaleout_groups=dict(raw.get("scaleout_groups", {})),
             )
         except TypeError as e:
             raise ConfigError(f"{path}: unexpected content ({e})") from None
@@ -136,6 +141,7 @@ class Registry:
             "aggregators": [asdict(a) for a in self.aggregators],
             "devices": {k: asdict(v) for k, v in sorted(self.devices.items())},
             "revoked_serials": dict(sorted(self.revoked_serials.items())),
+            "scaleout_groups": dict(sorted(self.scaleout_groups.items())),
         }
         data = (json.dumps(doc, indent=2) + "\n").encode()
         atomic_write_bytes(directory / FILENAME, data, mode=0o600)

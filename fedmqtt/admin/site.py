@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -47,7 +48,7 @@ from fedmqtt.signing import (
     SHARED_SECRET_ALGS,
     Ed25519Signer,
 )
-from fedmqtt.topics import check_id
+from fedmqtt.topics import PUBLIC_SHARED_GROUP, check_id, new_shared_group
 
 DEFAULT_DIR: Final = Path("/etc/fedmqtt-admin")
 AGENT_ETC: Final = "/etc/fedmqtt-agent"
@@ -256,8 +257,9 @@ class Site:
     def setup_aggregator(
         self, config: Path, *, owner: str | None = None, user: str | None = None
     ) -> Aggregator:
-        """Signing key, device-key directory and broker account for the aggregator of
-        ``config``; idempotent (an existing signing key is kept, the broker secret renewed)."""
+        """Signing key, device-key directory, broker account and secret scale-out group for
+        the aggregator of ``config``; idempotent (an existing signing key and group are kept,
+        the broker secret renewed)."""
         cfg = tomlconf.AggregatorConfig.load(config)
         account = user or cfg.username
         check_id("aggregator user", account)
@@ -304,6 +306,7 @@ class Site:
                 )
             other.public_key = agg.public_key  # the shared key file was replaced (rotation)
 
+        group = self._scaleout_group(cfg)
         if new_pem is not None:
             write_file(cfg.signing_key, new_pem, mode=0o600, owner=own)
         else:
@@ -325,9 +328,25 @@ class Site:
             for a in self.registry.aggregators
             if (a.federation, a.user) != (agg.federation, agg.user)
         ] + [agg]
+        self.registry.scaleout_groups[agg.federation] = group
         self._save()
         self.sync_broker_files()
         return agg
+
+    def _scaleout_group(self, cfg: tomlconf.AggregatorConfig) -> str:
+        """The federation's shared-subscription group, written into ``[scaleout] group`` of the
+        config unless it names one other than the public default already: the one recorded for
+        the federation, or a new random one. Mosquitto 2.0 grants any client's SUBSCRIBE, so
+        a known group lets any device take a share of the updates (docs/security.md, ACL)."""
+        current = cfg.scaleout_group
+        if current is not None and current != PUBLIC_SHARED_GROUP:
+            return current
+        group = self.registry.scaleout_groups.get(cfg.federation) or new_shared_group()
+        path = cfg.path.resolve()
+        text = tomlconf.with_scaleout_group(path.read_text(), group, path)
+        st = path.stat()
+        write_file(path, text.encode(), mode=stat.S_IMODE(st.st_mode), owner=Owner.of(path))
+        return group
 
     def _broker_credentials(
         self, cfg: tomlconf.AggregatorConfig, account: str, own: Owner

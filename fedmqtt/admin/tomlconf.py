@@ -9,6 +9,7 @@ writes a complete agent config, so an enrollment bundle runs without editing exc
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
+from fedmqtt.topics import check_id
 
 TomlValue = str | int | float | bool | list[str] | list[int] | list[float]
 
@@ -33,6 +35,7 @@ class AggregatorConfig:
     cert_file: Path | None
     key_file: Path | None
     spec: ModelSpec | None
+    scaleout_group: str | None  # [scaleout] group, if set
 
     @classmethod
     def load(cls, path: Path) -> AggregatorConfig:
@@ -65,6 +68,11 @@ class AggregatorConfig:
             return base / v
 
         fed, broker, sec = table("federation"), table("broker"), table("security")
+        group = table("scaleout").get("group")
+        if group is not None:
+            if not isinstance(group, str):
+                raise ConfigError(f"{path}: [scaleout] group must be a string")
+            check_id(f"{path}: [scaleout] group", group)
         return cls(
             path=path,
             federation=text(fed, "id", "federation"),
@@ -76,7 +84,67 @@ class AggregatorConfig:
             cert_file=opt_path(broker, "cert_file"),
             key_file=opt_path(broker, "key_file"),
             spec=_spec(table("model")),
+            scaleout_group=group,
         )
+
+
+_SCALEOUT_HEADER = re.compile(r"^[ \t]*\[[ \t]*scaleout[ \t]*\][ \t]*(#.*)?$")
+_TABLE_HEADER = re.compile(r"^[ \t]*\[")
+_GROUP_KEY = re.compile(r"^[ \t]*group[ \t]*=")
+_GROUP_COMMENT = (
+    "# Shared-subscription group of the scale-out workers: a secret written by fedmqtt-admin\n"
+    "# aggregator-setup (any broker client that knows it can take a share of the updates).\n"
+)
+
+
+def with_scaleout_group(text: str, group: str, where: Path) -> str:
+    """``text`` (an aggregator.toml) with ``[scaleout] group = group``: the line replaced if
+    there is one, added to an existing ``[scaleout]`` table, or a new table appended; comments
+    and every other value stay as they are. The result is parsed again and must differ from
+    ``text`` in that one value only; a layout this cannot edit safely (an inline or dotted
+    ``scaleout`` table, a multi-line value) is refused with what to write by hand."""
+    check_id("[scaleout] group", group)
+    lines = text.splitlines(keepends=True)
+    line = f"group = {_value(group)}\n"
+    start = next(
+        (i for i, ln in enumerate(lines) if _SCALEOUT_HEADER.match(ln.rstrip("\r\n"))), None
+    )
+    if start is None:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        new = f"{text}{sep}\n[scaleout]\n{_GROUP_COMMENT}{line}"
+    else:
+        end = next(
+            (j for j in range(start + 1, len(lines)) if _TABLE_HEADER.match(lines[j])),
+            len(lines),
+        )
+        at = next((j for j in range(start + 1, end) if _GROUP_KEY.match(lines[j])), None)
+        if at is None:
+            lines.insert(start + 1, _GROUP_COMMENT + line)
+        else:
+            lines[at] = line
+        new = "".join(lines)
+    try:
+        before, after = tomllib.loads(text), tomllib.loads(new)
+    except tomllib.TOMLDecodeError:
+        before = after = {}
+    got = after.get("scaleout")
+    if (
+        isinstance(got, dict)
+        and got.get("group") == group
+        and _without_group(before) == _without_group(after)
+    ):
+        return new
+    raise ConfigError(
+        f"{where}: cannot add the scale-out group to its [scaleout] table automatically; "
+        f"write it there by hand: group = {_value(group)}"
+    )
+
+
+def _without_group(doc: dict[str, Any]) -> dict[str, Any]:
+    scaleout = doc.get("scaleout", {})
+    if isinstance(scaleout, dict):
+        scaleout = {k: v for k, v in scaleout.items() if k != "group"}
+    return {**doc, "scaleout": scaleout}
 
 
 def _spec(model: Mapping[str, Any]) -> ModelSpec | None:
