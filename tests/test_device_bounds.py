@@ -4,22 +4,27 @@ counted reason, acknowledged in its turn, and changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
-from test_aggregator_support import FED, Federation
+from test_aggregator_support import FED, Federation, ModelWatcher, client, wait_until
 
 from aggregator.checkpoint import decode_state
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, Verified
 from aggregator.metrics import Metrics
 from aggregator.ratelimit import DeviceRate
+from aggregator.service import AggregatorThread
 from aggregator.validate import open_update
 from fedmqtt import topics
 from fedmqtt.aggregation import fedbuff_aggregate
+from fedmqtt.broker import Mosquitto
 from fedmqtt.errors import ConfigError, RejectedError
 from fedmqtt.models.spec import ModelSpec
 
@@ -206,3 +211,99 @@ def test_config_defaults_and_ranges(fed: Federation) -> None:
     ):
         with pytest.raises(ConfigError, match=f"\\[{table}\\] {key}"):
             fed.config("127.0.0.1", 1883, **{table: {key: value}})
+
+
+# ------------------------------------------------------------------ over a real broker
+FLOOD_SPEC = ModelSpec("softmax", 153, 10)  # 1540 values: coordinate 0 is the flooder's
+ROUNDS = 15
+
+
+def test_a_flooding_device_does_not_stall_honest_devices(broker: Mosquitto, tmp_path: Path) -> None:
+    """One device floods (fresh update ids, as fast as its client can) through a Receive
+    Maximum window of 40 while four honest devices each send their next update once the
+    previous one is in a published version, as agents do. Its excess is refused at once
+    (``rate_limited``, ``device_quota``) and acknowledged in its turn, so the honest updates keep
+    arriving: all of them are applied within the time limit, and the flooder holds at most
+    one row of each buffer. (Refusals that held their PUBACKs would fill the window with the
+    flood and starve the honest devices: the test then times out.)"""
+    fed = Federation(tmp_path, FLOOD_SPEC, devices=(*HONEST, "bad"))
+    layout = FLOOD_SPEC.layout()
+    cfg = fed.config(
+        broker.host,
+        broker.port,
+        strategy={
+            "buffer_size": 4,
+            "staleness": "constant",
+            "max_staleness": 1_000_000,
+            "max_per_device": 1,
+        },
+        limits={
+            "receive_maximum": 40,
+            "device_rate": 20.0,
+            "device_burst": 20,
+            "norm_reject_factor": 0.0,
+        },
+    )
+    watcher = ModelWatcher(broker.port, fed.verifier)
+    agg = AggregatorThread(cfg).start()
+    stop = threading.Event()
+    flooded = [0]
+
+    def flood() -> None:
+        c = client(broker.port)
+        delta = np.zeros(layout.size, dtype=np.float32)
+        delta[0] = 1.0
+        payload_topic = topics.updates(FED, "bad")
+        while not stop.is_set():
+            info = c.publish(payload_topic, fed.update("bad", delta, num_samples=1), qos=1)
+            flooded[0] += 1
+            if flooded[0] % 100 == 0:
+                info.wait_for_publish(10)  # keep paho's queue short
+        c.disconnect()
+        c.loop_stop()
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    honest = client(broker.port)
+    try:
+        flooder.start()
+        wait_until(lambda: agg.snapshot()["rejected_total"] > 0, 30, "the flood refused")
+        started = time.monotonic()
+        sent: dict[str, int | None] = dict.fromkeys(HONEST)  # coordinate awaiting application
+        rounds = dict.fromkeys(HONEST, 0)
+        while any(c is not None for c in sent.values()) or min(rounds.values()) < ROUNDS:
+            assert time.monotonic() - started < 60, f"honest devices stalled at {rounds}"
+            model = watcher.latest
+            assert model is not None
+            params = layout.flatten(model.params)
+            for j, dev in enumerate(HONEST):
+                c = sent[dev]
+                if c is not None and params[c] == 0:
+                    continue  # its previous update is not in a published version yet
+                sent[dev] = None
+                if rounds[dev] < ROUNDS:
+                    coord = 1 + rounds[dev] * len(HONEST) + j
+                    delta = np.zeros(layout.size, dtype=np.float32)
+                    delta[coord] = 1.0
+                    payload = fed.update(dev, delta, base_version=model.version, num_samples=1)
+                    honest.publish(topics.updates(FED, dev), payload, qos=1)
+                    sent[dev], rounds[dev] = coord, rounds[dev] + 1
+            with contextlib.suppress(TimeoutError):
+                watcher.wait(lambda m, v=model.version: m.version > v, 1.0)
+        took = time.monotonic() - started
+        stop.set()
+        flooder.join(30)
+        snap = agg.snapshot()
+    finally:
+        stop.set()
+        honest.disconnect()
+        honest.loop_stop()
+        agg.stop()
+        watcher.close()
+    n_honest = ROUNDS * len(HONEST)
+    rejected = snap["rejected"]
+    assert set(rejected) <= {"rate_limited", "device_quota"}, rejected
+    assert rejected["rate_limited"] > 10 * n_honest, (rejected, flooded[0])
+    bad_rows = snap["accepted"] - n_honest
+    # One row of the flooder per buffer at most: the versions made, plus the buffer in hand.
+    assert 0 < bad_rows <= snap["aggregations"] + 1, snap
+    print(f"{n_honest} honest updates in {took:.1f} s beside {flooded[0]} flooded; {snap}")
