@@ -261,6 +261,15 @@ def buffer_capacity(s: StrategyConfig) -> int:
     return {"fedbuff": s.buffer_size, "fedavg": s.min_updates}.get(s.name, 1)
 
 
+def devices_needed(s: StrategyConfig) -> int:
+    """Distinct devices whose updates fill a buffer (FedAsync: a ``device_window`` of
+    versions) under ``max_per_device``; 0 if it is unbounded."""
+    if not s.max_per_device:
+        return 0
+    rows = s.device_window if s.name == "fedasync" else buffer_capacity(s)
+    return -(-rows // s.max_per_device)
+
+
 def window_pressure(cfg: AggregatorConfig) -> int:
     """Messages awaiting acknowledgement at which a partial buffer is applied early: 90 % of
     the window, but never below the buffer's own capacity (which ``_check_window`` keeps under

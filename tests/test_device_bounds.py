@@ -17,10 +17,11 @@ from test_aggregator_support import FED, Federation, ModelWatcher, client, wait_
 
 from aggregator.checkpoint import decode_state
 from aggregator.config import AggregatorConfig
+from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Verified
 from aggregator.metrics import Metrics
 from aggregator.ratelimit import DeviceRate
-from aggregator.service import AggregatorThread
+from aggregator.service import AggregatorThread, warn_if_unfillable
 from aggregator.validate import open_update
 from fedmqtt import topics
 from fedmqtt.aggregation import fedbuff_aggregate
@@ -307,3 +308,21 @@ def test_a_flooding_device_does_not_stall_honest_devices(broker: Mosquitto, tmp_
     # One row of the flooder per buffer at most: the versions made, plus the buffer in hand.
     assert 0 < bad_rows <= snap["aggregations"] + 1, snap
     print(f"{n_honest} honest updates in {took:.1f} s beside {flooded[0]} flooded; {snap}")
+
+
+def test_warning_when_too_few_devices_are_enrolled_to_fill_a_buffer(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = DeviceKeys(fed.root / "devices")
+    assert keys.enrolled() == 5
+    for strategy, warns in (
+        ({"buffer_size": 10, "max_per_device": 1}, True),
+        ({"buffer_size": 10, "max_per_device": 2}, False),
+        ({"buffer_size": 10, "max_per_device": 0}, False),
+        ({"name": "fedavg", "min_updates": 6, "max_per_device": 1}, True),
+        ({"name": "fedasync", "device_window": 6, "max_per_device": 1}, True),
+        ({"name": "fedasync", "max_per_device": 1}, False),
+    ):
+        caplog.clear()
+        warn_if_unfillable(fed.config("127.0.0.1", 1883, strategy=strategy), keys)
+        assert ("needs updates from at least" in caplog.text) == warns, strategy
