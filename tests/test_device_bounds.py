@@ -219,7 +219,10 @@ FLOOD_SPEC = ModelSpec("softmax", 153, 10)  # 1540 values: coordinate 0 is the f
 ROUNDS = 15
 
 
-def test_a_flooding_device_does_not_stall_honest_devices(broker: Mosquitto, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["single-process", "two-workers"])
+def test_a_flooding_device_does_not_stall_honest_devices(
+    broker: Mosquitto, tmp_path: Path, workers: int
+) -> None:
     """One device floods (fresh update ids, as fast as its client can) through a Receive
     Maximum window of 40 while four honest devices each send their next update once the
     previous one is in a published version, as agents do. Its excess is refused at once
@@ -244,6 +247,7 @@ def test_a_flooding_device_does_not_stall_honest_devices(broker: Mosquitto, tmp_
             "device_burst": 20,
             "norm_reject_factor": 0.0,
         },
+        scaleout={"workers": workers},
     )
     watcher = ModelWatcher(broker.port, fed.verifier)
     agg = AggregatorThread(cfg).start()
