@@ -87,6 +87,10 @@ class StrategyConfig:
     robust: tuple[str, ...] = ()
     trim_fraction: float = 0.1
     clip_factor: float = 3.0
+    # At most this many rows of one device per buffer (FedBuff, FedAvg) or per window of
+    # ``device_window`` consecutive versions (FedAsync); 0 = unbounded.
+    max_per_device: int = 1
+    device_window: int = 2
 
     def staleness_fn(self) -> Staleness:
         return parse_staleness(self.staleness)
@@ -145,6 +149,9 @@ class LimitsConfig:
     norm_min_samples: int = 5
     batch_max: int = 256
     verify_threads: int = 2
+    # Per-device token bucket: updates per second it refills at (0 = off), and its size.
+    device_rate: float = 10.0
+    device_burst: int = 20
 
     @property
     def inflight_window(self) -> int:
@@ -252,6 +259,15 @@ class AggregatorConfig:
 def buffer_capacity(s: StrategyConfig) -> int:
     """How many accepted updates the strategy may hold unapplied (and so unacknowledged)."""
     return {"fedbuff": s.buffer_size, "fedavg": s.min_updates}.get(s.name, 1)
+
+
+def devices_needed(s: StrategyConfig) -> int:
+    """Distinct devices whose updates fill a buffer (FedAsync: a ``device_window`` of
+    versions) under ``max_per_device``; 0 if it is unbounded."""
+    if not s.max_per_device:
+        return 0
+    rows = s.device_window if s.name == "fedasync" else buffer_capacity(s)
+    return -(-rows // s.max_per_device)
 
 
 def window_pressure(cfg: AggregatorConfig) -> int:
@@ -401,6 +417,8 @@ def _strategy(t: Table) -> StrategyConfig:
         robust=robust,
         trim_fraction=trim,
         clip_factor=clip_factor,
+        max_per_device=t.integer("max_per_device", d.max_per_device, lo=0, hi=100_000),
+        device_window=t.integer("device_window", d.device_window, lo=1, hi=100_000),
     )
 
 
@@ -460,6 +478,8 @@ def _limits(t: Table, spec: ModelSpec) -> LimitsConfig:
         norm_min_samples=t.integer("norm_min_samples", d.norm_min_samples, lo=1, hi=window),
         batch_max=t.integer("batch_max", d.batch_max, lo=1, hi=100_000),
         verify_threads=t.integer("verify_threads", d.verify_threads, lo=1, hi=64),
+        device_rate=t.number("device_rate", d.device_rate, lo=0.0),
+        device_burst=t.integer("device_burst", d.device_burst, lo=1, hi=1_000_000),
     )
 
 

@@ -43,6 +43,14 @@ class DeviceKeys:
             self._cache[device_id] = verifier
             return verifier
 
+    def enrolled(self) -> int:
+        """How many devices have a key file now (0 if the directory cannot be read)."""
+        suffixes = set(DEVICE_KEY_SUFFIX.values())
+        try:
+            return len({p.stem for p in self.directory.iterdir() if p.suffix in suffixes})
+        except OSError:
+            return 0
+
     def _maybe_invalidate(self) -> None:
         now = time.monotonic()
         if now - self._checked < self.recheck_s:

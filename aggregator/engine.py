@@ -37,6 +37,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceKeys
 from aggregator.metrics import Metrics, RejectionLog
 from aggregator.presence import Presence
+from aggregator.ratelimit import DeviceRate
 from aggregator.replay import ReplayWindow
 from aggregator.strategies import Strategy, build_strategy
 from aggregator.validate import (
@@ -130,6 +131,7 @@ class Engine:
             window=lim.norm_window,
             min_samples=lim.norm_min_samples,
         )
+        self.rate = DeviceRate(lim.device_rate, lim.device_burst)
         self.presence = Presence(self.federation, self.keys)
         self.reject_log = RejectionLog()
         self._pool: ThreadPoolExecutor | None = None
@@ -226,6 +228,7 @@ class Engine:
                 meta, delta = opened
                 tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
                 check_replay(meta.update_id, self.window)
+                self._admit(meta.sender, now)
                 strategy = self.strategy
                 norm = decode_delta(
                     delta, self.layout, self.limits, strategy.slot(), strategy.slot_scales()
@@ -321,6 +324,7 @@ class Engine:
                 meta = item.meta
                 tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
                 check_replay(meta.update_id, self.window)
+                self._admit(meta.sender, now)
                 self.gate.check(item.norm)
                 row = self.strategy.slot()
                 scales = self.strategy.slot_scales()
@@ -366,6 +370,11 @@ class Engine:
         if n:
             self._aggregate(now)
         return n
+
+    def _admit(self, sender: str, now: float) -> None:
+        """Steps 8a-8b: the sender's rate, then its share of the buffer (or version window)."""
+        self.rate.take(sender, now)
+        self.strategy.admit(sender)
 
     def _replay_needs(self, e: RejectedError) -> int:
         """The flush that applies (or applied) the original of a replayed update."""

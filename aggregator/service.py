@@ -36,7 +36,7 @@ from typing import Any
 
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
-from aggregator.config import AggregatorConfig, window_pressure
+from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Snapshot, initial_state
@@ -79,6 +79,21 @@ def initialize(cfg: AggregatorConfig) -> int:
     store.write(0, initial_state(cfg))
     log.info("initialised %s with the version-0 model", cfg.state_dir)
     return 0
+
+
+def warn_if_unfillable(cfg: AggregatorConfig, keys: DeviceKeys) -> None:
+    """Log a warning if fewer devices are enrolled than a buffer needs under
+    ``max_per_device``: it would then fill only by partial flushes, if at all."""
+    need, enrolled = devices_needed(cfg.strategy), keys.enrolled()
+    if need > enrolled:
+        log.warning(
+            "[strategy] %s needs updates from at least %d devices (max_per_device %d) but %d "
+            "are enrolled: raise max_per_device (0 = unbounded) for a smaller federation",
+            cfg.strategy.name,
+            need,
+            cfg.strategy.max_per_device,
+            enrolled,
+        )
 
 
 class AckQueue:
@@ -176,6 +191,7 @@ class Aggregator:
             self.store = checkpoint_store(cfg)
             self.keys = DeviceKeys(cfg.security.devices_dir)
             self.engine = Engine(cfg, self.metrics, self.keys)
+            await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
             loaded = await loop.run_in_executor(io_x, self.store.load_latest)
             if loaded is None:  # pragma: no cover - initialize() just wrote one
                 raise CheckpointError("no checkpoint after initialisation")

@@ -13,6 +13,11 @@ Steps, cheapest first, each refusing with a reason constant from :mod:`fedmqtt.e
 7. ``future`` / ``stale``: ``base_version`` newer than the current version, or staleness
    ``version - base_version`` above ``max_staleness``;
 8. ``replay``: ``update_id`` already accepted (see :mod:`aggregator.replay`);
+8a. ``rate_limited``: the device sends faster than ``[limits] device_rate``
+    (:mod:`aggregator.ratelimit`);
+8b. ``device_quota``: the device already holds ``[strategy] max_per_device`` rows of the buffer
+    (FedAsync: of the last ``device_window`` versions), see
+    :meth:`aggregator.strategies.Strategy.admit`;
 9. ``shape`` / ``size`` / ``codec`` / ``nonfinite``: the delta does not decode into exactly the
    model's tensors with finite values (decoded straight into the caller's buffer row);
 10. ``norm``: L2 norm above ``[limits] max_norm``, above ``norm_reject_factor`` times the
@@ -20,7 +25,8 @@ Steps, cheapest first, each refusing with a reason constant from :mod:`fedmqtt.e
 
 Steps 1-6 and 9 depend only on the message (:func:`open_update`, :func:`decode_delta`): the
 scale-out worker processes run them. Steps 7, 8 and 10 depend on the aggregator's state
-(:func:`check_staleness`, :func:`check_replay`, :class:`NormGate`): the owner runs them.
+(:func:`check_staleness`, :func:`check_replay`, :class:`NormGate`), and so do 8a and 8b: the
+owner runs them.
 Signature verification comes before parsing the body, so forged bytes are never parsed.
 """
 

@@ -426,9 +426,16 @@ class Case:
                 "devices_dir": str(self.work / "devices"),
             },
             "model": {"kind": "softmax", "n_features": self.spec.n_features, "n_outputs": 10},
-            "strategy": {"name": "fedbuff", "buffer_size": 10, "max_staleness": 1_000_000},
+            # A few publishers stand for many devices: no per-device bounds.
+            "strategy": {
+                "name": "fedbuff",
+                "buffer_size": 10,
+                "max_staleness": 1_000_000,
+                "max_per_device": 0,
+            },
             **tables,
         }
+        raw["limits"] = {"device_rate": 0.0, **raw.get("limits", {})}
         return AggregatorConfig.from_dict(raw, base_dir=self.work)
 
     def _new_broker(self, tag: str) -> Mosquitto:

@@ -24,6 +24,8 @@ SHAPE: Final = "shape"  # tensor names or shapes differ from the model spec
 STALE: Final = "stale"  # staleness above max_staleness
 FUTURE: Final = "future"  # base_version newer than the current global version
 NORM: Final = "norm"  # update norm above the accepted bound
+RATE_LIMITED: Final = "rate_limited"  # the device sends faster than its per-device rate
+DEVICE_QUOTA: Final = "device_quota"  # the device already holds its rows in this buffer/window
 
 REASONS: Final = (
     SIZE,
@@ -40,6 +42,8 @@ REASONS: Final = (
     STALE,
     FUTURE,
     NORM,
+    RATE_LIMITED,
+    DEVICE_QUOTA,
 )
 
 

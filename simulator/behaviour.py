@@ -27,6 +27,9 @@ class DeviceBehaviour:
     attacker: bool
     # Windows (start_s, end_s) after the simulation start during which the device is offline.
     offline: tuple[tuple[float, float], ...] = ()
+    # Updates per honest update: above 1, the device sends every compute_s (already divided
+    # by the rate) without waiting for a new global version.
+    rate: float = 1.0
 
 
 def schedule(
@@ -36,6 +39,7 @@ def schedule(
     stragglers: float = 0.0,
     dropout: float = 0.0,
     attackers: float = 0.0,
+    attacker_rate: float = 1.0,
     duration_s: float = 60.0,
     median_compute_s: float = 0.3,
 ) -> list[DeviceBehaviour]:
@@ -55,13 +59,15 @@ def schedule(
         if i in gone:  # one outage of 10-30 % of the run, starting in its first 60 %
             start = float(rng.uniform(0.1, 0.6) * duration_s)
             windows = ((start, start + float(rng.uniform(0.1, 0.3)) * duration_s),)
+        rate = attacker_rate if i in bad else 1.0
         out.append(
             DeviceBehaviour(
                 i,
-                float(speeds[i]) * (10.0 if i in slow else 1.0),
+                float(speeds[i]) * (10.0 if i in slow else 1.0) / rate,
                 i in slow,
                 i in bad,
                 windows,
+                rate,
             )
         )
     return out

@@ -59,8 +59,23 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attack", default="signflip", choices=["signflip", "scale", "noise", "labelflip"]
     )
+    p.add_argument(
+        "--attacker-rate",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="attackers send R times as often as an honest device, each update with a fresh "
+        "id, without waiting for a new version (default 1: like honest devices)",
+    )
     p.add_argument("--robust", default="none", choices=["none", "clip", "trimmed-mean", "median"])
     p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    p.add_argument(
+        "--versions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="end the run once the global model reaches version N (or at --duration)",
+    )
     p.add_argument(
         "--target-accuracy",
         type=float,

@@ -49,8 +49,10 @@ class SimConfig:
     dropout: float = 0.0
     attackers: float = 0.0
     attack: str = "signflip"
+    attacker_rate: float = 1.0
     robust: str = "none"
     duration: float = 60.0
+    versions: int | None = None
     target_accuracy: float | None = None
     stop_at_target: bool = False
     buffer_size: int | None = None
@@ -80,6 +82,10 @@ class SimConfig:
             raise ConfigError("--clients must be at least 1")
         if self.duration <= 0:
             raise ConfigError("--duration must be positive")
+        if not self.attacker_rate >= 1.0:
+            raise ConfigError("--attacker-rate must be at least 1")
+        if self.versions is not None and self.versions < 1:
+            raise ConfigError("--versions must be at least 1")
         if self.agent_processes < 0:
             raise ConfigError("--agent-processes must be 0 (automatic) or more")
         Codec.parse(self.codec)
@@ -201,7 +207,7 @@ class _Simulation:
                 "update_key": str(home / "device.key"),
             },
             "data": {"source": "npz", "path": str(home / "data")},
-            "training": {"seed": self.cfg.seed * 100_003 + i},
+            "training": {"seed": self.cfg.seed * 100_003 + i, **_pace(b)},
             "logging": {"level": "WARNING"},
         }
         return fleet.DeviceSpec(dev, b, raw, home)
@@ -218,6 +224,7 @@ class _Simulation:
             stragglers=cfg.stragglers,
             dropout=cfg.dropout,
             attackers=cfg.attackers,
+            attacker_rate=cfg.attacker_rate,
             duration_s=cfg.duration,
             median_compute_s=cfg.compute_time,
         )
@@ -284,6 +291,8 @@ class _Simulation:
                     progress.history.append(point)
                 if agg.error is not None:
                     error = f"aggregator failed: {agg.error!r}"
+                    break
+                if cfg.versions is not None and point.version >= cfg.versions:
                     break
                 if (
                     reached is None
@@ -402,6 +411,15 @@ def _tail_mean(history: list[report.Point], fraction: float) -> float | None:
     start = history[-1].t * (1 - fraction)
     accs = [p.accuracy for p in history if p.t >= start and p.accuracy is not None]
     return round(sum(accs) / len(accs), 4) if accs else None
+
+
+def _pace(b: behaviour.DeviceBehaviour) -> dict[str, Any]:
+    """The agent's ``[training]`` pace: an honest device trains once per global version; a
+    faster attacker trains again every ``compute_s`` (already divided by its rate), version
+    or not, each round a new update with a fresh id."""
+    if b.rate <= 1.0:
+        return {}
+    return {"max_updates_per_version": 0, "interval_s": b.compute_s}
 
 
 def _spec_for(cfg: SimConfig, ds: datasets.Dataset) -> ModelSpec:

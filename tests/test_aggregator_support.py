@@ -76,6 +76,10 @@ class Federation:
             "security": {"signing_key": "aggregator.key", "devices_dir": "devices"},
             "model": model,
             "metrics": {"prometheus_port": 0, "status_interval_s": 0.2, "publish_interval_s": 0.5},
+            # Most tests stream many updates from a few devices; the per-device bounds are
+            # switched on by the tests about them (tests/test_device_bounds.py).
+            "strategy": {"max_per_device": 0},
+            "limits": {"device_rate": 0.0},
         }
         for name, values in tables.items():
             raw.setdefault(name, {}).update(values)

@@ -9,6 +9,11 @@ scales into its coefficients, and every other use of the rows applies them first
 :meth:`Strategy.ready` says so, :meth:`Strategy.aggregate` turns the buffer into new parameters
 with the pure functions of :mod:`fedmqtt.aggregation` and empties it.
 
+One device's weight is bounded: :meth:`Strategy.admit` refuses (``device_quota``) an update
+whose sender already holds ``[strategy] max_per_device`` rows of the buffer, before it is
+decoded; FedAsync, whose buffer is one update, bounds a window of versions instead. The
+engine asks before decoding, so a refused update costs no decoding and changes nothing.
+
 The buffer is NOT part of the checkpoint: a buffered update is acknowledged to the broker only
 once the version that applies it is durable, so after a crash the broker redelivers it.
 :meth:`Strategy.to_state` holds what outlives a version: the strategy's name and the server
@@ -18,6 +23,7 @@ optimizer's momentum.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,6 +35,7 @@ from aggregator.config import StrategyConfig
 from aggregator.validate import UpdateMeta
 from fedmqtt.aggregation import Reducer, ServerOptimizer, clip_by_norm, fedbuff_aggregate
 from fedmqtt.aggregation.staleness import Staleness
+from fedmqtt.errors import DEVICE_QUOTA, RejectedError
 from fedmqtt.params import F32
 
 
@@ -65,6 +72,7 @@ class Strategy(ABC):
         )
         self.pending: list[Pending] = []
         self.pending_ids: set[str] = set()
+        self.per_device: Counter[str] = Counter()  # buffered rows of each sender
         self.version_started = 0.0
 
     # ------------------------------------------------------------------ buffer
@@ -86,12 +94,24 @@ class Strategy(ABC):
         (``decode_delta(..., scales=)``); a row filled any other way must set them to 1."""
         return None if self.scales is None else self.scales[len(self.pending)]
 
+    def admit(self, sender: str) -> None:
+        """RejectedError (``device_quota``) if an update of ``sender`` may not enter the
+        buffer now: the sender already holds ``max_per_device`` of its rows."""
+        limit = self.cfg.max_per_device
+        if limit and self.per_device[sender] >= limit:
+            raise RejectedError(
+                DEVICE_QUOTA,
+                f"device {sender!r} already holds {limit} row(s) of this buffer "
+                "([strategy] max_per_device)",
+            )
+
     def add(self, meta: UpdateMeta, tau: int, norm: float) -> None:
-        """Commit the delta just decoded into :meth:`slot`."""
+        """Commit the delta just decoded into :meth:`slot` (its sender passed :meth:`admit`)."""
         if len(self.pending) >= self.capacity:
             raise RuntimeError("strategy buffer is full; aggregate first")
         self.pending.append(Pending(meta, tau, float(self.staleness(tau)), norm))
         self.pending_ids.add(meta.update_id)
+        self.per_device[meta.sender] += 1
 
     def clipped(self, bound: float | None) -> F32:
         """The buffered rows' values (scales applied), clipped to ``bound`` if clipping is
@@ -142,6 +162,7 @@ class Strategy(ABC):
             self.scales[: len(self.pending)] = 1.0
         self.pending.clear()
         self.pending_ids.clear()
+        self.per_device.clear()
 
     def stats(self) -> dict[str, float]:
         n = len(self.pending)

@@ -7,17 +7,25 @@ model is taken as ``x = w + delta`` (the current model plus the delta), which ma
 ``w + alpha_t * delta`` and avoids keeping every past version to rebuild ``w_base + delta``.
 The staleness discount is what accounts for the base being older. Every accepted update makes a
 new version.
+
+One device's weight: a device makes at most ``[strategy] max_per_device`` of any
+``device_window`` consecutive versions; an update that would exceed it is refused
+(``device_quota``). The senders of the last ``device_window - 1`` versions are part of the
+checkpoint, so a restart does not reset the window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from aggregator.config import StrategyConfig
 from aggregator.strategies.base import Strategy
 from fedmqtt.aggregation import fedasync_alpha, fedasync_mix
+from fedmqtt.errors import DEVICE_QUOTA, RejectedError
 from fedmqtt.params import F32
 
 
@@ -28,6 +36,18 @@ class FedAsync(Strategy):
         self, cfg: StrategyConfig, d: int, segments: Sequence[tuple[int, int]] | None = None
     ) -> None:
         super().__init__(cfg, d, 1, segments)
+        # Senders of the newest versions, oldest first: the window but the version to come.
+        self.recent: deque[str] = deque(maxlen=cfg.device_window - 1)
+
+    def admit(self, sender: str) -> None:
+        limit = self.cfg.max_per_device
+        if limit and self.recent.count(sender) >= limit:
+            raise RejectedError(
+                DEVICE_QUOTA,
+                f"device {sender!r} made {limit} of the last {self.cfg.device_window - 1} "
+                f"version(s) ([strategy] max_per_device per device_window "
+                f"{self.cfg.device_window})",
+            )
 
     def ready(self, now: float) -> bool:
         return len(self.pending) >= 1
@@ -38,4 +58,16 @@ class FedAsync(Strategy):
         alpha_t = fedasync_alpha(self.cfg.alpha, self.staleness, p.tau)
         with np.errstate(over="ignore"):
             client = params + row
-        return fedasync_mix(params, client, alpha_t)
+        new = fedasync_mix(params, client, alpha_t)
+        self.recent.append(p.meta.sender)
+        return new
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"recent_senders": list(self.recent)}
+
+    def load_extra(self, state: Mapping[str, Any]) -> None:
+        senders = state.get("recent_senders", [])
+        if not isinstance(senders, list) or not all(isinstance(s, str) for s in senders):
+            raise ValueError("recent_senders must be a list of device ids")
+        self.recent.clear()
+        self.recent.extend(senders)
