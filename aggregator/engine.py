@@ -49,8 +49,8 @@ from aggregator.validate import (
     limits_for,
     open_update,
     scale_segments,
-    topic_device,
 )
+from fedmqtt import topics
 from fedmqtt.codecs import decode_params
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
@@ -233,7 +233,9 @@ class Engine:
                 self.gate.check(norm)
             except RejectedError as e:
                 rejected[e.reason] += 1
-                self.reject_log(topic_device(topic, self.federation) or "?", e.reason, e.detail)
+                self.reject_log(
+                    topics.update_device(topic, self.federation) or "?", e.reason, e.detail
+                )
                 needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
                 continue
             needs.append(self.flushes + 1)
@@ -245,7 +247,7 @@ class Engine:
         return needs
 
     def _open(self, topic: str, payload: bytes) -> _Opened:
-        if "/status/" in topic:
+        if topics.status_device(topic, self.federation) is not None:
             return None
         try:
             return open_update(
@@ -296,7 +298,7 @@ class Engine:
         :data:`CHEAP_AUTH_ALGS` (unknown devices count as cheap: they are refused early)."""
         slow = 0
         for topic, payload in items:
-            device = topic_device(topic, self.federation)
+            device = topics.update_device(topic, self.federation)
             key = self.keys.get(device) if device is not None else None
             if key is not None and key.alg not in CHEAP_AUTH_ALGS:
                 slow += len(payload)
@@ -373,7 +375,7 @@ class Engine:
         return self.flushes + 1 if uid in self.strategy.pending_ids else self.flushes
 
     def _status(self, topic: str, payload: bytes) -> None:
-        device = topic_device(topic, self.federation)
+        device = topics.status_device(topic, self.federation)
         if device is None:
             return
         try:

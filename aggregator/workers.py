@@ -60,7 +60,6 @@ from aggregator.validate import (
     decode_delta,
     limits_for,
     open_update,
-    topic_device,
 )
 from fedmqtt import topics
 from fedmqtt.errors import RejectedError
@@ -324,7 +323,7 @@ class _Runner:
         scratch: np.ndarray[Any, Any] | None = None  # decoded rows that are not sent
         for i, m in enumerate(batch):
             token = first + i
-            device = topic_device(m.topic, fed) or "?"
+            device = topics.update_device(m.topic, fed) or "?"
             encoded = row_bytes >= ENCODED_MIN_ROW_BYTES and 2 * len(m.payload) <= row_bytes
             try:
                 meta, delta = open_update(

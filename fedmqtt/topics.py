@@ -8,21 +8,29 @@ fl/<fed>/plan               aggregator -> devices, QoS 1, retained, signed
 fl/<fed>/status/<device>    device presence (online / last-will offline), retained
 fl/<fed>/metrics            aggregator metrics snapshot, retained
 ```
+
+Federation and device ids are single topic levels (:func:`check_id`); any valid id works,
+including the layout's own words (a federation named ``status`` or ``updates``). Topics are
+parsed here and only here (:func:`parse_device_topic`), level by level.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Final
 
 from fedmqtt.errors import ConfigError
 
-PREFIX = "fl"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PREFIX: Final = "fl"
+UPDATES: Final = "updates"
+STATUS: Final = "status"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_id(kind: str, value: str) -> str:
     """Return ``value`` if it is a safe topic level (no wildcards, slashes or '$'), else raise."""
-    if not _ID.match(value):
+    if _ID.fullmatch(value) is None:
         raise ConfigError(
             f"{kind} {value!r} is not valid: use 1-64 characters of letters, digits, '_', '.', '-',"
             " starting with a letter or digit"
@@ -31,11 +39,11 @@ def check_id(kind: str, value: str) -> str:
 
 
 def updates(fed: str, device: str) -> str:
-    return f"{PREFIX}/{fed}/updates/{device}"
+    return f"{PREFIX}/{fed}/{UPDATES}/{device}"
 
 
 def updates_filter(fed: str) -> str:
-    return f"{PREFIX}/{fed}/updates/+"
+    return f"{PREFIX}/{fed}/{UPDATES}/+"
 
 
 def shared_updates_filter(group: str, fed: str) -> str:
@@ -56,20 +64,57 @@ def plan(fed: str) -> str:
 
 
 def status(fed: str, device: str) -> str:
-    return f"{PREFIX}/{fed}/status/{device}"
+    return f"{PREFIX}/{fed}/{STATUS}/{device}"
 
 
 def status_filter(fed: str) -> str:
-    return f"{PREFIX}/{fed}/status/+"
+    return f"{PREFIX}/{fed}/{STATUS}/+"
 
 
 def metrics(fed: str) -> str:
     return f"{PREFIX}/{fed}/metrics"
 
 
-def device_of(topic: str) -> str | None:
-    """The last level of an updates/status topic, or None if the topic is not one."""
+@dataclass(frozen=True, slots=True)
+class DeviceTopic:
+    """A device's topic: ``fl/<federation>/<kind>/<device>``, kind :data:`UPDATES` or
+    :data:`STATUS`."""
+
+    federation: str
+    kind: str
+    device: str
+
+
+def parse_device_topic(topic: str) -> DeviceTopic | None:
+    """The parts of an updates or status topic, or None if ``topic`` is not exactly one (four
+    levels, valid ids)."""
     parts = topic.split("/")
-    if len(parts) == 4 and parts[0] == PREFIX and parts[2] in ("updates", "status"):
+    if len(parts) != 4 or parts[0] != PREFIX or parts[2] not in (UPDATES, STATUS):
+        return None
+    if _ID.fullmatch(parts[1]) is None or _ID.fullmatch(parts[3]) is None:
+        return None
+    return DeviceTopic(parts[1], parts[2], parts[3])
+
+
+def update_device(topic: str, fed: str) -> str | None:
+    """The device of ``fl/<fed>/updates/<device>``, else None (``fed`` a valid id)."""
+    return _device(topic, fed, UPDATES)
+
+
+def status_device(topic: str, fed: str) -> str | None:
+    """The device of ``fl/<fed>/status/<device>``, else None (``fed`` a valid id)."""
+    return _device(topic, fed, STATUS)
+
+
+def _device(topic: str, fed: str, kind: str) -> str | None:
+    # parse_device_topic for one known federation and kind, on every message's path.
+    parts = topic.split("/")
+    if (
+        len(parts) == 4
+        and parts[2] == kind
+        and parts[1] == fed
+        and parts[0] == PREFIX
+        and _ID.fullmatch(parts[3]) is not None
+    ):
         return parts[3]
     return None

@@ -349,3 +349,24 @@ def test_large_int8_updates_left_unscaled_give_the_model_of_their_values(
     np.testing.assert_allclose(deferred.params, decoded.params, rtol=1e-5, atol=1e-7)
     deferred.close()
     decoded.close()
+
+
+@pytest.mark.parametrize("fed_id", ["updates", "model", "status", "plan", "metrics", "onnx", "fl"])
+def test_a_federation_named_like_a_topic_word_routes_updates_and_presence(
+    tmp_path: Path, fed_id: str
+) -> None:
+    """Topics are parsed level by level: ``fl/status/updates/dev0`` is an update of federation
+    ``status``, ``fl/updates/status/dev0`` a presence message of federation ``updates``."""
+    f = Federation(tmp_path, SPEC, devices=("dev0",), federation=fed_id)
+    cfg = f.config("127.0.0.1", 1883, strategy={"buffer_size": 2})
+    e = Engine(cfg, Metrics(fed_id), keys=None)
+    online = wire.encode(wire.Status(fed_id, "dev0", "online", 10.0), f.keys["dev0"])
+    items = [(topics.updates(fed_id, "dev0"), f.update("dev0", small(i), seq=i)) for i in range(2)]
+    items.insert(1, (topics.status(fed_id, "dev0"), online))
+    assert e.process(items, 0.0) == [1, 0, 1]  # presence needs nothing durable
+    snap = e.metrics.snapshot()
+    assert snap["accepted"] == 2 and snap["rejected"] == {} and e.version == 1
+    assert snap["devices_online"] == 1 and e.metrics.status_rejected == 0
+    # Another federation's topics, or this one's with an extra level, are not its messages.
+    e.process([("fl/other/updates/dev0", items[0][1]), (items[0][0] + "/x", items[0][1])], 0.0)
+    assert e.metrics.snapshot()["rejected"] == {"schema": 2}
