@@ -96,12 +96,6 @@ class Snapshot:
     created_at: float
 
 
-def initial_state(cfg: AggregatorConfig) -> bytes:
-    """Version 0: the model initialised from ``[model]`` and its seed, nothing buffered."""
-    engine = Engine(cfg, Metrics(cfg.federation.id), keys=None)
-    return engine.snapshot().data
-
-
 class Engine:
     def __init__(self, cfg: AggregatorConfig, metrics: Metrics, keys: DeviceKeys | None) -> None:
         self.cfg = cfg
@@ -350,10 +344,6 @@ class Engine:
             received=len(items), nbytes=nbytes, accepted_taus=taus, rejected=rejected
         )
         return needs
-
-    def process_status(self, items: Sequence[tuple[str, bytes]]) -> None:
-        for topic, payload in items:
-            self._status(topic, payload)
 
     def tick(self, now: float) -> bool:
         """Time-based aggregation (FedAvg's deadline); True if a version was made."""
