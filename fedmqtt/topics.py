@@ -11,13 +11,12 @@ fl/<fed>/metrics            aggregator metrics snapshot, retained
 
 Federation and device ids are single topic levels (:func:`check_id`); any valid id works,
 including the layout's own words (a federation named ``status`` or ``updates``). Topics are
-parsed here and only here (:func:`parse_device_topic`), level by level.
+parsed here and only here (:func:`device_topic`), level by level.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Final
 
 from fedmqtt.errors import ConfigError
@@ -75,46 +74,29 @@ def metrics(fed: str) -> str:
     return f"{PREFIX}/{fed}/metrics"
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceTopic:
-    """A device's topic: ``fl/<federation>/<kind>/<device>``, kind :data:`UPDATES` or
-    :data:`STATUS`."""
-
-    federation: str
-    kind: str
-    device: str
-
-
-def parse_device_topic(topic: str) -> DeviceTopic | None:
-    """The parts of an updates or status topic, or None if ``topic`` is not exactly one (four
-    levels, valid ids)."""
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != PREFIX or parts[2] not in (UPDATES, STATUS):
-        return None
-    if _ID.fullmatch(parts[1]) is None or _ID.fullmatch(parts[3]) is None:
-        return None
-    return DeviceTopic(parts[1], parts[2], parts[3])
-
-
-def update_device(topic: str, fed: str) -> str | None:
-    """The device of ``fl/<fed>/updates/<device>``, else None (``fed`` a valid id)."""
-    return _device(topic, fed, UPDATES)
-
-
-def status_device(topic: str, fed: str) -> str | None:
-    """The device of ``fl/<fed>/status/<device>``, else None (``fed`` a valid id)."""
-    return _device(topic, fed, STATUS)
-
-
-def _device(topic: str, fed: str, kind: str) -> str | None:
-    # parse_device_topic for one known federation and kind, on every message's path.
+def device_topic(topic: str, fed: str) -> tuple[str, str] | None:
+    """``(kind, device)`` of ``fl/<fed>/updates/<device>`` (kind :data:`UPDATES`) or
+    ``fl/<fed>/status/<device>`` (:data:`STATUS`), else None: exactly four levels, federation
+    ``fed`` (a valid id, see :func:`check_id`) and a valid device id. The one topic parser."""
     parts = topic.split("/")
     if (
         len(parts) == 4
-        and parts[2] == kind
         and parts[1] == fed
         and parts[0] == PREFIX
+        and parts[2] in (UPDATES, STATUS)
         and _ID.fullmatch(parts[3]) is not None
     ):
-        return parts[3]
+        return parts[2], parts[3]
     return None
+
+
+def update_device(topic: str, fed: str) -> str | None:
+    """The device of ``fl/<fed>/updates/<device>``, else None."""
+    t = device_topic(topic, fed)
+    return t[1] if t is not None and t[0] == UPDATES else None
+
+
+def status_device(topic: str, fed: str) -> str | None:
+    """The device of ``fl/<fed>/status/<device>``, else None."""
+    t = device_topic(topic, fed)
+    return t[1] if t is not None and t[0] == STATUS else None

@@ -202,15 +202,15 @@ class FakeAggregator:
         client.subscribe([(topics.updates_filter(FED), 1), (topics.status_filter(FED), 1)])
 
     def _on_message(self, client: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
-        parsed = topics.parse_device_topic(msg.topic)
-        device = parsed.device if parsed is not None else None
+        parsed = topics.device_topic(msg.topic, FED)
+        device = parsed[1] if parsed is not None else None
         key = self.device_keys.get(device or "")
         payload = bytes(msg.payload)
         with self._lock:
             if key is None:
                 self.invalid.append(payload)
                 return
-            if parsed is not None and parsed.kind == topics.STATUS:
+            if parsed is not None and parsed[0] == topics.STATUS:
                 if payload:
                     self.statuses[device or ""] = wire.decode(payload, wire.Status, key)
                 return

@@ -1,5 +1,6 @@
-"""The topic layout (:mod:`fedmqtt.topics`): every id the validator accepts builds topics that
-parse back to exactly that id, in exactly that kind of topic, and nothing else parses."""
+"""The topic layout (:mod:`fedmqtt.topics`): for every federation and device id the validator
+accepts, the built topics parse back to exactly that device, in exactly that kind of topic of
+exactly that federation, and nothing else parses."""
 
 from __future__ import annotations
 
@@ -34,17 +35,17 @@ def accepted(value: str) -> bool:
 def test_built_topics_parse_back_exactly(fed: str, other: str, device: str) -> None:
     assert accepted(fed) and accepted(device)
     update, status = topics.updates(fed, device), topics.status(fed, device)
-    assert topics.parse_device_topic(update) == topics.DeviceTopic(fed, topics.UPDATES, device)
-    assert topics.parse_device_topic(status) == topics.DeviceTopic(fed, topics.STATUS, device)
+    assert topics.device_topic(update, fed) == (topics.UPDATES, device)
+    assert topics.device_topic(status, fed) == (topics.STATUS, device)
     assert topics.update_device(update, fed) == device
     assert topics.status_device(status, fed) == device
     assert topics.update_device(status, fed) is None
     assert topics.status_device(update, fed) is None
     if other != fed:
-        assert topics.update_device(update, other) is None
-        assert topics.status_device(status, other) is None
+        assert topics.device_topic(update, other) is None
+        assert topics.device_topic(status, other) is None
     for t in (topics.model(fed), topics.model_onnx(fed), topics.plan(fed), topics.metrics(fed)):
-        assert topics.parse_device_topic(t) is None
+        assert topics.device_topic(t, fed) is None
         assert not topic_matches_sub(topics.updates_filter(fed), t)
         assert not topic_matches_sub(topics.status_filter(fed), t)
     # What the subscriptions receive is exactly what the parser takes as that kind.
@@ -62,10 +63,11 @@ def test_built_topics_parse_back_exactly(fed: str, other: str, device: str) -> N
 @example("+")
 @example("dev/0")
 @example("")
-def test_the_parser_takes_exactly_the_ids_the_validator_accepts(value: str) -> None:
-    for fed, device in ((value, "dev0"), ("fed", value)):
-        parsed = topics.parse_device_topic(topics.updates(fed, device))
-        assert (parsed is not None) == accepted(value), (fed, device)
+def test_the_parser_takes_exactly_the_device_ids_the_validator_accepts(value: str) -> None:
+    # (The federation id is the aggregator's own, validated with its config.)
+    parsed = topics.device_topic(topics.updates("fed", value), "fed")
+    assert (parsed is not None) == accepted(value)
+    assert (parsed == (topics.UPDATES, value)) == accepted(value)
 
 
 @pytest.mark.parametrize(
@@ -80,9 +82,12 @@ def test_the_parser_takes_exactly_the_ids_the_validator_accepts(value: str) -> N
         "fl/fed/update/dev0",
         "fl/fed/model/dev0",
         "fl/fed/updates/+",
+        "fl/fed/status/#",
+        "fl/fed/updates/dev0\n",
+        "fl/fed/status/" + "d" * 65,
+        "fl/Fed/updates/dev0",
         "$share/g/fl/fed/updates/dev0",
     ],
 )
 def test_other_topics_do_not_parse(topic: str) -> None:
-    assert topics.parse_device_topic(topic) is None
-    assert topics.update_device(topic, "fed") is None
+    assert topics.device_topic(topic, "fed") is None
