@@ -177,11 +177,11 @@ def test_worker_kill_9_acknowledges_only_what_is_durable(broker: Mosquitto, tmp_
     def worker_connections() -> int:
         return sum("worker-" in line and ": connected to" in line for line in log.open())
 
-    n1, n2, n = 4 * K + K // 2, 5 * K + 7 * K // 8, 6 * K
+    n1, n2, n = 4 * K + 7 * K // 8, 5 * K + 7 * K // 8, 6 * K
     try:
         wait_service_ready(state, 0)
         wait_until(lambda: len(worker_pids(proc.pid)) == 2, 20, "two workers")
-        # Four flushes, and half a buffer whose messages stay unacknowledged (on both workers).
+        # Four flushes, and most of a buffer whose messages stay unacknowledged (both workers).
         publish(0, n1)
         wait_until(partial(accepted_at_least, state, n1), 30, f"{n1} accepted")
         before, connections = worker_pids(proc.pid), worker_connections()
