@@ -30,7 +30,7 @@ def accepted(value: str) -> bool:
     return True
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(fed=ids, other=ids, device=ids)
 def test_built_topics_parse_back_exactly(fed: str, other: str, device: str) -> None:
     assert accepted(fed) and accepted(device)
@@ -55,7 +55,7 @@ def test_built_topics_parse_back_exactly(fed: str, other: str, device: str) -> N
     assert not topic_matches_sub(topics.status_filter(fed), update)
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(value=st.one_of(st.text(max_size=70), ids.map(lambda s: s + "\n")))
 @example("a" * 64)
 @example("a" * 65)
