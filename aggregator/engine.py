@@ -50,8 +50,8 @@ from aggregator.validate import (
     limits_for,
     open_update,
     scale_segments,
-    topic_device,
 )
+from fedmqtt import topics
 from fedmqtt.codecs import decode_params
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
@@ -68,7 +68,8 @@ PARALLEL_MIN_MEAN_BYTES = 32 * 1024
 # than it saves (bench/engine.py: +17 % CPU and +12 % wall time per update at d = 1e5, against
 # -26 % wall time for HMAC-SHA256).
 CHEAP_AUTH_ALGS: Final = frozenset({CHACHA20_POLY1305})
-_Opened = tuple[UpdateMeta, dict[str, Any]] | RejectedError | None
+# An opened update, its refusal, or the device of a presence message.
+_Opened = tuple[UpdateMeta, dict[str, Any]] | RejectedError | str
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +96,6 @@ class Snapshot:
     params: F32
     stats: dict[str, float]
     created_at: float
-
-
-def initial_state(cfg: AggregatorConfig) -> bytes:
-    """Version 0: the model initialised from ``[model]`` and its seed, nothing buffered."""
-    engine = Engine(cfg, Metrics(cfg.federation.id), keys=None)
-    return engine.snapshot().data
 
 
 class Engine:
@@ -216,8 +211,8 @@ class Engine:
         rejected: Counter[str] = Counter()
         received = nbytes = 0
         for (topic, payload), opened in zip(items, self._open_all(items), strict=True):
-            if opened is None:
-                self._status(topic, payload)
+            if isinstance(opened, str):
+                self._status(opened, payload)
                 needs.append(0)
                 continue
             received += 1
@@ -236,7 +231,9 @@ class Engine:
                 self.gate.check(norm)
             except RejectedError as e:
                 rejected[e.reason] += 1
-                self.reject_log(topic_device(topic, self.federation) or "?", e.reason, e.detail)
+                self.reject_log(
+                    topics.update_device(topic, self.federation) or "?", e.reason, e.detail
+                )
                 needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
                 continue
             needs.append(self.flushes + 1)
@@ -248,8 +245,9 @@ class Engine:
         return needs
 
     def _open(self, topic: str, payload: bytes) -> _Opened:
-        if "/status/" in topic:
-            return None
+        status_of = topics.status_device(topic, self.federation)
+        if status_of is not None:
+            return status_of
         try:
             return open_update(
                 topic,
@@ -299,7 +297,7 @@ class Engine:
         :data:`CHEAP_AUTH_ALGS` (unknown devices count as cheap: they are refused early)."""
         slow = 0
         for topic, payload in items:
-            device = topic_device(topic, self.federation)
+            device = topics.update_device(topic, self.federation)
             key = self.keys.get(device) if device is not None else None
             if key is not None and key.alg not in CHEAP_AUTH_ALGS:
                 slow += len(payload)
@@ -353,10 +351,6 @@ class Engine:
         )
         return needs
 
-    def process_status(self, items: Sequence[tuple[str, bytes]]) -> None:
-        for topic, payload in items:
-            self._status(topic, payload)
-
     def tick(self, now: float) -> bool:
         """Time-based aggregation (FedAvg's deadline); True if a version was made."""
         if len(self.strategy) and self.strategy.ready(now):
@@ -381,10 +375,7 @@ class Engine:
         uid = e.update_id if isinstance(e, ReplayError) else None
         return self.flushes + 1 if uid in self.strategy.pending_ids else self.flushes
 
-    def _status(self, topic: str, payload: bytes) -> None:
-        device = topic_device(topic, self.federation)
-        if device is None:
-            return
+    def _status(self, device: str, payload: bytes) -> None:
         try:
             self.presence.handle(device, payload)
         except RejectedError as e:

@@ -72,8 +72,6 @@ INBOX_HIGH_BYTES: Final = 8 << 20  # stop reading the socket while the inbox hol
 INBOX_LOW_BYTES: Final = 4 << 20  # ... until the consumer has taken it below this
 SUBSCRIBE_TIMEOUT_S: Final = 30.0
 
-if not hasattr(paho.Client, "manual_ack_set"):  # pragma: no cover - guarded by the pins
-    raise ImportError("paho-mqtt >= 2.0 is required (manual acknowledgements)")
 # The fast receive path replaces these paho internals; if a paho release renames them, the
 # service falls back to paho's own (slower) path instead of failing.
 FAST_RECEIVE: Final = all(

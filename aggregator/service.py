@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import fedmqtt
@@ -39,7 +40,7 @@ from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.devices import DeviceKeys
-from aggregator.engine import Engine, Snapshot, initial_state
+from aggregator.engine import Engine, Snapshot
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
@@ -61,24 +62,34 @@ def checkpoint_store(cfg: AggregatorConfig) -> CheckpointStore:
     return CheckpointStore(cfg.state_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep)
 
 
-def initialize(cfg: AggregatorConfig) -> int:
-    """Create the state directory and the version-0 checkpoint unless one exists.
+def open_state(cfg: AggregatorConfig, engine: Engine) -> Path:
+    """Bring ``engine`` to the newest checkpoint in the state directory, creating the directory
+    and the version-0 checkpoint (``engine``'s initial state) if there is none; returns the
+    checkpoint's path.
 
-    Idempotent; returns the current version. Raises ConfigError if the existing state belongs
-    to another federation or model (the message says how to proceed).
+    The one way the state is opened (``fl-aggregator init`` and the service). Raises
+    ConfigError if the state belongs to another federation or model (the message says how to
+    proceed) or no state file can be read.
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = checkpoint_store(cfg)
     try:
         loaded = store.load_latest()
         if loaded is not None:
-            Engine(cfg, Metrics(cfg.federation.id), keys=None).restore(loaded.state)
-            return loaded.version
+            engine.restore(loaded.state)
+            return loaded.path
     except CheckpointError as e:
         raise ConfigError(f"state directory {cfg.state_dir}: {e}") from None
-    store.write(0, initial_state(cfg))
+    path = store.write(engine.version, engine.snapshot().data)
     log.info("initialised %s with the version-0 model", cfg.state_dir)
-    return 0
+    return path
+
+
+def initialize(cfg: AggregatorConfig) -> int:
+    """``fl-aggregator init``: :func:`open_state` without a service; returns the version."""
+    engine = Engine(cfg, Metrics(cfg.federation.id), keys=None)
+    open_state(cfg, engine)
+    return engine.version
 
 
 def warn_if_unfillable(cfg: AggregatorConfig, keys: DeviceKeys) -> None:
@@ -184,7 +195,6 @@ class Aggregator:
         self._engine_x, self._io_x, self._pub_x, self._eval_x = engine_x, io_x, pub_x, eval_x
         prom = None
         try:
-            await loop.run_in_executor(io_x, initialize, cfg)
             self.signer = await loop.run_in_executor(
                 io_x, Ed25519Signer.load, cfg.security.signing_key
             )
@@ -192,10 +202,7 @@ class Aggregator:
             self.keys = DeviceKeys(cfg.security.devices_dir)
             self.engine = Engine(cfg, self.metrics, self.keys)
             await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
-            loaded = await loop.run_in_executor(io_x, self.store.load_latest)
-            if loaded is None:  # pragma: no cover - initialize() just wrote one
-                raise CheckpointError("no checkpoint after initialisation")
-            await loop.run_in_executor(engine_x, self.engine.restore, loaded.state)
+            path = await loop.run_in_executor(engine_x, open_state, cfg, self.engine)
             self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
             self._durable_flushes = self._engine_flushes = self._latest.flushes
             self._durable_version = self._engine_version = self._latest.version
@@ -211,7 +218,7 @@ class Aggregator:
                 "resuming federation %s at version %d from %s",
                 cfg.federation.id,
                 self._latest.version,
-                loaded.path,
+                path,
             )
             if cfg.metrics.prometheus_port:
                 prom = serve_prometheus(self.metrics, cfg.metrics.prometheus_port, cfg.metrics.bind)
@@ -658,9 +665,7 @@ class Aggregator:
 class AggregatorThread:
     """Run an :class:`Aggregator` in its own thread with its own event loop (simulator, tests)."""
 
-    def __init__(self, config: AggregatorConfig, *, init: bool = True) -> None:
-        if init:
-            initialize(config)
+    def __init__(self, config: AggregatorConfig) -> None:
         self.service = Aggregator(config)
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

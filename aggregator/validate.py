@@ -55,7 +55,7 @@ from fedmqtt.errors import (
     RejectedError,
 )
 from fedmqtt.params import F32, Layout
-from fedmqtt.topics import PREFIX
+from fedmqtt.topics import update_device
 
 # No honest delta of a float32 model comes near this; bounding every accepted row keeps sums of
 # a whole buffer far from float32 overflow even when no adaptive bound is configured.
@@ -75,19 +75,6 @@ class UpdateMeta:
     nbytes: int
 
 
-def topic_device(topic: str, federation: str) -> str | None:
-    """The device id of ``fl/<federation>/updates/<device>``, else None."""
-    parts = topic.split("/")
-    if (
-        len(parts) == 4
-        and parts[0] == PREFIX
-        and parts[1] == federation
-        and parts[2] in ("updates", "status")
-    ):
-        return parts[3]
-    return None
-
-
 def open_update(
     topic: str,
     payload: bytes,
@@ -100,7 +87,7 @@ def open_update(
     """Steps 1-6: authenticate and parse an update; returns its metadata and encoded delta."""
     if len(payload) > max_bytes:
         raise RejectedError(SIZE, f"update of {len(payload)} bytes exceeds {max_bytes}")
-    device = topic_device(topic, federation)
+    device = update_device(topic, federation)
     if device is None:
         raise RejectedError(SCHEMA, f"not an update topic: {topic[:80]!r}")
     env = wire.open_envelope(payload, max_bytes=max_bytes)

@@ -60,7 +60,6 @@ from aggregator.validate import (
     decode_delta,
     limits_for,
     open_update,
-    topic_device,
 )
 from fedmqtt import topics
 from fedmqtt.errors import RejectedError
@@ -199,14 +198,19 @@ class WorkerPool:
         return handles, items
 
     def ack(self, handles: Iterable[Any]) -> None:
-        """Tell each worker to PUBACK everything up to its highest released token."""
-        upto: dict[int, tuple[int, int]] = {}
+        """Tell each running worker to PUBACK everything up to its highest released token.
+
+        Tokens count from 1 in each incarnation of a worker, so only the released tokens of the
+        running incarnation say anything about what it holds; those of a process that is gone
+        are dropped (the broker redelivers its unacknowledged messages to the new one)."""
+        upto: dict[int, int] = {}
         for index, incarnation, token in handles:
-            upto[index] = (incarnation, max(token, upto.get(index, (0, -1))[1]))
-        for index, (incarnation, token) in upto.items():
+            if incarnation == self._workers[index].incarnation:
+                upto[index] = max(token, upto.get(index, token))
+        for index, token in upto.items():
             w = self._workers[index]
-            if w.incarnation != incarnation or not w.alive or w.conn is None:
-                continue  # that process is gone; the broker redelivers its messages
+            if not w.alive or w.conn is None:
+                continue
             with contextlib.suppress(OSError), w.send_lock:
                 w.conn.send_bytes(_pack({"ack": token}))
 
@@ -319,7 +323,7 @@ class _Runner:
         scratch: np.ndarray[Any, Any] | None = None  # decoded rows that are not sent
         for i, m in enumerate(batch):
             token = first + i
-            device = topic_device(m.topic, fed) or "?"
+            device = topics.update_device(m.topic, fed) or "?"
             encoded = row_bytes >= ENCODED_MIN_ROW_BYTES and 2 * len(m.payload) <= row_bytes
             try:
                 meta, delta = open_update(

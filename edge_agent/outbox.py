@@ -222,14 +222,6 @@ class Outbox:
         with self._lock:
             return len(self._in_flight)
 
-    def has_unsent(self, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            return any(
-                n not in self._in_flight and self._not_before.get(n, 0.0) <= now
-                for n in self._entries
-            )
-
     def next_retry_at(self) -> float | None:
         """Monotonic time of the earliest deferred retry, if any."""
         with self._lock:

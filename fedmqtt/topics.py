@@ -8,27 +8,34 @@ fl/<fed>/plan               aggregator -> devices, QoS 1, retained, signed
 fl/<fed>/status/<device>    device presence (online / last-will offline), retained
 fl/<fed>/metrics            aggregator metrics snapshot, retained
 ```
+
+Federation and device ids are single topic levels (:func:`check_id`); any valid id works,
+including the layout's own words (a federation named ``status`` or ``updates``). Topics are
+parsed here and only here (:func:`device_topic`), level by level.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from typing import Final
 
 from fedmqtt.errors import ConfigError
 
-PREFIX = "fl"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PREFIX: Final = "fl"
+UPDATES: Final = "updates"
+STATUS: Final = "status"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # The shared-subscription group scale-out workers use unless configured: public, so fit only
 # for a broker without accounts (development). Mosquitto 2.0 does not check a SUBSCRIBE against
 # its ACL file: any client that can log in may join a group whose name it knows and take a share
 # of the updates, which the broker then drops at the ACL check (docs/security.md, ACL).
-PUBLIC_SHARED_GROUP = "fedmqtt-aggregators"
+PUBLIC_SHARED_GROUP: Final = "fedmqtt-aggregators"
 
 
 def check_id(kind: str, value: str) -> str:
     """Return ``value`` if it is a safe topic level (no wildcards, slashes or '$'), else raise."""
-    if not _ID.match(value):
+    if _ID.fullmatch(value) is None:
         raise ConfigError(
             f"{kind} {value!r} is not valid: use 1-64 characters of letters, digits, '_', '.', '-',"
             " starting with a letter or digit"
@@ -37,11 +44,11 @@ def check_id(kind: str, value: str) -> str:
 
 
 def updates(fed: str, device: str) -> str:
-    return f"{PREFIX}/{fed}/updates/{device}"
+    return f"{PREFIX}/{fed}/{UPDATES}/{device}"
 
 
 def updates_filter(fed: str) -> str:
-    return f"{PREFIX}/{fed}/updates/+"
+    return f"{PREFIX}/{fed}/{UPDATES}/+"
 
 
 def new_shared_group() -> str:
@@ -68,20 +75,40 @@ def plan(fed: str) -> str:
 
 
 def status(fed: str, device: str) -> str:
-    return f"{PREFIX}/{fed}/status/{device}"
+    return f"{PREFIX}/{fed}/{STATUS}/{device}"
 
 
 def status_filter(fed: str) -> str:
-    return f"{PREFIX}/{fed}/status/+"
+    return f"{PREFIX}/{fed}/{STATUS}/+"
 
 
 def metrics(fed: str) -> str:
     return f"{PREFIX}/{fed}/metrics"
 
 
-def device_of(topic: str) -> str | None:
-    """The last level of an updates/status topic, or None if the topic is not one."""
+def device_topic(topic: str, fed: str) -> tuple[str, str] | None:
+    """``(kind, device)`` of ``fl/<fed>/updates/<device>`` (kind :data:`UPDATES`) or
+    ``fl/<fed>/status/<device>`` (:data:`STATUS`), else None: exactly four levels, federation
+    ``fed`` (a valid id, see :func:`check_id`) and a valid device id. The one topic parser."""
     parts = topic.split("/")
-    if len(parts) == 4 and parts[0] == PREFIX and parts[2] in ("updates", "status"):
-        return parts[3]
+    if (
+        len(parts) == 4
+        and parts[1] == fed
+        and parts[0] == PREFIX
+        and parts[2] in (UPDATES, STATUS)
+        and _ID.fullmatch(parts[3]) is not None
+    ):
+        return parts[2], parts[3]
     return None
+
+
+def update_device(topic: str, fed: str) -> str | None:
+    """The device of ``fl/<fed>/updates/<device>``, else None."""
+    t = device_topic(topic, fed)
+    return t[1] if t is not None and t[0] == UPDATES else None
+
+
+def status_device(topic: str, fed: str) -> str | None:
+    """The device of ``fl/<fed>/status/<device>``, else None."""
+    t = device_topic(topic, fed)
+    return t[1] if t is not None and t[0] == STATUS else None

@@ -16,8 +16,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -441,17 +440,3 @@ def _model_table(spec: ModelSpec, seed: int) -> dict[str, Any]:
     table = dict(spec.to_wire())
     table["seed"] = seed
     return table
-
-
-def iter_configs(base: SimConfig, **grid: list[Any]) -> Iterator[SimConfig]:
-    """Every combination of ``grid`` applied to ``base`` (for benchmark scripts)."""
-    keys = list(grid)
-
-    def rec(i: int, cur: SimConfig) -> Iterator[SimConfig]:
-        if i == len(keys):
-            yield cur
-            return
-        for v in grid[keys[i]]:
-            yield from rec(i + 1, replace(cur, **{keys[i]: v}))
-
-    yield from rec(0, base)

@@ -7,7 +7,10 @@ aggregator's, secrets only readable by their owner, revocation that leaves nothi
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -41,6 +44,26 @@ from fedmqtt.signing import (
     load_device_verifier,
     load_update_signer,
 )
+
+
+def check_password(encoded: str, password: str) -> bool:
+    """True if ``password`` matches a Mosquitto ``$7$`` hash (PBKDF2-HMAC-SHA512)."""
+    parts = encoded.split("$")
+    if len(parts) != 5 or parts[1] != "7":
+        return False
+    try:
+        iterations = int(parts[2])
+        salt = base64.b64decode(parts[3], validate=True)
+        expected = base64.b64decode(parts[4], validate=True)
+    except ValueError:
+        return False
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, len(expected))
+    return hmac.compare_digest(digest, expected)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
 
 AGG_TOML = """\
 [federation]
@@ -135,9 +158,9 @@ def env(tmp_path: Path) -> Env:
 def test_password_hash_is_mosquitto_format_and_verifies() -> None:
     h = passwd.hash_password("s3cret", salt=b"0123456789ab")
     assert h.startswith("$7$101$") and len(h.split("$")) == 5
-    assert passwd.check_password(h, "s3cret")
-    assert not passwd.check_password(h, "s3cret ")
-    assert not passwd.check_password("$6$x$y", "s3cret")
+    assert check_password(h, "s3cret")
+    assert not check_password(h, "s3cret ")
+    assert not check_password("$6$x$y", "s3cret")
     assert passwd.hash_password("s3cret") != passwd.hash_password("s3cret")  # random salt
 
 
@@ -147,8 +170,8 @@ def test_hashes_written_by_mosquitto_passwd_verify(tmp_path: Path) -> None:
     f.touch()
     subprocess.run(["mosquitto_passwd", "-b", str(f), "dev-1", "hunter2"], check=True)
     entries = passwd.read(f)
-    assert passwd.check_password(entries["dev-1"], "hunter2")
-    assert not passwd.check_password(entries["dev-1"], "hunter3")
+    assert check_password(entries["dev-1"], "hunter2")
+    assert not check_password(entries["dev-1"], "hunter3")
 
 
 def test_password_file_refuses_bad_usernames(tmp_path: Path) -> None:
@@ -349,7 +372,7 @@ def test_aggregator_setup_creates_keys_and_credentials(env: Env) -> None:
     assert mode(env.agg / "devices") == 0o700
     assert mode(env.agg / "broker.password") == 0o600
     pw = (env.agg / "broker.password").read_text().strip()
-    assert passwd.check_password(env.passwd()["aggregator"], pw)
+    assert check_password(env.passwd()["aggregator"], pw)
     assert (env.agg / "ca.crt").read_bytes() == (env.dir / "ca.crt").read_bytes()
     public = Ed25519Signer.load(key).verifier().public_hex()
     assert env.site().registry.aggregators[0].public_key == public
@@ -358,7 +381,7 @@ def test_aggregator_setup_creates_keys_and_credentials(env: Env) -> None:
     assert env.run("aggregator-setup", "--aggregator-config", str(env.agg / "aggregator.toml")) == 0
     assert Ed25519Signer.load(key).verifier().public_hex() == public
     pw2 = (env.agg / "broker.password").read_text().strip()
-    assert pw2 != pw and passwd.check_password(env.passwd()["aggregator"], pw2)
+    assert pw2 != pw and check_password(env.passwd()["aggregator"], pw2)
     assert len(env.site().registry.aggregators) == 1
 
 
@@ -532,7 +555,7 @@ def test_bundle_is_accepted_by_the_agent_and_matches_the_aggregator(env: Env, au
     # broker credentials: the password in the bundle matches the broker's hash
     assert cfg.broker.password_file is not None
     password = cfg.broker.password_file.read_text().splitlines()[0]
-    assert passwd.check_password(env.passwd()["dev-1"], password)
+    assert check_password(env.passwd()["dev-1"], password)
 
     # update authentication: what the device signs, the aggregator verifies
     signer = load_update_signer(cfg.security.update_auth, cfg.security.update_key)
@@ -550,9 +573,9 @@ def test_bundle_is_accepted_by_the_agent_and_matches_the_aggregator(env: Env, au
     wire.decode(wire.encode(model, agg_signer), wire.GlobalModel, pinned)
 
     # and the CA in the bundle is the one that signed the broker's certificate
-    broker_cert = pki.load_cert(env.broker / "broker.crt")
+    broker_cert = load_cert(env.broker / "broker.crt")
     assert cfg.broker.ca_file is not None
-    broker_cert.verify_directly_issued_by(pki.load_cert(cfg.broker.ca_file))
+    broker_cert.verify_directly_issued_by(load_cert(cfg.broker.ca_file))
 
 
 def test_default_bundle_targets_the_installed_layout(env: Env) -> None:
@@ -593,9 +616,9 @@ def test_certificate_identity_bundle(tmp_path: Path) -> None:
     cfg = load_config(out / "agent.toml")
     assert cfg.broker.username is None and cfg.broker.password_file is None
     assert cfg.broker.cert_file is not None and cfg.broker.key_file is not None
-    cert = pki.load_cert(cfg.broker.cert_file)
+    cert = load_cert(cfg.broker.cert_file)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-1"
-    cert.verify_directly_issued_by(pki.load_cert(e.dir / "ca.crt"))
+    cert.verify_directly_issued_by(load_cert(e.dir / "ca.crt"))
     assert mode(cfg.broker.key_file) == 0o600
     assert "dev-1" not in e.passwd()
     assert e.site().registry.devices["dev-1"].cert_serial == pki.serial_hex(cert)
@@ -654,13 +677,13 @@ def test_revoke_removes_credentials_key_and_access(
     assert "topic deny #" not in acl
     assert "\nuser dev-1\ntopic write fl/demo/updates/dev-1\n" in acl
     old = (env.tmp / "b1" / "broker.password").read_text().strip()
-    assert not passwd.check_password(env.passwd()["dev-1"], old)
+    assert not check_password(env.passwd()["dev-1"], old)
 
 
 def test_revoke_with_certificates_fills_the_crl(tmp_path: Path) -> None:
     e = Env(tmp_path, identity="certificate")
     assert e.run("enroll", "dev-1", "--out", str(tmp_path / "b")) == 0
-    serial = int(pki.load_cert(tmp_path / "b" / "client.crt").serial_number)
+    serial = int(load_cert(tmp_path / "b" / "client.crt").serial_number)
     assert e.run("revoke", "dev-1") == 0
     crl = x509.load_pem_x509_crl((e.broker / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(serial) is not None
@@ -685,11 +708,11 @@ def test_rotate_replaces_every_secret(tmp_path: Path, identity: str) -> None:
     if identity == "password":
         old_pw = (tmp_path / "old" / "broker.password").read_text().strip()
         new_pw = (tmp_path / "new" / "broker.password").read_text().strip()
-        assert not passwd.check_password(e.passwd()["dev-1"], old_pw)
-        assert passwd.check_password(e.passwd()["dev-1"], new_pw)
+        assert not check_password(e.passwd()["dev-1"], old_pw)
+        assert check_password(e.passwd()["dev-1"], new_pw)
     else:
-        old = pki.load_cert(tmp_path / "old" / "client.crt").serial_number
-        new = pki.load_cert(tmp_path / "new" / "client.crt").serial_number
+        old = load_cert(tmp_path / "old" / "client.crt").serial_number
+        new = load_cert(tmp_path / "new" / "client.crt").serial_number
         crl = x509.load_pem_x509_crl((e.broker / "crl.pem").read_bytes())
         assert crl.get_revoked_certificate_by_serial_number(old) is not None
         assert crl.get_revoked_certificate_by_serial_number(new) is None

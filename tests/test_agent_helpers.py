@@ -202,14 +202,15 @@ class FakeAggregator:
         client.subscribe([(topics.updates_filter(FED), 1), (topics.status_filter(FED), 1)])
 
     def _on_message(self, client: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
-        device = topics.device_of(msg.topic)
+        parsed = topics.device_topic(msg.topic, FED)
+        device = parsed[1] if parsed is not None else None
         key = self.device_keys.get(device or "")
         payload = bytes(msg.payload)
         with self._lock:
             if key is None:
                 self.invalid.append(payload)
                 return
-            if "/status/" in msg.topic:
+            if parsed is not None and parsed[0] == topics.STATUS:
                 if payload:
                     self.statuses[device or ""] = wire.decode(payload, wire.Status, key)
                 return

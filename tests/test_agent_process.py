@@ -27,7 +27,16 @@ from fedmqtt.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("sklearn", "onnx", "onnxruntime", "aiomqtt", "asyncio_mqtt", "http", "email")
+HEAVY = (
+    "sklearn",
+    "onnx",
+    "onnxruntime",
+    "aiomqtt",
+    "asyncio_mqtt",
+    "http",
+    "email",
+    "cryptography",
+)
 
 
 def _spawn(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -56,12 +56,17 @@ def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["status", "--config", str(tmp_path / "missing.toml")]) == 78
 
 
-def test_init_refuses_a_changed_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_and_run_refuse_a_changed_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = write_config(tmp_path)
     assert main(["init", "--config", str(cfg)]) == 0
     text = cfg.read_text().replace("n_features = 4", "n_features = 5")
     cfg.write_text(text)
     assert main(["init", "--config", str(cfg)]) == 78
+    assert "differs from the checkpointed model" in capsys.readouterr().err
+    # The service opens its state the same way, before it connects to any broker.
+    assert main(["run", "--config", str(cfg)]) == 78
     assert "differs from the checkpointed model" in capsys.readouterr().err
 
 

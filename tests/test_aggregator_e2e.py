@@ -472,6 +472,33 @@ def test_workers_share_the_stream_through_a_shared_subscription(
     assert snap["updates_received"] == 61 and snap["version"] == 12
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["single-process", "two-workers"])
+@pytest.mark.parametrize("fed_id", ["status", "updates"])
+def test_a_federation_named_like_a_topic_word_applies_updates(
+    broker: Mosquitto, tmp_path: Path, fed_id: str, workers: int
+) -> None:
+    """Any federation id the config accepts works, including the topic layout's own words:
+    the updates of federation ``status`` arrive on ``fl/status/updates/<device>``."""
+    fed = Federation(tmp_path, SMALL, devices=("dev0", "dev1"), federation=fed_id)
+    cfg = fed.config(broker.host, broker.port, scaleout={"workers": workers})
+    agg = AggregatorThread(cfg).start()
+    online = wire.encode(wire.Status(fed_id, "dev1", "online"), fed.keys["dev1"])
+    msgs = [(topics.status(fed_id, "dev1"), online)]
+    msgs += [
+        (topics.updates(fed_id, f"dev{i % 2}"), fed.update(f"dev{i % 2}", rand(i)))
+        for i in range(20)
+    ]
+    try:
+        publish_all(broker.port, msgs)
+        wait_until(lambda: agg.snapshot()["accepted"] == 20, 30, "20 accepted")
+        wait_until(lambda: agg.snapshot()["devices_online"] == 1, 10, "dev1 online")
+        snap = agg.snapshot()
+        assert snap["version"] == 20 // cfg.strategy.buffer_size and snap["rejected"] == {}
+    finally:
+        agg.stop()
+    assert agg.error is None
+
+
 # ------------------------------------------------------------------ the acknowledgement window
 def test_refused_messages_cannot_stall_a_partly_filled_buffer(
     broker: Mosquitto, tmp_path: Path

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from test_aggregator_support import FED, Federation, raw_tensor
+from test_topics import TOPIC_WORDS, ids
 
 from aggregator.checkpoint import decode_state
 from aggregator.engine import Engine, Verified
@@ -349,3 +352,40 @@ def test_large_int8_updates_left_unscaled_give_the_model_of_their_values(
     np.testing.assert_allclose(deferred.params, decoded.params, rtol=1e-5, atol=1e-7)
     deferred.close()
     decoded.close()
+
+
+@pytest.mark.parametrize("fed_id", TOPIC_WORDS)
+def test_a_federation_named_like_a_topic_word_routes_updates_and_presence(
+    tmp_path: Path, fed_id: str
+) -> None:
+    """Topics are parsed level by level: ``fl/status/updates/dev0`` is an update of federation
+    ``status``, ``fl/updates/status/dev0`` a presence message of federation ``updates``."""
+    routes_updates_and_presence(tmp_path, fed_id, "dev0")
+
+
+@settings(max_examples=25, deadline=None)
+@given(fed_id=ids, device=ids)
+def test_any_valid_federation_and_device_id_routes_updates_and_presence(
+    fed_id: str, device: str
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        routes_updates_and_presence(Path(d), fed_id, device)
+
+
+def routes_updates_and_presence(root: Path, fed_id: str, device: str) -> None:
+    f = Federation(root, SPEC, devices=(device,), federation=fed_id)
+    cfg = f.config("127.0.0.1", 1883, strategy={"buffer_size": 2})
+    e = Engine(cfg, Metrics(fed_id), keys=None)
+    online = wire.encode(wire.Status(fed_id, device, "online", 10.0), f.keys[device])
+    items = [(topics.updates(fed_id, device), f.update(device, small(i), seq=i)) for i in range(2)]
+    items.insert(1, (topics.status(fed_id, device), online))
+    assert e.process(items, 0.0) == [1, 0, 1]  # presence needs nothing durable
+    snap = e.metrics.snapshot()
+    assert snap["accepted"] == 2 and snap["rejected"] == {} and e.version == 1
+    assert snap["devices_online"] == 1 and e.metrics.status_rejected == 0
+    # Another federation's topics, or this one's with an extra level, are not its messages.
+    other = "other" if fed_id != "other" else "another"
+    e.process(
+        [(topics.updates(other, device), items[0][1]), (items[0][0] + "/x", items[0][1])], 0.0
+    )
+    assert e.metrics.snapshot()["rejected"] == {"schema": 2}

@@ -43,8 +43,10 @@ class Federation:
         devices: Iterable[str] = ("dev0",),
         *,
         signing_key: bool = True,
+        federation: str = FED,
     ) -> None:
         self.root = root
+        self.federation = federation
         self.spec = spec
         self.layout = spec.layout()
         self.signer = Ed25519Signer.generate()
@@ -65,7 +67,7 @@ class Federation:
     def raw_config(self, host: str, port: int, **tables: dict[str, Any]) -> dict[str, Any]:
         model: dict[str, Any] = dict(self.spec.to_wire())
         raw: dict[str, Any] = {
-            "federation": {"id": FED, "state_dir": "state"},
+            "federation": {"id": self.federation, "state_dir": "state"},
             "broker": {
                 "host": host,
                 "port": port,
@@ -103,7 +105,7 @@ class Federation:
     ) -> bytes:
         """An update whose delta map is given already encoded (e.g. hand-made hostile maps)."""
         u = wire.Update(
-            FED,
+            self.federation,
             device,
             update_id or uuid.uuid4().hex,
             0,
@@ -126,7 +128,7 @@ class Federation:
         seq: int = 0,
         key: Any = None,
         spec: ModelSpec | None = None,
-        federation: str = FED,
+        federation: str | None = None,
         sender: str | None = None,
     ) -> bytes:
         spec = spec or self.spec
@@ -135,7 +137,7 @@ class Federation:
             params, codecs.Codec.parse(codec), rng=np.random.default_rng(seq)
         )
         u = wire.Update(
-            federation,
+            federation or self.federation,
             sender or device,
             update_id or uuid.uuid4().hex,
             seq,

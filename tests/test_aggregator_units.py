@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -313,6 +314,37 @@ def test_ack_queue_releases_in_order() -> None:
     assert q.release(1) == []
     assert q.release(2) == ["b", "c", "d"]
     assert len(q) == 0
+
+
+def test_worker_pool_acks_each_incarnation_only_its_own_tokens(tmp_path: Path) -> None:
+    """Worker 0 was restarted (incarnation 2): a release holding its old incarnation's token 480
+    and the new one's token 5 must acknowledge up to 5 to the running process -- tokens restart
+    at 1 in each incarnation, so 480 would acknowledge messages not yet in a checkpoint."""
+    import msgpack
+
+    from aggregator.workers import WorkerPool
+
+    cfg = AggregatorConfig.from_dict(raw_config(scaleout={"workers": 2}), base_dir=tmp_path)
+    pool = WorkerPool(cfg)
+    ends = []
+    for w, incarnation in zip(pool._workers, (2, 1), strict=True):
+        parent, child = multiprocessing.Pipe()
+        w.incarnation, w.conn, w.alive = incarnation, parent, True
+        ends.append(child)
+
+    def sent(i: int) -> list[Any]:
+        out = []
+        while ends[i].poll(0):
+            out.append(msgpack.unpackb(ends[i].recv_bytes()))
+        return out
+
+    pool.ack([(0, 1, 480), (1, 1, 7), (0, 2, 5)])
+    assert sent(0) == [{"ack": 5}]
+    assert sent(1) == [{"ack": 7}]
+    pool.ack([(0, 2, 9), (0, 1, 481)])  # the old incarnation's tokens after the new one's
+    assert sent(0) == [{"ack": 9}]
+    pool.ack([(0, 1, 482)])  # only a process that no longer exists: nothing to send
+    assert sent(0) == []
 
 
 def test_backoff_is_jittered_and_bounded() -> None:

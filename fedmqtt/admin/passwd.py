@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import secrets
 from pathlib import Path
 from typing import Final
@@ -39,21 +38,6 @@ def hash_password(password: str, *, iterations: int = ITERATIONS, salt: bytes | 
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
     b64 = base64.b64encode
     return f"{_PREFIX}{iterations}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def check_password(encoded: str, password: str) -> bool:
-    """True if ``password`` matches a ``$7$`` hash (used by tests and ``fedmqtt-admin``)."""
-    parts = encoded.split("$")
-    if len(parts) != 5 or parts[1] != "7":
-        return False
-    try:
-        iterations = int(parts[2])
-        salt = base64.b64decode(parts[3], validate=True)
-        expected = base64.b64decode(parts[4], validate=True)
-    except ValueError:
-        return False
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, len(expected))
-    return hmac.compare_digest(digest, expected)
 
 
 def read(path: Path) -> dict[str, str]:

@@ -216,10 +216,3 @@ class CA:
                 .build()
             )
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def load_cert(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load certificate {path}: {e}") from None

@@ -15,7 +15,6 @@ from fedmqtt.aggregation.fedavg import fedavg_step, weighted_mean
 from fedmqtt.aggregation.fedbuff import REDUCERS, Reducer, ServerOptimizer, fedbuff_aggregate
 from fedmqtt.aggregation.robust import NormBound, clip_by_norm, coordinate_median, trimmed_mean
 from fedmqtt.aggregation.staleness import (
-    FEDBUFF_POLY_EXPONENT,
     ConstantStaleness,
     HingeStaleness,
     PolynomialStaleness,
@@ -27,7 +26,6 @@ from fedmqtt.aggregation.staleness import (
 )
 
 __all__ = [
-    "FEDBUFF_POLY_EXPONENT",
     "REDUCERS",
     "ConstantStaleness",
     "HingeStaleness",

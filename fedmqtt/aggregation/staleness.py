@@ -31,9 +31,6 @@ from typing import Protocol
 
 from fedmqtt.errors import ConfigError
 
-# Exponent of FedBuff's default discount 1 / sqrt(1 + tau).
-FEDBUFF_POLY_EXPONENT = 0.5
-
 
 class Staleness(Protocol):
     """A discount ``s(tau)`` in (0, 1] for an update ``tau`` versions old."""
