@@ -144,6 +144,10 @@ class EdgeAgent:
         self.rounds_completed = 0
         self.rounds_failed = 0
         self.rejected: collections.Counter[str] = collections.Counter()
+        # Payload bytes this device's MQTT client received, by kind of message (model, plan,
+        # onnx, ...), and bytes this agent wrote to its state directory (flash wear).
+        self.downloaded: collections.Counter[str] = collections.Counter()
+        self.bytes_written = 0
         self.model: wire.GlobalModel | None = None
         self.plan: wire.Plan | None = None
         self.onnx_version: int | None = None
@@ -187,7 +191,7 @@ class EdgeAgent:
                 status_topic=self.topic_status,
                 status_payload=self._status_payload,
                 subscriptions=self._subscriptions(),
-                on_message=self._inbox.put,
+                on_message=self._on_link_message,
                 password=self._password,
                 retry_s=self.config.outbox.retry_s,
                 retry_no_subscribers=self.config.outbox.retry_no_subscribers,
@@ -234,7 +238,7 @@ class EdgeAgent:
                 self.state.next_seq,
                 self.state.last_trained_version,
             )
-            self._store.save(self.state)
+            self.bytes_written += self._store.save(self.state)
         if len(self.outbox):
             self.log.info("outbox holds %d update(s) from a previous run", len(self.outbox))
         for name, handler in (
@@ -285,6 +289,25 @@ class EdgeAgent:
             self._inbox.wait(timeout)
 
     # ---- messages --------------------------------------------------------------------------
+    def _on_link_message(self, topic: str, payload: bytes) -> None:
+        """Runs on the MQTT thread: count what the client received, hand it to the inbox."""
+        self.downloaded[self._kind_of(topic)] += len(payload)
+        self._inbox.put(topic, payload)
+
+    def _kind_of(self, topic: str) -> str:
+        if topic == self.topic_model:
+            return "model"
+        if topic == self.topic_plan:
+            return "plan"
+        if topic == self.topic_onnx:
+            return "onnx"
+        return "other"
+
+    @property
+    def bytes_downloaded(self) -> int:
+        """Payload bytes of every message this device received (all kinds)."""
+        return sum(self.downloaded.values())
+
     def _drain_inbox(self) -> None:
         for topic, payload in self._inbox.take_all():
             if topic == self.topic_model:
@@ -393,6 +416,7 @@ class EdgeAgent:
         """Keep a verified message for restarts; a failed write costs only that."""
         try:
             atomic_write_bytes(self.state_dir / name, payload, mode=0o600)
+            self.bytes_written += len(payload)
         except OSError as e:
             self.log.error("cannot store %s in %s: %s", name, self.state_dir, e)
 
@@ -500,6 +524,7 @@ class EdgeAgent:
         except OSError as e:  # disk full, read-only file system: nothing was queued
             self._round_failed(FedMQTTError(f"cannot write the outbox: {e}"))
             return
+        self.bytes_written += len(payload)
         if feedback is not None and not hyper.uses_feedback:
             feedback = ErrorFeedback()  # the pending residual went out with this update
         self._feedback = feedback if feedback is not None else ErrorFeedback()
@@ -512,7 +537,7 @@ class EdgeAgent:
             s.updates_for_version = 1
         try:
             self._save_feedback(fp)
-            self._store.save(s)
+            self.bytes_written += self._store.save(s)
         except OSError as e:
             # The update is queued; at the next start the outbox restores seq and version.
             self.log.error("cannot save the agent state in %s: %s", self.state_dir, e)
@@ -562,7 +587,9 @@ class EdgeAgent:
     def _save_feedback(self, fingerprint: str) -> None:
         path = self.state_dir / st.FEEDBACK_FILE
         if self._feedback.residual:
-            atomic_write_bytes(path, self._feedback.to_bytes(), mode=0o600)
+            data = self._feedback.to_bytes()
+            atomic_write_bytes(path, data, mode=0o600)
+            self.bytes_written += len(data)
             self.state.feedback_spec = fingerprint
         elif path.exists():
             remove_durably(path)

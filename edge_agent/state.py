@@ -105,9 +105,11 @@ class StateStore:
                     setattr(state, f.name, float(value))
         return state
 
-    def save(self, state: AgentState) -> None:
+    def save(self, state: AgentState) -> int:
+        """Write ``state`` atomically; returns the bytes written."""
         data = json.dumps(asdict(state), indent=1, sort_keys=True).encode()
         atomic_write_bytes(self.path, data, mode=0o600)
+        return len(data)
 
 
 class StateDirLockedError(FedMQTTError):
