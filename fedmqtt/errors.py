@@ -24,6 +24,8 @@ SHAPE: Final = "shape"  # tensor names or shapes differ from the model spec
 STALE: Final = "stale"  # staleness above max_staleness
 FUTURE: Final = "future"  # base_version newer than the current global version
 NORM: Final = "norm"  # update norm above the accepted bound
+# Device side only (not an update rejection): a model that names a spec the device does not hold.
+UNKNOWN_SPEC: Final = "unknown_spec"
 
 REASONS: Final = (
     SIZE,

@@ -285,12 +285,15 @@ def test_acl_is_rendered_from_the_registry() -> None:
     assert "pattern write fl/alpha/updates/%u" in lines
     assert "pattern write fl/beta/status/%u" in lines
     assert "pattern read fl/beta/model/onnx" in lines
+    assert "pattern read fl/beta/spec" in lines and "pattern read fl/beta/announce" in lines
     # The aggregator blocks are scoped to their federation.
     i = lines.index("user agg-a")
-    assert lines[i + 1 : i + 7] == [
+    assert lines[i + 1 : i + 9] == [
         "topic read fl/alpha/updates/+",
         "topic read fl/alpha/status/+",
         "topic readwrite fl/alpha/model",
+        "topic readwrite fl/alpha/announce",
+        "topic readwrite fl/alpha/spec",
         "topic readwrite fl/alpha/model/onnx",
         "topic readwrite fl/alpha/plan",
         "topic readwrite fl/alpha/metrics",
@@ -394,7 +397,9 @@ def test_bundle_is_accepted_by_the_agent_and_matches_the_aggregator(env: Env, au
     agg_signer = Ed25519Signer.load(env.agg / "signing.key")
     pinned = Ed25519Verifier.load(cfg.security.aggregator_public_key)
     model = wire.GlobalModel("demo", "aggregator", 1, spec, init_params(spec, rng))
-    wire.decode(wire.encode(model, agg_signer), wire.GlobalModel, pinned)
+    wire.decode(
+        wire.encode(model, agg_signer), wire.GlobalModel, pinned, specs={spec.fingerprint(): spec}
+    )
 
     # and the CA in the bundle is the one that signed the broker's certificate
     broker_cert = pki.load_cert(env.broker / "broker.crt")
@@ -651,7 +656,10 @@ def test_packet_limit_fits_every_message_of_the_model(spec: ModelSpec) -> None:
         ),
         signer,
     )
-    for payload in (model, onnx, update):
+    spec_msg = wire.encode(
+        wire.SpecMessage("a-federation-name", "aggregator-worker-1", spec), signer
+    )
+    for payload in (model, spec_msg, onnx, update):
         assert len(payload) <= limit
     assert sizing.for_spec(spec) >= limit + sizing.PACKET_OVERHEAD
     assert sizing.for_spec(spec) % sizing.ROUND == 0

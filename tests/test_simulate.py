@@ -93,6 +93,23 @@ def test_summary_json_and_plot(tmp_path: Path) -> None:
         assert key in s
     assert s["time_to_target_s"] is not None and s["uploads_to_target"] > 0
     assert s["bytes_uploaded"] > 0
+    # Both directions are counted: the devices received at least the plan, the spec and one
+    # model each, and bytes to target add the two directions at the point the target was met.
+    per_device = s["bytes_downloaded_per_device"]
+    assert sorted(per_device) == [f"dev{i:04d}" for i in range(4)]
+    assert all(v > 0 for v in per_device.values())
+    assert (
+        s["bytes_downloaded"]
+        == sum(per_device.values())
+        == sum(s["bytes_downloaded_by_kind"].values())
+    )
+    assert {"model", "plan"} <= set(s["bytes_downloaded_by_kind"])
+    assert s["bytes_downloaded_to_target"] > 0
+    assert s["bytes_to_target"] == s["bytes_uploaded_to_target"] + s["bytes_downloaded_to_target"]
+    last = s["history"][-1]
+    assert 0 < last["bytes_downloaded"] <= s["bytes_downloaded"]
+    assert s["bytes_written_by_agents"] > 0
+    assert "down" in out.getvalue()  # the progress line shows the downlink
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "version" in out.getvalue()  # the progress display ran
 
