@@ -151,6 +151,10 @@ class Aggregator:
         self.client.publish(
             topics.model(FED), wire.encode(m, self.signer), qos=1, retain=True
         ).wait_for_publish(5)
+        ann = wire.Announce(FED, "agg", self.version, self.spec.fingerprint())
+        self.client.publish(
+            topics.announce(FED), wire.encode(ann, self.signer), qos=1, retain=True
+        ).wait_for_publish(5)
 
     def wait(self, n: int, timeout: float = 60) -> None:
         with self.cond:
@@ -217,7 +221,7 @@ def run_agent(
         finally:
             agg.close()
             # the aggregator's retained messages must not leak into the next measurement
-            for t in (topics.model(FED), topics.plan(FED), topics.spec(FED)):
+            for t in (topics.model(FED), topics.plan(FED), topics.spec(FED), topics.announce(FED)):
                 _clear_retained(broker, t)
         if agg.updates:
             result["train_cpu_s_median"] = float(
