@@ -29,6 +29,7 @@ from test_agent_helpers import (
     global_model,
     make_device,
     model_payload,
+    store_model,
     wait_until,
 )
 
@@ -483,22 +484,22 @@ def test_a_model_subscription_left_in_the_session_is_dropped(
     assert subscribed.wait(5)
     old.disconnect()
     old.loop_stop()
-    aggregator.publish_model(1)  # queued for the session
-    cfg = device.config(broker, training={"max_updates_per_version": 1})
-    agent = EdgeAgent(cfg)
+    # The device holds v1 already and may train once an hour: it never needs to fetch here.
+    aggregator.publish_plan(min_interval_s=3600.0)
+    aggregator.publish_model(1)  # also queued for the session
+    store_model(device.state_dir, 1, device.aggregator)
+    agent = EdgeAgent(device.config(broker))
     runner = AgentThread(agent)
     try:
-        aggregator.wait_updates(1)  # on v1, queued for the session or fetched
-        wait_until(lambda: agent._fetching_since is None)
-        before, fetches = agent.downloaded["model"], agent.fetches
-        # The device trains only on new versions. Stop it from being ready by giving it a
-        # long interval through the plan, then publish: nothing may arrive.
-        aggregator.publish_plan(revision=2, min_interval_s=3600.0)
-        wait_until(lambda: agent.plan is not None and agent.plan.revision == 2)
+        aggregator.wait_updates(1)  # its one round, on the stored v1
+        wait_until(lambda: agent.announced == 1)
+        before = agent.downloaded["model"]  # at most the v1 queued for the session
         for v in range(2, 12):
             aggregator.publish_model(v)
         wait_until(lambda: agent.announced == 11)
-        assert agent.downloaded["model"] == before
-        assert agent.fetches == fetches
+        aggregator.publish_plan(revision=2, min_interval_s=3600.0)  # a barrier: in order
+        wait_until(lambda: agent.plan is not None and agent.plan.revision == 2)
+        assert agent.downloaded["model"] == before <= _model_bytes(1, device)
+        assert agent.fetches == 0 and agent.current_version == 1
     finally:
         runner.stop()
