@@ -81,6 +81,9 @@ _INBOX_MAX: Final = 64
 _FETCH_TIMEOUT_S: Final = 15.0  # a fetch that brought no model by then is given up
 _FETCH_RETRY_S: Final = 5.0  # first wait after a fetch that brought nothing newer ...
 _FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer announcement
+# Announcements (and the ONNX export) are received at QoS 0, which nothing retransmits: asking
+# for the retained announcement again this often bounds how long a lost one goes unnoticed.
+_ANNOUNCE_REFRESH_S: Final = 600.0
 
 
 class _Inbox:
@@ -187,6 +190,7 @@ class EdgeAgent:
         self._inbox = _Inbox()
         self._retry_at = 0.0  # monotonic
         self._last_status = 0.0
+        self._last_refresh = time.monotonic()
         self._next_watchdog = 0.0
 
     # ---- counters --------------------------------------------------------------------------
@@ -289,12 +293,13 @@ class EdgeAgent:
     def _subscriptions(self) -> list[tuple[str, int]]:
         # The plan and the spec first: on (re)subscribe the broker sends retained messages in
         # this order, so a device knows the hyperparameters and the spec before it fetches a
-        # model. Announcements at QoS 0: the broker queues none for a device that is away (it
-        # gets the retained, newest one when it subscribes again on reconnecting). The model
-        # itself is not subscribed to: it is fetched when the device is ready to train on it.
+        # model. Announcements and ONNX exports at QoS 0: the broker queues none for a device
+        # that is away (it gets the retained, newest one when it subscribes again on
+        # reconnecting). The model itself is not subscribed to: it is fetched when the device
+        # is ready to train on it.
         subs = [(self.topic_plan, 1), (self.topic_spec, 1), (self.topic_announce, 0)]
         if self.config.inference.onnx:
-            subs.append((self.topic_onnx, 1))
+            subs.append((self.topic_onnx, 0))
         return subs
 
     def _ping_watchdog(self) -> None:
@@ -317,6 +322,9 @@ class EdgeAgent:
             if wait == 0.0:
                 self._round(stop)
                 continue
+            if now - self._last_refresh >= _ANNOUNCE_REFRESH_S and self.link is not None:
+                self._last_refresh = now
+                self.link.refresh(self.topic_announce)
             if now - self._last_status >= _STATUS_EVERY_S:
                 self._update_status()
             timeout = _TICK_S if wait is None else min(wait, _TICK_S)

@@ -34,7 +34,14 @@ from test_agent_helpers import (
 )
 
 from edge_agent.agent import EdgeAgent
-from edge_agent.state import FEEDBACK_FILE, GLOBAL_MODEL_FILE, spec_file, spec_files, stored_specs
+from edge_agent.state import (
+    FEEDBACK_FILE,
+    GLOBAL_MODEL_FILE,
+    ONNX_MODEL_FILE,
+    spec_file,
+    spec_files,
+    stored_specs,
+)
 from fedmqtt import topics, wire
 from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import decode_params
@@ -503,3 +510,27 @@ def test_a_model_subscription_left_in_the_session_is_dropped(
         assert agent.fetches == 0 and agent.current_version == 1
     finally:
         runner.stop()
+
+
+@pytest.mark.parametrize("predicts", [True, False])
+def test_only_a_predicting_device_receives_the_onnx_export(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator, predicts: bool
+) -> None:
+    export = wire.encode(wire.OnnxModel(FED, "aggregator", 1, b"ONNX" * 500), device.aggregator)
+    aggregator.publish(topics.model_onnx(FED), export)
+    aggregator.publish_model(1)
+    agent = EdgeAgent(device.config(broker, inference={"onnx": predicts}))
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+        aggregator.publish_plan(revision=1)  # a barrier: delivered after anything sent before
+        wait_until(lambda: agent.plan is not None)
+    finally:
+        runner.stop()
+    stored = device.state_dir / ONNX_MODEL_FILE
+    if predicts:
+        assert agent.onnx_version == 1 and stored.read_bytes() == export
+        assert agent.downloaded["onnx"] == len(export)
+    else:
+        assert agent.onnx_version is None and not stored.exists()
+        assert agent.downloaded["onnx"] == 0
