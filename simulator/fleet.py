@@ -76,13 +76,14 @@ class DeviceCounts:
 
     ``delivered``: updates the broker acknowledged; ``downloaded``: payload bytes the device's
     MQTT client received, by kind of message; ``written``: bytes written to its state
-    directory; ``rounds``: training rounds completed.
+    directory; ``rounds``: training rounds completed; ``fetches``: model fetches started.
     """
 
     delivered: int = 0
     downloaded: dict[str, int] = field(default_factory=dict)
     written: int = 0
     rounds: int = 0
+    fetches: int = 0
 
     @property
     def bytes_downloaded(self) -> int:
@@ -97,6 +98,7 @@ class DeviceCounts:
             down,
             self.written + other.written,
             self.rounds + other.rounds,
+            self.fetches + other.fetches,
         )
 
 
@@ -104,7 +106,11 @@ def _counts_of(agent: Any) -> DeviceCounts:
     if agent is None:
         return DeviceCounts()
     return DeviceCounts(
-        agent.updates_sent, dict(agent.downloaded), agent.bytes_written, agent.rounds_completed
+        agent.updates_sent,
+        dict(agent.downloaded),
+        agent.bytes_written,
+        agent.rounds_completed,
+        agent.fetches,
     )
 
 

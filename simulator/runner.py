@@ -332,6 +332,11 @@ class _Simulation:
             final, progress, central, reached=reached, devices=devices, error=error
         )
         summary.update(_traffic(counts, time.monotonic() - t0))
+        accepted = max(summary["updates_accepted"], 1)
+        summary["bytes_per_accepted_update"] = {
+            "uploaded": round(summary["bytes_uploaded"] / accepted),
+            "downloaded": round(summary["bytes_downloaded"] / accepted),
+        }
         summary["updates_delivered_by_agents"] = delivered
         summary["setup_s"] = round(t0 - t_setup, 1)
         summary["agents_connected_at_end"] = agents.connected_at_stop
@@ -411,6 +416,7 @@ def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str,
         "bytes_downloaded_by_kind": dict(sorted(by_kind.items())),
         "bytes_downloaded_per_device": {d: c.bytes_downloaded for d, c in sorted(counts.items())},
         "rounds_by_agents": sum(c.rounds for c in counts.values()),
+        "model_fetches_by_agents": sum(c.fetches for c in counts.values()),
         "bytes_written_by_agents": sum(c.written for c in counts.values()),
         "bytes_written_per_device_hour": round(sum(c.written for c in counts.values()) / n / hours),
     }

@@ -16,9 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from simulator.runner import SimConfig, run_simulation
+from fedmqtt import wire
+from fedmqtt.models import init_params
+from fedmqtt.signing import Ed25519Signer
+from simulator.runner import SimConfig, federation_data, run_simulation
 
 # The seed also fixes the digits train/test split. The goals assume a split whose
 # centralized reference is ~0.965-0.97; seed 0's is 0.967 (seed 2's, for comparison, is 0.953,
@@ -109,6 +113,29 @@ def test_summary_json_and_plot(tmp_path: Path) -> None:
     last = s["history"][-1]
     assert 0 < last["bytes_downloaded"] <= s["bytes_downloaded"]
     assert s["bytes_written_by_agents"] > 0
+    # a model is fetched for a round, not pushed for every version
+    assert 0 < s["model_fetches_by_agents"] <= s["rounds_by_agents"] + 4
+    spec = federation_data(cfg).spec
+    params = init_params(spec, np.random.default_rng(0))
+    one_model = len(
+        wire.encode(
+            wire.GlobalModel(
+                "sim",
+                "aggregator",
+                10**6,
+                spec,
+                params,
+                stats={"updates": 1.0, "samples": 1.0, "staleness_mean": 1.0, "staleness_max": 1.0},
+            ),
+            Ed25519Signer.generate(),
+        )
+    )
+    models = s["bytes_downloaded_by_kind"]["model"] / one_model
+    # A version published while a fetch's subscription is open also arrives (until the
+    # unsubscribe reaches the broker): a margin for that, far below one model per version.
+    assert models <= 1.5 * (s["model_fetches_by_agents"] + 4)
+    assert models < 0.75 * 4 * s["versions"]  # pushed, each device would get every version
+    assert s["bytes_per_accepted_update"]["downloaded"] > 0
     assert "down" in out.getvalue()  # the progress line shows the downlink
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "version" in out.getvalue()  # the progress display ran
