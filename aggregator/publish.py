@@ -1,10 +1,14 @@
-"""The signed messages the aggregator publishes: global model, training plan, ONNX export.
+"""The signed messages the aggregator publishes: model, announcement, spec, plan, ONNX.
 
-All three are retained at QoS 1 and signed with the aggregator's Ed25519 key, which every device
-pins: a device that wakes up gets the current model and plan at once and can check they come
-from us. The plan carries a *revision* that devices use to ignore an older plan; it is bumped
-whenever ``[plan]`` changes between runs (``plan.json`` in the state directory remembers the
-last revision and a digest of the plan it described).
+All are retained at QoS 1 and signed with the aggregator's Ed25519 key, which every device
+pins: a device that wakes up gets the current announcement, spec and plan at once and can check
+they come from us. Devices do not subscribe to the model: each version is published (retained)
+first and announced after, and a device fetches the retained model when it is ready to train
+(docs/agent.md, Downlink). The spec is published before any model naming its fingerprint.
+
+The plan carries a *revision* that devices use to ignore an older plan; it is bumped whenever
+``[plan]`` changes between runs (``plan.json`` in the state directory remembers the last
+revision and a digest of the plan it described).
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> byte
         created_at=snap.created_at,
     )
     return wire.encode(msg, signer)
+
+
+def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
+    """The announcement of a published version: devices fetch the model when ready."""
+    msg = wire.Announce(
+        cfg.federation.id, SENDER, snap.version, cfg.spec.fingerprint(), snap.created_at
+    )
+    return wire.encode(msg, signer)
+
+
+def spec_payload(cfg: AggregatorConfig, signer: Signer) -> bytes:
+    """The model spec that every model message names by fingerprint."""
+    return wire.encode(wire.SpecMessage(cfg.federation.id, SENDER, cfg.spec), signer)
 
 
 def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:

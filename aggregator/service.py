@@ -45,7 +45,14 @@ from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import Incoming, MqttLink
-from aggregator.publish import model_payload, onnx_payload, plan_payload, plan_revision
+from aggregator.publish import (
+    announce_payload,
+    model_payload,
+    onnx_payload,
+    plan_payload,
+    plan_revision,
+    spec_payload,
+)
 from aggregator.statusfile import write_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
@@ -524,6 +531,11 @@ class Aggregator:
                 continue
             republish, self._republish = self._republish, False
             if republish:
+                # The spec before any model that names it (models carry only its fingerprint).
+                spec = await loop.run_in_executor(self._pub_x, spec_payload, cfg, self.signer)
+                if not await link.publish(topics.spec(fed), spec, retain=True):
+                    self._republish = True
+                    continue
                 plan = await loop.run_in_executor(
                     self._pub_x, plan_payload, cfg, self.signer, self.plan_revision
                 )
@@ -533,7 +545,14 @@ class Aggregator:
                 payload = await loop.run_in_executor(
                     self._pub_x, model_payload, cfg, self.signer, snap
                 )
-                if await link.publish(topics.model(fed), payload, retain=True):
+                published = await link.publish(topics.model(fed), payload, retain=True)
+                if published:
+                    # After the model: a device that reads the announcement finds it retained.
+                    ann = await loop.run_in_executor(
+                        self._pub_x, announce_payload, cfg, self.signer, snap
+                    )
+                    published = await link.publish(topics.announce(fed), ann, retain=True)
+                if published:
                     if snap.version > self._published_version:
                         self._evaluate_soon(snap)
                     self._published_version = max(self._published_version, snap.version)

@@ -134,6 +134,9 @@ class Aggregator:
         self.client.publish(
             topics.plan(FED), wire.encode(plan, signer), qos=1, retain=True
         ).wait_for_publish(5)
+        self.client.publish(
+            topics.spec(FED), wire.encode(wire.SpecMessage(FED, "agg", spec), signer), 1, True
+        ).wait_for_publish(5)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         u = wire.decode(bytes(msg.payload), wire.Update, self.key)
@@ -147,6 +150,10 @@ class Aggregator:
         m = wire.GlobalModel(FED, "agg", self.version, self.spec, self.layout.unflatten(self.flat))
         self.client.publish(
             topics.model(FED), wire.encode(m, self.signer), qos=1, retain=True
+        ).wait_for_publish(5)
+        ann = wire.Announce(FED, "agg", self.version, self.spec.fingerprint())
+        self.client.publish(
+            topics.announce(FED), wire.encode(ann, self.signer), qos=1, retain=True
         ).wait_for_publish(5)
 
     def wait(self, n: int, timeout: float = 60) -> None:
@@ -214,7 +221,7 @@ def run_agent(
         finally:
             agg.close()
             # the aggregator's retained messages must not leak into the next measurement
-            for t in (topics.model(FED), topics.plan(FED)):
+            for t in (topics.model(FED), topics.plan(FED), topics.spec(FED), topics.announce(FED)):
                 _clear_retained(broker, t)
         if agg.updates:
             result["train_cpu_s_median"] = float(

@@ -1,4 +1,4 @@
-"""EdgeAgent: receive the global model, train on local data, send a signed update; repeat.
+"""EdgeAgent: fetch the global model when ready, train on local data, send a signed update.
 
 One agent is two threads: the caller's thread runs :meth:`EdgeAgent.run` (decisions and
 training, with the training itself in a short-lived worker so a stop request is never stuck
@@ -19,10 +19,19 @@ in one process (the simulator does), each with its own state directory.
 5. A failed round (no data yet, a shape mismatch, divergence) is retried after
    ``[training] retry_s``.
 
+**Fetch on ready** (docs/agent.md, *Downlink*): the agent stays subscribed to the plan, the
+model spec and the version announcements, not to the model. When a version newer than its
+model is announced and a round could start now (rule 4 and 5), it fetches the retained model
+(subscribe, take one message, unsubscribe) and trains on it; a device that is offline or
+throttled downloads no model. A model names its spec by fingerprint; the agent keeps the
+verified specs (``spec-<fp>.bin``) and refuses a model whose spec it does not hold
+(``unknown_spec``) until that spec has arrived.
+
 **What a model must pass** before it is used: the aggregator's Ed25519 signature (pinned key),
 the wire schema, our federation, and a version not older than the current one (an old signed
-model replayed on the retained topic is refused, not rolled back to). Anything else is ignored
-with a log line, counted in :attr:`EdgeAgent.rejected` by reason, and the previous model stays.
+model replayed on the retained topic is refused, not rolled back to). Announcements pass the
+same checks (a forged or older one changes nothing). Anything else is ignored with a log line,
+counted in :attr:`EdgeAgent.rejected` by reason, and the previous model stays.
 
 **Simulation hooks** (used by the simulator to emulate attacks and slow devices; a real device
 leaves them ``None``): ``data_transform(X, y) -> (X, y)`` is applied to the loaded data before
@@ -32,6 +41,7 @@ training, ``delta_transform(delta) -> delta`` to the parameter delta before it i
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -55,8 +65,9 @@ from edge_agent.trainer import (
 )
 from fedmqtt import topics, wire
 from fedmqtt.codecs import ErrorFeedback
-from fedmqtt.errors import FEDERATION, DecodeError, FedMQTTError
+from fedmqtt.errors import FEDERATION, UNKNOWN_SPEC, DecodeError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes, clean_temp_files, remove_durably
+from fedmqtt.models.spec import ModelSpec
 from fedmqtt.rand import LightRandom, RandomSource, seed_of
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Verifier, Signer, Verifier, load_update_signer
@@ -67,6 +78,12 @@ OLD_VERSION: Final = "old_version"  # rejection reason: older than the model we 
 _TICK_S: Final = 0.5  # how often run() looks at the stop event when idle
 _STATUS_EVERY_S: Final = 30.0
 _INBOX_MAX: Final = 64
+_FETCH_TIMEOUT_S: Final = 15.0  # a fetch that brought no model by then is given up
+_FETCH_RETRY_S: Final = 5.0  # first wait after a fetch that brought nothing newer ...
+_FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer announcement
+# Announcements (and the ONNX export) are received at QoS 0, which nothing retransmits: asking
+# for the retained announcement again this often bounds how long a lost one goes unnoticed.
+_ANNOUNCE_REFRESH_S: Final = 600.0
 
 
 class _Inbox:
@@ -138,13 +155,31 @@ class EdgeAgent:
         self.topic_model = topics.model(fed)
         self.topic_plan = topics.plan(fed)
         self.topic_onnx = topics.model_onnx(fed)
+        self.topic_spec = topics.spec(fed)
+        self.topic_announce = topics.announce(fed)
         self.topic_updates = topics.updates(fed, self.device_id)
         self.topic_status = topics.status(fed, self.device_id)
 
         self.rounds_completed = 0
         self.rounds_failed = 0
         self.rejected: collections.Counter[str] = collections.Counter()
+        # Payload bytes this device's MQTT client received, by kind of message (model, plan,
+        # onnx, ...), and bytes this agent wrote to its state directory (flash wear).
+        self.downloaded: collections.Counter[str] = collections.Counter()
+        self.bytes_written = 0
         self.model: wire.GlobalModel | None = None
+        # Verified model specs by fingerprint (a model names its spec by fingerprint): the
+        # stored model's and the newest published one.
+        self.specs: dict[str, ModelSpec] = {}
+        self._newest_spec: str | None = None
+        self._unresolved: bytes | None = None  # a signed model whose spec had not arrived yet
+        # Fetch on ready: the newest version announced, and the fetch of the retained model.
+        self.announced: int | None = None
+        self.fetches = 0
+        self._fetching_since: float | None = None  # monotonic
+        self._fetch_not_before = 0.0  # monotonic
+        self._fetch_backoff = _FETCH_RETRY_S
+        self._fetched_untrained = False  # the model came from the broker and has no round yet
         self.plan: wire.Plan | None = None
         self.onnx_version: int | None = None
         self.state = st.AgentState()
@@ -155,6 +190,7 @@ class EdgeAgent:
         self._inbox = _Inbox()
         self._retry_at = 0.0  # monotonic
         self._last_status = 0.0
+        self._last_refresh = time.monotonic()
         self._next_watchdog = 0.0
 
     # ---- counters --------------------------------------------------------------------------
@@ -187,7 +223,8 @@ class EdgeAgent:
                 status_topic=self.topic_status,
                 status_payload=self._status_payload,
                 subscriptions=self._subscriptions(),
-                on_message=self._inbox.put,
+                on_demand=[self.topic_model],
+                on_message=self._on_link_message,
                 password=self._password,
                 retry_s=self.config.outbox.retry_s,
                 retry_no_subscribers=self.config.outbox.retry_no_subscribers,
@@ -234,9 +271,12 @@ class EdgeAgent:
                 self.state.next_seq,
                 self.state.last_trained_version,
             )
-            self._store.save(self.state)
+            self.bytes_written += self._store.save(self.state)
         if len(self.outbox):
             self.log.info("outbox holds %d update(s) from a previous run", len(self.outbox))
+        for path in st.spec_files(self.state_dir):  # before the model, which names its spec
+            with contextlib.suppress(OSError):
+                self._accept_spec(path.read_bytes(), from_disk=True)
         for name, handler in (
             (st.PLAN_FILE, self._accept_plan),
             (st.GLOBAL_MODEL_FILE, self._accept_model),
@@ -250,12 +290,16 @@ class EdgeAgent:
             handler(payload, from_disk=True)
         self._load_feedback()
 
-    def _subscriptions(self) -> list[str]:
-        # The plan first: on (re)subscribe the broker sends retained messages in this order,
-        # so a device learns the hyperparameters before the model that triggers a round.
-        subs = [self.topic_plan, self.topic_model]
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        # The plan and the spec first: on (re)subscribe the broker sends retained messages in
+        # this order, so a device knows the hyperparameters and the spec before it fetches a
+        # model. Announcements and ONNX exports at QoS 0: the broker queues none for a device
+        # that is away (it gets the retained, newest one when it subscribes again on
+        # reconnecting). The model itself is not subscribed to: it is fetched when the device
+        # is ready to train on it.
+        subs = [(self.topic_plan, 1), (self.topic_spec, 1), (self.topic_announce, 0)]
         if self.config.inference.onnx:
-            subs.append(self.topic_onnx)
+            subs.append((self.topic_onnx, 0))
         return subs
 
     def _ping_watchdog(self) -> None:
@@ -273,10 +317,14 @@ class EdgeAgent:
             now = time.monotonic()
             self._ping_watchdog()
             self._drain_inbox()
+            self._fetch_if_ready()
             wait = self._round_wait()
             if wait == 0.0:
                 self._round(stop)
                 continue
+            if now - self._last_refresh >= _ANNOUNCE_REFRESH_S and self.link is not None:
+                self._last_refresh = now
+                self.link.refresh(self.topic_announce)
             if now - self._last_status >= _STATUS_EVERY_S:
                 self._update_status()
             timeout = _TICK_S if wait is None else min(wait, _TICK_S)
@@ -285,14 +333,42 @@ class EdgeAgent:
             self._inbox.wait(timeout)
 
     # ---- messages --------------------------------------------------------------------------
+    def _on_link_message(self, topic: str, payload: bytes) -> None:
+        """Runs on the MQTT thread: count what the client received, hand it to the inbox."""
+        self.downloaded[self._kind_of(topic)] += len(payload)
+        self._inbox.put(topic, payload)
+
+    def _kind_of(self, topic: str) -> str:
+        if topic == self.topic_model:
+            return "model"
+        if topic == self.topic_plan:
+            return "plan"
+        if topic == self.topic_onnx:
+            return "onnx"
+        if topic == self.topic_spec:
+            return "spec"
+        if topic == self.topic_announce:
+            return "announce"
+        return "other"
+
+    @property
+    def bytes_downloaded(self) -> int:
+        """Payload bytes of every message this device received (all kinds)."""
+        return sum(self.downloaded.values())
+
     def _drain_inbox(self) -> None:
         for topic, payload in self._inbox.take_all():
             if topic == self.topic_model:
                 self._accept_model(payload)
+                self._fetch_done()
+            elif topic == self.topic_announce:
+                self._accept_announce(payload)
             elif topic == self.topic_plan:
                 self._accept_plan(payload)
             elif topic == self.topic_onnx:
                 self._accept_onnx(payload)
+            elif topic == self.topic_spec:
+                self._accept_spec(payload)
             else:
                 self.log.debug("ignoring message on %s", topic)
         if self._inbox.dropped:
@@ -303,8 +379,14 @@ class EdgeAgent:
         """Verify and parse, or count and log the rejection and return None."""
         where = "state directory" if from_disk else "broker"
         try:
-            msg = wire.decode(payload, cls, self._verifier)
+            msg = wire.decode(payload, cls, self._verifier, specs=self.specs)
         except DecodeError as e:
+            if e.reason == UNKNOWN_SPEC and not from_disk:
+                # Signed by the aggregator, so the spec exists: ask the broker for it again and
+                # try this model once it has arrived.
+                self._unresolved = payload
+                if self.link is not None:
+                    self.link.refresh(self.topic_spec)
             return self._reject(kind, e.reason, f"{e.detail} (from the {where})")
         if msg.federation != self.federation:
             return self._reject(kind, FEDERATION, f"for federation {msg.federation!r}")
@@ -330,8 +412,10 @@ class EdgeAgent:
             self.log.info("model architecture changed with v%d", msg.version)
         self.model = msg
         self._retry_at = 0.0  # a new version deserves a round now, even after a failure
+        self._fetched_untrained = not from_disk
         if not from_disk:
             self._store_payload(st.GLOBAL_MODEL_FILE, payload)
+            self._prune_specs()
         if self.log.isEnabledFor(logging.INFO):  # the parameter count costs a layout
             self.log.info(
                 "global model v%d accepted (%s, %d parameters)%s",
@@ -341,6 +425,94 @@ class EdgeAgent:
                 " from the state directory" if from_disk else "",
             )
         self._update_status()
+
+    def _accept_announce(self, payload: bytes) -> None:
+        msg: wire.Announce | None = self._verified("announce", payload, wire.Announce, False)
+        if msg is None:
+            return
+        known = max(
+            self.announced if self.announced is not None else -1, self.current_version or -1
+        )
+        if msg.version < known:
+            self._reject("announce", OLD_VERSION, f"v{msg.version} is older than v{known}")
+            return
+        if self.announced is None or msg.version > self.announced:
+            self.announced = msg.version
+            # A newer version: the retained model has changed, so an earlier fetch that brought
+            # nothing newer says nothing about the next one.
+            self._fetch_not_before = 0.0
+            self._fetch_backoff = _FETCH_RETRY_S
+            self.log.debug("version %d announced", msg.version)
+
+    # ---- fetch on ready --------------------------------------------------------------------
+    def _fetch_wanted(self) -> bool:
+        """Whether to fetch the retained model now: a newer version is announced (or there is
+        no model at all) and a round could start now, i.e. the device is ready to train."""
+        if self.link is None or not self.link.connected:
+            return False
+        if time.monotonic() < self._fetch_not_before:
+            return False
+        current = self.current_version
+        if self.announced is None or (current is not None and self.announced <= current):
+            return current is None  # a device without a model asks, announced or not
+        if self._fetched_untrained:
+            return False  # train on the model just fetched rather than chase newer versions
+        return self._due_in() == 0.0
+
+    def _fetch_if_ready(self) -> None:
+        link = self.link
+        if self._fetching_since is not None:
+            timed_out = time.monotonic() - self._fetching_since > _FETCH_TIMEOUT_S
+            if timed_out or link is None or not link.connected:
+                self.log.info("model fetch %s", "timed out" if timed_out else "cut short")
+                self._fetch_done()
+            return
+        if link is not None and self._fetch_wanted():
+            self._fetching_since = time.monotonic()
+            self.fetches += 1
+            link.fetch(self.topic_model)
+
+    def _fetch_done(self) -> None:
+        """The fetch ended (a model arrived, or it timed out): unsubscribe; if it brought
+        nothing as new as announced, wait before asking again (doubling the wait)."""
+        if self._fetching_since is None:
+            return
+        self._fetching_since = None
+        if self.link is not None:
+            self.link.release(self.topic_model)
+        current = self.current_version
+        if current is None or (self.announced is not None and current < self.announced):
+            self._fetch_not_before = time.monotonic() + self._fetch_backoff
+            self._fetch_backoff = min(self._fetch_backoff * 2, _FETCH_RETRY_MAX_S)
+        else:
+            self._fetch_backoff = _FETCH_RETRY_S
+
+    def _accept_spec(self, payload: bytes, *, from_disk: bool = False) -> None:
+        msg: wire.SpecMessage | None = self._verified("spec", payload, wire.SpecMessage, from_disk)
+        if msg is None:
+            return
+        fp = msg.fingerprint
+        self._newest_spec = fp
+        if fp not in self.specs:
+            self.specs[fp] = msg.spec
+            if not from_disk:
+                self._store_payload(st.spec_file(fp), payload)
+                self.log.info("model spec %s accepted (%s)", fp, msg.spec.kind)
+        if self._unresolved is not None and not from_disk:
+            pending, self._unresolved = self._unresolved, None
+            self._accept_model(pending)
+
+    def _prune_specs(self) -> None:
+        """Keep only the specs of the current model and the newest published one."""
+        keep = {self._newest_spec, self.model.spec.fingerprint() if self.model else None}
+        for fp in [fp for fp in self.specs if fp not in keep]:
+            del self.specs[fp]
+        for path in st.spec_files(self.state_dir):
+            if path.name not in {st.spec_file(fp) for fp in self.specs}:
+                try:
+                    remove_durably(path)
+                except OSError as e:
+                    self.log.warning("cannot remove %s: %s", path, e)
 
     def _accept_plan(self, payload: bytes, *, from_disk: bool = False) -> None:
         msg: wire.Plan | None = self._verified("plan", payload, wire.Plan, from_disk)
@@ -393,6 +565,7 @@ class EdgeAgent:
         """Keep a verified message for restarts; a failed write costs only that."""
         try:
             atomic_write_bytes(self.state_dir / name, payload, mode=0o600)
+            self.bytes_written += len(payload)
         except OSError as e:
             self.log.error("cannot store %s in %s: %s", name, self.state_dir, e)
 
@@ -400,8 +573,8 @@ class EdgeAgent:
     def _round_wait(self) -> float | None:
         """Seconds until the next round is due (0.0: now), None if there is nothing to do."""
         model = self.model
-        if model is None:
-            return None
+        if model is None or self._fetching_since is not None:
+            return None  # nothing to train on yet, or a newer model is on its way
         tcfg = self.config.training
         s = self.state
         if model.version <= s.last_trained_version:
@@ -410,16 +583,25 @@ class EdgeAgent:
                 return None
             if per_version > 1 and s.updates_for_version >= per_version:
                 return None
-        interval = max(tcfg.interval_s, self.plan.min_interval_s if self.plan else 0.0)
+        if self._fetch_wanted():
+            return None  # fetch the announced newer version first (next pass of the loop)
+        return self._due_in()
+
+    def _due_in(self) -> float:
+        """Seconds until the minimum interval and any retry delay have passed (0.0: now)."""
+        interval = max(
+            self.config.training.interval_s, self.plan.min_interval_s if self.plan else 0.0
+        )
         now = time.time()
-        last = s.last_round_at if s.last_round_at <= now + 60 else 0.0  # clock went back
-        due = max(last + interval - now, self._retry_at - time.monotonic(), 0.0)
-        return due
+        last = self.state.last_round_at
+        last = last if last <= now + 60 else 0.0  # clock went back
+        return max(last + interval - now, self._retry_at - time.monotonic(), 0.0)
 
     def _round(self, stop: threading.Event) -> None:
         model = self.model
         assert model is not None
         self.state.last_round_at = time.time()
+        self._fetched_untrained = False
         try:
             hyper = resolve_hyper(self.plan, self.config.training)
         except FedMQTTError as e:
@@ -500,6 +682,7 @@ class EdgeAgent:
         except OSError as e:  # disk full, read-only file system: nothing was queued
             self._round_failed(FedMQTTError(f"cannot write the outbox: {e}"))
             return
+        self.bytes_written += len(payload)
         if feedback is not None and not hyper.uses_feedback:
             feedback = ErrorFeedback()  # the pending residual went out with this update
         self._feedback = feedback if feedback is not None else ErrorFeedback()
@@ -512,7 +695,7 @@ class EdgeAgent:
             s.updates_for_version = 1
         try:
             self._save_feedback(fp)
-            self._store.save(s)
+            self.bytes_written += self._store.save(s)
         except OSError as e:
             # The update is queued; at the next start the outbox restores seq and version.
             self.log.error("cannot save the agent state in %s: %s", self.state_dir, e)
@@ -562,7 +745,9 @@ class EdgeAgent:
     def _save_feedback(self, fingerprint: str) -> None:
         path = self.state_dir / st.FEEDBACK_FILE
         if self._feedback.residual:
-            atomic_write_bytes(path, self._feedback.to_bytes(), mode=0o600)
+            data = self._feedback.to_bytes()
+            atomic_write_bytes(path, data, mode=0o600)
+            self.bytes_written += len(data)
             self.state.feedback_spec = fingerprint
         elif path.exists():
             remove_durably(path)

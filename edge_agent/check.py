@@ -124,7 +124,8 @@ def _saved_model(cfg: AgentConfig, verifier: Ed25519Verifier | None) -> wire.Glo
     if verifier is None or not path.exists():
         return None
     try:
-        return wire.decode(path.read_bytes(), wire.GlobalModel, verifier)
+        specs = st.stored_specs(cfg.device.state_dir, verifier)
+        return wire.decode(path.read_bytes(), wire.GlobalModel, verifier, specs=specs)
     except FedMQTTError:
         return None
 

@@ -14,6 +14,12 @@ signed ``online`` status after each CONNACK. Reconnects wait ``uniform(min, min(
 2**attempt))`` seconds ("full jitter" with a floor); the attempt count resets once a
 connection stayed up for :data:`STABLE_S`.
 
+Subscriptions: the persistent ones the agent names (plan, spec, announcements), subscribed
+again after every CONNACK so the broker resends their retained messages, and on-demand ones
+(the model): :meth:`Link.fetch` subscribes, the first message that arrives unsubscribes. After
+a CONNACK with a session present, on-demand topics not being fetched are unsubscribed, since
+the persistent session may still hold them.
+
 Delivery: the link takes updates from the :class:`~edge_agent.outbox.Outbox` (at most
 ``max_in_flight`` at a time), publishes them at QoS 1 and settles each one on its PUBACK,
 whose MQTT 5 reason code says what the broker did (on MQTT 3.1.1 a refused publish is acked
@@ -33,6 +39,7 @@ would deliver it twice. After a restart paho's memory is gone and the outbox sen
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
@@ -143,6 +150,7 @@ class LinkCounters:
     refused_permanent: int = 0
     refused_transient: int = 0
     no_subscribers: int = 0
+    unsubscribed: int = 0  # UNSUBACKs: on-demand subscriptions the broker has dropped
 
 
 StatusFactory = Callable[[str], bytes]
@@ -160,8 +168,9 @@ class Link:
         updates_topic: str,
         status_topic: str,
         status_payload: StatusFactory,
-        subscriptions: Sequence[str],
+        subscriptions: Sequence[str | tuple[str, int]],
         on_message: Callable[[str, bytes], None],
+        on_demand: Sequence[str] = (),
         password: str | None = None,
         retry_s: float = 30.0,
         retry_no_subscribers: bool = True,
@@ -174,7 +183,13 @@ class Link:
         self.updates_topic = updates_topic
         self.status_topic = status_topic
         self._status_payload = status_payload
-        self._subscriptions = tuple(subscriptions)
+        self._subscriptions = tuple((t, 1) if isinstance(t, str) else t for t in subscriptions)
+        # Topics subscribed only while fetching (fetch()/release()); unsubscribed after every
+        # connection otherwise, since a persistent session may still hold them.
+        self._on_demand = tuple(on_demand)
+        self._fetching: set[str] = set()
+        self._commands: collections.deque[tuple[str, str]] = collections.deque()
+        self._sub_mids: dict[int, list[str]] = {}
         self._on_message_cb = on_message
         self._retry_s = retry_s
         self._retry_no_subscribers = retry_no_subscribers
@@ -188,6 +203,7 @@ class Link:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_unsubscribe
         self._client.on_message = self._on_message
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -219,6 +235,23 @@ class Link:
         """Ask the link thread to look at the outbox now."""
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
+
+    def fetch(self, topic: str) -> None:
+        """Take one message of an on-demand ``topic``: subscribe (the broker sends its retained
+        message), and unsubscribe as soon as a message has arrived or :meth:`release` is
+        called; a fetch still open is subscribed again after a reconnection."""
+        self._commands.append(("fetch", topic))
+        self.wake()
+
+    def release(self, topic: str) -> None:
+        """Unsubscribe from an on-demand ``topic``."""
+        self._commands.append(("release", topic))
+        self.wake()
+
+    def refresh(self, topic: str) -> None:
+        """Subscribe again to a subscribed ``topic``: the broker resends its retained message."""
+        self._commands.append(("refresh", topic))
+        self.wake()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish ``offline`` (if connected), disconnect, and join the thread."""
@@ -293,6 +326,7 @@ class Link:
             sock = client.socket()
             if sock is None:
                 return
+            self._run_commands()
             if self._connected:
                 self._flush()
             elif time.monotonic() > connack_deadline:
@@ -378,6 +412,35 @@ class Link:
         if client.socket() is not None and client.want_write():
             client.loop_write()
 
+    # ---- subscriptions ---------------------------------------------------------------------
+    def _subscribe(self, subs: Sequence[tuple[str, int]]) -> None:
+        if not subs:
+            return
+        _, mid = self._client.subscribe([(t, SubscribeOptions(qos=q)) for t, q in subs])
+        if mid is not None:
+            self._sub_mids[mid] = [t for t, _ in subs]
+
+    def _run_commands(self) -> None:
+        """fetch / release / refresh requests from other threads, in order. Before CONNACK
+        only the set of fetched topics changes: ``_on_connect`` subscribes what it holds, and
+        unsubscribes the other on-demand topics a persistent session may still have."""
+        live = self._connected
+        while self._commands:
+            what, topic = self._commands.popleft()
+            if what == "fetch":
+                if topic not in self._fetching:
+                    self._fetching.add(topic)
+                    if live:
+                        self._subscribe([(topic, 1)])
+            elif what == "release":
+                if topic in self._fetching:
+                    self._fetching.discard(topic)
+                    if live:
+                        self._client.unsubscribe(topic)
+            elif live:
+                qos = dict(self._subscriptions).get(topic, 1)
+                self._subscribe([(topic, qos)])
+
     # ---- outbox ----------------------------------------------------------------------------
     def _flush(self) -> None:
         free = self._max_in_flight - self.outbox.in_flight_count()
@@ -447,8 +510,10 @@ class Link:
                 self.client_id,
                 bool(flags.session_present),
             )
-            if self._subscriptions:
-                client.subscribe([(t, SubscribeOptions(qos=1)) for t in self._subscriptions])
+            self._subscribe([*self._subscriptions, *((t, 1) for t in sorted(self._fetching))])
+            idle = [t for t in self._on_demand if t not in self._fetching]
+            if idle and flags.session_present:  # held over from a fetch cut short
+                client.unsubscribe(idle)
             info = client.publish(
                 self.status_topic, self._status_payload("online"), qos=1, retain=True
             )
@@ -476,13 +541,19 @@ class Link:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        for topic, rc in zip(self._subscriptions, reasons, strict=False):
+        for topic, rc in zip(self._sub_mids.pop(mid, []), reasons, strict=False):
             if rc.is_failure:
                 self.log.error(
                     "broker refused subscription to %s: %s (0x%02x)", topic, rc, rc.value
                 )
 
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, *rest: Any) -> None:
+        self.counters.unsubscribed += 1
+
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic in self._fetching:  # unsubscribe at once: newer versions are not wanted
+            self._fetching.discard(msg.topic)
+            client.unsubscribe(msg.topic)
         try:
             self._on_message_cb(msg.topic, bytes(msg.payload))
         except Exception:

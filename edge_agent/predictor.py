@@ -2,10 +2,10 @@
 
 The agent stores every model it accepts exactly as received (signed) in its state directory:
 ``model.onnx.bin`` (a :class:`fedmqtt.wire.OnnxModel`) and ``global_model.bin`` (a
-:class:`fedmqtt.wire.GlobalModel`). Inference re-verifies what it loads against the pinned
-aggregator key instead of trusting the file, so a file altered on disk (or copied from
-elsewhere) is refused rather than executed; and because the files survive reboots, inference
-works offline.
+:class:`fedmqtt.wire.GlobalModel`, whose spec is the ``spec-<fingerprint>.bin`` next to it).
+Inference re-verifies what it loads against the pinned aggregator key instead of trusting the
+file, so a file altered on disk (or copied from elsewhere) is refused rather than executed; and
+because the files survive reboots, inference works offline.
 
 Which model: the newest verified version. The aggregator may publish ONNX only every N
 versions (``[onnx] every``), so when ``global_model.bin`` is newer than ``model.onnx.bin`` (or
@@ -33,6 +33,7 @@ from typing import Any, Final, TextIO, cast
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.state import stored_specs
 from fedmqtt import wire
 from fedmqtt.errors import ConfigError, DecodeError, FedMQTTError
 from fedmqtt.signing import Ed25519Verifier
@@ -176,8 +177,9 @@ class Predictor:
             raise PredictorError(f"cannot load the aggregator public key: {e}") from None
         state_dir = Path(state_dir)
         onnx_msg = _load_signed(state_dir / ONNX_MODEL_FILE, wire.OnnxModel, verifier, federation)
+        specs = stored_specs(state_dir, verifier, federation)
         global_msg = _load_signed(
-            state_dir / GLOBAL_MODEL_FILE, wire.GlobalModel, verifier, federation
+            state_dir / GLOBAL_MODEL_FILE, wire.GlobalModel, verifier, federation, specs
         )
         if onnx_msg is None and global_msg is None:
             raise PredictorError(
@@ -254,7 +256,13 @@ class Predictor:
         return cast(I64, labels), cast(F32, proba)
 
 
-def _load_signed(path: Path, cls: Any, verifier: Any, federation: str | None) -> Any:
+def _load_signed(
+    path: Path,
+    cls: Any,
+    verifier: Any,
+    federation: str | None,
+    specs: wire.SpecStore | None = None,
+) -> Any:
     try:
         payload = path.read_bytes()
     except FileNotFoundError:
@@ -262,7 +270,7 @@ def _load_signed(path: Path, cls: Any, verifier: Any, federation: str | None) ->
     except OSError as e:
         raise PredictorError(f"cannot read {path}: {e.strerror}") from None
     try:
-        msg = wire.decode(payload, cls, verifier)
+        msg = wire.decode(payload, cls, verifier, specs=specs)
     except DecodeError as e:
         hint = " (not signed by the pinned aggregator key)" if e.reason == "signature" else ""
         raise PredictorError(f"{path} was refused: {e}{hint}") from None

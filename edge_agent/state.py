@@ -7,6 +7,9 @@ Layout (see docs/contracts.md and docs/agent.md)::
                          would hand out the same seq and interleave outbox files
       agent.json         AgentState below (atomic JSON)
       global_model.bin   last verified GlobalModel payload, exactly as received (signed)
+      spec-<fp>.bin      verified SpecMessage payloads, by fingerprint: the spec of the stored
+                         model and the newest one published (a model names its spec by
+                         fingerprint, so it is only usable with its spec)
       plan.bin           last verified Plan payload, as received (signed)
       model.onnx.bin     last verified OnnxModel payload, as received (signed)
       feedback.bin       top-k error-feedback residual (fedmqtt.codecs.ErrorFeedback)
@@ -30,8 +33,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Final
 
-from fedmqtt.errors import FedMQTTError
+from fedmqtt import wire
+from fedmqtt.errors import DecodeError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.signing import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,8 @@ GLOBAL_MODEL_FILE: Final = "global_model.bin"
 PLAN_FILE: Final = "plan.bin"
 ONNX_MODEL_FILE: Final = "model.onnx.bin"
 FEEDBACK_FILE: Final = "feedback.bin"
+SPEC_FILE_PREFIX: Final = "spec-"
+SPEC_FILE_SUFFIX: Final = ".bin"
 OUTBOX_DIR: Final = "outbox"
 LOCK_FILE: Final = ".lock"
 
@@ -105,9 +113,46 @@ class StateStore:
                     setattr(state, f.name, float(value))
         return state
 
-    def save(self, state: AgentState) -> None:
+    def save(self, state: AgentState) -> int:
+        """Write ``state`` atomically; returns the bytes written."""
         data = json.dumps(asdict(state), indent=1, sort_keys=True).encode()
         atomic_write_bytes(self.path, data, mode=0o600)
+        return len(data)
+
+
+def spec_file(fingerprint: str) -> str:
+    """The file name of the spec with this (verified, hexadecimal) fingerprint."""
+    return f"{SPEC_FILE_PREFIX}{fingerprint}{SPEC_FILE_SUFFIX}"
+
+
+def spec_files(state_dir: Path) -> list[Path]:
+    """The stored spec files, oldest first (by modification time)."""
+    try:
+        found = [
+            p
+            for p in Path(state_dir).iterdir()
+            if p.name.startswith(SPEC_FILE_PREFIX) and p.name.endswith(SPEC_FILE_SUFFIX)
+        ]
+    except FileNotFoundError:
+        return []
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def stored_specs(
+    state_dir: Path, verifier: Verifier, federation: str | None = None
+) -> dict[str, ModelSpec]:
+    """The specs stored in ``state_dir`` that verify (and belong to ``federation`` if given),
+    by fingerprint; a file that does not verify is left out (a model naming it is then
+    refused as ``unknown_spec``)."""
+    specs: dict[str, ModelSpec] = {}
+    for path in spec_files(state_dir):
+        try:
+            msg = wire.decode(path.read_bytes(), wire.SpecMessage, verifier)
+        except (OSError, DecodeError):
+            continue
+        if federation is None or msg.federation == federation:
+            specs[msg.fingerprint] = msg.spec
+    return specs
 
 
 class StateDirLockedError(FedMQTTError):

@@ -2,7 +2,9 @@
 
 ```
 fl/<fed>/updates/<device>   device -> aggregator, QoS 1, never retained
-fl/<fed>/model              aggregator -> devices, QoS 1, retained, signed
+fl/<fed>/model              aggregator -> devices, QoS 1, retained, signed; fetched on demand
+fl/<fed>/announce           aggregator -> devices, QoS 1, retained, signed: the newest version
+fl/<fed>/spec               aggregator -> devices, QoS 1, retained, signed: the model spec
 fl/<fed>/model/onnx         aggregator -> devices, QoS 1, retained, signed
 fl/<fed>/plan               aggregator -> devices, QoS 1, retained, signed
 fl/<fed>/status/<device>    device presence (online / last-will offline), retained
@@ -64,6 +66,14 @@ def shared_updates_filter(group: str, fed: str) -> str:
 
 def model(fed: str) -> str:
     return f"{PREFIX}/{fed}/model"
+
+
+def announce(fed: str) -> str:
+    return f"{PREFIX}/{fed}/announce"
+
+
+def spec(fed: str) -> str:
+    return f"{PREFIX}/{fed}/spec"
 
 
 def model_onnx(fed: str) -> str:

@@ -3,8 +3,13 @@
 A message is a msgpack *stream of two objects*::
 
     header = {"v": 1, "alg": "chacha20-poly1305" | "hmac-sha256" | "ed25519", "sig": bin}
-    body   = {"v": 1, "type": "update" | "model" | "plan" | "status" | "onnx",
-              "federation": str, "sender": str, ...type-specific fields}
+    body   = {"v": 1 | 2, "type": "update" | "model" | "spec" | "announce" | "plan" | "status"
+              | "onnx", "federation": str, "sender": str, ...type-specific fields}
+
+The body's ``v`` is the schema of its type: every type is at v1 except the model, at v2 (its
+``spec`` is the fingerprint of a separately published :class:`SpecMessage` instead of the spec
+itself; v1 model bodies, spec inline, are still read). A receiver refuses a ``v`` its type does
+not know (reason ``schema``), so an older device refuses a v2 model cleanly.
 
 The signature (or MAC) covers the body bytes exactly as sent. Putting the small header first
 lets a receiver read it, verify the signature over a zero-copy view of the rest, and only then
@@ -27,12 +32,14 @@ from typing import Any, Final, TypeVar, cast
 import msgpack
 import numpy as np
 
-from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, DecodeError
+from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, UNKNOWN_SPEC, DecodeError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import Params
 from fedmqtt.signing import Signer, Verifier
 
-VERSION: Final = 1
+VERSION: Final = 1  # the header's schema, and the body schema of every type but the model
+MODEL_VERSION: Final = 2  # the model body's schema (spec by fingerprint)
+_BODY_VERSIONS: Final = (1, 2)  # every body schema some type speaks
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 _MAX_HEADER_BYTES: Final = 512
 # msgpack's limits for a body (besides max_bytes for binary fields): a hostile length prefix is
@@ -97,9 +104,10 @@ def open_envelope(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
 
 
 def unpack_body(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """Parse the body map of an envelope (call after verifying it)."""
+    """Parse the body map of an envelope (call after verifying it); its ``v`` is one that some
+    type speaks (each ``from_body`` checks its own)."""
     body = unpack_map(env.body, max_bytes=max_bytes)
-    _check_version(body)
+    _check_version(body, _BODY_VERSIONS)
     return body
 
 
@@ -123,10 +131,12 @@ def unpack_map(data: bytes | memoryview, *, max_bytes: int) -> dict[str, Any]:
     return cast(dict[str, Any], body)
 
 
-def _check_version(m: dict[Any, Any]) -> None:
+def _check_version(m: Mapping[Any, Any], versions: tuple[int, ...] = (VERSION,)) -> int:
     v = m.get("v")
-    if v != VERSION or isinstance(v, bool):
-        raise DecodeError(SCHEMA, f"unsupported schema version {v!r} (this build speaks {VERSION})")
+    if isinstance(v, bool) or v not in versions:
+        speaks = " or ".join(map(str, versions))
+        raise DecodeError(SCHEMA, f"unsupported schema version {v!r} (this build speaks {speaks})")
+    return cast(int, v)
 
 
 def _pack(obj: Mapping[str, Any]) -> bytes:
@@ -176,10 +186,13 @@ def _float_map(m: Mapping[str, Any], key: str) -> dict[str, float]:
     return out
 
 
-def _common(m: Mapping[str, Any], type_: str) -> tuple[str, str]:
+def _common(
+    m: Mapping[str, Any], type_: str, versions: tuple[int, ...] = (VERSION,)
+) -> tuple[str, str]:
     t = field_of(m, "type", str)
     if t != type_:
         raise DecodeError(SCHEMA, f"expected a {type_!r} message, got {t!r}")
+    _check_version(m, versions)
     return field_of(m, "federation", str), field_of(m, "sender", str)
 
 
@@ -246,9 +259,17 @@ class Update:
         )
 
 
+SpecStore = Mapping[str, ModelSpec]  # verified specs a receiver holds, by fingerprint
+
+
 @dataclass(frozen=True)
 class GlobalModel:
-    """A version of the global model with its full parameters, signed by the aggregator."""
+    r"""A version of the global model with its full parameters, signed by the aggregator.
+
+    On the wire (v2) the spec is its fingerprint: the receiver resolves it against the specs
+    it holds (``specs``, from verified :class:`SpecMessage`\ s); an unknown fingerprint is
+    refused with reason ``unknown_spec`` before any tensor is decoded.
+    """
 
     federation: str
     sender: str
@@ -262,23 +283,30 @@ class GlobalModel:
         from fedmqtt.codecs import Codec, encode_params
 
         return {
-            "v": VERSION,
+            "v": MODEL_VERSION,
             "type": "model",
             "federation": self.federation,
             "sender": self.sender,
             "version": self.version,
-            "spec": self.spec.to_wire(),
+            "spec": self.spec.fingerprint(),
             "stats": self.stats,
             "created_at": self.created_at,
             "params": encode_params(self.params, Codec("raw"), rng=np.random.default_rng(0)),
         }
 
     @classmethod
-    def from_body(cls, m: Mapping[str, Any]) -> GlobalModel:
+    def from_body(cls, m: Mapping[str, Any], specs: SpecStore | None = None) -> GlobalModel:
         from fedmqtt.codecs import decode_params
 
-        fed, sender = _common(m, "model")
-        spec = ModelSpec.from_wire(field_of(m, "spec", dict))
+        fed, sender = _common(m, "model", (1, MODEL_VERSION))
+        if m["v"] == 1:
+            spec = ModelSpec.from_wire(field_of(m, "spec", dict))
+        else:
+            fp = field_of(m, "spec", str)
+            found = specs.get(fp) if specs is not None else None
+            if found is None:
+                raise DecodeError(UNKNOWN_SPEC, f"spec {fp} is not one this receiver holds")
+            spec = found
         layout = spec.layout()
         flat = decode_params(field_of(m, "params", dict), layout)
         return cls(
@@ -289,6 +317,76 @@ class GlobalModel:
             params=layout.unflatten(flat, copy=False),
             stats=_float_map(m, "stats"),
             created_at=_number(m, "created_at"),
+        )
+
+
+@dataclass(frozen=True)
+class SpecMessage:
+    """The model spec (architecture, preprocessing, classes) that models refer to by
+    fingerprint; published, retained, when it changes. The receiver recomputes the
+    fingerprint from the spec and refuses a message whose declared fingerprint differs."""
+
+    federation: str
+    sender: str
+    spec: ModelSpec
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint()
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "type": "spec",
+            "federation": self.federation,
+            "sender": self.sender,
+            "fingerprint": self.fingerprint,
+            "spec": self.spec.to_wire(),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any]) -> SpecMessage:
+        fed, sender = _common(m, "spec")
+        spec = ModelSpec.from_wire(field_of(m, "spec", dict))
+        declared = field_of(m, "fingerprint", str)
+        if declared != spec.fingerprint():
+            raise DecodeError(SCHEMA, f"declared fingerprint {declared} is not the spec's")
+        return cls(fed, sender, spec, _number(m, "created_at"))
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A new global version exists: a few dozen bytes that devices stay subscribed to, so that
+    each fetches the (retained) model only when it is ready to train on it."""
+
+    federation: str
+    sender: str
+    version: int
+    spec_fingerprint: str
+    created_at: float = field(default_factory=time.time)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "type": "announce",
+            "federation": self.federation,
+            "sender": self.sender,
+            "version": self.version,
+            "spec": self.spec_fingerprint,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any]) -> Announce:
+        fed, sender = _common(m, "announce")
+        return cls(
+            fed,
+            sender,
+            _nonneg_int(m, "version"),
+            field_of(m, "spec", str),
+            _number(m, "created_at"),
         )
 
 
@@ -407,8 +505,8 @@ class OnnxModel:
         )
 
 
-Message = Update | GlobalModel | Plan | Status | OnnxModel
-M = TypeVar("M", Update, GlobalModel, Plan, Status, OnnxModel)
+Message = Update | GlobalModel | SpecMessage | Announce | Plan | Status | OnnxModel
+M = TypeVar("M", Update, GlobalModel, SpecMessage, Announce, Plan, Status, OnnxModel)
 
 
 def encode(msg: Message, signer: Signer) -> bytes:
@@ -416,18 +514,33 @@ def encode(msg: Message, signer: Signer) -> bytes:
 
 
 def decode(
-    payload: bytes, cls: type[M], verifier: Verifier, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    payload: bytes,
+    cls: type[M],
+    verifier: Verifier,
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    specs: SpecStore | None = None,
 ) -> M:
-    """Open, verify and parse a message of type ``cls``; raises only DecodeError."""
+    """Open, verify and parse a message of type ``cls``; raises only DecodeError. ``specs``
+    resolves a model's spec fingerprint (models only)."""
     env = open_envelope(payload, max_bytes=max_bytes)
     env.verify(verifier)
-    return parse(env, cls, max_bytes=max_bytes)
+    return parse(env, cls, max_bytes=max_bytes, specs=specs)
 
 
-def parse(env: Envelope, cls: type[M], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:
+def parse(
+    env: Envelope,
+    cls: type[M],
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    specs: SpecStore | None = None,
+) -> M:
     """Parse an already verified envelope into ``cls``; raises only DecodeError."""
     body = unpack_body(env, max_bytes=max_bytes)
     try:
+        if cls is GlobalModel:
+            model: Any = GlobalModel.from_body(body, specs)
+            return cast(M, model)
         return cls.from_body(body)
     except DecodeError:
         raise

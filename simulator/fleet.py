@@ -37,6 +37,7 @@ IN_PROCESS_MAX = 50
 DEVICES_PER_HOST = 100
 _READY_TIMEOUT_S = 300.0
 _STOP_TIMEOUT_S = 120.0
+_REPORT_S = 1.0  # how often an agent host process sends its devices' counts
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,60 @@ def host_count(requested: int, n_devices: int) -> int:
 
 
 @dataclass
+class DeviceCounts:
+    """What one device did, summed over its agent instances (an outage restarts the agent).
+
+    ``delivered``: updates the broker acknowledged; ``downloaded``: payload bytes the device's
+    MQTT client received, by kind of message; ``written``: bytes written to its state
+    directory; ``rounds``: training rounds completed; ``fetches``: model fetches started.
+    """
+
+    delivered: int = 0
+    downloaded: dict[str, int] = field(default_factory=dict)
+    written: int = 0
+    rounds: int = 0
+    fetches: int = 0
+
+    @property
+    def bytes_downloaded(self) -> int:
+        return sum(self.downloaded.values())
+
+    def plus(self, other: DeviceCounts) -> DeviceCounts:
+        down = dict(self.downloaded)
+        for k, v in other.downloaded.items():
+            down[k] = down.get(k, 0) + v
+        return DeviceCounts(
+            self.delivered + other.delivered,
+            down,
+            self.written + other.written,
+            self.rounds + other.rounds,
+            self.fetches + other.fetches,
+        )
+
+
+def _counts_of(agent: Any) -> DeviceCounts:
+    if agent is None:
+        return DeviceCounts()
+    return DeviceCounts(
+        agent.updates_sent,
+        dict(agent.downloaded),
+        agent.bytes_written,
+        agent.rounds_completed,
+        agent.fetches,
+    )
+
+
+@dataclass
 class _Running:
     spec: DeviceSpec
     thread: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     agent: Any = None
-    delivered_before: int = 0  # PUBACKed updates of earlier agent instances (after outages)
+    before: DeviceCounts = field(default_factory=DeviceCounts)  # earlier agent instances
 
     @property
-    def delivered(self) -> int:
-        return self.delivered_before + (self.agent.updates_sent if self.agent is not None else 0)
+    def counts(self) -> DeviceCounts:
+        return self.before.plus(_counts_of(self.agent))
 
 
 class AgentHost:
@@ -124,12 +169,13 @@ class AgentHost:
             elif not offline and not running:
                 self._start(d)
 
-    def stop(self) -> dict[str, int]:
-        """Stop every agent; returns the updates each device saw acknowledged by the broker.
-        ``connected_at_stop`` counts the agents that had a live MQTT connection just before."""
+    def stop(self) -> dict[str, DeviceCounts]:
+        """Stop every agent; returns each device's counts (updates acknowledged by the broker,
+        bytes received and written). ``connected_at_stop`` counts the agents that had a live
+        MQTT connection just before."""
         self.connected_at_stop = self.connected()
         self._stop(self.devices)
-        return {d.spec.id: d.delivered for d in self.devices}
+        return self.counts()
 
     def connected(self) -> int:
         """Agents whose MQTT connection is up (their own view, not the aggregator's)."""
@@ -139,8 +185,8 @@ class AgentHost:
             if d.agent is not None and d.agent.link is not None and d.agent.link.connected
         )
 
-    def delivered(self) -> dict[str, int]:
-        return {d.spec.id: d.delivered for d in self.devices}
+    def counts(self) -> dict[str, DeviceCounts]:
+        return {d.spec.id: d.counts for d in self.devices}
 
     def _start(self, d: _Running, gate: threading.Event | None = None) -> None:
         from edge_agent.agent import EdgeAgent
@@ -186,7 +232,7 @@ class AgentHost:
                 if d.thread.is_alive():
                     log.warning("agent %s did not stop within 15 s", d.spec.id)
                 d.thread = None
-            d.delivered_before = d.delivered
+            d.before = d.counts
             d.agent = None
 
 
@@ -204,9 +250,12 @@ class Fleet(Protocol):
     def tick(self, now: float) -> None:
         """Housekeeping every 0.25 s; raises RuntimeError if part of the fleet died."""
 
-    def stop(self) -> dict[str, int]:
-        """Stop every agent; the updates each device saw acknowledged (``failures`` lists the
-        parts of the fleet whose counts are missing)."""
+    def counts(self) -> dict[str, DeviceCounts]:
+        """Each device's counts so far (from a host process: as of its last report)."""
+
+    def stop(self) -> dict[str, DeviceCounts]:
+        """Stop every agent; each device's final counts (``failures`` lists the parts of the
+        fleet whose counts are missing)."""
 
 
 class LocalFleet:
@@ -224,10 +273,13 @@ class LocalFleet:
     def tick(self, now: float) -> None:
         self.host.tick(now)
 
-    def stop(self) -> dict[str, int]:
-        delivered = self.host.stop()
+    def counts(self) -> dict[str, DeviceCounts]:
+        return self.host.counts()
+
+    def stop(self) -> dict[str, DeviceCounts]:
+        counts = self.host.stop()
         self.connected_at_stop = self.host.connected_at_stop
-        return delivered
+        return counts
 
 
 class ProcessFleet:
@@ -236,8 +288,9 @@ class ProcessFleet:
     Each host is a fresh interpreter (``spawn``: forking a process that already runs the
     aggregator's threads is unsafe). Protocol on one pipe per host: the host parses its
     devices' configs and sends ``ready``; the parent sends ``("go", t0)`` with the shared start
-    time; the host starts its agents and applies their outage windows itself until it receives
-    ``stop``, then stops them and sends back the delivered counts. A host whose parent dies
+    time; the host starts its agents, applies their outage windows itself and sends its
+    devices' counts every :data:`_REPORT_S` until it receives ``stop``, then stops them and
+    sends back the final counts. A host whose parent dies
     stops its agents and exits.
     """
 
@@ -245,6 +298,7 @@ class ProcessFleet:
         ctx = mp.get_context("spawn")
         self._procs: list[Any] = []
         self._pipes: list[mpc.Connection] = []
+        self._counts: dict[str, DeviceCounts] = {}
         self.failures: list[str] = []
         self.connected_at_stop = 0
         level = logging.getLogger().getEffectiveLevel()
@@ -282,11 +336,20 @@ class ProcessFleet:
         for i, p in enumerate(self._procs):
             if not p.is_alive():
                 raise RuntimeError(f"agent host process {i} died (exit code {p.exitcode})")
+        for pipe in self._pipes:
+            with contextlib.suppress(OSError, EOFError):
+                while pipe.poll(0):
+                    msg = pipe.recv()
+                    if isinstance(msg, tuple) and msg[0] == "counts":
+                        self._counts.update(msg[1])
 
-    def stop(self) -> dict[str, int]:
+    def counts(self) -> dict[str, DeviceCounts]:
+        return dict(self._counts)
+
+    def stop(self) -> dict[str, DeviceCounts]:
         """Stop every host; a host that died or fails to answer is logged and left out of the
         counts (its devices' deliveries are unknown, so the run reports an error)."""
-        delivered: dict[str, int] = {}
+        counts: dict[str, DeviceCounts] = {}
         self.failures = []
         self.connected_at_stop = 0
         for pipe in self._pipes:
@@ -295,16 +358,18 @@ class ProcessFleet:
         for i, pipe in enumerate(self._pipes):
             try:
                 msg = _recv(pipe, _STOP_TIMEOUT_S, f"agent host {i} to stop")
+                while isinstance(msg, tuple) and msg[0] == "counts":  # sent before our stop
+                    msg = _recv(pipe, _STOP_TIMEOUT_S, f"agent host {i} to stop")
                 if not (isinstance(msg, tuple) and msg[0] == "stopped"):
                     raise RuntimeError(f"agent host {i} failed while stopping: {msg!r}")
             except RuntimeError as e:
                 log.error("%s", e)
                 self.failures.append(str(e))
                 continue
-            delivered.update(msg[1])
+            counts.update(msg[1])
             self.connected_at_stop += int(msg[2])
         self.close()
-        return delivered
+        return counts
 
     def close(self) -> None:
         for pipe in self._pipes:
@@ -342,12 +407,16 @@ def _host_main(
         return
     t0 = float(msg[1])
     host.start()
+    last_report = 0.0
     try:
         while os.getppid() == parent_pid:
             if pipe.poll(0.25):
                 break  # "stop" (or the parent closed the pipe)
             host.tick(time.monotonic() - t0)
+            if time.monotonic() - last_report >= _REPORT_S:
+                last_report = time.monotonic()
+                pipe.send(("counts", host.counts()))
     finally:
-        delivered = host.stop()
+        counts = host.stop()
         with contextlib.suppress(OSError):  # the parent may be gone
-            pipe.send(("stopped", delivered, host.connected_at_stop))
+            pipe.send(("stopped", counts, host.connected_at_stop))

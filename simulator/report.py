@@ -18,8 +18,13 @@ class Point:
     version: int
     accuracy: float | None
     uploads: int  # updates received by the aggregator so far
-    bytes_uploaded: int
+    bytes_uploaded: int  # update payloads received by the aggregator
     online: int
+    bytes_downloaded: int = 0  # payloads received by the devices' MQTT clients, all kinds
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_uploaded + self.bytes_downloaded
 
 
 @dataclass
@@ -45,7 +50,8 @@ class Progress:
         acc = "  -  " if p.accuracy is None else f"{p.accuracy:.3f}"
         line = (
             f"t={p.t:6.1f}s  version {p.version:5d}  accuracy {acc}  "
-            f"{rate:7.1f} updates/s  devices online {p.online}"
+            f"{rate:7.1f} updates/s  up {_mb(p.bytes_uploaded)}  down {_mb(p.bytes_downloaded)}  "
+            f"devices online {p.online}"
         )
         if tty:
             self.out.write("\r" + line + " " * 4)
@@ -65,6 +71,10 @@ class Progress:
         return None
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:7.2f} MB"
+
+
 def write_json(path: Path, summary: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode(), mode=0o644)
 
@@ -74,17 +84,24 @@ def history_as_dicts(history: list[Point]) -> list[dict[str, Any]]:
 
 
 def plot(path: Path, history: list[Point], *, title: str, centralized: float | None) -> None:
-    """Accuracy against wall time and against uploads, side by side, as a PNG."""
+    """Accuracy against wall time, and against the bytes carried (uploaded, downloaded and
+    both together), side by side, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pts = [p for p in history if p.accuracy is not None]
+    acc = [p.accuracy for p in pts]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    a1.plot([p.t for p in pts], [p.accuracy for p in pts], marker=".")
-    a2.plot([p.uploads for p in pts], [p.accuracy for p in pts], marker=".", color="C1")
-    for ax, xlabel in ((a1, "wall time (s)"), (a2, "updates uploaded")):
+    a1.plot([p.t for p in pts], acc, marker=".")
+    for label, color, mb in (
+        ("uploaded", "C1", [p.bytes_uploaded / 1e6 for p in pts]),
+        ("downloaded", "C2", [p.bytes_downloaded / 1e6 for p in pts]),
+        ("both", "C3", [p.bytes_total / 1e6 for p in pts]),
+    ):
+        a2.plot(mb, acc, marker=".", color=color, label=label)
+    for ax, xlabel in ((a1, "wall time (s)"), (a2, "MB carried (payloads)")):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if centralized is not None:

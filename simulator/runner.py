@@ -104,6 +104,26 @@ def run_simulation(cfg: SimConfig, out: TextIO | None = None) -> dict[str, Any]:
         return _Simulation(cfg, workdir, out, stack).run()
 
 
+@dataclass(frozen=True)
+class FederationData:
+    """What a simulated federation trains on: the model spec, each device's shard, the test
+    split (targets one-hot for the linear model, as the devices see them)."""
+
+    spec: ModelSpec
+    shards: list[tuple[npt.NDArray[np.float32], npt.NDArray[Any]]]
+    X_test: npt.NDArray[np.float32]
+    y_test: npt.NDArray[Any]
+
+
+def federation_data(cfg: SimConfig) -> FederationData:
+    """The spec, shards and test split a run of ``cfg`` uses (same seed, same split)."""
+    sim = _Simulation(cfg, Path(), sys.stdout, contextlib.ExitStack())
+    y_test: npt.NDArray[Any] = sim.ds.y_test
+    if cfg.model == "linear":
+        y_test = np.eye(sim.ds.n_classes, dtype=np.float32)[y_test]
+    return FederationData(sim.spec, sim._shards(), sim.ds.X_test, y_test)
+
+
 class _Simulation:
     def __init__(self, cfg: SimConfig, workdir: Path, out: TextIO, stack: contextlib.ExitStack):
         self.cfg, self.workdir, self.out, self.stack = cfg, workdir, out, stack
@@ -264,7 +284,7 @@ class _Simulation:
         t0 = time.monotonic()
         agents.start()
         log.info("set-up took %.1fs", t0 - t_setup)
-        delivered = 0
+        counts: dict[str, fleet.DeviceCounts] = {}
         reached: report.Point | None = None
         error: str | None = None
         try:
@@ -283,6 +303,7 @@ class _Simulation:
                     uploads=int(snap["updates_received"]),
                     bytes_uploaded=int(snap.get("bytes_received", 0)),
                     online=int(snap.get("devices_online", 0)),
+                    bytes_downloaded=sum(c.bytes_downloaded for c in agents.counts().values()),
                 )
                 if not cfg.quiet:
                     progress.record(point)
@@ -305,7 +326,8 @@ class _Simulation:
         finally:
             progress.close()
             presence = agg.presence()  # before the agents say goodbye
-            delivered = sum(agents.stop().values())
+            counts = agents.stop()
+            delivered = sum(c.delivered for c in counts.values())
             if agents.failures and error is None:
                 error = "; ".join(agents.failures)
             # Every update the broker acknowledged must reach the aggregator: wait for the
@@ -317,6 +339,12 @@ class _Simulation:
         summary = self._summary(
             final, progress, central, reached=reached, devices=devices, error=error
         )
+        summary.update(_traffic(counts, time.monotonic() - t0))
+        accepted = max(summary["updates_accepted"], 1)
+        summary["bytes_per_accepted_update"] = {
+            "uploaded": round(summary["bytes_uploaded"] / accepted),
+            "downloaded": round(summary["bytes_downloaded"] / accepted),
+        }
         summary["updates_delivered_by_agents"] = delivered
         summary["setup_s"] = round(t0 - t_setup, 1)
         summary["agents_connected_at_end"] = agents.connected_at_stop
@@ -363,7 +391,9 @@ class _Simulation:
             "target_accuracy": cfg.target_accuracy,
             "time_to_target_s": reached.t if reached else None,
             "uploads_to_target": reached.uploads if reached else None,
-            "bytes_to_target": reached.bytes_uploaded if reached else None,
+            "bytes_to_target": reached.bytes_total if reached else None,
+            "bytes_uploaded_to_target": reached.bytes_uploaded if reached else None,
+            "bytes_downloaded_to_target": reached.bytes_downloaded if reached else None,
             "bytes_uploaded": int(final.get("bytes_received", 0)),
             "updates_received": int(final["updates_received"]),
             "updates_accepted": int(final["accepted"]),
@@ -376,6 +406,28 @@ class _Simulation:
             "error": error,
             "history": report.history_as_dicts(progress.history),
         }
+
+
+def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str, Any]:
+    """Downlink and flash figures of the run, counted at the devices: ``bytes_downloaded`` is
+    every payload the devices' MQTT clients received (model, plan, ONNX, ...), in total, by
+    kind and per device; ``bytes_written_per_device_hour`` is the mean a device wrote to its
+    state directory, scaled to an hour of this run."""
+    by_kind: dict[str, int] = {}
+    for c in counts.values():
+        for k, v in c.downloaded.items():
+            by_kind[k] = by_kind.get(k, 0) + v
+    hours = max(seconds, 1e-9) / 3600.0
+    n = max(len(counts), 1)
+    return {
+        "bytes_downloaded": sum(by_kind.values()),
+        "bytes_downloaded_by_kind": dict(sorted(by_kind.items())),
+        "bytes_downloaded_per_device": {d: c.bytes_downloaded for d, c in sorted(counts.items())},
+        "rounds_by_agents": sum(c.rounds for c in counts.values()),
+        "model_fetches_by_agents": sum(c.fetches for c in counts.values()),
+        "bytes_written_by_agents": sum(c.written for c in counts.values()),
+        "bytes_written_per_device_hour": round(sum(c.written for c in counts.values()) / n / hours),
+    }
 
 
 _DRAIN_IDLE_S = 15.0

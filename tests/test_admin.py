@@ -323,6 +323,8 @@ def test_acl_is_rendered_from_the_registry() -> None:
         "topic write fl/alpha/updates/d1",
         "topic write fl/alpha/status/d1",
         "topic read fl/alpha/model",
+        "topic read fl/alpha/announce",
+        "topic read fl/alpha/spec",
         "topic read fl/alpha/model/onnx",
         "topic read fl/alpha/plan",
     ]
@@ -331,6 +333,8 @@ def test_acl_is_rendered_from_the_registry() -> None:
         "topic read fl/alpha/updates/+",
         "topic read fl/alpha/status/+",
         "topic readwrite fl/alpha/model",
+        "topic readwrite fl/alpha/announce",
+        "topic readwrite fl/alpha/spec",
         "topic readwrite fl/alpha/model/onnx",
         "topic readwrite fl/alpha/plan",
         "topic readwrite fl/alpha/metrics",
@@ -570,7 +574,9 @@ def test_bundle_is_accepted_by_the_agent_and_matches_the_aggregator(env: Env, au
     agg_signer = Ed25519Signer.load(env.agg / "signing.key")
     pinned = Ed25519Verifier.load(cfg.security.aggregator_public_key)
     model = wire.GlobalModel("demo", "aggregator", 1, spec, init_params(spec, rng))
-    wire.decode(wire.encode(model, agg_signer), wire.GlobalModel, pinned)
+    wire.decode(
+        wire.encode(model, agg_signer), wire.GlobalModel, pinned, specs={spec.fingerprint(): spec}
+    )
 
     # and the CA in the bundle is the one that signed the broker's certificate
     broker_cert = load_cert(env.broker / "broker.crt")
@@ -829,7 +835,10 @@ def test_packet_limit_fits_every_message_of_the_model(spec: ModelSpec) -> None:
         ),
         signer,
     )
-    for payload in (model, onnx, update):
+    spec_msg = wire.encode(
+        wire.SpecMessage("a-federation-name", "aggregator-worker-1", spec), signer
+    )
+    for payload in (model, spec_msg, onnx, update):
         assert len(payload) <= limit
     assert sizing.for_spec(spec) >= limit + sizing.PACKET_OVERHEAD
     assert sizing.for_spec(spec) % sizing.ROUND == 0

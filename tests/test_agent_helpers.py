@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import AgentConfig
+from edge_agent.state import GLOBAL_MODEL_FILE, spec_file
 from fedmqtt import topics, wire
 from fedmqtt.broker import Mosquitto
 from fedmqtt.models.dense import init_params
@@ -159,6 +160,17 @@ def model_payload(version: int, signer: Signer, params: Params | None = None) ->
     return wire.encode(global_model(version, params), signer)
 
 
+def spec_payload(signer: Signer, spec: ModelSpec = SPEC, fed: str = FED) -> bytes:
+    return wire.encode(wire.SpecMessage(fed, "aggregator", spec), signer)
+
+
+def store_model(state_dir: Path, version: int, signer: Signer) -> None:
+    """Leave a verified model in a state directory, as an agent that received it would."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / spec_file(SPEC.fingerprint())).write_bytes(spec_payload(signer))
+    (state_dir / GLOBAL_MODEL_FILE).write_bytes(model_payload(version, signer))
+
+
 @dataclass
 class Received:
     payload: bytes
@@ -167,7 +179,8 @@ class Received:
 
 @dataclass
 class FakeAggregator:
-    """Publishes signed retained models/plans; collects and verifies updates."""
+    """Publishes signed retained models (with their spec and announcement) and plans; collects
+    and verifies updates."""
 
     broker: Mosquitto
     signer: Ed25519Signer
@@ -178,6 +191,7 @@ class FakeAggregator:
     updates: list[Received] = field(default_factory=list)
     invalid: list[bytes] = field(default_factory=list)
     statuses: dict[str, wire.Status] = field(default_factory=dict)
+    spec_published: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _subscribed: threading.Event = field(default_factory=threading.Event)
 
@@ -224,11 +238,28 @@ class FakeAggregator:
         info.wait_for_publish(5)
         assert info.is_published()
 
+    def publish_spec(self, spec: ModelSpec = SPEC) -> None:
+        self.publish(topics.spec(FED), spec_payload(self.signer, spec))
+        self.spec_published = True
+
     def publish_model(
         self, version: int, params: Params | None = None, signer: Signer | None = None
     ) -> bytes:
+        if not self.spec_published:
+            self.publish_spec()
         payload = model_payload(version, signer or self.signer, params)
         self.publish(topics.model(FED), payload)
+        self.announce(version)
+        return payload
+
+    def announce_payload(self, version: int, signer: Signer | None = None) -> bytes:
+        msg = wire.Announce(FED, "aggregator", version, SPEC.fingerprint(), created_at=1.0)
+        return wire.encode(msg, signer or self.signer)
+
+    def announce(self, version: int, signer: Signer | None = None) -> bytes:
+        """The aggregator's announcement that ``version`` is the newest (retained)."""
+        payload = self.announce_payload(version, signer)
+        self.publish(topics.announce(FED), payload)
         return payload
 
     def publish_plan(self, revision: int = 1, **kw: Any) -> None:

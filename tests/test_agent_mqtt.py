@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import numpy as np
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from test_agent_helpers import (
     FED,
+    N_CLASSES,
+    N_FEATURES,
     SPEC,
     AgentThread,
     Device,
@@ -21,14 +28,24 @@ from test_agent_helpers import (
     digits_like,
     global_model,
     make_device,
+    model_payload,
+    store_model,
     wait_until,
 )
 
 from edge_agent.agent import EdgeAgent
-from edge_agent.state import FEEDBACK_FILE, GLOBAL_MODEL_FILE
+from edge_agent.state import (
+    FEEDBACK_FILE,
+    GLOBAL_MODEL_FILE,
+    ONNX_MODEL_FILE,
+    spec_file,
+    spec_files,
+    stored_specs,
+)
 from fedmqtt import topics, wire
 from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import decode_params
+from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import Ed25519Signer, HmacKey, Signer
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,6 +63,14 @@ def aggregator(broker: Mosquitto, device: Device) -> Iterator[FakeAggregator]:
         yield agg
     finally:
         agg.close()
+
+
+def stored_version(device: Device) -> int:
+    """The version of the model the agent stored, verified with the spec it stored."""
+    stored = (device.state_dir / GLOBAL_MODEL_FILE).read_bytes()
+    verifier = device.aggregator.verifier()
+    specs = stored_specs(device.state_dir, verifier)
+    return wire.decode(stored, wire.GlobalModel, verifier, specs=specs).version
 
 
 def _apply(update: wire.Update, base: wire.GlobalModel) -> dict[str, np.ndarray]:
@@ -77,8 +102,7 @@ def test_happy_path_one_signed_update_per_version(
         assert accuracy(_apply(update, base), X, y) > 0.6
         # the broker acknowledged it, the outbox is empty, the model was stored verified
         wait_until(lambda: agent.updates_sent == 1 and len(agent.outbox or []) == 0)
-        stored = (device.state_dir / GLOBAL_MODEL_FILE).read_bytes()
-        assert wire.decode(stored, wire.GlobalModel, device.aggregator.verifier()).version == 1
+        assert stored_version(device) == 1
         wait_until(lambda: device.device_id in aggregator.statuses)
         assert aggregator.statuses[device.device_id].state == "online"
         # at most one update per global version: nothing more arrives for v1 ...
@@ -213,29 +237,40 @@ def test_corrupted_unsigned_and_forged_models_are_ignored(
         # garbage and a truncated message
         forged.append((b"\x00\xff" * 40, "schema"))
         forged.append((wire.encode(global_model(6), device.aggregator)[:30], "schema"))
+        # Each is left as the retained model, then a newer version is announced: the agent
+        # fetches it (the model is not pushed to it) and refuses what it got.
+        # (Waiting for the UNSUBACK that ends each fetch: a model published while the agent
+        # is still subscribed would be delivered, and refused, once more.)
+        announced = iter(range(2, 100))
+        link = agent.link
+        assert link is not None
         for n, (payload, _) in enumerate(forged, start=1):
+            unsubscribed = link.counters.unsubscribed
             aggregator.publish(topics.model(FED), payload)
+            aggregator.announce(next(announced))
             wait_until(lambda: sum(agent.rejected_models.values()) >= n)  # noqa: B023
+            wait_until(lambda: link.counters.unsubscribed > unsubscribed)  # noqa: B023
         expected: dict[str, int] = {}
         for _, reason in forged:
             expected[reason] = expected.get(reason, 0) + 1
         assert agent.rejected_models == expected
         assert agent.current_version == 1
-        stored = (device.state_dir / GLOBAL_MODEL_FILE).read_bytes()
-        assert wire.decode(stored, wire.GlobalModel, device.aggregator.verifier()).version == 1
+        assert stored_version(device) == 1
         # an old version, validly signed, is refused too (no rollback by replay)
-        aggregator.publish_model(0)
+        aggregator.publish(topics.model(FED), model_payload(0, device.aggregator))
+        aggregator.announce(next(announced))
         wait_until(lambda: agent.rejected_models.get("old_version") == 1)
         # a model for another federation
         aggregator.publish(
             topics.model(FED), wire.encode(global_model(9, fed="other"), device.aggregator)
         )
+        aggregator.announce(next(announced))
         wait_until(lambda: agent.rejected_models.get("federation") == 1)
         assert len(aggregator.received()) == 1
         # the agent still works: a valid new version is trained on
-        aggregator.publish_model(7)
+        aggregator.publish_model(next(announced))
         updates = aggregator.wait_updates(2)
-        assert [u.base_version for u in updates] == [1, 7]
+        assert [u.base_version for u in updates] == [1, 10]
     finally:
         runner.stop()
 
@@ -283,7 +318,8 @@ def test_permanent_broker_refusal_drops_the_update(
     request.addfinalizer(lambda: shutil.rmtree(acl_dir, ignore_errors=True))
     acl = acl_dir / "acl"
     acl.write_text(
-        "topic readwrite fl/+/model\ntopic readwrite fl/+/plan\n"
+        "topic readwrite fl/+/model\ntopic readwrite fl/+/plan\ntopic readwrite fl/+/spec\n"
+        "topic readwrite fl/+/announce\n"
         "topic readwrite fl/+/model/onnx\ntopic readwrite fl/+/status/#\n"
         "topic read fl/+/updates/#\n"
     )
@@ -312,3 +348,189 @@ def test_permanent_broker_refusal_drops_the_update(
                 runner.stop()
         finally:
             agg.close()
+
+
+def test_model_waits_for_its_spec_and_a_restart_offline_uses_the_stored_spec(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    other = ModelSpec("softmax", N_FEATURES, N_CLASSES)  # the same shape, other preprocessing
+    aggregator.spec_published = True  # the model comes first, its spec later
+    aggregator.publish_model(1)
+    agent = EdgeAgent(device.config(broker))
+    runner = AgentThread(agent)
+    try:
+        wait_until(lambda: agent.rejected_models.get("unknown_spec", 0) >= 1)
+        assert agent.current_version is None and agent.rounds_completed == 0
+        # a spec signed by another key is refused and resolves nothing
+        forged = wire.encode(wire.SpecMessage(FED, "aggregator", SPEC), Ed25519Signer.generate())
+        aggregator.publish(topics.spec(FED), forged)
+        wait_until(lambda: agent.rejected.get("spec/signature", 0) >= 1)
+        assert agent.current_version is None
+        # a genuine spec of another architecture does not resolve it either
+        aggregator.publish_spec(other)
+        wait_until(lambda: other.fingerprint() in agent.specs)
+        assert agent.current_version is None
+        # the model's own spec arrives: the model waiting for it is accepted and trained on
+        aggregator.publish_spec(SPEC)
+        [update] = aggregator.wait_updates(1)
+        assert update.base_version == 1 and update.spec_fingerprint == SPEC.fingerprint()
+    finally:
+        runner.stop()
+    # Only the model's spec and the newest one are kept (here the same).
+    assert sorted(p.name for p in spec_files(device.state_dir)) == [spec_file(SPEC.fingerprint())]
+    broker.stop()
+    restarted = EdgeAgent(device.config(broker))
+    runner = AgentThread(restarted)
+    try:
+        wait_until(lambda: restarted.current_version == 1)  # offline, from the state directory
+        assert restarted.rejected_models == {}
+    finally:
+        runner.stop()
+
+
+def _model_bytes(version: int, device: Device) -> int:
+    return len(model_payload(version, device.aggregator))
+
+
+def test_fetch_on_ready_downloads_the_newest_model_only_when_ready(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """A throttled device downloads one model per round, the newest, not every version."""
+    aggregator.publish_model(1)
+    agent = EdgeAgent(device.config(broker, training={"interval_s": 2.0}))
+    runner = AgentThread(agent)
+    try:
+        [first] = aggregator.wait_updates(1)
+        assert first.base_version == 1
+        for v in range(2, 21):  # 19 versions while the device may not train
+            aggregator.publish_model(v)
+        updates = aggregator.wait_updates(2)
+        assert [u.base_version for u in updates] == [1, 20]  # trained on the newest
+        wait_until(lambda: agent.announced == 20)
+    finally:
+        runner.stop()
+    assert agent.rounds_completed == 2 and agent.fetches == 2
+    # two models downloaded (v1 and v20), where pushing every version would have sent 20
+    assert agent.downloaded["model"] == _model_bytes(1, device) + _model_bytes(20, device)
+    assert 0 < agent.downloaded["announce"] < agent.downloaded["model"]
+    assert agent.rejected == {}
+
+
+def test_offline_device_downloads_nothing_and_fetches_once_when_back(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    aggregator.publish_model(1)
+    agent = EdgeAgent(device.config(broker))
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+    finally:
+        runner.stop()
+    for v in range(2, 31):  # published while the device is away (its session persists)
+        aggregator.publish_model(v)
+    back = EdgeAgent(device.config(broker))
+    runner = AgentThread(back)
+    try:
+        updates = aggregator.wait_updates(2)
+        assert updates[1].base_version == 30
+        assert back.current_version == 30
+    finally:
+        runner.stop()
+    # one model, one announcement (the retained, newest one): nothing queued while away
+    assert back.fetches == 1
+    assert back.downloaded["model"] == _model_bytes(30, device)
+    assert back.downloaded["announce"] == len(aggregator.announce_payload(30))
+
+
+def test_forged_and_stale_announcements_change_nothing(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    aggregator.publish_model(3)
+    agent = EdgeAgent(device.config(broker))
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+        wait_until(lambda: agent.fetches == 1 and agent.announced == 3)
+        # signed by another key, announcing a far newer version
+        aggregator.announce(1000, signer=Ed25519Signer.generate())
+        wait_until(lambda: agent.rejected.get("announce/signature") == 1)
+        # validly signed but older: a replayed announcement
+        aggregator.announce(2)
+        wait_until(lambda: agent.rejected.get("announce/old_version") == 1)
+        # the current one replayed: nothing to do, nothing counted
+        aggregator.announce(3)
+        # for another federation
+        other = wire.Announce("other", "aggregator", 1000, SPEC.fingerprint())
+        aggregator.publish(topics.announce(FED), wire.encode(other, device.aggregator))
+        wait_until(lambda: agent.rejected.get("announce/federation") == 1)
+        assert agent.announced == 3 and agent.fetches == 1
+        assert agent.downloaded["model"] == _model_bytes(3, device)
+        assert agent.current_version == 3 and len(aggregator.received()) == 1
+        # a genuine newer one is still followed
+        aggregator.publish_model(4)
+        assert [u.base_version for u in aggregator.wait_updates(2)] == [3, 4]
+    finally:
+        runner.stop()
+    assert agent.fetches == 2
+
+
+def test_a_model_subscription_left_in_the_session_is_dropped(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """A session that still subscribes the model (an agent killed mid-fetch, or one of an
+    earlier release that subscribed to every version) stops receiving models once the agent
+    connects: it asks only when ready."""
+    old = paho.Client(CallbackAPIVersion.VERSION2, client_id=device.device_id, protocol=paho.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600
+    subscribed = threading.Event()
+    old.on_subscribe = lambda *a: subscribed.set()
+    old.connect(broker.host, broker.port, clean_start=False, properties=props)
+    old.loop_start()
+    old.subscribe(topics.model(FED), qos=1)
+    assert subscribed.wait(5)
+    old.disconnect()
+    old.loop_stop()
+    # The device holds v1 already and may train once an hour: it never needs to fetch here.
+    aggregator.publish_plan(min_interval_s=3600.0)
+    aggregator.publish_model(1)  # also queued for the session
+    store_model(device.state_dir, 1, device.aggregator)
+    agent = EdgeAgent(device.config(broker))
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)  # its one round, on the stored v1
+        wait_until(lambda: agent.announced == 1)
+        before = agent.downloaded["model"]  # at most the v1 queued for the session
+        for v in range(2, 12):
+            aggregator.publish_model(v)
+        wait_until(lambda: agent.announced == 11)
+        aggregator.publish_plan(revision=2, min_interval_s=3600.0)  # a barrier: in order
+        wait_until(lambda: agent.plan is not None and agent.plan.revision == 2)
+        assert agent.downloaded["model"] == before <= _model_bytes(1, device)
+        assert agent.fetches == 0 and agent.current_version == 1
+    finally:
+        runner.stop()
+
+
+@pytest.mark.parametrize("predicts", [True, False])
+def test_only_a_predicting_device_receives_the_onnx_export(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator, predicts: bool
+) -> None:
+    export = wire.encode(wire.OnnxModel(FED, "aggregator", 1, b"ONNX" * 500), device.aggregator)
+    aggregator.publish(topics.model_onnx(FED), export)
+    aggregator.publish_model(1)
+    agent = EdgeAgent(device.config(broker, inference={"onnx": predicts}))
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+        aggregator.publish_plan(revision=1)  # a barrier: delivered after anything sent before
+        wait_until(lambda: agent.plan is not None)
+    finally:
+        runner.stop()
+    stored = device.state_dir / ONNX_MODEL_FILE
+    if predicts:
+        assert agent.onnx_version == 1 and stored.read_bytes() == export
+        assert agent.downloaded["onnx"] == len(export)
+    else:
+        assert agent.onnx_version is None and not stored.exists()
+        assert agent.downloaded["onnx"] == 0

@@ -17,12 +17,12 @@ import pytest
 from test_agent_helpers import (
     FakeAggregator,
     make_device,
-    model_payload,
+    store_model,
     wait_until,
 )
 
 from edge_agent.check import run_check
-from edge_agent.state import GLOBAL_MODEL_FILE, OUTBOX_DIR, STATE_FILE
+from edge_agent.state import OUTBOX_DIR, STATE_FILE
 from fedmqtt.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(90)
@@ -84,7 +84,7 @@ def test_sigkill_with_queued_update_then_restart_delivers_it(
     broker.stop()
     # The device received and verified v3 earlier; after a reboot it trains offline.
     device.state_dir.mkdir(parents=True)
-    (device.state_dir / GLOBAL_MODEL_FILE).write_bytes(model_payload(3, device.aggregator))
+    store_model(device.state_dir, 3, device.aggregator)
     config = device.write_toml(broker)
     log = tmp_path / "agent.log"
     outbox = device.state_dir / OUTBOX_DIR
@@ -148,7 +148,7 @@ def test_sigterm_during_a_long_round_stops_fast_and_writes_nothing(
     )
     flag = tmp_path / "loading"
     device.state_dir.mkdir(parents=True)
-    (device.state_dir / GLOBAL_MODEL_FILE).write_bytes(model_payload(1, device.aggregator))
+    store_model(device.state_dir, 1, device.aggregator)
     config = device.write_toml(
         broker,
         data={"source": "plugin", "plugin": "slow_sensor:load", "plugin_args": {"flag": str(flag)}},
@@ -185,7 +185,7 @@ def test_a_training_round_stays_light(tmp_path: Path) -> None:
     """A full round with a numpy model (offline, from a stored model) imports nothing heavy."""
     device = make_device(tmp_path / "dev")
     device.state_dir.mkdir(parents=True)
-    (device.state_dir / GLOBAL_MODEL_FILE).write_bytes(model_payload(1, device.aggregator))
+    store_model(device.state_dir, 1, device.aggregator)
     config = device.write_toml(None, port=1)
     code = textwrap.dedent(f"""
         import json, sys, threading, time

@@ -201,12 +201,13 @@ class ModelWatcher:
         self.latest: wire.GlobalModel | None = None
         self.cond = threading.Condition()
         self._verifier = verifier
+        self._specs: dict[str, Any] = {}  # a model names its spec, published before it
         subscribed = threading.Event()
 
         def on_connect(c: mqtt.Client, *a: Any) -> None:
             c.on_message = self._on_message
             c.on_subscribe = lambda *a: subscribed.set()
-            c.subscribe(topics.model(FED), 1)
+            c.subscribe([(topics.spec(FED), 1), (topics.model(FED), 1)])
 
         self.c = client(port, on_connect=on_connect)
         if not subscribed.wait(10):
@@ -214,7 +215,11 @@ class ModelWatcher:
 
     def _on_message(self, c: Any, u: Any, msg: Any) -> None:
         try:
-            m = wire.decode(msg.payload, wire.GlobalModel, self._verifier)
+            if msg.topic == topics.spec(FED):
+                spec = wire.decode(msg.payload, wire.SpecMessage, self._verifier)
+                self._specs[spec.fingerprint] = spec.spec
+                return
+            m = wire.decode(msg.payload, wire.GlobalModel, self._verifier, specs=self._specs)
         except Exception as e:  # recorded for the test
             self.bad.append(repr(e))
             return

@@ -25,6 +25,7 @@ from edge_agent.predictor import (
     PredictorError,
     predict_cli,
 )
+from edge_agent.state import spec_file
 from fedmqtt import wire
 from fedmqtt.models import ModelSpec, forward, init_params
 from fedmqtt.onnx_export import export_onnx
@@ -107,6 +108,8 @@ def _write_global_msg(
     msg = wire.GlobalModel(fed, "aggregator", version, spec, params, created_at=200.0)
     state.mkdir(parents=True, exist_ok=True)
     (state / GLOBAL_MODEL_FILE).write_bytes(wire.encode(msg, signer))
+    spec_msg = wire.SpecMessage(fed, "aggregator", spec)
+    (state / spec_file(spec.fingerprint())).write_bytes(wire.encode(spec_msg, signer))
 
 
 def _expect_same(pred: Predictor, spec: ModelSpec, params: Params, X: npt.ArrayLike) -> None:

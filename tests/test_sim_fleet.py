@@ -42,6 +42,11 @@ def test_agents_in_processes_learn_and_lose_nothing() -> None:
     # Every update an agent saw acknowledged reached the aggregator, and every received update
     # was accepted or refused with a reason.
     assert s["updates_received"] >= s["updates_delivered_by_agents"] > 0
+    # The hosts report what their devices received, across the outages' agent restarts.
+    per_device = s["bytes_downloaded_per_device"]
+    assert len(per_device) == 6 and all(v > 0 for v in per_device.values())
+    assert s["bytes_downloaded"] == sum(per_device.values())
+    assert s["history"][-1]["bytes_downloaded"] > 0  # live, from the hosts' periodic reports
     assert s["updates_received"] == s["updates_accepted"] + sum(s["updates_rejected"].values())
 
 

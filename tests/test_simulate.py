@@ -16,9 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from simulator.runner import SimConfig, run_simulation
+from fedmqtt import wire
+from fedmqtt.models import init_params
+from fedmqtt.signing import Ed25519Signer
+from simulator.runner import SimConfig, federation_data, run_simulation
 
 # The seed also fixes the digits train/test split. The goals assume a split whose
 # centralized reference is ~0.965-0.97; seed 0's is 0.967 (seed 2's, for comparison, is 0.953,
@@ -97,6 +101,46 @@ def test_summary_json_and_plot(tmp_path: Path) -> None:
         assert key in s
     assert s["time_to_target_s"] is not None and s["uploads_to_target"] > 0
     assert s["bytes_uploaded"] > 0
+    # Both directions are counted: the devices received at least the plan, the spec and one
+    # model each, and bytes to target add the two directions at the point the target was met.
+    per_device = s["bytes_downloaded_per_device"]
+    assert sorted(per_device) == [f"dev{i:04d}" for i in range(4)]
+    assert all(v > 0 for v in per_device.values())
+    assert (
+        s["bytes_downloaded"]
+        == sum(per_device.values())
+        == sum(s["bytes_downloaded_by_kind"].values())
+    )
+    assert {"model", "plan"} <= set(s["bytes_downloaded_by_kind"])
+    assert s["bytes_downloaded_to_target"] > 0
+    assert s["bytes_to_target"] == s["bytes_uploaded_to_target"] + s["bytes_downloaded_to_target"]
+    last = s["history"][-1]
+    assert 0 < last["bytes_downloaded"] <= s["bytes_downloaded"]
+    assert s["bytes_written_by_agents"] > 0
+    # a model is fetched for a round, not pushed for every version
+    assert 0 < s["model_fetches_by_agents"] <= s["rounds_by_agents"] + 4
+    spec = federation_data(cfg).spec
+    params = init_params(spec, np.random.default_rng(0))
+    one_model = len(
+        wire.encode(
+            wire.GlobalModel(
+                "sim",
+                "aggregator",
+                10**6,
+                spec,
+                params,
+                stats={"updates": 1.0, "samples": 1.0, "staleness_mean": 1.0, "staleness_max": 1.0},
+            ),
+            Ed25519Signer.generate(),
+        )
+    )
+    models = s["bytes_downloaded_by_kind"]["model"] / one_model
+    # A version published while a fetch's subscription is open also arrives (until the
+    # unsubscribe reaches the broker): a margin for that, far below one model per version.
+    assert models <= 1.5 * (s["model_fetches_by_agents"] + 4)
+    assert models < 0.75 * 4 * s["versions"]  # pushed, each device would get every version
+    assert s["bytes_per_accepted_update"]["downloaded"] > 0
+    assert "down" in out.getvalue()  # the progress line shows the downlink
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "version" in out.getvalue()  # the progress display ran
 

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmqtt import wire
-from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, DecodeError
+from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, UNKNOWN_SPEC, DecodeError
+from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import Ed25519Signer, HmacKey
 
 DEV_KEY = HmacKey(b"k" * 32)
@@ -136,17 +137,72 @@ def test_truncated_messages_raise_only_decode_error(cut: int) -> None:
         wire.decode(payload[: min(cut, len(payload) - 1)], wire.Update, DEV_KEY)
 
 
-def test_global_model_round_trip() -> None:
-    from fedmqtt.models.spec import ModelSpec
+SPEC = ModelSpec("softmax", 4, 3, feature_offset=(0.5,) * 4, feature_scale=(2.0,) * 4)
 
-    spec = ModelSpec("softmax", 4, 3)
+
+def _model(version: int = 5, spec: ModelSpec = SPEC) -> wire.GlobalModel:
     rng = np.random.default_rng(0)
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in spec.param_shapes().items()}
-    g = wire.GlobalModel("fed", "aggregator", 5, spec, params, stats={"acc": 0.9}, created_at=2.0)
-    back = wire.decode(wire.encode(g, AGG_KEY), wire.GlobalModel, AGG_KEY.verifier())
-    assert back.version == 5 and back.spec == spec and back.stats == {"acc": 0.9}
-    for k, v in params.items():
+    return wire.GlobalModel(
+        "fed", "aggregator", version, spec, params, stats={"acc": 0.9}, created_at=2.0
+    )
+
+
+def test_global_model_round_trip_resolves_its_spec_by_fingerprint() -> None:
+    g = _model()
+    payload = wire.encode(g, AGG_KEY)
+    body = msgpack.unpackb(wire.open_envelope(payload).body)
+    assert body["v"] == wire.MODEL_VERSION and body["spec"] == SPEC.fingerprint()
+    assert "feature_offset" not in str(body)  # the spec itself is not in the model message
+    back = wire.decode(
+        payload, wire.GlobalModel, AGG_KEY.verifier(), specs={SPEC.fingerprint(): SPEC}
+    )
+    assert back.version == 5 and back.spec == SPEC and back.stats == {"acc": 0.9}
+    for k, v in g.params.items():
         np.testing.assert_array_equal(back.params[k], v)
+
+
+@pytest.mark.parametrize("specs", [None, {}, {"0123456789abcdef": SPEC}])
+def test_a_model_naming_an_unknown_spec_is_refused(specs: dict[str, ModelSpec] | None) -> None:
+    with pytest.raises(DecodeError) as e:
+        wire.decode(
+            wire.encode(_model(), AGG_KEY), wire.GlobalModel, AGG_KEY.verifier(), specs=specs
+        )
+    assert e.value.reason == UNKNOWN_SPEC
+
+
+def test_a_v1_model_with_its_spec_inline_is_still_read() -> None:
+    body = {**_model().to_body(), "v": 1, "spec": SPEC.to_wire()}
+    back = wire.decode(wire.seal(body, AGG_KEY), wire.GlobalModel, AGG_KEY.verifier())
+    assert back.spec == SPEC and back.version == 5
+
+
+def test_only_the_model_speaks_v2() -> None:
+    for msg in (wire.SpecMessage("fed", "aggregator", SPEC), wire.Announce("fed", "a", 3, "ab")):
+        body = {**msg.to_body(), "v": 2}
+        with pytest.raises(DecodeError, match="version"):
+            wire.decode(wire.seal(body, AGG_KEY), type(msg), AGG_KEY.verifier())
+    body = {**_model().to_body(), "v": 3}
+    with pytest.raises(DecodeError, match="version"):
+        wire.decode(wire.seal(body, AGG_KEY), wire.GlobalModel, AGG_KEY.verifier(), specs={})
+
+
+def test_spec_message_round_trip_and_fingerprint_check() -> None:
+    msg = wire.SpecMessage("fed", "aggregator", SPEC, created_at=3.0)
+    back = wire.decode(wire.encode(msg, AGG_KEY), wire.SpecMessage, AGG_KEY.verifier())
+    assert back == msg and back.fingerprint == SPEC.fingerprint()
+    # a declared fingerprint that is not the spec's is refused, even when signed
+    body = {**msg.to_body(), "fingerprint": "0123456789abcdef"}
+    with pytest.raises(DecodeError, match="fingerprint") as e:
+        wire.decode(wire.seal(body, AGG_KEY), wire.SpecMessage, AGG_KEY.verifier())
+    assert e.value.reason == SCHEMA
+
+
+def test_announce_round_trip() -> None:
+    msg = wire.Announce("fed", "aggregator", 12, SPEC.fingerprint(), created_at=4.0)
+    payload = wire.encode(msg, AGG_KEY)
+    assert wire.decode(payload, wire.Announce, AGG_KEY.verifier()) == msg
+    assert len(payload) < 200
 
 
 def test_layout_offsets_are_computed_once_and_read_only() -> None:
