@@ -36,12 +36,54 @@ VERSION: Final = 1
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 _MAX_HEADER_BYTES: Final = 512
 # msgpack's limits for a body (besides max_bytes for binary fields): a hostile length prefix is
-# refused before anything is allocated. aggregator.updatebody mirrors them.
+# refused before anything is allocated. aggregator.updatebody declares them as type constraints.
 MAX_STR_BYTES: Final = 1 << 20
 MAX_ARRAY_LEN: Final = 1 << 16
 MAX_MAP_LEN: Final = 1 << 12
-UPDATE_ID_CHARS: Final = (8, 64)  # an update id's shortest and longest length
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BodyField:
+    """One field of a message body, as the receiver checks it.
+
+    ``kind`` is the msgpack type: ``int`` (never a bool), ``float`` (an int or a float, finite
+    when ``finite``), ``str`` or ``dict`` (a map with text keys, at most :data:`MAX_MAP_LEN`
+    entries; ``values=float``: each value a number, ``values=None``: values checked later, by
+    their own owner). ``const``: the only value allowed. ``lo``: the smallest value of an int,
+    or the fewest characters of a str; ``hi``: the most characters of a str. Every field is
+    required, and a str is also bounded by :data:`MAX_STR_BYTES` in UTF-8.
+    """
+
+    name: str
+    kind: type
+    const: int | str | None = None
+    lo: int | None = None
+    hi: int | None = None
+    values: type | None = None
+    finite: bool = False
+
+
+UPDATE_FIELDS: Final = (
+    BodyField("v", int, const=VERSION),
+    BodyField("type", str, const="update"),
+    BodyField("federation", str),
+    BodyField("sender", str),
+    BodyField("update_id", str, lo=8, hi=64),
+    BodyField("seq", int, lo=0),
+    BodyField("base_version", int, lo=0),
+    BodyField("num_samples", int, lo=1),
+    BodyField("spec", str),
+    BodyField("metrics", dict, values=float),
+    BodyField("created_at", float, finite=True),
+    BodyField("delta", dict),  # tensor maps, checked by fedmqtt.codecs when decoded
+)
+"""The update body: the one declaration of its fields, types and limits.
+
+:meth:`Update.from_body` checks a body against it, in this order, and
+``aggregator.updatebody``'s msgspec types declare the same (tests/test_updatebody.py compares
+the two field by field)."""
+UPDATE_FIELD: Final = {f.name: f for f in UPDATE_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -125,7 +167,7 @@ def unpack_map(data: bytes | memoryview, *, max_bytes: int) -> dict[str, Any]:
 
 def _check_version(m: dict[Any, Any]) -> None:
     v = m.get("v")
-    if v != VERSION or isinstance(v, bool):
+    if type(v) is not int or v != VERSION:  # neither a bool nor a float such as 1.0
         raise DecodeError(SCHEMA, f"unsupported schema version {v!r} (this build speaks {VERSION})")
 
 
@@ -173,6 +215,26 @@ def _float_map(m: Mapping[str, Any], key: str) -> dict[str, float]:
         if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DecodeError(SCHEMA, f"field {key!r} must map names to numbers")
         out[k] = float(v)
+    return out
+
+
+def _read(m: Mapping[str, Any], fields: tuple[BodyField, ...]) -> dict[str, Any]:
+    """The values of ``fields`` in ``m``, each checked against its declaration, in order."""
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.kind is float:
+            v: Any = _number(m, f.name) if f.finite else float(field_of(m, f.name, (int, float)))
+        elif f.kind is dict and f.values is float:
+            v = _float_map(m, f.name)
+        else:
+            v = field_of(m, f.name, f.kind)
+        if f.const is not None and v != f.const:
+            raise DecodeError(SCHEMA, f"field {f.name!r} must be {f.const!r}, got {v!r}")
+        if f.kind is int and f.lo is not None and v < f.lo:
+            raise DecodeError(SCHEMA, f"field {f.name!r} must be >= {f.lo}")
+        if f.kind is str and not (f.lo or 0) <= len(v) <= (f.hi or len(v)):
+            raise DecodeError(SCHEMA, f"{f.name} must be {f.lo}-{f.hi} characters")
+        out[f.name] = v
     return out
 
 
@@ -224,25 +286,18 @@ class Update:
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any]) -> Update:
-        fed, sender = _common(m, "update")
-        update_id = field_of(m, "update_id", str)
-        shortest, longest = UPDATE_ID_CHARS
-        if not shortest <= len(update_id) <= longest:
-            raise DecodeError(SCHEMA, f"update_id must be {shortest}-{longest} characters")
-        num_samples = _nonneg_int(m, "num_samples")
-        if num_samples == 0:
-            raise DecodeError(SCHEMA, "num_samples must be positive")
+        f = _read(m, UPDATE_FIELDS)
         return cls(
-            federation=fed,
-            sender=sender,
-            update_id=update_id,
-            seq=_nonneg_int(m, "seq"),
-            base_version=_nonneg_int(m, "base_version"),
-            num_samples=num_samples,
-            spec_fingerprint=field_of(m, "spec", str),
-            delta=field_of(m, "delta", dict),
-            metrics=_float_map(m, "metrics"),
-            created_at=_number(m, "created_at"),
+            federation=f["federation"],
+            sender=f["sender"],
+            update_id=f["update_id"],
+            seq=f["seq"],
+            base_version=f["base_version"],
+            num_samples=f["num_samples"],
+            spec_fingerprint=f["spec"],
+            delta=f["delta"],
+            metrics=f["metrics"],
+            created_at=f["created_at"],
         )
 
 
