@@ -56,6 +56,20 @@ def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["status", "--config", str(tmp_path / "missing.toml")]) == 78
 
 
+@pytest.mark.parametrize("mode", [0o640, 0o604])
+def test_run_refuses_a_password_file_group_or_others_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    pw = tmp_path / "broker.password"
+    pw.write_text("s3cret\n")
+    pw.chmod(mode)
+    cfg = write_config(tmp_path, broker={"username": "aggregator", "password_file": str(pw)})
+    assert main(["init", "--config", str(cfg)]) == 0
+    assert main(["run", "--config", str(cfg)]) == 78
+    err = capsys.readouterr().err
+    assert f"{pw} is readable by group/others (mode {mode:o}); run: chmod 600 {pw}" in err
+
+
 def test_init_refuses_a_changed_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write_config(tmp_path)
     assert main(["init", "--config", str(cfg)]) == 0

@@ -17,7 +17,6 @@ from aggregator.checkpoint import CheckpointError, CheckpointStore, decode_state
 from aggregator.config import AggregatorConfig, StrategyConfig, load_config
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.metrics import Metrics, RejectionLog
-from aggregator.mqtt import backoff_delay
 from aggregator.replay import ReplayWindow
 from aggregator.service import AckQueue
 from aggregator.statusfile import format_status, read_status, write_status
@@ -26,6 +25,7 @@ from aggregator.validate import UpdateMeta
 from fedmqtt import topics
 from fedmqtt.aggregation import fedbuff_aggregate
 from fedmqtt.errors import ConfigError
+from fedmqtt.mqttconf import backoff_delay
 
 ROOT = Path(__file__).resolve().parent.parent
 
