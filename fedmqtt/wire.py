@@ -348,12 +348,11 @@ class GlobalModel:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What devices should do next: local training hyperparameters and upload codec."""
+class PlanSettings:
+    """A plan's training settings with their defaults: the aggregator's ``[plan]`` table and
+    what a device uses before it has received a plan. The ranges a plan's ``epochs`` and
+    ``batch_size`` must be in are :data:`PLAN_EPOCHS` and :data:`PLAN_BATCH_SIZE`."""
 
-    federation: str
-    sender: str
-    revision: int
     epochs: int = 1
     lr: float = 0.05
     batch_size: int = 32
@@ -361,6 +360,28 @@ class Plan:
     mu: float = 0.0
     codec: str = "int8"
     min_interval_s: float = 0.0
+
+
+PLAN_DEFAULTS: Final = PlanSettings()
+PLAN_EPOCHS: Final = (1, 1000)  # the fewest and most local epochs a plan may ask for
+PLAN_BATCH_SIZE: Final = (1, 1 << 20)  # the smallest and largest batch size
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What devices should do next: local training hyperparameters and upload codec (each
+    defaulting to :data:`PLAN_DEFAULTS`)."""
+
+    federation: str
+    sender: str
+    revision: int
+    epochs: int = PLAN_DEFAULTS.epochs
+    lr: float = PLAN_DEFAULTS.lr
+    batch_size: int = PLAN_DEFAULTS.batch_size
+    momentum: float = PLAN_DEFAULTS.momentum
+    mu: float = PLAN_DEFAULTS.mu
+    codec: str = PLAN_DEFAULTS.codec
+    min_interval_s: float = PLAN_DEFAULTS.min_interval_s
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_body(self) -> dict[str, Any]:
@@ -384,7 +405,9 @@ class Plan:
     def from_body(cls, m: Mapping[str, Any]) -> Plan:
         fed, sender = _common(m, "plan")
         epochs, batch = _nonneg_int(m, "epochs"), _nonneg_int(m, "batch_size")
-        if not 1 <= epochs <= 1000 or not 1 <= batch <= 1 << 20:
+        if not PLAN_EPOCHS[0] <= epochs <= PLAN_EPOCHS[1] or not (
+            PLAN_BATCH_SIZE[0] <= batch <= PLAN_BATCH_SIZE[1]
+        ):
             raise DecodeError(SCHEMA, "plan epochs/batch_size out of range")
         return cls(
             federation=fed,
