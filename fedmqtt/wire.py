@@ -233,7 +233,7 @@ def _read(m: Mapping[str, Any], fields: tuple[BodyField, ...]) -> dict[str, Any]
         if f.kind is int and f.lo is not None and v < f.lo:
             raise DecodeError(SCHEMA, f"field {f.name!r} must be >= {f.lo}")
         if f.kind is str and not (f.lo or 0) <= len(v) <= (f.hi or len(v)):
-            raise DecodeError(SCHEMA, f"{f.name} must be {f.lo}-{f.hi} characters")
+            raise DecodeError(SCHEMA, f"{f.name} must be {f.lo or 0}-{f.hi or 'any'} characters")
         out[f.name] = v
     return out
 
