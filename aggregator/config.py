@@ -25,6 +25,7 @@ from fedmqtt.models.spec import KINDS, ModelSpec
 from fedmqtt.mqttconf import read_connection
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import PUBLIC_SHARED_GROUP, check_id
+from fedmqtt.wire import PLAN_BATCH_SIZE, PLAN_EPOCHS, PlanSettings
 
 __all__ = [
     "AggregatorConfig",
@@ -108,15 +109,7 @@ class StrategyConfig:
         return "clip" in self.robust
 
 
-@dataclass(frozen=True)
-class PlanConfig:
-    epochs: int = 1
-    lr: float = 0.05
-    batch_size: int = 32
-    momentum: float = 0.9
-    mu: float = 0.0
-    codec: str = "int8"
-    min_interval_s: float = 0.0
+PlanConfig = PlanSettings  # [plan]: the wire module owns its options and their defaults
 
 
 @dataclass(frozen=True)
@@ -437,10 +430,11 @@ def _plan(t: Table) -> PlanConfig:
     momentum = t.number("momentum", d.momentum, lo=0.0)
     if momentum >= 1.0:
         raise t.error("momentum", "must be in [0, 1)")
+    (e_lo, e_hi), (b_lo, b_hi) = PLAN_EPOCHS, PLAN_BATCH_SIZE
     return PlanConfig(
-        epochs=t.integer("epochs", d.epochs, lo=1, hi=1000),
+        epochs=t.integer("epochs", d.epochs, lo=e_lo, hi=e_hi),
         lr=lr,
-        batch_size=t.integer("batch_size", d.batch_size, lo=1, hi=1 << 20),
+        batch_size=t.integer("batch_size", d.batch_size, lo=b_lo, hi=b_hi),
         momentum=momentum,
         mu=t.number("mu", d.mu, lo=0.0),
         codec=codec,

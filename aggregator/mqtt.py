@@ -62,6 +62,7 @@ from paho.mqtt.properties import Properties
 from aggregator.config import BrokerConfig
 from aggregator.publishpacket import MalformedPublishError, decode_publish
 from aggregator.readahead import WOULD_BLOCK, ReadAhead
+from fedmqtt.mqttconf import backoff_delay, broker_password
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +98,6 @@ class Incoming:
         self.qos = qos
         self.generation = generation
         self.received = time.monotonic()
-
-
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
-    """Full jitter with a floor: uniform(lo, min(hi, lo * 2**attempt))."""
-    return rng.uniform(lo, min(hi, lo * 2.0 ** min(attempt, 30)))
-
-
-def read_password(cfg: BrokerConfig) -> str | None:
-    if cfg.password_file is None:
-        return None
-    try:
-        return cfg.password_file.read_text().strip()
-    except OSError as e:
-        from fedmqtt.errors import ConfigError
-
-        raise ConfigError(f"[broker] password_file {cfg.password_file}: {e.strerror}") from None
 
 
 class MqttLink:
@@ -300,7 +285,7 @@ class MqttLink:
             cfg.host,
             cfg.port,
             username=cfg.username,
-            password=read_password(cfg),
+            password=broker_password(cfg),
             identifier=cfg.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,

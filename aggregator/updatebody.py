@@ -8,7 +8,10 @@ and the views keep it alive). ``bench/engine.py --parsers`` measured the engine'
 update at d = 1e5 at 75 against 88 µs (int8) and 125 against 171 µs (raw), and at d = 1e6 at
 672 against 1,030 µs (int8) (docs/benchmarks.md).
 
-The rules stay those of :mod:`fedmqtt.wire`, which remains the reference: this decoder accepts
+The rules are :data:`fedmqtt.wire.UPDATE_FIELDS`, the one declaration of the update body, which
+:func:`fedmqtt.wire.parse` checks field by field; ``_Body`` below declares the same fields, types
+and limits as msgspec types (tests/test_updatebody.py compares them field by field, and every
+change to one must be made to the other). The reference stays the wire module: this decoder accepts
 only bodies the reference accepts, and yields the same :class:`~fedmqtt.wire.Update` (tensor
 bytes as views instead of copies). Everything else -- any msgspec error, a field the types
 below do not declare, a string or container longer than the reference allows -- is handed to
@@ -33,8 +36,8 @@ from msgspec import UNSET, Meta, UnsetType
 from fedmqtt import wire
 
 _MAX_TEXT: Final = wire.MAX_STR_BYTES // 4  # characters: at most MAX_STR_BYTES in UTF-8
+_F: Final = wire.UPDATE_FIELD
 Text = Annotated[str, Meta(max_length=_MAX_TEXT)]
-Count = Annotated[int, Meta(ge=0)]
 
 
 class _Tensor(msgspec.Struct, forbid_unknown_fields=True):
@@ -50,18 +53,16 @@ class _Tensor(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True):
-    """The fields :meth:`fedmqtt.wire.Update.from_body` reads, with its constraints."""
+    """:data:`fedmqtt.wire.UPDATE_FIELDS` as msgspec types, in the same order."""
 
     v: Literal[1]
     type: Literal["update"]
     federation: Text
     sender: Text
-    update_id: Annotated[
-        str, Meta(min_length=wire.UPDATE_ID_CHARS[0], max_length=wire.UPDATE_ID_CHARS[1])
-    ]
-    seq: Count
-    base_version: Count
-    num_samples: Annotated[int, Meta(gt=0)]
+    update_id: Annotated[str, Meta(min_length=_F["update_id"].lo, max_length=_F["update_id"].hi)]
+    seq: Annotated[int, Meta(ge=_F["seq"].lo)]
+    base_version: Annotated[int, Meta(ge=_F["base_version"].lo)]
+    num_samples: Annotated[int, Meta(ge=_F["num_samples"].lo)]
     spec: Text
     metrics: Annotated[dict[Text, float], Meta(max_length=wire.MAX_MAP_LEN)]
     created_at: float

@@ -52,7 +52,7 @@ from edge_agent import state as st
 from edge_agent.config import AgentConfig
 from edge_agent.data import DataError, load_data
 from edge_agent.logs import DeviceLog
-from edge_agent.mqtt import Link, read_password
+from edge_agent.mqtt import Link
 from edge_agent.outbox import Outbox
 from edge_agent.trainer import (
     DataTransform,
@@ -68,6 +68,7 @@ from fedmqtt.codecs import ErrorFeedback
 from fedmqtt.errors import FEDERATION, UNKNOWN_SPEC, DecodeError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes, clean_temp_files, remove_durably
 from fedmqtt.models.spec import ModelSpec
+from fedmqtt.mqttconf import read_password
 from fedmqtt.rand import LightRandom, RandomSource, seed_of
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Verifier, Signer, Verifier, load_update_signer

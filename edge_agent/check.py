@@ -21,9 +21,10 @@ from typing import Any, TextIO
 from edge_agent import state as st
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.data import load_data
-from edge_agent.mqtt import make_client, read_password
+from edge_agent.mqtt import make_client
 from fedmqtt import wire
 from fedmqtt.errors import FedMQTTError
+from fedmqtt.mqttconf import read_password
 from fedmqtt.signing import Ed25519Verifier, load_update_signer
 
 

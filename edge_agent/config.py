@@ -265,14 +265,17 @@ def _training(t: Table) -> TrainingConfig:
     lr = t.opt_number("lr", lo=0.0)
     if lr is not None and lr <= 0:
         raise t.error("lr", "must be > 0")
+    from fedmqtt.wire import PLAN_BATCH_SIZE, PLAN_EPOCHS
+
+    (e_lo, e_hi), (b_lo, b_hi) = PLAN_EPOCHS, PLAN_BATCH_SIZE
     return TrainingConfig(
         interval_s=interval,
         max_updates_per_version=per_version,
         retry_s=t.number("retry_s", d.retry_s, lo=0.0),
         codec=codec,
-        epochs=t.opt_integer("epochs", lo=1, hi=1000),
+        epochs=t.opt_integer("epochs", lo=e_lo, hi=e_hi),
         lr=lr,
-        batch_size=t.opt_integer("batch_size", lo=1, hi=1 << 20),
+        batch_size=t.opt_integer("batch_size", lo=b_lo, hi=b_hi),
         momentum=momentum,
         mu=t.opt_number("mu", lo=0.0),
         seed=t.opt_integer("seed", lo=0),

@@ -50,7 +50,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import edge_agent.lazyimport  # noqa: F401  # before paho, which imports urllib.request
@@ -66,7 +65,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge_agent.config import BrokerConfig
 from edge_agent.logs import DeviceLog
 from edge_agent.outbox import Outbox
-from fedmqtt.errors import ConfigError
+from fedmqtt.mqttconf import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +79,6 @@ PERMANENT_REFUSALS: Final = {
 STABLE_S: Final = 30.0
 _SELECT_MAX_S: Final = 1.0
 _OFFLINE_ACK_WAIT_S: Final = 2.0
-
-
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
-    """Reconnect delay: uniform between ``lo`` and ``min(hi, lo * 2**attempt)``.
-
-    Full jitter spreads a fleet's reconnects over the whole window after a broker restart
-    instead of synchronising them; the floor keeps a device from hammering a broker that
-    accepts and immediately drops it.
-    """
-    cap = min(hi, lo * (2.0 ** min(attempt, 60)))
-    return rng.uniform(lo, max(lo, cap))
-
-
-def read_password(path: Path) -> str:
-    """The broker password from its file (first line); the file must not be group/other-readable."""
-    try:
-        st = path.stat()
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"[broker] password_file: cannot read {path}: {e.strerror}") from None
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"[broker] password_file: {path} is readable by group/others "
-            f"(mode {st.st_mode & 0o777:o}); run: chmod 600 {path}"
-        )
-    lines = text.splitlines()
-    if not lines or not lines[0]:
-        raise ConfigError(f"[broker] password_file: {path} is empty")
-    return lines[0]
 
 
 def make_client(

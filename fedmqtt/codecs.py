@@ -426,7 +426,7 @@ def decode_params_norm(
     each tensor's segment multiplied by its entry. The norm is always that of the decoded
     vector. It saves the aggregator one pass over every int8 update, whose sum with the
     others is a matrix-vector product that takes the scales for free
-    (``aggregator.strategies.base.mean_of_rows``). A small model is decoded in full (all 1.0):
+    (:func:`fedmqtt.aggregation.mean_of_rows`). A small model is decoded in full (all 1.0):
     its norm is taken over the whole vector after decoding.
     """
     flat, sq = _decode_params(obj, layout, limits, out, want_sq=True, scales=scales)

@@ -2,15 +2,19 @@
 
 :class:`BrokerConfig` holds the options with a device's defaults; the aggregator subclasses it
 for its own defaults (a week's session instead of a day, quicker first retry) and its client id.
-The options and their checks live here once.
+The options and their checks live here once, with what both services do with them: read the
+password file (:func:`read_password`, refusing one that group or others may read) and space
+reconnects (:func:`backoff_delay`).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmqtt.errors import ConfigError
 from fedmqtt.tomltable import Table
 
 
@@ -67,3 +71,41 @@ def read_connection(t: Table, d: BrokerConfig, *, min_session_expiry_s: int = 0)
         "reconnect_min_s": rmin,
         "reconnect_max_s": rmax,
     }
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Reconnect delay: uniform between ``lo`` and ``min(hi, lo * 2**attempt)``.
+
+    Full jitter spreads a fleet's reconnects over the whole window after a broker restart
+    instead of synchronising them; the floor keeps a client from hammering a broker that
+    accepts and immediately drops it.
+    """
+    cap = min(hi, lo * (2.0 ** min(attempt, 60)))
+    return rng.uniform(lo, max(lo, cap))
+
+
+def read_password(path: Path) -> str:
+    """The broker password: the first line of ``path``, a file group and others cannot read.
+
+    Raises ConfigError naming ``[broker] password_file`` if the file cannot be read, is empty,
+    or has any group/other permission bit (with the ``chmod`` that fixes it).
+    """
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"[broker] password_file: cannot read {path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"[broker] password_file: {path} is readable by group/others "
+            f"(mode {st.st_mode & 0o777:o}); run: chmod 600 {path}"
+        )
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise ConfigError(f"[broker] password_file: {path} is empty")
+    return lines[0]
+
+
+def broker_password(cfg: BrokerConfig) -> str | None:
+    """The password of ``cfg`` (:func:`read_password`), None without ``password_file``."""
+    return None if cfg.password_file is None else read_password(cfg.password_file)

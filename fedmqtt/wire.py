@@ -43,12 +43,54 @@ _BODY_VERSIONS: Final = (1, 2)  # every body schema some type speaks
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 _MAX_HEADER_BYTES: Final = 512
 # msgpack's limits for a body (besides max_bytes for binary fields): a hostile length prefix is
-# refused before anything is allocated. aggregator.updatebody mirrors them.
+# refused before anything is allocated. aggregator.updatebody declares them as type constraints.
 MAX_STR_BYTES: Final = 1 << 20
 MAX_ARRAY_LEN: Final = 1 << 16
 MAX_MAP_LEN: Final = 1 << 12
-UPDATE_ID_CHARS: Final = (8, 64)  # an update id's shortest and longest length
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BodyField:
+    """One field of a message body, as the receiver checks it.
+
+    ``kind`` is the msgpack type: ``int`` (never a bool), ``float`` (an int or a float, finite
+    when ``finite``), ``str`` or ``dict`` (a map with text keys, at most :data:`MAX_MAP_LEN`
+    entries; ``values=float``: each value a number, ``values=None``: values checked later, by
+    their own owner). ``const``: the only value allowed. ``lo``: the smallest value of an int,
+    or the fewest characters of a str; ``hi``: the most characters of a str. Every field is
+    required, and a str is also bounded by :data:`MAX_STR_BYTES` in UTF-8.
+    """
+
+    name: str
+    kind: type
+    const: int | str | None = None
+    lo: int | None = None
+    hi: int | None = None
+    values: type | None = None
+    finite: bool = False
+
+
+UPDATE_FIELDS: Final = (
+    BodyField("v", int, const=VERSION),
+    BodyField("type", str, const="update"),
+    BodyField("federation", str),
+    BodyField("sender", str),
+    BodyField("update_id", str, lo=8, hi=64),
+    BodyField("seq", int, lo=0),
+    BodyField("base_version", int, lo=0),
+    BodyField("num_samples", int, lo=1),
+    BodyField("spec", str),
+    BodyField("metrics", dict, values=float),
+    BodyField("created_at", float, finite=True),
+    BodyField("delta", dict),  # tensor maps, checked by fedmqtt.codecs when decoded
+)
+"""The update body: the one declaration of its fields, types and limits.
+
+:meth:`Update.from_body` checks a body against it, in this order, and
+``aggregator.updatebody``'s msgspec types declare the same (tests/test_updatebody.py compares
+the two field by field)."""
+UPDATE_FIELD: Final = {f.name: f for f in UPDATE_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -133,10 +175,10 @@ def unpack_map(data: bytes | memoryview, *, max_bytes: int) -> dict[str, Any]:
 
 def _check_version(m: Mapping[Any, Any], versions: tuple[int, ...] = (VERSION,)) -> int:
     v = m.get("v")
-    if isinstance(v, bool) or v not in versions:
+    if type(v) is not int or v not in versions:  # neither a bool nor a float such as 1.0
         speaks = " or ".join(map(str, versions))
         raise DecodeError(SCHEMA, f"unsupported schema version {v!r} (this build speaks {speaks})")
-    return cast(int, v)
+    return v
 
 
 def _pack(obj: Mapping[str, Any]) -> bytes:
@@ -183,6 +225,26 @@ def _float_map(m: Mapping[str, Any], key: str) -> dict[str, float]:
         if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DecodeError(SCHEMA, f"field {key!r} must map names to numbers")
         out[k] = float(v)
+    return out
+
+
+def _read(m: Mapping[str, Any], fields: tuple[BodyField, ...]) -> dict[str, Any]:
+    """The values of ``fields`` in ``m``, each checked against its declaration, in order."""
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.kind is float:
+            v: Any = _number(m, f.name) if f.finite else float(field_of(m, f.name, (int, float)))
+        elif f.kind is dict and f.values is float:
+            v = _float_map(m, f.name)
+        else:
+            v = field_of(m, f.name, f.kind)
+        if f.const is not None and v != f.const:
+            raise DecodeError(SCHEMA, f"field {f.name!r} must be {f.const!r}, got {v!r}")
+        if f.kind is int and f.lo is not None and v < f.lo:
+            raise DecodeError(SCHEMA, f"field {f.name!r} must be >= {f.lo}")
+        if f.kind is str and not (f.lo or 0) <= len(v) <= (f.hi or len(v)):
+            raise DecodeError(SCHEMA, f"{f.name} must be {f.lo or 0}-{f.hi or 'any'} characters")
+        out[f.name] = v
     return out
 
 
@@ -237,25 +299,18 @@ class Update:
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any]) -> Update:
-        fed, sender = _common(m, "update")
-        update_id = field_of(m, "update_id", str)
-        shortest, longest = UPDATE_ID_CHARS
-        if not shortest <= len(update_id) <= longest:
-            raise DecodeError(SCHEMA, f"update_id must be {shortest}-{longest} characters")
-        num_samples = _nonneg_int(m, "num_samples")
-        if num_samples == 0:
-            raise DecodeError(SCHEMA, "num_samples must be positive")
+        f = _read(m, UPDATE_FIELDS)
         return cls(
-            federation=fed,
-            sender=sender,
-            update_id=update_id,
-            seq=_nonneg_int(m, "seq"),
-            base_version=_nonneg_int(m, "base_version"),
-            num_samples=num_samples,
-            spec_fingerprint=field_of(m, "spec", str),
-            delta=field_of(m, "delta", dict),
-            metrics=_float_map(m, "metrics"),
-            created_at=_number(m, "created_at"),
+            federation=f["federation"],
+            sender=f["sender"],
+            update_id=f["update_id"],
+            seq=f["seq"],
+            base_version=f["base_version"],
+            num_samples=f["num_samples"],
+            spec_fingerprint=f["spec"],
+            delta=f["delta"],
+            metrics=f["metrics"],
+            created_at=f["created_at"],
         )
 
 
@@ -391,12 +446,11 @@ class Announce:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What devices should do next: local training hyperparameters and upload codec."""
+class PlanSettings:
+    """A plan's training settings with their defaults: the aggregator's ``[plan]`` table and
+    what a device uses before it has received a plan. The ranges a plan's ``epochs`` and
+    ``batch_size`` must be in are :data:`PLAN_EPOCHS` and :data:`PLAN_BATCH_SIZE`."""
 
-    federation: str
-    sender: str
-    revision: int
     epochs: int = 1
     lr: float = 0.05
     batch_size: int = 32
@@ -404,6 +458,28 @@ class Plan:
     mu: float = 0.0
     codec: str = "int8"
     min_interval_s: float = 0.0
+
+
+PLAN_DEFAULTS: Final = PlanSettings()
+PLAN_EPOCHS: Final = (1, 1000)  # the fewest and most local epochs a plan may ask for
+PLAN_BATCH_SIZE: Final = (1, 1 << 20)  # the smallest and largest batch size
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What devices should do next: local training hyperparameters and upload codec (each
+    defaulting to :data:`PLAN_DEFAULTS`)."""
+
+    federation: str
+    sender: str
+    revision: int
+    epochs: int = PLAN_DEFAULTS.epochs
+    lr: float = PLAN_DEFAULTS.lr
+    batch_size: int = PLAN_DEFAULTS.batch_size
+    momentum: float = PLAN_DEFAULTS.momentum
+    mu: float = PLAN_DEFAULTS.mu
+    codec: str = PLAN_DEFAULTS.codec
+    min_interval_s: float = PLAN_DEFAULTS.min_interval_s
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_body(self) -> dict[str, Any]:
@@ -427,7 +503,9 @@ class Plan:
     def from_body(cls, m: Mapping[str, Any]) -> Plan:
         fed, sender = _common(m, "plan")
         epochs, batch = _nonneg_int(m, "epochs"), _nonneg_int(m, "batch_size")
-        if not 1 <= epochs <= 1000 or not 1 <= batch <= 1 << 20:
+        if not PLAN_EPOCHS[0] <= epochs <= PLAN_EPOCHS[1] or not (
+            PLAN_BATCH_SIZE[0] <= batch <= PLAN_BATCH_SIZE[1]
+        ):
             raise DecodeError(SCHEMA, "plan epochs/batch_size out of range")
         return cls(
             federation=fed,

@@ -261,19 +261,35 @@ def test_check_names_the_bad_option(tmp_path: Path) -> None:
     assert "[broker] keepalive: must be an integer, not '60'" in buf.getvalue()
 
 
-def test_run_exits_78_on_a_config_error(tmp_path: Path) -> None:
-    bad = tmp_path / "agent.toml"
-    bad.write_text("[device]\nid = 'a/b'\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--config", str(bad)],
+def _run_agent(config: Path) -> subprocess.CompletedProcess[str]:
+    """``edge-agent run`` on ``config``, for a run that must stop by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
         check=False,
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=60,
     )
+
+
+def test_run_exits_78_on_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text("[device]\nid = 'a/b'\n")
+    out = _run_agent(bad)
     assert out.returncode == 78
     assert "configuration error" in out.stderr and "[device] id" in out.stderr
+
+
+def test_run_refuses_a_password_file_group_or_others_can_read(tmp_path: Path) -> None:
+    device = make_device(tmp_path / "dev")
+    pw = device.root / "broker.password"
+    pw.write_text("s3cret\n")
+    pw.chmod(0o640)
+    config = device.write_toml(None, port=1, broker={"username": "dev-1", "password_file": str(pw)})
+    out = _run_agent(config)
+    assert out.returncode == 78, out.stderr
+    assert f"{pw} is readable by group/others (mode 640); run: chmod 600 {pw}" in out.stderr
 
 
 def test_predict_is_wired_to_the_predictor(tmp_path: Path) -> None:

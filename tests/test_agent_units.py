@@ -19,13 +19,13 @@ from test_agent_helpers import SPEC, digits_like, global_model, make_device
 from edge_agent import config as cfgmod
 from edge_agent.config import AgentConfig, DataConfig, TrainingConfig, load_config
 from edge_agent.data import DataError, load_data
-from edge_agent.mqtt import backoff_delay, read_password
 from edge_agent.outbox import Outbox
 from edge_agent.state import AgentState, StateDirLock, StateDirLockedError, StateStore
 from edge_agent.trainer import Hyper, build_update, compute_delta, resolve_hyper
 from fedmqtt import wire
 from fedmqtt.codecs import Codec, ErrorFeedback, decode_params
 from fedmqtt.errors import ConfigError
+from fedmqtt.mqttconf import backoff_delay, read_password
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import HmacKey
 

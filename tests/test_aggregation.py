@@ -28,6 +28,7 @@ from fedmqtt.aggregation import (
     fedavg_step,
     fedbuff_aggregate,
     hinge,
+    mean_of_rows,
     parse_staleness,
     polynomial,
     trimmed_mean,
@@ -295,6 +296,48 @@ def test_fedavg_step_overflow_is_an_error() -> None:
     deltas = np.full((1, 2), 3e38, np.float32)
     with pytest.raises(ValueError, match="overflow"):
         fedavg_step(w, deltas, np.ones(1, np.float32))
+
+
+def test_mean_of_rows_matches_fedbuff_aggregate() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (7, 1000)).astype(np.float32)
+    s = rng.uniform(0.1, 1, 7).astype(np.float32)
+    n = rng.integers(1, 100, 7).astype(np.float32)
+    np.testing.assert_allclose(
+        mean_of_rows(x, s, n), fedbuff_aggregate(x, s, n), rtol=1e-5, atol=1e-6
+    )
+    ones = np.ones(7, dtype=np.float32)
+    np.testing.assert_allclose(mean_of_rows(x, ones, n), weighted_mean(x, n), rtol=1e-5, atol=1e-6)
+
+
+def test_mean_of_rows_refuses_scales_without_their_segments() -> None:
+    x = np.ones((2, 4), np.float32)
+    ones = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match="scales of shape"):
+        mean_of_rows(x, ones, ones, np.full((2, 1), 2.0, np.float32))
+
+
+@settings(max_examples=200)
+@given(x=batches(max_d=12), data=st.data())
+def test_mean_of_rows_with_scales_is_the_float64_mean_of_the_scaled_rows(
+    x: F32, data: st.DataObject
+) -> None:
+    """The aggregator's float32 path with per-tensor scales is FedBuff's mean of the rows with
+    their scales applied, to float32 precision."""
+    k, d = x.shape
+    cut = data.draw(st.integers(0, d))
+    segments = [(0, cut), (cut, d)]
+    scales = data.draw(hnp.arrays(np.float32, (k, 2), elements=st.floats(0.25, 4.0, width=32)))
+    s = data.draw(hnp.arrays(np.float32, k, elements=st.floats(2**-7, 1.0, width=32)))
+    n = data.draw(hnp.arrays(np.float32, k, elements=st.floats(1.0, 1e4, width=32)))
+    scaled = x.copy()
+    for t, (a, b) in enumerate(segments):
+        scaled[:, a:b] *= scales[:, t : t + 1]
+    want = fedbuff_aggregate(scaled, s, n)
+    got = mean_of_rows(frozen(x), frozen(s), frozen(n), frozen(scales), segments)
+    # float32 coefficients and accumulation: about k + 2 roundings of at most max |row|
+    bound = (k + 2) * 2.0**-23 * max(1.0, float(np.abs(scaled).max()))
+    np.testing.assert_allclose(got, want, rtol=0, atol=bound)
 
 
 # ---------------------------------------------------------------------------------------------

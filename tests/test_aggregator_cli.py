@@ -56,6 +56,20 @@ def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["status", "--config", str(tmp_path / "missing.toml")]) == 78
 
 
+@pytest.mark.parametrize("mode", [0o640, 0o604])
+def test_run_refuses_a_password_file_group_or_others_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    pw = tmp_path / "broker.password"
+    pw.write_text("s3cret\n")
+    pw.chmod(mode)
+    cfg = write_config(tmp_path, broker={"username": "aggregator", "password_file": str(pw)})
+    assert main(["init", "--config", str(cfg)]) == 0
+    assert main(["run", "--config", str(cfg)]) == 78
+    err = capsys.readouterr().err
+    assert f"{pw} is readable by group/others (mode {mode:o}); run: chmod 600 {pw}" in err
+
+
 def test_init_and_run_refuse_a_changed_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -129,3 +143,31 @@ def test_run_status_and_export_onnx(
     model = onnx.load(str(out_file))
     meta = {p.key: p.value for p in model.metadata_props}
     assert any(v == "1" for k, v in meta.items() if "version" in k), meta
+
+
+def test_an_aggregator_without_plan_publishes_what_a_device_without_plan_uses(
+    tmp_path: Path,
+) -> None:
+    """The plan's defaults are wire.PLAN_DEFAULTS for both sides: the [plan] the aggregator
+    reads from a config without it, the plan it publishes, and a device's settings before any
+    plan arrived."""
+    from dataclasses import asdict, fields
+
+    from aggregator.publish import plan_payload
+    from edge_agent.config import TrainingConfig
+    from edge_agent.trainer import resolve_hyper
+    from fedmqtt import wire
+
+    cfg = federation(tmp_path).config("127.0.0.1", 1883)
+    assert "plan" not in federation(tmp_path).raw_config("127.0.0.1", 1883)
+    assert asdict(cfg.plan) == asdict(wire.PLAN_DEFAULTS)
+    signer = Ed25519Signer.generate()
+    sent = wire.decode(plan_payload(cfg, signer, 1), wire.Plan, signer.verifier())
+    names = [f.name for f in fields(wire.PlanSettings)]
+    assert {n: getattr(sent, n) for n in names} == asdict(wire.PLAN_DEFAULTS)
+    device = resolve_hyper(None, TrainingConfig())
+    assert str(device.codec) == wire.PLAN_DEFAULTS.codec
+    trained = ("epochs", "lr", "batch_size", "momentum", "mu")
+    assert {n: getattr(device.train, n) for n in trained} == {
+        n: getattr(wire.PLAN_DEFAULTS, n) for n in trained
+    }

@@ -18,16 +18,15 @@ from aggregator.checkpoint import CheckpointError, CheckpointStore, decode_state
 from aggregator.config import AggregatorConfig, StrategyConfig, load_config
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.metrics import Metrics, RejectionLog
-from aggregator.mqtt import backoff_delay
 from aggregator.replay import ReplayWindow
 from aggregator.service import AckQueue
 from aggregator.statusfile import format_status, read_status, write_status
 from aggregator.strategies import FedAsync, FedAvg, FedBuff, build_strategy
-from aggregator.strategies.base import mean_of_rows
 from aggregator.validate import UpdateMeta
 from fedmqtt import topics
-from fedmqtt.aggregation import fedbuff_aggregate, weighted_mean
+from fedmqtt.aggregation import fedbuff_aggregate
 from fedmqtt.errors import ConfigError
+from fedmqtt.mqttconf import backoff_delay
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,18 +168,6 @@ def fill(strategy: Any, rows: np.ndarray, taus: list[int], ns: list[int]) -> Non
         strategy.add(meta(i, n=n), tau, float(np.linalg.norm(row)))
 
 
-def test_mean_of_rows_matches_fedbuff_aggregate() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.normal(0, 1, (7, 1000)).astype(np.float32)
-    s = rng.uniform(0.1, 1, 7).astype(np.float32)
-    n = rng.integers(1, 100, 7).astype(np.float32)
-    np.testing.assert_allclose(
-        mean_of_rows(x, s, n), fedbuff_aggregate(x, s, n), rtol=1e-5, atol=1e-6
-    )
-    ones = np.ones(7, dtype=np.float32)
-    np.testing.assert_allclose(mean_of_rows(x, ones, n), weighted_mean(x, n), rtol=1e-5, atol=1e-6)
-
-
 def test_fedbuff_aggregates_at_k_with_staleness_and_momentum() -> None:
     cfg = StrategyConfig(buffer_size=3, server_lr=0.5, momentum=0.9, staleness="poly:0.5")
     rng = np.random.default_rng(1)
@@ -290,13 +277,6 @@ def test_rows_left_unscaled_aggregate_as_their_values(cfg: StrategyConfig) -> No
             s.clear()
         np.testing.assert_array_equal(scaled.scales, 1.0)
         params = want
-
-
-def test_mean_of_rows_refuses_scales_without_their_segments() -> None:
-    x = np.ones((2, 4), np.float32)
-    ones = np.ones(2, np.float32)
-    with pytest.raises(ValueError, match="scales of shape"):
-        mean_of_rows(x, ones, ones, np.full((2, 1), 2.0, np.float32))
 
 
 def test_strategy_state_refuses_another_strategy() -> None:

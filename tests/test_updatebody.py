@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_wire import _update
 
-from aggregator.updatebody import parse_update
+from aggregator.updatebody import _Body, parse_update
 from fedmqtt import wire
 from fedmqtt.codecs import Codec, decode_params, encode_params
 from fedmqtt.errors import SCHEMA, DecodeError
@@ -165,7 +166,7 @@ _ACCEPTED = "accepted"
         ),
         (_with(extra=list(range(wire.MAX_ARRAY_LEN + 1))), _REFUSED, NOT_MSGPACK),
         (_with(v=True), _REFUSED, "unsupported schema version True"),
-        (_with(v=1.0), _ACCEPTED, ""),  # 1.0 == 1: the version the build speaks
+        (_with(v=1.0), _REFUSED, "unsupported schema version 1.0"),  # the version is an int
         (_with(created_at=float("inf")), _REFUSED, "field 'created_at' must be finite"),
         (_with(extra=msgpack.ExtType(1, b"x")), _REFUSED, NOT_MSGPACK),
         (_with(update_id="x" * 65), _REFUSED, "update_id must be 8-64 characters"),
@@ -243,3 +244,67 @@ def test_a_view_of_anything_but_bytes_is_refused_as_not_binary() -> None:
         decode_params({"b": tensor}, Layout.from_shapes({"b": (5,)}))
     assert e.value.reason == SCHEMA
     assert "must be binary" in e.value.detail
+
+
+_TEXT = msgspec.inspect.StrType(max_length=wire.MAX_STR_BYTES // 4)  # characters, UTF-8 bound
+
+
+def _declared(f: wire.BodyField) -> msgspec.inspect.Type | type:
+    """What ``aggregator.updatebody`` must declare for the field ``f`` of the one declaration
+    (for a map of values checked later: the type of its values' declaration)."""
+    ins = msgspec.inspect
+    if f.const is not None:
+        return ins.LiteralType(values=(f.const,))
+    if f.kind is int:
+        return ins.IntType(ge=f.lo)
+    if f.kind is float:
+        return ins.FloatType()
+    if f.kind is str:
+        if f.lo is None and f.hi is None:
+            return _TEXT
+        return ins.StrType(min_length=f.lo, max_length=f.hi)
+    assert f.kind is dict, f
+    if f.values is float:
+        return ins.DictType(_TEXT, ins.FloatType(), max_length=wire.MAX_MAP_LEN)
+    return ins.StructType  # a tensor map, whose fields fedmqtt.codecs owns
+
+
+def test_the_msgspec_body_declares_exactly_the_wire_fields() -> None:
+    """aggregator.updatebody's types are the one declaration, wire.UPDATE_FIELDS: same fields
+    in the same order, all required, the same types and limits."""
+    info = msgspec.inspect.type_info(_Body)
+    assert isinstance(info, msgspec.inspect.StructType) and info.forbid_unknown_fields
+    assert [f.name for f in info.fields] == [f.name for f in wire.UPDATE_FIELDS]
+    for ours, decl in zip(info.fields, wire.UPDATE_FIELDS, strict=True):
+        assert ours.required, ours.name
+        want = _declared(decl)
+        if want is msgspec.inspect.StructType:
+            assert isinstance(ours.type, msgspec.inspect.DictType), ours
+            assert ours.type.key_type == _TEXT and ours.type.max_length == wire.MAX_MAP_LEN
+            assert isinstance(ours.type.value_type, msgspec.inspect.StructType), ours
+        else:
+            assert ours.type == want, (decl, ours.type)
+
+
+@pytest.mark.parametrize("field", [f for f in wire.UPDATE_FIELDS if f.finite], ids=str)
+def test_a_non_finite_value_is_refused_where_the_declaration_says_finite(
+    field: wire.BodyField,
+) -> None:
+    kind, value = _same(_with(**{field.name: float("nan")}))
+    assert (kind, value[1]) == (_REFUSED, f"field {field.name!r} must be finite")
+
+
+@pytest.mark.parametrize("field", [f for f in wire.UPDATE_FIELDS if f.lo is not None], ids=str)
+def test_the_declared_lower_bounds_are_where_both_parsers_refuse(field: wire.BodyField) -> None:
+    assert field.lo is not None
+    at = "x" * field.lo if field.kind is str else field.lo
+    below = "x" * (field.lo - 1) if field.kind is str else field.lo - 1
+    assert _same(_with(**{field.name: at}))[0] == _ACCEPTED
+    assert _same(_with(**{field.name: below}))[0] == _REFUSED
+
+
+@pytest.mark.parametrize("field", [f for f in wire.UPDATE_FIELDS if f.hi is not None], ids=str)
+def test_the_declared_upper_bounds_are_where_both_parsers_refuse(field: wire.BodyField) -> None:
+    assert field.hi is not None
+    assert _same(_with(**{field.name: "x" * field.hi}))[0] == _ACCEPTED
+    assert _same(_with(**{field.name: "x" * (field.hi + 1)}))[0] == _REFUSED

@@ -83,10 +83,11 @@ def _forge(body: dict[str, object]) -> bytes:
     ("change", "needle"),
     [
         ({"v": 2}, "version"),
-        ({"type": "model"}, "expected"),
+        ({"v": 1.0}, "unsupported schema version 1.0"),  # the version is an int
+        ({"type": "model"}, "field 'type' must be 'update', got 'model'"),
         ({"seq": "3"}, "seq"),
         ({"seq": True}, "bool"),
-        ({"num_samples": 0}, "positive"),
+        ({"num_samples": 0}, "field 'num_samples' must be >= 1"),
         ({"base_version": -1}, ">= 0"),
         ({"created_at": float("nan")}, "finite"),
         ({"metrics": {"loss": "x"}}, "numbers"),
@@ -99,6 +100,16 @@ def test_schema_errors_are_clear(change: dict[str, object], needle: str) -> None
         wire.decode(_forge(body), wire.Update, DEV_KEY)
     assert e.value.reason == SCHEMA
     assert needle in str(e.value)
+
+
+def test_a_header_with_a_float_version_is_refused() -> None:
+    payload = wire.encode(_update(), DEV_KEY)
+    env = wire.open_envelope(payload)
+    forged = msgpack.packb({"v": 1.0, "alg": env.alg, "sig": env.sig}) + bytes(env.body)
+    with pytest.raises(DecodeError) as e:
+        wire.decode(forged, wire.Update, DEV_KEY)
+    assert e.value.reason == SCHEMA
+    assert "unsupported schema version 1.0" in e.value.detail
 
 
 def test_missing_field_is_named() -> None:

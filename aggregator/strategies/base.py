@@ -33,7 +33,13 @@ import numpy as np
 from aggregator.checkpoint import CheckpointError, f32, tensor
 from aggregator.config import StrategyConfig
 from aggregator.validate import UpdateMeta
-from fedmqtt.aggregation import Reducer, ServerOptimizer, clip_by_norm, fedbuff_aggregate
+from fedmqtt.aggregation import (
+    Reducer,
+    ServerOptimizer,
+    clip_by_norm,
+    fedbuff_aggregate,
+    mean_of_rows,
+)
 from fedmqtt.aggregation.staleness import Staleness
 from fedmqtt.errors import DEVICE_QUOTA, RejectedError
 from fedmqtt.params import F32
@@ -148,7 +154,7 @@ class Strategy(ABC):
         """The aggregate delta of rows ``x`` with staleness weights ``s`` (and sample counts).
 
         Robust reducers go to :func:`fedmqtt.aggregation.fedbuff_aggregate`. The plain mean
-        (the default) is :func:`mean_of_rows`, the same formula as
+        (the default) is :func:`fedmqtt.aggregation.mean_of_rows`, the same formula as
         ``fedbuff_aggregate(reducer="mean")`` computed in one float32 BLAS pass.
         """
         n = np.array([p.meta.num_samples for p in self.pending], dtype=np.float32)
@@ -206,46 +212,6 @@ class Strategy(ABC):
             )
         self.clear()
         self.load_extra(state)
-
-
-def mean_of_rows(
-    x: F32,
-    s: F32,
-    n: F32,
-    scales: F32 | None = None,
-    segments: Sequence[tuple[int, int]] = (),
-) -> F32:
-    """FedBuff's mean ``sum_i (n_i / sum_j n_j) * s_i * x_i`` as one float32 matrix-vector
-    product.
-
-    With ``scales`` (``(len(x), len(segments))``), row ``i``'s values in segment ``t`` are
-    ``scales[i, t] * x[i, segment t]``: one product per segment then takes each row's scale
-    into its coefficient, instead of a pass over every row to apply it.
-
-    It is the formula of ``fedbuff_aggregate(reducer="mean")`` (and, with every ``s_i = 1``, of
-    FedAvg's ``weighted_mean``); tests check they agree to float32 precision. That function
-    re-checks every row for NaN and accumulates in float64 chunk by chunk, which at d = 1e5
-    costs about 70 microseconds per buffered update against 4 here -- the difference between
-    beating Flower's FedAvg and not. Both re-checks are redundant on this path: every row
-    was checked finite when it was decoded and its norm is bounded (``HARD_MAX_NORM``), so a
-    float32 sum of the rows cannot overflow; the float32 rounding of a sum of K terms (about K
-    ulps) is far below the noise of SGD. The server optimizer still refuses a non-finite result.
-    """
-    total = float(np.sum(n, dtype=np.float64))
-    if not total > 0:
-        raise ValueError("num_samples must have a positive sum")
-    coef = (n.astype(np.float64) / total * s).astype(np.float32)
-    if scales is None or bool(np.all(scales == 1.0)):
-        out: F32 = coef @ x
-        return out
-    if scales.shape != (len(x), len(segments)):
-        raise ValueError(
-            f"scales of shape {scales.shape} for {len(x)} rows, {len(segments)} tensors"
-        )
-    out = np.empty(x.shape[1], dtype=np.float32)
-    for t, (a, b) in enumerate(segments):
-        np.matmul(coef * scales[:, t], x[:, a:b], out=out[a:b])
-    return out
 
 
 def optimizer_state(opt: ServerOptimizer) -> dict[str, Any]:

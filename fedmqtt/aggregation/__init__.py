@@ -11,7 +11,7 @@ modified.
 """
 
 from fedmqtt.aggregation.fedasync import fedasync_alpha, fedasync_mix
-from fedmqtt.aggregation.fedavg import fedavg_step, weighted_mean
+from fedmqtt.aggregation.fedavg import fedavg_step, mean_of_rows, weighted_mean
 from fedmqtt.aggregation.fedbuff import REDUCERS, Reducer, ServerOptimizer, fedbuff_aggregate
 from fedmqtt.aggregation.robust import NormBound, clip_by_norm, coordinate_median, trimmed_mean
 from fedmqtt.aggregation.staleness import (
@@ -42,6 +42,7 @@ __all__ = [
     "fedavg_step",
     "fedbuff_aggregate",
     "hinge",
+    "mean_of_rows",
     "parse_staleness",
     "polynomial",
     "trimmed_mean",
