@@ -239,6 +239,8 @@ def _read(m: Mapping[str, Any], fields: tuple[BodyField, ...]) -> dict[str, Any]
         else:
             v = field_of(m, f.name, f.kind)
         if f.const is not None and v != f.const:
+            if f.name == "v":
+                raise DecodeError(SCHEMA, f"unsupported schema version {v!r} for this message")
             raise DecodeError(SCHEMA, f"field {f.name!r} must be {f.const!r}, got {v!r}")
         if f.kind is int and f.lo is not None and v < f.lo:
             raise DecodeError(SCHEMA, f"field {f.name!r} must be >= {f.lo}")
