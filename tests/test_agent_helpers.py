@@ -202,6 +202,8 @@ class FakeAggregator:
         client.subscribe([(topics.updates_filter(FED), 1), (topics.status_filter(FED), 1)])
 
     def _on_message(self, client: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
+        """Keeps what verifies with the key of the topic's device, names that device as sender
+        and this federation; anything else goes to ``invalid`` (checked by ``close``)."""
         device = topics.device_of(msg.topic)
         key = self.device_keys.get(device or "")
         payload = bytes(msg.payload)
@@ -210,13 +212,27 @@ class FakeAggregator:
                 self.invalid.append(payload)
                 return
             if "/status/" in msg.topic:
-                if payload:
-                    self.statuses[device or ""] = wire.decode(payload, wire.Status, key)
+                if not payload:  # a cleared retained status
+                    return
+                try:
+                    status = wire.decode(payload, wire.Status, key)
+                except Exception:
+                    self.invalid.append(payload)
+                    return
+                if status.sender != device or status.federation != FED:
+                    self.invalid.append(payload)
+                    return
+                self.statuses[device or ""] = status
                 return
             try:
-                self.updates.append(Received(payload, wire.decode(payload, wire.Update, key)))
+                update = wire.decode(payload, wire.Update, key)
             except Exception:
                 self.invalid.append(payload)
+                return
+            if update.sender != device or update.federation != FED:
+                self.invalid.append(payload)
+                return
+            self.updates.append(Received(payload, update))
 
     def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
@@ -243,8 +259,14 @@ class FakeAggregator:
         return self.received()
 
     def close(self) -> None:
+        """Disconnect, then fail if any message on the updates or status topics did not verify
+        (bad MAC, wrong sender or federation, undecodable): an agent sending those must not
+        pass a test that only counts what arrived."""
         self.client.loop_stop()
         self.client.disconnect()
+        with self._lock:
+            invalid = list(self.invalid)
+        assert invalid == [], f"{len(invalid)} invalid message(s) reached the fake aggregator"
 
 
 class AgentThread:
