@@ -204,35 +204,24 @@ class FakeAggregator:
     def _on_message(self, client: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
         """Keeps what verifies with the key of the topic's device, names that device as sender
         and this federation; anything else goes to ``invalid`` (checked by ``close``)."""
-        device = topics.device_of(msg.topic)
-        key = self.device_keys.get(device or "")
+        device = topics.device_of(msg.topic) or ""
         payload = bytes(msg.payload)
+        status = "/status/" in msg.topic
+        if status and not payload:  # a cleared retained status
+            return
+        kind: type[wire.Status | wire.Update] = wire.Status if status else wire.Update
         with self._lock:
-            if key is None:
-                self.invalid.append(payload)
-                return
-            if "/status/" in msg.topic:
-                if not payload:  # a cleared retained status
-                    return
-                try:
-                    status = wire.decode(payload, wire.Status, key)
-                except Exception:
-                    self.invalid.append(payload)
-                    return
-                if status.sender != device or status.federation != FED:
-                    self.invalid.append(payload)
-                    return
-                self.statuses[device or ""] = status
-                return
             try:
-                update = wire.decode(payload, wire.Update, key)
+                m = wire.decode(payload, kind, self.device_keys[device])
+                ok = m.sender == device and m.federation == FED
             except Exception:
+                ok = False
+            if not ok:
                 self.invalid.append(payload)
-                return
-            if update.sender != device or update.federation != FED:
-                self.invalid.append(payload)
-                return
-            self.updates.append(Received(payload, update))
+            elif isinstance(m, wire.Status):
+                self.statuses[device] = m
+            else:
+                self.updates.append(Received(payload, m))
 
     def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
