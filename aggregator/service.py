@@ -39,7 +39,7 @@ from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.config import AggregatorConfig, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.devices import DeviceKeys
-from aggregator.engine import Engine, Snapshot, initial_state
+from aggregator.engine import Engine, Snapshot, UpdateObserver, initial_state
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
@@ -117,8 +117,11 @@ class AckQueue:
 class Aggregator:
     """The service. ``await run(stop)`` until ``stop`` is set; ``snapshot()`` from any thread."""
 
-    def __init__(self, config: AggregatorConfig) -> None:
+    def __init__(
+        self, config: AggregatorConfig, *, on_update: UpdateObserver | None = None
+    ) -> None:
         self.cfg = config
+        self.on_update = on_update
         self.metrics = Metrics(config.federation.id)
         self.ready = threading.Event()
         self.plan_revision = 0
@@ -176,6 +179,7 @@ class Aggregator:
             self.store = checkpoint_store(cfg)
             self.keys = DeviceKeys(cfg.security.devices_dir)
             self.engine = Engine(cfg, self.metrics, self.keys)
+            self.engine.on_update = self.on_update
             loaded = await loop.run_in_executor(io_x, self.store.load_latest)
             if loaded is None:  # pragma: no cover - initialize() just wrote one
                 raise CheckpointError("no checkpoint after initialisation")
@@ -642,10 +646,16 @@ class Aggregator:
 class AggregatorThread:
     """Run an :class:`Aggregator` in its own thread with its own event loop (simulator, tests)."""
 
-    def __init__(self, config: AggregatorConfig, *, init: bool = True) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        *,
+        init: bool = True,
+        on_update: UpdateObserver | None = None,
+    ) -> None:
         if init:
             initialize(config)
-        self.service = Aggregator(config)
+        self.service = Aggregator(config, on_update=on_update)
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
