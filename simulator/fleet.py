@@ -75,11 +75,9 @@ class _Running:
     thread: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     agent: Any = None
-    delivered_before: int = 0  # PUBACKed updates of earlier agent instances (after outages)
-
-    @property
-    def delivered(self) -> int:
-        return self.delivered_before + (self.agent.updates_sent if self.agent is not None else 0)
+    # update_id of every update the broker acknowledged, over all instances of the agent
+    # (it is restarted after each outage); appended on the agents' MQTT threads.
+    delivered: list[str] = field(default_factory=list)
 
 
 class AgentHost:
@@ -124,12 +122,13 @@ class AgentHost:
             elif not offline and not running:
                 self._start(d)
 
-    def stop(self) -> dict[str, int]:
-        """Stop every agent; returns the updates each device saw acknowledged by the broker.
-        ``connected_at_stop`` counts the agents that had a live MQTT connection just before."""
+    def stop(self) -> dict[str, list[str]]:
+        """Stop every agent; returns the ids of the updates each device saw acknowledged by the
+        broker. ``connected_at_stop`` counts the agents that had a live MQTT connection just
+        before."""
         self.connected_at_stop = self.connected()
         self._stop(self.devices)
-        return {d.spec.id: d.delivered for d in self.devices}
+        return {d.spec.id: list(d.delivered) for d in self.devices}
 
     def connected(self) -> int:
         """Agents whose MQTT connection is up (their own view, not the aggregator's)."""
@@ -138,9 +137,6 @@ class AgentHost:
             for d in self.devices
             if d.agent is not None and d.agent.link is not None and d.agent.link.connected
         )
-
-    def delivered(self) -> dict[str, int]:
-        return {d.spec.id: d.delivered for d in self.devices}
 
     def _start(self, d: _Running, gate: threading.Event | None = None) -> None:
         from edge_agent.agent import EdgeAgent
@@ -164,7 +160,10 @@ class AgentHost:
             return attack(delta) if attack is not None else delta
 
         agent = EdgeAgent(
-            self._configs[d.spec.id], delta_transform=delta_tf, data_transform=data_tf
+            self._configs[d.spec.id],
+            delta_transform=delta_tf,
+            data_transform=data_tf,
+            on_delivered=d.delivered.append,
         )
 
         def run(stop: threading.Event = d.stop) -> None:
@@ -186,7 +185,6 @@ class AgentHost:
                 if d.thread.is_alive():
                     log.warning("agent %s did not stop within 15 s", d.spec.id)
                 d.thread = None
-            d.delivered_before = d.delivered
             d.agent = None
 
 
@@ -204,9 +202,9 @@ class Fleet(Protocol):
     def tick(self, now: float) -> None:
         """Housekeeping every 0.25 s; raises RuntimeError if part of the fleet died."""
 
-    def stop(self) -> dict[str, int]:
-        """Stop every agent; the updates each device saw acknowledged (``failures`` lists the
-        parts of the fleet whose counts are missing)."""
+    def stop(self) -> dict[str, list[str]]:
+        """Stop every agent; the ids of the updates each device saw acknowledged (``failures``
+        lists the parts of the fleet whose ids are missing)."""
 
 
 class LocalFleet:
@@ -224,7 +222,7 @@ class LocalFleet:
     def tick(self, now: float) -> None:
         self.host.tick(now)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> dict[str, list[str]]:
         delivered = self.host.stop()
         self.connected_at_stop = self.host.connected_at_stop
         return delivered
@@ -237,7 +235,7 @@ class ProcessFleet:
     aggregator's threads is unsafe). Protocol on one pipe per host: the host parses its
     devices' configs and sends ``ready``; the parent sends ``("go", t0)`` with the shared start
     time; the host starts its agents and applies their outage windows itself until it receives
-    ``stop``, then stops them and sends back the delivered counts. A host whose parent dies
+    ``stop``, then stops them and sends back the delivered update ids. A host whose parent dies
     stops its agents and exits.
     """
 
@@ -283,10 +281,10 @@ class ProcessFleet:
             if not p.is_alive():
                 raise RuntimeError(f"agent host process {i} died (exit code {p.exitcode})")
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> dict[str, list[str]]:
         """Stop every host; a host that died or fails to answer is logged and left out of the
-        counts (its devices' deliveries are unknown, so the run reports an error)."""
-        delivered: dict[str, int] = {}
+        result (its devices' deliveries are unknown, so the run reports an error)."""
+        delivered: dict[str, list[str]] = {}
         self.failures = []
         self.connected_at_stop = 0
         for pipe in self._pipes:
