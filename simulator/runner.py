@@ -312,8 +312,8 @@ class _Simulation:
             # broker's queue to drain before the books are closed -- as long as it drains
             # (an overloaded machine can leave a backlog of minutes), at most _DRAIN_MAX_S.
             _wait_for_drain(agg, lambda: len(acked - seen.received()))
+            agg.stop()  # the books close after the last message it took in was counted
             final = agg.snapshot()
-            agg.stop()
         summary = self._summary(
             final, progress, central, reached=reached, devices=devices, error=error
         )
