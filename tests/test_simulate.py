@@ -98,14 +98,14 @@ def test_scaling_attack_is_contained_by_clipping() -> None:
 
 def test_versions_end_the_run() -> None:
     s = run_simulation(
-        SimConfig(clients=4, duration=120.0, versions=5, compute_time=0.05, quiet=True),
+        SimConfig(clients=4, duration=60.0, versions=5, compute_time=0.05, quiet=True),
         out=io.StringIO(),
     )
     assert s["error"] is None
     # The run stopped at the first progress sample at or past version 5 (one sample every
-    # 0.25 s; a version every few tens of milliseconds), long before the 120 s cap.
+    # 0.25 s; a version every few tens of milliseconds), long before the 60 s cap.
     assert 5 <= s["versions"] < 60, s["versions"]
-    assert s["history"][-1]["t"] < 60
+    assert s["history"][-1]["t"] < 30
 
 
 def test_summary_json_and_plot(tmp_path: Path) -> None:
