@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -98,9 +98,15 @@ class Snapshot:
     created_at: float
 
 
+#: Called for every update received: ``(update_id, reason)``, ``reason`` None when accepted,
+#: ``update_id`` None when the message was refused before its id could be read.
+UpdateObserver = Callable[[str | None, str | None], None]
+
+
 class Engine:
     def __init__(self, cfg: AggregatorConfig, metrics: Metrics, keys: DeviceKeys | None) -> None:
         self.cfg = cfg
+        self.on_update: UpdateObserver | None = None
         self.metrics = metrics
         self.keys = keys if keys is not None else DeviceKeys(cfg.security.devices_dir)
         self.federation = cfg.federation.id
@@ -217,10 +223,12 @@ class Engine:
                 continue
             received += 1
             nbytes += len(payload)
+            uid: str | None = None
             try:
                 if isinstance(opened, RejectedError):
                     raise opened
                 meta, delta = opened
+                uid = meta.update_id
                 tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
                 check_replay(meta.update_id, self.window)
                 self._admit(meta.sender, now)
@@ -235,6 +243,7 @@ class Engine:
                     topics.update_device(topic, self.federation) or "?", e.reason, e.detail
                 )
                 needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
+                self._observe(uid, e.reason)
                 continue
             needs.append(self.flushes + 1)
             self._commit(meta, tau, norm, now)
@@ -342,6 +351,7 @@ class Engine:
                 rejected[e.reason] += 1
                 self.reject_log(item.device, e.reason, e.detail)
                 needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
+                self._observe(item.meta.update_id if item.meta is not None else None, e.reason)
                 continue
             needs.append(self.flushes + 1)
             self._commit(meta, tau, item.norm, now)
@@ -384,9 +394,14 @@ class Engine:
             return
         self.metrics.set_online(self.presence.online())
 
+    def _observe(self, update_id: str | None, reason: str | None) -> None:
+        if self.on_update is not None:
+            self.on_update(update_id, reason)
+
     def _commit(self, meta: UpdateMeta, tau: int, norm: float, now: float) -> None:
         self.strategy.add(meta, tau, norm)
         self.window.add(meta.update_id, meta.base_version)
+        self._observe(meta.update_id, None)
         self.gate.observe(norm)
         if self.strategy.ready(now):
             self._aggregate(now)

@@ -40,7 +40,7 @@ from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
 from aggregator.devices import DeviceKeys
-from aggregator.engine import Engine, Snapshot
+from aggregator.engine import Engine, Snapshot, UpdateObserver
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
@@ -150,8 +150,11 @@ class AckQueue:
 class Aggregator:
     """The service. ``await run(stop)`` until ``stop`` is set; ``snapshot()`` from any thread."""
 
-    def __init__(self, config: AggregatorConfig) -> None:
+    def __init__(
+        self, config: AggregatorConfig, *, on_update: UpdateObserver | None = None
+    ) -> None:
         self.cfg = config
+        self.on_update = on_update
         self.metrics = Metrics(config.federation.id)
         self.ready = threading.Event()
         self.plan_revision = 0
@@ -208,6 +211,7 @@ class Aggregator:
             self.store = checkpoint_store(cfg)
             self.keys = DeviceKeys(cfg.security.devices_dir)
             self.engine = Engine(cfg, self.metrics, self.keys)
+            self.engine.on_update = self.on_update
             await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
             path = await loop.run_in_executor(engine_x, open_state, cfg, self.engine)
             self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
@@ -684,8 +688,10 @@ class Aggregator:
 class AggregatorThread:
     """Run an :class:`Aggregator` in its own thread with its own event loop (simulator, tests)."""
 
-    def __init__(self, config: AggregatorConfig) -> None:
-        self.service = Aggregator(config)
+    def __init__(
+        self, config: AggregatorConfig, *, on_update: UpdateObserver | None = None
+    ) -> None:
+        self.service = Aggregator(config, on_update=on_update)
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

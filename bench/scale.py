@@ -43,16 +43,16 @@ COLUMNS = (
 def judge(n: int, s: dict[str, Any]) -> dict[str, Any]:
     online = max((p["online"] for p in s["history"][-8:]), default=0)
     rejected = sum(s["updates_rejected"].values())
-    lost = s["updates_delivered_by_agents"] - s["updates_received"]
+    lost = len(s["updates_lost"])  # acknowledged to an agent, never received (by id)
     accounted = s["updates_received"] == s["updates_accepted"] + rejected
     connected = s["agents_connected_at_end"]
     all_online = next((p["t"] for p in s["history"] if p["online"] >= n), None)
-    ok = online == n and connected == n and lost <= 0 and accounted and s["error"] is None
+    ok = online == n and connected == n and lost == 0 and accounted and s["error"] is None
     return {
         "all_online": all_online,
         "online": online,
         "rejected": rejected,
-        "lost": max(lost, 0),
+        "lost": lost,
         "connected": connected,
         "ok": ok,
     }

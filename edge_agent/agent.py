@@ -45,6 +45,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -133,6 +134,7 @@ class EdgeAgent:
         delta_transform: DeltaTransform | None = None,
         data_transform: DataTransform | None = None,
         notifier: Notifier | None = None,
+        on_delivered: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.device_id = config.device.id
@@ -141,6 +143,7 @@ class EdgeAgent:
         self.state_dir = config.device.state_dir
         self.delta_transform = delta_transform
         self.data_transform = data_transform
+        self.on_delivered = on_delivered
         self.notifier = notifier if notifier is not None else Notifier(None)
         # Keys are loaded now so that a bad key fails at construction, not mid-run.
         self._verifier: Verifier = Ed25519Verifier.load(config.security.aggregator_public_key)
@@ -230,6 +233,7 @@ class EdgeAgent:
                 retry_s=self.config.outbox.retry_s,
                 retry_no_subscribers=self.config.outbox.retry_no_subscribers,
                 max_in_flight=self.config.outbox.max_in_flight,
+                on_delivered=self.on_delivered,
             )
             self.link.start()
             self.notifier.ready(self._status_text())

@@ -64,7 +64,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.config import BrokerConfig
 from edge_agent.logs import DeviceLog
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, OutboxEntry
 from fedmqtt.mqttconf import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class Link:
         retry_no_subscribers: bool = True,
         max_in_flight: int = 10,
         rng: random.Random | None = None,
+        on_delivered: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.client_id = client_id
@@ -165,6 +166,7 @@ class Link:
         self._retry_no_subscribers = retry_no_subscribers
         self._max_in_flight = max_in_flight
         self._rng = rng or random.Random()
+        self._on_delivered = on_delivered
         self.counters = LinkCounters()
         self.log = DeviceLog(log, client_id)
         self.last_error: str = ""
@@ -555,6 +557,9 @@ class Link:
         if value < 0x80 and not (value == NO_MATCHING_SUBSCRIBERS and self._retry_no_subscribers):
             entry = self.outbox.acked(name)
             self.counters.delivered += 1
+            if self._on_delivered is not None:
+                update_id = entry.update_id if entry is not None else OutboxEntry.update_id_of(name)
+                self._on_delivered(update_id or name)
             if self._warned_no_subscribers:
                 self.log.info("updates are being received again")
                 self._warned_no_subscribers = False

@@ -62,6 +62,12 @@ class OutboxEntry:
     def file_name(seq: int, base_version: int, update_id: str) -> str:
         return f"{seq:012d}-{base_version:012d}-{update_id}{SUFFIX}"
 
+    @staticmethod
+    def update_id_of(name: str) -> str | None:
+        """The ``update_id`` in an outbox file name (None if the name is not one)."""
+        m = _NAME_RE.match(name)
+        return m.group(3) if m is not None else None
+
 
 @dataclass
 class PutResult:

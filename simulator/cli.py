@@ -68,13 +68,18 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         "id, without waiting for a new version (default 1: like honest devices)",
     )
     p.add_argument("--robust", default="none", choices=["none", "clip", "trimmed-mean", "median"])
-    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds to run at most (default 60)",
+    )
     p.add_argument(
         "--versions",
         type=int,
         default=None,
         metavar="N",
-        help="end the run once the global model reaches version N (or at --duration)",
+        help="end the run once the global model reaches version N (--duration still caps it)",
     )
     p.add_argument(
         "--target-accuracy",

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,6 +83,7 @@ class DeviceCounts:
     written: int = 0
     rounds: int = 0
     fetches: int = 0
+    acked: list[str] = field(default_factory=list)  # delivered update ids; filled at stop
 
     @property
     def bytes_downloaded(self) -> int:
@@ -98,6 +99,7 @@ class DeviceCounts:
             self.written + other.written,
             self.rounds + other.rounds,
             self.fetches + other.fetches,
+            self.acked + other.acked,
         )
 
 
@@ -120,6 +122,9 @@ class _Running:
     stop: threading.Event = field(default_factory=threading.Event)
     agent: Any = None
     before: DeviceCounts = field(default_factory=DeviceCounts)  # earlier agent instances
+    # update_id of every update the broker acknowledged, over all instances of the agent
+    # (it is restarted after each outage); appended on the agents' MQTT threads.
+    delivered: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> DeviceCounts:
@@ -171,11 +176,11 @@ class AgentHost:
 
     def stop(self) -> dict[str, DeviceCounts]:
         """Stop every agent; returns each device's counts (updates acknowledged by the broker,
-        bytes received and written). ``connected_at_stop`` counts the agents that had a live
-        MQTT connection just before."""
+        with their ids, bytes received and written). ``connected_at_stop`` counts the agents
+        that had a live MQTT connection just before."""
         self.connected_at_stop = self.connected()
         self._stop(self.devices)
-        return self.counts()
+        return {d.spec.id: replace(d.counts, acked=list(d.delivered)) for d in self.devices}
 
     def connected(self) -> int:
         """Agents whose MQTT connection is up (their own view, not the aggregator's)."""
@@ -210,7 +215,10 @@ class AgentHost:
             return attack(delta) if attack is not None else delta
 
         agent = EdgeAgent(
-            self._configs[d.spec.id], delta_transform=delta_tf, data_transform=data_tf
+            self._configs[d.spec.id],
+            delta_transform=delta_tf,
+            data_transform=data_tf,
+            on_delivered=d.delivered.append,
         )
 
         def run(stop: threading.Event = d.stop) -> None:
@@ -254,7 +262,8 @@ class Fleet(Protocol):
         """Each device's counts so far (from a host process: as of its last report)."""
 
     def stop(self) -> dict[str, DeviceCounts]:
-        """Stop every agent; each device's final counts (``failures`` lists the parts of the
+        """Stop every agent; each device's final counts, with
+        the ids of its acknowledged updates (``failures`` lists the parts of the
         fleet whose counts are missing)."""
 
 
@@ -290,7 +299,7 @@ class ProcessFleet:
     devices' configs and sends ``ready``; the parent sends ``("go", t0)`` with the shared start
     time; the host starts its agents, applies their outage windows itself and sends its
     devices' counts every :data:`_REPORT_S` until it receives ``stop``, then stops them and
-    sends back the final counts. A host whose parent dies
+    sends back the final counts with the delivered update ids. A host whose parent dies
     stops its agents and exits.
     """
 

@@ -16,6 +16,8 @@ import logging
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -51,7 +53,7 @@ class SimConfig:
     attacker_rate: float = 1.0
     robust: str = "none"
     duration: float = 60.0
-    versions: int | None = None
+    versions: int | None = None  # stop once the global model reaches this version
     target_accuracy: float | None = None
     stop_at_target: bool = False
     buffer_size: int | None = None
@@ -270,7 +272,8 @@ class _Simulation:
         )
         from aggregator.service import AggregatorThread
 
-        agg = AggregatorThread(agg_cfg)
+        seen = _UpdateLedger()
+        agg = AggregatorThread(agg_cfg, on_update=seen.record)
         agg.start()
         self.stack.callback(agg.stop)  # idempotent; covers a failure while the fleet starts
         attacks = fleet.Attacks(cfg.attack, cfg.seed, self.ds.n_classes)
@@ -327,15 +330,16 @@ class _Simulation:
             progress.close()
             presence = agg.presence()  # before the agents say goodbye
             counts = agents.stop()
-            delivered = sum(c.delivered for c in counts.values())
+            delivered = {dev: c.acked for dev, c in counts.items()}
             if agents.failures and error is None:
                 error = "; ".join(agents.failures)
+            acked = {uid for ids in delivered.values() for uid in ids}
             # Every update the broker acknowledged must reach the aggregator: wait for the
             # broker's queue to drain before the books are closed -- as long as it drains
             # (an overloaded machine can leave a backlog of minutes), at most _DRAIN_MAX_S.
-            _wait_for_drain(agg, delivered)
+            _wait_for_drain(agg, lambda: len(acked - seen.received()))
+            agg.stop()  # the books close after the last message it took in was counted
             final = agg.snapshot()
-            agg.stop()
         summary = self._summary(
             final, progress, central, reached=reached, devices=devices, error=error
         )
@@ -345,7 +349,12 @@ class _Simulation:
             "uploaded": round(summary["bytes_uploaded"] / accepted),
             "downloaded": round(summary["bytes_downloaded"] / accepted),
         }
-        summary["updates_delivered_by_agents"] = delivered
+        summary["updates_delivered_by_agents"] = sum(len(ids) for ids in delivered.values())
+        # By id, so that a duplicate cannot hide a loss: acknowledged by the broker but never
+        # received by the aggregator, and accepted more than once (both must stay empty).
+        summary["updates_lost"] = sorted(acked - seen.received())
+        summary["updates_accepted_twice"] = seen.accepted_twice()
+        summary["updates_observed"] = len(seen.events)
         summary["setup_s"] = round(t0 - t_setup, 1)
         summary["agents_connected_at_end"] = agents.connected_at_stop
         summary["devices_not_online"] = {
@@ -434,24 +443,42 @@ _DRAIN_IDLE_S = 15.0
 _DRAIN_MAX_S = 300.0
 
 
-def _wait_for_drain(agg: Any, delivered: int) -> None:
-    """Wait until the aggregator received ``delivered`` updates, giving up after
-    _DRAIN_IDLE_S without progress or _DRAIN_MAX_S in all."""
+class _UpdateLedger:
+    """What the aggregator did with each update it received, by id (its ``on_update`` hook,
+    called on the aggregator's engine thread; ``list.append`` needs no lock)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str | None, str | None]] = []
+
+    def record(self, update_id: str | None, reason: str | None) -> None:
+        self.events.append((update_id, reason))
+
+    def received(self) -> set[str]:
+        return {uid for uid, _ in list(self.events) if uid is not None}
+
+    def accepted_twice(self) -> list[str]:
+        accepted = Counter(uid for uid, reason in list(self.events) if reason is None)
+        return sorted(str(uid) for uid, n in accepted.items() if n > 1)
+
+
+def _wait_for_drain(agg: Any, missing: Callable[[], int]) -> None:
+    """Wait until ``missing()`` (acknowledged updates the aggregator has not received) is 0,
+    giving up after _DRAIN_IDLE_S without progress or _DRAIN_MAX_S in all."""
     start = last_progress = time.monotonic()
-    received = agg.snapshot()["updates_received"]
-    while received < delivered and agg.error is None:
+    left = missing()
+    while left > 0 and agg.error is None:
         now = time.monotonic()
         if now - last_progress > _DRAIN_IDLE_S or now - start > _DRAIN_MAX_S:
             log.warning(
                 "%d acknowledged update(s) not received by the aggregator after %.0f s",
-                delivered - received,
+                left,
                 now - start,
             )
             return
         time.sleep(0.1)
-        newer = agg.snapshot()["updates_received"]
-        if newer > received:
-            received, last_progress = newer, time.monotonic()
+        newer = missing()
+        if newer < left:
+            left, last_progress = newer, time.monotonic()
 
 
 def _tail_mean(history: list[report.Point], fraction: float) -> float | None:

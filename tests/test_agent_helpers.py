@@ -216,22 +216,27 @@ class FakeAggregator:
         client.subscribe([(topics.updates_filter(FED), 1), (topics.status_filter(FED), 1)])
 
     def _on_message(self, client: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
+        """Keeps what verifies with the key of the topic's device, names that device as sender
+        and this federation; anything else goes to ``invalid`` (checked by ``close``)."""
         parsed = topics.device_topic(msg.topic, FED)
-        device = parsed[1] if parsed is not None else None
-        key = self.device_keys.get(device or "")
+        device = parsed[1] if parsed is not None else ""
         payload = bytes(msg.payload)
+        status = parsed is not None and parsed[0] == topics.STATUS
+        if status and not payload:  # a cleared retained status
+            return
+        kind: type[wire.Status | wire.Update] = wire.Status if status else wire.Update
         with self._lock:
-            if key is None:
-                self.invalid.append(payload)
-                return
-            if parsed is not None and parsed[0] == topics.STATUS:
-                if payload:
-                    self.statuses[device or ""] = wire.decode(payload, wire.Status, key)
-                return
             try:
-                self.updates.append(Received(payload, wire.decode(payload, wire.Update, key)))
+                m = wire.decode(payload, kind, self.device_keys[device])
+                ok = m.sender == device and m.federation == FED
             except Exception:
+                ok = False
+            if not ok:
                 self.invalid.append(payload)
+            elif isinstance(m, wire.Status):
+                self.statuses[device] = m
+            else:
+                self.updates.append(Received(payload, m))
 
     def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
@@ -275,8 +280,14 @@ class FakeAggregator:
         return self.received()
 
     def close(self) -> None:
+        """Disconnect, then fail if any message on the updates or status topics did not verify
+        (bad MAC, wrong sender or federation, undecodable): an agent sending those must not
+        pass a test that only counts what arrived."""
         self.client.loop_stop()
         self.client.disconnect()
+        with self._lock:
+            invalid = list(self.invalid)
+        assert invalid == [], f"{len(invalid)} invalid message(s) reached the fake aggregator"
 
 
 class AgentThread:

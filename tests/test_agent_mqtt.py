@@ -306,6 +306,7 @@ def test_permanent_broker_refusal_drops_the_update(
     device: Device,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """With an ACL that forbids the device to publish updates, MQTT 5 answers 0x87."""
     src = Path(__file__).resolve().parent.parent / "broker_config" / "mosquitto-dev.conf"
@@ -348,6 +349,15 @@ def test_permanent_broker_refusal_drops_the_update(
                 runner.stop()
         finally:
             agg.close()
+    # refused_permanent also counts an oversize update and paho's own refusal: the drop must
+    # come from the broker's PUBACK with reason code 0x87 (Not authorized).
+    refusals = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "edge_agent.mqtt" and "broker refused update" in r.getMessage()
+    ]
+    assert len(refusals) == 1, refusals
+    assert "Not authorized (0x87); dropped" in refusals[0], refusals
 
 
 def test_model_waits_for_its_spec_and_a_restart_offline_uses_the_stored_spec(

@@ -39,6 +39,12 @@ HEAVY = (
 )
 
 
+# SIGTERM stops the agent within 10 s whatever it is doing (docs/agent.md); the tests wait
+# longer than that so that a stop that breaks the promise fails the timing assertion.
+STOP_PROMISE_S = 10.0
+STOP_WAIT_S = 60.0
+
+
 def _spawn(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     inherited = {
         k: v
@@ -111,8 +117,9 @@ def test_sigkill_with_queued_update_then_restart_delivers_it(
         assert len(agg.received()) == 1, "v3 was trained on twice"
         t0 = time.monotonic()
         p2.send_signal(signal.SIGTERM)
-        assert p2.wait(10) == 0, log.read_text()
-        assert time.monotonic() - t0 < 10
+        # Waits longer than the promise so that a slow stop is measured, not cut off.
+        assert p2.wait(STOP_WAIT_S) == 0, log.read_text()
+        assert time.monotonic() - t0 < STOP_PROMISE_S, log.read_text()
         wait_until(
             lambda: (
                 agg.statuses.get(device.device_id) is not None
@@ -159,8 +166,8 @@ def test_sigterm_during_a_long_round_stops_fast_and_writes_nothing(
         wait_until(flag.exists, 20)
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
-        assert p.wait(10) == 0, log.read_text()
-        assert time.monotonic() - t0 < 10
+        assert p.wait(STOP_WAIT_S) == 0, log.read_text()
+        assert time.monotonic() - t0 < STOP_PROMISE_S, log.read_text()
     finally:
         if p.poll() is None:
             p.kill()

@@ -24,7 +24,7 @@ from edge_agent.state import AgentState, StateDirLock, StateDirLockedError, Stat
 from edge_agent.trainer import Hyper, build_update, compute_delta, resolve_hyper
 from fedmqtt import wire
 from fedmqtt.codecs import Codec, ErrorFeedback, decode_params
-from fedmqtt.errors import ConfigError
+from fedmqtt.errors import SIGNATURE, ConfigError, DecodeError
 from fedmqtt.mqttconf import backoff_delay, read_password
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import HmacKey
@@ -436,8 +436,9 @@ def test_update_is_signed_encoded_and_feedback_carries_the_rest(tmp_path: Path) 
     # what was not sent is exactly the residual kept for the next round
     np.testing.assert_allclose(sent + layout.flatten(fb.residual), full, rtol=1e-6, atol=1e-7)
     assert np.count_nonzero(sent) <= int(np.ceil(0.1 * 640)) + int(np.ceil(0.1 * 10))
-    with pytest.raises(Exception, match="signature"):
+    with pytest.raises(DecodeError, match=r"^signature: signature does not match$") as e:
         wire.decode(payload, wire.Update, HmacKey.generate())
+    assert e.value.reason == SIGNATURE
 
 
 def test_delta_transform_hook_is_applied() -> None:

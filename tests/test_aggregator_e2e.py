@@ -75,10 +75,33 @@ def digits_setup(tmp_path: Path) -> tuple[Federation, list[tuple[Any, Any]], Pat
     return fed, shards, holdout
 
 
-def test_digits_devices_train_through_the_broker_to_90_percent(
+# Eight devices, two local epochs a round, FedBuff K = 4: each round makes two versions. The
+# round count, not a clock, ends the run. Measured: 0.94-0.953 after rounds 3-10 against a
+# centralized 0.967 on this split. With this local setting (two epochs at momentum 0.9 on ~170
+# samples) later rounds drift down (0.82 after 16), the same when the rounds are replayed
+# without the broker, so the count stays at 6 (0.951).
+DIGITS_ROUNDS = 6
+DIGITS_GAP = 0.03
+
+
+def test_digits_devices_train_through_the_broker_to_the_centralized_accuracy(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
+    from simulator.central import centralized_accuracy
+
     fed, shards, holdout = digits_setup(tmp_path)
+    with np.load(holdout) as z:
+        X_te, y_te = z["X"], z["y"]
+    central = centralized_accuracy(
+        fed.spec,
+        np.concatenate([X for X, _ in shards]),
+        np.concatenate([y for _, y in shards]),
+        X_te,
+        y_te,
+        epochs=30,
+        lr=0.1,
+        seed=0,
+    )
     cfg = fed.config(
         broker.host,
         broker.port,
@@ -92,12 +115,7 @@ def test_digits_devices_train_through_the_broker_to_90_percent(
     train = TrainConfig(epochs=2, lr=0.1, batch_size=16, momentum=0.9)
     try:
         model = watcher.wait(lambda m: True, 10)  # the retained version-0 model
-        deadline = time.monotonic() + 60
-        rounds = 0
-        while time.monotonic() < deadline:
-            snap = agg.snapshot()
-            if snap["accuracy"] is not None and snap["accuracy"] > 0.9 and rounds >= 2:
-                break
+        for rounds in range(DIGITS_ROUNDS):
             infos = []
             for i, (X, y) in enumerate(shards):
                 dev = f"dev{i}"
@@ -116,11 +134,10 @@ def test_digits_devices_train_through_the_broker_to_90_percent(
                 info.wait_for_publish(10)
             version = model.version
             model = watcher.wait(partial(newer_by, version, 2), 20)
-            rounds += 1
         wait_until(lambda: agg.snapshot()["eval_version"] == model.version, 10, "evaluation")
         snap = agg.snapshot()
-        assert snap["accuracy"] > 0.90, snap
-        assert snap["version"] >= 2 and snap["rejected_total"] == 0
+        assert snap["accuracy"] >= central - DIGITS_GAP, (snap, central)
+        assert snap["version"] == 2 * DIGITS_ROUNDS and snap["rejected_total"] == 0
         assert snap["staleness_histogram"].get("1", 0) > 0  # half of each round was stale by 1
     finally:
         pub.disconnect()
@@ -131,10 +148,9 @@ def test_digits_devices_train_through_the_broker_to_90_percent(
     # The published model scores the same outside the aggregator.
     from fedmqtt.models import build_model
 
-    with np.load(holdout) as z:
-        assert watcher.latest is not None
-        acc = build_model(fed.spec, watcher.latest.params).score(z["X"], z["y"])
-    assert acc > 0.9
+    assert watcher.latest is not None
+    acc = build_model(fed.spec, watcher.latest.params).score(X_te, y_te)
+    assert acc == pytest.approx(snap["accuracy"], abs=1e-9)
 
 
 # ------------------------------------------------------------------ hostile input
@@ -315,12 +331,16 @@ def _burst_publisher(port: int, device: str, payloads: list[bytes], go: Any) -> 
 
 
 def test_burst_of_10k_updates_is_fully_accounted_for(broker: Mosquitto, tmp_path: Path) -> None:
-    """10,000 valid updates published faster than the aggregator takes them.
+    """10,000 valid updates, half published while the aggregator is away (they wait in its
+    persistent session on the broker), half while it works through that backlog.
 
     Through the project's broker config every one arrives and is applied. With Mosquitto's
     defaults (``max_queued_messages 1000``) this test fails: run it with
     ``FEDMQTT_BROKER_CONFIG_DIR`` pointing at a copy of broker_config/mosquitto-dev.conf without
     the ``max_queued_*``/``max_inflight_*`` lines and thousands of acknowledged updates vanish.
+    The first half makes the backlog 5,000 messages on any machine: an aggregator online from
+    the start keeps up with four publishers on a fast machine, and a backlog that stays under
+    1,000 would not show that the queue limits matter.
     """
     spec = ModelSpec("softmax", 3, 2)
     devices = [f"dev{i}" for i in range(4)]
@@ -344,35 +364,41 @@ def test_burst_of_10k_updates_is_fully_accounted_for(broker: Mosquitto, tmp_path
         ]
         for dev in devices
     }
-    agg = AggregatorThread(cfg).start()
     ctx = mp.get_context("spawn")
-    go = ctx.Event()
-    procs = [
-        ctx.Process(target=_burst_publisher, args=(broker.port, d, payloads[d], go))
-        for d in devices
-    ]
-    try:
+    go = ctx.Event()  # set: each publisher starts as soon as it is up
+    go.set()
+
+    def publish(wave: slice) -> list[Any]:
+        procs = [
+            ctx.Process(target=_burst_publisher, args=(broker.port, d, payloads[d][wave], go))
+            for d in devices
+        ]
         for p in procs:
             p.start()
-        time.sleep(0.5)
-        go.set()
-        t0 = time.monotonic()
+        return procs
+
+    def joined(procs: list[Any]) -> None:
         for p in procs:
             p.join(120)
-            assert p.exitcode == 0
-        published_s = time.monotonic() - t0
+            assert p.exitcode == 0  # every update acknowledged by the broker
+
+    first = AggregatorThread(cfg).start()  # subscribes in its persistent session
+    first.stop()
+    assert first.error is None and first.snapshot()["updates_received"] == 0
+    joined(publish(slice(0, per // 2)))
+    agg = AggregatorThread(cfg).start()
+    second = publish(slice(per // 2, per))
+    try:
+        joined(second)
         wait_until(
             lambda: agg.snapshot()["accepted"] + agg.snapshot()["rejected_total"] >= 10_000,
             60,
             "all 10k updates",
         )
-        done_s = time.monotonic() - t0
         snap = agg.snapshot()
         assert snap["updates_received"] == 10_000
         assert snap["accepted"] == 10_000 and snap["rejected_total"] == 0
         assert snap["version"] == 1000
-        # The publishers were done well before the aggregator (it really was a backlog).
-        assert published_s < done_s
     finally:
         agg.stop()
     assert agg.error is None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from conftest import require
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedmqtt.broker import MALLOC_TUNABLES, Mosquitto, broker_environ
@@ -101,7 +102,7 @@ def test_a_backlog_sits_on_huge_pages_with_the_tunables(
         queue_backlog(m, messages=160, size=100_000)  # 16 MB, as 160 updates of d = 1e5 int8
         huge[tunables] = anon_huge_kib(m.proc.pid)
         m.close()
-    if supported:
-        assert huge[MALLOC_TUNABLES] >= 2048, huge  # at least one 2 MiB page (14 MiB here)
-    if supported and mode == "madvise":  # only what malloc asked for gets huge pages
+    require(supported, f"no huge pages to check on this host (THP {mode!r}, {libc} {version})")
+    assert huge[MALLOC_TUNABLES] >= 2048, huge  # at least one 2 MiB page (14 MiB here)
+    if mode == "madvise":  # only what malloc asked for gets huge pages
         assert huge[""] == 0, huge

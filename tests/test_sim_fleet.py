@@ -22,11 +22,13 @@ def test_host_count_defaults_to_threads_for_small_fleets() -> None:
 
 
 def test_agents_in_processes_learn_and_lose_nothing() -> None:
+    # 20 s: the two devices that drop out (seed 1) are offline from 4.5-8.2 s and 8.5-11.5 s,
+    # and have time to come back, resend what their outbox kept and train again.
     s = run_simulation(
         SimConfig(
             clients=6,
             agent_processes=2,
-            duration=10.0,
+            duration=20.0,
             compute_time=0.05,
             dropout=0.34,
             partition="iid",
@@ -37,17 +39,25 @@ def test_agents_in_processes_learn_and_lose_nothing() -> None:
     )
     assert s["error"] is None, s["error"]
     assert s["agent_processes"] == 2
-    assert s["versions"] > 5
-    assert s["final_accuracy"] > 0.5
-    # Every update an agent saw acknowledged reached the aggregator, and every received update
-    # was accepted or refused with a reason.
-    assert s["updates_received"] >= s["updates_delivered_by_agents"] > 0
+    # Learns: within 3 points of the same model trained on the pooled shards (measured: 0.7-0.8
+    # points below it after 20 s on seeds 1 and 2; an untrained model scores ~0.1).
+    assert s["versions"] > 100
+    assert s["tail_accuracy"] >= s["centralized_accuracy"] - 0.03, s
+    # Loses nothing, compared by update id (a count would let one duplicate hide one loss):
+    # every update an agent saw acknowledged by the broker was received by the aggregator, none
+    # was applied twice, and every received update was accepted or refused with a reason --
+    # after an outage only as a resent duplicate (replay) or too old to apply (stale).
+    assert s["updates_delivered_by_agents"] > 0
+    assert s["updates_lost"] == []
+    assert s["updates_accepted_twice"] == []
+    assert s["updates_observed"] == s["updates_received"]
     # The hosts report what their devices received, across the outages' agent restarts.
     per_device = s["bytes_downloaded_per_device"]
     assert len(per_device) == 6 and all(v > 0 for v in per_device.values())
     assert s["bytes_downloaded"] == sum(per_device.values())
     assert s["history"][-1]["bytes_downloaded"] > 0  # live, from the hosts' periodic reports
     assert s["updates_received"] == s["updates_accepted"] + sum(s["updates_rejected"].values())
+    assert set(s["updates_rejected"]) <= {"replay", "stale"}, s["updates_rejected"]
 
 
 def test_a_dead_agent_host_ends_the_run_with_an_error() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import msgpack
 import numpy as np
 import pytest
@@ -129,8 +131,18 @@ def test_hostile_length_prefix_does_not_allocate() -> None:
     header = msgpack.packb({"v": 1, "alg": "hmac-sha256", "sig": b""})
     body = b"\xc6\xff\xff\xff\xf0"  # bin32 claiming ~4 GiB
     env = wire.open_envelope(header + body)
-    with pytest.raises(DecodeError):
-        wire.unpack_body(env, max_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(DecodeError) as e:
+            wire.unpack_body(env, max_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert e.value.reason == SCHEMA
+    # Refused from the 5-byte prefix: nothing near the claimed size, nor the 1 MiB limit.
+    assert peak < 64 * 1024, peak
 
 
 @settings(max_examples=300, deadline=None)
