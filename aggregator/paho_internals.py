@@ -118,8 +118,9 @@ def paho_client(client: aiomqtt.Client) -> paho.Client:
 
 class FastPath:
     """The receive and acknowledgement fast path on one paho client (one per aiomqtt client,
-    so one per connection attempt). Created before the client connects; every method is
-    called on the event loop thread that reads the client's socket.
+    so one per connection attempt). Created before the client connects; :meth:`adopt_socket`
+    is called from paho's ``on_socket_open`` (on the thread that connects), the others on the
+    event loop thread that reads the client's socket.
 
     * :meth:`adopt_socket` from paho's ``on_socket_open``: paho reads through the returned
       :class:`ReadAhead` from then on;
