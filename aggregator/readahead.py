@@ -4,15 +4,15 @@ paho reads a packet in pieces: ``recv(1)`` for the command byte, ``recv(1)`` for
 the remaining length (three for a 100 KB update), then ``recv(rest)`` until the packet is
 complete, appending each piece to a ``bytearray``. Every ``recv`` is a system call that also
 releases the GIL, and taking the GIL back while the engine or a verification thread holds it
-can take up to the interpreter's switch interval. In a py-spy profile at d = 1e5 int8 these
-reads were 22 % of the event-loop thread's time (docs/benchmarks.md). :class:`ReadAhead`
-answers those reads from one ``recv_into`` of up to :data:`CHUNK` bytes, so a burst of packets
-costs one system call instead of five or more each.
+can take up to the interpreter's switch interval. :class:`ReadAhead` answers those reads from
+one ``recv_into`` of up to :data:`CHUNK` bytes, so a burst of packets costs one system call
+instead of five or more each.
 
 It can also frame whole packets (:meth:`ReadAhead.peek_packet`, :meth:`ReadAhead.view`):
 the aggregator's reader decodes PUBLISH packets straight from this buffer (one copy of the
 payload) and leaves every other packet to paho, which then reads it through :meth:`recv`
-(``MqttLink._install_reader``).
+(:meth:`aggregator.paho_internals.FastPath.packet_reader`, the one module that installs it as
+paho's socket).
 
 Only ``recv`` and ``pending`` are changed; everything else (``send``, ``fileno``, ``close``,
 TLS methods) goes to the wrapped socket. ``pending()`` counts the bytes held here (plus the TLS
@@ -25,11 +25,9 @@ from __future__ import annotations
 import ssl
 from typing import Any, Final
 
-# The buffer, and so the most one read takes. Each read of a large update stream costs a system
-# call and the kernel's receive bookkeeping, so fewer, larger reads pay: at d = 1e5 int8 (100 KB
-# updates) 1 MiB instead of 256 KiB cut the event-loop thread's CPU per message by ~20 % in
-# bench/link.py and the service's CPU per update by ~6 % end to end (docs/benchmarks.md); 4 MiB
-# did no better. Small messages showed no difference either way.
+# The buffer, and so the most one read takes from the kernel; a packet larger than it grows the
+# buffer (see _make_room). Its size is chosen by measurement: bench/link.py --read-chunks and
+# docs/benchmarks.md.
 CHUNK: Final = 1024 * 1024
 # What peek_packet() found when no whole packet is buffered (else its fixed-header byte).
 WOULD_BLOCK: Final = -1  # a partial packet (or nothing) is buffered and the kernel has no more
@@ -39,10 +37,10 @@ UNFRAMED: Final = -2  # end of stream or a malformed length: paho's own read mus
 class ReadAhead:
     """Wraps a connected non-blocking socket (plain or TLS); see the module docstring."""
 
-    __slots__ = ("_buf", "_end", "_eof", "_sock", "_start")
+    __slots__ = ("_buf", "_end", "_eof", "_inner", "_start")
 
     def __init__(self, sock: Any) -> None:
-        self._sock = sock
+        self._inner = sock
         self._buf = bytearray(CHUNK)
         self._start = 0  # buffered bytes are _buf[_start:_end]
         self._end = 0
@@ -60,9 +58,9 @@ class ReadAhead:
             if self._eof:
                 return b""
             if n >= CHUNK:
-                data: bytes = self._sock.recv(n)  # large: straight from the socket
+                data: bytes = self._inner.recv(n)  # large: straight from the socket
                 return data
-            got = self._sock.recv_into(self._buf, CHUNK)
+            got = self._inner.recv_into(self._buf, CHUNK)
             if got == 0:
                 self._eof = True
                 return b""
@@ -142,7 +140,7 @@ class ReadAhead:
             self._make_room(len(self._buf) - self._start + 1)
         with memoryview(self._buf) as view:
             try:
-                got = self._sock.recv_into(view[self._end :])
+                got = self._inner.recv_into(view[self._end :])
             except (BlockingIOError, ssl.SSLWantReadError):
                 return False
         if got == 0:
@@ -153,11 +151,11 @@ class ReadAhead:
 
     def pending(self) -> int:
         """Bytes readable without touching the kernel: ours, plus the TLS layer's."""
-        inner = getattr(self._sock, "pending", None)
+        inner = getattr(self._inner, "pending", None)
         return self._end - self._start + (inner() if callable(inner) else 0)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+        return getattr(self._inner, name)
 
     def __repr__(self) -> str:
-        return f"ReadAhead({self._sock!r}, buffered={self._end - self._start})"
+        return f"ReadAhead({self._inner!r}, buffered={self._end - self._start})"

@@ -1,27 +1,26 @@
 """CPU cost of the aggregator's MQTT link per message: receiving, and acknowledging.
 
-``aggregator/mqtt.py`` replaces parts of paho's receive and acknowledgement paths; this script
-measures each replacement against what it replaces, through a real Mosquitto (the project's
-dev config), timing the CPU of the event-loop thread (``time.thread_time``) that runs
-``MqttLink`` -- the thread that also has to leave the GIL to the engine.
+``aggregator/mqtt.py`` replaces parts of paho's receive and acknowledgement paths
+(``aggregator/paho_internals.py``); this script measures the link through a real Mosquitto (the
+project's dev config), timing the CPU of the thread (``time.thread_time``) that runs ``MqttLink``
+-- the event-loop thread, which also has to leave the GIL to the engine.
 
-* **receive**: N QoS 1 messages of S bytes wait in the broker for the link's persistent
-  session; the link connects and takes them all (acknowledging each batch taken). Modes:
-  ``framed`` (PUBLISH packets decoded straight from the read-ahead buffer, the default),
-  ``read-ahead`` (paho assembles packets from the read-ahead buffer; our PUBLISH decoder),
-  ``paho`` (paho's own receive path: what the link falls back to).
-* **ack**: after receiving N small messages, acknowledge them in batches of B, with one
-  write per batch (the default) or paho's one PUBACK per message.
-* **transport**: the receive measurement (framed mode) over plain TCP and over TLS, both on
+* **receive**: N QoS 1 messages of S bytes wait in the broker for a persistent session; the
+  link connects and takes them all (acknowledging each batch taken). ``paho`` is the same
+  through paho's own receive path: a bare paho MQTT 5 client with manual acknowledgements, one
+  PUBACK per message, on the measuring thread.
+* **ack**: after receiving N small messages, the link acknowledges them in batches of B (one
+  write per batch).
+* **transport**: the link's receive measurement over plain TCP and over TLS, both on
   loopback: what a site's aggregator pays for reaching the broker on its own host through the
   devices' TLS listener, against a loopback-only listener without TLS
   (``fedmqtt-admin broker-config --local-port``). The broker gets a TLS listener with a
   certificate from a throw-away CA for this.
-* **read size**: the receive measurement (framed mode, plain TCP) with the read-ahead buffer
+* **read size**: the link's receive measurement (plain TCP) with the read-ahead buffer
   (``aggregator.readahead.CHUNK``, the most one read takes from the kernel) at each of
   ``--read-chunks`` bytes.
 
-Modes alternate on the same broker; the best of the repeats is reported (this machine is
+Variants alternate on the same broker; the best of the repeats is reported (this machine is
 shared). Run from the repository root:
 
     .venv/bin/python bench/link.py [--repeat 3] [--sizes 650,100000] [--batches 10,100]
@@ -45,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-import aggregator.mqtt
 import aggregator.readahead
 from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
@@ -55,11 +55,7 @@ from fedmqtt.broker import Mosquitto
 
 TOPIC = "fl/linkbench/updates/dev"
 FILTER = "fl/linkbench/updates/+"
-RECEIVE_MODES = {  # FAST_RECEIVE, FRAMED_RECEIVE
-    "framed": (True, True),
-    "read-ahead": (True, False),
-    "paho": (False, False),
-}
+Measure = Callable[["Route", int, str], float]  # route, N, client id -> µs per message
 
 
 @dataclass(frozen=True)
@@ -124,13 +120,47 @@ async def _session(route: Route, client_id: str) -> None:
         await asyncio.sleep(0.2)
 
 
-async def receive_cpu_us(route: Route, n: int, client_id: str) -> float:
-    """Loop-thread CPU microseconds per message taken from a backlog in the broker."""
+async def _receive(route: Route, n: int, client_id: str) -> float:
     cpu = time.thread_time()
     # Not waiting for `connected`: the backlog arrives ahead of the SUBACK.
     async with _link(route, client_id, 1000).running(wait_connected=False) as link:
         await _take(link, n, ack=True)
         return 1e6 * (time.thread_time() - cpu) / n
+
+
+def receive_cpu_us(route: Route, n: int, client_id: str) -> float:
+    """Loop-thread CPU microseconds per message taken from a backlog in the broker."""
+    return asyncio.run(_receive(route, n, client_id))
+
+
+def paho_receive_cpu_us(route: Route, n: int, client_id: str) -> float:
+    """The same through paho's own receive path: a bare paho MQTT 5 client, manual
+    acknowledgements (one PUBACK per message), its loop run on this thread."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.manual_ack_set(True)
+    if route.ca is not None:
+        c.tls_set(ca_certs=str(route.ca))
+    got = 0
+
+    def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        nonlocal got
+        got += 1
+        client.ack(msg.mid, msg.qos)
+
+    c.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = BrokerConfig(host="", port=0).session_expiry_s
+    props.ReceiveMaximum = 1000
+    cpu = time.thread_time()
+    c.connect("127.0.0.1", route.port, clean_start=False, properties=props)
+    deadline = time.monotonic() + 300
+    while got < n and time.monotonic() < deadline:
+        c.loop(timeout=1.0)
+    us = 1e6 * (time.thread_time() - cpu) / n
+    c.disconnect()
+    if got != n:
+        raise RuntimeError(f"received {got} of {n} messages")
+    return us
 
 
 async def ack_cpu_us(port: int, n: int, batch: int, client_id: str) -> float:
@@ -157,36 +187,32 @@ def best_receive_us(
     broker: Mosquitto,
     size: int,
     repeat: int,
-    variants: dict[str, tuple[Route, Callable[[], None]]],
+    variants: dict[str, tuple[Route, Measure]],
     tag: str,
 ) -> dict[str, float]:
-    """Best loop-thread CPU per message of each variant (its route, and a set-up run before
-    each of its measurements), the variants alternating on ``broker``."""
+    """Best CPU per message of each variant (its route and its measurement), the variants
+    alternating on ``broker``."""
     n = messages_for(size)
     best = dict.fromkeys(variants, float("inf"))
     for r in range(repeat):
-        for name, (route, setup) in variants.items():
-            setup()
+        for name, (route, measure) in variants.items():
             cid = f"linkbench-{tag}-{size}-{r}-{name.split()[0]}"
             asyncio.run(_session(route, cid))
             publish(broker.port, n, size)
-            best[name] = min(best[name], asyncio.run(receive_cpu_us(route, n, cid)))
+            best[name] = min(best[name], measure(route, n, cid))
     return best
 
 
-def _receive_mode(fast: bool, framed: bool) -> Callable[[], None]:
-    def setup() -> None:
-        setattr(aggregator.mqtt, "FAST_RECEIVE", fast)  # noqa: B010
-        setattr(aggregator.mqtt, "FRAMED_RECEIVE", framed)  # noqa: B010
-
-    return setup
-
-
-def _read_chunk(chunk: int) -> Callable[[], None]:
-    def setup() -> None:
+def _at_read_chunk(chunk: int) -> Measure:
+    def measure(route: Route, n: int, client_id: str) -> float:
+        default = aggregator.readahead.CHUNK
         setattr(aggregator.readahead, "CHUNK", chunk)  # noqa: B010
+        try:
+            return receive_cpu_us(route, n, client_id)
+        finally:
+            setattr(aggregator.readahead, "CHUNK", default)  # noqa: B010
 
-    return setup
+    return measure
 
 
 def main() -> None:
@@ -201,7 +227,7 @@ def main() -> None:
         "--read-chunks",
         default="262144,1048576,4194304",
         type=lambda s: [int(x) for x in s.split(",") if x],
-        help="read-ahead buffer sizes to compare (aggregator.readahead.CHUNK), framed mode",
+        help="read-ahead buffer sizes to compare (aggregator.readahead.CHUNK)",
     )
     ap.add_argument(
         "--read-sizes", default="650,100000", type=lambda s: [int(x) for x in s.split(",") if x]
@@ -215,47 +241,44 @@ def main() -> None:
         routes = [tcp, tls_listener(broker, Path(tmp))]
         broker.start()
         try:
-            print("\n| message bytes | N | " + " | ".join(RECEIVE_MODES) + " | paho / framed |")
-            print("|---|---|" + "---|" * (len(RECEIVE_MODES) + 1))
-            modes = {m: (tcp, _receive_mode(*flags)) for m, flags in RECEIVE_MODES.items()}
+            print("\n| message bytes | N | link | paho | paho / link |")
+            print("|---|---|---|---|---|")
+            paths: dict[str, tuple[Route, Measure]] = {
+                "link": (tcp, receive_cpu_us),
+                "paho": (tcp, paho_receive_cpu_us),
+            }
             for size in args.sizes:
-                best = best_receive_us(broker, size, args.repeat, modes, "rx")
-                cells = " | ".join(f"{best[m]:.1f}" for m in RECEIVE_MODES)
-                ratio = best["paho"] / best["framed"]
-                print(f"| {size} | {messages_for(size)} | {cells} | {ratio:.2f} |")
-            print("\n| PUBACKs per batch | paho, one per message | one write per batch | × |")
-            print("|---|---|---|---|")
+                best = best_receive_us(broker, size, args.repeat, paths, "rx")
+                ratio = best["paho"] / best["link"]
+                print(
+                    f"| {size} | {messages_for(size)} | {best['link']:.1f} | {best['paho']:.1f} "
+                    f"| {ratio:.2f} |"
+                )
+            print("\n| PUBACKs per batch | µs per acknowledged message |")
+            print("|---|---|")
             for batch in args.batches:
-                acks = {False: float("inf"), True: float("inf")}
-                for r in range(args.repeat):
-                    for batched in (False, True):
-                        setattr(aggregator.mqtt, "FAST_ACK", batched)  # noqa: B010
-                        cid = f"linkbench-ack-{batch}-{r}-{int(batched)}"
-                        us = asyncio.run(ack_cpu_us(broker.port, 2000, batch, cid))
-                        acks[batched] = min(acks[batched], us)
-                ratio = acks[False] / acks[True]
-                print(f"| {batch} | {acks[False]:.2f} | {acks[True]:.2f} | {ratio:.1f} |")
-            framed = _receive_mode(True, True)
-            framed()
+                us = min(
+                    asyncio.run(ack_cpu_us(broker.port, 2000, batch, f"linkbench-ack-{batch}-{r}"))
+                    for r in range(args.repeat)
+                )
+                print(f"| {batch} | {us:.2f} |")
             names = [r.name for r in routes]
             print("\n| message bytes | N | " + " | ".join(names) + " | TLS / TCP |")
             print("|---|---|" + "---|" * (len(routes) + 1))
             for size in args.transport_sizes:
                 by_route = best_receive_us(
-                    broker, size, args.repeat, {r.name: (r, framed) for r in routes}, "tx"
+                    broker, size, args.repeat, {r.name: (r, receive_cpu_us) for r in routes}, "tx"
                 )
                 cells = " | ".join(f"{by_route[m]:.1f}" for m in names)
                 ratio = by_route["TLS"] / by_route["TCP"]
                 print(f"| {size} | {messages_for(size)} | {cells} | {ratio:.2f} |")
-            default_chunk = aggregator.readahead.CHUNK
-            chunks = {f"{c // 1024} KiB": (tcp, _read_chunk(c)) for c in args.read_chunks}
+            chunks = {f"{c // 1024} KiB": (tcp, _at_read_chunk(c)) for c in args.read_chunks}
             print("\n| message bytes | N | " + " | ".join(chunks) + " |")
             print("|---|---|" + "---|" * len(chunks))
             for size in args.read_sizes:
                 best = best_receive_us(broker, size, args.repeat, chunks, "chunk")
                 cells = " | ".join(f"{best[c]:.1f}" for c in chunks)
                 print(f"| {size} | {messages_for(size)} | {cells} |")
-            _read_chunk(default_chunk)()
         finally:
             broker.close()
 

@@ -19,6 +19,7 @@ from test_aggregator_support import client
 import aggregator.mqtt
 from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
+from aggregator.paho_internals import _framed_reader
 from aggregator.publishpacket import MalformedPublishError, decode_publish
 from aggregator.readahead import CHUNK, UNFRAMED, WOULD_BLOCK, ReadAhead
 from fedmqtt.broker import Mosquitto
@@ -85,9 +86,9 @@ def test_decode_publish_reads_topic_mid_and_payload_past_the_properties(qos: int
 def _paho_decoded(header: int, packet: bytes) -> tuple[bytes, bytes, int, int]:
     """What paho's own PUBLISH handler (the one the fast path replaces) makes of a packet.
 
-    Drives ``Client._handle_publish`` directly -- the same private entry point the aggregator
-    overrides, present in every paho release the pins allow -- with manual acknowledgements,
-    so nothing is sent."""
+    Drives ``Client._handle_publish`` directly -- the private entry point that
+    :class:`aggregator.paho_internals.FastPath` replaces, checked by
+    tests/test_transport_internals.py -- with manual acknowledgements, so nothing is sent."""
     c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     c.manual_ack_set(True)
     got: list[paho.MQTTMessage] = []
@@ -308,16 +309,15 @@ def test_framed_reader_decodes_publish_in_place_and_leaves_the_rest_to_paho(
     malformed PUBLISH, a PINGRESP and a packet paho has started are left in the buffer for
     paho's own read (which reports a malformed one as a protocol error); a partial packet
     waits for the socket."""
-    cfg = BrokerConfig(host="127.0.0.1", port=1, client_id="framer")
-    link = MqttLink(cfg, subscriptions=[], receive_maximum=10)
     pc = _PahoReadState()
     good = b"\x00\x03a/b\x00\x07\x00payload"  # topic a/b, packet id 7, no properties
     a, b = pair
     sock = ReadAhead(b)
-    read_one = link._framed_reader(pc, sock)  # type: ignore[arg-type]
+    got: list[tuple[str, bytes, int, int]] = []
+    read_one = _framed_reader(pc, sock, lambda *m: got.append(m))  # type: ignore[arg-type]
     a.sendall(_mqtt_packet(0x32, good))
     assert read_one() == 0
-    assert [(m.topic, m.payload, m.mid, m.qos) for m in link.inbox] == [("a/b", b"payload", 7, 1)]
+    assert got == [("a/b", b"payload", 7, 1)]
     assert pc._last_bytes_received > 0 and pc.loop_reads == 0 and sock.pending() == 0
 
     for packet in (_mqtt_packet(0x32, b"\x00\x09a"), _mqtt_packet(0xD0, b"")):
@@ -353,22 +353,13 @@ def _link(broker: Mosquitto, client_id: str, receive_maximum: int = 1000) -> Mqt
     return MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=receive_maximum)
 
 
-@pytest.mark.parametrize(
-    ("fast", "framed"),
-    [(True, True), (True, False), (False, False)],
-    ids=["framed", "read-ahead-paho-framing", "paho-fallback"],
-)
 def test_link_receives_exact_messages_with_properties_through_mosquitto(
-    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch, fast: bool, framed: bool
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Small and large (above the read-ahead chunk) messages, QoS 0 and 1, with properties:
-    what the link delivers is byte for byte what was published, in order; after acking, a new
-    connection of the same session gets nothing again, while the unacknowledged one comes back.
-    The same holds on paho's own receive path, which the link falls back to if a paho release
-    lacks the internals the fast path replaces (acknowledging a batch as one write included)."""
-    monkeypatch.setattr(aggregator.mqtt, "FAST_RECEIVE", fast)
-    monkeypatch.setattr(aggregator.mqtt, "FRAMED_RECEIVE", framed)
-    monkeypatch.setattr(aggregator.mqtt, "FAST_ACK", fast)
+    what the link delivers is byte for byte what was published, in order, and the PUBLISH
+    packets were read past paho; after acking, a new connection of the same session gets
+    nothing again, while the unacknowledged one comes back."""
     paho_reads = 0
     paho_packet_read = paho.Client._packet_read
 
@@ -409,7 +400,7 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
     got = asyncio.run(receive(len(payloads), ack_all_but_last=True))
     assert got == [(topic, p, i % 2) for i, p in enumerate(payloads)]
     # The framed reader takes the PUBLISH packets itself; paho reads CONNACK and SUBACK.
-    assert (paho_reads < len(payloads)) if framed else (paho_reads >= len(payloads))
+    assert paho_reads < len(payloads)
     # Same session again, publishing nothing: only the one QoS 1 message left unacknowledged.
     again = asyncio.run(receive(0, ack_all_but_last=False))
     last_qos1 = max(i for i in range(len(payloads)) if i % 2)
