@@ -2,10 +2,9 @@
 
 The owner's event-loop thread and its engine thread hand work, and the GIL, to each other
 for every batch. When the scheduler puts them on different cores, each hand-off wakes the
-other core, and a 100 KB update decoded on one core is read again from the other's cache. On
-the 2-core benchmark host, with the broker and the publishers beside it, keeping all of a
-process's threads on one CPU took d = 650 int8 from 9,672-11,123 to 11,015-14,124 updates/s,
-at less CPU per update, and left the other core to the broker (docs/benchmarks.md).
+other core, and a 100 KB update decoded on one core is read again from the other's cache.
+Keeping all of a process's threads on one CPU costs less CPU per update and leaves the other
+cores to the broker (docs/benchmarks.md, "What the aggregator's settings are worth").
 
 Pinning applies to the calling thread and to every thread it starts later (Linux
 ``sched_setaffinity`` on thread 0 = the caller), so the service pins its event-loop thread

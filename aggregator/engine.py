@@ -64,9 +64,8 @@ log = logging.getLogger(__name__)
 # Messages are opened on several threads only above this mean size (see Engine._open_all),
 # counting only the messages of devices whose MAC or signature is slow enough to be worth it.
 PARALLEL_MIN_MEAN_BYTES = 32 * 1024
-# ChaCha20-Poly1305 checks 100 KB in ~9 µs: handing half a batch to another thread costs more
-# than it saves (bench/engine.py: +17 % CPU and +12 % wall time per update at d = 1e5, against
-# -26 % wall time for HMAC-SHA256).
+# A MAC this cheap is checked on the engine thread: handing half a batch to another thread
+# costs more than it saves (docs/benchmarks.md, "The engine alone").
 CHEAP_AUTH_ALGS: Final = frozenset({CHACHA20_POLY1305})
 # An opened update, its refusal, or the device of a presence message.
 _Opened = tuple[UpdateMeta, dict[str, Any]] | RejectedError | str

@@ -4,9 +4,8 @@ Why: :func:`fedmqtt.wire.parse` (msgpack, then a check per field in Python) copi
 tensor's bytes out of the payload and spends a few microseconds of bytecode on the eleven
 fields. msgspec decodes into the declared types below in C, checks them on the way, and leaves
 each ``bin`` as a ``memoryview`` of the payload (zero copy; the payload is immutable ``bytes``
-and the views keep it alive). ``bench/engine.py --parsers`` measured the engine's CPU per
-update at d = 1e5 at 75 against 88 µs (int8) and 125 against 171 µs (raw), and at d = 1e6 at
-672 against 1,030 µs (int8) (docs/benchmarks.md).
+and the views keep it alive); the CPU it saves per update is measured by
+``bench/engine.py --parsers`` (docs/benchmarks.md, "The engine alone").
 
 The rules are :data:`fedmqtt.wire.UPDATE_FIELDS`, the one declaration of the update body, which
 :func:`fedmqtt.wire.parse` checks field by field; ``_Body`` below declares the same fields, types

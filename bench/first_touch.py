@@ -4,8 +4,8 @@ A broker queueing updates for a subscriber that is behind writes every queued up
 it has never touched. The kernel must hand it zeroed pages, and in a virtual machine whose
 host backs guest memory on demand (or takes freed memory back), the first touch can also wait
 for the host. That cost lands on whichever process grows, so it decides how much the broker
-spends per message behind a slower subscriber (docs/benchmarks.md, "Huge pages for the
-broker's heap, and what fresh memory costs here").
+spends per message behind a slower subscriber (bench/results/aggregator_ingestion.md, "Huge
+pages for the broker's heap, and what fresh memory costs here").
 
 Each repetition runs a fresh process that maps ``--mb`` MiB and writes every byte (first
 touch), then writes it all again (rewrite), and reports both as GB/s. Repetitions follow each

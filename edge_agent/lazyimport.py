@@ -1,7 +1,8 @@
 """Defer ``urllib.request`` until something uses it: paho imports it, the agent never does.
 
 paho-mqtt imports ``urllib.request`` at module load, which pulls in ``http.client``, ``email``,
-``tempfile`` and more: ~3 MiB of a device's RSS on top of ``ssl`` (docs/benchmarks.md). paho
+``tempfile`` and more, a measurable share of a device's RSS (docs/benchmarks.md, "Edge agent
+footprint"). paho
 only calls it to read proxy settings, and only when PySocks is installed (``_get_proxy``
 returns early otherwise). Importing this module -- ``edge_agent.mqtt`` does, before paho --
 puts a placeholder module in its place that imports the real one on first attribute access

@@ -11,17 +11,16 @@ update, so per-update cost caps ingestion.
 
 * ``chacha20-poly1305`` (the default for new enrolments): a MAC built from the ChaCha20-Poly1305
   AEAD of RFC 8439 with an empty plaintext and the body as associated data; the "signature" is
-  a random 96-bit nonce followed by the 16-byte tag. 8.6 microseconds per 100 KB on the
-  aggregator (cryptography) against 57 for HMAC-SHA256 -- at d = 1e5 int8 that was a quarter of
-  the aggregator's CPU per update. A repeated nonce under one key would let an observer forge
-  tags, so every message draws a fresh random 96-bit nonce: after 2**32 messages under one key
-  the chance of any repeat is still about 2**-33, the bound NIST SP 800-38D accepts for random
-  96-bit nonces, far beyond what a device sends. Replays are refused by the replay check.
+  a random 96-bit nonce followed by the 16-byte tag; several times cheaper to verify than
+  HMAC-SHA256 for large updates (docs/benchmarks.md, "Update authentication"). A repeated
+  nonce under one key would let an observer forge tags, so every message draws a fresh random
+  96-bit nonce: after 2**32 messages under one key the chance of any repeat is still about
+  2**-33, the bound NIST SP 800-38D accepts for random 96-bit nonces, far beyond what a device
+  sends. Replays are refused by the replay check.
   Devices compute it with PyNaCl (libsodium), which they have anyway for model verification.
-* ``hmac-sha256``: the previous default, kept for devices already enrolled with it; standard
-  library only.
+* ``hmac-sha256``: accepted for devices enrolled with it; standard library only.
 * ``ed25519``: for fleets that want the aggregator to hold only public keys (a stolen aggregator
-  key store cannot forge device updates); a fixed ~50-100 microseconds more per update.
+  key store cannot forge device updates), at a fixed extra verification cost per update.
 
 The global model is always Ed25519: one signer, many verifiers that must not be able to forge
 it.
@@ -137,8 +136,8 @@ class Ed25519Verifier:
     """Checks Ed25519 signatures against one public key.
 
     Uses PyNaCl (libsodium) when it is installed and cryptography otherwise. Devices only ever
-    verify, and importing PyNaCl costs ~1.4 MiB of RSS against ~6.6 MiB for cryptography
-    (measured next to bare numpy, docs/benchmarks.md), a large share of a device's budget.
+    verify, and PyNaCl costs a device several times less memory than cryptography
+    (docs/benchmarks.md, "Edge agent footprint").
     """
 
     alg = ED25519
