@@ -90,12 +90,17 @@ class MqttLink:
         *,
         subscriptions: Sequence[str],
         receive_maximum: int,
+        unsubscriptions: Sequence[str] = (),
         on_connect: Callable[[], Awaitable[None]] | None = None,
         on_state: Callable[[bool], None] | None = None,
         name: str = "aggregator",
     ) -> None:
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
+        # Filters this session may still hold from an earlier configuration (the session is
+        # persistent): each would deliver a second copy of every update, so they are dropped on
+        # every connect. Unsubscribing a filter the session does not hold is harmless.
+        self.unsubscriptions = [t for t in unsubscriptions if t not in self.subscriptions]
         self.receive_maximum = receive_maximum
         self.on_connect = on_connect
         self.on_state = on_state
@@ -404,6 +409,8 @@ class MqttLink:
     async def _connected(self, client: aiomqtt.Client, fast: FastPath) -> None:
         self.connects += 1
         self._paho = fast.paho
+        if self.unsubscriptions:
+            await client.unsubscribe(self.unsubscriptions, timeout=SUBSCRIBE_TIMEOUT_S)
         for topic in self.subscriptions:
             granted = await client.subscribe(topic, qos=1, timeout=SUBSCRIBE_TIMEOUT_S)
             codes = [g if isinstance(g, int) else int(g.value) for g in granted]

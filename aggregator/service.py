@@ -256,6 +256,7 @@ class Aggregator:
             cfg.broker,
             subscriptions=subs,
             receive_maximum=cfg.limits.inflight_window,
+            unsubscriptions=topics.update_filters_of_other_configs(cfg.scaleout.group, fed),
             on_connect=self._on_connect,
             on_state=self.metrics.set_connected,
             name="aggregator",

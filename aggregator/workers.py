@@ -276,6 +276,7 @@ class _Runner:
             cfg.scaleout.worker_brokers[self.index],
             subscriptions=[topics.shared_updates_filter(cfg.scaleout.group, fed)],
             receive_maximum=cfg.limits.inflight_window,
+            unsubscriptions=topics.update_filters_of_other_configs(cfg.scaleout.group, fed),
             on_connect=announce,
             name=f"worker-{self.index + 1}",
         )

@@ -64,6 +64,13 @@ def shared_updates_filter(group: str, fed: str) -> str:
     return f"$share/{group}/{updates_filter(fed)}"
 
 
+def update_filters_of_other_configs(group: str, fed: str) -> list[str]:
+    """The update filters an aggregator session may hold from another configuration: the plain
+    filter (no workers) and the public shared group, next to the one in use. A session that
+    changes configuration drops the others, else the broker delivers each update twice."""
+    return [updates_filter(fed), shared_updates_filter(PUBLIC_SHARED_GROUP, fed)]
+
+
 def model(fed: str) -> str:
     return f"{PREFIX}/{fed}/model"
 

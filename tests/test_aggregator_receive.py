@@ -22,6 +22,7 @@ from aggregator.mqtt import Incoming, MqttLink
 from aggregator.paho_internals import _framed_reader
 from aggregator.publishpacket import MalformedPublishError, decode_publish
 from aggregator.readahead import CHUNK, UNFRAMED, WOULD_BLOCK, ReadAhead
+from fedmqtt import topics
 from fedmqtt.broker import Mosquitto
 
 
@@ -528,3 +529,61 @@ def test_packets_left_in_the_read_ahead_buffer_are_read_without_new_socket_data(
             return got
 
     assert asyncio.run(main()) == payloads
+
+
+@pytest.mark.parametrize("old", ["plain", "public-group"])
+def test_a_filter_left_in_the_session_by_another_configuration_is_dropped(
+    broker: Mosquitto, old: str
+) -> None:
+    """An aggregator session that subscribed with another configuration (no workers, or the
+    public shared group before a secret one was set) keeps that subscription on the broker:
+    without the unsubscribe on connect every update would arrive twice."""
+    fed, group = "recv", topics.new_shared_group()
+    stale = (
+        topics.updates_filter(fed)
+        if old == "plain"
+        else topics.shared_updates_filter(topics.PUBLIC_SHARED_GROUP, fed)
+    )
+    cid = f"recv-stale-{old}"
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600
+    earlier = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=paho.MQTTv5)
+    subscribed = threading.Event()
+    earlier.on_subscribe = lambda *a: subscribed.set()
+    earlier.connect(broker.host, broker.port, clean_start=False, properties=props)
+    earlier.loop_start()
+    earlier.subscribe(stale, qos=1)
+    assert subscribed.wait(5)
+    earlier.disconnect()
+    earlier.loop_stop()
+
+    payloads = [i.to_bytes(2, "big") for i in range(50)]
+    cfg = BrokerConfig(host=broker.host, port=broker.port, client_id=cid)
+    link = MqttLink(
+        cfg,
+        subscriptions=[topics.shared_updates_filter(group, fed)],
+        receive_maximum=100,
+        unsubscriptions=topics.update_filters_of_other_configs(group, fed),
+    )
+
+    async def receive() -> list[bytes]:
+        got: list[bytes] = []
+        async with link.running() as running:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None,
+                _publish_v5,
+                broker,
+                [(f"fl/{fed}/updates/dev1", p, 1, None) for p in payloads],
+            )
+            # Stop at the last payload's first copy: the broker queues each message's copies
+            # for this session together and in order, so every earlier copy is in by then.
+            deadline = loop.time() + 10
+            while payloads[-1] not in got and loop.time() < deadline:
+                await running.wait(0.2)
+                batch = running.take(1000)
+                got.extend(m.payload for m in batch)
+                running.ack(batch)
+        return got
+
+    assert asyncio.run(receive()) == payloads
