@@ -51,3 +51,10 @@ def pin_current_thread(cpu: int | None, what: str) -> bool:
         return False
     log.info("%s: threads on CPU %d", what, cpu)
     return True
+
+
+def restore_affinity(cpus: Sequence[int]) -> None:
+    """Let the calling thread run on ``cpus`` again (what :func:`usable_cpus` gave before
+    :func:`pin_current_thread`)."""
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(cpus))

@@ -38,7 +38,7 @@ from typing import Any
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.config import AggregatorConfig, devices_needed, window_pressure
-from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
+from aggregator.cpu import cpu_for, pin_current_thread, restore_affinity, usable_cpus
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Snapshot, UpdateObserver
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
@@ -196,7 +196,8 @@ class Aggregator:
         tune_malloc()
         # Before any executor thread exists, so that they all inherit the CPU (aggregator/cpu.py).
         self._cpus = usable_cpus() if cfg.scaleout.pin_cpu else []
-        pin_current_thread(cpu_for(0, self._cpus), "aggregator")
+        unpinned = usable_cpus()
+        pinned = pin_current_thread(cpu_for(0, self._cpus), "aggregator")
         notifier = Notifier.from_env()
         engine_x = ThreadPoolExecutor(1, thread_name_prefix="agg-engine")
         io_x = ThreadPoolExecutor(1, thread_name_prefix="agg-io")
@@ -242,6 +243,8 @@ class Aggregator:
                 prom.shutdown()
             for x in (engine_x, io_x, pub_x, eval_x):
                 x.shutdown(wait=True)
+            if pinned:  # the caller's thread (the simulator's, a test's) gets its CPUs back
+                restore_affinity(unpinned)
 
     # ------------------------------------------------------------------ main loop
     async def _serve(self, stop: asyncio.Event, notifier: Notifier) -> None:

@@ -65,9 +65,13 @@ def test_run_refuses_a_password_file_group_or_others_can_read(
     pw.chmod(mode)
     cfg = write_config(tmp_path, broker={"username": "aggregator", "password_file": str(pw)})
     assert main(["init", "--config", str(cfg)]) == 0
+    cpus = os.sched_getaffinity(0)
     assert main(["run", "--config", str(cfg)]) == 78
     err = capsys.readouterr().err
     assert f"{pw} is readable by group/others (mode {mode:o}); run: chmod 600 {pw}" in err
+    # The service pinned this thread to one CPU while it ran ([scaleout] pin_cpu) and gave the
+    # caller its CPUs back when it ended.
+    assert os.sched_getaffinity(0) == cpus
 
 
 def test_init_and_run_refuse_a_changed_model(
