@@ -64,7 +64,7 @@ PACKAGES = (
 )
 #: The container's Python (bookworm's) and architecture, for the wheel downloads.
 CONTAINER_PYTHON = "3.11"
-TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter")
+TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter", "unshare", "ip")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: systemd-nspawn exits with this when the container rebooted.
 EXIT_REBOOT = 133
@@ -79,9 +79,7 @@ def missing_prerequisites() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root")
-    missing += [
-        f"{t} (apt-get install mmdebstrap systemd-container)" for t in TOOLS if not shutil.which(t)
-    ]
+    missing += [t for t in TOOLS if not shutil.which(t)]  # scripts/setup installs them
     if "overlay" not in Path("/proc/filesystems").read_text():
         missing.append("overlay file system")
     if (
@@ -311,18 +309,21 @@ class Network:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            ["unshare", "--net", "--", "sleep", "infinity"],
+            # Loopback up here: systemd in a container that joins a namespace it did not make
+            # lacks the capability to do it.
+            ["unshare", "--net", "--", "sh", "-c", "ip link set lo up && exec sleep infinity"],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.path = f"/proc/{self.proc.pid}/ns/net"
-        mine = os.readlink("/proc/self/ns/net")
-        wait_for(
-            "the network namespace",
-            lambda: os.path.exists(self.path) and os.readlink(self.path) != mine,
-            10,
-            0.01,
-        )
+        wait_for("the network namespace", self._sleeping, 10, 0.01)
+
+    def _sleeping(self) -> bool:
+        if self.proc.poll() is not None:
+            raise LiveError(f"unshare --net exited with {self.proc.returncode}")
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{self.proc.pid}/comm").read_text().strip() == "sleep"
+        return False
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -509,6 +510,20 @@ class Machine:
         if self.dir.exists() and not os.path.ismount(self.root):
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def leftovers(self) -> list[str]:
+        """What of this machine is still there after :meth:`close` (should be nothing)."""
+        found = []
+        if self.proc is not None and self.proc.poll() is None:
+            found.append(f"{self.name}: systemd-nspawn pid {self.proc.pid}")
+        if os.path.ismount(self.root):
+            found.append(f"{self.name}: mount {self.root}")
+        if self.dir.exists():
+            found.append(f"{self.name}: directory {self.dir}")
+        found += [f"{self.name}: cgroup {cg}" for cg in self.cgroups if cg.exists()]
+        if (Path("/run/systemd/nspawn/propagate") / self.name).exists():
+            found.append(f"{self.name}: /run/systemd/nspawn/propagate/{self.name}")
+        return found
+
     def __enter__(self) -> Machine:
         return self
 
@@ -596,20 +611,6 @@ class Machine:
         with contextlib.suppress(OSError):
             return (self.dir / "console.log").read_text(errors="replace")[-4000:]
         return ""
-
-
-def leftovers() -> list[str]:
-    """Mounts, directories and processes any machine of ours left behind (should be none)."""
-    found = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        if str(RUNS) in line.split()[1]:
-            found.append("mount " + line.split()[1])
-    if RUNS.is_dir():
-        found += [f"directory {p}" for p in RUNS.iterdir()]
-    for cg in _own_cgroups().values():
-        if cg.is_dir():
-            found += [f"cgroup {p}" for p in cg.iterdir() if p.name.startswith("fedmqtt-")]
-    return found
 
 
 def wait_for(
