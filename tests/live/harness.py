@@ -66,6 +66,8 @@ PACKAGES = (
 CONTAINER_PYTHON = "3.11"
 TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter", "unshare", "ip")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: In each machine's directory: the pid of the test process and the machine's cgroups.
+OWNER = "owner.json"
 #: systemd-nspawn exits with this when the container rebooted.
 EXIT_REBOOT = 133
 
@@ -302,6 +304,82 @@ def _own_cgroups() -> dict[Path, Path]:
     return out
 
 
+def _tree_pids(cg: Path) -> list[int]:
+    pids: list[int] = []
+    if not cg.is_dir():
+        return pids
+    for procs in cg.rglob("cgroup.procs"):
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in procs.read_text().split()]
+    return pids
+
+
+def _release(name: str, cgroups: Sequence[Path], mounted: Path | None) -> None:
+    """Kill whatever runs in a machine's cgroups, remove them, unmount its overlay and delete
+    its directory."""
+    for _ in range(50):
+        pids = [p for cg in cgroups for p in _tree_pids(cg)]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    for cg in cgroups:
+        if cg.is_dir():
+            for d in sorted((p for p in cg.rglob("*") if p.is_dir()), reverse=True):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+    if mounted is not None and os.path.ismount(mounted):
+        r = subprocess.run(["umount", str(mounted)], check=False, timeout=30)
+        if r.returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mounted)], check=False, timeout=30)
+    propagate = Path("/run/systemd/nspawn/propagate") / name
+    if propagate.is_dir() and not os.path.ismount(propagate):
+        shutil.rmtree(propagate, ignore_errors=True)
+    run_dir = RUNS / name
+    if run_dir.exists() and not os.path.ismount(run_dir / "merged"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> list[str]:
+    """Release the machines and networks of test runs that died without cleaning up (killed,
+    power cut); those of live runs are left alone. Returns what was released."""
+    swept: list[str] = []
+    if not RUNS.is_dir():
+        return swept
+    for entry in sorted(RUNS.iterdir()):
+        record = entry / OWNER if entry.is_dir() else entry
+        try:
+            owner = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(owner["pid"])):
+            continue
+        if entry.is_dir():
+            _release(entry.name, [Path(c) for c in owner["cgroups"]], entry / "merged")
+        else:
+            holder = int(owner["holder"])
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{holder}/comm").read_text().strip() == "sleep":
+                    os.kill(holder, signal.SIGKILL)
+            entry.unlink()
+        swept.append(entry.name)
+    return swept
+
+
 class Network:
     """A network namespace of its own (loopback only), held by a sleeping process, that
     several machines share: a server and its devices reach each other on 127.0.0.1, nothing
@@ -316,6 +394,9 @@ class Network:
             start_new_session=True,
         )
         self.path = f"/proc/{self.proc.pid}/ns/net"
+        RUNS.mkdir(parents=True, exist_ok=True)
+        self.record = RUNS / f"network-{self.proc.pid}.json"
+        self.record.write_text(json.dumps({"pid": os.getpid(), "holder": self.proc.pid}))
         wait_for("the network namespace", self._sleeping, 10, 0.01)
 
     def _sleeping(self) -> bool:
@@ -329,6 +410,7 @@ class Network:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        self.record.unlink(missing_ok=True)
 
 
 class Machine:
@@ -355,6 +437,9 @@ class Machine:
         self.boots = 0
         for d in ("upper", "work", "merged"):
             (self.dir / d).mkdir(parents=True)
+        # For sweep_stale(): what to release if this process dies without closing the machine.
+        owner = {"pid": os.getpid(), "cgroups": [str(c) for c in self.cgroups]}
+        (self.dir / OWNER).write_text(json.dumps(owner))
         self._mount()
         if prepare is not None:
             prepare(self.root)
@@ -438,23 +523,13 @@ class Machine:
         assert self.proc is not None
         for cg in self.cgroups:
             with contextlib.suppress(OSError):
-                for pid in self._tree_pids(cg):
+                for pid in _tree_pids(cg):
                     with contextlib.suppress(OSError):
                         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                             ns = line.split()
                             if ns[0] == "NSpid:" and len(ns) > 2 and ns[-1] == "1":
                                 return pid
         return 0
-
-    @staticmethod
-    def _tree_pids(cg: Path) -> list[int]:
-        pids: list[int] = []
-        if not cg.is_dir():
-            return pids
-        for procs in cg.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError):
-                pids += [int(p) for p in procs.read_text().split()]
-        return pids
 
     def wait_exit(self, timeout: float) -> int | None:
         assert self.proc is not None
@@ -484,31 +559,8 @@ class Machine:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.wait_exit(10)
-        for _ in range(50):
-            pids = [p for cg in self.cgroups for p in self._tree_pids(cg)]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        for cg in self.cgroups:
-            if cg.is_dir():
-                for d in sorted((p for p in cg.rglob("*") if p.is_dir()), reverse=True):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
-                with contextlib.suppress(OSError):
-                    cg.rmdir()
-        if self.mounted:
-            r = subprocess.run(["umount", str(self.root)], check=False, timeout=30)
-            if r.returncode != 0:
-                subprocess.run(["umount", "--lazy", str(self.root)], check=False, timeout=30)
-            self.mounted = False
-        propagate = Path("/run/systemd/nspawn/propagate") / self.name
-        if propagate.is_dir() and not os.path.ismount(propagate):
-            shutil.rmtree(propagate, ignore_errors=True)
-        if self.dir.exists() and not os.path.ismount(self.root):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        _release(self.name, self.cgroups, self.root if self.mounted else None)
+        self.mounted = False
 
     def leftovers(self) -> list[str]:
         """What of this machine is still there after :meth:`close` (should be nothing)."""

@@ -221,6 +221,9 @@ def _digits() -> tuple[str, list[bytes]]:
 def site() -> Iterator[Site]:
     missing = harness.missing_prerequisites()
     require(not missing, "live systemd tests need: " + ", ".join(missing))
+    swept = harness.sweep_stale()
+    if swept:
+        print(f"[live] released what killed runs left: {swept}")
     t0 = time.monotonic()
     s = Site(tree=harness.rootfs(), wheels=harness.wheelhouse(), net=Network())
     s.times["tree and wheels (cached after the first run)"] = round(time.monotonic() - t0, 1)
