@@ -378,6 +378,8 @@ def test_enrolled_agents_learn_over_tls(
 def test_reload_keeps_live_connections(server: Machine, devices: dict[str, Machine]) -> None:
     """``systemctl reload mosquitto`` exits 0, the broker keeps its pid and every connection:
     the agents go on delivering and receiving versions without reconnecting."""
+    for dev, m in devices.items():  # connected and learning before the reload
+        wait_for(f"{dev} to deliver", lambda m=m: delivers(m, 0), 90)
     pid = server.show("mosquitto.service", "MainPID")["MainPID"]
     connects = {d: m.journal(AGENT, 1000).count("connected to ") for d, m in devices.items()}
     before = {d: delivered(m) for d, m in devices.items()}
@@ -558,6 +560,7 @@ def test_revoked_device_is_cut_off_and_refused(
         )
     print(f"[live] revoke -> refused: {time.monotonic() - t0:.1f} s")
     wait_for("dev-b's status offline", lambda: agent_status(gone).get("link") == "offline", 30)
+    assert f"disconnected from {BROKER}:8883" in gone.journal(AGENT)  # cut off, not idle
     probe = "/root/probe.py"
     gone.write(probe, textwrap.dedent(PROBE))
     out = gone.run(["/opt/fedmqtt/venv/bin/python", probe, "dev-b", BROKER]).stdout.strip()
