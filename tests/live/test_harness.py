@@ -55,5 +55,12 @@ def test_a_killed_run_is_swept_and_a_machine_runs_systemd() -> None:
     assert name in swept and f"network-{holder}.json" in swept, swept
     assert not run_dir.exists()
     assert not any(str(run_dir) in line for line in Path("/proc/self/mounts").read_text().split())
-    for pid in (int(leader), int(holder)):
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    for pid in (int(leader), int(holder)):  # SIGKILL is delivered asynchronously
+        harness.wait_for(f"pid {pid} to end", lambda pid=pid: _ended(pid), 10, 0.05)
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except (OSError, IndexError):
+        return True
