@@ -440,9 +440,13 @@ class Machine:
         # For sweep_stale(): what to release if this process dies without closing the machine.
         owner = {"pid": os.getpid(), "cgroups": [str(c) for c in self.cgroups]}
         (self.dir / OWNER).write_text(json.dumps(owner))
-        self._mount()
-        if prepare is not None:
-            prepare(self.root)
+        try:
+            self._mount()
+            if prepare is not None:
+                prepare(self.root)
+        except BaseException:
+            self.close()
+            raise
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -192,7 +192,9 @@ def _device_tree(data: bytes) -> object:
     def prepare(root: Path) -> None:
         _hosts(root)
         # A device has no broker of its own (the tree has Mosquitto for the server).
-        (root / "etc/systemd/system/multi-user.target.wants/mosquitto.service").unlink()
+        (root / "etc/systemd/system/multi-user.target.wants/mosquitto.service").unlink(
+            missing_ok=True
+        )
         (root / "srv/fedmqtt-agent").mkdir(parents=True)
         (root / "srv/fedmqtt-agent/readings.csv").write_bytes(data)
 
