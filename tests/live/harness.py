@@ -62,6 +62,8 @@ PACKAGES = (
     "passwd",
     "procps",
 )
+#: A device: the same without the broker.
+DEVICE_PACKAGES = tuple(p for p in PACKAGES if p != "mosquitto")
 #: The container's Python (bookworm's) and architecture, for the wheel downloads.
 CONTAINER_PYTHON = "3.11"
 TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter", "unshare", "ip")
@@ -204,8 +206,25 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def rootfs(packages: Sequence[str] = PACKAGES, log: Callable[[str], None] = print) -> Path:
-    """The cached bookworm tree with ``packages`` (built on first use, ~265 MB)."""
+def emulation_missing(machine: str) -> list[str]:
+    """What this host lacks to run ``machine`` (e.g. aarch64) binaries: qemu-user-static
+    registered with binfmt_misc, with the F flag so that it works inside containers."""
+    entry = Path(f"/proc/sys/fs/binfmt_misc/qemu-{machine}")
+    try:
+        text = entry.read_text()
+    except OSError:
+        return [f"{entry} (apt-get install qemu-user-static binfmt-support)"]
+    flags = next((line.split()[1] for line in text.splitlines() if line.startswith("flags:")), "")
+    if not text.startswith("enabled") or "F" not in flags:
+        return [f"{entry} enabled with flag F (update-binfmts --enable qemu-{machine})"]
+    return []
+
+
+def rootfs(
+    packages: Sequence[str] = PACKAGES, arch: str = "", log: Callable[[str], None] = print
+) -> Path:
+    """The cached bookworm tree with ``packages`` (built on first use, ~265 MB), for the
+    host's architecture or Debian architecture ``arch`` (e.g. arm64, run under emulation)."""
     sources = apt_sources(SUITE)
 
     def build(tmp: Path) -> None:
@@ -215,6 +234,7 @@ def rootfs(packages: Sequence[str] = PACKAGES, log: Callable[[str], None] = prin
             "mmdebstrap",
             "--variant=minbase",
             "--include=" + ",".join(packages),
+            *([f"--arch={arch}"] if arch else []),
             *(f"--aptopt={o}" for o in _apt_options()),
             SUITE,
             str(tmp),
@@ -229,7 +249,8 @@ def rootfs(packages: Sequence[str] = PACKAGES, log: Callable[[str], None] = prin
         log(f"built the {SUITE} tree in {time.monotonic() - t0:.0f} s")
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    return _cached(CACHE / f"rootfs-{SUITE}-{_key(SUITE, sorted(packages), 'minbase')}", build)
+    key = _key(SUITE, sorted(packages), "minbase", *([arch] if arch else []))
+    return _cached(CACHE / f"rootfs-{SUITE}{'-' + arch if arch else ''}-{key}", build)
 
 
 def _requirements(extras: Sequence[str]) -> list[str]:
