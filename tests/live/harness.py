@@ -86,6 +86,8 @@ def missing_prerequisites() -> list[str]:
     missing += [t for t in TOOLS if not shutil.which(t)]  # scripts/setup installs them
     if "overlay" not in Path("/proc/filesystems").read_text():
         missing.append("overlay file system")
+    elif os.geteuid() == 0 and not _overlay_mounts():
+        missing.append(f"an overlay mount in {RUNS} (FEDMQTT_LIVE_RUNS: put it on ext4/xfs/tmpfs)")
     if (
         not Path("/sys/fs/cgroup/systemd").is_dir()
         and not Path("/sys/fs/cgroup/cgroup.procs").exists()
@@ -96,6 +98,30 @@ def missing_prerequisites() -> list[str]:
     except LiveError as e:
         missing.append(str(e))
     return missing
+
+
+def _overlay_mounts() -> bool:
+    """Whether an overlay with its upper directory in RUNS can be mounted (not, e.g., when
+    RUNS is itself on an overlay, as in many container images)."""
+    probe = RUNS / f".probe-{os.getpid()}"
+    try:
+        for d in ("lower", "upper", "work", "merged"):
+            (probe / d).mkdir(parents=True, exist_ok=True)
+        opts = f"lowerdir={probe / 'lower'},upperdir={probe / 'upper'},workdir={probe / 'work'}"
+        merged = str(probe / "merged")
+        r = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, merged],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+        if r.returncode == 0:
+            subprocess.run(["umount", merged], check=False, timeout=30)
+        return r.returncode == 0
+    except OSError:
+        return False
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the cached tree
