@@ -21,10 +21,11 @@ import re
 import shutil
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import harness
 import numpy as np
@@ -94,24 +95,13 @@ class Site:
     net: Network
     machines: list[Machine] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
-    server: Machine | None = None
     devices: dict[str, Machine] = field(default_factory=dict)
-    installs: dict[str, object] = field(default_factory=dict)
+    installs: dict[str, tuple[int, str]] = field(default_factory=dict)
 
-    def machine(self, role: str, prepare: object = None) -> Machine:
-        m = Machine(
-            self.tree,
-            role,
-            binds=[(self.wheels, WHEELS)],
-            network=self.net,
-            prepare=prepare,  # type: ignore[arg-type]
-        )
+    def machine(self, role: str, prepare: Callable[[Path], None] | None = None) -> Machine:
+        m = Machine(self.tree, role, [(self.wheels, WHEELS)], self.net, prepare)
         self.machines.append(m)
         return m
-
-    def srv(self) -> Machine:
-        assert self.server is not None
-        return self.server
 
 
 @contextlib.contextmanager
@@ -136,14 +126,14 @@ def agent_status(m: Machine) -> dict[str, int | str]:
 def delivered(m: Machine) -> int:
     """Updates the agent has delivered in this run of its process."""
     st = wait_for("the agent's status line", lambda: agent_status(m), 30)
-    return int(st["delivered"])  # type: ignore[index]
+    return int(st["delivered"])
 
 
 def delivers(m: Machine, more_than: int) -> bool:
     return int(agent_status(m).get("delivered", -1)) > more_than
 
 
-def agg_status(server: Machine) -> dict[str, object]:
+def agg_status(server: Machine) -> dict[str, Any]:
     try:
         return dict(json.loads(server.read(STATUS_JSON)))
     except (OSError, ValueError):
@@ -151,7 +141,7 @@ def agg_status(server: Machine) -> dict[str, object]:
 
 
 def agg_version(server: Machine) -> int:
-    return int(agg_status(server).get("version") or 0)  # type: ignore[call-overload]
+    return int(agg_status(server).get("version") or 0)
 
 
 def install(m: Machine, script: str, *args: str) -> tuple[int, str]:
@@ -188,7 +178,7 @@ def _hosts(root: Path) -> None:
         f.write(f"127.0.0.1 {BROKER}\n")
 
 
-def _device_tree(data: bytes) -> object:
+def _device_tree(data: bytes) -> Callable[[Path], None]:
     def prepare(root: Path) -> None:
         _hosts(root)
         # A device has no broker of its own (the tree has Mosquitto for the server).
@@ -245,7 +235,6 @@ def server(site: Site) -> Machine:
     """The server after install-aggregator on a blank system, [model] filled in, and the
     installer again (docs/deploy.md, section 1)."""
     m = site.machine("server", _hosts)
-    site.server = m
     with timed(site, "boot"):
         m.boot()
     m.copy_checkout()
@@ -264,7 +253,7 @@ def server(site: Site) -> Machine:
 @pytest.fixture(scope="module")
 def devices(site: Site, server: Machine) -> dict[str, Machine]:
     """Two devices: enrolled on the server, bundle copied, install-agent --bundle (section 2, 3)."""
-    code1, out1 = site.installs["aggregator-2"]  # type: ignore[misc]
+    code1, out1 = site.installs["aggregator-2"]
     assert code1 == 0, out1
     _, shards = _digits()
     for dev in DEVICES:
@@ -297,9 +286,9 @@ def test_install_aggregator_on_a_blank_system(site: Site, server: Machine) -> No
     """Both installer runs exit 0; Mosquitto runs our config under the drop-in and the
     aggregator is active (Type=notify: only after READY=1), both sandboxed as the units say."""
     for run in ("aggregator-1", "aggregator-2"):
-        code, out = site.installs[run]  # type: ignore[misc]
+        code, out = site.installs[run]
         assert code == 0, out
-    _, first = site.installs["aggregator-1"]  # type: ignore[misc]
+    _, first = site.installs["aggregator-1"]
     assert "installed but not started" in first  # no [model] yet
     broker = active(server, "mosquitto.service")
     assert (broker["ActiveState"], broker["SubState"], broker["NRestarts"]) == (
@@ -342,16 +331,16 @@ def test_enrolled_agents_learn_over_tls(
     """Enrolment reloads the running broker; each device's install-agent exits 0 and its agent
     connects over TLS, delivers updates, and receives the new global versions they make."""
     for dev in DEVICES:
-        code, out = site.installs[f"enroll {dev}"]  # type: ignore[misc]
+        code, out = site.installs[f"enroll {dev}"]
         assert code == 0 and "reloaded mosquitto (systemctl)" in out, out
-        code, out = site.installs[f"agent {dev}"]  # type: ignore[misc]
+        code, out = site.installs[f"agent {dev}"]
         assert code == 0, out
         assert "edge-agent check reported problems" not in out, out
     # Buffer of one: version 1 is made from the first update, version 2 from the second.
     with timed(site, "first updates and a new version at both agents"):
         wait_for(
             "two updates applied",
-            lambda: int(agg_status(server).get("accepted") or 0) >= 2 and agg_version(server) >= 2,  # type: ignore[call-overload]
+            lambda: int(agg_status(server).get("accepted") or 0) >= 2 and agg_version(server) >= 2,
             90,
         )
         for dev, m in devices.items():
@@ -561,7 +550,7 @@ def test_arm64_device_under_emulation(site: Site, server: Machine) -> None:
     _, shards = _digits()
 
     def prepare(root: Path) -> None:
-        _device_tree(shards[0])(root)  # type: ignore[operator]
+        _device_tree(shards[0])(root)
         dropin = root / "etc/systemd/system/fedmqtt-agent.service.d/emulation.conf"
         dropin.parent.mkdir(parents=True)
         dropin.write_text(EMULATION_DROPIN)
