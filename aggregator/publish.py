@@ -31,7 +31,7 @@ from fedmqtt import wire
 from fedmqtt.codecs import Codec, decode_params, encode_params
 from fedmqtt.fsutil import atomic_write_bytes
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.params import F32
+from fedmqtt.params import F32, Layout
 from fedmqtt.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,16 @@ def downlink_params(cfg: AggregatorConfig, snap: Snapshot) -> tuple[dict[str, An
     the quantization error of one version is kept in the model the next is quantized from
     (server-side error feedback) and the published stream does not drift.
     """
-    layout = cfg.spec.layout()
-    params = layout.unflatten(snap.params, copy=False)
-    rng = np.random.default_rng([cfg.seed, snap.version])
-    encoded = encode_params(params, Codec.parse(cfg.downlink.codec), rng=rng)
+    codec = Codec.parse(cfg.downlink.codec)
+    return encode_model(cfg.spec.layout(), snap.params, codec, seed=cfg.seed, version=snap.version)
+
+
+def encode_model(
+    layout: Layout, flat: F32, codec: Codec, *, seed: int, version: int
+) -> tuple[dict[str, Any], F32]:
+    """:func:`downlink_params` of the flat parameters ``flat`` of ``version``."""
+    rng = np.random.default_rng([seed, version])
+    encoded = encode_params(layout.unflatten(flat, copy=False), codec, rng=rng)
     return encoded, decode_params(encoded, layout)
 
 
