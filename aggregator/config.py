@@ -122,6 +122,16 @@ class OnnxConfig:
     every: int = 0
 
 
+DOWNLINK_CODECS: Final = ("raw", "fp16", "int8")  # codecs of a full model (topk is a delta's)
+
+
+@dataclass(frozen=True)
+class DownlinkConfig:
+    """``[downlink]``: the codec of the published model's parameters (aggregator.publish)."""
+
+    codec: str = "int8"
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     prometheus_port: int = 0
@@ -184,6 +194,7 @@ class AggregatorConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     scaleout: ScaleoutConfig = field(default_factory=ScaleoutConfig)
@@ -213,6 +224,7 @@ class AggregatorConfig:
             "plan",
             "evaluation",
             "onnx",
+            "downlink",
             "metrics",
             "limits",
             "checkpoint",
@@ -236,6 +248,7 @@ class AggregatorConfig:
             plan=_plan(t["plan"]),
             evaluation=EvaluationConfig(holdout=t["evaluation"].opt_path("holdout")),
             onnx=OnnxConfig(every=t["onnx"].integer("every", 0, lo=0)),
+            downlink=_downlink(t["downlink"]),
             metrics=_metrics(t["metrics"]),
             limits=_limits(t["limits"], spec),
             checkpoint=_checkpoint(t["checkpoint"]),
@@ -440,6 +453,19 @@ def _plan(t: Table) -> PlanConfig:
         codec=codec,
         min_interval_s=t.number("min_interval_s", d.min_interval_s, lo=0.0),
     )
+
+
+def _downlink(t: Table) -> DownlinkConfig:
+    codec = t.text("codec", DownlinkConfig.codec)
+    from fedmqtt.codecs import Codec
+
+    try:
+        parsed = Codec.parse(codec)
+    except ConfigError as e:
+        raise t.error("codec", str(e)) from None
+    if parsed.name not in DOWNLINK_CODECS:
+        raise t.error("codec", f"a model is sent whole: one of {', '.join(DOWNLINK_CODECS)}")
+    return DownlinkConfig(codec=str(parsed))
 
 
 def _metrics(t: Table) -> MetricsConfig:

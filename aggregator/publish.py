@@ -9,6 +9,9 @@ first and announced after, and a device fetches the retained model when it is re
 The plan carries a *revision* that devices use to ignore an older plan; it is bumped whenever
 ``[plan]`` changes between runs (``plan.json`` in the state directory remembers the last
 revision and a digest of the plan it described).
+
+The model's parameters are compressed with the ``[downlink]`` codec (:func:`downlink_params`);
+what devices decode is the model the aggregator evaluates and the base of their updates.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aggregator.config import AggregatorConfig, PlanConfig
 from aggregator.engine import Snapshot
 from fedmqtt import wire
+from fedmqtt.codecs import Codec, decode_params, encode_params
 from fedmqtt.fsutil import atomic_write_bytes
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.params import F32
+from fedmqtt.params import F32, Layout
 from fedmqtt.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -34,16 +40,41 @@ PLAN_FILE = "plan.json"
 SENDER = "aggregator"
 
 
+def downlink_params(cfg: AggregatorConfig, snap: Snapshot) -> tuple[dict[str, Any], F32]:
+    """The parameters of version ``snap`` as published (wire maps in the ``[downlink]`` codec)
+    and, flat, exactly what every device decodes from them: the model devices train on.
+
+    Deterministic: the int8 codec's stochastic rounding draws from a generator seeded with
+    the model seed and the version, so a version republished after a restart is the same
+    bytes, and a device that kept it still holds the model the aggregator sends. The
+    aggregator's own parameters stay float32; each version is quantized afresh from them, so
+    the quantization error of one version is kept in the model the next is quantized from
+    (server-side error feedback) and the published stream does not drift.
+    """
+    codec = Codec.parse(cfg.downlink.codec)
+    return encode_model(cfg.spec.layout(), snap.params, codec, seed=cfg.seed, version=snap.version)
+
+
+def encode_model(
+    layout: Layout, flat: F32, codec: Codec, *, seed: int, version: int
+) -> tuple[dict[str, Any], F32]:
+    """:func:`downlink_params` of the flat parameters ``flat`` of ``version``."""
+    rng = np.random.default_rng([seed, version])
+    encoded = encode_params(layout.unflatten(flat, copy=False), codec, rng=rng)
+    return encoded, decode_params(encoded, layout)
+
+
 def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
-    params = cfg.spec.layout().unflatten(snap.params, copy=False)
+    encoded, flat = downlink_params(cfg, snap)
     msg = wire.GlobalModel(
         federation=cfg.federation.id,
         sender=SENDER,
         version=snap.version,
         spec=cfg.spec,
-        params=params,
+        params=cfg.spec.layout().unflatten(flat, copy=False),
         stats=snap.stats,
         created_at=snap.created_at,
+        encoded=encoded,
     )
     return wire.encode(msg, signer)
 

@@ -47,6 +47,7 @@ from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import Incoming, MqttLink
 from aggregator.publish import (
     announce_payload,
+    downlink_params,
     model_payload,
     onnx_payload,
     plan_payload,
@@ -622,7 +623,9 @@ class Aggregator:
                     self._eval_running = False
                     return
             try:
-                score = evaluate(self.cfg.spec, self.engine.layout, snap.params, holdout)
+                # The model as devices decode it (the [downlink] codec), not the float32 one.
+                _, sent = downlink_params(self.cfg, snap)
+                score = evaluate(self.cfg.spec, self.engine.layout, sent, holdout)
             except Exception:
                 log.exception("evaluation of version %d failed", snap.version)
                 continue

@@ -1,6 +1,7 @@
 """Bytes to accuracy in both directions, per codec, against a synchronous FedAvg baseline.
 
-digits, 20 agents, Dirichlet(0.5), FedBuff; one simulation per codec with the same seed,
+digits, 20 agents, Dirichlet(0.5), FedBuff; one simulation per codec pair ``UP/DOWN`` (the
+devices' update codec, the aggregator's ``[downlink]`` model codec) with the same seed,
 stopping when the target accuracy is first reached. Uploaded bytes are the update payloads the
 aggregator received; downloaded bytes are every payload the devices' MQTT clients received
 (model, plan, spec, announcements, ONNX), counted at the devices. Both are MQTT payloads
@@ -13,7 +14,12 @@ measured, and each transfer is counted at the size of our own message carrying r
 tensors (a signed ``model`` body with the parameters and no spec -- an architecture is sent
 once, not per round -- and a signed raw-codec ``update``).
 
+Accuracy is the holdout accuracy of the model as the devices decode it; the table gives the
+last evaluation and the mean over the last quarter of the run (a run stops at the target, so
+``--no-stop`` runs every pair for the whole duration to compare accuracy at equal time).
+
     .venv/bin/python -m bench.bytes_to_accuracy [--target 0.90] [--duration 60]
+    .venv/bin/python -m bench.bytes_to_accuracy --model mlp --hidden 1333   # ~10^5 parameters
 """
 
 from __future__ import annotations
@@ -35,7 +41,16 @@ from fedmqtt.params import Params
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer
 from simulator.runner import FederationData, SimConfig, federation_data
 
-CODECS = ("raw", "fp16", "int8", "topk:0.1", "topk:0.01+zlib")
+CODECS = (
+    "raw/raw",
+    "fp16/fp16",
+    "int8/raw",
+    "int8/fp16",
+    "int8/int8",
+    "int8/int8+zlib",
+    "topk:0.1/int8",
+    "topk:0.01+zlib/int8",
+)
 
 
 @dataclass(frozen=True)
@@ -117,52 +132,64 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="softmax", choices=["softmax", "mlp"])
-    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--hidden", default="32", help="mlp hidden widths, comma-separated")
+    ap.add_argument(
+        "--codecs", default=",".join(CODECS), help="UP or UP/DOWN codec pairs, comma-separated"
+    )
+    ap.add_argument("--no-stop", action="store_true", help="run each pair for --duration")
     args = ap.parse_args()
+    hidden = tuple(int(w) for w in args.hidden.split(","))
     base_cfg = SimConfig(
         dataset="digits",
         model=args.model,
+        hidden=hidden,
         partition="dirichlet:0.5",
         clients=args.clients,
         duration=args.duration,
         target_accuracy=args.target,
-        stop_at_target=True,
+        stop_at_target=not args.no_stop,
         quiet=True,
         seed=args.seed,
         compute_time=0.1,
     )
-    baseline = sync_fedavg(federation_data(base_cfg), base_cfg, args.target)
+    data = federation_data(base_cfg)
+    n_params = data.spec.layout().size
+    baseline = sync_fedavg(data, base_cfg, args.target)
     print(
         f"sync FedAvg: {fmt(baseline.rounds)} rounds, {fmt(baseline.bytes_to_target)} bytes",
         file=sys.stderr,
     )
     rows: list[tuple[str, dict[str, Any]]] = []
-    for codec in args.codecs.split(","):
-        s = run(replace(base_cfg, codec=codec))
-        rows.append((codec, s))
+    for pair in args.codecs.split(","):
+        up, _, down = pair.partition("/")
+        s = run(replace(base_cfg, codec=up, downlink_codec=down or None))
+        rows.append((pair, s))
         print(
-            f"{codec}: {s['bytes_uploaded_to_target']} up + {s['bytes_downloaded_to_target']} down",
+            f"{pair}: {s['bytes_uploaded_to_target']} up + {s['bytes_downloaded_to_target']} down",
             file=sys.stderr,
         )
     print(f"machine: {machine()}")
     print(
-        f"setting: digits {args.model}, {args.clients} agents, Dirichlet(0.5), FedBuff, "
+        f"setting: digits {args.model} ({n_params} parameters), {args.clients} agents, "
+        "Dirichlet(0.5), FedBuff, "
         f"target {args.target}, seed {args.seed}; baseline: synchronous FedAvg, raw float32 "
         f"both ways, all {baseline.clients_per_round} clients per round, "
         f"{baseline.download_bytes} B down + {baseline.upload_bytes} B up per client-round\n"
     )
     print(
         "| run | bytes up to target | bytes down to target | both | x below baseline |"
-        " updates to target | bytes/accepted update (up+down, whole run) | seconds |"
+        " updates to target | bytes/accepted update up + down (whole run) | seconds |"
+        " accuracy last / tail |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base_total = baseline.bytes_to_target
     if baseline.rounds is not None:
         n = baseline.rounds * baseline.clients_per_round
         print(
             f"| sync FedAvg raw float32 | {n * baseline.upload_bytes} | "
             f"{n * baseline.download_bytes} | {base_total} | 1.0 | {n} | "
-            f"{baseline.upload_bytes + baseline.download_bytes} | - |"
+            f"{baseline.upload_bytes} + {baseline.download_bytes} | - | "
+            f"{baseline.final_accuracy:.3f} |"
         )
     else:
         print(f"| sync FedAvg raw float32 | not reached (final {baseline.final_accuracy:.3f}) |")
@@ -170,11 +197,16 @@ def main() -> int:
         total = s["bytes_to_target"]
         ratio = f"{base_total / total:.1f}" if base_total and total else "-"
         accepted = s["updates_accepted"]
-        per = (s["bytes_uploaded"] + s["bytes_downloaded"]) / accepted if accepted else None
+        per = (
+            f"{s['bytes_uploaded'] / accepted:.0f} + {s['bytes_downloaded'] / accepted:.0f}"
+            if accepted
+            else "-"
+        )
         print(
             f"| {codec} | {fmt(s['bytes_uploaded_to_target'])} | "
             f"{fmt(s['bytes_downloaded_to_target'])} | {fmt(total)} | {ratio} | "
-            f"{fmt(s['uploads_to_target'])} | {fmt(per, 0)} | {fmt(s['time_to_target_s'])} |"
+            f"{fmt(s['uploads_to_target'])} | {per} | {fmt(s['time_to_target_s'])} | "
+            f"{fmt(s['final_accuracy'], 3)} / {fmt(s['tail_accuracy'], 3)} |"
         )
     return 0
 

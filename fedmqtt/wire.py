@@ -326,6 +326,10 @@ class GlobalModel:
     On the wire (v2) the spec is its fingerprint: the receiver resolves it against the specs
     it holds (``specs``, from verified :class:`SpecMessage`\ s); an unknown fingerprint is
     refused with reason ``unknown_spec`` before any tensor is decoded.
+
+    The parameters travel in any full-tensor codec of :mod:`fedmqtt.codecs` (raw, fp16,
+    int8); the receiver decodes whichever it finds. A sender that compressed them passes the
+    wire maps as ``encoded`` (sent as they are) and their decoding as ``params``.
     """
 
     federation: str
@@ -335,6 +339,7 @@ class GlobalModel:
     params: Params
     stats: dict[str, float] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    encoded: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def to_body(self) -> dict[str, Any]:
         from fedmqtt.codecs import Codec, encode_params
@@ -348,7 +353,9 @@ class GlobalModel:
             "spec": self.spec.fingerprint(),
             "stats": self.stats,
             "created_at": self.created_at,
-            "params": encode_params(self.params, Codec("raw"), rng=np.random.default_rng(0)),
+            "params": self.encoded
+            if self.encoded is not None
+            else encode_params(self.params, Codec("raw"), rng=np.random.default_rng(0)),
         }
 
     @classmethod

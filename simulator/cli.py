@@ -24,6 +24,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be widths such as 32 or 64,32") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError("every width must be at least 1")
+    return widths
+
+
 def add_simulation_options(p: argparse.ArgumentParser) -> None:
     """The simulator's options. Their names are a contract: scripts and docs use them."""
     p.add_argument(
@@ -38,6 +48,17 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync", "fedavg"])
     p.add_argument("--codec", default="int8", help="raw | fp16 | int8 | topk:FRACTION [+zlib]")
+    p.add_argument(
+        "--downlink-codec",
+        default=None,
+        help="codec of the published model: raw | fp16 | int8 (default: the aggregator's)",
+    )
+    p.add_argument(
+        "--hidden",
+        type=_widths,
+        default=(32,),
+        help="hidden layer widths of --model mlp, comma-separated (default 32)",
+    )
     p.add_argument(
         "--stragglers",
         type=_fraction,

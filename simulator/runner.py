@@ -46,6 +46,8 @@ class SimConfig:
     partition: str = "dirichlet:0.5"
     strategy: str = "fedbuff"
     codec: str = "int8"
+    downlink_codec: str | None = None  # None: the aggregator's [downlink] default
+    hidden: tuple[int, ...] = (32,)  # hidden layer widths of the mlp model
     stragglers: float = 0.0
     dropout: float = 0.0
     attackers: float = 0.0
@@ -197,6 +199,7 @@ class _Simulation:
             "plan": self.plan_cfg,
             "evaluation": {"holdout": str(holdout)},
             "onnx": {"every": cfg.onnx_every},
+            "downlink": {} if cfg.downlink_codec is None else {"codec": cfg.downlink_codec},
             "metrics": {"prometheus_port": 0},
             # --robust none means no defence at all, so that the damage an attack does is
             # visible; otherwise updates above 10x the median norm are refused at the door.
@@ -511,7 +514,7 @@ def _spec_for(cfg: SimConfig, ds: datasets.Dataset) -> ModelSpec:
     if cfg.model == "softmax":
         return ModelSpec("softmax", classes=tuple(range(ds.n_classes)), **common)
     if cfg.model == "mlp":
-        return ModelSpec("mlp", hidden=(32,), classes=tuple(range(ds.n_classes)), **common)
+        return ModelSpec("mlp", hidden=cfg.hidden, classes=tuple(range(ds.n_classes)), **common)
     return ModelSpec("linear", **common)
 
 
