@@ -126,7 +126,9 @@ def main() -> int:
             f"{n}: {row(r)}\n  rounds {r['rounds']}, fetches {r['fetches']} "
             f"(timeouts {r['fetch_timeouts']}), disconnects {r['disconnects']}, broker "
             f"refusals {r['refused_by_broker']}, downlink refused {r['downlink_rejected']}, "
-            f"emulator CPU {r['emulator_cpu_s']} s, bytes up {r['bytes_up']}, down "
+            f"emulator CPU {r['emulator_cpu_s']} s, slow connects "
+            f"{r['emulator_slow_connects']}, longest loop stall {r['emulator_max_stall_s']} s, "
+            f"bytes up {r['bytes_up']}, down "
             f"{r['bytes_down']}",
             file=sys.stderr,
         )

@@ -101,7 +101,7 @@ class Mosquitto:
     ``stop()``/``kill()`` and ``start()`` keep the same port and data directory, so tests can take
     the broker away under running clients and bring it back. The process runs with the
     production drop-in's malloc settings (:data:`MALLOC_TUNABLES`; ``malloc_tunables=""`` for
-    glibc's defaults).
+    glibc's defaults) and its open-file limit raised to the hard limit (:func:`raise_nofile`).
     """
 
     def __init__(

@@ -73,6 +73,7 @@ _FETCH_RETRY_S: Final = 5.0
 _MISC_EVERY_S: Final = 2.0  # paho loop_misc (keep-alive pings) per client, this often
 _TICK_S: Final = 1.0
 _CACHE_MAX: Final = 16
+_CONNECTS_PER_TURN: Final = 20
 _DELTAS: Final = 8  # distinct precomputed deltas per process
 
 
@@ -110,6 +111,8 @@ class HostReport:
     rejected: Counter[str] = field(default_factory=Counter)  # downlink messages refused
     bytes_up: Counter[str] = field(default_factory=Counter)  # payload bytes sent, by kind
     bytes_down: Counter[str] = field(default_factory=Counter)  # payload bytes received
+    slow_connects: int = 0  # TCP connects that blocked the loop for more than 0.5 s
+    max_stall_s: float = 0.0  # longest time the loop spent away from select()
     cpu_s: float = 0.0
     rss: int = 0
 
@@ -215,6 +218,7 @@ class _Host:
             qos=1,
             retain=True,
         )
+        t = time.monotonic()
         try:
             dev.client.connect(
                 self.cfg.host,
@@ -225,6 +229,8 @@ class _Host:
             )
         except OSError:
             self._later(self.rng.uniform(0.5, 5.0), lambda: self._connect(dev))
+        if time.monotonic() - t > 0.5:  # a SYN dropped by a full listen backlog: 1 s
+            self.report.slow_connects += 1
 
     # ------------------------------------------------------------------ paho socket callbacks
     def _on_socket_open(self, client: Any, dev: _Device, sock: Any) -> None:
@@ -299,6 +305,10 @@ class _Host:
         elif topic == self.t_model:
             self.report.bytes_down["model"] += len(payload)
             if not dev.fetching:
+                return
+            if self.draining:  # the run is over: no new round
+                dev.fetching = False
+                client.unsubscribe(self.t_model)
                 return
             version = self._verified("model", payload)
             if version is None:
@@ -448,8 +458,17 @@ class _Host:
         connect_per_s = max(1.0, self.cfg.connect_per_s)
         started = 0
         while True:
-            now = time.monotonic()
-            while to_connect and started < (now - t_start) * connect_per_s + 1:
+            now = t_top = time.monotonic()
+            # A connect blocks the loop until the TCP handshake is done (about a second when
+            # the broker's listen backlog dropped the SYN), so a few per turn of the loop: one
+            # slow connect must not leave thousands of connected devices unserved.
+            batch = 0
+            while (
+                to_connect
+                and batch < _CONNECTS_PER_TURN
+                and started < (now - t_start) * connect_per_s + 1
+            ):
+                batch += 1
                 dev = to_connect.pop()
                 started += 1
                 dev.ready_at = now + self.rng.uniform(0.0, self.cfg.round_interval_s)
@@ -457,7 +476,10 @@ class _Host:
             timeout = 0.2 if to_connect else 0.5
             if self.timers:
                 timeout = min(timeout, max(0.0, self.timers[0][0] - now))
-            for key, mask in self.sel.select(timeout):
+            t_select = time.monotonic()
+            events = self.sel.select(timeout)
+            busy_from = time.monotonic()
+            for key, mask in events:
                 dev = key.data
                 if dev is None:
                     if not self._command():
@@ -475,6 +497,8 @@ class _Host:
                 for d in self.devices:
                     if d.connected:
                         d.client.loop_misc()
+            stall = (t_select - t_top) + (time.monotonic() - busy_from)
+            self.report.max_stall_s = max(self.report.max_stall_s, stall)
             if now >= next_tick:
                 next_tick = now + _TICK_S
                 self.conn.send(
@@ -830,6 +854,8 @@ def _run(
         "aggregator_rss_mb": round(agg_end[1] / 2**20, 1),
         "aggregator_peak_rss_mb": round(agg_end[2] / 2**20, 1),
         "emulator_cpu_s": round(sum(r.cpu_s for r in reports), 1),
+        "emulator_slow_connects": sum(r.slow_connects for r in reports),
+        "emulator_max_stall_s": round(max(r.max_stall_s for r in reports), 2),
         "emulator_peak_rss_mb_per_process": round(max(r.rss for r in reports) / 2**20, 1),
         "bytes_up": dict(bytes_up),
         "bytes_down": dict(bytes_down),
