@@ -34,6 +34,7 @@ COLUMNS = (
     "devices",
     "host processes",
     "all online after s",
+    "steady s",
     "connected at end",
     "online at end (aggregator)",
     "updates acked",
@@ -69,6 +70,7 @@ def row(r: dict[str, Any]) -> str:
         r["devices"],
         r["processes"],
         r["all_online_s"] if r["all_online_s"] is not None else "—",
+        r["steady_s"],
         r["connected_at_end"],
         r["online_at_end"],
         r["acked"],
@@ -91,7 +93,12 @@ def row(r: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,5000,10000")
-    ap.add_argument("--duration", type=float, default=90.0, help="seconds per size")
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=90.0,
+        help="seconds of steady state per size, from the moment every device is online",
+    )
     ap.add_argument(
         "--round-interval",
         type=float,
@@ -137,8 +144,9 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(
         f"setting: softmax 60x10 (int8 updates), FedBuff K = devices/20, {args.duration:.0f} s "
-        f"per size, a round at most every {args.round_interval:.0f} s per device (first one "
-        f"spread uniformly), emulated compute {args.compute_time} s, state on tmpfs\n"
+        f"per size once all are online, a round at most every {args.round_interval:.0f} s per "
+        f"device (first one spread uniformly), emulated compute {args.compute_time} s, "
+        "state on tmpfs\n"
     )
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---:|" * (len(COLUMNS) - 1) + "---|")
