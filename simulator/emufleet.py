@@ -520,8 +520,11 @@ class _Host:
             self.draining = True
             self.conn.send(("draining",))
         elif cmd == "report":
-            # Updates not yet acknowledged, and rounds still "training" (they send one more).
-            self.report.unacked_at_end = sum(len(d.pending) + d.busy for d in self.devices)
+            # Updates not yet acknowledged, and rounds still fetching or "training" (each may
+            # send one more).
+            self.report.unacked_at_end = sum(
+                len(d.pending) + d.busy + d.fetching for d in self.devices
+            )
             ru = resource.getrusage(resource.RUSAGE_SELF)
             self.report.cpu_s = ru.ru_utime + ru.ru_stime
             self.report.rss = ru.ru_maxrss * 1024
