@@ -127,6 +127,7 @@ class _Device:
         "fetching",
         "id",
         "key",
+        "model_spec",
         "model_version",
         "pending",
         "ready_at",
@@ -142,6 +143,7 @@ class _Device:
         self.connected = False
         self.announced = -1
         self.model_version = -1
+        self.model_spec = ""  # fingerprint of the fetched model's spec
         self.trained = -1  # the version of the last update sent
         self.fetching = False
         self.fetch_started = 0.0
@@ -310,15 +312,16 @@ class _Host:
                 dev.fetching = False
                 client.unsubscribe(self.t_model)
                 return
-            version = self._verified("model", payload)
-            if version is None:
+            got = self._verified("model", payload)
+            if got is None:
                 return  # refused (counted); the fetch times out and is retried
+            version, spec_fp = got
             dev.fetching = False
             client.unsubscribe(self.t_model)
             if version <= dev.trained:
                 self._later(_FETCH_RETRY_S, lambda: self._maybe_start(dev))
                 return
-            dev.model_version = version
+            dev.model_version, dev.model_spec = version, spec_fp
             dev.announced = max(dev.announced, version)
             dev.busy = True
             self._later(self.cfg.compute_s, lambda: self._send_update(dev))
@@ -333,7 +336,8 @@ class _Host:
 
     # ------------------------------------------------------------------ downlink, verified once
     def _verified(self, kind: str, payload: bytes) -> Any:
-        """The version of an announcement or model (or True for a spec / plan) if ``payload``
+        """The version of an announcement, ``(version, spec fingerprint)`` of a model, or True
+        for a spec or plan, if ``payload``
         verifies and parses, else None (counted). Each distinct payload is checked once."""
 
         key = (kind, payload)
@@ -345,7 +349,7 @@ class _Host:
                     result = wire.decode(payload, wire.Announce, self.verifier).version
                 elif kind == "model":
                     m = wire.decode(payload, wire.GlobalModel, self.verifier, specs=self.specs)
-                    result = m.version
+                    result = (m.version, m.spec.fingerprint())
                 elif kind == "spec":
                     s = wire.decode(payload, wire.SpecMessage, self.verifier)
                     self.specs[s.spec.fingerprint()] = s.spec
@@ -420,9 +424,9 @@ class _Host:
 
     def _send_update(self, dev: _Device) -> None:
         dev.busy = False
-        fp = next(reversed(self.specs)) if self.specs else None
-        if fp is None or not dev.connected:
-            # No spec yet, or the link dropped while "training": try again when ready.
+        fp = dev.model_spec
+        if not dev.connected:
+            # The link dropped while "training": the round is dropped, the next one fetches.
             self._later(_FETCH_RETRY_S, lambda: self._maybe_start(dev))
             return
         dev.seq += 1
