@@ -337,8 +337,8 @@ class _Host:
     # ------------------------------------------------------------------ downlink, verified once
     def _verified(self, kind: str, payload: bytes) -> Any:
         """The version of an announcement, ``(version, spec fingerprint)`` of a model, or True
-        for a spec or plan, if ``payload``
-        verifies and parses, else None (counted). Each distinct payload is checked once."""
+        for a spec or plan, if ``payload`` verifies and parses, else None (counted). Each
+        distinct payload is checked once per process."""
 
         key = (kind, payload)
         if key in self._cache:
