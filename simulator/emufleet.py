@@ -61,7 +61,7 @@ from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import Codec, encode_params
 from fedmqtt.errors import DecodeError
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer, Ed25519Verifier
+from fedmqtt.signing import MAC_KEY_BYTES, ChaChaPolyKey, Ed25519Signer, Ed25519Verifier
 
 log = logging.getLogger("fedmqtt.emufleet")
 
@@ -181,7 +181,6 @@ class _Host:
         self.devices = [
             self._make(dev_id, ChaChaPolyKey(bytes.fromhex(key))) for dev_id, key in devices
         ]
-        self.by_client = {id(d.client): d for d in self.devices}
 
     # ------------------------------------------------------------------ set-up
     def _make(self, dev_id: str, key: Any) -> _Device:
@@ -672,9 +671,9 @@ def _run(
     devices: list[tuple[str, str]] = []
     for i in range(cfg.devices):
         dev_id = f"emu{i:05d}"
-        key = ChaChaPolyKey.generate()
-        key.save(workdir / "devices" / f"{dev_id}.chacha")
-        devices.append((dev_id, key._key.hex()))
+        raw = secrets.token_bytes(MAC_KEY_BYTES)
+        ChaChaPolyKey(raw).save(workdir / "devices" / f"{dev_id}.chacha")  # enrolled
+        devices.append((dev_id, raw.hex()))
     ledger = _Ledger()
     agg = AggregatorThread(
         _aggregator_config(cfg, workdir, broker.host, broker.port, workdir / "aggregator.key"),
