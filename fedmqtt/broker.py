@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -83,13 +84,24 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def raise_nofile(pid: int) -> int:
+    """Raise process ``pid``'s open-file limit (RLIMIT_NOFILE) to this process's hard limit and
+    return it. Mosquitto needs one descriptor per client; a broker started with the usual soft
+    limit of 1,024 refuses connections beyond about a thousand devices. Called right after
+    the broker is spawned, before it has read its configuration or accepted anyone."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(OSError, ValueError):  # e.g. a process that already exited
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 class Mosquitto:
     """A Mosquitto process on 127.0.0.1 with a config rendered from ``broker_config/``.
 
     ``stop()``/``kill()`` and ``start()`` keep the same port and data directory, so tests can take
     the broker away under running clients and bring it back. The process runs with the
     production drop-in's malloc settings (:data:`MALLOC_TUNABLES`; ``malloc_tunables=""`` for
-    glibc's defaults).
+    glibc's defaults) and its open-file limit raised to the hard limit (:func:`raise_nofile`).
     """
 
     def __init__(
@@ -143,6 +155,7 @@ class Mosquitto:
             start_new_session=True,
             env=broker_environ(self.malloc_tunables),
         )
+        raise_nofile(self.proc.pid)
         if not wait_for_port(self.host, self.port, timeout):
             err = b""
             if self.proc.poll() is not None and self.proc.stderr is not None:
