@@ -360,8 +360,13 @@ class Engine:
         )
         return needs
 
+    @property
+    def timed(self) -> bool:
+        """Whether the strategy aggregates on time alone (:meth:`tick` is then worth calling)."""
+        return self.strategy.timed
+
     def tick(self, now: float) -> bool:
-        """Time-based aggregation (FedAvg's deadline); True if a version was made."""
+        """Time-based aggregation (a strategy's deadline); True if a version was made."""
         if len(self.strategy) and self.strategy.ready(now):
             return self._aggregate(now)
         return False

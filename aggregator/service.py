@@ -638,11 +638,11 @@ class Aggregator:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         last_status = last_metrics = last_watchdog = 0.0
-        deadline = cfg.strategy.name == "fedavg" and cfg.strategy.deadline_s > 0
+        timed = self.engine.timed
         while True:
             await asyncio.sleep(_TICK_S)
             now = time.monotonic()
-            if deadline and not self._stopping:
+            if timed and not self._stopping:
 
                 def tick(engine: Engine = self.engine) -> tuple[bool, int, int]:
                     return engine.tick(time.monotonic()), engine.flushes, engine.version

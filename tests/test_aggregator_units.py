@@ -219,6 +219,14 @@ def test_fedavg_waits_for_n_or_deadline_and_refuses_stale() -> None:
     np.testing.assert_allclose(out, np.ones(4))
 
 
+def test_only_a_deadline_makes_a_strategy_timed() -> None:
+    """The service ticks the engine only for a strategy whose readiness can change with time."""
+    assert FedAvg(StrategyConfig(name="fedavg", deadline_s=5.0), 4).timed
+    assert not FedAvg(StrategyConfig(name="fedavg", deadline_s=0.0), 4).timed
+    for name in ("fedbuff", "fedasync"):
+        assert not build_strategy(StrategyConfig(name=name), 4).timed
+
+
 def test_fedasync_mixes_every_update() -> None:
     cfg = StrategyConfig(name="fedasync", alpha=0.5, staleness="constant")
     s = build_strategy(cfg, 3)
