@@ -44,7 +44,7 @@ from aggregator.engine import Engine, Snapshot, UpdateObserver
 from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
-from aggregator.mqtt import Incoming, MqttLink
+from aggregator.mqtt import MqttLink
 from aggregator.publish import (
     announce_payload,
     downlink_params,
@@ -54,6 +54,7 @@ from aggregator.publish import (
     plan_revision,
     spec_payload,
 )
+from aggregator.sources import LinkSource, PoolSource, Source
 from aggregator.statusfile import write_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
@@ -275,8 +276,9 @@ class Aggregator:
 
             self._pool = WorkerPool(cfg, self._cpus)
             await self._pool.start()
-            tasks.append(asyncio.create_task(self._ingest_workers(), name="ingest-workers"))
-        tasks.append(asyncio.create_task(self._ingest_local(), name="ingest"))
+            workers = PoolSource(self._pool)
+            tasks.append(asyncio.create_task(self._ingest(workers), name="ingest-workers"))
+        tasks.append(asyncio.create_task(self._ingest(LinkSource(link)), name="ingest"))
         self._fatal_event = asyncio.Event()
         stop_task = asyncio.create_task(stop.wait(), name="stop")
         fatal_task = asyncio.create_task(self._fatal_event.wait(), name="fatal")
@@ -344,54 +346,32 @@ class Aggregator:
             )
 
     # ------------------------------------------------------------------ ingestion
-    async def _ingest_local(self) -> None:
-        """Raw messages from our own MQTT link (updates, unless workers take them; status)."""
-        link = self._link
-        assert link is not None
+    async def _ingest(self, source: Source) -> None:
+        """Batches from ``source`` through the engine, in arrival order; their
+        acknowledgements wait in :class:`AckQueue` for the checkpoint that covers them."""
         loop = asyncio.get_running_loop()
         batch_max = self.cfg.limits.batch_max
         engine = self.engine
         while not self._stopping:
-            if not await link.wait(0.2):
+            taken = await source.take(batch_max, 0.2)
+            if taken is None:
                 continue
-            batch = link.take(batch_max)
-            items = [(m.topic, m.payload) for m in batch]
-
-            def work(items: list[tuple[str, bytes]] = items) -> tuple[list[int], int, int]:
-                return engine.process(items, time.monotonic()), engine.flushes, engine.version
-
-            needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
-            self._after_batch(batch, needs, flushes, version)
-            await self._relieve_window()
-
-    async def _ingest_workers(self) -> None:
-        """Updates authenticated and decoded by worker processes."""
-        pool = self._pool
-        loop = asyncio.get_running_loop()
-        engine = self.engine
-        while not self._stopping:
-            handles, items = await pool.take(self.cfg.limits.batch_max, timeout=0.2)
-            if not items:
-                continue
+            handles, items = taken
 
             def work(items: list[Any] = items) -> tuple[list[int], int, int]:
                 return (
-                    engine.process_verified(items, time.monotonic()),
+                    source.apply(engine, items, time.monotonic()),
                     engine.flushes,
                     engine.version,
                 )
 
             needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
-            self._after_batch(handles, needs, flushes, version)
+            source.applied(handles)
+            self._acks.add([(source, h) for h in handles], needs)
+            self._after_batch(flushes, version)
             await self._relieve_window()
 
-    def _after_batch(
-        self, handles: list[Any], needs: list[int], flushes: int, version: int
-    ) -> None:
-        for h in handles:
-            if isinstance(h, Incoming):
-                h.payload = b""  # only the packet id is needed until the PUBACK
-        self._acks.add(handles, needs)
+    def _after_batch(self, flushes: int, version: int) -> None:
         self._engine_flushes, self._engine_version = flushes, version
         self._release()
         self._maybe_checkpoint()
@@ -428,17 +408,15 @@ class Aggregator:
                 self.cfg.limits.inflight_window,
                 held,
             )
-            self._after_batch([], [], flushes, version)
+            self._after_batch(flushes, version)
 
     def _release(self) -> None:
         ready = self._acks.release(self._durable_flushes)
-        if not ready:
-            return
-        local = [h for h in ready if isinstance(h, Incoming)]
-        if local and self._link is not None:
-            self._link.ack(local)
-        if self._pool is not None and len(local) != len(ready):
-            self._pool.ack([h for h in ready if not isinstance(h, Incoming)])
+        by_source: dict[Source, list[Any]] = {}
+        for source, handle in ready:
+            by_source.setdefault(source, []).append(handle)
+        for source, handles in by_source.items():
+            source.ack(handles)
 
     # ------------------------------------------------------------------ durability
     def _checkpoint_due(self) -> bool:
