@@ -41,19 +41,12 @@ from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, restore_affinity, usable_cpus
 from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Snapshot, UpdateObserver
-from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
+from aggregator.evaluate import Holdout, load_holdout
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import MqttLink
-from aggregator.publish import (
-    announce_payload,
-    downlink_params,
-    model_payload,
-    onnx_payload,
-    plan_payload,
-    plan_revision,
-    spec_payload,
-)
+from aggregator.publish import plan_revision
+from aggregator.publisher import Publisher
 from aggregator.sources import LinkSource, PoolSource, Source
 from aggregator.statusfile import write_status
 from fedmqtt import topics
@@ -164,9 +157,6 @@ class Aggregator:
         self._durable_version = -1
         self._engine_flushes = 0
         self._engine_version = 0
-        self._published_version = -1
-        self._onnx_version: int | None = None
-        self._onnx_disabled = False
         self._latest: Snapshot | None = None
         self._stopping = False
         self._acks = AckQueue()
@@ -175,15 +165,11 @@ class Aggregator:
         self._ckpt_wanted = False
         self._ckpt_started = -float("inf")  # monotonic start of the last checkpoint
         self._ckpt_hurry: asyncio.Event | None = None  # cuts a checkpoint's pacing wait short
-        self._publish_wake: asyncio.Event | None = None
-        self._republish = False
+        self._publisher: Publisher | None = None
         self._link: MqttLink | None = None
         self._pool: Any = None  # aggregator.workers.WorkerPool when [scaleout] workers > 0
         self._cpus: list[int] = []  # usable CPUs before pinning ([scaleout] pin_cpu), or none
         self._fatal: BaseException | None = None
-        self._eval_lock = threading.Lock()
-        self._eval_next: Snapshot | None = None
-        self._eval_running = False
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
         self._fatal_event: asyncio.Event | None = None
 
@@ -252,7 +238,18 @@ class Aggregator:
     async def _serve(self, stop: asyncio.Event, notifier: Notifier) -> None:
         cfg = self.cfg
         fed = cfg.federation.id
-        self._publish_wake = asyncio.Event()
+        assert self._latest is not None
+        publisher = self._publisher = Publisher(
+            cfg,
+            self.metrics,
+            signer=self.signer,
+            layout=self.engine.layout,
+            holdout=self.holdout,
+            plan_revision=self.plan_revision,
+            latest=self._latest,
+            pub_x=self._pub_x,
+            eval_x=self._eval_x,
+        )
         subs = [topics.status_filter(fed)]
         if cfg.scaleout.workers == 0:
             subs.insert(0, topics.updates_filter(fed))
@@ -262,13 +259,14 @@ class Aggregator:
             subscriptions=subs,
             receive_maximum=cfg.limits.inflight_window,
             unsubscriptions=topics.update_filters_of_other_configs(cfg.scaleout.group, fed),
-            on_connect=self._on_connect,
+            on_connect=publisher.on_connect,
             on_state=self.metrics.set_connected,
             name="aggregator",
         )
+        publisher.link = link
         tasks = [
             asyncio.create_task(link.run(link_stop), name="mqtt"),
-            asyncio.create_task(self._publisher(), name="publisher"),
+            asyncio.create_task(publisher.run(), name="publisher"),
             asyncio.create_task(self._housekeeping(notifier), name="housekeeping"),
         ]
         if cfg.scaleout.workers:
@@ -282,7 +280,7 @@ class Aggregator:
         self._fatal_event = asyncio.Event()
         stop_task = asyncio.create_task(stop.wait(), name="stop")
         fatal_task = asyncio.create_task(self._fatal_event.wait(), name="fatal")
-        self._evaluate_soon(self._latest)
+        publisher.evaluate_soon(self._latest)
         clean = False
         try:
             # Ready once the subscription is up: updates published from now on reach us.
@@ -492,124 +490,8 @@ class Aggregator:
                 snap.version,
                 ", ".join(f"{k} {v:g}" for k, v in snap.stats.items()),
             )
-            if self._publish_wake is not None:
-                self._publish_wake.set()
-
-    # ------------------------------------------------------------------ publishing
-    async def _on_connect(self) -> None:
-        """After every (re)connection: republish the plan and the current model (retained)."""
-        self._republish = True
-        if self._publish_wake is not None:
-            self._publish_wake.set()
-
-    async def _publisher(self) -> None:
-        """Publish the newest durable version (coalescing), the plan and the ONNX export."""
-        wake = self._publish_wake
-        assert wake is not None and self._link is not None
-        link = self._link
-        loop = asyncio.get_running_loop()
-        cfg = self.cfg
-        fed = cfg.federation.id
-        while True:
-            await wake.wait()
-            wake.clear()
-            snap = self._latest
-            if snap is None or not link.connected.is_set():
-                continue
-            republish, self._republish = self._republish, False
-            if republish:
-                # The spec before any model that names it (models carry only its fingerprint).
-                spec = await loop.run_in_executor(self._pub_x, spec_payload, cfg, self.signer)
-                if not await link.publish(topics.spec(fed), spec, retain=True):
-                    self._republish = True
-                    continue
-                plan = await loop.run_in_executor(
-                    self._pub_x, plan_payload, cfg, self.signer, self.plan_revision
-                )
-                if not await link.publish(topics.plan(fed), plan, retain=True):
-                    self._republish = True
-            if republish or snap.version > self._published_version:
-                payload = await loop.run_in_executor(
-                    self._pub_x, model_payload, cfg, self.signer, snap
-                )
-                published = await link.publish(topics.model(fed), payload, retain=True)
-                if published:
-                    # After the model: a device that reads the announcement finds it retained.
-                    ann = await loop.run_in_executor(
-                        self._pub_x, announce_payload, cfg, self.signer, snap
-                    )
-                    published = await link.publish(topics.announce(fed), ann, retain=True)
-                if published:
-                    if snap.version > self._published_version:
-                        self._evaluate_soon(snap)
-                    self._published_version = max(self._published_version, snap.version)
-                else:
-                    self._republish = True
-                await self._maybe_onnx(snap)
-            if self._latest is not None and self._latest.version > self._published_version:
-                wake.set()
-
-    async def _maybe_onnx(self, snap: Snapshot) -> None:
-        every = self.cfg.onnx.every
-        if every <= 0 or self._onnx_disabled or self._link is None:
-            return
-        if self._onnx_version is not None and snap.version - self._onnx_version < every:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            payload = await loop.run_in_executor(
-                self._pub_x,
-                onnx_payload,
-                self.cfg,
-                self.signer,
-                snap,
-            )
-        except ImportError as e:
-            self._onnx_disabled = True
-            log.warning(
-                "[onnx] every = %d but the ONNX export is unavailable (%s); install "
-                "fedmqtt[onnx] to publish ONNX models",
-                every,
-                e,
-            )
-            return
-        if await self._link.publish(
-            topics.model_onnx(self.cfg.federation.id), payload, retain=True
-        ):
-            self._onnx_version = snap.version
-
-    def _evaluate_soon(self, snap: Snapshot | None) -> None:
-        """Score ``snap`` on the holdout in the evaluation thread; while one evaluation runs,
-        only the newest version asked for since is kept (a slow holdout never queues up)."""
-        if self.holdout is None or snap is None:
-            return
-        with self._eval_lock:
-            pending, self._eval_next = self._eval_next, snap
-            if pending is not None or self._eval_running:
-                return
-            self._eval_running = True
-        self._eval_x.submit(self._evaluate_loop)
-
-    def _evaluate_loop(self) -> None:
-        metric = metric_name(self.cfg.spec)
-        holdout = self.holdout
-        assert holdout is not None
-        while True:
-            with self._eval_lock:
-                snap, self._eval_next = self._eval_next, None
-                if snap is None:
-                    self._eval_running = False
-                    return
-            try:
-                # The model as devices decode it (the [downlink] codec), not the float32 one.
-                _, sent = downlink_params(self.cfg, snap)
-                score = evaluate(self.cfg.spec, self.engine.layout, sent, holdout)
-            except Exception:
-                log.exception("evaluation of version %d failed", snap.version)
-                continue
-            if self.metrics.eval_version is None or snap.version >= self.metrics.eval_version:
-                self.metrics.set_evaluation(snap.version, score, metric)
-                log.info("version %d: holdout %s %.4f", snap.version, metric, score)
+        if self._publisher is not None:
+            self._publisher.offer(snap, new_version=new_version)
 
     # ------------------------------------------------------------------ periodic work
     async def _housekeeping(self, notifier: Notifier) -> None:
@@ -660,7 +542,9 @@ class Aggregator:
             strategy=self.cfg.strategy.name,
             plan_revision=self.plan_revision,
             durable_version=self._durable_version,
-            published_version=self._published_version,
+            published_version=(
+                self._publisher.published_version if self._publisher is not None else -1
+            ),
             status_interval_s=self.cfg.metrics.status_interval_s,
         )
         return s
