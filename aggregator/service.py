@@ -10,11 +10,12 @@ Threads and what runs where:
 * a **publisher thread** signs and encodes model / ONNX payloads and runs the evaluation.
 
 Delivery guarantee (docs/aggregator.md has the full argument): an update is PUBACKed to the
-broker only after the checkpoint of the version that applies it is on disk (:class:`AckQueue`);
-until then the broker keeps it in flight in our persistent session. Nothing is published that
-is not on disk either. So a ``kill -9`` at any instant loses nothing the broker considers
-delivered (the broker redelivers every unacknowledged update) and applies nothing twice (the
-checkpointed replay window refuses redelivered updates that were already applied).
+broker only after the checkpoint of the version that applies it is on disk
+(:mod:`aggregator.durability`); until then the broker keeps it in flight in our persistent
+session. Nothing is published that is not on disk either (:mod:`aggregator.publisher`). So
+a ``kill -9`` at any instant loses nothing the broker considers delivered (the broker
+redelivers every unacknowledged update) and applies nothing twice (the checkpointed replay
+window refuses redelivered updates that were already applied).
 
 A checkpoint is written after every flush of the buffer (a new version). While one is being
 written, later versions coalesce into the next one: an intermediate version that existed only
@@ -29,8 +30,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, restore_affinity, usable_cpus
 from aggregator.devices import DeviceKeys
+from aggregator.durability import Durability
 from aggregator.engine import Engine, Snapshot, UpdateObserver
 from aggregator.evaluate import Holdout, load_holdout
 from aggregator.memtune import tune_malloc
@@ -109,39 +109,6 @@ def warn_if_unfillable(cfg: AggregatorConfig, keys: DeviceKeys) -> None:
         )
 
 
-class AckQueue:
-    """Messages waiting for the checkpoint of the flush that covers them, in arrival order.
-
-    PUBACKs leave in the order the messages arrived (MQTT requires it): a refused message that
-    needs nothing durable still waits behind an accepted one that arrived before it.
-    """
-
-    def __init__(self) -> None:
-        self._q: deque[tuple[Any, int]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def add(self, handles: Iterable[Any], needs: Iterable[int]) -> None:
-        self._q.extend(zip(handles, needs, strict=True))
-
-    def blocked_by_buffer(self, flushes: int) -> int:
-        """Messages that cannot be acknowledged before a flush that has not happened yet (the
-        first one needing flush ``flushes + 1`` and everything behind it)."""
-        for i, (_, need) in enumerate(self._q):
-            if need > flushes:
-                return len(self._q) - i
-        return 0
-
-    def release(self, durable: int) -> list[Any]:
-        """Handles whose flush is durable, from the front, stopping at the first that is not."""
-        out = []
-        q = self._q
-        while q and q[0][1] <= durable:
-            out.append(q.popleft()[0])
-        return out
-
-
 class Aggregator:
     """The service. ``await run(stop)`` until ``stop`` is set; ``snapshot()`` from any thread."""
 
@@ -153,18 +120,9 @@ class Aggregator:
         self.metrics = Metrics(config.federation.id)
         self.ready = threading.Event()
         self.plan_revision = 0
-        self._durable_flushes = 0
-        self._durable_version = -1
-        self._engine_flushes = 0
-        self._engine_version = 0
         self._latest: Snapshot | None = None
         self._stopping = False
-        self._acks = AckQueue()
         self._window_pressure = window_pressure(config)
-        self._ckpt_task: asyncio.Task[None] | None = None
-        self._ckpt_wanted = False
-        self._ckpt_started = -float("inf")  # monotonic start of the last checkpoint
-        self._ckpt_hurry: asyncio.Event | None = None  # cuts a checkpoint's pacing wait short
         self._publisher: Publisher | None = None
         self._link: MqttLink | None = None
         self._pool: Any = None  # aggregator.workers.WorkerPool when [scaleout] workers > 0
@@ -204,8 +162,17 @@ class Aggregator:
             await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
             path = await loop.run_in_executor(engine_x, open_state, cfg, self.engine)
             self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
-            self._durable_flushes = self._engine_flushes = self._latest.flushes
-            self._durable_version = self._engine_version = self._latest.version
+            self._durability: Durability = Durability(
+                cfg,
+                self.engine,
+                self.store,
+                self.metrics,
+                latest=self._latest,
+                engine_x=engine_x,
+                io_x=io_x,
+                on_durable=self._durable,
+                on_fatal=self._fail,
+            )
             self.holdout: Holdout | None = None
             if cfg.evaluation.holdout is not None:
                 self.holdout = await loop.run_in_executor(
@@ -290,7 +257,7 @@ class Aggregator:
             )
             ready.cancel()
             self.ready.set()
-            notifier.notify(READY="1", STATUS=f"version {self._durable_version}")
+            notifier.notify(READY="1", STATUS=f"version {self._durability.durable_version}")
             done, _ = await asyncio.wait(
                 [stop_task, fatal_task, *tasks], return_when=asyncio.FIRST_COMPLETED
             )
@@ -318,18 +285,14 @@ class Aggregator:
         self, tasks: list[asyncio.Task[Any]], link_stop: asyncio.Event, *, clean: bool
     ) -> None:
         self._stopping = True
-        if self._ckpt_hurry is not None:
-            self._ckpt_hurry.set()
+        self._durability.stop()
         ingest = [t for t in tasks if t.get_name().startswith("ingest")]
         await asyncio.gather(*ingest, return_exceptions=True)
         # Final checkpoint, then acknowledge what it covers while still connected. Written even
         # without a new version: the counters of refused messages (acknowledged at once) have
         # no other way to disk, and a clean stop should lose nothing.
         with contextlib.suppress(Exception):
-            if self._ckpt_task is not None:
-                await self._ckpt_task
-            if clean:
-                await self._checkpoint()
+            await self._durability.finish(clean=clean)
         await asyncio.sleep(0.05)  # let the PUBACKs reach the socket before DISCONNECT
         if self._pool is not None:
             await self._pool.stop()
@@ -346,7 +309,7 @@ class Aggregator:
     # ------------------------------------------------------------------ ingestion
     async def _ingest(self, source: Source) -> None:
         """Batches from ``source`` through the engine, in arrival order; their
-        acknowledgements wait in :class:`AckQueue` for the checkpoint that covers them."""
+        acknowledgements wait for the checkpoint that covers them (:mod:`aggregator.durability`)."""
         loop = asyncio.get_running_loop()
         batch_max = self.cfg.limits.batch_max
         engine = self.engine
@@ -365,14 +328,15 @@ class Aggregator:
 
             needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
             source.applied(handles)
-            self._acks.add([(source, h) for h in handles], needs)
+            self._durability.applied(source, handles, needs)
             self._after_batch(flushes, version)
             await self._relieve_window()
 
     def _after_batch(self, flushes: int, version: int) -> None:
-        self._engine_flushes, self._engine_version = flushes, version
-        self._release()
-        self._maybe_checkpoint()
+        durability = self._durability
+        durability.made(flushes, version)
+        durability.release()
+        durability.maybe_checkpoint()
 
     async def _relieve_window(self) -> None:
         """Flush a partial buffer when the messages awaiting acknowledgement nearly fill the
@@ -386,9 +350,10 @@ class Aggregator:
         """
         # Messages waiting only for a checkpoint of a flush already made are released when it
         # is durable; only those stuck behind the unfilled buffer call for an early flush.
-        if len(self._acks) < self._window_pressure:
+        acks = self._durability.acks
+        if len(acks) < self._window_pressure:
             return
-        if self._acks.blocked_by_buffer(self._engine_flushes) < self._window_pressure:
+        if acks.blocked_by_buffer(self._durability.engine_flushes) < self._window_pressure:
             return
         engine = self.engine
         loop = asyncio.get_running_loop()
@@ -402,96 +367,21 @@ class Aggregator:
             log.info(
                 "%d messages await acknowledgement (window %d): applied a partial buffer of "
                 "%d update(s) early",
-                len(self._acks),
+                len(acks),
                 self.cfg.limits.inflight_window,
                 held,
             )
             self._after_batch(flushes, version)
 
-    def _release(self) -> None:
-        ready = self._acks.release(self._durable_flushes)
-        by_source: dict[Source, list[Any]] = {}
-        for source, handle in ready:
-            by_source.setdefault(source, []).append(handle)
-        for source, handles in by_source.items():
-            source.ack(handles)
-
-    # ------------------------------------------------------------------ durability
-    def _checkpoint_due(self) -> bool:
-        """A checkpoint is due whenever the buffer was flushed since the last one."""
-        return self._engine_flushes > self._durable_flushes
-
-    def _maybe_checkpoint(self) -> None:
-        if self._ckpt_task is not None and not self._ckpt_task.done():
-            self._ckpt_wanted = True
-            if self._ckpt_hurry is not None and self._must_hurry():
-                self._ckpt_hurry.set()
-            return
-        if self._checkpoint_due():
-            self._ckpt_task = asyncio.create_task(self._checkpoint_then_more())
-
-    def _must_hurry(self) -> bool:
-        """Whether a checkpoint should start without waiting out ``min_interval_s``: when
-        stopping, or when half the Receive Maximum window awaits acknowledgement (at 10,000
-        small updates a second, 0.1 s of them would fill a window of 1,000 and stall the
-        stream until the checkpoint)."""
-        return self._stopping or 2 * len(self._acks) >= self.cfg.limits.inflight_window
-
-    async def _pace_checkpoint(self) -> None:
-        """Wait until ``[checkpoint] min_interval_s`` after the previous checkpoint started.
-
-        Each checkpoint writes and fsyncs the whole model and is followed by publishing it
-        (retained, to every device), so under a fast stream checkpointing every version cost
-        CPU on both the aggregator and the broker: at d = 1e5 int8, ~23 checkpoints a second
-        against ~10 with 0.1 s, and ~10 % more CPU per update (docs/benchmarks.md). Updates
-        keep being applied meanwhile; only their PUBACKs wait the extra time."""
-        wait = self._ckpt_started + self.cfg.checkpoint.min_interval_s - time.monotonic()
-        if wait <= 0 or self._must_hurry():
-            return
-        hurry = self._ckpt_hurry = asyncio.Event()
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(hurry.wait(), wait)
-        finally:
-            self._ckpt_hurry = None
-
-    async def _checkpoint_then_more(self) -> None:
-        try:
-            await self._pace_checkpoint()
-            await self._checkpoint()
-        except Exception as e:
-            # A checkpoint that cannot be written (disk full, I/O error) must stop the service:
-            # without it nothing can be acknowledged and ingestion would silently stall.
-            log.error("cannot write a checkpoint: %s", e)
-            self._fatal = e
-            if self._fatal_event is not None:
-                self._fatal_event.set()
-            return
-        if self._ckpt_wanted:
-            self._ckpt_wanted = False
-            if self._checkpoint_due():
-                self._ckpt_task = asyncio.create_task(self._checkpoint_then_more())
-
-    async def _checkpoint(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._ckpt_started = time.monotonic()
-        snap = await loop.run_in_executor(self._engine_x, self.engine.snapshot)
-        t0 = time.perf_counter()
-        await loop.run_in_executor(self._io_x, self.store.write, snap.version, snap.data)
-        self.metrics.record_checkpoint(time.perf_counter() - t0)
-        self._durable_flushes = max(self._durable_flushes, snap.flushes)
-        new_version = snap.version > self._durable_version
-        self._durable_version = max(self._durable_version, snap.version)
+    def _durable(self, snap: Snapshot, new_version: bool) -> None:
         self._latest = snap
-        self._release()
-        if new_version:
-            log.info(
-                "version %d checkpointed (%s)",
-                snap.version,
-                ", ".join(f"{k} {v:g}" for k, v in snap.stats.items()),
-            )
         if self._publisher is not None:
             self._publisher.offer(snap, new_version=new_version)
+
+    def _fail(self, e: BaseException) -> None:
+        self._fatal = e
+        if self._fatal_event is not None:
+            self._fatal_event.set()
 
     # ------------------------------------------------------------------ periodic work
     async def _housekeeping(self, notifier: Notifier) -> None:
@@ -509,8 +399,8 @@ class Aggregator:
 
                 made, flushes, version = await loop.run_in_executor(self._engine_x, tick)
                 if made:
-                    self._engine_flushes, self._engine_version = flushes, version
-            self._maybe_checkpoint()
+                    self._durability.made(flushes, version)
+            self._durability.maybe_checkpoint()
             if now - last_status >= cfg.metrics.status_interval_s:
                 last_status = now
                 self._write_status_soon()
@@ -541,7 +431,7 @@ class Aggregator:
             fedmqtt_version=fedmqtt.__version__,
             strategy=self.cfg.strategy.name,
             plan_revision=self.plan_revision,
-            durable_version=self._durable_version,
+            durable_version=self._durability.durable_version,
             published_version=(
                 self._publisher.published_version if self._publisher is not None else -1
             ),

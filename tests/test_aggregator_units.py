@@ -17,9 +17,9 @@ from prometheus_client import generate_latest
 from aggregator.checkpoint import CheckpointError, CheckpointStore, decode_state, encode_state
 from aggregator.config import AggregatorConfig, StrategyConfig, load_config
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
+from aggregator.durability import AckQueue
 from aggregator.metrics import Metrics, RejectionLog
 from aggregator.replay import ReplayWindow
-from aggregator.service import AckQueue
 from aggregator.statusfile import format_status, read_status, write_status
 from aggregator.strategies import FedAsync, FedAvg, FedBuff, build_strategy
 from aggregator.validate import UpdateMeta
