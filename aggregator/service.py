@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
@@ -53,6 +53,9 @@ from fedmqtt import topics
 from fedmqtt.errors import ConfigError
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Signer
+
+if TYPE_CHECKING:
+    from aggregator.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ class Aggregator:
         self._window_pressure = window_pressure(config)
         self._publisher: Publisher | None = None
         self._link: MqttLink | None = None
-        self._pool: Any = None  # aggregator.workers.WorkerPool when [scaleout] workers > 0
+        self._pool: WorkerPool | None = None  # when [scaleout] workers > 0
         self._cpus: list[int] = []  # usable CPUs before pinning ([scaleout] pin_cpu), or none
         self._fatal: BaseException | None = None
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
@@ -239,9 +242,9 @@ class Aggregator:
         if cfg.scaleout.workers:
             from aggregator.workers import WorkerPool
 
-            self._pool = WorkerPool(cfg, self._cpus)
-            await self._pool.start()
-            workers = PoolSource(self._pool)
+            pool = self._pool = WorkerPool(cfg, self._cpus)
+            await pool.start()
+            workers = PoolSource(pool)
             tasks.append(asyncio.create_task(self._ingest(workers), name="ingest-workers"))
         tasks.append(asyncio.create_task(self._ingest(LinkSource(link)), name="ingest"))
         self._fatal_event = asyncio.Event()
