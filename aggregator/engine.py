@@ -72,6 +72,23 @@ _Opened = tuple[UpdateMeta, dict[str, Any]] | RejectedError | str
 
 
 @dataclass(frozen=True, slots=True)
+class _Update:
+    """An update message opened on the engine thread (``delta`` still encoded), or refused."""
+
+    delta: dict[str, Any]
+    topic: str
+    nbytes: int
+    meta: UpdateMeta | None
+    refused: RejectedError | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Presence:
+    device: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Verified:
     """An update a worker process authenticated and decoded (or refused, with ``reason``)."""
 
@@ -83,6 +100,9 @@ class Verified:
     reason: str | None = None
     detail: str = ""
     encoded: bool = False  # ``delta`` is the msgpack wire encoding, not float32 bytes
+
+
+_Entry = _Update | _Presence
 
 
 @dataclass(frozen=True)
@@ -211,38 +231,51 @@ class Engine:
 
         Returns, per message, the flush that must be durable before it is acknowledged.
         """
+        entries: list[_Entry] = []
+        for (topic, payload), opened in zip(items, self._open_all(items), strict=True):
+            if isinstance(opened, str):
+                entries.append(_Presence(opened, payload))
+            elif isinstance(opened, RejectedError):
+                entries.append(_Update({}, topic, len(payload), None, opened))
+            else:
+                entries.append(_Update(opened[1], topic, len(payload), opened[0], None))
+        return self._apply(entries, now)
+
+    def process_verified(self, items: Sequence[Verified], now: float) -> list[int]:
+        """Apply updates already authenticated and decoded by a worker process (in order;
+        returns what :meth:`process` returns)."""
+        return self._apply(items, now)
+
+    def _apply(self, entries: Sequence[_Entry | Verified], now: float) -> list[int]:
+        """Steps 7-11 for every message, the one way an update reaches the buffer."""
         needs: list[int] = []
         taus: list[int] = []
         rejected: Counter[str] = Counter()
         received = nbytes = 0
-        for (topic, payload), opened in zip(items, self._open_all(items), strict=True):
-            if isinstance(opened, str):
-                self._status(opened, payload)
+        for e in entries:
+            if isinstance(e, _Presence):
+                self._status(e.device, e.payload)
                 needs.append(0)
                 continue
             received += 1
-            nbytes += len(payload)
-            uid: str | None = None
+            nbytes += e.nbytes
+            meta = e.meta
             try:
-                if isinstance(opened, RejectedError):
-                    raise opened
-                meta, delta = opened
-                uid = meta.update_id
+                if isinstance(e, Verified):
+                    if e.reason is not None or meta is None:
+                        raise RejectedError(e.reason or "schema", e.detail)
+                elif e.refused is not None:
+                    raise e.refused
+                assert meta is not None
                 tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
                 check_replay(meta.update_id, self.window)
                 self._admit(meta.sender, now)
-                strategy = self.strategy
-                norm = decode_delta(
-                    delta, self.layout, self.limits, strategy.slot(), strategy.slot_scales()
-                )
-                self.gate.check(norm)
-            except RejectedError as e:
-                rejected[e.reason] += 1
-                self.reject_log(
-                    topics.update_device(topic, self.federation) or "?", e.reason, e.detail
-                )
-                needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
-                self._observe(uid, e.reason)
+                norm = self._fill(e)
+            except RejectedError as err:
+                rejected[err.reason] += 1
+                self.reject_log(self._device(e), err.reason, err.detail)
+                needs.append(self._replay_needs(err) if err.reason == REPLAY else 0)
+                self._observe(meta.update_id if meta is not None else None, err.reason)
                 continue
             needs.append(self.flushes + 1)
             self._commit(meta, tau, norm, now)
@@ -251,6 +284,37 @@ class Engine:
             received=received, nbytes=nbytes, accepted_taus=taus, rejected=rejected
         )
         return needs
+
+    def _device(self, e: _Update | Verified) -> str:
+        if isinstance(e, Verified):
+            return e.device
+        return topics.update_device(e.topic, self.federation) or "?"
+
+    def _fill(self, e: _Update | Verified) -> float:
+        """Steps 9-10: the delta into the strategy's next row, then the norm gate; returns the
+        delta's norm. A worker's update carries the norm it computed: it is gated first and
+        not computed a second time."""
+        strategy = self.strategy
+        if not isinstance(e, Verified):
+            norm = decode_delta(
+                e.delta, self.layout, self.limits, strategy.slot(), strategy.slot_scales()
+            )
+            self.gate.check(norm)
+            return norm
+        self.gate.check(e.norm)
+        row = strategy.slot()
+        scales = strategy.slot_scales()
+        if scales is not None:  # the values themselves go in the row
+            scales.fill(1.0)
+        if e.encoded:
+            delta = unpack_map(e.delta, max_bytes=self.cfg.limits.max_update_bytes)
+            decode_params(delta, self.layout, limits=self.limits, out=row)
+        else:
+            src = np.frombuffer(e.delta, dtype=np.float32)
+            if src.shape != row.shape:
+                raise RejectedError("shape", "worker sent a delta of the wrong size")
+            row[:] = src
+        return e.norm
 
     def _open(self, topic: str, payload: bytes) -> _Opened:
         status_of = topics.status_device(topic, self.federation)
@@ -316,52 +380,13 @@ class Engine:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def process_verified(self, items: Sequence[Verified], now: float) -> list[int]:
-        """Apply updates already authenticated and decoded by a worker process."""
-        needs: list[int] = []
-        taus: list[int] = []
-        rejected: Counter[str] = Counter()
-        nbytes = 0
-        for item in items:
-            nbytes += item.nbytes
-            try:
-                if item.reason is not None or item.meta is None:
-                    raise RejectedError(item.reason or "schema", item.detail)
-                meta = item.meta
-                tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
-                check_replay(meta.update_id, self.window)
-                self._admit(meta.sender, now)
-                self.gate.check(item.norm)
-                row = self.strategy.slot()
-                scales = self.strategy.slot_scales()
-                if scales is not None:  # the values themselves go in the row
-                    scales.fill(1.0)
-                if item.encoded:
-                    # Decoded (and checked again) straight into the row; the norm the worker
-                    # computed is the one gated above, so it is not computed a second time.
-                    delta = unpack_map(item.delta, max_bytes=self.cfg.limits.max_update_bytes)
-                    decode_params(delta, self.layout, limits=self.limits, out=row)
-                else:
-                    src = np.frombuffer(item.delta, dtype=np.float32)
-                    if src.shape != row.shape:
-                        raise RejectedError("shape", "worker sent a delta of the wrong size")
-                    row[:] = src
-            except RejectedError as e:
-                rejected[e.reason] += 1
-                self.reject_log(item.device, e.reason, e.detail)
-                needs.append(self._replay_needs(e) if e.reason == REPLAY else 0)
-                self._observe(item.meta.update_id if item.meta is not None else None, e.reason)
-                continue
-            needs.append(self.flushes + 1)
-            self._commit(meta, tau, item.norm, now)
-            taus.append(tau)
-        self.metrics.record_batch(
-            received=len(items), nbytes=nbytes, accepted_taus=taus, rejected=rejected
-        )
-        return needs
+    @property
+    def timed(self) -> bool:
+        """Whether the strategy aggregates on time alone (:meth:`tick` is then worth calling)."""
+        return self.strategy.timed
 
     def tick(self, now: float) -> bool:
-        """Time-based aggregation (FedAvg's deadline); True if a version was made."""
+        """Time-based aggregation (a strategy's deadline); True if a version was made."""
         if len(self.strategy) and self.strategy.ready(now):
             return self._aggregate(now)
         return False

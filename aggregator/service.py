@@ -10,11 +10,12 @@ Threads and what runs where:
 * a **publisher thread** signs and encodes model / ONNX payloads and runs the evaluation.
 
 Delivery guarantee (docs/aggregator.md has the full argument): an update is PUBACKed to the
-broker only after the checkpoint of the version that applies it is on disk (:class:`AckQueue`);
-until then the broker keeps it in flight in our persistent session. Nothing is published that
-is not on disk either. So a ``kill -9`` at any instant loses nothing the broker considers
-delivered (the broker redelivers every unacknowledged update) and applies nothing twice (the
-checkpointed replay window refuses redelivered updates that were already applied).
+broker only after the checkpoint of the version that applies it is on disk
+(:mod:`aggregator.durability`); until then the broker keeps it in flight in our persistent
+session. Nothing is published that is not on disk either (:mod:`aggregator.publisher`). So
+a ``kill -9`` at any instant loses nothing the broker considers delivered (the broker
+redelivers every unacknowledged update) and applies nothing twice (the checkpointed replay
+window refuses redelivered updates that were already applied).
 
 A checkpoint is written after every flush of the buffer (a new version). While one is being
 written, later versions coalesce into the next one: an intermediate version that existed only
@@ -29,36 +30,32 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, restore_affinity, usable_cpus
 from aggregator.devices import DeviceKeys
+from aggregator.durability import Durability
 from aggregator.engine import Engine, Snapshot, UpdateObserver
-from aggregator.evaluate import Holdout, evaluate, load_holdout, metric_name
+from aggregator.evaluate import Holdout, load_holdout
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
-from aggregator.mqtt import Incoming, MqttLink
-from aggregator.publish import (
-    announce_payload,
-    downlink_params,
-    model_payload,
-    onnx_payload,
-    plan_payload,
-    plan_revision,
-    spec_payload,
-)
+from aggregator.mqtt import MqttLink
+from aggregator.publish import plan_revision
+from aggregator.publisher import Publisher
+from aggregator.sources import LinkSource, PoolSource, Source
 from aggregator.statusfile import write_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Signer
+
+if TYPE_CHECKING:
+    from aggregator.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -115,39 +112,6 @@ def warn_if_unfillable(cfg: AggregatorConfig, keys: DeviceKeys) -> None:
         )
 
 
-class AckQueue:
-    """Messages waiting for the checkpoint of the flush that covers them, in arrival order.
-
-    PUBACKs leave in the order the messages arrived (MQTT requires it): a refused message that
-    needs nothing durable still waits behind an accepted one that arrived before it.
-    """
-
-    def __init__(self) -> None:
-        self._q: deque[tuple[Any, int]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def add(self, handles: Iterable[Any], needs: Iterable[int]) -> None:
-        self._q.extend(zip(handles, needs, strict=True))
-
-    def blocked_by_buffer(self, flushes: int) -> int:
-        """Messages that cannot be acknowledged before a flush that has not happened yet (the
-        first one needing flush ``flushes + 1`` and everything behind it)."""
-        for i, (_, need) in enumerate(self._q):
-            if need > flushes:
-                return len(self._q) - i
-        return 0
-
-    def release(self, durable: int) -> list[Any]:
-        """Handles whose flush is durable, from the front, stopping at the first that is not."""
-        out = []
-        q = self._q
-        while q and q[0][1] <= durable:
-            out.append(q.popleft()[0])
-        return out
-
-
 class Aggregator:
     """The service. ``await run(stop)`` until ``stop`` is set; ``snapshot()`` from any thread."""
 
@@ -159,30 +123,14 @@ class Aggregator:
         self.metrics = Metrics(config.federation.id)
         self.ready = threading.Event()
         self.plan_revision = 0
-        self._durable_flushes = 0
-        self._durable_version = -1
-        self._engine_flushes = 0
-        self._engine_version = 0
-        self._published_version = -1
-        self._onnx_version: int | None = None
-        self._onnx_disabled = False
         self._latest: Snapshot | None = None
         self._stopping = False
-        self._acks = AckQueue()
         self._window_pressure = window_pressure(config)
-        self._ckpt_task: asyncio.Task[None] | None = None
-        self._ckpt_wanted = False
-        self._ckpt_started = -float("inf")  # monotonic start of the last checkpoint
-        self._ckpt_hurry: asyncio.Event | None = None  # cuts a checkpoint's pacing wait short
-        self._publish_wake: asyncio.Event | None = None
-        self._republish = False
+        self._publisher: Publisher | None = None
         self._link: MqttLink | None = None
-        self._pool: Any = None  # aggregator.workers.WorkerPool when [scaleout] workers > 0
+        self._pool: WorkerPool | None = None  # when [scaleout] workers > 0
         self._cpus: list[int] = []  # usable CPUs before pinning ([scaleout] pin_cpu), or none
         self._fatal: BaseException | None = None
-        self._eval_lock = threading.Lock()
-        self._eval_next: Snapshot | None = None
-        self._eval_running = False
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
         self._fatal_event: asyncio.Event | None = None
 
@@ -217,8 +165,17 @@ class Aggregator:
             await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
             path = await loop.run_in_executor(engine_x, open_state, cfg, self.engine)
             self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
-            self._durable_flushes = self._engine_flushes = self._latest.flushes
-            self._durable_version = self._engine_version = self._latest.version
+            self._durability: Durability = Durability(
+                cfg,
+                self.engine,
+                self.store,
+                self.metrics,
+                latest=self._latest,
+                engine_x=engine_x,
+                io_x=io_x,
+                on_durable=self._durable,
+                on_fatal=self._fail,
+            )
             self.holdout: Holdout | None = None
             if cfg.evaluation.holdout is not None:
                 self.holdout = await loop.run_in_executor(
@@ -251,7 +208,18 @@ class Aggregator:
     async def _serve(self, stop: asyncio.Event, notifier: Notifier) -> None:
         cfg = self.cfg
         fed = cfg.federation.id
-        self._publish_wake = asyncio.Event()
+        assert self._latest is not None
+        publisher = self._publisher = Publisher(
+            cfg,
+            self.metrics,
+            signer=self.signer,
+            layout=self.engine.layout,
+            holdout=self.holdout,
+            plan_revision=self.plan_revision,
+            latest=self._latest,
+            pub_x=self._pub_x,
+            eval_x=self._eval_x,
+        )
         subs = [topics.status_filter(fed)]
         if cfg.scaleout.workers == 0:
             subs.insert(0, topics.updates_filter(fed))
@@ -261,26 +229,28 @@ class Aggregator:
             subscriptions=subs,
             receive_maximum=cfg.limits.inflight_window,
             unsubscriptions=topics.update_filters_of_other_configs(cfg.scaleout.group, fed),
-            on_connect=self._on_connect,
+            on_connect=publisher.on_connect,
             on_state=self.metrics.set_connected,
             name="aggregator",
         )
+        publisher.link = link
         tasks = [
             asyncio.create_task(link.run(link_stop), name="mqtt"),
-            asyncio.create_task(self._publisher(), name="publisher"),
+            asyncio.create_task(publisher.run(), name="publisher"),
             asyncio.create_task(self._housekeeping(notifier), name="housekeeping"),
         ]
         if cfg.scaleout.workers:
             from aggregator.workers import WorkerPool
 
-            self._pool = WorkerPool(cfg, self._cpus)
-            await self._pool.start()
-            tasks.append(asyncio.create_task(self._ingest_workers(), name="ingest-workers"))
-        tasks.append(asyncio.create_task(self._ingest_local(), name="ingest"))
+            pool = self._pool = WorkerPool(cfg, self._cpus)
+            await pool.start()
+            workers = PoolSource(pool)
+            tasks.append(asyncio.create_task(self._ingest(workers), name="ingest-workers"))
+        tasks.append(asyncio.create_task(self._ingest(LinkSource(link)), name="ingest"))
         self._fatal_event = asyncio.Event()
         stop_task = asyncio.create_task(stop.wait(), name="stop")
         fatal_task = asyncio.create_task(self._fatal_event.wait(), name="fatal")
-        self._evaluate_soon(self._latest)
+        publisher.evaluate_soon(self._latest)
         clean = False
         try:
             # Ready once the subscription is up: updates published from now on reach us.
@@ -290,7 +260,7 @@ class Aggregator:
             )
             ready.cancel()
             self.ready.set()
-            notifier.notify(READY="1", STATUS=f"version {self._durable_version}")
+            notifier.notify(READY="1", STATUS=f"version {self._durability.durable_version}")
             done, _ = await asyncio.wait(
                 [stop_task, fatal_task, *tasks], return_when=asyncio.FIRST_COMPLETED
             )
@@ -318,18 +288,14 @@ class Aggregator:
         self, tasks: list[asyncio.Task[Any]], link_stop: asyncio.Event, *, clean: bool
     ) -> None:
         self._stopping = True
-        if self._ckpt_hurry is not None:
-            self._ckpt_hurry.set()
+        self._durability.stop()
         ingest = [t for t in tasks if t.get_name().startswith("ingest")]
         await asyncio.gather(*ingest, return_exceptions=True)
         # Final checkpoint, then acknowledge what it covers while still connected. Written even
         # without a new version: the counters of refused messages (acknowledged at once) have
         # no other way to disk, and a clean stop should lose nothing.
         with contextlib.suppress(Exception):
-            if self._ckpt_task is not None:
-                await self._ckpt_task
-            if clean:
-                await self._checkpoint()
+            await self._durability.finish(clean=clean)
         await asyncio.sleep(0.05)  # let the PUBACKs reach the socket before DISCONNECT
         if self._pool is not None:
             await self._pool.stop()
@@ -344,57 +310,36 @@ class Aggregator:
             )
 
     # ------------------------------------------------------------------ ingestion
-    async def _ingest_local(self) -> None:
-        """Raw messages from our own MQTT link (updates, unless workers take them; status)."""
-        link = self._link
-        assert link is not None
+    async def _ingest(self, source: Source) -> None:
+        """Batches from ``source`` through the engine, in arrival order; their
+        acknowledgements wait for the checkpoint that covers them (:mod:`aggregator.durability`)."""
         loop = asyncio.get_running_loop()
         batch_max = self.cfg.limits.batch_max
         engine = self.engine
         while not self._stopping:
-            if not await link.wait(0.2):
+            taken = await source.take(batch_max, 0.2)
+            if taken is None:
                 continue
-            batch = link.take(batch_max)
-            items = [(m.topic, m.payload) for m in batch]
-
-            def work(items: list[tuple[str, bytes]] = items) -> tuple[list[int], int, int]:
-                return engine.process(items, time.monotonic()), engine.flushes, engine.version
-
-            needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
-            self._after_batch(batch, needs, flushes, version)
-            await self._relieve_window()
-
-    async def _ingest_workers(self) -> None:
-        """Updates authenticated and decoded by worker processes."""
-        pool = self._pool
-        loop = asyncio.get_running_loop()
-        engine = self.engine
-        while not self._stopping:
-            handles, items = await pool.take(self.cfg.limits.batch_max, timeout=0.2)
-            if not items:
-                continue
+            handles, items = taken
 
             def work(items: list[Any] = items) -> tuple[list[int], int, int]:
                 return (
-                    engine.process_verified(items, time.monotonic()),
+                    source.apply(engine, items, time.monotonic()),
                     engine.flushes,
                     engine.version,
                 )
 
             needs, flushes, version = await loop.run_in_executor(self._engine_x, work)
-            self._after_batch(handles, needs, flushes, version)
+            source.applied(handles)
+            self._durability.applied(source, handles, needs)
+            self._after_batch(flushes, version)
             await self._relieve_window()
 
-    def _after_batch(
-        self, handles: list[Any], needs: list[int], flushes: int, version: int
-    ) -> None:
-        for h in handles:
-            if isinstance(h, Incoming):
-                h.payload = b""  # only the packet id is needed until the PUBACK
-        self._acks.add(handles, needs)
-        self._engine_flushes, self._engine_version = flushes, version
-        self._release()
-        self._maybe_checkpoint()
+    def _after_batch(self, flushes: int, version: int) -> None:
+        durability = self._durability
+        durability.made(flushes, version)
+        durability.release()
+        durability.maybe_checkpoint()
 
     async def _relieve_window(self) -> None:
         """Flush a partial buffer when the messages awaiting acknowledgement nearly fill the
@@ -408,9 +353,10 @@ class Aggregator:
         """
         # Messages waiting only for a checkpoint of a flush already made are released when it
         # is durable; only those stuck behind the unfilled buffer call for an early flush.
-        if len(self._acks) < self._window_pressure:
+        acks = self._durability.acks
+        if len(acks) < self._window_pressure:
             return
-        if self._acks.blocked_by_buffer(self._engine_flushes) < self._window_pressure:
+        if acks.blocked_by_buffer(self._durability.engine_flushes) < self._window_pressure:
             return
         engine = self.engine
         loop = asyncio.get_running_loop()
@@ -424,233 +370,40 @@ class Aggregator:
             log.info(
                 "%d messages await acknowledgement (window %d): applied a partial buffer of "
                 "%d update(s) early",
-                len(self._acks),
+                len(acks),
                 self.cfg.limits.inflight_window,
                 held,
             )
-            self._after_batch([], [], flushes, version)
+            self._after_batch(flushes, version)
 
-    def _release(self) -> None:
-        ready = self._acks.release(self._durable_flushes)
-        if not ready:
-            return
-        local = [h for h in ready if isinstance(h, Incoming)]
-        if local and self._link is not None:
-            self._link.ack(local)
-        if self._pool is not None and len(local) != len(ready):
-            self._pool.ack([h for h in ready if not isinstance(h, Incoming)])
-
-    # ------------------------------------------------------------------ durability
-    def _checkpoint_due(self) -> bool:
-        """A checkpoint is due whenever the buffer was flushed since the last one."""
-        return self._engine_flushes > self._durable_flushes
-
-    def _maybe_checkpoint(self) -> None:
-        if self._ckpt_task is not None and not self._ckpt_task.done():
-            self._ckpt_wanted = True
-            if self._ckpt_hurry is not None and self._must_hurry():
-                self._ckpt_hurry.set()
-            return
-        if self._checkpoint_due():
-            self._ckpt_task = asyncio.create_task(self._checkpoint_then_more())
-
-    def _must_hurry(self) -> bool:
-        """Whether a checkpoint should start without waiting out ``min_interval_s``: when
-        stopping, or when half the Receive Maximum window awaits acknowledgement (at 10,000
-        small updates a second, 0.1 s of them would fill a window of 1,000 and stall the
-        stream until the checkpoint)."""
-        return self._stopping or 2 * len(self._acks) >= self.cfg.limits.inflight_window
-
-    async def _pace_checkpoint(self) -> None:
-        """Wait until ``[checkpoint] min_interval_s`` after the previous checkpoint started.
-
-        Each checkpoint writes and fsyncs the whole model and is followed by publishing it
-        (retained, to every device), so under a fast stream checkpointing every version cost
-        CPU on both the aggregator and the broker: at d = 1e5 int8, ~23 checkpoints a second
-        against ~10 with 0.1 s, and ~10 % more CPU per update (docs/benchmarks.md). Updates
-        keep being applied meanwhile; only their PUBACKs wait the extra time."""
-        wait = self._ckpt_started + self.cfg.checkpoint.min_interval_s - time.monotonic()
-        if wait <= 0 or self._must_hurry():
-            return
-        hurry = self._ckpt_hurry = asyncio.Event()
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(hurry.wait(), wait)
-        finally:
-            self._ckpt_hurry = None
-
-    async def _checkpoint_then_more(self) -> None:
-        try:
-            await self._pace_checkpoint()
-            await self._checkpoint()
-        except Exception as e:
-            # A checkpoint that cannot be written (disk full, I/O error) must stop the service:
-            # without it nothing can be acknowledged and ingestion would silently stall.
-            log.error("cannot write a checkpoint: %s", e)
-            self._fatal = e
-            if self._fatal_event is not None:
-                self._fatal_event.set()
-            return
-        if self._ckpt_wanted:
-            self._ckpt_wanted = False
-            if self._checkpoint_due():
-                self._ckpt_task = asyncio.create_task(self._checkpoint_then_more())
-
-    async def _checkpoint(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._ckpt_started = time.monotonic()
-        snap = await loop.run_in_executor(self._engine_x, self.engine.snapshot)
-        t0 = time.perf_counter()
-        await loop.run_in_executor(self._io_x, self.store.write, snap.version, snap.data)
-        self.metrics.record_checkpoint(time.perf_counter() - t0)
-        self._durable_flushes = max(self._durable_flushes, snap.flushes)
-        new_version = snap.version > self._durable_version
-        self._durable_version = max(self._durable_version, snap.version)
+    def _durable(self, snap: Snapshot, new_version: bool) -> None:
         self._latest = snap
-        self._release()
-        if new_version:
-            log.info(
-                "version %d checkpointed (%s)",
-                snap.version,
-                ", ".join(f"{k} {v:g}" for k, v in snap.stats.items()),
-            )
-            if self._publish_wake is not None:
-                self._publish_wake.set()
+        if self._publisher is not None:
+            self._publisher.offer(snap, new_version=new_version)
 
-    # ------------------------------------------------------------------ publishing
-    async def _on_connect(self) -> None:
-        """After every (re)connection: republish the plan and the current model (retained)."""
-        self._republish = True
-        if self._publish_wake is not None:
-            self._publish_wake.set()
-
-    async def _publisher(self) -> None:
-        """Publish the newest durable version (coalescing), the plan and the ONNX export."""
-        wake = self._publish_wake
-        assert wake is not None and self._link is not None
-        link = self._link
-        loop = asyncio.get_running_loop()
-        cfg = self.cfg
-        fed = cfg.federation.id
-        while True:
-            await wake.wait()
-            wake.clear()
-            snap = self._latest
-            if snap is None or not link.connected.is_set():
-                continue
-            republish, self._republish = self._republish, False
-            if republish:
-                # The spec before any model that names it (models carry only its fingerprint).
-                spec = await loop.run_in_executor(self._pub_x, spec_payload, cfg, self.signer)
-                if not await link.publish(topics.spec(fed), spec, retain=True):
-                    self._republish = True
-                    continue
-                plan = await loop.run_in_executor(
-                    self._pub_x, plan_payload, cfg, self.signer, self.plan_revision
-                )
-                if not await link.publish(topics.plan(fed), plan, retain=True):
-                    self._republish = True
-            if republish or snap.version > self._published_version:
-                payload = await loop.run_in_executor(
-                    self._pub_x, model_payload, cfg, self.signer, snap
-                )
-                published = await link.publish(topics.model(fed), payload, retain=True)
-                if published:
-                    # After the model: a device that reads the announcement finds it retained.
-                    ann = await loop.run_in_executor(
-                        self._pub_x, announce_payload, cfg, self.signer, snap
-                    )
-                    published = await link.publish(topics.announce(fed), ann, retain=True)
-                if published:
-                    if snap.version > self._published_version:
-                        self._evaluate_soon(snap)
-                    self._published_version = max(self._published_version, snap.version)
-                else:
-                    self._republish = True
-                await self._maybe_onnx(snap)
-            if self._latest is not None and self._latest.version > self._published_version:
-                wake.set()
-
-    async def _maybe_onnx(self, snap: Snapshot) -> None:
-        every = self.cfg.onnx.every
-        if every <= 0 or self._onnx_disabled or self._link is None:
-            return
-        if self._onnx_version is not None and snap.version - self._onnx_version < every:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            payload = await loop.run_in_executor(
-                self._pub_x,
-                onnx_payload,
-                self.cfg,
-                self.signer,
-                snap,
-            )
-        except ImportError as e:
-            self._onnx_disabled = True
-            log.warning(
-                "[onnx] every = %d but the ONNX export is unavailable (%s); install "
-                "fedmqtt[onnx] to publish ONNX models",
-                every,
-                e,
-            )
-            return
-        if await self._link.publish(
-            topics.model_onnx(self.cfg.federation.id), payload, retain=True
-        ):
-            self._onnx_version = snap.version
-
-    def _evaluate_soon(self, snap: Snapshot | None) -> None:
-        """Score ``snap`` on the holdout in the evaluation thread; while one evaluation runs,
-        only the newest version asked for since is kept (a slow holdout never queues up)."""
-        if self.holdout is None or snap is None:
-            return
-        with self._eval_lock:
-            pending, self._eval_next = self._eval_next, snap
-            if pending is not None or self._eval_running:
-                return
-            self._eval_running = True
-        self._eval_x.submit(self._evaluate_loop)
-
-    def _evaluate_loop(self) -> None:
-        metric = metric_name(self.cfg.spec)
-        holdout = self.holdout
-        assert holdout is not None
-        while True:
-            with self._eval_lock:
-                snap, self._eval_next = self._eval_next, None
-                if snap is None:
-                    self._eval_running = False
-                    return
-            try:
-                # The model as devices decode it (the [downlink] codec), not the float32 one.
-                _, sent = downlink_params(self.cfg, snap)
-                score = evaluate(self.cfg.spec, self.engine.layout, sent, holdout)
-            except Exception:
-                log.exception("evaluation of version %d failed", snap.version)
-                continue
-            if self.metrics.eval_version is None or snap.version >= self.metrics.eval_version:
-                self.metrics.set_evaluation(snap.version, score, metric)
-                log.info("version %d: holdout %s %.4f", snap.version, metric, score)
+    def _fail(self, e: BaseException) -> None:
+        self._fatal = e
+        if self._fatal_event is not None:
+            self._fatal_event.set()
 
     # ------------------------------------------------------------------ periodic work
     async def _housekeeping(self, notifier: Notifier) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         last_status = last_metrics = last_watchdog = 0.0
-        deadline = cfg.strategy.name == "fedavg" and cfg.strategy.deadline_s > 0
+        timed = self.engine.timed
         while True:
             await asyncio.sleep(_TICK_S)
             now = time.monotonic()
-            if deadline and not self._stopping:
+            if timed and not self._stopping:
 
                 def tick(engine: Engine = self.engine) -> tuple[bool, int, int]:
                     return engine.tick(time.monotonic()), engine.flushes, engine.version
 
                 made, flushes, version = await loop.run_in_executor(self._engine_x, tick)
                 if made:
-                    self._engine_flushes, self._engine_version = flushes, version
-            self._maybe_checkpoint()
+                    self._durability.made(flushes, version)
+            self._durability.maybe_checkpoint()
             if now - last_status >= cfg.metrics.status_interval_s:
                 last_status = now
                 self._write_status_soon()
@@ -681,8 +434,10 @@ class Aggregator:
             fedmqtt_version=fedmqtt.__version__,
             strategy=self.cfg.strategy.name,
             plan_revision=self.plan_revision,
-            durable_version=self._durable_version,
-            published_version=self._published_version,
+            durable_version=self._durability.durable_version,
+            published_version=(
+                self._publisher.published_version if self._publisher is not None else -1
+            ),
             status_interval_s=self.cfg.metrics.status_interval_s,
         )
         return s
@@ -690,65 +445,3 @@ class Aggregator:
     def _write_status_soon(self) -> None:
         status = self._status("running")
         self._io_x.submit(write_status, self.cfg.state_dir, status)
-
-
-class AggregatorThread:
-    """Run an :class:`Aggregator` in its own thread with its own event loop (simulator, tests)."""
-
-    def __init__(
-        self, config: AggregatorConfig, *, on_update: UpdateObserver | None = None
-    ) -> None:
-        self.service = Aggregator(config, on_update=on_update)
-        self.error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="aggregator", daemon=True)
-
-    def _main(self) -> None:
-        async def body() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            await self.service.run(self._stop)
-
-        try:
-            asyncio.run(body())
-        except BaseException as e:
-            self.error = e
-            log.exception("aggregator stopped with an error")
-        finally:
-            self.service.ready.set()
-
-    def start(self, timeout: float = 30.0) -> AggregatorThread:
-        self._thread.start()
-        self.service.ready.wait(timeout)
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def snapshot(self) -> dict[str, Any]:
-        return self.service.snapshot()
-
-    def presence(self) -> dict[str, str]:
-        """Each device's last believed presence state ("online"/"offline"), as a copy.
-
-        Read from another thread than the engine's: ``Presence.devices`` copies its dict in one
-        C-level ``sorted(dict.items())`` call, which the GIL makes atomic for str keys."""
-        engine = getattr(self.service, "engine", None)
-        return dict(engine.presence.devices()) if engine is not None else {}
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.snapshot()):
-                return True
-            if self.error is not None:
-                raise self.error
-            time.sleep(0.05)
-        return predicate(self.snapshot())
-
-    def stop(self, timeout: float = 30.0) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-        self._thread.join(timeout)

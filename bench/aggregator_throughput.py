@@ -95,7 +95,6 @@ sys.path.insert(0, str(ROOT))
 
 from aggregator import readahead  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
-from aggregator.service import AggregatorThread  # noqa: E402
 from bench.tlsbroker import add_tls_listener  # noqa: E402
 from fedmqtt import codecs, topics, wire  # noqa: E402
 from fedmqtt.admin.sizing import max_packet_size  # noqa: E402
@@ -110,6 +109,7 @@ from fedmqtt.signing import (  # noqa: E402
     Ed25519Signer,
     HmacKey,
 )
+from simulator.aggregator_thread import AggregatorThread  # noqa: E402
 
 FED = "bench"
 DEFAULT_N = {650: 20_000, 100_000: 3_000, 1_000_000: 400}

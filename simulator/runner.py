@@ -273,7 +273,7 @@ class _Simulation:
             batch_size=32,
             seed=cfg.seed,
         )
-        from aggregator.service import AggregatorThread
+        from simulator.aggregator_thread import AggregatorThread
 
         seen = _UpdateLedger()
         agg = AggregatorThread(agg_cfg, on_update=seen.record)

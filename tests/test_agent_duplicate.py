@@ -24,10 +24,10 @@ import pytest
 from test_agent_helpers import SPEC, make_device
 from test_aggregator_support import FED, Federation, client, wait_until
 
-from aggregator.service import AggregatorThread
 from edge_agent.state import OUTBOX_DIR
 from fedmqtt import topics
 from fedmqtt.broker import Mosquitto
+from simulator.aggregator_thread import AggregatorThread
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent

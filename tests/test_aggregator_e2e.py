@@ -29,12 +29,12 @@ from test_aggregator_support import (
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.cpu import usable_cpus
-from aggregator.service import AggregatorThread
 from fedmqtt import codecs, topics, wire
 from fedmqtt.broker import Mosquitto, free_port
 from fedmqtt.models import TrainConfig, train_local
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import HmacKey
+from simulator.aggregator_thread import AggregatorThread
 
 SMALL = ModelSpec("softmax", 6, 3)
 

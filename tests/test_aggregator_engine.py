@@ -389,3 +389,60 @@ def routes_updates_and_presence(root: Path, fed_id: str, device: str) -> None:
         [(topics.updates(other, device), items[0][1]), (items[0][0] + "/x", items[0][1])], 0.0
     )
     assert e.metrics.snapshot()["rejected"] == {"schema": 2}
+
+
+def test_messages_and_worker_items_take_the_same_path(tmp_path: Path) -> None:
+    """An update applied from its raw message (``process``) and the same update opened by a
+    worker (``process_verified``) meet the same checks in the same order -- staleness, replay,
+    the per-device bound, the norm gate -- and make the same model."""
+    from aggregator.validate import open_update
+    from fedmqtt.codecs import decode_params
+
+    f = Federation(tmp_path, SPEC, devices=("dev0", "dev1", "dev2"))
+    cfg = f.config(
+        "127.0.0.1",
+        1883,
+        strategy={"buffer_size": 2, "max_staleness": 1, "max_per_device": 1},
+        limits={"max_norm": 1.0},
+    )
+    raw, verified = (Engine(cfg, Metrics(FED), keys=None) for _ in range(2))
+    script = [  # device, update id, base version, delta scale
+        ("dev0", "u0", 0, 0.01),
+        ("dev1", "u1", 0, 10.0),  # norm above max_norm
+        ("dev0", "u9", 0, 0.01),  # a second row of dev0 in the buffer
+        ("dev1", "u2", 0, 0.01),  # fills the buffer: version 1
+        ("dev0", "u0", 0, 0.01),  # replay
+        ("dev2", "u3", 0, 0.01),
+        ("dev0", "u4", 1, 0.01),  # version 2
+        ("dev1", "u5", 0, 0.01),  # stale
+        ("dev2", "u6", 5, 0.01),  # from the future
+    ]
+    items = [
+        (upd_topic(d), f.update(d, small(i, scale), base_version=b, update_id=f"update-{u}", seq=i))
+        for i, (d, u, b, scale) in enumerate(script)
+    ]
+    rows = []
+    for topic, payload in items:
+        meta, delta = open_update(
+            topic,
+            payload,
+            federation=FED,
+            fingerprint=SPEC.fingerprint(),
+            keys=verified.keys,
+            max_bytes=cfg.limits.max_update_bytes,
+        )
+        values = decode_params(delta, SPEC.layout())
+        norm = float(np.linalg.norm(values))
+        rows.append(Verified(meta.sender, len(payload), meta, norm, values.tobytes()))
+    needs = raw.process(items, 0.0)
+    assert verified.process_verified(rows, 0.0) == needs
+    a, b = raw.metrics.snapshot(), verified.metrics.snapshot()
+    assert (
+        b["rejected"]
+        == a["rejected"]
+        == {"norm": 1, "device_quota": 1, "replay": 1, "stale": 1, "future": 1}
+    )
+    assert a["accepted"] == b["accepted"] == 4
+    assert a["bytes_received"] == b["bytes_received"]
+    assert raw.version == verified.version == 2
+    np.testing.assert_allclose(raw.params, verified.params, rtol=1e-6, atol=1e-8)

@@ -22,12 +22,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.checkpoint import CheckpointStore, f32
 from aggregator.config import AggregatorConfig
-from aggregator.service import AggregatorThread
 from fedmqtt import codecs, topics, wire
 from fedmqtt.admin.tomlconf import dumps
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import F32
 from fedmqtt.signing import Ed25519Signer, Ed25519Verifier, HmacKey
+from simulator.aggregator_thread import AggregatorThread
 
 FED = "testfed"
 ROOT = Path(__file__).resolve().parent.parent

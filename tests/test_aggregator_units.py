@@ -17,9 +17,9 @@ from prometheus_client import generate_latest
 from aggregator.checkpoint import CheckpointError, CheckpointStore, decode_state, encode_state
 from aggregator.config import AggregatorConfig, StrategyConfig, load_config
 from aggregator.cpu import cpu_for, pin_current_thread, usable_cpus
+from aggregator.durability import AckQueue
 from aggregator.metrics import Metrics, RejectionLog
 from aggregator.replay import ReplayWindow
-from aggregator.service import AckQueue
 from aggregator.statusfile import format_status, read_status, write_status
 from aggregator.strategies import FedAsync, FedAvg, FedBuff, build_strategy
 from aggregator.validate import UpdateMeta
@@ -217,6 +217,14 @@ def test_fedavg_waits_for_n_or_deadline_and_refuses_stale() -> None:
     assert s.ready(105.0)  # deadline passed with one update
     out = s.aggregate(np.zeros(4, np.float32), None)
     np.testing.assert_allclose(out, np.ones(4))
+
+
+def test_only_a_deadline_makes_a_strategy_timed() -> None:
+    """The service ticks the engine only for a strategy whose readiness can change with time."""
+    assert FedAvg(StrategyConfig(name="fedavg", deadline_s=5.0), 4).timed
+    assert not FedAvg(StrategyConfig(name="fedavg", deadline_s=0.0), 4).timed
+    for name in ("fedbuff", "fedasync"):
+        assert not build_strategy(StrategyConfig(name=name), 4).timed
 
 
 def test_fedasync_mixes_every_update() -> None:

@@ -21,13 +21,14 @@ from aggregator.devices import DeviceKeys
 from aggregator.engine import Engine, Verified
 from aggregator.metrics import Metrics
 from aggregator.ratelimit import DeviceRate
-from aggregator.service import AggregatorThread, warn_if_unfillable
+from aggregator.service import warn_if_unfillable
 from aggregator.validate import open_update
 from fedmqtt import topics
 from fedmqtt.aggregation import fedbuff_aggregate
 from fedmqtt.broker import Mosquitto
 from fedmqtt.errors import ConfigError, RejectedError
 from fedmqtt.models.spec import ModelSpec
+from simulator.aggregator_thread import AggregatorThread
 
 SPEC = ModelSpec("softmax", 6, 3)
 D = SPEC.layout().size

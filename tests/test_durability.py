@@ -35,7 +35,7 @@ from test_aggregator_support import (
 
 from aggregator.checkpoint import decode_state, f32
 from aggregator.mqtt import Incoming, MqttLink
-from aggregator.service import CHECKPOINT_DIR, AggregatorThread
+from aggregator.service import CHECKPOINT_DIR
 from edge_agent import state as agent_state
 from edge_agent.agent import EdgeAgent
 from fedmqtt import topics, wire
@@ -43,6 +43,7 @@ from fedmqtt.admin.cli import main as admin
 from fedmqtt.broker import Mosquitto
 from fedmqtt.fsutil import atomic_write_bytes, remove_durably
 from fedmqtt.models.spec import ModelSpec
+from simulator.aggregator_thread import AggregatorThread
 
 pytestmark = pytest.mark.timeout(120)
 

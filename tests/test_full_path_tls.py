@@ -19,10 +19,10 @@ import pytest
 from test_broker_security import FED, Site, running_site
 
 from aggregator.config import load_config as load_aggregator_config
-from aggregator.service import AggregatorThread
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from simulator import datasets
+from simulator.aggregator_thread import AggregatorThread
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,12 @@ class Strategy(ABC):
     def ready(self, now: float) -> bool:
         """True when the buffer should be aggregated now."""
 
+    @property
+    def timed(self) -> bool:
+        """Whether :meth:`ready` can turn true by the passage of time alone, with no new update
+        (a deadline): the service then asks it again periodically (``Engine.tick``)."""
+        return False
+
     @abstractmethod
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         """New parameters from ``params`` and the buffer (not modified on error)."""

@@ -31,6 +31,10 @@ class FedAvg(Strategy):
     def max_staleness(self) -> int:
         return 0
 
+    @property
+    def timed(self) -> bool:
+        return self.cfg.deadline_s > 0
+
     def ready(self, now: float) -> bool:
         n = len(self.pending)
         if n >= self.cfg.min_updates:
