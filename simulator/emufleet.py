@@ -657,7 +657,7 @@ def run_fleet(cfg: FleetConfig, progress: Callable[[str], None] | None = None) -
 def _run(
     cfg: FleetConfig, workdir: Path, stack: contextlib.ExitStack, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    from aggregator.service import AggregatorThread
+    from simulator.aggregator_thread import AggregatorThread
 
     t_setup = time.monotonic()
     broker = Mosquitto(data_dir=workdir / "broker")
