@@ -43,7 +43,7 @@ import random
 import select
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
 import aiomqtt
@@ -362,21 +362,6 @@ class MqttLink:
 
         loop.remove_reader(fd)
         loop.add_reader(fd, reader)
-
-    @contextlib.asynccontextmanager
-    async def running(self, *, wait_connected: bool = True) -> AsyncIterator[MqttLink]:
-        """:meth:`run` for the duration of a ``with`` block, stopped cleanly on exit -- for a
-        consumer that owns the link for one piece of work (tests, ``bench/link.py``). Entered
-        once connected (SUBACKs in) unless ``wait_connected`` is false."""
-        stop = asyncio.Event()
-        task = asyncio.create_task(self.run(stop))
-        try:
-            if wait_connected:
-                await asyncio.wait_for(self.connected.wait(), 10)
-            yield self
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 10)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, subscribe, stay connected until ``stop``; reconnect with backoff."""

@@ -52,6 +52,7 @@ from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
 from bench.tlsbroker import add_tls_listener
 from fedmqtt.broker import Mosquitto
+from simulator.linkrun import running
 
 TOPIC = "fl/linkbench/updates/dev"
 FILTER = "fl/linkbench/updates/+"
@@ -116,14 +117,14 @@ async def _take(link: MqttLink, n: int, *, ack: bool) -> list[Incoming]:
 
 async def _session(route: Route, client_id: str) -> None:
     """Create the persistent session (and its subscription), then leave."""
-    async with _link(route, client_id, 1000).running():
+    async with running(_link(route, client_id, 1000)):
         await asyncio.sleep(0.2)
 
 
 async def _receive(route: Route, n: int, client_id: str) -> float:
     cpu = time.thread_time()
     # Not waiting for `connected`: the backlog arrives ahead of the SUBACK.
-    async with _link(route, client_id, 1000).running(wait_connected=False) as link:
+    async with running(_link(route, client_id, 1000), wait_connected=False) as link:
         await _take(link, n, ack=True)
         return 1e6 * (time.thread_time() - cpu) / n
 
@@ -165,7 +166,7 @@ def paho_receive_cpu_us(route: Route, n: int, client_id: str) -> float:
 
 async def ack_cpu_us(port: int, n: int, batch: int, client_id: str) -> float:
     """Loop-thread CPU microseconds per acknowledged message."""
-    async with _link(Route("TCP", port), client_id, n).running() as link:
+    async with running(_link(Route("TCP", port), client_id, n)) as link:
         await asyncio.get_running_loop().run_in_executor(None, publish, port, n, 100)
         got = await _take(link, n, ack=False)
         await asyncio.sleep(0.3)

@@ -24,6 +24,7 @@ from aggregator.publishpacket import MalformedPublishError, decode_publish
 from aggregator.readahead import CHUNK, UNFRAMED, WOULD_BLOCK, ReadAhead
 from fedmqtt import topics
 from fedmqtt.broker import Mosquitto
+from simulator.linkrun import running
 
 
 # ------------------------------------------------------------------ PUBLISH decoder
@@ -349,7 +350,7 @@ def _publish_v5(
 
 
 def _link(broker: Mosquitto, client_id: str, receive_maximum: int = 1000) -> MqttLink:
-    """An MqttLink subscribed to fl/recv/updates/+ (run it with ``async with link.running()``)."""
+    """An MqttLink subscribed to fl/recv/updates/+ (run it with ``async with running(link)``)."""
     cfg = BrokerConfig(host=broker.host, port=broker.port, client_id=client_id)
     return MqttLink(cfg, subscriptions=["fl/recv/updates/+"], receive_maximum=receive_maximum)
 
@@ -382,7 +383,7 @@ def test_link_receives_exact_messages_with_properties_through_mosquitto(
         _publish_v5(broker, [(topic, p, i % 2, props[i]) for i, p in enumerate(payloads)])
 
     async def receive(n: int, ack_all_but_last: bool) -> list[tuple[str, bytes, int]]:
-        async with _link(broker, "recv-test", 100).running() as link:
+        async with running(_link(broker, "recv-test", 100)) as link:
             if n:
                 await asyncio.get_running_loop().run_in_executor(None, publish_all)
             got: list[Incoming] = []
@@ -420,7 +421,7 @@ def test_batched_pubacks_free_the_receive_window_and_end_redelivery(broker: Mosq
         _publish_v5(broker, [(topic, p, 1, None) for p in payloads])
 
     async def receive(expect: int) -> tuple[list[bytes], int, int]:
-        async with _link(broker, "recv-acks", 20).running() as link:
+        async with running(_link(broker, "recv-acks", 20)) as link:
             loop = asyncio.get_running_loop()
             publishing = loop.run_in_executor(None, publish_all) if expect else None
             got: list[bytes] = []
@@ -455,7 +456,7 @@ def test_backlog_delivered_before_the_suback_is_acknowledged(broker: Mosquitto) 
 
     async def consume(expect: int) -> list[bytes]:
         got: list[bytes] = []
-        async with _link(broker, "recv-backlog", 50).running(wait_connected=False) as link:
+        async with running(_link(broker, "recv-backlog", 50), wait_connected=False) as link:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + (15 if expect else 3)
             while (len(got) < expect or not link.connected.is_set()) and loop.time() < deadline:
@@ -486,7 +487,7 @@ def test_link_stops_reading_while_the_inbox_is_full_and_loses_nothing(
         _publish_v5(broker, [(topic, p, 1, None) for p in payloads])
 
     async def main() -> tuple[int, list[bytes]]:
-        async with _link(broker, "recv-bp").running() as link:
+        async with running(_link(broker, "recv-bp")) as link:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, publish_all)
             await asyncio.sleep(1.0)  # plenty of time to read everything, were it not paused
@@ -516,7 +517,7 @@ def test_packets_left_in_the_read_ahead_buffer_are_read_without_new_socket_data(
     payloads = [bytes([i]) * 100 for i in range(50)]
 
     async def main() -> list[bytes]:
-        async with _link(broker, "recv-burst").running() as link:
+        async with running(_link(broker, "recv-burst")) as link:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
                 None, _publish_v5, broker, [(topic, p, 0, None) for p in payloads]
@@ -568,7 +569,7 @@ def test_a_filter_left_in_the_session_by_another_configuration_is_dropped(
 
     async def receive() -> list[bytes]:
         got: list[bytes] = []
-        async with link.running() as running:
+        async with running(link) as live:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
                 None,
@@ -580,10 +581,10 @@ def test_a_filter_left_in_the_session_by_another_configuration_is_dropped(
             # for this session together and in order, so every earlier copy is in by then.
             deadline = loop.time() + 10
             while payloads[-1] not in got and loop.time() < deadline:
-                await running.wait(0.2)
-                batch = running.take(1000)
+                await live.wait(0.2)
+                batch = live.take(1000)
                 got.extend(m.payload for m in batch)
-                running.ack(batch)
+                live.ack(batch)
         return got
 
     assert asyncio.run(receive()) == payloads
