@@ -1,15 +1,16 @@
 """Edge brokers bridged to a central broker, as ``fedmqtt-admin edge-config`` renders them.
 
-One site with client-certificate identity: the central broker (production config) where the
-aggregator's account is subscribed with a persistent session, and two edge brokers (edge-a,
-edge-b) run by real Mosquitto processes with the rendered ``mosquitto.conf`` and its bridge
-section, each over TLS with its own bridge certificate. edge-a reaches the centre through a
-TCP relay the test can cut (a link cut with both brokers up); edge-b dials the centre directly.
-Devices connect to their edge with their enrollment bundle's certificate and publish QoS 1
-updates with unique ids. Each fault scenario asserts that every update an edge acknowledged to
-a device reaches the aggregator, and that the newest retained model reaches a device that
-subscribes at each edge. QoS 1 is at least once: an update resent across a cut may arrive
-twice; the aggregator refuses the copy by its replay check (tests/test_aggregator_receive.py),
+One site (client-certificate identity, and password identity): the central broker
+(production config) where the aggregator's account is subscribed with a persistent session,
+standing for the aggregator, and two edge brokers (edge-a, edge-b) run by real Mosquitto
+processes with the rendered ``mosquitto.conf`` and its bridge section, each over TLS with its
+own bridge identity. edge-a reaches the centre through a TCP relay the test can cut (a link cut
+with both brokers up); edge-b dials the centre directly. Devices connect to their edge with
+their enrollment bundle's credentials and publish QoS 1 updates with unique ids. Each fault
+scenario asserts that every update an edge acknowledged to a device reaches the aggregator,
+and that the newest retained model reaches a device that subscribes afresh at each edge.
+QoS 1 is at least once: an update resent across a cut may arrive twice; the aggregator refuses
+the copy by its replay check (tests/test_agent_duplicate.py, tests/test_aggregator_engine.py),
 so the count of copies is reported, and ids are compared as sets.
 """
 
