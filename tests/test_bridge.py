@@ -149,6 +149,7 @@ class Peer:
 
     def __post_init__(self) -> None:
         self._pending: dict[int, str] = {}
+        self._early: dict[int, int] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self.subs: list[str] = []
@@ -179,7 +180,10 @@ class Peer:
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _p: Any) -> None:
         with self._lock:
             payload = self._pending.pop(mid, None)
-        if payload is not None and rc.value < 0x80:
+            if payload is None:  # acknowledged before publish() recorded the mid
+                self._early[mid] = rc.value
+                return
+        if rc.value < 0x80:
             self.acked.append(payload)
 
     def start(self, *subs: str) -> Peer:
@@ -194,9 +198,15 @@ class Peer:
         return self
 
     def publish(self, topic: str, payload: str, *, retain: bool = False) -> None:
+        # Not under self._lock: paho may run on_publish (which takes it) on its network
+        # thread while holding its own lock, which publish() needs too.
+        info = self.mqtt.publish(topic, payload.encode(), qos=1, retain=retain)
         with self._lock:
-            info = self.mqtt.publish(topic, payload.encode(), qos=1, retain=retain)
-            self._pending[info.mid] = payload
+            rc = self._early.pop(info.mid, None)
+            if rc is None:
+                self._pending[info.mid] = payload
+        if rc is not None and rc < 0x80:
+            self.acked.append(payload)
 
     def stop(self) -> None:
         self.mqtt.disconnect()
