@@ -113,7 +113,11 @@ class Mosquitto:
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         extra: dict[str, str] | None = None,
         malloc_tunables: str = MALLOC_TUNABLES,
+        rendered: Path | None = None,
     ) -> None:
+        """``rendered``: run this finished config file as it is (e.g. an edge broker's, from
+        ``fedmqtt-admin edge-config``) instead of rendering ``template``; ``port`` must then be
+        its listener's, and its log should go to ``data_dir/mosquitto.log``."""
         self.binary = find_mosquitto()
         self.malloc_tunables = malloc_tunables
         self.host = "127.0.0.1"
@@ -132,9 +136,12 @@ class Mosquitto:
             "local_listener": "",  # the production template's optional loopback listener
             **(extra or {}),
         }
-        text = (config_dir() / template).read_text()
         self.config_path = self.data_dir / "mosquitto.conf"
-        self.config_path.write_text(text.format(**values))
+        if rendered is not None:
+            self.config_path = rendered
+        else:
+            text = (config_dir() / template).read_text()
+            self.config_path.write_text(text.format(**values))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -908,3 +908,86 @@ def test_signing_key_rotation_updates_every_worker(
     assert {a.public_key for a in env.site().registry.aggregators} == {new}
     assert env.run("enroll", "dev-1", "--out", str(env.tmp / "b")) == 0
     assert (env.tmp / "b" / "aggregator.pub").read_text().strip() == new
+
+
+# --------------------------------------------------------------------------- edge brokers
+
+
+def edge_config(e: Env, edge: str, *extra: str) -> int:
+    return e.run(
+        "edge-config",
+        edge,
+        "--edge-dir",
+        str(e.tmp / edge),
+        "--host",
+        f"{edge}.example.org",
+        "--aggregator-config",
+        str(e.agg / "aggregator.toml"),
+        *extra,
+    )
+
+
+def test_edge_config_renders_the_bridge_and_follows_the_devices(tmp_path: Path) -> None:
+    e = Env(tmp_path, identity="certificate")
+    assert e.run("enroll", "dev-1", "--out", str(tmp_path / "b1")) == 0
+    assert edge_config(e, "site-a") == 0
+    d = tmp_path / "site-a"
+    conf = (d / "mosquitto.conf").read_text()
+    for line in (
+        "address broker.example.org:8883",
+        "remote_clientid site-a",
+        "remote_username site-a",
+        f"bridge_certfile {d}/bridge.crt",
+        "cleansession false",
+        "try_private true",
+        "topic fl/demo/updates/+ out 1",
+        "topic fl/demo/model in 1",
+        f"acl_file {d}/acl",
+        "require_certificate true",
+    ):
+        assert f"\n{line}\n" in conf, line
+    settings = [ln for ln in conf.splitlines() if not ln.startswith("#")]
+    assert not [ln for ln in settings if "{" in ln]  # every placeholder filled
+    assert load_cert(d / "bridge.crt").subject.rfc4514_string().startswith("CN=site-a")
+    central = (e.broker / "acl").read_text()
+    assert "\nuser site-a\ntopic write fl/demo/updates/+\n" in central
+    assert "topic readwrite" not in central.split("user site-a")[1].split("user ")[0]
+    edge_acl = (d / "acl").read_text()
+    assert "\nuser dev-1\ntopic write fl/demo/updates/dev-1\n" in edge_acl
+    assert "\nuser site-a\ntopic write fl/demo/model\n" in edge_acl
+    # Devices enrolled and revoked later reach the edge's files.
+    assert e.run("enroll", "dev-2", "--out", str(tmp_path / "b2")) == 0
+    assert "\nuser dev-2\n" in (d / "acl").read_text()
+    serial = int(load_cert(tmp_path / "b2" / "client.crt").serial_number)
+    assert e.run("revoke", "dev-2") == 0
+    assert "user dev-2\ntopic deny #\n" in (d / "acl").read_text()
+    crl = x509.load_pem_x509_crl((d / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    # The edge's bridge is cut off at the centre.
+    bridge_serial = int(load_cert(d / "bridge.crt").serial_number)
+    assert e.run("edge-revoke", "site-a") == 0
+    assert "user site-a\ntopic deny #\n" in (e.broker / "acl").read_text()
+    crl = x509.load_pem_x509_crl((e.broker / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(bridge_serial) is not None
+    assert edge_config(e, "site-a") == 1  # a revoked edge id is not reused
+
+
+def test_edge_with_password_identity_copies_its_federations_hashes(env: Env) -> None:
+    assert env.run("enroll", "dev-1", "--out", str(env.tmp / "b1")) == 0
+    assert edge_config(env, "site-a") == 0
+    conf = (env.tmp / "site-a" / "mosquitto.conf").read_text()
+    password = conf.split("\nremote_password ")[1].split("\n")[0]
+    assert check_password(env.passwd()["site-a"], password)
+    edge_passwd = passwd.read(env.tmp / "site-a" / "passwd")
+    assert edge_passwd == {"dev-1": env.passwd()["dev-1"]}  # devices only, not the bridge
+    assert env.run("revoke", "dev-1") == 0
+    assert passwd.read(env.tmp / "site-a" / "passwd") == {}
+
+
+def test_edge_ids_do_not_collide_with_accounts(env: Env) -> None:
+    assert env.run("enroll", "dev-1", "--out", str(env.tmp / "b1")) == 0
+    assert edge_config(env, "dev-1") == 1
+    assert edge_config(env, "aggregator") == 1
+    assert edge_config(env, "site-a") == 0
+    assert env.run("enroll", "site-a", "--out", str(env.tmp / "b2")) == 1
+    assert edge_config(env, "bad/id") == 1

@@ -9,6 +9,8 @@
     fedmqtt-admin list
     fedmqtt-admin rotate pi-kitchen-01 --out ./pi-kitchen-01-new
     fedmqtt-admin revoke pi-kitchen-01
+    fedmqtt-admin edge-config site-a --host gw-a.example.org --edge-dir ./site-a \\
+        --aggregator-config /etc/fedmqtt-aggregator/aggregator.toml
 
 Exit status: 0 done; 1 refused or failed (the message says why and how to fix it); 2 usage.
 A change the broker has not been told about (reload failed) is exit 1 with the reason, because
@@ -88,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(password identity; 0 removes it; default: keep the previous setting, none at first)",
     )
     cfg.add_argument("--host", default=None, help="broker host name written into bundles")
-    cfg.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"))
-    cfg.add_argument("--pid-file", type=Path, default=Path("/run/mosquitto/mosquitto.pid"))
-    cfg.add_argument("--log-dest", default="file /var/log/mosquitto/mosquitto.log")
+    _process_args(cfg)
     cfg.add_argument(
         "--reload",
         dest="reload_how",
@@ -101,6 +101,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _broker_location(cfg)
     _size_args(cfg)
+
+    edge = sub.add_parser(
+        "edge-config",
+        help="register an edge broker and render its config with the bridge to the central broker",
+    )
+    edge.add_argument("edge_id", help="edge id: the bridge's account at the central broker")
+    edge.add_argument(
+        "--edge-dir",
+        type=Path,
+        required=True,
+        help="where the edge broker's files go (copy them to the edge host's /etc/mosquitto/"
+        "fedmqtt if it is another machine)",
+    )
+    edge.add_argument("--federation", default=None, help="the federation it serves")
+    edge.add_argument("--host", action="append", default=[], help="DNS name devices dial")
+    edge.add_argument("--ip", action="append", default=[], help="IP address devices dial")
+    edge.add_argument("--port", type=int, default=8883, help="TLS port for devices (8883)")
+    edge.add_argument("--bind", default="", help="listen address (default: all interfaces)")
+    edge.add_argument(
+        "--central-host",
+        default=None,
+        help="the central broker's name as in its certificate (default: the site's broker host)",
+    )
+    edge.add_argument(
+        "--central-port", type=int, default=None, help="central TLS port (default: the site's)"
+    )
+    edge.add_argument(
+        "--restart-timeout",
+        type=int,
+        nargs=2,
+        default=(5, 60),
+        metavar=("BASE", "CAP"),
+        help="seconds before the bridge reconnects after a cut, backing off to CAP (5 60)",
+    )
+    _process_args(edge)
+    edge.add_argument(
+        "--reload",
+        dest="reload_how",
+        default="none",
+        metavar="HOW",
+        help="how fedmqtt-admin reloads this edge after enroll/rotate/revoke: "
+        "systemctl:<unit>, pidfile:<path> or none (default: the operator does)",
+    )
+    edge.add_argument(
+        "--group", default="mosquitto", help="group that must read the edge's files (mosquitto)"
+    )
+    _size_args(edge)
+    _reload_flag(edge)
+
+    erev = sub.add_parser("edge-revoke", help="cut an edge broker's bridge off the central broker")
+    erev.add_argument("edge_id")
+    _reload_flag(erev)
 
     size = sub.add_parser("size", help="print max_packet_size for a model")
     _size_args(size)
@@ -160,6 +212,13 @@ def _broker_location(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--group", default=None, help="group that must read the broker's files (default mosquitto)"
     )
+
+
+def _process_args(p: argparse.ArgumentParser) -> None:
+    """Where the broker process keeps its data, pid and log (rendered into mosquitto.conf)."""
+    p.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"))
+    p.add_argument("--pid-file", type=Path, default=Path("/run/mosquitto/mosquitto.pid"))
+    p.add_argument("--log-dest", default="file /var/log/mosquitto/mosquitto.log")
 
 
 def _reload_flag(p: argparse.ArgumentParser) -> None:
@@ -247,12 +306,12 @@ def _locate_broker(site: Site, a: argparse.Namespace) -> None:
         site.registry.broker.group = a.group
 
 
-def _reload(site: Site, a: argparse.Namespace, what: str) -> int:
+def _reload(site: Site, a: argparse.Namespace, what: str, *, edges: bool = True) -> int:
     if getattr(a, "no_reload", False):
         print(f"{what}; broker NOT reloaded (--no-reload): run `fedmqtt-admin reload`")
         return 0
     try:
-        print(site.reload_broker())
+        print(site.reload_broker(edges=edges))
     except ConfigError as e:
         print(
             f"error: {what}, but the broker was not reloaded: {e}\n"
@@ -350,6 +409,38 @@ def run(a: argparse.Namespace) -> int:
         for line in site.revoke(a.device_id):
             print(f"{a.device_id}: {line}")
         return _reload(site, a, f"{a.device_id} revoked")
+    if a.cmd == "edge-config":
+        size = _packet_size(a, required=True)
+        assert size is not None
+        path = site.configure_edge(
+            a.edge_id,
+            edge_dir=a.edge_dir,
+            federation=a.federation,
+            hosts=a.host,
+            ips=a.ip,
+            port=a.port,
+            bind_address=a.bind,
+            central_host=a.central_host,
+            central_port=a.central_port,
+            max_packet_size=size,
+            data_dir=a.data_dir,
+            pid_file=a.pid_file,
+            log_dest=a.log_dest,
+            reload=a.reload_how,
+            group=a.group,
+            restart_timeout=tuple(a.restart_timeout),
+        )
+        e = site.registry.edge(a.edge_id)
+        print(
+            f"wrote {path} (edge {a.edge_id} of federation {e.federation}, port {e.port}, "
+            f"bridge to {e.central_host}:{e.central_port}); start Mosquitto with it on the edge"
+        )
+        # The new edge is not running yet: only the central broker learns the bridge's account.
+        return _reload(site, a, f"edge {a.edge_id} registered", edges=False)
+    if a.cmd == "edge-revoke":
+        for line in site.revoke_edge(a.edge_id):
+            print(f"{a.edge_id}: {line}")
+        return _reload(site, a, f"edge {a.edge_id} revoked")
     if a.cmd == "list":
         rows = site.devices()
         if a.json:

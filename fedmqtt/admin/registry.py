@@ -78,6 +78,29 @@ class Device:
 
 
 @dataclass
+class Edge:
+    """An edge broker: serves one federation's devices and bridges to the central broker.
+
+    Its files (``mosquitto.conf`` with the bridge section, certificates, ``passwd``, ``acl``,
+    ``crl.pem``) are rendered into ``dir`` by ``fedmqtt-admin edge-config`` and re-rendered on
+    every change to the devices, so a revocation reaches the edge at its next reload."""
+
+    federation: str
+    dir: str
+    host: str = ""  # the name devices dial
+    port: int = 8883
+    central_host: str = ""
+    central_port: int = 8883
+    # "systemctl:<unit>", "pidfile:<path>" or "none": how fedmqtt-admin reloads the edge.
+    reload: str = "none"
+    group: str = "mosquitto"
+    status: str = ACTIVE
+    cert_serial: str | None = None  # the bridge's client certificate (certificate identity)
+    revoked_at: str | None = None
+    created_at: str = field(default_factory=now_iso)
+
+
+@dataclass
 class Registry:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     aggregators: list[Aggregator] = field(default_factory=list)
@@ -86,6 +109,8 @@ class Registry:
     revoked_serials: dict[str, str] = field(default_factory=dict)
     # Federation -> the secret [scaleout] group its aggregators subscribe with.
     scaleout_groups: dict[str, str] = field(default_factory=dict)
+    # Edge id (= its bridge's account at the central broker) -> edge broker.
+    edges: dict[str, Edge] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
 
@@ -103,6 +128,15 @@ class Registry:
 
     def revoked_devices(self) -> dict[str, Device]:
         return {k: d for k, d in self.devices.items() if d.status == REVOKED}
+
+    def active_edges(self) -> dict[str, Edge]:
+        return {k: e for k, e in self.edges.items() if e.status == ACTIVE}
+
+    def edge(self, edge_id: str) -> Edge:
+        try:
+            return self.edges[edge_id]
+        except KeyError:
+            raise ConfigError(f"no edge broker {edge_id!r} in the registry") from None
 
     def device(self, device_id: str) -> Device:
         try:
@@ -130,6 +164,7 @@ class Registry:
                 devices={k: Device(**v) for k, v in raw.get("devices", {}).items()},
                 revoked_serials=dict(raw.get("revoked_serials", {})),
                 scaleout_groups=dict(raw.get("scaleout_groups", {})),
+                edges={k: Edge(**v) for k, v in raw.get("edges", {}).items()},
             )
         except TypeError as e:
             raise ConfigError(f"{path}: unexpected content ({e})") from None
@@ -142,6 +177,7 @@ class Registry:
             "devices": {k: asdict(v) for k, v in sorted(self.devices.items())},
             "revoked_serials": dict(sorted(self.revoked_serials.items())),
             "scaleout_groups": dict(sorted(self.scaleout_groups.items())),
+            "edges": {k: asdict(v) for k, v in sorted(self.edges.items())},
         }
         data = (json.dumps(doc, indent=2) + "\n").encode()
         atomic_write_bytes(directory / FILENAME, data, mode=0o600)

@@ -34,6 +34,7 @@ from fedmqtt.admin.registry import (
     Aggregator,
     BrokerSettings,
     Device,
+    Edge,
     Identity,
     Registry,
     now_iso,
@@ -219,19 +220,181 @@ class Site:
         return self.broker_dir / brokerconf.CONF
 
     def sync_broker_files(self) -> None:
-        """Regenerate the ACL and CRL from the registry (idempotent)."""
+        """Regenerate the ACL and CRL from the registry (idempotent), on the central broker and
+        on every active edge broker (with the device passwords an edge needs)."""
         make_dir(self.broker_dir, mode=0o750, owner=self._broker_owner())
         self._write_broker_file(brokerconf.ACL, brokerconf.render_acl(self.registry).encode())
+        crl: bytes | None = None
+        ca_pem = b""
         if self.has_ca():
             ca = self.ca()
             revoked = {
                 s: dt.datetime.fromisoformat(t) for s, t in self.registry.revoked_serials.items()
             }
-            self._write_broker_file(brokerconf.CRL, ca.crl(revoked))
-            self._write_broker_file(brokerconf.CA_CERT, pki.cert_pem(ca.cert))
+            crl, ca_pem = ca.crl(revoked), pki.cert_pem(ca.cert)
+            self._write_broker_file(brokerconf.CRL, crl)
+            self._write_broker_file(brokerconf.CA_CERT, ca_pem)
+        for edge_id in self.registry.active_edges():
+            self._sync_edge(edge_id, crl, ca_pem)
 
-    def reload_broker(self) -> str:
-        return brokerconf.reload_broker(self.broker.reload)
+    def _sync_edge(self, edge_id: str, crl: bytes | None, ca_pem: bytes) -> None:
+        """An edge's acl, passwd (its federation's active devices, as hashed on the central
+        broker) and crl.pem."""
+        edge = self.registry.edge(edge_id)
+        owner = Owner.group_if_exists(edge.group)
+        edge_dir = Path(edge.dir)
+        make_dir(edge_dir, mode=0o750, owner=owner)
+
+        def put(name: str, data: bytes) -> None:
+            write_file(edge_dir / name, data, mode=0o640, owner=owner)
+
+        put(brokerconf.ACL, brokerconf.render_edge_acl(self.registry, edge_id).encode())
+        devices = {
+            k for k, d in self.registry.active_devices().items() if d.federation == edge.federation
+        }
+        put(
+            brokerconf.PASSWD,
+            passwd.dumps({u: h for u, h in self._passwd().items() if u in devices}),
+        )
+        if crl is not None:
+            put(brokerconf.CRL, crl)
+            put(brokerconf.CA_CERT, ca_pem)
+
+    def reload_broker(self, *, edges: bool = True) -> str:
+        """Reload the central broker, then (``edges``) every active edge broker that has a
+        reload method: a revocation is not done until every broker a device can reach has
+        applied it."""
+        done = [brokerconf.reload_broker(self.broker.reload)]
+        if not edges:
+            return done[0]
+        for edge_id, edge in sorted(self.registry.active_edges().items()):
+            if edge.reload != "none":
+                done.append(f"edge {edge_id}: {brokerconf.reload_broker(edge.reload)}")
+            else:
+                done.append(f"edge {edge_id}: not reloaded (reload = none): reload it yourself")
+        return "\n".join(done)
+
+    # ------------------------------------------------------------------ edge brokers
+
+    def configure_edge(
+        self,
+        edge_id: str,
+        *,
+        edge_dir: Path,
+        federation: str | None = None,
+        hosts: list[str],
+        ips: list[str],
+        port: int = 8883,
+        bind_address: str = "",
+        central_host: str | None = None,
+        central_port: int | None = None,
+        max_packet_size: int,
+        data_dir: Path = Path("/var/lib/mosquitto"),
+        pid_file: Path = Path("/run/mosquitto/mosquitto.pid"),
+        log_dest: str = "file /var/log/mosquitto/mosquitto.log",
+        reload: str = "none",
+        group: str = "mosquitto",
+        restart_timeout: tuple[int, int] = (5, 60),
+        days: int = pki.LEAF_DAYS,
+    ) -> Path:
+        """Register edge broker ``edge_id`` and render its directory: ``mosquitto.conf`` (the
+        central broker's listener, access and queue settings, plus the bridge section), its
+        TLS certificate for ``hosts``/``ips`` (and loopback), the bridge's identity at the
+        central broker (a client certificate with CN ``edge_id``, or a password), ``ca.crt``,
+        ``crl.pem``, ``acl`` and ``passwd``. Re-running it renews the certificates and the
+        bridge's credentials (the old bridge certificate is revoked). The central broker's ACL
+        gets the bridge's block: reload the central broker, then start the edge."""
+        check_id("edge id", edge_id)
+        if edge_id in self.registry.devices or edge_id in self.registry.aggregator_users():
+            raise ConfigError(f"{edge_id!r} is a device or aggregator account; pick another id")
+        old = self.registry.edges.get(edge_id)
+        if old is not None and old.status != ACTIVE:
+            raise ConfigError(f"edge {edge_id!r} was revoked; give the new edge another id")
+        fed = self._federation_for(federation)
+        if old is not None and old.federation != fed:
+            raise ConfigError(
+                f"edge {edge_id!r} serves federation {old.federation!r}; an edge serves one"
+            )
+        if not hosts and not ips:
+            raise ConfigError("give the edge broker's name with --host (and/or --ip)")
+        identity = self.broker.identity
+        edge = Edge(
+            federation=fed,
+            dir=str(edge_dir.resolve()),
+            host=(hosts or ips)[0],
+            port=port,
+            central_host=central_host or self.broker.host,
+            central_port=central_port or self.broker.port,
+            reload=reload,
+            group=group,
+        )
+        if old is not None:
+            edge.created_at = old.created_at
+        owner = Owner.group_if_exists(group)
+        out = Path(edge.dir)
+        make_dir(out, mode=0o750, owner=owner)
+
+        def put(name: str, data: bytes) -> None:
+            write_file(out / name, data, mode=0o640, owner=owner)
+
+        ca = self.ca()
+        hosts = [*hosts, *(h for h in ("localhost",) if h not in hosts)]
+        ips = [*ips, *(a for a in ("127.0.0.1", "::1") if a not in ips)]
+        key, cert = ca.issue_server(hosts, ips, days)
+        put(brokerconf.KEY, pki.key_pem(key))
+        put(brokerconf.CERT, pki.cert_pem(cert))
+        put(brokerconf.CA_CERT, pki.cert_pem(ca.cert))
+        bridge_password: str | None = None
+        if identity == "certificate":
+            bkey, bcert = ca.issue_client(edge_id, days)
+            put(brokerconf.BRIDGE_KEY, pki.key_pem(bkey))
+            put(brokerconf.BRIDGE_CERT, pki.cert_pem(bcert))
+            edge.cert_serial = pki.serial_hex(bcert)
+            self._drop_password(edge_id)
+        else:
+            bridge_password = self._set_password(edge_id)
+        if old is not None and old.cert_serial and old.cert_serial != edge.cert_serial:
+            self.registry.revoked_serials[old.cert_serial] = now_iso()
+        text = brokerconf.render_config(
+            identity,
+            port=port,
+            bind_address=bind_address,
+            broker_dir=out,
+            data_dir=data_dir,
+            max_packet_size=max_packet_size,
+            pid_file=pid_file,
+            log_dest=log_dest,
+        ) + brokerconf.render_bridge(
+            edge_id,
+            edge,
+            identity=identity,
+            password=bridge_password,
+            restart_timeout=restart_timeout,
+        )
+        put(brokerconf.CONF, text.encode())
+        self.registry.edges[edge_id] = edge
+        self._save()
+        self.sync_broker_files()
+        return out / brokerconf.CONF
+
+    def revoke_edge(self, edge_id: str) -> list[str]:
+        """Cut an edge broker's bridge off the central broker: its password removed or its
+        certificate in the CRL, and ``topic deny #`` for its account. Reload the central broker
+        afterwards; the devices it served must be moved to another broker."""
+        edge = self.registry.edge(edge_id)
+        if edge.status != ACTIVE:
+            raise ConfigError(f"edge {edge_id!r} is already revoked")
+        done: list[str] = []
+        if self._drop_password(edge_id):
+            done.append("bridge password removed")
+        if edge.cert_serial:
+            self.registry.revoked_serials[edge.cert_serial] = now_iso()
+            done.append(f"bridge certificate {edge.cert_serial} added to the CRL")
+        edge.status, edge.revoked_at = REVOKED, now_iso()
+        self._save()
+        self.sync_broker_files()
+        done.append("central ACL denies it everything")
+        return done
 
     # ------------------------------------------------------------------ password file
 
@@ -264,8 +427,10 @@ class Site:
         account = user or cfg.username
         check_id("aggregator user", account)
         check_id("federation", cfg.federation)
-        if account in self.registry.devices:
-            raise ConfigError(f"{account!r} is a device id; pick another aggregator user name")
+        if account in self.registry.devices or account in self.registry.edges:
+            raise ConfigError(
+                f"{account!r} is a device or edge id; pick another aggregator user name"
+            )
         elsewhere = sorted(
             a.federation
             for a in self.registry.aggregators
@@ -419,6 +584,8 @@ class Site:
             raise ConfigError(f"update authentication must be one of {ALGORITHMS}")
         if device_id in self.registry.aggregator_users():
             raise ConfigError(f"{device_id!r} is an aggregator account name")
+        if device_id in self.registry.edges:
+            raise ConfigError(f"{device_id!r} is an edge broker's account name")
         old = self.registry.devices.get(device_id)
         if old is not None and old.status == ACTIVE:
             raise ConfigError(f"{device_id!r} is already enrolled; use rotate for new keys")
