@@ -579,7 +579,7 @@ def test_real_aggregator_and_agents_across_a_cut_link(tmp_path: Path) -> None:
     import numpy as np
 
     from aggregator.config import load_config as load_aggregator_config
-    from aggregator.service import AggregatorThread
+    from simulator.aggregator_thread import AggregatorThread
     from edge_agent.agent import EdgeAgent
     from edge_agent.config import AgentConfig
     from simulator import datasets
