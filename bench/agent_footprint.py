@@ -42,11 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedmqtt import topics, wire  # noqa: E402
-from fedmqtt.broker import Mosquitto  # noqa: E402
 from fedmqtt.codecs import decode_params  # noqa: E402
 from fedmqtt.models.dense import init_params  # noqa: E402
 from fedmqtt.models.spec import ModelSpec  # noqa: E402
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer  # noqa: E402
+from simulator.broker import Mosquitto  # noqa: E402
 
 FED = "bench"
 DEVICE = "bench-dev"

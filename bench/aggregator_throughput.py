@@ -41,7 +41,7 @@ A,B,...`` likewise at each ``[checkpoint] min_interval_s``, and ``--pin-compare`
 service's threads free against kept on one CPU per process (``[scaleout] pin_cpu``).
 
 ``--broker-malloc-compare`` (instead of part 1): the broker with the production malloc
-settings (``fedmqtt.broker.MALLOC_TUNABLES``, the same as the systemd drop-in's; every other
+settings (``simulator.broker.MALLOC_TUNABLES``, the same as the systemd drop-in's; every other
 mode runs with them) against glibc's defaults, each round the bare 3.1.1 subscriber and one
 aggregator process under both.
 
@@ -98,7 +98,6 @@ from aggregator.config import AggregatorConfig  # noqa: E402
 from bench.tlsbroker import add_tls_listener  # noqa: E402
 from fedmqtt import codecs, topics, wire  # noqa: E402
 from fedmqtt.admin.sizing import max_packet_size  # noqa: E402
-from fedmqtt.broker import MALLOC_TUNABLES, Mosquitto  # noqa: E402
 from fedmqtt.models.spec import ModelSpec  # noqa: E402
 from fedmqtt.signing import (  # noqa: E402
     CHACHA20_POLY1305,
@@ -110,6 +109,7 @@ from fedmqtt.signing import (  # noqa: E402
     HmacKey,
 )
 from simulator.aggregator_thread import AggregatorThread  # noqa: E402
+from simulator.broker import MALLOC_TUNABLES, Mosquitto  # noqa: E402
 
 FED = "bench"
 DEFAULT_N = {650: 20_000, 100_000: 3_000, 1_000_000: 400}
@@ -937,7 +937,7 @@ def checkpoint_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def broker_malloc_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The broker with the production malloc settings (``fedmqtt.broker.MALLOC_TUNABLES``,
+    """The broker with the production malloc settings (``simulator.broker.MALLOC_TUNABLES``,
     huge pages for its heap) against glibc's defaults. The setting changes the ceiling too, so
     each round runs the bare MQTT 3.1.1 subscriber and one aggregator process under each, on
     fresh brokers, the two settings taking turns to go first."""

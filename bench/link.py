@@ -51,7 +51,7 @@ import aggregator.readahead
 from aggregator.config import BrokerConfig
 from aggregator.mqtt import Incoming, MqttLink
 from bench.tlsbroker import add_tls_listener
-from fedmqtt.broker import Mosquitto
+from simulator.broker import Mosquitto
 from simulator.linkrun import running
 
 TOPIC = "fl/linkbench/updates/dev"

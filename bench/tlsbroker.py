@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedmqtt.admin.pki import CA, cert_pem, key_pem
-from fedmqtt.broker import Mosquitto, free_port
+from simulator.broker import Mosquitto, free_port
 
 
 def add_tls_listener(broker: Mosquitto, directory: Path) -> tuple[int, Path]:

@@ -57,11 +57,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmqtt import topics, wire
-from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import Codec, encode_params
 from fedmqtt.errors import DecodeError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import MAC_KEY_BYTES, ChaChaPolyKey, Ed25519Signer, Ed25519Verifier
+from simulator.broker import Mosquitto
 
 log = logging.getLogger("fedmqtt.emufleet")
 

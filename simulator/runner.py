@@ -25,12 +25,12 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import Codec
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer
 from simulator import behaviour, datasets, fleet, report
+from simulator.broker import Mosquitto
 from simulator.central import centralized_accuracy
 from simulator.partition import partition
 

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import pytest
 
-from fedmqtt.broker import Mosquitto
+from simulator.broker import Mosquitto
 
 #: scripts/test installs every prerequisite (Mosquitto, systemd-analyze, libseccomp) and
 #: .ci/run sets CI=1, so there a missing one is a broken set-up, not a reason to skip.

@@ -26,8 +26,8 @@ from test_aggregator_support import FED, Federation, client, wait_until
 
 from edge_agent.state import OUTBOX_DIR
 from fedmqtt import topics
-from fedmqtt.broker import Mosquitto
 from simulator.aggregator_thread import AggregatorThread
+from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent

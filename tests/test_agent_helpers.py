@@ -21,11 +21,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.config import AgentConfig
 from edge_agent.state import GLOBAL_MODEL_FILE, spec_file
 from fedmqtt import topics, wire
-from fedmqtt.broker import Mosquitto
 from fedmqtt.models.dense import init_params
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import Params
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer, Signer
+from simulator.broker import Mosquitto
 
 FED = "testfed"
 N_FEATURES = 64

@@ -43,10 +43,10 @@ from edge_agent.state import (
     stored_specs,
 )
 from fedmqtt import topics, wire
-from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import decode_params
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import Ed25519Signer, HmacKey, Signer
+from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(60)
 

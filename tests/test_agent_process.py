@@ -23,7 +23,7 @@ from test_agent_helpers import (
 
 from edge_agent.check import run_check
 from edge_agent.state import OUTBOX_DIR, STATE_FILE
-from fedmqtt.broker import Mosquitto
+from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parent.parent

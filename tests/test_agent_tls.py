@@ -19,7 +19,7 @@ from test_agent_helpers import AgentThread, FakeAggregator, make_device, wait_un
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.check import run_check
-from fedmqtt.broker import Mosquitto
+from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(60)
 

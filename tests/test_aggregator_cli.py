@@ -14,9 +14,9 @@ from test_aggregator_support import FED, Federation, publish_all, wait_until
 
 from aggregator.cli import main
 from fedmqtt import topics
-from fedmqtt.broker import Mosquitto
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import Ed25519Signer
+from simulator.broker import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ModelSpec("softmax", 4, 3)

@@ -34,8 +34,8 @@ from test_aggregator_support import (
 )
 
 from fedmqtt import topics
-from fedmqtt.broker import Mosquitto
 from fedmqtt.models.spec import ModelSpec
+from simulator.broker import Mosquitto
 
 K = 32
 N = 48 * K  # 1536 updates

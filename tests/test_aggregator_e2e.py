@@ -30,11 +30,11 @@ from test_aggregator_support import (
 from aggregator.checkpoint import CheckpointStore
 from aggregator.cpu import usable_cpus
 from fedmqtt import codecs, topics, wire
-from fedmqtt.broker import Mosquitto, free_port
 from fedmqtt.models import TrainConfig, train_local
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import HmacKey
 from simulator.aggregator_thread import AggregatorThread
+from simulator.broker import Mosquitto, free_port
 
 SMALL = ModelSpec("softmax", 6, 3)
 

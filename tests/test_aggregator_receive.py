@@ -23,7 +23,7 @@ from aggregator.paho_internals import _framed_reader
 from aggregator.publishpacket import MalformedPublishError, decode_publish
 from aggregator.readahead import CHUNK, UNFRAMED, WOULD_BLOCK, ReadAhead
 from fedmqtt import topics
-from fedmqtt.broker import Mosquitto
+from simulator.broker import Mosquitto
 from simulator.linkrun import running
 
 

@@ -43,7 +43,7 @@ from test_broker_security import (
 
 from fedmqtt import topics
 from fedmqtt.admin import tomlconf
-from fedmqtt.broker import Mosquitto, free_port
+from simulator.broker import Mosquitto, free_port
 
 FED = "demo"
 EDGES = {"edge-a": ("a1", "a2", "a3"), "edge-b": ("b1", "b2")}
@@ -579,10 +579,10 @@ def test_real_aggregator_and_agents_across_a_cut_link(tmp_path: Path) -> None:
     import numpy as np
 
     from aggregator.config import load_config as load_aggregator_config
-    from simulator.aggregator_thread import AggregatorThread
     from edge_agent.agent import EdgeAgent
     from edge_agent.config import AgentConfig
     from simulator import datasets
+    from simulator.aggregator_thread import AggregatorThread
 
     ds = datasets.load("digits", seed=0)
     np.savez(tmp_path / "holdout.npz", X=ds.X_test, y=ds.y_test)

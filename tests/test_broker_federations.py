@@ -47,7 +47,7 @@ from test_broker_security import (
 from aggregator.config import AggregatorConfig
 from fedmqtt import topics
 from fedmqtt.admin.registry import Registry
-from fedmqtt.broker import free_port
+from simulator.broker import free_port
 
 ALPHA, BETA = "alpha", "beta"
 DEVICES = {ALPHA: ("a1", "a2", "a-mover", "a-rotated"), BETA: ("b1",)}

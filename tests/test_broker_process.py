@@ -1,4 +1,4 @@
-"""The broker process that the tests, the demo and the benchmarks start (``fedmqtt.broker``).
+"""The broker process that the tests, the demo and the benchmarks start (``simulator.broker``).
 
 It runs with the production drop-in's glibc malloc settings (``MALLOC_TUNABLES``), and those
 settings take effect: a backlog of queued updates sits on transparent huge pages.
@@ -17,7 +17,7 @@ import pytest
 from conftest import require
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedmqtt.broker import MALLOC_TUNABLES, Mosquitto, broker_environ
+from simulator.broker import MALLOC_TUNABLES, Mosquitto, broker_environ
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

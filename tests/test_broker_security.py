@@ -46,8 +46,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedmqtt.admin import brokerconf, pki, tomlconf
 from fedmqtt.admin.cli import main as admin
-from fedmqtt.broker import Mosquitto, find_mosquitto, free_port
 from fedmqtt.errors import FedMQTTError
+from simulator.broker import Mosquitto, find_mosquitto, free_port
 
 FED = "demo"
 AGG_USER = "aggregator"

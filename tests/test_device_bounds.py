@@ -25,10 +25,10 @@ from aggregator.service import warn_if_unfillable
 from aggregator.validate import open_update
 from fedmqtt import topics
 from fedmqtt.aggregation import fedbuff_aggregate
-from fedmqtt.broker import Mosquitto
 from fedmqtt.errors import ConfigError, RejectedError
 from fedmqtt.models.spec import ModelSpec
 from simulator.aggregator_thread import AggregatorThread
+from simulator.broker import Mosquitto
 
 SPEC = ModelSpec("softmax", 6, 3)
 D = SPEC.layout().size

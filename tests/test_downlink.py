@@ -19,11 +19,11 @@ from aggregator.publish import announce_payload, downlink_params, model_payload
 from edge_agent.agent import EdgeAgent
 from edge_agent.state import GLOBAL_MODEL_FILE
 from fedmqtt import topics, wire
-from fedmqtt.broker import Mosquitto
 from fedmqtt.codecs import decode_params
 from fedmqtt.errors import SIGNATURE, ConfigError, DecodeError
 from fedmqtt.models import init_params
 from fedmqtt.signing import Ed25519Signer
+from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(60)
 CODECS = ("raw", "fp16", "int8", "int8+zlib")

@@ -40,10 +40,10 @@ from edge_agent import state as agent_state
 from edge_agent.agent import EdgeAgent
 from fedmqtt import topics, wire
 from fedmqtt.admin.cli import main as admin
-from fedmqtt.broker import Mosquitto
 from fedmqtt.fsutil import atomic_write_bytes, remove_durably
 from fedmqtt.models.spec import ModelSpec
 from simulator.aggregator_thread import AggregatorThread
+from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-from fedmqtt.broker import Mosquitto
+from simulator.broker import Mosquitto
 from simulator.emufleet import FleetConfig, processes_for, run_fleet
 
 

@@ -53,9 +53,9 @@ from test_aggregator_support import (
 )
 
 from fedmqtt import topics
-from fedmqtt.broker import Mosquitto
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import HmacKey
+from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.slow
 

@@ -228,9 +228,9 @@ def dropin_environment() -> dict[str, str]:
 
 
 def test_mosquitto_dropin_sets_the_malloc_tunables_the_tests_run_with() -> None:
-    """The broker that tests and benchmarks start runs with fedmqtt.broker.MALLOC_TUNABLES; the
+    """The broker that tests and benchmarks start runs with simulator.broker.MALLOC_TUNABLES; the
     production broker must run with the same, or the benchmarks measure another broker."""
-    from fedmqtt.broker import MALLOC_TUNABLES
+    from simulator.broker import MALLOC_TUNABLES
 
     assert dropin_environment() == {"GLIBC_TUNABLES": MALLOC_TUNABLES}
 
@@ -457,8 +457,8 @@ def test_services_run_under_their_units_restrictions(tmp_path: Path) -> None:
 
     from test_broker_security import running_site
 
-    from fedmqtt.broker import free_port
     from simulator import datasets
+    from simulator.broker import free_port
 
     lib = ctypes.util.find_library("seccomp")
     require(lib, "libseccomp is not installed")
@@ -585,7 +585,7 @@ def test_mosquitto_starts_with_the_dropins_capabilities(tmp_path: Path) -> None:
     bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
 
     from fedmqtt.admin.site import Site
-    from fedmqtt.broker import free_port, wait_for_port
+    from simulator.broker import free_port, wait_for_port
 
     base = Path(tempfile.mkdtemp(prefix="fedmqtt-caps-"))
     try:

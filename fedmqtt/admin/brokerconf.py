@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from fedmqtt.admin.registry import ACTIVE, Edge, Identity, Registry
-from fedmqtt.broker import config_dir
+from fedmqtt.brokerfiles import config_dir
 from fedmqtt.errors import ConfigError
 from fedmqtt.topics import check_id
 
@@ -67,7 +67,7 @@ def render_config(
     log_dest: str,
     local_port: int = 0,
 ) -> str:
-    """The production mosquitto.conf for ``identity`` (same rendering as fedmqtt.broker), with
+    """The production mosquitto.conf for ``identity`` (same rendering as simulator.broker), with
     the loopback listener of :func:`local_listener` if ``local_port`` is not 0."""
     if not 0 <= local_port <= 65535:
         raise ConfigError(f"--local-port {local_port}: must be 1-65535 (or 0 for none)")

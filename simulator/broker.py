@@ -1,4 +1,4 @@
-"""Start and stop a local Mosquitto with the project's own broker configuration.
+"""Start and stop a local Mosquitto with the project's own broker configuration (a harness).
 
 Used by the tests, the simulator and the demo, so that all three run against a real broker
 configured exactly as documented in ``broker_config/``. No pure-Python broker can stand in:
@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from fedmqtt.brokerfiles import config_dir
 from fedmqtt.errors import FedMQTTError
 
 INSTALL_HINT = "apt-get install -y mosquitto   (Debian/Ubuntu/Raspberry Pi OS; run as root)"
@@ -38,14 +39,6 @@ MALLOC_TUNABLES: Final = "glibc.malloc.hugetlb=1"
 
 class BrokerError(FedMQTTError):
     """Mosquitto is missing or did not start."""
-
-
-def config_dir() -> Path:
-    """The project's ``broker_config/`` (override with ``FEDMQTT_BROKER_CONFIG_DIR``)."""
-    env = os.environ.get("FEDMQTT_BROKER_CONFIG_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "broker_config"
 
 
 def broker_environ(tunables: str = MALLOC_TUNABLES) -> dict[str, str]:
