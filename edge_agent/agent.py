@@ -94,6 +94,10 @@ _ANNOUNCE_REFRESH_S: Final = 600.0
 # waits this long after subscribing to the announcements for the retained one, so a newer
 # version is fetched rather than the old one trained again.
 _ANNOUNCE_WAIT_S: Final = 3.0
+# A device that trains the same version again at most this many seconds apart stays
+# subscribed to the announcements throughout: it is ready almost all the time, and
+# subscribing afresh for every round would cost it more than the announcements it skips.
+_FAST_REPEAT_S: Final = 1.0
 
 
 class _Inbox:
@@ -336,7 +340,7 @@ class EdgeAgent:
             self._fetch_if_ready()
             wait = self._round_wait()
             if wait == 0.0:
-                self._listen(False)
+                self._listen(self._fast_repeat())
                 self._round(stop)
                 continue
             self._listen(self._ready())
@@ -473,10 +477,16 @@ class EdgeAgent:
     def _ready(self) -> bool:
         """Whether a newer version would be fetched and trained on now: no fetch or round under
         way, no fetched model waiting for its round, and the intervals allow a round."""
-        return (
-            self._fetching_since is None
-            and not self._fetched_untrained
-            and (self.model is None or self._due_in() == 0.0)
+        if self._fetching_since is not None:
+            return False
+        return self._fast_repeat() or (
+            not self._fetched_untrained and (self.model is None or self._due_in() == 0.0)
+        )
+
+    def _fast_repeat(self) -> bool:
+        """Whether the device retrains one version in rounds at most _FAST_REPEAT_S apart."""
+        return self.config.training.max_updates_per_version != 1 and self._interval() <= (
+            _FAST_REPEAT_S
         )
 
     def _listen(self, on: bool) -> None:
@@ -643,11 +653,13 @@ class EdgeAgent:
             return None  # fetch the announced newer version first (next pass of the loop)
         return self._due_in()
 
+    def _interval(self) -> float:
+        """The minimum time between two rounds: ``max(interval_s, plan.min_interval_s)``."""
+        return max(self.config.training.interval_s, self.plan.min_interval_s if self.plan else 0.0)
+
     def _due_in(self) -> float:
         """Seconds until the minimum interval and any retry delay have passed (0.0: now)."""
-        interval = max(
-            self.config.training.interval_s, self.plan.min_interval_s if self.plan else 0.0
-        )
+        interval = self._interval()
         now = time.time()
         last = self.state.last_round_at
         last = last if last <= now + 60 else 0.0  # clock went back
