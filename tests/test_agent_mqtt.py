@@ -454,6 +454,26 @@ def test_a_throttled_device_hears_announcements_only_when_ready(
     assert agent.rejected == {}
 
 
+def test_a_retraining_device_hears_a_newer_version_before_it_retrains(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """A device that may retrain a version every 1.5 s is not subscribed to the announcements
+    while throttled; when due it first hears the retained one, so a version published in the
+    meantime is fetched and trained on rather than the old one retrained."""
+    aggregator.publish_model(1)
+    cfg = device.config(broker, training={"interval_s": 1.5, "max_updates_per_version": 0})
+    agent = EdgeAgent(cfg)
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+        aggregator.publish_model(2)
+        updates = aggregator.wait_updates(2)
+    finally:
+        runner.stop()
+    assert [u.base_version for u in updates[:2]] == [1, 2]
+    assert agent.fetches == 2
+
+
 def test_offline_device_downloads_nothing_and_fetches_once_when_back(
     broker: Mosquitto, device: Device, aggregator: FakeAggregator
 ) -> None:
