@@ -19,11 +19,14 @@ in one process (the simulator does), each with its own state directory.
 5. A failed round (no data yet, a shape mismatch, divergence) is retried after
    ``[training] retry_s``.
 
-**Fetch on ready** (docs/agent.md, *Downlink*): the agent stays subscribed to the plan, the
-model spec and the version announcements, not to the model. When a version newer than its
-model is announced and a round could start now (rule 4 and 5), it fetches the retained model
-(subscribe, take one message, unsubscribe) and trains on it; a device that is offline or
-throttled downloads no model. A model names its spec by fingerprint; the agent keeps the
+**Fetch on ready** (docs/agent.md, *Downlink*): the agent stays subscribed to the plan and
+the model spec only. While it is *ready* (no round or fetch under way, no model fetched and
+not yet trained on, and rules 4 and 5 allow a round now) it is subscribed to the version
+announcements too: the broker sends the retained, newest one at once and each new one while
+the device stays ready. When a version newer than its model is announced it unsubscribes from
+the announcements, fetches the retained model (subscribe, take one message, unsubscribe) and
+trains on it. A device that is offline, training or throttled receives no announcement and
+no model. A model names its spec by fingerprint; the agent keeps the
 verified specs (``spec-<fp>.bin``) and refuses a model whose spec it does not hold
 (``unknown_spec``) until that spec has arrived.
 
@@ -83,9 +86,18 @@ _INBOX_MAX: Final = 64
 _FETCH_TIMEOUT_S: Final = 15.0  # a fetch that brought no model by then is given up
 _FETCH_RETRY_S: Final = 5.0  # first wait after a fetch that brought nothing newer ...
 _FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer announcement
-# Announcements (and the ONNX export) are received at QoS 0, which nothing retransmits: asking
-# for the retained announcement again this often bounds how long a lost one goes unnoticed.
+# Announcements (and the ONNX export) are received at QoS 0, which nothing retransmits: a ready
+# device asks for the retained announcement again this often, which bounds how long a lost one
+# goes unnoticed by a device that stays ready (one that trains subscribes afresh each round).
 _ANNOUNCE_REFRESH_S: Final = 600.0
+# A repeated round on the version already trained on ([training] max_updates_per_version != 1)
+# waits this long after subscribing to the announcements for the retained one, so a newer
+# version is fetched rather than the old one trained again.
+_ANNOUNCE_WAIT_S: Final = 3.0
+# A device that trains the same version again at most this many seconds apart stays
+# subscribed to the announcements throughout: it is ready almost all the time, and
+# subscribing afresh for every round would cost it more than the announcements it skips.
+_FAST_REPEAT_S: Final = 1.0
 
 
 class _Inbox:
@@ -170,6 +182,7 @@ class EdgeAgent:
         # Payload bytes this device's MQTT client received, by kind of message (model, plan,
         # onnx, ...), and bytes this agent wrote to its state directory (flash wear).
         self.downloaded: collections.Counter[str] = collections.Counter()
+        self.received: collections.Counter[str] = collections.Counter()  # messages, by kind
         self.bytes_written = 0
         self.model: wire.GlobalModel | None = None
         # Verified model specs by fingerprint (a model names its spec by fingerprint): the
@@ -184,6 +197,8 @@ class EdgeAgent:
         self._fetch_not_before = 0.0  # monotonic
         self._fetch_backoff = _FETCH_RETRY_S
         self._fetched_untrained = False  # the model came from the broker and has no round yet
+        self.listening_since: float | None = None  # monotonic; subscribed to announcements
+        self._heard = False  # an announcement arrived since subscribing to them
         self.plan: wire.Plan | None = None
         self.onnx_version: int | None = None
         self.state = st.AgentState()
@@ -227,7 +242,7 @@ class EdgeAgent:
                 status_topic=self.topic_status,
                 status_payload=self._status_payload,
                 subscriptions=self._subscriptions(),
-                on_demand=[self.topic_model],
+                on_demand=[self.topic_model, self.topic_announce],
                 on_message=self._on_link_message,
                 password=self._password,
                 retry_s=self.config.outbox.retry_s,
@@ -298,11 +313,11 @@ class EdgeAgent:
     def _subscriptions(self) -> list[tuple[str, int]]:
         # The plan and the spec first: on (re)subscribe the broker sends retained messages in
         # this order, so a device knows the hyperparameters and the spec before it fetches a
-        # model. Announcements and ONNX exports at QoS 0: the broker queues none for a device
-        # that is away (it gets the retained, newest one when it subscribes again on
-        # reconnecting). The model itself is not subscribed to: it is fetched when the device
-        # is ready to train on it.
-        subs = [(self.topic_plan, 1), (self.topic_spec, 1), (self.topic_announce, 0)]
+        # model. ONNX exports at QoS 0: the broker queues none for a device that is away (it
+        # gets the retained, newest one when it subscribes again on reconnecting). Neither the
+        # announcements nor the model are subscribed to here: the device watches the
+        # announcements while it is ready (_listen) and fetches the model it will train on.
+        subs = [(self.topic_plan, 1), (self.topic_spec, 1)]
         if self.config.inference.onnx:
             subs.append((self.topic_onnx, 0))
         return subs
@@ -325,9 +340,15 @@ class EdgeAgent:
             self._fetch_if_ready()
             wait = self._round_wait()
             if wait == 0.0:
+                self._listen(self._fast_repeat())
                 self._round(stop)
                 continue
-            if now - self._last_refresh >= _ANNOUNCE_REFRESH_S and self.link is not None:
+            self._listen(self._ready())
+            if (
+                self.listening_since is not None
+                and now - self._last_refresh >= _ANNOUNCE_REFRESH_S
+                and self.link is not None
+            ):
                 self._last_refresh = now
                 self.link.refresh(self.topic_announce)
             if now - self._last_status >= _STATUS_EVERY_S:
@@ -340,7 +361,9 @@ class EdgeAgent:
     # ---- messages --------------------------------------------------------------------------
     def _on_link_message(self, topic: str, payload: bytes) -> None:
         """Runs on the MQTT thread: count what the client received, hand it to the inbox."""
-        self.downloaded[self._kind_of(topic)] += len(payload)
+        kind = self._kind_of(topic)
+        self.downloaded[kind] += len(payload)
+        self.received[kind] += 1
         self._inbox.put(topic, payload)
 
     def _kind_of(self, topic: str) -> str:
@@ -441,6 +464,7 @@ class EdgeAgent:
         if msg.version < known:
             self._reject("announce", OLD_VERSION, f"v{msg.version} is older than v{known}")
             return
+        self._heard = True
         if self.announced is None or msg.version > self.announced:
             self.announced = msg.version
             # A newer version: the retained model has changed, so an earlier fetch that brought
@@ -450,6 +474,34 @@ class EdgeAgent:
             self.log.debug("version %d announced", msg.version)
 
     # ---- fetch on ready --------------------------------------------------------------------
+    def _ready(self) -> bool:
+        """Whether a newer version would be fetched and trained on now: no fetch or round under
+        way, no fetched model waiting for its round, and the intervals allow a round."""
+        if self._fetching_since is not None:
+            return False
+        return self._fast_repeat() or (
+            not self._fetched_untrained and (self.model is None or self._due_in() == 0.0)
+        )
+
+    def _fast_repeat(self) -> bool:
+        """Whether the device retrains one version in rounds at most _FAST_REPEAT_S apart."""
+        return self.config.training.max_updates_per_version != 1 and self._interval() <= (
+            _FAST_REPEAT_S
+        )
+
+    def _listen(self, on: bool) -> None:
+        """Be subscribed to the announcements exactly while ``on`` (the device is ready)."""
+        link = self.link
+        if link is None or on == (self.listening_since is not None):
+            return
+        if on:
+            self.listening_since = self._last_refresh = time.monotonic()
+            self._heard = False
+            link.watch(self.topic_announce, 0)
+        else:
+            self.listening_since = None
+            link.release(self.topic_announce)
+
     def _fetch_wanted(self) -> bool:
         """Whether to fetch the retained model now: a newer version is announced (or there is
         no model at all) and a round could start now, i.e. the device is ready to train."""
@@ -473,6 +525,7 @@ class EdgeAgent:
                 self._fetch_done()
             return
         if link is not None and self._fetch_wanted():
+            self._listen(False)
             self._fetching_since = time.monotonic()
             self.fetches += 1
             link.fetch(self.topic_model)
@@ -588,15 +641,25 @@ class EdgeAgent:
                 return None
             if per_version > 1 and s.updates_for_version >= per_version:
                 return None
+            # A repeated round: first hear the retained announcement (when there is a broker
+            # to hear it from), so that a newer version wins.
+            online = self.link is not None and self.link.connected
+            if online and (
+                self.listening_since is None
+                or (not self._heard and time.monotonic() - self.listening_since < _ANNOUNCE_WAIT_S)
+            ):
+                return None if self._due_in() == 0.0 else self._due_in()
         if self._fetch_wanted():
             return None  # fetch the announced newer version first (next pass of the loop)
         return self._due_in()
 
+    def _interval(self) -> float:
+        """The minimum time between two rounds: ``max(interval_s, plan.min_interval_s)``."""
+        return max(self.config.training.interval_s, self.plan.min_interval_s if self.plan else 0.0)
+
     def _due_in(self) -> float:
         """Seconds until the minimum interval and any retry delay have passed (0.0: now)."""
-        interval = max(
-            self.config.training.interval_s, self.plan.min_interval_s if self.plan else 0.0
-        )
+        interval = self._interval()
         now = time.time()
         last = self.state.last_round_at
         last = last if last <= now + 60 else 0.0  # clock went back

@@ -14,11 +14,13 @@ signed ``online`` status after each CONNACK. Reconnects wait ``uniform(min, min(
 2**attempt))`` seconds ("full jitter" with a floor); the attempt count resets once a
 connection stayed up for :data:`STABLE_S`.
 
-Subscriptions: the persistent ones the agent names (plan, spec, announcements), subscribed
-again after every CONNACK so the broker resends their retained messages, and on-demand ones
-(the model): :meth:`Link.fetch` subscribes, the first message that arrives unsubscribes. After
-a CONNACK with a session present, on-demand topics not being fetched are unsubscribed, since
-the persistent session may still hold them.
+Subscriptions: the persistent ones the agent names (plan, spec), subscribed again after every
+CONNACK so the broker resends their retained messages, and on-demand ones: :meth:`Link.fetch`
+subscribes and the first message that arrives unsubscribes (the model); :meth:`Link.watch`
+subscribes until :meth:`Link.release` (the announcements, while the device is ready to
+train). Open fetches and watches are subscribed again after every CONNACK; after a CONNACK
+with a session present, the other on-demand topics are unsubscribed, since the persistent
+session may still hold them.
 
 Delivery: the link takes updates from the :class:`~edge_agent.outbox.Outbox` (at most
 ``max_in_flight`` at a time), publishes them at QoS 1 and settles each one on its PUBACK,
@@ -159,6 +161,7 @@ class Link:
         # connection otherwise, since a persistent session may still hold them.
         self._on_demand = tuple(on_demand)
         self._fetching: set[str] = set()
+        self._watching: dict[str, int] = {}  # watched topic -> QoS
         self._commands: collections.deque[tuple[str, str]] = collections.deque()
         self._sub_mids: dict[int, list[str]] = {}
         self._on_message_cb = on_message
@@ -215,13 +218,20 @@ class Link:
         self._commands.append(("fetch", topic))
         self.wake()
 
+    def watch(self, topic: str, qos: int = 0) -> None:
+        """Subscribe to an on-demand ``topic`` (the broker sends its retained message) and stay
+        subscribed, across reconnections, until :meth:`release`."""
+        self._commands.append((f"watch{qos}", topic))
+        self.wake()
+
     def release(self, topic: str) -> None:
-        """Unsubscribe from an on-demand ``topic``."""
+        """Unsubscribe from an on-demand ``topic`` (fetched or watched)."""
         self._commands.append(("release", topic))
         self.wake()
 
     def refresh(self, topic: str) -> None:
-        """Subscribe again to a subscribed ``topic``: the broker resends its retained message."""
+        """Subscribe again to a subscribed or watched ``topic``: the broker resends its retained
+        message. A topic neither subscribed nor watched is left alone."""
         self._commands.append(("refresh", topic))
         self.wake()
 
@@ -404,14 +414,21 @@ class Link:
                     self._fetching.add(topic)
                     if live:
                         self._subscribe([(topic, 1)])
+            elif what.startswith("watch"):
+                if topic not in self._watching:
+                    self._watching[topic] = int(what[5:])
+                    if live:
+                        self._subscribe([(topic, self._watching[topic])])
             elif what == "release":
-                if topic in self._fetching:
+                if topic in self._fetching or topic in self._watching:
                     self._fetching.discard(topic)
+                    self._watching.pop(topic, None)
                     if live:
                         self._client.unsubscribe(topic)
             elif live:
-                qos = dict(self._subscriptions).get(topic, 1)
-                self._subscribe([(topic, qos)])
+                qos = {**dict(self._subscriptions), **self._watching}.get(topic)
+                if qos is not None:
+                    self._subscribe([(topic, qos)])
 
     # ---- outbox ----------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -482,8 +499,14 @@ class Link:
                 self.client_id,
                 bool(flags.session_present),
             )
-            self._subscribe([*self._subscriptions, *((t, 1) for t in sorted(self._fetching))])
-            idle = [t for t in self._on_demand if t not in self._fetching]
+            self._subscribe(
+                [
+                    *self._subscriptions,
+                    *sorted(self._watching.items()),
+                    *((t, 1) for t in sorted(self._fetching)),
+                ]
+            )
+            idle = [t for t in self._on_demand if t not in self._fetching | set(self._watching)]
             if idle and flags.session_present:  # held over from a fetch cut short
                 client.unsubscribe(idle)
             info = client.publish(

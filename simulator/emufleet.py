@@ -7,12 +7,14 @@ its own enrolled ChaCha20-Poly1305 update key. What it sends is byte for byte wh
 :class:`edge_agent.agent.EdgeAgent` sends (``wire.Update`` and ``wire.Status``, MAC'd with the
 device key); what it does follows the agent's downlink rules (docs/agent.md, *Downlink*):
 
-* it stays subscribed to the plan and the spec (QoS 1) and to announcements (QoS 0);
-* when a newer version is announced (or it holds no model) **and** it is ready (its round
-  interval has passed), it fetches the retained model (subscribe, take one message,
+* it stays subscribed to the plan and the spec (QoS 1);
+* while it is ready (idle and its round interval has passed) it is subscribed to the
+  announcements (QoS 0): the retained one arrives at once, new ones while it stays ready;
+* when a newer version is announced (or it holds no model) and it is ready, it unsubscribes
+  from the announcements, fetches the retained model (subscribe, take one message,
   unsubscribe), "trains" for ``compute_s`` and publishes one update at QoS 1 based on the
   version it fetched; at most one update per version; a fetch that brings nothing within
-  15 s is retried.
+  15 s is retried. While fetching, training or throttled it receives no announcement.
 
 What is not emulated is the device's own CPU work: the delta is one of a few precomputed
 random tensors, encoded with the plan's codec, and a model, announcement, spec or plan
@@ -105,6 +107,7 @@ class HostReport:
     rounds: int = 0
     fetches: int = 0
     fetch_timeouts: int = 0
+    announcements: int = 0  # announcement messages received
     acked: list[str] = field(default_factory=list)
     refused: Counter[int] = field(default_factory=Counter)
     unacked_at_end: int = 0
@@ -127,6 +130,7 @@ class _Device:
         "fetching",
         "id",
         "key",
+        "listening",
         "model_spec",
         "model_version",
         "pending",
@@ -146,6 +150,7 @@ class _Device:
         self.model_spec = ""  # fingerprint of the fetched model's spec
         self.trained = -1  # the version of the last update sent
         self.fetching = False
+        self.listening = False  # subscribed to the announcements (while ready)
         self.fetch_started = 0.0
         self.busy = False
         self.ready_at = 0.0
@@ -255,15 +260,19 @@ class _Host:
             return  # paho closes the socket; _on_disconnect schedules the next attempt
         dev.connected = True
         self.report.connects += 1
-        client.subscribe(
-            [
-                (self.t_plan, SubscribeOptions(qos=1)),
-                (self.t_spec, SubscribeOptions(qos=1)),
-                (self.t_announce, SubscribeOptions(qos=0)),
-            ]
-        )
+        subs = [(self.t_plan, SubscribeOptions(qos=1)), (self.t_spec, SubscribeOptions(qos=1))]
+        if dev.listening:
+            subs.append((self.t_announce, SubscribeOptions(qos=0)))
         if dev.fetching:
-            client.subscribe(self.t_model, options=SubscribeOptions(qos=1))
+            subs.append((self.t_model, SubscribeOptions(qos=1)))
+        client.subscribe(subs)
+        idle = [
+            t
+            for t, on in ((self.t_announce, dev.listening), (self.t_model, dev.fetching))
+            if not on
+        ]
+        if idle and flags.session_present:  # held over by the persistent session
+            client.unsubscribe(idle)
         client.publish(
             topics.status(self.cfg.federation, dev.id), self._status(dev, "online"), 1, True
         )
@@ -299,6 +308,7 @@ class _Host:
         topic: str = msg.topic
         if topic == self.t_announce:
             self.report.bytes_down["announce"] += len(payload)
+            self.report.announcements += 1
             version = self._verified("announce", payload)
             if version is not None and version > dev.announced:
                 dev.announced = version
@@ -369,18 +379,34 @@ class _Host:
         return result
 
     # ------------------------------------------------------------------ rounds
-    def _maybe_start(self, dev: _Device) -> None:
-        """Fetch the model if the device is connected, idle, ready and has something to fetch."""
-        if self.draining or not dev.connected or dev.busy or dev.fetching:
+    def _listen(self, dev: _Device, on: bool) -> None:
+        """Be subscribed to the announcements exactly while ``on`` (the device is ready)."""
+        if on == dev.listening:
             return
-        if dev.model_version >= 0 and dev.announced <= dev.trained:
-            return  # nothing newer than what it trained on
+        dev.listening = on
+        if dev.connected:
+            if on:
+                dev.client.subscribe(self.t_announce, options=SubscribeOptions(qos=0))
+            else:
+                dev.client.unsubscribe(self.t_announce)
+
+    def _maybe_start(self, dev: _Device) -> None:
+        """Listen to the announcements while ready; fetch the model if the device is connected,
+        idle, ready and has something to fetch."""
+        if self.draining or dev.busy or dev.fetching:
+            self._listen(dev, False)
+            return
         now = time.monotonic()
-        if now < dev.ready_at:
+        if now < dev.ready_at:  # throttled: no announcements until the interval has passed
+            self._listen(dev, False)
             if dev.timer == 0.0 or dev.timer > dev.ready_at:
                 dev.timer = dev.ready_at
                 self._later(dev.ready_at - now, lambda: self._timer_start(dev))
             return
+        if not dev.connected or (dev.model_version >= 0 and dev.announced <= dev.trained):
+            self._listen(dev, True)  # nothing newer than what it trained on: wait for news
+            return
+        self._listen(dev, False)
         dev.fetching = True
         dev.fetch_started = now
         dev.ready_at = now + self.cfg.round_interval_s
@@ -844,6 +870,7 @@ def _run(
         "rounds": sum(r.rounds for r in reports),
         "fetches": sum(r.fetches for r in reports),
         "fetch_timeouts": sum(r.fetch_timeouts for r in reports),
+        "announcements": sum(r.announcements for r in reports),
         "acked": len(acked),
         "refused_by_broker": dict(sum((r.refused for r in reports), Counter())),
         "unacked_at_end": sum(r.unacked_at_end for r in reports),

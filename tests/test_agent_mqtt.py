@@ -422,8 +422,56 @@ def test_fetch_on_ready_downloads_the_newest_model_only_when_ready(
     assert agent.rounds_completed == 2 and agent.fetches == 2
     # two models downloaded (v1 and v20), where pushing every version would have sent 20
     assert agent.downloaded["model"] == _model_bytes(1, device) + _model_bytes(20, device)
+    # announcements only while ready: none of v2..v19, published while it was throttled
+    assert 1 <= agent.received["announce"] <= 4
     assert 0 < agent.downloaded["announce"] < agent.downloaded["model"]
     assert agent.rejected == {}
+
+
+def test_a_throttled_device_hears_announcements_only_when_ready(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """One round per 2 s while 19 versions are published, one every 0.3 s: the device is
+    subscribed to the announcements only while it may train, so it receives about one per
+    round (the retained one when it becomes ready), not one per version."""
+    aggregator.publish_model(1)
+    agent = EdgeAgent(device.config(broker, training={"interval_s": 2.0}))
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+        for v in range(2, 21):  # the publishing rate of a busy aggregator, not a wait
+            aggregator.publish_model(v)
+            time.sleep(0.3)
+        wait_until(lambda: agent.current_version == 20)
+        wait_until(lambda: agent.rounds_completed == len(aggregator.received()))
+        rounds = agent.rounds_completed
+        heard = agent.received["announce"]
+    finally:
+        runner.stop()
+    assert rounds >= 3  # it kept training, on fresh versions
+    assert heard <= 2 * rounds, f"{heard} announcements for {rounds} rounds"
+    assert agent.fetches <= rounds + 1
+    assert agent.rejected == {}
+
+
+def test_a_retraining_device_hears_a_newer_version_before_it_retrains(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """A device that may retrain a version every 1.5 s is not subscribed to the announcements
+    while throttled; when due it first hears the retained one, so a version published in the
+    meantime is fetched and trained on rather than the old one retrained."""
+    aggregator.publish_model(1)
+    cfg = device.config(broker, training={"interval_s": 1.5, "max_updates_per_version": 0})
+    agent = EdgeAgent(cfg)
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+        aggregator.publish_model(2)
+        updates = aggregator.wait_updates(2)
+    finally:
+        runner.stop()
+    assert [u.base_version for u in updates[:2]] == [1, 2]
+    assert agent.fetches == 2
 
 
 def test_offline_device_downloads_nothing_and_fetches_once_when_back(
@@ -446,10 +494,13 @@ def test_offline_device_downloads_nothing_and_fetches_once_when_back(
         assert back.current_version == 30
     finally:
         runner.stop()
-    # one model, one announcement (the retained, newest one): nothing queued while away
+    # one model and the retained, newest announcement (again when ready after its round):
+    # nothing queued while away
     assert back.fetches == 1
     assert back.downloaded["model"] == _model_bytes(30, device)
-    assert back.downloaded["announce"] == len(aggregator.announce_payload(30))
+    heard = back.received["announce"]
+    assert 1 <= heard <= 2
+    assert back.downloaded["announce"] == heard * len(aggregator.announce_payload(30))
 
 
 def test_forged_and_stale_announcements_change_nothing(
@@ -509,15 +560,16 @@ def test_a_model_subscription_left_in_the_session_is_dropped(
     runner = AgentThread(agent)
     try:
         aggregator.wait_updates(1)  # its one round, on the stored v1
-        wait_until(lambda: agent.announced == 1)
+        wait_until(lambda: agent.plan is not None)
         before = agent.downloaded["model"]  # at most the v1 queued for the session
         for v in range(2, 12):
             aggregator.publish_model(v)
-        wait_until(lambda: agent.announced == 11)
         aggregator.publish_plan(revision=2, min_interval_s=3600.0)  # a barrier: in order
         wait_until(lambda: agent.plan is not None and agent.plan.revision == 2)
         assert agent.downloaded["model"] == before <= _model_bytes(1, device)
         assert agent.fetches == 0 and agent.current_version == 1
+        # throttled for an hour: not subscribed to the announcements either
+        assert agent.announced in (None, 1)
     finally:
         runner.stop()
 
