@@ -97,9 +97,9 @@ class MqttLink:
     ) -> None:
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
-        # Filters this session may still hold from an earlier configuration (the session is
-        # persistent): each would deliver a second copy of every update, so they are dropped on
-        # every connect. Unsubscribing a filter the session does not hold is harmless.
+        # Filters the broker may still hold for this client id from an earlier configuration
+        # (its MQTT session is persistent): each would deliver a second copy of every update,
+        # so they are dropped on every connect. Unsubscribing a filter not held is harmless.
         self.unsubscriptions = [t for t in unsubscriptions if t not in self.subscriptions]
         self.receive_maximum = receive_maximum
         self.on_connect = on_connect
