@@ -9,7 +9,8 @@ Quality is judged against the split's own centralized reference: the same model 
 pooled shards and evaluated on the same test split, computed in the same run. Splits differ
 (seed 0's reference is 0.967, seed 2's 0.953) and the federated runs follow their split, so an
 absolute goal would be tuned to one seed. The quality gates hold over three seeds; the attack
-comparisons are against the clean run of seed 0.
+comparisons are against the clean run of seed 0. The default test run checks seed 0 of each
+split; seeds 1 and 2 run with ``-m slow``.
 
 "Final accuracy" is checked as ``tail_accuracy``, the mean test accuracy over the last quarter of
 the run: an asynchronous global model moves with every buffer of non-IID updates, and one
@@ -33,6 +34,8 @@ from fedmqtt.signing import Ed25519Signer
 from simulator.runner import SimConfig, federation_data, run_simulation
 
 SEEDS = (0, 1, 2)
+# Seed 0 in the default run, the other seeds with the slow ones (each run is ~30 s).
+GATE_SEEDS = [pytest.param(seed, marks=[pytest.mark.slow] if seed else []) for seed in SEEDS]
 # FedBuff K = 10 over 20 agents: 400 versions are 4,000 updates, ~20 s on an idle 2-core
 # machine. Measured gaps to the centralized reference (IID and Dirichlet 0.5, seeds 0-2): 1.0-1.2
 # points at 400 versions for the three farthest, 0.1-0.3 already at 300 for the others.
@@ -76,7 +79,7 @@ def check_quality(s: dict[str, Any], versions: int) -> None:
     assert s["updates_lost"] == [] and s["updates_accepted_twice"] == []
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", GATE_SEEDS)
 @pytest.mark.parametrize("partition", ["iid", "dirichlet:0.5"])
 def test_digits_comes_within_two_points_of_centralized(partition: str, seed: int) -> None:
     check_quality(simulate(partition=partition, seed=seed), VERSIONS)
