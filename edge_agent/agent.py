@@ -134,6 +134,7 @@ class _Worker:
 
     result: DeltaResult | None = None
     error: BaseException | None = None
+    personal: Any = None  # the personal model built after the round (edge_agent.personal)
 
 
 class EdgeAgent:
@@ -211,6 +212,18 @@ class EdgeAgent:
         self._last_status = 0.0
         self._last_refresh = time.monotonic()
         self._next_watchdog = 0.0
+        self.personaliser: Any = None  # edge_agent.personal.Personaliser, imported if used
+        if config.personalise.mode != "off":
+            from edge_agent.personal import Personaliser
+
+            p = config.personalise
+            self.personaliser = Personaliser(
+                p.mode,
+                p.head_epochs,
+                state_dir=self.state_dir,
+                device=self.device_id,
+                federation=self.federation,
+            )
 
     # ---- counters --------------------------------------------------------------------------
     @property
@@ -285,6 +298,8 @@ class EdgeAgent:
             supersede=ocfg.supersede,
         )
         self.state = self._store.load()
+        if self.personaliser is not None:
+            self.personaliser.load()
         if self.state.reconcile(self.outbox.max_seq(), self.outbox.max_base_version()):
             self.log.info(
                 "state caught up with the outbox: next seq %d, last trained v%d",
@@ -694,6 +709,11 @@ class EdgeAgent:
                 worker.result = compute_delta(
                     model, X, y, hyper, rng, delta_transform=self.delta_transform
                 )
+                if self.personaliser is not None and worker.result.trained is not None:
+                    prng = LightRandom(seed_of(seed, seq, 1) if seed is not None else None)
+                    worker.personal = self.personaliser.build(
+                        model, worker.result.trained, (X, y), hyper.train, prng
+                    )
             except BaseException as e:
                 worker.error = e
 
@@ -712,6 +732,8 @@ class EdgeAgent:
             self._round_failed(worker.error or RuntimeError("training produced nothing"))
             return
         self._commit(model, worker.result, hyper, seq, rng)
+        if worker.personal is not None:  # kept in the state directory only, never sent
+            self.bytes_written += self.personaliser.save(worker.personal)
 
     def _commit(
         self,

@@ -91,6 +91,7 @@ class DeltaResult:
     delta: Params
     stats: TrainStats
     seconds: float
+    trained: Params | None = None  # the locally trained parameters (before delta_transform)
 
 
 def compute_delta(
@@ -110,7 +111,7 @@ def compute_delta(
     }
     if delta_transform is not None:
         delta = delta_transform(delta)
-    return DeltaResult(delta=delta, stats=stats, seconds=time.thread_time() - t0)
+    return DeltaResult(delta=delta, stats=stats, seconds=time.thread_time() - t0, trained=new)
 
 
 def new_update_id() -> str:
