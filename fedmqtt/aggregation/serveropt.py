@@ -44,7 +44,7 @@ ADAPTIVE: Final[tuple[ServerOptimizerName, ...]] = ("adagrad", "adam", "yogi")
 DEFAULT_SERVER_OPTIMIZER: Final[ServerOptimizerName] = "sgd"
 DEFAULT_SERVER_LR: Final[Mapping[ServerOptimizerName, float]] = {
     "sgd": 1.0,
-    "adagrad": 0.03,
+    "adagrad": 0.1,
     "adam": 0.01,
     "yogi": 0.01,
 }
