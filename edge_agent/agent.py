@@ -220,6 +220,7 @@ class EdgeAgent:
             self.personaliser = Personaliser(
                 p.mode,
                 p.head_epochs,
+                onnx=p.onnx,
                 state_dir=self.state_dir,
                 device=self.device_id,
                 federation=self.federation,

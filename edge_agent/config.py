@@ -110,6 +110,7 @@ class PersonaliseConfig:
 
     mode: str = personal.DEFAULT_MODE
     head_epochs: int = personal.DEFAULT_HEAD_EPOCHS
+    onnx: bool = personal.DEFAULT_ONNX
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,8 @@ def _personalise(t: Table) -> PersonaliseConfig:
     if mode not in personal.MODES:
         raise t.error("mode", f"must be one of {', '.join(personal.MODES)}, not {mode!r}")
     epochs = t.integer("head_epochs", personal.DEFAULT_HEAD_EPOCHS, lo=1, hi=1000)
-    return PersonaliseConfig(mode=mode, head_epochs=epochs)
+    onnx = t.flag("onnx", personal.DEFAULT_ONNX)
+    return PersonaliseConfig(mode=mode, head_epochs=epochs, onnx=onnx)
 
 
 def _logging(t: Table) -> LoggingConfig:

@@ -3,8 +3,10 @@
 With ``[personalise] mode`` ``head`` or ``finetune`` (:mod:`fedmqtt.models.personal` explains
 both) the agent builds a personal model from every global version it trains on and writes it,
 atomically, to ``<state_dir>/personal.bin``: a msgpack map with the device, the federation,
-the mode, the global version it was built from, the spec, the parameters and, when the ``onnx``
-package is installed, the ONNX export of the personal model. Nothing in it is ever published:
+the mode, the global version it was built from, the spec, the parameters and, with
+``[personalise] onnx = true``, the ONNX export of the personal model (otherwise ``edge-agent
+predict`` exports it when it loads it: importing the onnx package would cost the agent process
+about 23 MB). Nothing in it is ever published:
 the update of the round is the ordinary delta of the global model, and the agent has no code
 path that reads this file into a message.
 
@@ -27,6 +29,7 @@ skipped in silence; a model from anywhere else must be signed by the aggregator 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import stat
@@ -41,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmqtt import wire
-from fedmqtt.errors import FedMQTTError
+from fedmqtt.errors import ConfigError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes
 from fedmqtt.models.personal import train_head
 from fedmqtt.models.spec import ModelSpec
@@ -133,9 +136,11 @@ def build(
     head_epochs: int,
     device: str,
     rng: RandomSource,
+    onnx: bool = False,
 ) -> PersonalModel | None:
     """The personal model after a round on ``model`` (``trained``: the round's locally trained
-    parameters). None if ``model``'s kind cannot be personalised. No side effects."""
+    parameters), with its ONNX export if ``onnx`` (needs the onnx package). None if
+    ``model``'s kind cannot be personalised. No side effects."""
     spec = model.spec
     if spec.kind not in KINDS:
         return None
@@ -145,17 +150,16 @@ def build(
         prev = previous.params if previous is not None and previous.spec == spec else None
         cfg = replace(train, epochs=head_epochs, mu=0.0)
         params = train_head(spec, model.params, prev, data[0], data[1], config=cfg, rng=rng)
-    onnx: bytes | None = None
-    try:
-        from fedmqtt.onnx_export import export_onnx  # optional: needs the onnx package
-    except ImportError:
-        pass
-    else:
-        onnx = export_onnx(
-            spec, params, federation=model.federation, version=model.version, created_at=time.time()
+    created = time.time()
+    exported: bytes | None = None
+    if onnx:
+        from fedmqtt.onnx_export import export_onnx  # the onnx package: [personalise] onnx
+
+        exported = export_onnx(
+            spec, params, federation=model.federation, version=model.version, created_at=created
         )
     return PersonalModel(
-        model.federation, device, mode, model.version, spec, params, time.time(), onnx
+        model.federation, device, mode, model.version, spec, params, created, exported
     )
 
 
@@ -227,9 +231,20 @@ class Personaliser:
     federation matters more than the personal copy."""
 
     def __init__(
-        self, mode: str, head_epochs: int, *, state_dir: Path, device: str, federation: str
+        self,
+        mode: str,
+        head_epochs: int,
+        *,
+        onnx: bool,
+        state_dir: Path,
+        device: str,
+        federation: str,
     ) -> None:
-        self.mode, self.head_epochs = mode, head_epochs
+        if onnx and importlib.util.find_spec("onnx") is None:
+            raise ConfigError(
+                "[personalise] onnx = true needs the onnx package: pip install 'fedmqtt[onnx]'"
+            )
+        self.mode, self.head_epochs, self.onnx = mode, head_epochs, onnx
         self.device, self.federation = device, federation
         self.store = PersonalStore(state_dir)
         self.current: PersonalModel | None = None
@@ -257,6 +272,7 @@ class Personaliser:
                 head_epochs=self.head_epochs,
                 device=self.device,
                 rng=rng,
+                onnx=self.onnx,
             )
         except (ValueError, FedMQTTError) as e:
             self.failures += 1

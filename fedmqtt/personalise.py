@@ -14,3 +14,4 @@ KINDS: Final = ("softmax", "mlp", "linear")  # the supervised kinds that can be 
 
 DEFAULT_MODE: Final[Mode] = "off"
 DEFAULT_HEAD_EPOCHS: Final = 5
+DEFAULT_ONNX: Final = False  # the agent stores the ONNX export too (imports the onnx package)

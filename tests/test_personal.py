@@ -138,7 +138,23 @@ def test_finetune_mode_keeps_the_rounds_trained_model_and_other_kinds_get_none()
         device="d",
         rng=LightRandom(0),
     )
-    assert pm is not None and pm.version == 2 and pm.onnx is not None
+    assert pm is not None and pm.version == 2 and pm.onnx is None  # predict exports it
+    with_onnx = build(
+        "finetune",
+        model,
+        trained,
+        None,
+        (X, y),
+        train=TRAIN,
+        head_epochs=1,
+        device="d",
+        rng=LightRandom(0),
+        onnx=True,
+    )
+    assert with_onnx is not None and with_onnx.onnx is not None
+    from fedmqtt.onnx_export import read_metadata
+
+    assert read_metadata(with_onnx.onnx)["fedmqtt.version"] == "2"
     np.testing.assert_array_equal(pm.params["W0"], trained["W0"])
 
 
@@ -237,12 +253,32 @@ def test_the_personalise_options_are_checked() -> None:
     }
     cfg = AgentConfig.from_dict(base)
     assert (cfg.personalise.mode, cfg.personalise.head_epochs) == ("off", 5)
-    cfg = AgentConfig.from_dict({**base, "personalise": {"mode": "head", "head_epochs": 2}})
-    assert (cfg.personalise.mode, cfg.personalise.head_epochs) == ("head", 2)
+    cfg = AgentConfig.from_dict(
+        {**base, "personalise": {"mode": "head", "head_epochs": 2, "onnx": True}}
+    )
+    p = cfg.personalise
+    assert (p.mode, p.head_epochs, p.onnx) == ("head", 2, True)
     for bad, message in (
         ({"mode": "both"}, r"\[personalise\] mode: must be one of off, head, finetune"),
         ({"head_epochs": 0}, r"\[personalise\] head_epochs"),
         ({"epochs": 3}, r"\[personalise\]: unknown option"),
+        ({"onnx": "yes"}, r"\[personalise\] onnx: must be true or false"),
     ):
         with pytest.raises(ConfigError, match=message):
             AgentConfig.from_dict({**base, "personalise": bad})
+
+
+def test_storing_the_onnx_export_needs_the_onnx_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from edge_agent.personal import Personaliser
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"\[personalise\] onnx = true needs the onnx package"):
+        Personaliser("head", 1, onnx=True, state_dir=tmp_path, device="d", federation=FED)
+    Personaliser("head", 1, onnx=False, state_dir=tmp_path, device="d", federation=FED)

@@ -35,7 +35,7 @@ from fedmqtt.rand import LightRandom, seed_of
 from simulator.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(60)
-PERSONALISE = {"mode": "head", "head_epochs": 3}
+PERSONALISE = {"mode": "head", "head_epochs": 3, "onnx": True}  # predict runs the stored ONNX
 PLAN = {"epochs": 1, "lr": 0.1, "batch_size": 32, "momentum": 0.9, "codec": "raw"}
 
 
@@ -113,6 +113,7 @@ def check_personal_device(
     finally:
         runner.stop()
     sent = tap.close()
+    assert pm2.onnx is not None
 
     data = np.load(device.root / "data" / "shard.npz")
     X, y = data["X"], data["y"]
