@@ -123,39 +123,32 @@ def test_the_file_round_trips_and_malformed_files_are_refused(tmp_path: Path) ->
     assert store.load("dev-2", FED) is None  # another device's file is not taken over
 
 
-def test_finetune_mode_keeps_the_rounds_trained_model_and_other_kinds_get_none() -> None:
+def test_finetune_mode_keeps_the_rounds_trained_model() -> None:
+    from fedmqtt.onnx_export import read_metadata
+
     model = global_model(2)
     X, y = digits_like(100)
     trained = {k: v + 1 for k, v in model.params.items()}
-    pm = build(
-        "finetune",
-        model,
-        trained,
-        None,
-        (X, y),
-        train=TRAIN,
-        head_epochs=1,
-        device="d",
-        rng=LightRandom(0),
-    )
-    assert pm is not None and pm.version == 2 and pm.onnx is None  # predict exports it
-    with_onnx = build(
-        "finetune",
-        model,
-        trained,
-        None,
-        (X, y),
-        train=TRAIN,
-        head_epochs=1,
-        device="d",
-        rng=LightRandom(0),
-        onnx=True,
-    )
-    assert with_onnx is not None and with_onnx.onnx is not None
-    from fedmqtt.onnx_export import read_metadata
-
-    assert read_metadata(with_onnx.onnx)["fedmqtt.version"] == "2"
-    np.testing.assert_array_equal(pm.params["W0"], trained["W0"])
+    for onnx in (False, True):
+        pm = build(
+            "finetune",
+            model,
+            trained,
+            None,
+            (X, y),
+            train=TRAIN,
+            head_epochs=1,
+            device="d",
+            rng=LightRandom(0),
+            onnx=onnx,
+        )
+        assert pm is not None and pm.version == 2
+        np.testing.assert_array_equal(pm.params["W0"], trained["W0"])
+        if not onnx:
+            assert pm.onnx is None  # predict exports it when it loads it
+        else:
+            assert pm.onnx is not None
+            assert read_metadata(pm.onnx)["fedmqtt.version"] == "2"
 
 
 @pytest.fixture
