@@ -100,6 +100,12 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="server learning rate (default: the server optimizer's)",
     )
+    p.add_argument(
+        "--personalise",
+        default=None,
+        metavar="MODE",
+        help="each agent keeps a personal model: off | head | finetune (default: off)",
+    )
     p.add_argument("--robust", default="none", choices=["none", "clip", "trimmed-mean", "median"])
     p.add_argument(
         "--duration",

@@ -76,6 +76,7 @@ class SimConfig:
     extra_strategy: dict[str, Any] = field(default_factory=dict)
     server_opt: str | None = None  # [strategy] server_optimizer (None: the aggregator's)
     server_lr: float | None = None  # [strategy] server_lr (None: the optimizer's default)
+    personalise: str | None = None  # the agents' [personalise] mode (None: the agent's default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimConfig:
@@ -240,6 +241,8 @@ class _Simulation:
             "training": {"seed": self.cfg.seed * 100_003 + i, **_pace(b)},
             "logging": {"level": "WARNING"},
         }
+        if self.cfg.personalise is not None:
+            raw["personalise"] = {"mode": self.cfg.personalise}
         return fleet.DeviceSpec(dev, b, raw, home)
 
     # ------------------------------------------------------------------ run
