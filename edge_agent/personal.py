@@ -274,10 +274,14 @@ class Personaliser:
                 rng=rng,
                 onnx=self.onnx,
             )
-        except (ValueError, FedMQTTError) as e:
+        except Exception as e:  # the round's update must not depend on the personal copy
             self.failures += 1
             log.error(
-                "%s: cannot build the personal model from v%d: %s", self.device, model.version, e
+                "%s: cannot build the personal model from v%d: %s",
+                self.device,
+                model.version,
+                e,
+                exc_info=not isinstance(e, ValueError | FedMQTTError),
             )
             return None
 
