@@ -72,13 +72,13 @@ class PersonalModel:
     spec: ModelSpec
     params: Params
     created_at: float
-    onnx: bytes | None = None  # its ONNX export, if the onnx package was installed
+    onnx: bytes | None = None  # its ONNX export, with [personalise] onnx = true
 
 
 def encode(pm: PersonalModel) -> bytes:
     params = {
-        k: {"s": list(v.shape), "d": np.asarray(v, "<f4").tobytes()} for k, v in pm.params.items()
-    }
+        k: {"d": np.asarray(v, "<f4").tobytes()} for k, v in pm.params.items()
+    }  # shapes: spec
     body = {
         "format": FORMAT,
         "federation": pm.federation,
