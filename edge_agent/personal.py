@@ -43,6 +43,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.state import PERSONAL_FILE
 from fedmqtt import wire
 from fedmqtt.errors import ConfigError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes
@@ -55,7 +56,6 @@ from fedmqtt.rand import RandomSource
 
 log = logging.getLogger(__name__)
 
-PERSONAL_FILE: Final = "personal.bin"
 FORMAT: Final = 1
 
 
