@@ -182,6 +182,9 @@ def test_a_changed_optimizer_starts_from_fresh_moments() -> None:
     state["optimizer"]["v"]["data"] = np.full(3, -1, np.float32).tobytes()
     with pytest.raises(CheckpointError, match="v must be >= 0"):
         again.load_state(state)
+    bigger = FedBuff(StrategyConfig(buffer_size=1, server_optimizer="adam", server_lr=0.1), 4)
+    with pytest.raises(CheckpointError, match="has 3 values, the model 4"):
+        bigger.load_state(s.to_state())
 
 
 def test_fedasync_takes_alpha_t_times_the_delta_as_pseudo_gradient() -> None:

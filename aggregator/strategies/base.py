@@ -234,11 +234,14 @@ def optimizer_state(opt: ServerStep) -> dict[str, Any]:
     return {"lr": s["lr"], "momentum": s["momentum"], "velocity": None if v is None else tensor(v)}
 
 
-def load_optimizer(cfg: StrategyConfig, state: Mapping[str, Any] | None) -> ServerStep:
+def load_optimizer(
+    cfg: StrategyConfig, state: Mapping[str, Any] | None, d: int | None = None
+) -> ServerStep:
     """The configured server step. It keeps the checkpointed state when that state belongs to
     the same kind of step: the velocity if the momentum is unchanged, an adaptive optimizer's
     moments and step count if ``server_optimizer`` is unchanged (``server_lr``, ``beta1``,
-    ``beta2`` and ``tau`` are always the configured ones)."""
+    ``beta2`` and ``tau`` are always the configured ones). With ``d``, a state whose vectors
+    do not have ``d`` values raises CheckpointError."""
     if cfg.server_optimizer in ADAPTIVE:
         opt = adaptive_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau)
         if state is not None and state.get("optimizer") == cfg.server_optimizer:
@@ -255,6 +258,10 @@ def load_optimizer(cfg: StrategyConfig, state: Mapping[str, Any] | None) -> Serv
                 )
             except ValueError as e:
                 raise CheckpointError(f"server optimizer state: {e}") from None
+            if d is not None and opt.m is not None and opt.m.shape[0] != d:
+                raise CheckpointError(
+                    f"server optimizer state has {opt.m.shape[0]} values, the model {d}"
+                )
         return opt
     velocity = None
     if (

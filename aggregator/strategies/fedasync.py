@@ -85,4 +85,4 @@ class FedAsync(Strategy):
         self.recent.clear()
         self.recent.extend(senders)
         if self.optimizer is not None:
-            self.optimizer = load_optimizer(self.cfg, state.get("optimizer"))
+            self.optimizer = load_optimizer(self.cfg, state.get("optimizer"), self.d)

@@ -42,4 +42,4 @@ class FedBuff(Strategy):
         return {"optimizer": optimizer_state(self.optimizer)}
 
     def load_extra(self, state: Mapping[str, Any]) -> None:
-        self.optimizer = load_optimizer(self.cfg, state.get("optimizer"))
+        self.optimizer = load_optimizer(self.cfg, state.get("optimizer"), self.d)
