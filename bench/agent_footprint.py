@@ -323,9 +323,11 @@ def main() -> int:
             broker, X, y, spec, rounds=args.rounds, env=one
         )
         if args.personalise:
-            results[f"agent, {args.rounds} rounds, personalise {args.personalise}"] = run_agent(
-                broker, X, y, spec, rounds=args.rounds, env=base_env, personalise=args.personalise
-            )
+            for label, env in (("", base_env), (", OPENBLAS_NUM_THREADS=1", one)):
+                name = f"agent, {args.rounds} rounds, personalise {args.personalise}{label}"
+                results[name] = run_agent(
+                    broker, X, y, spec, rounds=args.rounds, env=env, personalise=args.personalise
+                )
     bare = results["bare numpy"]["peak_rss_mib"]
     idle_cpu = results["agent, 0 rounds"]["cpu_s"]
     print(f"machine: {json.dumps(machine())}")
