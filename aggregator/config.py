@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from fedmqtt import mqttconf
+from fedmqtt.aggregation import serveropt
 from fedmqtt.aggregation.staleness import Staleness, parse_staleness
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
@@ -78,8 +79,12 @@ class SecurityConfig:
 class StrategyConfig:
     name: str = "fedbuff"
     buffer_size: int = 10
-    server_lr: float = 1.0
+    server_lr: float = serveropt.DEFAULT_SERVER_LR[serveropt.DEFAULT_SERVER_OPTIMIZER]
     momentum: float = 0.0
+    server_optimizer: str = serveropt.DEFAULT_SERVER_OPTIMIZER
+    beta1: float = serveropt.DEFAULT_BETA1
+    beta2: float = serveropt.DEFAULT_BETA2
+    tau: float = serveropt.DEFAULT_TAU
     staleness: str = "poly:0.5"
     max_staleness: int = 20
     alpha: float = 0.6
@@ -404,9 +409,7 @@ def _strategy(t: Table) -> StrategyConfig:
     trim = t.number("trim_fraction", d.trim_fraction, lo=0.0)
     if trim >= 0.5:
         raise t.error("trim_fraction", "must be in [0, 0.5)")
-    server_lr = t.number("server_lr", d.server_lr, lo=0.0)
-    if server_lr <= 0:
-        raise t.error("server_lr", "must be > 0")
+    opt, server_lr, beta1, beta2, tau = _server_optimizer(t, momentum)
     clip_factor = t.number("clip_factor", d.clip_factor, lo=0.0)
     if clip_factor <= 0:
         raise t.error("clip_factor", "must be > 0")
@@ -415,6 +418,10 @@ def _strategy(t: Table) -> StrategyConfig:
         buffer_size=t.integer("buffer_size", d.buffer_size, lo=1, hi=100_000),
         server_lr=server_lr,
         momentum=momentum,
+        server_optimizer=opt,
+        beta1=beta1,
+        beta2=beta2,
+        tau=tau,
         staleness=staleness,
         max_staleness=t.integer("max_staleness", d.max_staleness, lo=0, hi=1_000_000),
         alpha=alpha,
@@ -426,6 +433,37 @@ def _strategy(t: Table) -> StrategyConfig:
         max_per_device=t.integer("max_per_device", d.max_per_device, lo=0, hi=100_000),
         device_window=t.integer("device_window", d.device_window, lo=1, hi=100_000),
     )
+
+
+def _server_optimizer(t: Table, momentum: float) -> tuple[str, float, float, float, float]:
+    """``server_optimizer``, ``server_lr`` (its default depends on the optimizer), ``beta1``,
+    ``beta2``, ``tau`` of ``[strategy]``."""
+    opt = t.text("server_optimizer", serveropt.DEFAULT_SERVER_OPTIMIZER)
+    if opt not in serveropt.SERVER_OPTIMIZERS:
+        raise t.error(
+            "server_optimizer", f"must be one of {', '.join(serveropt.SERVER_OPTIMIZERS)}"
+        )
+    server_lr = t.number("server_lr", serveropt.DEFAULT_SERVER_LR[cast(Any, opt)], lo=0.0)
+    if server_lr <= 0:
+        raise t.error("server_lr", "must be > 0")
+    beta1 = t.number("beta1", serveropt.DEFAULT_BETA1, lo=0.0)
+    if beta1 >= 1.0:
+        raise t.error("beta1", "must be in [0, 1)")
+    beta2 = t.number("beta2", serveropt.DEFAULT_BETA2, lo=0.0)
+    if beta2 >= 1.0:
+        raise t.error("beta2", "must be in [0, 1)")
+    tau = t.number("tau", serveropt.DEFAULT_TAU, lo=0.0)
+    if tau <= 0:
+        raise t.error("tau", "must be > 0")
+    if opt == "sgd":
+        for key in ("beta1", "beta2", "tau"):
+            if t.has(key):
+                raise t.error(key, "applies only to server_optimizer adagrad, adam or yogi")
+    elif momentum:
+        raise t.error(
+            "momentum", f"is the plain server step's; server_optimizer {opt} has beta1 instead"
+        )
+    return opt, server_lr, beta1, beta2, tau
 
 
 def _plan(t: Table) -> PlanConfig:

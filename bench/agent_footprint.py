@@ -18,6 +18,7 @@ per process; CPU is user + system seconds of the child. CPU per round = (CPU wit
 CPU with zero rounds) / N, i.e. training, encoding, signing, the outbox write and MQTT.
 
     .venv/bin/python bench/agent_footprint.py [--rounds 20] [--json out.json]
+        [--personalise head|finetune]
 """
 
 from __future__ import annotations
@@ -167,7 +168,13 @@ class Aggregator:
 
 
 def write_device(
-    root: Path, broker: Mosquitto, signer: Ed25519Signer, X: np.ndarray, y: np.ndarray
+    root: Path,
+    broker: Mosquitto,
+    signer: Ed25519Signer,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    personalise: str | None = None,
 ) -> tuple[Path, ChaChaPolyKey]:
     signer.verifier().save(root / "aggregator.pub")
     key = ChaChaPolyKey.generate()
@@ -181,6 +188,7 @@ def write_device(
         f'[security]\naggregator_public_key = "aggregator.pub"\nupdate_key = "device.key"\n'
         f'[data]\nsource = "npz"\npath = "data"\n'
         f'[logging]\nlevel = "WARNING"\n'
+        + (f'[personalise]\nmode = "{personalise}"\n' if personalise else "")
     )
     return cfg, key
 
@@ -193,11 +201,12 @@ def run_agent(
     *,
     rounds: int,
     env: dict[str, str],
+    personalise: str | None = None,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="fedmqtt-bench-") as tmp:
         root = Path(tmp)
         signer = Ed25519Signer.generate()
-        cfg, key = write_device(root, broker, signer, X, y)
+        cfg, key = write_device(root, broker, signer, X, y, personalise=personalise)
         agg = Aggregator(broker, signer, key, spec)
 
         def drive(pid: int) -> None:
@@ -276,6 +285,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--personalise",
+        default=None,
+        metavar="MODE",
+        help="also measure the agent with [personalise] mode = MODE (head or finetune)",
+    )
     args = ap.parse_args()
     base_env = {
         k: v
@@ -307,6 +322,12 @@ def main() -> int:
         results[f"agent, {args.rounds} rounds, OPENBLAS_NUM_THREADS=1"] = run_agent(
             broker, X, y, spec, rounds=args.rounds, env=one
         )
+        if args.personalise:
+            for label, env in (("", base_env), (", OPENBLAS_NUM_THREADS=1", one)):
+                name = f"agent, {args.rounds} rounds, personalise {args.personalise}{label}"
+                results[name] = run_agent(
+                    broker, X, y, spec, rounds=args.rounds, env=env, personalise=args.personalise
+                )
     bare = results["bare numpy"]["peak_rss_mib"]
     idle_cpu = results["agent, 0 rounds"]["cpu_s"]
     print(f"machine: {json.dumps(machine())}")

@@ -50,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from edge_agent import state as st
 from edge_agent.config import AgentConfig
@@ -76,6 +76,9 @@ from fedmqtt.mqttconf import read_password
 from fedmqtt.rand import LightRandom, RandomSource, seed_of
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Verifier, Signer, Verifier, load_update_signer
+
+if TYPE_CHECKING:
+    from edge_agent.personal import Personaliser, PersonalModel
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ class _Worker:
 
     result: DeltaResult | None = None
     error: BaseException | None = None
+    personal: PersonalModel | None = None  # built after the round if [personalise] is on
 
 
 class EdgeAgent:
@@ -211,6 +215,19 @@ class EdgeAgent:
         self._last_status = 0.0
         self._last_refresh = time.monotonic()
         self._next_watchdog = 0.0
+        self.personaliser: Personaliser | None = None  # imported only if used
+        if config.personalise.mode != "off":
+            from edge_agent.personal import Personaliser
+
+            p = config.personalise
+            self.personaliser = Personaliser(
+                p.mode,
+                p.head_epochs,
+                onnx=p.onnx,
+                state_dir=self.state_dir,
+                device=self.device_id,
+                federation=self.federation,
+            )
 
     # ---- counters --------------------------------------------------------------------------
     @property
@@ -285,6 +302,8 @@ class EdgeAgent:
             supersede=ocfg.supersede,
         )
         self.state = self._store.load()
+        if self.personaliser is not None:
+            self.personaliser.load()
         if self.state.reconcile(self.outbox.max_seq(), self.outbox.max_base_version()):
             self.log.info(
                 "state caught up with the outbox: next seq %d, last trained v%d",
@@ -692,8 +711,19 @@ class EdgeAgent:
                         f"{self.config.data.min_samples}"
                     )
                 worker.result = compute_delta(
-                    model, X, y, hyper, rng, delta_transform=self.delta_transform
+                    model,
+                    X,
+                    y,
+                    hyper,
+                    rng,
+                    delta_transform=self.delta_transform,
+                    keep_trained=self.personaliser is not None,
                 )
+                if self.personaliser is not None and worker.result.trained is not None:
+                    prng = LightRandom(seed_of(seed, seq, 1) if seed is not None else None)
+                    worker.personal = self.personaliser.build(
+                        model, worker.result.trained, (X, y), hyper.train, prng
+                    )
             except BaseException as e:
                 worker.error = e
 
@@ -712,6 +742,9 @@ class EdgeAgent:
             self._round_failed(worker.error or RuntimeError("training produced nothing"))
             return
         self._commit(model, worker.result, hyper, seq, rng)
+        if self.personaliser is not None and worker.personal is not None:
+            # Kept in the state directory only: never sent.
+            self.bytes_written += self.personaliser.save(worker.personal)
 
     def _commit(
         self,

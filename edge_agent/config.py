@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from fedmqtt import personalise as personal
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqttconf import BrokerConfig, read_connection
 from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
@@ -32,6 +33,7 @@ __all__ = [
     "InferenceConfig",
     "LoggingConfig",
     "OutboxConfig",
+    "PersonaliseConfig",
     "SecurityConfig",
     "TrainingConfig",
     "load_config",
@@ -103,6 +105,15 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class PersonaliseConfig:
+    """``[personalise]``: the device's personal model (fedmqtt.models.personal)."""
+
+    mode: str = personal.DEFAULT_MODE
+    head_epochs: int = personal.DEFAULT_HEAD_EPOCHS
+    onnx: bool = personal.DEFAULT_ONNX
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
 
@@ -116,6 +127,7 @@ class AgentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    personalise: PersonaliseConfig = field(default_factory=PersonaliseConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     path: Path | None = None  # the file it was loaded from, if any
 
@@ -139,6 +151,7 @@ class AgentConfig:
                 "training",
                 "outbox",
                 "inference",
+                "personalise",
                 "logging",
             )
         }
@@ -151,6 +164,7 @@ class AgentConfig:
             training=_training(tables["training"]),
             outbox=_outbox(tables["outbox"]),
             inference=_inference(tables["inference"]),
+            personalise=_personalise(tables["personalise"]),
             logging=_logging(tables["logging"]),
             path=path,
         )
@@ -296,6 +310,15 @@ def _outbox(t: Table) -> OutboxConfig:
 
 def _inference(t: Table) -> InferenceConfig:
     return InferenceConfig(onnx=t.flag("onnx", InferenceConfig().onnx))
+
+
+def _personalise(t: Table) -> PersonaliseConfig:
+    mode = t.text("mode", personal.DEFAULT_MODE)
+    if mode not in personal.MODES:
+        raise t.error("mode", f"must be one of {', '.join(personal.MODES)}, not {mode!r}")
+    epochs = t.integer("head_epochs", personal.DEFAULT_HEAD_EPOCHS, lo=1, hi=1000)
+    onnx = t.flag("onnx", personal.DEFAULT_ONNX)
+    return PersonaliseConfig(mode=mode, head_epochs=epochs, onnx=onnx)
 
 
 def _logging(t: Table) -> LoggingConfig:

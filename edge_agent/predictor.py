@@ -28,7 +28,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO, cast
+from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +37,9 @@ from edge_agent.state import stored_specs
 from fedmqtt import wire
 from fedmqtt.errors import ConfigError, DecodeError, FedMQTTError
 from fedmqtt.signing import Ed25519Verifier
+
+if TYPE_CHECKING:
+    from edge_agent.personal import PersonalModel
 
 __all__ = [
     "EXIT_INPUT",
@@ -107,6 +110,7 @@ class Predictor:
     federation: str
     feature_names: list[str]
     metadata: dict[str, str]
+    personal: str | None = None  # the personalisation mode if this is the personal model
 
     def __init__(self, session: Any, *, version: int | None = None) -> None:
         """Wrap an onnxruntime session; use :meth:`from_bytes` or :meth:`from_state_dir`."""
@@ -163,8 +167,13 @@ class Predictor:
         *,
         federation: str | None = None,
         intra_op_num_threads: int = 1,
+        personal_device: str | None = None,
     ) -> Predictor:
         """The newest verified model in an agent state directory (see the module docstring).
+
+        With ``personal_device`` (the agent personalises: ``[personalise] mode`` is not off),
+        that device's personal model comes first if there is one: unsigned, it must pass the
+        trust rule of :mod:`edge_agent.personal`, and a file that fails it is refused.
 
         ``aggregator_key`` is the pinned Ed25519 public key (hex). Every file found is verified;
         one that fails verification raises :class:`PredictorError` rather than being skipped,
@@ -176,8 +185,14 @@ class Predictor:
         except ConfigError as e:
             raise PredictorError(f"cannot load the aggregator public key: {e}") from None
         state_dir = Path(state_dir)
-        onnx_msg = _load_signed(state_dir / ONNX_MODEL_FILE, wire.OnnxModel, verifier, federation)
         specs = stored_specs(state_dir, verifier, federation)
+        if personal_device is not None:
+            pred = cls._personal(
+                state_dir, personal_device, federation or "", specs, intra_op_num_threads
+            )
+            if pred is not None:
+                return pred
+        onnx_msg = _load_signed(state_dir / ONNX_MODEL_FILE, wire.OnnxModel, verifier, federation)
         global_msg = _load_signed(
             state_dir / GLOBAL_MODEL_FILE, wire.GlobalModel, verifier, federation, specs
         )
@@ -191,26 +206,29 @@ class Predictor:
                 onnx_msg.onnx, intra_op_num_threads=intra_op_num_threads, version=onnx_msg.version
             )
         assert global_msg is not None
-        try:
-            from fedmqtt.onnx_export import export_onnx  # needs the onnx package
-        except ImportError:
-            raise PredictorError(
-                f"exporting the global model to ONNX on the device needs the onnx package; "
-                f"run: {INSTALL_HINT}"
-            ) from None
-        try:
-            onnx_bytes = export_onnx(
-                global_msg.spec,
-                global_msg.params,
-                federation=global_msg.federation,
-                version=global_msg.version,
-                created_at=global_msg.created_at,
-            )
-        except ValueError as e:
-            raise PredictorError(f"cannot export global model v{global_msg.version}: {e}") from None
+        onnx_bytes = _export(global_msg, f"the global model v{global_msg.version}")
         return cls.from_bytes(
             onnx_bytes, intra_op_num_threads=intra_op_num_threads, version=global_msg.version
         )
+
+    @classmethod
+    def _personal(
+        cls, state_dir: Path, device: str, federation: str, specs: wire.SpecStore, threads: int
+    ) -> Predictor | None:
+        """This device's personal model under the trust rule of :mod:`edge_agent.personal`
+        (None if there is none yet; PredictorError if the file there fails the rule)."""
+        from edge_agent.personal import PersonalModelError, load_trusted
+
+        try:
+            pm = load_trusted(state_dir, device, federation, specs)
+        except (OSError, PersonalModelError) as e:
+            raise PredictorError(f"the personal model was refused: {e}") from None
+        if pm is None:
+            return None
+        onnx_bytes = pm.onnx if pm.onnx is not None else _export(pm, "the personal model")
+        pred = cls.from_bytes(onnx_bytes, intra_op_num_threads=threads, version=pm.version)
+        pred.personal = pm.mode
+        return pred
 
     # ---- inference -------------------------------------------------------------------------
     @property
@@ -256,6 +274,26 @@ class Predictor:
         return cast(I64, labels), cast(F32, proba)
 
 
+def _export(model: wire.GlobalModel | PersonalModel, what: str) -> bytes:
+    """ONNX bytes of a model exported on the device (needs the onnx package)."""
+    try:
+        from fedmqtt.onnx_export import export_onnx  # needs the onnx package
+    except ImportError:
+        raise PredictorError(
+            f"exporting {what} to ONNX on the device needs the onnx package; run: {INSTALL_HINT}"
+        ) from None
+    try:
+        return export_onnx(
+            model.spec,
+            model.params,
+            federation=model.federation,
+            version=model.version,
+            created_at=model.created_at,
+        )
+    except ValueError as e:
+        raise PredictorError(f"cannot export {what}: {e}") from None
+
+
 def _load_signed(
     path: Path,
     cls: Any,
@@ -291,6 +329,7 @@ class _AgentPaths:
     federation: str
     label_column: str | int
     delimiter: str
+    personal_device: str | None
 
 
 def _read_agent_config(config_path: Path) -> _AgentPaths:
@@ -304,6 +343,7 @@ def _read_agent_config(config_path: Path) -> _AgentPaths:
         federation=cfg.device.federation,
         label_column=cfg.data.label_column,
         delimiter=cfg.data.delimiter,
+        personal_device=cfg.device.id if cfg.personalise.mode != "off" else None,
     )
 
 
@@ -447,6 +487,7 @@ def predict_cli(
             paths.aggregator_key,
             federation=paths.federation,
             intra_op_num_threads=intra_op_num_threads,
+            personal_device=paths.personal_device,
         )
     except (ConfigError, PredictorError) as e:
         print(f"error: {e}", file=err)
@@ -469,8 +510,9 @@ def predict_cli(
     if n_rows == 0:
         print(f"error: {input_path} has no data rows", file=err)
         return EXIT_INPUT
+    which = f"personal model ({pred.personal}) from version" if pred.personal else "model version"
     print(
-        f"{n_rows} rows predicted with model version {pred.version} "
+        f"{n_rows} rows predicted with {which} {pred.version} "
         f"({pred.kind}, federation {pred.federation!r})",
         file=err,
     )

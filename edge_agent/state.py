@@ -13,6 +13,8 @@ Layout (see docs/contracts.md and docs/agent.md)::
       plan.bin           last verified Plan payload, as received (signed)
       model.onnx.bin     last verified OnnxModel payload, as received (signed)
       feedback.bin       top-k error-feedback residual (fedmqtt.codecs.ErrorFeedback)
+      personal.bin       with [personalise]: the device's personal model (edge_agent.personal;
+                         unsigned, never sent)
       outbox/            one file per pending update (edge_agent.outbox)
 
 Every file is written with :func:`fedmqtt.fsutil.atomic_write_bytes`, so a power cut or
@@ -46,6 +48,7 @@ GLOBAL_MODEL_FILE: Final = "global_model.bin"
 PLAN_FILE: Final = "plan.bin"
 ONNX_MODEL_FILE: Final = "model.onnx.bin"
 FEEDBACK_FILE: Final = "feedback.bin"
+PERSONAL_FILE: Final = "personal.bin"
 SPEC_FILE_PREFIX: Final = "spec-"
 SPEC_FILE_SUFFIX: Final = ".bin"
 OUTBOX_DIR: Final = "outbox"

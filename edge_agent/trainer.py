@@ -91,6 +91,7 @@ class DeltaResult:
     delta: Params
     stats: TrainStats
     seconds: float
+    trained: Params | None = None  # the trained parameters, if asked for (keep_trained)
 
 
 def compute_delta(
@@ -101,8 +102,10 @@ def compute_delta(
     rng: RandomSource,
     *,
     delta_transform: DeltaTransform | None = None,
+    keep_trained: bool = False,
 ) -> DeltaResult:
-    """Train from ``model`` and return ``new - base`` per tensor (float32). No side effects."""
+    """Train from ``model`` and return ``new - base`` per tensor (float32), with the trained
+    parameters themselves (before ``delta_transform``) if ``keep_trained``. No side effects."""
     t0 = time.thread_time()  # this thread only: agents may share a process
     new, stats = train_local(model.spec, model.params, X, y, hyper.train, rng)
     delta: Params = {
@@ -110,7 +113,8 @@ def compute_delta(
     }
     if delta_transform is not None:
         delta = delta_transform(delta)
-    return DeltaResult(delta=delta, stats=stats, seconds=time.thread_time() - t0)
+    seconds = time.thread_time() - t0
+    return DeltaResult(delta, stats, seconds, trained=new if keep_trained else None)
 
 
 def new_update_id() -> str:

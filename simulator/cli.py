@@ -88,6 +88,24 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         help="attackers send R times as often as an honest device, each update with a fresh "
         "id, without waiting for a new version (default 1: like honest devices)",
     )
+    p.add_argument(
+        "--server-opt",
+        default=None,
+        metavar="NAME",
+        help="server optimizer: sgd | adagrad | adam | yogi (default: the aggregator's, sgd)",
+    )
+    p.add_argument(
+        "--server-lr",
+        type=float,
+        default=None,
+        help="server learning rate (default: the server optimizer's)",
+    )
+    p.add_argument(
+        "--personalise",
+        default=None,
+        metavar="MODE",
+        help="each agent keeps a personal model: off | head | finetune (default: off)",
+    )
     p.add_argument("--robust", default="none", choices=["none", "clip", "trimmed-mean", "median"])
     p.add_argument(
         "--duration",

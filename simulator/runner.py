@@ -74,6 +74,9 @@ class SimConfig:
     # Processes hosting the agents (0: automatic, see simulator.fleet.host_count).
     agent_processes: int = 0
     extra_strategy: dict[str, Any] = field(default_factory=dict)
+    server_opt: str | None = None  # [strategy] server_optimizer (None: the aggregator's)
+    server_lr: float | None = None  # [strategy] server_lr (None: the optimizer's default)
+    personalise: str | None = None  # the agents' [personalise] mode (None: the agent's default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimConfig:
@@ -186,6 +189,10 @@ class _Simulation:
         elif cfg.strategy == "fedavg":
             strategy["min_updates"] = cfg.buffer_size or default_k["fedavg"]
             strategy["deadline_s"] = 0
+        if cfg.server_opt is not None:
+            strategy["server_optimizer"] = cfg.server_opt
+        if cfg.server_lr is not None:
+            strategy["server_lr"] = cfg.server_lr
         strategy.update(cfg.extra_strategy)
         raw = {
             "federation": {"id": FEDERATION, "state_dir": str(self.workdir / "aggregator")},
@@ -234,6 +241,8 @@ class _Simulation:
             "training": {"seed": self.cfg.seed * 100_003 + i, **_pace(b)},
             "logging": {"level": "WARNING"},
         }
+        if self.cfg.personalise is not None:
+            raw["personalise"] = {"mode": self.cfg.personalise}
         return fleet.DeviceSpec(dev, b, raw, home)
 
     # ------------------------------------------------------------------ run

@@ -69,6 +69,7 @@ def test_every_option_is_in_the_example_and_documented() -> None:
         "training": cfgmod.TrainingConfig,
         "outbox": cfgmod.OutboxConfig,
         "inference": cfgmod.InferenceConfig,
+        "personalise": cfgmod.PersonaliseConfig,
         "logging": cfgmod.LoggingConfig,
     }
     assert set(classes) == set(tables)

@@ -17,7 +17,7 @@ engine asks before decoding, so a refused update costs no decoding and changes n
 The buffer is NOT part of the checkpoint: a buffered update is acknowledged to the broker only
 once the version that applies it is durable, so after a crash the broker redelivers it.
 :meth:`Strategy.to_state` holds what outlives a version: the strategy's name and the server
-optimizer's momentum.
+optimizer's state (momentum, or an adaptive optimizer's moments).
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ from fedmqtt.aggregation import (
     fedbuff_aggregate,
     mean_of_rows,
 )
+from fedmqtt.aggregation.serveropt import ADAPTIVE, AdaptiveOptimizer, adaptive_optimizer
 from fedmqtt.aggregation.staleness import Staleness
 from fedmqtt.errors import DEVICE_QUOTA, RejectedError
 from fedmqtt.params import F32
+
+# The server step: the plain one (lr, momentum) or an adaptive optimizer (serveropt).
+ServerStep = ServerOptimizer | AdaptiveOptimizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,17 +224,49 @@ class Strategy(ABC):
         self.load_extra(state)
 
 
-def optimizer_state(opt: ServerOptimizer) -> dict[str, Any]:
+def optimizer_state(opt: ServerStep) -> dict[str, Any]:
     s = opt.to_state()
+    if isinstance(opt, AdaptiveOptimizer):
+        for key in ("m", "v"):
+            s[key] = None if s[key] is None else tensor(s[key])
+        return s
     v = s["velocity"]
     return {"lr": s["lr"], "momentum": s["momentum"], "velocity": None if v is None else tensor(v)}
 
 
-def load_optimizer(cfg: StrategyConfig, state: Mapping[str, Any] | None) -> ServerOptimizer:
-    """The configured optimizer, with the checkpointed velocity if the momentum is unchanged."""
+def load_optimizer(
+    cfg: StrategyConfig, state: Mapping[str, Any] | None, d: int | None = None
+) -> ServerStep:
+    """The configured server step. It keeps the checkpointed state when that state belongs to
+    the same kind of step: the velocity if the momentum is unchanged, an adaptive optimizer's
+    moments and step count if ``server_optimizer`` is unchanged (``server_lr``, ``beta1``,
+    ``beta2`` and ``tau`` are always the configured ones). With ``d``, a state whose vectors
+    do not have ``d`` values raises CheckpointError."""
+    if cfg.server_optimizer in ADAPTIVE:
+        opt = adaptive_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau)
+        if state is not None and state.get("optimizer") == cfg.server_optimizer:
+            m, v, steps = state.get("m"), state.get("v"), state.get("steps", 0)
+            try:
+                opt = type(opt)(
+                    opt.lr,
+                    opt.beta1,
+                    opt.beta2,
+                    opt.tau,
+                    None if m is None else f32(m, "server optimizer m"),
+                    None if v is None else f32(v, "server optimizer v"),
+                    steps,
+                )
+            except ValueError as e:
+                raise CheckpointError(f"server optimizer state: {e}") from None
+            if d is not None and opt.m is not None and opt.m.shape[0] != d:
+                raise CheckpointError(
+                    f"server optimizer state has {opt.m.shape[0]} values, the model {d}"
+                )
+        return opt
     velocity = None
     if (
         state is not None
+        and state.get("optimizer", "sgd") == "sgd"
         and state.get("velocity") is not None
         and float(state.get("momentum", -1.0)) == cfg.momentum
     ):

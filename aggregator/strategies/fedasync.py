@@ -6,7 +6,9 @@ device sends its delta against the version it trained from, not its whole model;
 model is taken as ``x = w + delta`` (the current model plus the delta), which makes the step
 ``w + alpha_t * delta`` and avoids keeping every past version to rebuild ``w_base + delta``.
 The staleness discount is what accounts for the base being older. Every accepted update makes a
-new version.
+new version. With ``[strategy] server_optimizer`` adagrad, adam or yogi, the step
+``alpha_t * delta`` is the pseudo-gradient of that optimizer instead
+(:mod:`fedmqtt.aggregation.serveropt`).
 
 One device's weight: a device makes at most ``[strategy] max_per_device`` of any
 ``device_window`` consecutive versions; an update that would exceed it is refused
@@ -23,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from aggregator.config import StrategyConfig
-from aggregator.strategies.base import Strategy
+from aggregator.strategies.base import Strategy, load_optimizer, optimizer_state
 from fedmqtt.aggregation import fedasync_alpha, fedasync_mix
+from fedmqtt.aggregation.serveropt import ADAPTIVE
 from fedmqtt.errors import DEVICE_QUOTA, RejectedError
 from fedmqtt.params import F32
 
@@ -38,6 +41,9 @@ class FedAsync(Strategy):
         super().__init__(cfg, d, 1, segments)
         # Senders of the newest versions, oldest first: the window but the version to come.
         self.recent: deque[str] = deque(maxlen=cfg.device_window - 1)
+        # An adaptive server optimizer takes the mixing step alpha_t * delta as its
+        # pseudo-gradient; without one the mix is the server step.
+        self.optimizer = load_optimizer(cfg, None) if cfg.server_optimizer in ADAPTIVE else None
 
     def admit(self, sender: str) -> None:
         limit = self.cfg.max_per_device
@@ -56,14 +62,21 @@ class FedAsync(Strategy):
         p = self.pending[0]
         row = self.clipped(median_norm)[0]
         alpha_t = fedasync_alpha(self.cfg.alpha, self.staleness, p.tau)
-        with np.errstate(over="ignore"):
-            client = params + row
-        new = fedasync_mix(params, client, alpha_t)
+        if self.optimizer is not None:
+            step = np.multiply(row, alpha_t, dtype=np.float32)
+            new = self.optimizer.step(params, step)
+        else:
+            with np.errstate(over="ignore"):
+                client = params + row
+            new = fedasync_mix(params, client, alpha_t)
         self.recent.append(p.meta.sender)
         return new
 
     def extra_state(self) -> dict[str, Any]:
-        return {"recent_senders": list(self.recent)}
+        out: dict[str, Any] = {"recent_senders": list(self.recent)}
+        if self.optimizer is not None:
+            out["optimizer"] = optimizer_state(self.optimizer)
+        return out
 
     def load_extra(self, state: Mapping[str, Any]) -> None:
         senders = state.get("recent_senders", [])
@@ -71,3 +84,5 @@ class FedAsync(Strategy):
             raise ValueError("recent_senders must be a list of device ids")
         self.recent.clear()
         self.recent.extend(senders)
+        if self.optimizer is not None:
+            self.optimizer = load_optimizer(self.cfg, state.get("optimizer"), self.d)

@@ -50,4 +50,4 @@ class FedAvg(Strategy):
         return {"optimizer": optimizer_state(self.optimizer)}
 
     def load_extra(self, state: Mapping[str, Any]) -> None:
-        self.optimizer = load_optimizer(self.cfg, state.get("optimizer"))
+        self.optimizer = load_optimizer(self.cfg, state.get("optimizer"), self.d)

@@ -2,10 +2,12 @@
 
 Each delta is weighted by its sample count and discounted by ``s(tau)`` (default
 ``1/sqrt(1+tau)``, see ``[strategy] staleness``); the aggregate goes through a server optimizer
-(``server_lr``, optional heavy-ball ``momentum``). ``robust`` swaps the weighted mean for a
-coordinate-wise trimmed mean or median and/or clips every row to ``clip_factor`` times the
-median norm of recently accepted updates. The math is :func:`fedmqtt.aggregation.fedbuff_aggregate`
-and :class:`fedmqtt.aggregation.ServerOptimizer`; this class decides *when* and keeps state.
+(``server_lr``, optional heavy-ball ``momentum``, or FedAdagrad/FedAdam/FedYogi with
+``server_optimizer``, :mod:`fedmqtt.aggregation.serveropt`). ``robust`` swaps the weighted
+mean for a coordinate-wise trimmed mean or median and/or clips every row to ``clip_factor``
+times the median norm of recently accepted updates. The math is
+:func:`fedmqtt.aggregation.fedbuff_aggregate` and :class:`fedmqtt.aggregation.ServerOptimizer`
+(or :mod:`fedmqtt.aggregation.serveropt`); this class decides *when* and keeps state.
 """
 
 from __future__ import annotations
@@ -40,4 +42,4 @@ class FedBuff(Strategy):
         return {"optimizer": optimizer_state(self.optimizer)}
 
     def load_extra(self, state: Mapping[str, Any]) -> None:
-        self.optimizer = load_optimizer(self.cfg, state.get("optimizer"))
+        self.optimizer = load_optimizer(self.cfg, state.get("optimizer"), self.d)

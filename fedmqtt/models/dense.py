@@ -34,6 +34,7 @@ __all__ = [
     "encode_targets",
     "forward",
     "forward_preprocessed",
+    "hidden_features",
     "init_params",
     "label_indices",
     "loss_and_grad",
@@ -211,6 +212,14 @@ def forward(spec: ModelSpec, params: Params, X: npt.ArrayLike) -> F32:
     check_params(spec, params)
     Xp = preprocess(spec, X, _work_dtype(params))
     return cast(F32, forward_preprocessed(spec, params, Xp))
+
+
+def hidden_features(spec: ModelSpec, params: Params, X: npt.ArrayLike) -> F32:
+    """The inputs of the output layer for raw features ``X``: the last hidden layer's
+    activations (the preprocessed ``X`` for a model without hidden layers)."""
+    check_params(spec, params)
+    Xp = preprocess(spec, X, _work_dtype(params))
+    return cast(F32, _activations(spec, params, Xp)[-2])
 
 
 def loss_and_grad_preprocessed(
