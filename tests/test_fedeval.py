@@ -1,0 +1,316 @@
+"""Federated evaluation and per-device telemetry (issue #22, first half).
+
+Unit tests on the split, the metrics, the combination and the aggregator's validation of
+reports, then one small end-to-end run over the real broker (the simulator: real Mosquitto,
+real aggregator, real agents). The quality checks on 20 devices are slow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aggregator import cli
+from aggregator.devices import DeviceKeys
+from aggregator.fedeval import KEEP_VERSIONS, FederatedEval
+from aggregator.fleet import restore_fleet, save_fleet_state
+from aggregator.telemetry import format_devices, read_devices
+from edge_agent.config import AgentConfig
+from fedmqtt import wire
+from fedmqtt.admin.tomlconf import dumps
+from fedmqtt.errors import ConfigError, DecodeError
+from fedmqtt.fedeval import (
+    MAX_REPORT_BYTES,
+    DeviceEval,
+    EvalReport,
+    evaluate_params,
+    summarize,
+    validation_mask,
+)
+from fedmqtt.models import build_model, init_params
+from fedmqtt.models.dense import loss_and_grad
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.signing import HmacKey
+from simulator.runner import SimConfig, run_simulation
+
+FED = "fed"
+SPEC = ModelSpec("softmax", 4, 3)
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def test_validation_split_is_chosen_per_sample_not_per_position() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=3000)
+    m = validation_mask(X, y, 0.2)
+    assert 0.17 < m.mean() < 0.23
+    # Reordered: every sample keeps its side.
+    perm = rng.permutation(3000)
+    assert np.array_equal(validation_mask(X[perm], y[perm], 0.2), m[perm])
+    # Grown (new samples appended, the oldest trimmed): the old samples keep their side.
+    X2 = np.concatenate([X[500:], rng.normal(size=(700, 8)).astype(np.float32)])
+    y2 = np.concatenate([y[500:], rng.integers(0, 10, size=700)])
+    assert np.array_equal(validation_mask(X2, y2, 0.2)[:2500], m[500:])
+    # The label is part of the sample; no split at fraction 0.
+    assert not np.array_equal(validation_mask(X, (y + 1) % 10, 0.2), m)
+    assert not validation_mask(X, y, 0.0).any()
+
+
+# --------------------------------------------------------------------------- the metrics
+
+
+def test_device_metrics_are_the_models_own_scores() -> None:
+    """Accuracy as the server's holdout scores it (build_model(...).score), loss as training
+    computes it; R^2 as the linear model scores it, MAE by hand."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=200)
+    params = init_params(SPEC, rng)
+    ev = evaluate_params(SPEC, params, X, y)
+    assert ev.num_samples == 200
+    assert ev.metrics["accuracy"] == pytest.approx(build_model(SPEC, params).score(X, y))
+    assert ev.loss == pytest.approx(loss_and_grad(SPEC, params, X, y)[0], rel=1e-5)
+    lin = ModelSpec("linear", 4, 1)
+    lp = init_params(lin, rng)
+    t = (X @ np.array([1.0, -2.0, 0.5, 0.0]) + rng.normal(scale=0.1, size=200)).astype(np.float32)
+    ev = evaluate_params(lin, lp, X, t)
+    assert set(ev.metrics) == {"r2", "mae"}
+    assert ev.metrics["r2"] == pytest.approx(build_model(lin, lp).score(X, t), abs=1e-6)
+    pred = X @ lp["W0"][:, 0] + lp["b0"][0]
+    assert ev.metrics["mae"] == pytest.approx(float(np.mean(np.abs(pred - t))), rel=1e-5)
+
+
+def test_summary_is_sample_weighted_with_the_spread_across_devices() -> None:
+    reports = [
+        DeviceEval(10, 0.1, {"accuracy": 1.0}),
+        DeviceEval(30, 1.0, {"accuracy": 0.5}),
+        DeviceEval(60, 2.0, {"accuracy": 0.0}),
+    ]
+    s = summarize(7, "accuracy", reports)
+    assert s is not None
+    assert (s.version, s.devices, s.samples) == (7, 3, 100)
+    assert s.metric == pytest.approx((10 * 1.0 + 30 * 0.5) / 100)
+    assert s.loss == pytest.approx((10 * 0.1 + 30 * 1.0 + 60 * 2.0) / 100)
+    assert (s.p10, s.p90) == (pytest.approx(0.1), pytest.approx(0.9))
+    assert summarize(7, "accuracy", []) is None
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def report(device: str = "a", version: int = 0, **changes: Any) -> EvalReport:
+    fields: dict[str, Any] = {
+        "federation": FED,
+        "sender": device,
+        "version": version,
+        "spec_fingerprint": SPEC.fingerprint(),
+        "num_samples": 20,
+        "loss": 0.5,
+        "metrics": {"accuracy": 0.75},
+        "agent": "0.1.0",
+    }
+    fields.update(changes)
+    return EvalReport(**fields)
+
+
+def test_report_round_trips_and_refuses_non_finite_figures() -> None:
+    key = HmacKey.generate()
+    r = report()
+    payload = r.encode(key)
+    assert len(payload) < 400  # cheap on bytes
+    env = wire.open_envelope(payload)
+    env.verify(key)
+    got = EvalReport.from_body(wire.unpack_body(env))
+    assert got == r
+    for bad in ({"loss": math.nan}, {"metrics": {"accuracy": math.inf}}, {"num_samples": 0}):
+        body = {**r.to_body(), **bad}
+        with pytest.raises(DecodeError) as e:
+            EvalReport.from_body(body)
+        assert e.value.reason == "schema"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, HmacKey]:
+    (tmp_path / "devices").mkdir()
+    out = {}
+    for d in ("a", "b"):
+        out[d] = HmacKey.generate()
+        out[d].save(tmp_path / "devices" / f"{d}.hmac")
+    return out
+
+
+def test_aggregator_refuses_bad_reports_by_reason_and_changes_nothing(
+    tmp_path: Path, keys: dict[str, HmacKey]
+) -> None:
+    fe = FederatedEval(FED, SPEC.fingerprint(), DeviceKeys(tmp_path / "devices"), "accuracy")
+    assert fe.handle("a", report("a", 3).encode(keys["a"]), version=5) is not None
+    before = fe.federated_eval(3)
+    bad = {
+        "size": b"x" * (MAX_REPORT_BYTES + 1),
+        "schema": b"\x93not an envelope",
+        "unknown_device": report("c", 3).encode(keys["a"]),
+        "signature": report("b", 3).encode(keys["a"]),  # a's key on b's topic
+        "sender_mismatch": report("a", 3).encode(keys["b"]),  # b reporting for a
+        "federation": report("b", 3, federation="other").encode(keys["b"]),
+        "spec": report("b", 3, spec_fingerprint="0" * 16).encode(keys["b"]),
+        "future": report("b", 6).encode(keys["b"]),
+        "replay": report("a", 3, metrics={"accuracy": 0.0}).encode(keys["a"]),
+    }
+    topic_device = {"unknown_device": "c", "signature": "b", "sender_mismatch": "b"}
+    nan = wire.seal({**report("b", 3).to_body(), "loss": math.nan}, keys["b"])
+    assert fe.handle("b", nan, version=5) is None
+    for reason, payload in bad.items():
+        device = topic_device.get(reason, "b" if reason not in ("replay",) else "a")
+        assert fe.handle(device, payload, version=5) is None, reason
+    c = fe.counters()
+    assert c["rejected"] == {**{r: 1 for r in bad}, "schema": 2}
+    assert (c["received"], c["accepted"]) == (len(bad) + 2, 1)
+    assert fe.federated_eval(3) == before
+    # Reports stay accepted for the newest KEEP_VERSIONS versions that have reports.
+    for v in range(4, 4 + KEEP_VERSIONS):
+        assert fe.handle("a", report("a", v).encode(keys["a"]), version=20) is not None
+    assert fe.handle("b", report("b", 3).encode(keys["b"]), version=20) is None
+    assert fe.counters()["rejected"]["stale"] == 1
+    assert fe.federated_eval(3) == before  # kept as a summary once its reports are dropped
+
+
+def test_telemetry_and_evaluation_survive_a_restart(
+    tmp_path: Path, keys: dict[str, HmacKey], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aggregator.engine import Engine
+
+    (tmp_path / "devices" / "a.tags").write_text('{"site": "north", "hw": "pi4"}')
+    engine = _bare_engine(tmp_path)
+    now = time.time()
+    engine.telemetry.accepted("a", 2, 7, now)
+    engine.telemetry.accepted("a", 0, 9, now)
+    engine.telemetry.rejected("a", "stale", now)
+    engine.telemetry.rejected("nobody", "stale", now)  # not enrolled: no record
+    engine.telemetry.presence("b", "offline", now)
+    r = engine.evals.handle("a", report("a", 9).encode(keys["a"]), version=9)
+    assert r is not None
+    engine.telemetry.evaluated(r, now)
+    save_fleet_state(tmp_path / "state", engine)
+
+    again: Engine = _bare_engine(tmp_path)
+    assert restore_fleet(tmp_path / "state", again)
+    assert again.evals.federated_eval(9) == engine.evals.federated_eval(9)
+    listing = again.telemetry.listing()
+    assert listing == engine.telemetry.listing()
+    a = listing["a"]
+    assert (a["accepted"], a["last_trained_version"], a["mean_staleness"]) == (2, 9, 1.0)
+    assert a["rejected"] == {"stale": 1}
+    assert a["last_eval"]["accuracy"] == 0.75 and a["agent"] == "0.1.0"
+    assert a["tags"] == {"hw": "pi4", "site": "north"}
+    assert listing["b"]["online"] is False and listing["b"]["tags"] == {}
+    assert set(listing) == {"a", "b"}
+    text = format_devices(read_devices(tmp_path / "state", tmp_path / "devices"), now + 5)
+    assert "site=north" in text and "accuracy 0.750" in text and "2 device(s)" in text
+
+
+def _bare_engine(root: Path) -> Any:
+    from aggregator.config import AggregatorConfig
+    from aggregator.engine import Engine
+    from aggregator.metrics import Metrics
+
+    cfg = AggregatorConfig.from_dict(_raw_config(), base_dir=root)
+    return Engine(cfg, Metrics(FED), keys=None)
+
+
+def _raw_config() -> dict[str, Any]:
+    return {
+        "federation": {"id": FED, "state_dir": "state"},
+        "broker": {"host": "127.0.0.1", "port": 1},
+        "security": {"signing_key": "aggregator.key", "devices_dir": "devices"},
+        "model": dict(SPEC.to_wire()),
+    }
+
+
+def test_devices_command_lists_the_fleet_file(
+    tmp_path: Path, keys: dict[str, HmacKey], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text(dumps(_raw_config()))
+    assert cli.main(["devices", "--config", str(cfg)]) == 1  # no fleet file yet
+    assert "has not run" in capsys.readouterr().err
+    engine = _bare_engine(tmp_path)
+    engine.telemetry.accepted("b", 1, 4, time.time())
+    save_fleet_state(tmp_path / "state", engine)
+    assert cli.main(["devices", "--config", str(cfg), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert list(listed) == ["b"] and listed["b"]["last_trained_version"] == 4
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+def _agent_raw(**evaluation: Any) -> dict[str, Any]:
+    return {
+        "device": {"id": "d", "federation": FED, "state_dir": "s"},
+        "security": {"aggregator_public_key": "k.pub", "update_key": "k"},
+        "data": {"source": "npz", "path": "data"},
+        "evaluation": evaluation,
+    }
+
+
+def test_agent_evaluation_options() -> None:
+    base = Path("/tmp")
+    assert not AgentConfig.from_dict(_agent_raw(), base_dir=base).evaluation.enabled
+    cfg = AgentConfig.from_dict(_agent_raw(fraction=0.2), base_dir=base).evaluation
+    assert cfg.enabled and cfg.fraction == 0.2 and cfg.data is None
+    sep = AgentConfig.from_dict(_agent_raw(data={"source": "csv", "path": "val"}), base_dir=base)
+    assert sep.evaluation.data is not None and sep.evaluation.data.path == base / "val"
+    for bad in (
+        {"fraction": 0.9},
+        {"fraction": 0.1, "data": {"source": "csv", "path": "v"}},
+        {"fractoin": 0.1},
+    ):
+        with pytest.raises(ConfigError):
+            AgentConfig.from_dict(_agent_raw(**bad), base_dir=base)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_devices_report_evaluations_over_the_real_broker(tmp_path: Path) -> None:
+    """Four real agents with a validation split, a real aggregator and Mosquitto: every new
+    version a device takes is evaluated and reported; the aggregator accepts every report,
+    combines them per version, counts their bytes as uploaded, and keeps per-device
+    telemetry in fleet.json."""
+    s = run_simulation(
+        SimConfig(
+            clients=4,
+            partition="iid",
+            duration=60.0,
+            versions=4,
+            compute_time=0.05,
+            eval_fraction=0.3,
+            quiet=True,
+            workdir=tmp_path / "sim",
+        ),
+        out=io.StringIO(),
+    )
+    assert s["error"] is None, s["error"]
+    reports = s["eval_reports"]
+    assert reports["accepted"] >= 4 and reports["rejected"] == {}
+    series = s["federated_eval"]
+    assert sum(e["devices"] for e in series) == reports["accepted"]
+    for e in series:
+        assert 0.0 <= e["p10"] <= e["p90"] <= 1.0 and 0.0 <= e["metric"] <= 1.0
+        assert e["metric_name"] == "accuracy" and e["samples"] > 0
+    assert s["bytes_uploaded"] > reports["bytes_received"] > 0
+    assert any(p["federated"] is not None for p in s["history"])
+    devices = read_devices(tmp_path / "sim" / "aggregator", tmp_path / "sim" / "devices")
+    assert len(devices) == 4
+    for d in devices.values():
+        assert d["accepted"] >= 1 and d["last_trained_version"] is not None
+        assert d["last_eval"] is not None and d["agent"]
