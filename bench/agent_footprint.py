@@ -12,6 +12,8 @@ Runs, in one go and on this machine:
   model version, waits for the update, applies it, publishes the next version);
 * the same agent started and stopped with no model (zero rounds), to separate start-up cost
   from the per-round cost.
+* the same agent with federated evaluation on (``[evaluation] fraction``, ``--eval-fraction``,
+  default 0.2): it also evaluates every version on its validation split and publishes the report.
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (the kernel's VmHWM at exit), measured
 per process; CPU is user + system seconds of the child. CPU per round = (CPU with N rounds -
@@ -167,7 +169,13 @@ class Aggregator:
 
 
 def write_device(
-    root: Path, broker: Mosquitto, signer: Ed25519Signer, X: np.ndarray, y: np.ndarray
+    root: Path,
+    broker: Mosquitto,
+    signer: Ed25519Signer,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    eval_fraction: float = 0.0,
 ) -> tuple[Path, ChaChaPolyKey]:
     signer.verifier().save(root / "aggregator.pub")
     key = ChaChaPolyKey.generate()
@@ -181,6 +189,7 @@ def write_device(
         f'[security]\naggregator_public_key = "aggregator.pub"\nupdate_key = "device.key"\n'
         f'[data]\nsource = "npz"\npath = "data"\n'
         f'[logging]\nlevel = "WARNING"\n'
+        + (f"[evaluation]\nfraction = {eval_fraction}\n" if eval_fraction > 0 else "")
     )
     return cfg, key
 
@@ -193,11 +202,12 @@ def run_agent(
     *,
     rounds: int,
     env: dict[str, str],
+    eval_fraction: float = 0.0,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="fedmqtt-bench-") as tmp:
         root = Path(tmp)
         signer = Ed25519Signer.generate()
-        cfg, key = write_device(root, broker, signer, X, y)
+        cfg, key = write_device(root, broker, signer, X, y, eval_fraction=eval_fraction)
         agg = Aggregator(broker, signer, key, spec)
 
         def drive(pid: int) -> None:
@@ -276,6 +286,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        help="[evaluation] fraction of the extra run with federated evaluation (0: no such run)",
+    )
     args = ap.parse_args()
     base_env = {
         k: v
@@ -307,6 +323,18 @@ def main() -> int:
         results[f"agent, {args.rounds} rounds, OPENBLAS_NUM_THREADS=1"] = run_agent(
             broker, X, y, spec, rounds=args.rounds, env=one
         )
+        if args.eval_fraction > 0:
+            results[f"agent, {args.rounds} rounds, [evaluation] fraction {args.eval_fraction}"] = (
+                run_agent(
+                    broker,
+                    X,
+                    y,
+                    spec,
+                    rounds=args.rounds,
+                    env=base_env,
+                    eval_fraction=args.eval_fraction,
+                )
+            )
     bare = results["bare numpy"]["peak_rss_mib"]
     idle_cpu = results["agent, 0 rounds"]["cpu_s"]
     print(f"machine: {json.dumps(machine())}")
