@@ -250,6 +250,34 @@ def test_devices_command_lists_the_fleet_file(
     assert list(listed) == ["b"] and listed["b"]["last_trained_version"] == 4
 
 
+def test_prometheus_is_fleet_level_unless_per_device_is_asked_for(
+    tmp_path: Path, keys: dict[str, HmacKey]
+) -> None:
+    from prometheus_client import generate_latest
+
+    from aggregator.fleet import attach
+    from aggregator.statusfile import format_status
+
+    texts = {}
+    for per_device in (False, True):
+        engine = _bare_engine(tmp_path)
+        attach(engine.metrics, engine, per_device=per_device)
+        engine.telemetry.accepted("a", 1, 0, time.time())
+        engine.evals.handle("a", report("a", 0).encode(keys["a"]), version=0)
+        engine.evals.handle("b", b"junk", version=0)
+        texts[per_device] = generate_latest(engine.metrics.registry).decode()
+        snap = engine.metrics.snapshot()
+    fleet = texts[False]
+    assert 'fedmqtt_federated_eval_score{stat="p10"} 0.75' in fleet
+    assert "fedmqtt_federated_eval_devices 1.0" in fleet
+    assert 'fedmqtt_eval_reports_rejected_total{reason="schema"} 1.0' in fleet
+    assert "device=" not in fleet
+    assert 'fedmqtt_device_updates_accepted_total{device="a"} 1.0' in texts[True]
+    assert snap["federated_eval"]["metric"] == 0.75 and snap["eval_reports"]["accepted"] == 1
+    shown = format_status({**snap, "updated_at": time.time()})
+    assert "federated eval  accuracy 0.7500" in shown and "over 1 device(s) at version 0" in shown
+
+
 # --------------------------------------------------------------------------- the agent
 
 
@@ -311,6 +339,9 @@ def test_devices_report_evaluations_over_the_real_broker(tmp_path: Path) -> None
     assert any(p["federated"] is not None for p in s["history"])
     devices = read_devices(tmp_path / "sim" / "aggregator", tmp_path / "sim" / "devices")
     assert len(devices) == 4
+    status = json.loads((tmp_path / "sim" / "aggregator" / "status.json").read_text())
+    assert status["federated_eval"]["version"] == max(e["version"] for e in series)
+    assert set(status["devices"]) == set(devices)
     for d in devices.values():
         assert d["accepted"] >= 1 and d["last_trained_version"] is not None
         assert d["last_eval"] is not None and d["agent"]
