@@ -324,6 +324,7 @@ def test_devices_report_evaluations_over_the_real_broker(tmp_path: Path) -> None
             eval_fraction=0.3,
             quiet=True,
             workdir=tmp_path / "sim",
+            plot=tmp_path / "s.png",
         ),
         out=io.StringIO(),
     )
@@ -337,6 +338,7 @@ def test_devices_report_evaluations_over_the_real_broker(tmp_path: Path) -> None
         assert e["metric_name"] == "accuracy" and e["samples"] > 0
     assert s["bytes_uploaded"] > reports["bytes_received"] > 0
     assert any(p["federated"] is not None for p in s["history"])
+    assert (tmp_path / "s.png").stat().st_size > 0  # with the devices' figures
     devices = read_devices(tmp_path / "sim" / "aggregator", tmp_path / "sim" / "devices")
     assert len(devices) == 4
     status = json.loads((tmp_path / "sim" / "aggregator" / "status.json").read_text())
