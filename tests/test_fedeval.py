@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_aggregator_support import FED as SUPPORT_FED
+from test_aggregator_support import Federation, publish_all, wait_until
 
 from aggregator import cli
 from aggregator.devices import DeviceKeys
@@ -23,7 +25,7 @@ from aggregator.fedeval import KEEP_VERSIONS, FederatedEval
 from aggregator.fleet import restore_fleet, save_fleet_state
 from aggregator.telemetry import format_devices, read_devices
 from edge_agent.config import AgentConfig
-from fedmqtt import wire
+from fedmqtt import topics, wire
 from fedmqtt.admin.tomlconf import dumps
 from fedmqtt.errors import ConfigError, DecodeError
 from fedmqtt.fedeval import (
@@ -38,6 +40,8 @@ from fedmqtt.models import build_model, init_params
 from fedmqtt.models.dense import loss_and_grad
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import HmacKey
+from simulator.aggregator_thread import AggregatorThread
+from simulator.broker import Mosquitto
 from simulator.runner import SimConfig, run_simulation
 
 FED = "fed"
@@ -307,6 +311,49 @@ def test_agent_evaluation_options() -> None:
 
 
 # --------------------------------------------------------------------------- end to end
+
+
+def test_service_takes_reports_from_the_eval_topic_and_keeps_them_across_a_restart(
+    broker: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The running service: reports on fl/<fed>/eval/<dev> are validated (a device signing
+    for another, a report for another federation: refused, counted), combined, written to
+    fleet.json at the stop and read back at the next start; ``fl-aggregator devices`` lists
+    them."""
+    fed = Federation(tmp_path, SPEC, devices=("dev0", "dev1"))
+    cfg = fed.config(broker.host, broker.port)
+
+    def signed(device: str, key: str, **changes: Any) -> bytes:
+        r = report(device, 0, **{"federation": SUPPORT_FED, **changes})
+        return r.encode(fed.keys[key])
+
+    agg = AggregatorThread(cfg).start()
+    try:
+        publish_all(
+            broker.port,
+            [
+                (topics.eval_report(SUPPORT_FED, "dev0"), signed("dev0", "dev0")),
+                (topics.eval_report(SUPPORT_FED, "dev1"), signed("dev1", "dev1", num_samples=60)),
+                (topics.eval_report(SUPPORT_FED, "dev0"), signed("dev0", "dev1")),
+                (topics.eval_report(SUPPORT_FED, "dev1"), signed("dev1", "dev1", federation="x")),
+            ],
+        )
+        wait_until(lambda: agg.snapshot()["eval_reports"]["received"] == 4, 10, "4 reports")
+        summary = agg.service.federated_eval(0)
+        assert summary is not None and (summary.devices, summary.samples) == (2, 80)
+        assert agg.snapshot()["eval_reports"]["rejected"] == {"signature": 1, "federation": 1}
+    finally:
+        agg.stop()
+    again = AggregatorThread(cfg).start()
+    try:
+        assert again.service.federated_eval(0) == summary
+        assert again.snapshot()["eval_reports"]["rejected"] == {"signature": 1, "federation": 1}
+    finally:
+        again.stop()
+    toml = fed.write_toml(tmp_path / "aggregator.toml", broker.host, broker.port)
+    assert cli.main(["devices", "--config", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "dev0" in out and "dev1" in out and "2 device(s)" in out
 
 
 def test_devices_report_evaluations_over_the_real_broker(tmp_path: Path) -> None:
