@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from test_aggregator_support import FED as SUPPORT_FED
-from test_aggregator_support import Federation, publish_all, wait_until
+from test_aggregator_support import Federation, client, publish_all, wait_until
 
 from aggregator import cli
 from aggregator.devices import DeviceKeys
@@ -454,3 +455,63 @@ def test_dirichlet_spread_across_devices_is_reported() -> None:
     assert spread >= 0.15
     assert spread >= float(np.mean([e["p90"] - e["p10"] for e in iid])) + 0.05
     assert all(e["devices"] == 20 for e in skewed)
+
+
+def test_agent_reports_each_version_once_and_never_trains_on_its_split(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A real agent against a paho "aggregator": it reports v1 (signed with its update key)
+    and trains on the rest of its data only (update samples + report samples = its 300
+    samples, the split being the one validation_mask picks); a version it cannot train on
+    (too few samples) is still evaluated; after a restart v1 is not reported again."""
+    from test_agent_helpers import FED as AGENT_FED
+    from test_agent_helpers import AgentThread, FakeAggregator, make_device
+
+    from edge_agent.agent import EdgeAgent
+
+    device = make_device(tmp_path / "dev-1")
+    fake = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
+    got: list[EvalReport] = []
+    subscribed = threading.Event()
+    listener = client(broker.port)
+    listener.on_subscribe = lambda *a: subscribed.set()
+
+    def on_message(c: Any, u: Any, msg: Any) -> None:
+        env = wire.open_envelope(bytes(msg.payload))
+        env.verify(device.key)
+        got.append(EvalReport.from_body(wire.unpack_body(env)))
+
+    listener.on_message = on_message
+    listener.subscribe(topics.eval_filter(AGENT_FED), qos=1)
+    assert subscribed.wait(5)
+    evaluation = {"fraction": 0.3}
+    try:
+        fake.publish_model(1)
+        runner = AgentThread(EdgeAgent(device.config(broker, evaluation=evaluation)))
+        try:
+            [update] = fake.wait_updates(1)
+            wait_until(lambda: len(got) == 1, 10, "the report of v1")
+        finally:
+            runner.stop()
+        with np.load(device.root / "data" / "shard.npz") as z:
+            held_out = int(validation_mask(z["X"], z["y"], 0.3).sum())
+        assert (got[0].version, got[0].sender, got[0].num_samples) == (1, "dev-1", held_out)
+        assert update.num_samples == 300 - held_out
+        assert set(got[0].metrics) == {"accuracy"} and got[0].agent
+        # Restarted, with too little data to train: v2 is evaluated all the same, v1 is not
+        # reported again (reports of one client arrive in order: it would have come first).
+        fake.publish_model(2)
+        starved = device.config(broker, evaluation=evaluation, data={"min_samples": 10_000})
+        agent = EdgeAgent(starved)
+        runner = AgentThread(agent)
+        try:
+            wait_until(lambda: len(got) == 2, 10, "the report of v2")
+            wait_until(lambda: agent.rounds_failed >= 1, 10, "a failed round")
+        finally:
+            runner.stop()
+        assert [r.version for r in got] == [1, 2]
+        assert len(fake.received()) == 1
+    finally:
+        listener.disconnect()
+        listener.loop_stop()
+        fake.close()
