@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+# fleet.json is rewritten at most this often (and at a clean stop): with 10,000 devices it is
+# a few MB, written by the thread that also writes checkpoints.
+FLEET_SAVE_S = 30.0
 _TICK_S = 0.1
 
 
@@ -135,6 +138,7 @@ class Aggregator:
         self._fatal: BaseException | None = None
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
         self._fatal_event: asyncio.Event | None = None
+        self._fleet_saved = 0.0  # monotonic time of the last fleet.json write
 
     # ------------------------------------------------------------------ public
     def snapshot(self) -> dict[str, Any]:
@@ -458,7 +462,10 @@ class Aggregator:
     def _write_status_soon(self) -> None:
         status = self._status("running")
         self._io_x.submit(write_status, self.cfg.state_dir, status)
-        if self.engine.telemetry.changed or self.engine.evals.changed:
+        now = time.monotonic()
+        changed = self.engine.telemetry.changed or self.engine.evals.changed
+        if changed and now - self._fleet_saved >= FLEET_SAVE_S:
+            self._fleet_saved = now
             self._io_x.submit(self._save_fleet)
 
     def _save_fleet(self) -> None:

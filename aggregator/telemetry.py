@@ -12,9 +12,9 @@ fleet-wide only, so a flood of invented ids cannot grow this table.
 
 The table, with the federated evaluation's reports (:mod:`aggregator.fedeval`), is kept in
 ``<state_dir>/fleet.json``, written atomically (temporary file, fsync, rename) at most every
-``[metrics] status_interval_s`` while something changed, and at a clean stop: it survives a
-restart. Counters can be slightly off after a crash (a buffered update redelivered by the
-broker is counted again; up to one status interval of telemetry is lost).
+30 s (``aggregator.service.FLEET_SAVE_S``) while something changed, and at a clean stop: it
+survives a restart. Counters can be slightly off after a crash (a buffered update redelivered
+by the broker is counted again; up to 30 s of telemetry is lost).
 
 Thread safety: the engine thread records; any thread may read.
 """
