@@ -314,15 +314,17 @@ def test_agent_evaluation_options() -> None:
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_service_takes_reports_from_the_eval_topic_and_keeps_them_across_a_restart(
-    broker: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    broker: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: int
 ) -> None:
     """The running service: reports on fl/<fed>/eval/<dev> are validated (a device signing
     for another, a report for another federation: refused, counted), combined, written to
     fleet.json at the stop and read back at the next start; ``fl-aggregator devices`` lists
-    them."""
+    them. With scale-out workers too (they take the updates; the service's own connection
+    takes the reports)."""
     fed = Federation(tmp_path, SPEC, devices=("dev0", "dev1"))
-    cfg = fed.config(broker.host, broker.port)
+    cfg = fed.config(broker.host, broker.port, scaleout={"workers": workers})
 
     def signed(device: str, key: str, **changes: Any) -> bytes:
         r = report(device, 0, **{"federation": SUPPORT_FED, **changes})
