@@ -517,3 +517,31 @@ def test_agent_reports_each_version_once_and_never_trains_on_its_split(
         listener.disconnect()
         listener.loop_stop()
         fake.close()
+
+
+def test_a_separate_validation_source_is_evaluated_and_data_trained_in_full(
+    tmp_path: Path,
+) -> None:
+    from edge_agent.config import DataConfig, EvaluationConfig
+    from edge_agent.evaluation import Evaluator
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=40)
+    np.savez(tmp_path / "val.npz", X=X[:25], y=y[:25])
+    key = HmacKey.generate()
+    cfg = EvaluationConfig(data=DataConfig(source="npz", path=tmp_path / "val.npz"))
+    ev = Evaluator(cfg, "a", FED, key)
+    (Xt, _), (Xv, _) = ev.split(X, y)
+    assert Xt.shape[0] == 40 and Xv.shape[0] == 0  # [data] is trained on in full
+    params = init_params(SPEC, rng)
+    model = wire.GlobalModel(FED, "aggregator", 5, SPEC, params)
+    assert ev.due(model)
+    payload = ev.report(model, None)
+    assert payload is not None and not ev.due(model)
+    env = wire.open_envelope(payload)
+    env.verify(key)
+    r = EvalReport.from_body(wire.unpack_body(env))
+    assert (r.version, r.num_samples) == (5, 25)
+    expected = evaluate_params(SPEC, params, X[:25], y[:25])
+    assert (r.loss, r.metrics) == (expected.loss, expected.metrics)
