@@ -42,11 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("run", "run the service until SIGTERM"),
         ("status", "show version, counters, devices online, last evaluation (from status.json)"),
         ("export-onnx", "write the current global model as an ONNX file"),
+        ("devices", "list each device: presence, updates, staleness, last evaluation, tags"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", type=Path, required=True, metavar="PATH", help="aggregator.toml")
-        if name == "status":
-            p.add_argument("--json", action="store_true", help="print status.json as is")
+        if name in ("status", "devices"):
+            p.add_argument("--json", action="store_true", help="print JSON")
         if name == "export-onnx":
             p.add_argument("--out", type=Path, required=True, metavar="FILE")
     args = parser.parse_args(argv)
@@ -58,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(cfg)
         if args.cmd == "status":
             return _status(cfg, args.json)
+        if args.cmd == "devices":
+            return _devices(cfg, args.json)
         return _export(cfg, args.out)
     except ConfigError as e:
         print(f"fl-aggregator: configuration error: {e}", file=sys.stderr)
@@ -130,6 +133,17 @@ def _status(cfg: AggregatorConfig, as_json: bool) -> int:
         print(json.dumps(s, indent=1, sort_keys=True))
     else:
         print(format_status(s, time.time()))
+    return 0
+
+
+def _devices(cfg: AggregatorConfig, as_json: bool) -> int:
+    from aggregator.telemetry import format_devices, read_devices
+
+    devices = read_devices(cfg.state_dir, cfg.security.devices_dir)
+    if as_json:
+        print(json.dumps(devices, indent=1, sort_keys=True))
+    else:
+        print(format_devices(devices, time.time()))
     return 0
 
 

@@ -144,6 +144,7 @@ class MetricsConfig:
     publish_interval_s: float = 10.0
     format: str = "json"
     status_interval_s: float = 5.0
+    per_device: bool = False  # Prometheus series labelled by device (cardinality: the fleet)
 
 
 @dataclass(frozen=True)
@@ -517,6 +518,7 @@ def _metrics(t: Table) -> MetricsConfig:
         publish_interval_s=t.number("publish_interval_s", d.publish_interval_s, lo=0.1),
         format=fmt,
         status_interval_s=t.number("status_interval_s", d.status_interval_s, lo=0.1),
+        per_device=t.flag("per_device", d.per_device),
     )
 
 

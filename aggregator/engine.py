@@ -35,11 +35,14 @@ from aggregator.checkpoint import FORMAT_VERSION as STATE_FORMAT
 from aggregator.checkpoint import CheckpointError, encode_state, f32, tensor
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceKeys
+from aggregator.evaluate import metric_name
+from aggregator.fedeval import FederatedEval
 from aggregator.metrics import Metrics, RejectionLog
 from aggregator.presence import Presence
 from aggregator.ratelimit import DeviceRate
 from aggregator.replay import ReplayWindow
 from aggregator.strategies import Strategy, build_strategy
+from aggregator.telemetry import DeviceTelemetry
 from aggregator.validate import (
     NormGate,
     ReplayError,
@@ -67,8 +70,18 @@ PARALLEL_MIN_MEAN_BYTES = 32 * 1024
 # A MAC this cheap is checked on the engine thread: handing half a batch to another thread
 # costs more than it saves (docs/benchmarks.md, "The engine alone").
 CHEAP_AUTH_ALGS: Final = frozenset({CHACHA20_POLY1305})
-# An opened update, its refusal, or the device of a presence message.
-_Opened = tuple[UpdateMeta, dict[str, Any]] | RejectedError | str
+
+
+@dataclass(frozen=True, slots=True)
+class _Eval:
+    """An evaluation report of ``device`` (checked by :mod:`aggregator.fedeval`)."""
+
+    device: str
+    payload: bytes = b""
+
+
+# An opened update, its refusal, the device of a presence message, or an evaluation report.
+_Opened = tuple[UpdateMeta, dict[str, Any]] | RejectedError | str | _Eval
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +115,7 @@ class Verified:
     encoded: bool = False  # ``delta`` is the msgpack wire encoding, not float32 bytes
 
 
-_Entry = _Update | _Presence
+_Entry = _Update | _Presence | _Eval
 
 
 @dataclass(frozen=True)
@@ -154,6 +167,14 @@ class Engine:
         self.rate = DeviceRate(lim.device_rate, lim.device_burst)
         self.presence = Presence(self.federation, self.keys)
         self.reject_log = RejectionLog()
+        self.telemetry = DeviceTelemetry(self.keys)
+        self.evals = FederatedEval(
+            self.federation,
+            self.fingerprint,
+            self.keys,
+            metric_name(cfg.spec),
+            reject_log=self.reject_log,
+        )
         self._pool: ThreadPoolExecutor | None = None
         self.strategy.on_version(0, time.monotonic())
 
@@ -235,6 +256,8 @@ class Engine:
         for (topic, payload), opened in zip(items, self._open_all(items), strict=True):
             if isinstance(opened, str):
                 entries.append(_Presence(opened, payload))
+            elif isinstance(opened, _Eval):
+                entries.append(_Eval(opened.device, payload))
             elif isinstance(opened, RejectedError):
                 entries.append(_Update({}, topic, len(payload), None, opened))
             else:
@@ -257,6 +280,10 @@ class Engine:
                 self._status(e.device, e.payload)
                 needs.append(0)
                 continue
+            if isinstance(e, _Eval):
+                self._evaluation(e)
+                needs.append(0)
+                continue
             received += 1
             nbytes += e.nbytes
             meta = e.meta
@@ -274,10 +301,12 @@ class Engine:
             except RejectedError as err:
                 rejected[err.reason] += 1
                 self.reject_log(self._device(e), err.reason, err.detail)
+                self.telemetry.rejected(self._device(e), err.reason, time.time())
                 needs.append(self._replay_needs(err) if err.reason == REPLAY else 0)
                 self._observe(meta.update_id if meta is not None else None, err.reason)
                 continue
             needs.append(self.flushes + 1)
+            self.telemetry.accepted(meta.sender, tau, meta.base_version, time.time())
             self._commit(meta, tau, norm, now)
             taus.append(tau)
         self.metrics.record_batch(
@@ -320,6 +349,9 @@ class Engine:
         status_of = topics.status_device(topic, self.federation)
         if status_of is not None:
             return status_of
+        eval_of = topics.eval_device(topic, self.federation)
+        if eval_of is not None:
+            return _Eval(eval_of)
         try:
             return open_update(
                 topic,
@@ -417,6 +449,12 @@ class Engine:
             self.reject_log(device, "status-" + e.reason, e.detail)
             return
         self.metrics.set_online(self.presence.online())
+        self.telemetry.presence(device, self.presence.state_of(device), time.time())
+
+    def _evaluation(self, e: _Eval) -> None:
+        report = self.evals.handle(e.device, e.payload, self.version)
+        if report is not None:
+            self.telemetry.evaluated(report, time.time())
 
     def _observe(self, update_id: str | None, reason: str | None) -> None:
         if self.on_update is not None:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter as PyCounter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, cast
 
 import msgpack
@@ -76,6 +76,8 @@ class Metrics:
         self.checkpoints = 0
         self.status_rejected = 0
         self.partial_flushes = 0  # buffers applied early because the ack window was nearly full
+        # More entries for snapshot(), computed by their owner (aggregator.fleet.attach).
+        self.extra: Callable[[], dict[str, Any]] | None = None
 
         # Counters and gauges are plain attributes exported by a collector at scrape time, so
         # recording an update costs a few integer additions, not a locked Prometheus call.
@@ -171,8 +173,10 @@ class Metrics:
 
     # ------------------------------------------------------------------ views
     def snapshot(self) -> dict[str, Any]:
+        extra = self.extra() if self.extra is not None else {}
         with self._lock:
             return {
+                **extra,
                 "federation": self.federation,
                 "version": self.version,
                 "updates_received": self.received,

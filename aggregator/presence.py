@@ -40,5 +40,10 @@ class Presence:
     def online(self) -> int:
         return sum(1 for state, _ in self._state.values() if state == "online")
 
+    def state_of(self, device: str) -> str | None:
+        """``online`` / ``offline`` as the device last said, None if unknown or removed."""
+        s = self._state.get(device)
+        return s[0] if s is not None else None
+
     def devices(self) -> dict[str, str]:
         return {d: s for d, (s, _) in sorted(self._state.items())}

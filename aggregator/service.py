@@ -42,6 +42,7 @@ from aggregator.devices import DeviceKeys
 from aggregator.durability import Durability
 from aggregator.engine import Engine, Snapshot, UpdateObserver
 from aggregator.evaluate import Holdout, load_holdout
+from aggregator.fleet import attach, device_status, restore_fleet, save_fleet_state
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import MqttLink
@@ -51,6 +52,7 @@ from aggregator.sources import LinkSource, PoolSource, Source
 from aggregator.statusfile import write_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
+from fedmqtt.fedeval import EvalSummary
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Signer
 
@@ -60,6 +62,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+# fleet.json is rewritten at most this often (and at a clean stop): with 10,000 devices it is
+# a few MB, written by the thread that also writes checkpoints.
+FLEET_SAVE_S = 30.0
 _TICK_S = 0.1
 
 
@@ -133,11 +138,19 @@ class Aggregator:
         self._fatal: BaseException | None = None
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
         self._fatal_event: asyncio.Event | None = None
+        self._fleet_saved = 0.0  # monotonic time of the last fleet.json write
 
     # ------------------------------------------------------------------ public
     def snapshot(self) -> dict[str, Any]:
         """Version, counters, staleness histogram, last accuracy, devices online (read-only)."""
         return self.metrics.snapshot()
+
+    def federated_eval(self, version: int) -> EvalSummary | None:
+        """The devices' federated evaluation of ``version`` (:mod:`aggregator.fedeval`):
+        sample-weighted metric and loss, devices, p10/p90; None if no device reported on it
+        (yet). Safe from any thread."""
+        engine = getattr(self, "engine", None)
+        return engine.evals.federated_eval(version) if engine is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
@@ -165,6 +178,8 @@ class Aggregator:
             await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
             path = await loop.run_in_executor(engine_x, open_state, cfg, self.engine)
             self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
+            await loop.run_in_executor(io_x, restore_fleet, cfg.state_dir, self.engine)
+            attach(self.metrics, self.engine, per_device=cfg.metrics.per_device)
             self._durability: Durability = Durability(
                 cfg,
                 self.engine,
@@ -220,7 +235,7 @@ class Aggregator:
             pub_x=self._pub_x,
             eval_x=self._eval_x,
         )
-        subs = [topics.status_filter(fed)]
+        subs = [topics.status_filter(fed), topics.eval_filter(fed)]
         if cfg.scaleout.workers == 0:
             subs.insert(0, topics.updates_filter(fed))
         link_stop = asyncio.Event()
@@ -308,6 +323,7 @@ class Aggregator:
             await asyncio.get_running_loop().run_in_executor(
                 self._io_x, write_status, self.cfg.state_dir, self._status("stopped")
             )
+        await asyncio.get_running_loop().run_in_executor(self._io_x, self._save_fleet)
 
     # ------------------------------------------------------------------ ingestion
     async def _ingest(self, source: Source) -> None:
@@ -439,9 +455,21 @@ class Aggregator:
                 self._publisher.published_version if self._publisher is not None else -1
             ),
             status_interval_s=self.cfg.metrics.status_interval_s,
+            **device_status(self.engine),
         )
         return s
 
     def _write_status_soon(self) -> None:
         status = self._status("running")
         self._io_x.submit(write_status, self.cfg.state_dir, status)
+        now = time.monotonic()
+        changed = self.engine.telemetry.changed or self.engine.evals.changed
+        if changed and now - self._fleet_saved >= FLEET_SAVE_S:
+            self._fleet_saved = now
+            self._io_x.submit(self._save_fleet)
+
+    def _save_fleet(self) -> None:
+        try:
+            save_fleet_state(self.cfg.state_dir, self.engine)
+        except OSError as e:
+            log.error("cannot write the fleet file in %s: %s", self.cfg.state_dir, e)

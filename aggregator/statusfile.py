@@ -79,5 +79,11 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
             f"last evaluation {s.get('eval_metric', 'accuracy')} "
             f"{float(s['accuracy']):.4f} at version {s.get('eval_version')}"
         )
+    fed = s.get("federated_eval")
+    if isinstance(fed, dict):
+        lines.append(
+            f"federated eval  {fed['metric_name']} {fed['metric']:.4f} (p10 {fed['p10']:.4f}, "
+            f"p90 {fed['p90']:.4f}) over {fed['devices']} device(s) at version {fed['version']}"
+        )
     lines.append(f"updated         {age:.1f}s ago")
     return "\n".join(lines)

@@ -12,6 +12,8 @@ Runs, in one go and on this machine:
   model version, waits for the update, applies it, publishes the next version);
 * the same agent started and stopped with no model (zero rounds), to separate start-up cost
   from the per-round cost.
+* the same agent with federated evaluation on (``[evaluation] fraction``, ``--eval-fraction``,
+  default 0.2): it also evaluates every version on its validation split and publishes the report.
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (the kernel's VmHWM at exit), measured
 per process; CPU is user + system seconds of the child. CPU per round = (CPU with N rounds -
@@ -175,6 +177,7 @@ def write_device(
     y: np.ndarray,
     *,
     personalise: str | None = None,
+    eval_fraction: float = 0.0,
 ) -> tuple[Path, ChaChaPolyKey]:
     signer.verifier().save(root / "aggregator.pub")
     key = ChaChaPolyKey.generate()
@@ -189,6 +192,7 @@ def write_device(
         f'[data]\nsource = "npz"\npath = "data"\n'
         f'[logging]\nlevel = "WARNING"\n'
         + (f'[personalise]\nmode = "{personalise}"\n' if personalise else "")
+        + (f"[evaluation]\nfraction = {eval_fraction}\n" if eval_fraction > 0 else "")
     )
     return cfg, key
 
@@ -202,11 +206,14 @@ def run_agent(
     rounds: int,
     env: dict[str, str],
     personalise: str | None = None,
+    eval_fraction: float = 0.0,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="fedmqtt-bench-") as tmp:
         root = Path(tmp)
         signer = Ed25519Signer.generate()
-        cfg, key = write_device(root, broker, signer, X, y, personalise=personalise)
+        cfg, key = write_device(
+            root, broker, signer, X, y, personalise=personalise, eval_fraction=eval_fraction
+        )
         agg = Aggregator(broker, signer, key, spec)
 
         def drive(pid: int) -> None:
@@ -291,6 +298,12 @@ def main() -> int:
         metavar="MODE",
         help="also measure the agent with [personalise] mode = MODE (head or finetune)",
     )
+    ap.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        help="[evaluation] fraction of the extra run with federated evaluation (0: no such run)",
+    )
     args = ap.parse_args()
     base_env = {
         k: v
@@ -328,6 +341,18 @@ def main() -> int:
                 results[name] = run_agent(
                     broker, X, y, spec, rounds=args.rounds, env=env, personalise=args.personalise
                 )
+        if args.eval_fraction > 0:
+            results[f"agent, {args.rounds} rounds, [evaluation] fraction {args.eval_fraction}"] = (
+                run_agent(
+                    broker,
+                    X,
+                    y,
+                    spec,
+                    rounds=args.rounds,
+                    env=base_env,
+                    eval_fraction=args.eval_fraction,
+                )
+            )
     bare = results["bare numpy"]["peak_rss_mib"]
     idle_cpu = results["agent, 0 rounds"]["cpu_s"]
     print(f"machine: {json.dumps(machine())}")

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 from edge_agent import state as st
 from edge_agent.config import AgentConfig
 from edge_agent.data import DataError, load_data
+from edge_agent.evaluation import Evaluator
 from edge_agent.logs import DeviceLog
 from edge_agent.mqtt import Link
 from edge_agent.outbox import Outbox
@@ -138,6 +139,7 @@ class _Worker:
     result: DeltaResult | None = None
     error: BaseException | None = None
     personal: PersonalModel | None = None  # built after the round if [personalise] is on
+    report: bytes | None = None  # the evaluation of the round's model, made before training
 
 
 class EdgeAgent:
@@ -179,6 +181,9 @@ class EdgeAgent:
         self.topic_announce = topics.announce(fed)
         self.topic_updates = topics.updates(fed, self.device_id)
         self.topic_status = topics.status(fed, self.device_id)
+        self.topic_eval = topics.eval_report(fed, self.device_id)
+        self.evaluator = Evaluator(config.evaluation, self.device_id, fed, self._signer)
+        self.eval_bytes = 0  # evaluation reports handed to the link
 
         self.rounds_completed = 0
         self.rounds_failed = 0
@@ -304,6 +309,7 @@ class EdgeAgent:
         self.state = self._store.load()
         if self.personaliser is not None:
             self.personaliser.load()
+        self.evaluator.evaluated = self.state.last_evaluated_version
         if self.state.reconcile(self.outbox.max_seq(), self.outbox.max_base_version()):
             self.log.info(
                 "state caught up with the outbox: next seq %d, last trained v%d",
@@ -362,6 +368,13 @@ class EdgeAgent:
                 self._listen(self._fast_repeat())
                 self._round(stop)
                 continue
+            if self.evaluator.due(self.model):  # a version it does not train on now
+                assert self.model is not None
+                self._send_report(
+                    self.evaluator.load_and_report(
+                        self.model, self.config.data, self.data_transform
+                    )
+                )
             self._listen(self._ready())
             if (
                 self.listening_since is not None
@@ -705,6 +718,9 @@ class EdgeAgent:
                 X, y = load_data(self.config.data)
                 if self.data_transform is not None:
                     X, y = self.data_transform(X, y)
+                (X, y), val = self.evaluator.split(X, y)
+                if self.evaluator.due(model):  # evaluated before it is trained on
+                    worker.report = self.evaluator.report(model, val, self.data_transform)
                 if X.shape[0] < self.config.data.min_samples:
                     raise DataError(
                         f"{X.shape[0]} samples, [data] min_samples is "
@@ -738,6 +754,7 @@ class EdgeAgent:
                 )
                 return
             self._ping_watchdog()
+        self._send_report(worker.report)
         if worker.error is not None or worker.result is None:
             self._round_failed(worker.error or RuntimeError("training produced nothing"))
             return
@@ -817,6 +834,19 @@ class EdgeAgent:
                 result.seconds,
             )
         self._update_status()
+
+    def _send_report(self, payload: bytes | None) -> None:
+        """Publish an evaluation report (if any) and record the version as evaluated."""
+        if self.state.last_evaluated_version != self.evaluator.evaluated:
+            self.state.last_evaluated_version = self.evaluator.evaluated
+            try:
+                self.bytes_written += self._store.save(self.state)
+            except OSError as e:
+                self.log.error("cannot save the agent state in %s: %s", self.state_dir, e)
+        if payload is None or self.link is None:
+            return
+        self.eval_bytes += len(payload)
+        self.link.send(self.topic_eval, payload)
 
     def _round_failed(self, error: BaseException) -> None:
         self.rounds_failed += 1

@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DeviceConfig",
+    "EvaluationConfig",
     "InferenceConfig",
     "LoggingConfig",
     "OutboxConfig",
@@ -100,6 +101,24 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """``[evaluation]``: the validation split the device evaluates every new global version on
+    and never trains on: ``fraction`` of the samples of ``[data]`` (chosen per sample, see
+    :func:`fedmqtt.fedeval.validation_mask`), or a separate source ``[evaluation.data]``
+    (same keys as ``[data]``). Neither: no evaluation."""
+
+    fraction: float = 0.0
+    data: DataConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0.0 or self.data is not None
+
+
+MAX_EVAL_FRACTION: Final = 0.5
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     onnx: bool = True
 
@@ -125,6 +144,7 @@ class AgentConfig:
     data: DataConfig
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     personalise: PersonaliseConfig = field(default_factory=PersonaliseConfig)
@@ -149,6 +169,7 @@ class AgentConfig:
                 "security",
                 "data",
                 "training",
+                "evaluation",
                 "outbox",
                 "inference",
                 "personalise",
@@ -162,6 +183,7 @@ class AgentConfig:
             security=_security(tables["security"]),
             data=_data(tables["data"]),
             training=_training(tables["training"]),
+            evaluation=_evaluation(tables["evaluation"]),
             outbox=_outbox(tables["outbox"]),
             inference=_inference(tables["inference"]),
             personalise=_personalise(tables["personalise"]),
@@ -294,6 +316,18 @@ def _training(t: Table) -> TrainingConfig:
         mu=t.opt_number("mu", lo=0.0),
         seed=t.opt_integer("seed", lo=0),
     )
+
+
+def _evaluation(t: Table) -> EvaluationConfig:
+    fraction = t.number("fraction", 0.0, lo=0.0, hi=MAX_EVAL_FRACTION)
+    data = None
+    if t.has("data"):
+        sub = t.table("data")
+        data = _data(sub)
+        sub.done()
+        if fraction > 0.0:
+            raise t.error("fraction", "set either fraction or [evaluation.data], not both")
+    return EvaluationConfig(fraction=fraction, data=data)
 
 
 def _outbox(t: Table) -> OutboxConfig:

@@ -80,6 +80,7 @@ PERMANENT_REFUSALS: Final = {
 }
 STABLE_S: Final = 30.0
 _SELECT_MAX_S: Final = 1.0
+MAX_SENDS: Final = 16  # one-off messages (send()) that wait for a connection
 _OFFLINE_ACK_WAIT_S: Final = 2.0
 
 
@@ -123,6 +124,9 @@ class LinkCounters:
     refused_transient: int = 0
     no_subscribers: int = 0
     unsubscribed: int = 0  # UNSUBACKs: on-demand subscriptions the broker has dropped
+    reports_sent: int = 0  # one-off messages of send() handed to the connection
+    reports_acked: int = 0  # ... and acknowledged by the broker (PUBACK < 0x80)
+    reports_dropped: int = 0  # ... dropped: the queue of send() was full
 
 
 StatusFactory = Callable[[str], bytes]
@@ -191,6 +195,10 @@ class Link:
         self._max_packet: int | None = None
         self._mids: dict[int, str] = {}  # paho message id -> outbox entry name
         self._status_mids: set[int] = set()
+        self._report_mids: set[int] = set()
+        # One-off messages (evaluation reports) waiting for a connection, oldest dropped first.
+        self._sends: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._send_lock = threading.Lock()
         self._warned_no_subscribers = False
 
     # ---- public API (any thread) -----------------------------------------------------------
@@ -233,6 +241,16 @@ class Link:
         """Subscribe again to a subscribed or watched ``topic``: the broker resends its retained
         message. A topic neither subscribed nor watched is left alone."""
         self._commands.append(("refresh", topic))
+        self.wake()
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Publish a one-off message at QoS 1 (not retained) once connected. Not durable: at
+        most :data:`MAX_SENDS` wait, the oldest is dropped first, and a stop loses them."""
+        with self._send_lock:
+            if len(self._sends) >= MAX_SENDS:
+                self._sends.popleft()
+                self.counters.reports_dropped += 1
+            self._sends.append((topic, payload))
         self.wake()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -311,6 +329,7 @@ class Link:
             self._run_commands()
             if self._connected:
                 self._flush()
+                self._send_pending()
             elif time.monotonic() > connack_deadline:
                 self.last_error = "no CONNACK from the broker"
                 self.log.warning(
@@ -429,6 +448,20 @@ class Link:
                 qos = {**dict(self._subscriptions), **self._watching}.get(topic)
                 if qos is not None:
                     self._subscribe([(topic, qos)])
+
+    def _send_pending(self) -> None:
+        while True:
+            with self._send_lock:
+                if not self._sends:
+                    return
+                topic, payload = self._sends.popleft()
+            try:
+                info = self._client.publish(topic, payload, qos=1, retain=False)
+            except ValueError as e:  # paho's own size/topic checks
+                self.log.error("cannot publish on %s: %s; dropped", topic, e)
+                continue
+            self._report_mids.add(info.mid)
+            self.counters.reports_sent += 1
 
     # ---- outbox ----------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -569,6 +602,13 @@ class Link:
 
     def _settle(self, mid: int, reason: ReasonCode) -> None:
         value = reason.value
+        if mid in self._report_mids:
+            self._report_mids.discard(mid)
+            if value >= 0x80:
+                self.log.warning("broker refused a report: %s (0x%02x)", reason, value)
+            else:
+                self.counters.reports_acked += 1
+            return
         if mid in self._status_mids:
             self._status_mids.discard(mid)
             if value >= 0x80:

@@ -64,6 +64,7 @@ class AgentState:
     with ``updates_for_version`` it enforces "at most N updates per global version".
     ``last_round_at``: wall-clock start of the last round, for the minimum interval.
     ``feedback_spec``: fingerprint of the model the error-feedback residual belongs to.
+    ``last_evaluated_version``: the last global version evaluated (-1: none), reported once.
     """
 
     next_seq: int = 0
@@ -71,6 +72,7 @@ class AgentState:
     updates_for_version: int = 0
     last_round_at: float = 0.0
     feedback_spec: str = ""
+    last_evaluated_version: int = -1
 
     def reconcile(self, max_outbox_seq: int | None, max_outbox_version: int | None) -> bool:
         """Catch up with updates that reached the outbox but not agent.json (crash between).

@@ -8,6 +8,7 @@ fl/<fed>/spec               aggregator -> devices, QoS 1, retained, signed: the 
 fl/<fed>/model/onnx         aggregator -> devices, QoS 1, retained, signed
 fl/<fed>/plan               aggregator -> devices, QoS 1, retained, signed
 fl/<fed>/status/<device>    device presence (online / last-will offline), retained
+fl/<fed>/eval/<device>      device -> aggregator, QoS 1, never retained: evaluation reports
 fl/<fed>/metrics            aggregator metrics snapshot, retained
 ```
 
@@ -27,6 +28,7 @@ from fedmqtt.errors import ConfigError
 PREFIX: Final = "fl"
 UPDATES: Final = "updates"
 STATUS: Final = "status"
+EVAL: Final = "eval"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # The shared-subscription group scale-out workers use unless configured: public, so fit only
 # for a broker without accounts (development). Mosquitto 2.0 does not check a SUBSCRIBE against
@@ -99,20 +101,29 @@ def status_filter(fed: str) -> str:
     return f"{PREFIX}/{fed}/{STATUS}/+"
 
 
+def eval_report(fed: str, device: str) -> str:
+    return f"{PREFIX}/{fed}/{EVAL}/{device}"
+
+
+def eval_filter(fed: str) -> str:
+    return f"{PREFIX}/{fed}/{EVAL}/+"
+
+
 def metrics(fed: str) -> str:
     return f"{PREFIX}/{fed}/metrics"
 
 
 def device_topic(topic: str, fed: str) -> tuple[str, str] | None:
-    """``(kind, device)`` of ``fl/<fed>/updates/<device>`` (kind :data:`UPDATES`) or
-    ``fl/<fed>/status/<device>`` (:data:`STATUS`), else None: exactly four levels, federation
+    """``(kind, device)`` of ``fl/<fed>/updates/<device>`` (kind :data:`UPDATES`),
+    ``fl/<fed>/status/<device>`` (:data:`STATUS`) or ``fl/<fed>/eval/<device>`` (:data:`EVAL`),
+    else None: exactly four levels, federation
     ``fed`` (a valid id, see :func:`check_id`) and a valid device id. The one topic parser."""
     parts = topic.split("/")
     if (
         len(parts) == 4
         and parts[1] == fed
         and parts[0] == PREFIX
-        and parts[2] in (UPDATES, STATUS)
+        and parts[2] in (UPDATES, STATUS, EVAL)
         and _ID.fullmatch(parts[3]) is not None
     ):
         return parts[2], parts[3]
@@ -129,3 +140,9 @@ def status_device(topic: str, fed: str) -> str | None:
     """The device of ``fl/<fed>/status/<device>``, else None."""
     t = device_topic(topic, fed)
     return t[1] if t is not None and t[0] == STATUS else None
+
+
+def eval_device(topic: str, fed: str) -> str | None:
+    """The device of ``fl/<fed>/eval/<device>``, else None."""
+    t = device_topic(topic, fed)
+    return t[1] if t is not None and t[0] == EVAL else None

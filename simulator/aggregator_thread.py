@@ -64,6 +64,11 @@ class AggregatorThread:
         engine = getattr(self.service, "engine", None)
         return dict(engine.presence.devices()) if engine is not None else {}
 
+    def federated_eval(self, n: int = 256) -> list[dict[str, Any]]:
+        """The federated evaluation of the newest ``n`` versions devices reported on."""
+        engine = getattr(self.service, "engine", None)
+        return [s.to_dict() for s in engine.evals.history(n)] if engine is not None else []
+
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -148,6 +148,14 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="local batch size (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="each device keeps a validation split of this fraction of its samples, never "
+        "trained on, and reports its evaluation of every version (0: off; at most 0.5)",
+    )
+    p.add_argument(
         "--agent-processes",
         type=int,
         default=0,

@@ -21,6 +21,7 @@ class Point:
     bytes_uploaded: int  # update payloads received by the aggregator
     online: int
     bytes_downloaded: int = 0  # payloads received by the devices' MQTT clients, all kinds
+    federated: float | None = None  # the newest federated evaluation's metric (devices' data)
 
     @property
     def bytes_total(self) -> int:
@@ -48,8 +49,9 @@ class Progress:
         rate = (p.uploads - self._last_uploads) / dt
         self._last_uploads, self._last_t, self._last_print = p.uploads, p.t, now
         acc = "  -  " if p.accuracy is None else f"{p.accuracy:.3f}"
+        fed = "" if p.federated is None else f" (devices {p.federated:.3f})"
         line = (
-            f"t={p.t:6.1f}s  version {p.version:5d}  accuracy {acc}  "
+            f"t={p.t:6.1f}s  version {p.version:5d}  accuracy {acc}{fed}  "
             f"{rate:7.1f} updates/s  up {_mb(p.bytes_uploaded)}  down {_mb(p.bytes_downloaded)}  "
             f"devices online {p.online}"
         )
@@ -94,7 +96,11 @@ def plot(path: Path, history: list[Point], *, title: str, centralized: float | N
     pts = [p for p in history if p.accuracy is not None]
     acc = [p.accuracy for p in pts]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    a1.plot([p.t for p in pts], acc, marker=".")
+    a1.plot([p.t for p in pts], acc, marker=".", label="server holdout")
+    fed = [p for p in history if p.federated is not None]
+    if fed:
+        a1.plot([p.t for p in fed], [p.federated for p in fed], ".", color="C4", label="devices")
+        a1.legend(loc="lower right")
     for label, color, mb in (
         ("uploaded", "C1", [p.bytes_uploaded / 1e6 for p in pts]),
         ("downloaded", "C2", [p.bytes_downloaded / 1e6 for p in pts]),

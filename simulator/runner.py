@@ -29,7 +29,7 @@ from fedmqtt.codecs import Codec
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer
-from simulator import behaviour, datasets, fleet, report
+from simulator import behaviour, datasets, evalseries, fleet, report
 from simulator.broker import Mosquitto
 from simulator.central import centralized_accuracy
 from simulator.partition import partition
@@ -71,6 +71,7 @@ class SimConfig:
     lr: float = 0.1
     batch_size: int = 16
     onnx_every: int = 0  # publish an ONNX export every N versions (0: never)
+    eval_fraction: float = 0.0  # devices' validation split for federated evaluation (0: off)
     # Processes hosting the agents (0: automatic, see simulator.fleet.host_count).
     agent_processes: int = 0
     extra_strategy: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +93,8 @@ class SimConfig:
             raise ConfigError("--attacker-rate must be at least 1")
         if self.versions is not None and self.versions < 1:
             raise ConfigError("--versions must be at least 1")
+        if not 0.0 <= self.eval_fraction <= 0.5:
+            raise ConfigError("--eval-fraction must be in [0, 0.5]")
         if self.agent_processes < 0:
             raise ConfigError("--agent-processes must be 0 (automatic) or more")
         Codec.parse(self.codec)
@@ -243,6 +246,8 @@ class _Simulation:
         }
         if self.cfg.personalise is not None:
             raw["personalise"] = {"mode": self.cfg.personalise}
+        if self.cfg.eval_fraction > 0:
+            raw["evaluation"] = {"fraction": self.cfg.eval_fraction}
         return fleet.DeviceSpec(dev, b, raw, home)
 
     # ------------------------------------------------------------------ run
@@ -296,6 +301,7 @@ class _Simulation:
             else fleet.LocalFleet(devices, attacks)
         )
         progress = report.Progress(out=self.out, every_s=5.0)
+        holdout = evalseries.HoldoutLog()
         t0 = time.monotonic()
         agents.start()
         log.info("set-up took %.1fs", t0 - t_setup)
@@ -311,14 +317,16 @@ class _Simulation:
                     error = str(e)
                     break
                 snap = agg.snapshot()
+                holdout.note(snap)
                 point = report.Point(
                     t=round(now, 3),
                     version=int(snap["version"]),
                     accuracy=snap.get("accuracy"),
                     uploads=int(snap["updates_received"]),
-                    bytes_uploaded=int(snap.get("bytes_received", 0)),
+                    bytes_uploaded=_uploaded(snap),
                     online=int(snap.get("devices_online", 0)),
                     bytes_downloaded=sum(c.bytes_downloaded for c in agents.counts().values()),
+                    federated=evalseries.federated_metric(snap),
                 )
                 if not cfg.quiet:
                     progress.record(point)
@@ -352,10 +360,14 @@ class _Simulation:
             _wait_for_drain(agg, lambda: len(acked - seen.received()))
             agg.stop()  # the books close after the last message it took in was counted
             final = agg.snapshot()
+            holdout.note(final)
+            federated = evalseries.federated_series(agg.federated_eval(), holdout)
         summary = self._summary(
             final, progress, central, reached=reached, devices=devices, error=error
         )
         summary.update(_traffic(counts, time.monotonic() - t0))
+        summary["federated_eval"] = federated
+        summary["eval_reports"] = final.get("eval_reports")
         accepted = max(summary["updates_accepted"], 1)
         summary["bytes_per_accepted_update"] = {
             "uploaded": round(summary["bytes_uploaded"] / accepted),
@@ -415,7 +427,7 @@ class _Simulation:
             "bytes_to_target": reached.bytes_total if reached else None,
             "bytes_uploaded_to_target": reached.bytes_uploaded if reached else None,
             "bytes_downloaded_to_target": reached.bytes_downloaded if reached else None,
-            "bytes_uploaded": int(final.get("bytes_received", 0)),
+            "bytes_uploaded": _uploaded(final),
             "updates_received": int(final["updates_received"]),
             "updates_accepted": int(final["accepted"]),
             "updates_rejected": rejected,
@@ -427,6 +439,12 @@ class _Simulation:
             "error": error,
             "history": report.history_as_dicts(progress.history),
         }
+
+
+def _uploaded(snap: dict[str, Any]) -> int:
+    """Bytes the devices sent that the aggregator received: updates and evaluation reports."""
+    reports = snap.get("eval_reports") or {}
+    return int(snap.get("bytes_received", 0)) + int(reports.get("bytes_received", 0))
 
 
 def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str, Any]:

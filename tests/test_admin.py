@@ -323,6 +323,7 @@ def test_acl_is_rendered_from_the_registry() -> None:
     assert blocks["d1"] == [
         "topic write fl/alpha/updates/d1",
         "topic write fl/alpha/status/d1",
+        "topic write fl/alpha/eval/d1",
         "topic read fl/alpha/model",
         "topic read fl/alpha/announce",
         "topic read fl/alpha/spec",
@@ -333,6 +334,7 @@ def test_acl_is_rendered_from_the_registry() -> None:
     assert blocks["agg-a"] == [
         "topic read fl/alpha/updates/+",
         "topic read fl/alpha/status/+",
+        "topic read fl/alpha/eval/+",
         "topic readwrite fl/alpha/model",
         "topic readwrite fl/alpha/announce",
         "topic readwrite fl/alpha/spec",

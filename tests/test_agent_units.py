@@ -67,6 +67,7 @@ def test_every_option_is_in_the_example_and_documented() -> None:
         "security": cfgmod.SecurityConfig,
         "data": cfgmod.DataConfig,
         "training": cfgmod.TrainingConfig,
+        "evaluation": cfgmod.EvaluationConfig,
         "outbox": cfgmod.OutboxConfig,
         "inference": cfgmod.InferenceConfig,
         "personalise": cfgmod.PersonaliseConfig,

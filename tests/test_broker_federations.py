@@ -258,6 +258,27 @@ def test_device_publishes_its_own_update_to_its_own_aggregator(site: Site, devic
     ]
 
 
+@pytest.mark.parametrize("device", ["a1", "b1"])
+def test_device_reports_its_own_evaluation_and_no_other_devices(site: Site, device: str) -> None:
+    """A device publishes on its own eval topic, which its aggregator reads; the topic of
+    another device of the same federation is refused (NOT_AUTHORIZED) and not delivered."""
+    fed = HOME[device]
+    peer = next((d for d in DEVICES[fed] if d != device), f"{device}-peer")
+    agg = connected(aggregator(site, fed))
+    assert agg.subscribe(topics.eval_filter(fed)) == GRANTED_QOS_1
+    attacker = connected(site.device(device))
+    forged = f"forged-{uuid.uuid4().hex}".encode()
+    assert attacker.publish(topics.eval_report(fed, peer), forged) == NOT_AUTHORIZED
+    attacker.close()
+    payload = f"eval-{uuid.uuid4().hex}".encode()
+    dev = connected(site.device(device))
+    assert dev.publish(topics.eval_report(fed, device), payload) == SUCCESS
+    # Delivered in order: the forged report would have arrived before this one.
+    assert agg.wait_for(topics.eval_report(fed, device), payload) == [
+        (topics.eval_report(fed, device), payload)
+    ]
+
+
 # --------------------------------------------------------------------------- devices
 
 
@@ -301,6 +322,7 @@ def test_device_receives_no_live_message_of_the_other_federation(site: Site, dev
     [
         "fl/{other}/updates/{device}",  # its own id in the other federation
         "fl/{other}/status/{device}",
+        "fl/{other}/eval/{device}",
         "fl/{other}/model",
         "fl/{other}/model/onnx",
         "fl/{other}/plan",
