@@ -20,6 +20,7 @@ from typing import Any, Final, cast
 
 from fedmqtt import mqttconf
 from fedmqtt.aggregation.staleness import Staleness, parse_staleness
+from fedmqtt.cohort import read_selection
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
 from fedmqtt.mqttconf import read_connection
@@ -452,6 +453,7 @@ def _plan(t: Table) -> PlanConfig:
         mu=t.number("mu", d.mu, lo=0.0),
         codec=codec,
         min_interval_s=t.number("min_interval_s", d.min_interval_s, lo=0.0),
+        selection=read_selection(t.table("selection")),
     )
 
 

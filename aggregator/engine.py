@@ -33,6 +33,7 @@ import numpy as np
 
 from aggregator.checkpoint import FORMAT_VERSION as STATE_FORMAT
 from aggregator.checkpoint import CheckpointError, encode_state, f32, tensor
+from aggregator.cohort import cohort_gate
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceKeys
 from aggregator.metrics import Metrics, RejectionLog
@@ -153,6 +154,7 @@ class Engine:
         )
         self.rate = DeviceRate(lim.device_rate, lim.device_burst)
         self.presence = Presence(self.federation, self.keys)
+        self.cohort = cohort_gate(cfg)  # None: the plan lets every device train
         self.reject_log = RejectionLog()
         self._pool: ThreadPoolExecutor | None = None
         self.strategy.on_version(0, time.monotonic())
@@ -269,6 +271,8 @@ class Engine:
                 assert meta is not None
                 tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
                 check_replay(meta.update_id, self.window)
+                if self.cohort is not None:
+                    self.cohort.check(meta.sender, meta.base_version)
                 self._admit(meta.sender, now)
                 norm = self._fill(e)
             except RejectedError as err:

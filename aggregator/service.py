@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
+from aggregator.cohort import warn_if_thin
 from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, restore_affinity, usable_cpus
 from aggregator.devices import DeviceKeys
@@ -163,6 +164,7 @@ class Aggregator:
             self.engine = Engine(cfg, self.metrics, self.keys)
             self.engine.on_update = self.on_update
             await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
+            await loop.run_in_executor(io_x, warn_if_thin, cfg)
             path = await loop.run_in_executor(engine_x, open_state, cfg, self.engine)
             self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
             self._durability: Durability = Durability(

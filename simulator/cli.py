@@ -88,6 +88,20 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         help="attackers send R times as often as an honest device, each update with a fresh "
         "id, without waiting for a new version (default 1: like honest devices)",
     )
+    p.add_argument(
+        "--participation",
+        type=_fraction,
+        default=1.0,
+        help="fraction of devices the plan selects to train in each participation window; the "
+        "others only receive the model (default 1: every device trains)",
+    )
+    p.add_argument(
+        "--participation-window",
+        type=int,
+        default=1,
+        metavar="W",
+        help="versions per participation window (default 1)",
+    )
     p.add_argument("--robust", default="none", choices=["none", "clip", "trimmed-mean", "median"])
     p.add_argument(
         "--duration",

@@ -73,6 +73,10 @@ class SimConfig:
     onnx_every: int = 0  # publish an ONNX export every N versions (0: never)
     # Processes hosting the agents (0: automatic, see simulator.fleet.host_count).
     agent_processes: int = 0
+    # The plan's selection ([plan.selection]): the fraction of devices that train per window
+    # of this many versions.
+    participation: float = 1.0
+    participation_window: int = 1
     extra_strategy: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -141,6 +145,11 @@ class _Simulation:
             "mu": 0.0,
             "codec": cfg.codec,
         }
+        if cfg.participation < 1.0:
+            self.plan_cfg["selection"] = {
+                "participation": cfg.participation,
+                "window": cfg.participation_window,
+            }
 
     # ------------------------------------------------------------------ set-up
     def _shards(self) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[Any]]]:
@@ -343,6 +352,8 @@ class _Simulation:
             _wait_for_drain(agg, lambda: len(acked - seen.received()))
             agg.stop()  # the books close after the last message it took in was counted
             final = agg.snapshot()
+            cohort = getattr(getattr(agg.service, "engine", None), "cohort", None)
+            trained = cohort.participation() if cohort is not None else {}
         summary = self._summary(
             final, progress, central, reached=reached, devices=devices, error=error
         )
@@ -365,6 +376,8 @@ class _Simulation:
             for d in devices
             if presence.get(d.id) != "online"
         }
+        # Participation window -> devices whose updates based on it passed the selection.
+        summary["trained_per_window"] = {str(w): k for w, k in trained.items()}
         summary["workdir"] = str(self.workdir)
         if cfg.json is not None:
             report.write_json(cfg.json, summary)
