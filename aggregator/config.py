@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
+from aggregator.rollout import RolloutConfig, read_rollout
 from fedmqtt import mqttconf
 from fedmqtt.aggregation.staleness import Staleness, parse_staleness
 from fedmqtt.cohort import read_selection
@@ -166,7 +167,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    keep: int = 2
+    keep: int = 5  # state files kept: the versions fl-aggregator rollback can go back to
     min_interval_s: float = 0.1
 
 
@@ -198,6 +199,7 @@ class AggregatorConfig:
     downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scaleout: ScaleoutConfig = field(default_factory=ScaleoutConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     path: Path | None = None
@@ -229,6 +231,7 @@ class AggregatorConfig:
             "metrics",
             "limits",
             "checkpoint",
+            "rollout",
             "scaleout",
             "logging",
         )
@@ -253,6 +256,7 @@ class AggregatorConfig:
             metrics=_metrics(t["metrics"]),
             limits=_limits(t["limits"], spec),
             checkpoint=_checkpoint(t["checkpoint"]),
+            rollout=read_rollout(t["rollout"]),
             scaleout=_scaleout(t["scaleout"], broker, base),
             logging=_logging(t["logging"]),
             path=path,

@@ -403,6 +403,39 @@ class Engine:
             self._aggregate(now)
         return n
 
+    def rollback(
+        self,
+        params: F32,
+        strategy_state: dict[str, Any] | None,
+        to_version: int,
+        now: float,
+        *,
+        manual: bool = False,
+    ) -> int:
+        """Make a new version whose parameters are ``params`` (those of ``to_version``), with
+        that version's strategy state when given; returns the new version (its stats:
+        ``rollback_to``, and ``rollback_manual`` for an operator's). The buffer is
+        applied first, so every accepted update stays in a version (the rolled-back one) and
+        its acknowledgement still waits for a durable flush; the replay window and the norm
+        history are kept."""
+        if params.shape != (self.layout.size,) or not np.isfinite(params).all():
+            raise ValueError("rollback parameters do not fit the model or are not finite")
+        if len(self.strategy):
+            self._aggregate(now)
+        if strategy_state is not None:
+            self.strategy.load_state(strategy_state)
+        self.params = params
+        self.version += 1
+        self.flushes += 1
+        self.stats = {"rollback_to": float(to_version)}
+        if manual:
+            self.stats["rollback_manual"] = 1.0
+        self.version_created_at = time.time()
+        self.strategy.on_version(self.version, now)
+        self.window.prune(self.version - self.strategy.max_staleness)
+        self.metrics.record_version(self.version, None, 0)
+        return self.version
+
     def _admit(self, sender: str, now: float) -> None:
         """Steps 8a-8b: the sender's rate, then its share of the buffer (or version window)."""
         self.rate.take(sender, now)

@@ -48,10 +48,13 @@ from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import MqttLink
 from aggregator.publish import plan_revision
 from aggregator.publisher import Publisher
+from aggregator.rollback import RolloutControl, build_control
+from aggregator.rollout import Evaluation, StateLock
 from aggregator.sources import LinkSource, PoolSource, Source
 from aggregator.statusfile import write_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
+from fedmqtt.params import F32
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Signer
 
@@ -134,6 +137,8 @@ class Aggregator:
         self._fatal: BaseException | None = None
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
         self._fatal_event: asyncio.Event | None = None
+        self._state_lock = StateLock(config.state_dir)  # held while running (rollback offline)
+        self._rollout: RolloutControl | None = None
 
     # ------------------------------------------------------------------ public
     def snapshot(self) -> dict[str, Any]:
@@ -160,6 +165,7 @@ class Aggregator:
                 io_x, Ed25519Signer.load, cfg.security.signing_key
             )
             self.store = checkpoint_store(cfg)
+            await loop.run_in_executor(io_x, self._state_lock.acquire)
             self.keys = DeviceKeys(cfg.security.devices_dir)
             self.engine = Engine(cfg, self.metrics, self.keys)
             self.engine.on_update = self.on_update
@@ -203,6 +209,7 @@ class Aggregator:
                 prom.shutdown()
             for x in (engine_x, io_x, pub_x, eval_x):
                 x.shutdown(wait=True)
+            self._state_lock.release()
             if pinned:  # the caller's thread (the simulator's, a test's) gets its CPUs back
                 restore_affinity(unpinned)
 
@@ -236,6 +243,17 @@ class Aggregator:
             name="aggregator",
         )
         publisher.link = link
+        self._rollout = build_control(
+            cfg,
+            store=self.store,
+            metrics=self.metrics,
+            publisher=publisher,
+            holdout=self.holdout is not None,
+            federated=self.federated_evaluation(),
+            io_x=self._io_x,
+            rollback=self._rollback,
+            durable_version=lambda: self._durability.durable_version,
+        )
         tasks = [
             asyncio.create_task(link.run(link_stop), name="mqtt"),
             asyncio.create_task(publisher.run(), name="publisher"),
@@ -306,6 +324,9 @@ class Aggregator:
             if t.get_name() in ("publisher", "housekeeping"):
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._rollout is not None:
+            with contextlib.suppress(Exception):
+                await self._rollout.close()
         with contextlib.suppress(Exception):
             await asyncio.get_running_loop().run_in_executor(
                 self._io_x, write_status, self.cfg.state_dir, self._status("stopped")
@@ -378,6 +399,27 @@ class Aggregator:
             )
             self._after_batch(flushes, version)
 
+    async def _rollback(
+        self, params: F32, strategy: dict[str, Any] | None, to_version: int, manual: bool
+    ) -> int:
+        """A new version with ``params`` (those of ``to_version``), made on the engine thread
+        and checkpointed and published like any other (aggregator/rollout.py)."""
+        engine = self.engine
+
+        def work() -> tuple[int, int, int]:
+            v = engine.rollback(params, strategy, to_version, time.monotonic(), manual=manual)
+            return v, engine.flushes, engine.version
+
+        v, flushes, version = await asyncio.get_running_loop().run_in_executor(self._engine_x, work)
+        self._after_batch(flushes, version)
+        return v
+
+    def federated_evaluation(self) -> Evaluation | None:
+        """The federated evaluation the gate uses when there is no ``[evaluation] holdout``:
+        version -> the devices' combined score, or None while too few have reported. This
+        service combines no device evaluation reports, so there is none (None)."""
+        return None
+
     def _durable(self, snap: Snapshot, new_version: bool) -> None:
         self._latest = snap
         if self._publisher is not None:
@@ -406,6 +448,8 @@ class Aggregator:
                 if made:
                     self._durability.made(flushes, version)
             self._durability.maybe_checkpoint()
+            if self._rollout is not None and not self._stopping:
+                await self._rollout.tick()
             if now - last_status >= cfg.metrics.status_interval_s:
                 last_status = now
                 self._write_status_soon()
