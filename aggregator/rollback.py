@@ -163,8 +163,14 @@ class RolloutControl:
             self._last_save = now
             await asyncio.get_running_loop().run_in_executor(self._io_x, self.history.save)
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
+        """Cancel a rollback under way (a version already handed to the engine is still made
+        and goes into the final checkpoint; a waiting ``fl-aggregator rollback`` times out)."""
+        for t in self._tasks:
+            t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close(self) -> None:
         self.history.save()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -210,7 +216,12 @@ class RolloutControl:
             strategy = kept.strategy
         except RollbackError:
             strategy = None  # pruned: its parameters (held by the gate) without its optimizer
-        v = await self._rollback(action.params, strategy, action.to_version, False)
+        try:
+            v = await self._rollback(action.params, strategy, action.to_version, False)
+        except Exception:
+            log.exception("evaluation gate: the rollback to version %d failed", action.to_version)
+            self.gate.rolling_back(None)
+            return
         self.gate.rolling_back(v)
         self.metrics.count_rollback("gate")
         log.warning(

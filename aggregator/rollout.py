@@ -269,8 +269,9 @@ class Gate:
         manual = stats.get(ROLLBACK_STAT) is not None and stats.get("rollback_manual") == 1.0
         self._pending[version] = (params, created_at, manual)
 
-    def rolling_back(self, until: int) -> None:
-        """The gate's rollback made version ``until``: versions before it fail silently."""
+    def rolling_back(self, until: int | None) -> None:
+        """The gate's rollback made version ``until``: versions before it fail without another
+        rollback (None: the rollback failed, the next failing version asks again)."""
         self._holding_until = until
 
     def poll(self) -> tuple[list[Verdict], Release | Rollback | None]:

@@ -308,6 +308,8 @@ class Aggregator:
         self, tasks: list[asyncio.Task[Any]], link_stop: asyncio.Event, *, clean: bool
     ) -> None:
         self._stopping = True
+        if self._rollout is not None:
+            await self._rollout.stop()
         self._durability.stop()
         ingest = [t for t in tasks if t.get_name().startswith("ingest")]
         await asyncio.gather(*ingest, return_exceptions=True)
@@ -326,7 +328,7 @@ class Aggregator:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._rollout is not None:
             with contextlib.suppress(Exception):
-                await self._rollout.close()
+                self._rollout.close()
         with contextlib.suppress(Exception):
             await asyncio.get_running_loop().run_in_executor(
                 self._io_x, write_status, self.cfg.state_dir, self._status("stopped")

@@ -28,6 +28,7 @@ from aggregator.rollout import (
 )
 from aggregator.service import checkpoint_store, open_state
 from fedmqtt import topics, wire
+from fedmqtt.errors import FedMQTTError
 from fedmqtt.models.spec import ModelSpec
 from simulator.aggregator_thread import AggregatorThread
 from simulator.broker import Mosquitto
@@ -213,6 +214,17 @@ def test_rollback_against_the_running_service(broker: Mosquitto, tmp_path: Path)
     finally:
         agg.stop()
         watcher.close()
+
+
+def test_a_second_service_on_the_state_directory_is_refused(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, SPEC)
+    lock = StateLock(tmp_path / "state")
+    assert lock.try_acquire()
+    try:
+        with pytest.raises(FedMQTTError, match="in use by another aggregator"):
+            AggregatorThread(fed.config("127.0.0.1", 1)).start()
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- the gate, live
