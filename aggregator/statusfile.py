@@ -79,5 +79,12 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
             f"last evaluation {s.get('eval_metric', 'accuracy')} "
             f"{float(s['accuracy']):.4f} at version {s.get('eval_version')}"
         )
+    if s.get("released_version") is not None:
+        score = s.get("released_score")
+        text = "" if score is None else f" (score {float(score):.4f})"
+        lines.append(f"released        version {s['released_version']}{text} (evaluation gate)")
+    rollbacks = s.get("rollbacks") or {}
+    if rollbacks:
+        lines.append("rollbacks       " + ", ".join(f"{k} {v}" for k, v in rollbacks.items()))
     lines.append(f"updated         {age:.1f}s ago")
     return "\n".join(lines)

@@ -301,6 +301,10 @@ def test_gate_keeps_a_worse_version_from_the_predictors_and_rolls_back(
         sub.disconnect()
         sub.loop_stop()
     assert json.loads((tmp_path / "state" / "status.json").read_text())["rollbacks"] == {"gate": 1}
+    from aggregator.statusfile import format_status, read_status
+
+    text = format_status(read_status(tmp_path / "state"))
+    assert "released        version 3 (score 1.0000)" in text and "rollbacks       gate 1" in text
 
 
 # --------------------------------------------------------------------------- the simulator
