@@ -30,6 +30,7 @@ from fedmqtt.errors import NOT_SELECTED, REASONS, ConfigError, DecodeError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import Ed25519Signer
 from fedmqtt.wire import PLAN_DEFAULTS
+from simulator.broker import Mosquitto
 
 SPEC = ModelSpec("softmax", 6, 3)
 
@@ -233,3 +234,31 @@ def test_enroll_with_tags_writes_agent_toml_registry_and_aggregator_tags(tmp_pat
     bad = ("enroll", "dev-2", "--out", str(tmp_path / "b3"), "--tag", "site", "--no-reload")
     assert env.run(*bad) == 1
     assert "dev-2" not in env.site().registry.devices
+
+
+def test_agent_trains_only_on_versions_its_plan_selects_it_for(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A device tagged site=south under a plan that selects site=north receives v1 but does
+    not train or upload; the next plan revision selects it and it trains on v1 at once."""
+    from test_agent_helpers import AgentThread, FakeAggregator, make_device, wait_until
+
+    from edge_agent.agent import EdgeAgent
+
+    device = make_device(tmp_path / "dev-1")
+    agg = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
+    agent = EdgeAgent(device.config(broker, device={"tags": {"site": "south"}}))
+    try:
+        agg.publish_plan(1, selection=Selection(tags=("site=north",)))
+        agg.publish_model(1)
+        runner = AgentThread(agent)
+        try:
+            wait_until(lambda: agent.current_version == 1 and agent.rounds_skipped == 1)
+            assert agg.received() == [] and agent.rounds_completed == 0
+            agg.publish_plan(2, selection=Selection(tags=("site=south", "site=east")))
+            [update] = agg.wait_updates(1)
+            assert update.base_version == 1 and agent.rounds_skipped == 1
+        finally:
+            runner.stop()
+    finally:
+        agg.close()
