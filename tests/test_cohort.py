@@ -209,7 +209,9 @@ def test_agent_config_reads_tags(tmp_path: Path) -> None:
         AgentConfig.from_dict(raw, base_dir=tmp_path)
 
 
-def test_enroll_with_tags_writes_agent_toml_registry_and_aggregator_tags(tmp_path: Path) -> None:
+def test_enroll_with_tags_writes_agent_toml_registry_and_aggregator_tags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from test_admin import Env
 
     from edge_agent.config import load_config
@@ -223,6 +225,10 @@ def test_enroll_with_tags_writes_agent_toml_registry_and_aggregator_tags(tmp_pat
     assert site.registry.devices["dev-1"].tags == {"hw": "pi4", "site": "north"}
     devices_dir = Path(site.registry.aggregators_of("demo")[0].devices_dir)
     assert DeviceTags(devices_dir).get("dev-1") == {"hw": "pi4", "site": "north"}
+    assert env.run("list") == 0
+    assert "tags hw=pi4,site=north" in capsys.readouterr().out
+    assert env.run("list", "--json") == 0
+    assert json.loads(capsys.readouterr().out)[0]["tags"] == {"hw": "pi4", "site": "north"}
     # Rotation keeps the tags; revocation removes the aggregator's copy with the key.
     assert env.run("rotate", "dev-1", "--out", str(tmp_path / "b2"), "--no-reload") == 0
     assert load_config(tmp_path / "b2" / "agent.toml").device.tags == {

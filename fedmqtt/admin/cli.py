@@ -467,6 +467,9 @@ def run(a: argparse.Namespace) -> int:
                 if r.cert_expires
                 else ""
             )
+            if r.tags:
+                tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
+                note = f"{note}; tags {tags}" if note else f"tags {tags}"
             print(
                 f"{r.id:<24} {r.federation:<16} {r.status:<8} {r.identity:<11} {r.auth:<12} "
                 f"{r.enrolled_at:<26} {note}".rstrip()

@@ -23,7 +23,7 @@ import datetime as dt
 import secrets
 import stat
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -94,6 +94,7 @@ class DeviceRow:
     enrolled_at: str
     revoked_at: str | None
     cert_expires: str | None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class Site:
@@ -763,6 +764,7 @@ class Site:
                 d.enrolled_at,
                 d.revoked_at,
                 d.cert_expires,
+                dict(d.tags),
             )
             for k, d in sorted(self.registry.devices.items())
         ]
