@@ -268,3 +268,33 @@ def test_agent_trains_only_on_versions_its_plan_selects_it_for(
             runner.stop()
     finally:
         agg.close()
+
+
+def test_a_stale_update_is_judged_by_the_window_of_its_base_version(tmp_path: Path) -> None:
+    devices = [f"dev{i}" for i in range(40)]
+    fed = Federation(tmp_path, SPEC, devices=devices)
+    cfg = fed.config(
+        "127.0.0.1",
+        1883,
+        strategy={"buffer_size": 1, "max_staleness": 50},
+        plan={"selection": {"participation": 0.5, "window": 1}},
+    )
+    e = Engine(cfg, Metrics(FED), keys=None)
+    sel = cfg.plan.selection
+    delta = np.full(SPEC.layout().size, 0.001, np.float32)
+    # Make version 3 with devices selected for the windows of versions 0, 1, 2.
+    for v in range(3):
+        d = next(d for d in devices if sel.trains(FED, d, {}, v))
+        e.process([(topics.updates(FED, d), fed.update(d, delta, base_version=v))], now=0.0)
+    assert e.version == 3
+    in_0_not_3 = next(
+        d for d in devices if sel.trains(FED, d, {}, 0) and not sel.trains(FED, d, {}, 3)
+    )
+    in_3_not_0 = next(
+        d for d in devices if sel.trains(FED, d, {}, 3) and not sel.trains(FED, d, {}, 0)
+    )
+    before = e.metrics.snapshot()["accepted"]
+    e.process([(topics.updates(FED, in_0_not_3), fed.update(in_0_not_3, delta))], now=0.0)
+    assert e.metrics.snapshot()["accepted"] == before + 1  # trained on v0, selected for it
+    e.process([(topics.updates(FED, in_3_not_0), fed.update(in_3_not_0, delta))], now=0.0)
+    assert e.metrics.snapshot()["rejected"] == {NOT_SELECTED: 1}  # selected now, not for v0
