@@ -1,4 +1,5 @@
-"""``fl-aggregator``: init, run (the systemd ExecStart), status, export-onnx.
+"""``fl-aggregator``: init, run (the systemd ExecStart), status, export-onnx, rollback,
+history.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error, 78 (EX_CONFIG) configuration error --
 the unit's ``RestartPreventExitStatus=78`` stops systemd from restarting a service whose config
@@ -43,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("status", "show version, counters, devices online, last evaluation (from status.json)"),
         ("export-onnx", "write the current global model as an ONNX file"),
         ("devices", "list each device: presence, updates, staleness, last evaluation, tags"),
+        (
+            "rollback",
+            "publish the parameters of a kept version as a new, higher version (running or not)",
+        ),
+        ("history", "list recent versions with their evaluation and the gate's verdict"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", type=Path, required=True, metavar="PATH", help="aggregator.toml")
@@ -50,6 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--json", action="store_true", help="print JSON")
         if name == "export-onnx":
             p.add_argument("--out", type=Path, required=True, metavar="FILE")
+        if name == "rollback":
+            p.add_argument("--to-version", type=int, required=True, metavar="V")
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=60.0,
+                metavar="S",
+                help="seconds to wait for a running service's answer (default 60)",
+            )
+        if name == "history":
+            p.add_argument("--json", action="store_true", help="print history.json as is")
+            p.add_argument("-n", type=int, default=20, help="versions to list (default 20)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -61,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(cfg, args.json)
         if args.cmd == "devices":
             return _devices(cfg, args.json)
+        if args.cmd == "rollback":
+            return _rollback(cfg, args.to_version, args.timeout)
+        if args.cmd == "history":
+            return _history(cfg, args.json, args.n)
         return _export(cfg, args.out)
     except ConfigError as e:
         print(f"fl-aggregator: configuration error: {e}", file=sys.stderr)
@@ -144,6 +166,43 @@ def _devices(cfg: AggregatorConfig, as_json: bool) -> int:
         print(json.dumps(devices, indent=1, sort_keys=True))
     else:
         print(format_devices(devices, time.time()))
+    return 0
+
+
+def _rollback(cfg: AggregatorConfig, to_version: int, timeout: float) -> int:
+    """Offline on the state directory when the service is stopped, else through a request
+    file that the running service answers (aggregator/rollout.py)."""
+    from aggregator.rollback import rollback_offline
+    from aggregator.rollout import wait_result, write_request
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    if to_version < 0:
+        raise FedMQTTError("--to-version must be >= 0")
+    v = rollback_offline(cfg, to_version)
+    if v is not None:
+        print(
+            f"version {v} = the parameters of version {to_version} (service stopped: it "
+            "publishes it when it starts)"
+        )
+        return 0
+    rid = write_request(cfg.state_dir, to_version)
+    result = wait_result(cfg.state_dir, rid, timeout)
+    if not result.get("ok"):
+        raise FedMQTTError(f"rollback refused: {result.get('error')}")
+    state = "checkpointed and published" if result.get("durable") else "made"
+    print(f"version {result['new_version']} = the parameters of version {to_version} ({state})")
+    return 0
+
+
+def _history(cfg: AggregatorConfig, as_json: bool, n: int) -> int:
+    from aggregator.rollout import format_history, read_history
+    from aggregator.service import checkpoint_store
+
+    entries = read_history(cfg.state_dir)
+    if as_json:
+        print(json.dumps(entries[-n:], indent=1))
+    else:
+        print(format_history(entries, set(checkpoint_store(cfg).versions()), n))
     return 0
 
 

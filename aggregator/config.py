@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
+from aggregator.rollout import RolloutConfig, read_rollout
 from fedmqtt import mqttconf
 from fedmqtt.aggregation import serveropt
 from fedmqtt.aggregation.staleness import Staleness, parse_staleness
+from fedmqtt.cohort import read_selection
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
 from fedmqtt.mqttconf import read_connection
@@ -171,7 +173,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    keep: int = 2
+    keep: int = 5  # state files kept: the versions fl-aggregator rollback can go back to
     min_interval_s: float = 0.1
 
 
@@ -203,6 +205,7 @@ class AggregatorConfig:
     downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scaleout: ScaleoutConfig = field(default_factory=ScaleoutConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     path: Path | None = None
@@ -234,6 +237,7 @@ class AggregatorConfig:
             "metrics",
             "limits",
             "checkpoint",
+            "rollout",
             "scaleout",
             "logging",
         )
@@ -258,6 +262,7 @@ class AggregatorConfig:
             metrics=_metrics(t["metrics"]),
             limits=_limits(t["limits"], spec),
             checkpoint=_checkpoint(t["checkpoint"]),
+            rollout=read_rollout(t["rollout"]),
             scaleout=_scaleout(t["scaleout"], broker, base),
             logging=_logging(t["logging"]),
             path=path,
@@ -491,6 +496,7 @@ def _plan(t: Table) -> PlanConfig:
         mu=t.number("mu", d.mu, lo=0.0),
         codec=codec,
         min_interval_s=t.number("min_interval_s", d.min_interval_s, lo=0.0),
+        selection=read_selection(t.table("selection")),
     )
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from aggregator.checkpoint import FORMAT_VERSION as STATE_FORMAT
 from aggregator.checkpoint import CheckpointError, encode_state, f32, tensor
+from aggregator.cohort import cohort_gate
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceKeys
 from aggregator.evaluate import metric_name
@@ -166,6 +167,7 @@ class Engine:
         )
         self.rate = DeviceRate(lim.device_rate, lim.device_burst)
         self.presence = Presence(self.federation, self.keys)
+        self.cohort = cohort_gate(cfg)  # None: the plan lets every device train
         self.reject_log = RejectionLog()
         self.telemetry = DeviceTelemetry(self.keys)
         self.evals = FederatedEval(
@@ -296,6 +298,8 @@ class Engine:
                 assert meta is not None
                 tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
                 check_replay(meta.update_id, self.window)
+                if self.cohort is not None:
+                    self.cohort.check(meta.sender, meta.base_version)
                 self._admit(meta.sender, now)
                 norm = self._fill(e)
             except RejectedError as err:
@@ -430,6 +434,39 @@ class Engine:
         if n:
             self._aggregate(now)
         return n
+
+    def rollback(
+        self,
+        params: F32,
+        strategy_state: dict[str, Any] | None,
+        to_version: int,
+        now: float,
+        *,
+        manual: bool = False,
+    ) -> int:
+        """Make a new version whose parameters are ``params`` (those of ``to_version``), with
+        that version's strategy state when given; returns the new version (its stats:
+        ``rollback_to``, and ``rollback_manual`` for an operator's). The buffer is
+        applied first, so every accepted update stays in a version (the rolled-back one) and
+        its acknowledgement still waits for a durable flush; the replay window and the norm
+        history are kept."""
+        if params.shape != (self.layout.size,) or not np.isfinite(params).all():
+            raise ValueError("rollback parameters do not fit the model or are not finite")
+        if len(self.strategy):
+            self._aggregate(now)
+        if strategy_state is not None:
+            self.strategy.load_state(strategy_state)
+        self.params = params
+        self.version += 1
+        self.flushes += 1
+        self.stats = {"rollback_to": float(to_version)}
+        if manual:
+            self.stats["rollback_manual"] = 1.0
+        self.version_created_at = time.time()
+        self.strategy.on_version(self.version, now)
+        self.window.prune(self.version - self.strategy.max_staleness)
+        self.metrics.record_version(self.version, None, 0)
+        return self.version
 
     def _admit(self, sender: str, now: float) -> None:
         """Steps 8a-8b: the sender's rate, then its share of the buffer (or version window)."""

@@ -78,6 +78,9 @@ class Metrics:
         self.partial_flushes = 0  # buffers applied early because the ack window was nearly full
         # More entries for snapshot(), computed by their owner (aggregator.fleet.attach).
         self.extra: Callable[[], dict[str, Any]] | None = None
+        self.rollbacks: dict[str, int] = {}  # by kind: "manual" (operator), "gate" (automatic)
+        self.released_version: int | None = None  # the newest version the gate released
+        self.released_score: float | None = None
 
         # Counters and gauges are plain attributes exported by a collector at scrape time, so
         # recording an update costs a few integer additions, not a locked Prometheus call.
@@ -106,6 +109,7 @@ class Metrics:
             self.rejected = {str(k): int(v) for k, v in dict(saved.get("rejected", {})).items()}
             self.staleness = {int(k): int(v) for k, v in dict(saved.get("staleness", {})).items()}
             self.aggregations = int(saved.get("aggregations", 0))
+            self.rollbacks = {str(k): int(v) for k, v in dict(saved.get("rollbacks", {})).items()}
 
     def saved(self, unapplied_taus: Iterable[int] = ()) -> dict[str, Any]:
         """The counters to persist in a checkpoint, without the accepted updates that are
@@ -124,6 +128,7 @@ class Metrics:
                 "rejected": dict(self.rejected),
                 "staleness": {str(k): v for k, v in staleness.items() if v},
                 "aggregations": self.aggregations,
+                "rollbacks": dict(self.rollbacks),
             }
 
     def record_batch(
@@ -171,6 +176,14 @@ class Metrics:
         with self._lock:
             self.accuracy, self.eval_version, self.eval_metric = score, version, metric
 
+    def count_rollback(self, kind: str) -> None:
+        with self._lock:
+            self.rollbacks[kind] = self.rollbacks.get(kind, 0) + 1
+
+    def set_released(self, version: int, score: float | None) -> None:
+        with self._lock:
+            self.released_version, self.released_score = version, score
+
     # ------------------------------------------------------------------ views
     def snapshot(self) -> dict[str, Any]:
         extra = self.extra() if self.extra is not None else {}
@@ -196,6 +209,9 @@ class Metrics:
                 "checkpoints": self.checkpoints,
                 "status_rejected": self.status_rejected,
                 "partial_flushes": self.partial_flushes,
+                "rollbacks": dict(sorted(self.rollbacks.items())),
+                "released_version": self.released_version,
+                "released_score": self.released_score,
                 "uptime_s": round(time.time() - self.started, 3),
             }
 
@@ -232,6 +248,12 @@ class _Collector(Collector):
             "Buffers applied before K updates because the acknowledgement window was nearly full",
             m.partial_flushes,
         )
+        rb = CounterMetricFamily(
+            "fedmqtt_rollbacks", "Rollbacks by kind (manual, gate)", labels=["kind"]
+        )
+        for kind in ("gate", "manual"):
+            rb.add_metric([kind], m.rollbacks.get(kind, 0))
+        yield rb
         rej = CounterMetricFamily(
             "fedmqtt_updates_rejected", "Refused updates by reason", labels=["reason"]
         )

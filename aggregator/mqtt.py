@@ -52,7 +52,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.config import BrokerConfig
-from aggregator.paho_internals import FastPath
+from aggregator.paho_internals import FastPath, seen_disconnection
 from aggregator.readahead import ReadAhead
 from fedmqtt.mqttconf import backoff_delay, broker_password
 
@@ -372,12 +372,15 @@ class MqttLink:
             try:
                 client, fast = self._new_client()
                 self._lost = asyncio.Event()
-                async with client:
-                    await self._connected(client, fast)
-                    try:
-                        await _first(stop.wait(), self._lost.wait())
-                    finally:
-                        self._down(expected=stop.is_set())
+                try:
+                    async with client:
+                        await self._connected(client, fast)
+                        try:
+                            await _first(stop.wait(), self._lost.wait())
+                        finally:
+                            self._down(expected=stop.is_set())
+                finally:
+                    seen_disconnection(client)
             except aiomqtt.MqttError as e:
                 self._down()
                 log.warning("%s: broker %s:%d: %s", self.name, cfg.host, cfg.port, e)

@@ -26,6 +26,9 @@ pyproject.toml), each item checked by :func:`missing`:
   paho.
 * ``paho.Client._packet_queue(command, packet, mid, qos)``: queues bytes as one outgoing packet,
   so that the PUBACKs of a batch go out as one write.
+* ``aiomqtt.Client._disconnected``: the future aiomqtt fails when the connection is lost, which
+  only its message iterator (not used here) would await; :func:`seen_disconnection` reads its
+  exception after the connection ended, so asyncio does not report it as never retrieved.
 
 There is no fallback: importing this module raises :class:`MissingInternalsError` (an
 ``ImportError``) naming what a paho release lacks, and :func:`paho_client` does the same for
@@ -34,6 +37,7 @@ aiomqtt, so the aggregator refuses to start instead of running a slower path.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import struct
@@ -114,6 +118,13 @@ def paho_client(client: aiomqtt.Client) -> paho.Client:
             "paho.Client. Install an aiomqtt within the pins of pyproject.toml."
         )
     return pc
+
+
+def seen_disconnection(client: aiomqtt.Client) -> None:
+    """Retrieve the exception of an ended connection's ``_disconnected`` future, if any."""
+    fut = getattr(client, "_disconnected", None)
+    if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+        fut.exception()
 
 
 class FastPath:

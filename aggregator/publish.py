@@ -105,6 +105,7 @@ def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:
         mu=p.mu,
         codec=p.codec,
         min_interval_s=p.min_interval_s,
+        selection=p.selection,
     )
     return wire.encode(msg, signer)
 
@@ -132,7 +133,10 @@ def onnx_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes
 
 
 def plan_digest(plan: PlanConfig) -> str:
-    return hashlib.sha256(json.dumps(asdict(plan), sort_keys=True).encode()).hexdigest()[:16]
+    d = asdict(plan)
+    if plan.selection.everyone:  # a plan without a selection keeps the digest it always had
+        del d["selection"]
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_revision(state_dir: Path, plan: PlanConfig) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from aggregator.config import AggregatorConfig
@@ -68,6 +69,13 @@ class Publisher:
         self._eval_lock = threading.Lock()
         self._eval_next: Snapshot | None = None
         self._eval_running = False
+        # Rollout hooks (aggregator.rollback.RolloutControl): each newly published version,
+        # each evaluation (version, score, metric; on the evaluation thread). ``gated``: the
+        # ONNX export waits for release() (the evaluation gate) instead of following the model.
+        self.on_published: Callable[[Snapshot], None] | None = None
+        self.on_scored: Callable[[int, float, str], None] | None = None
+        self.gated = False
+        self._releases: set[asyncio.Task[None]] = set()
 
     def offer(self, snap: Snapshot, *, new_version: bool) -> None:
         """``snap`` is durable and the newest; with ``new_version``, publish it when the link
@@ -121,10 +129,13 @@ class Publisher:
                 if published:
                     if snap.version > self.published_version:
                         self.evaluate_soon(snap)
+                        if self.on_published is not None:
+                            self.on_published(snap)
                     self.published_version = max(self.published_version, snap.version)
                 else:
                     self._republish = True
-                await self._maybe_onnx(snap)
+                if not self.gated:
+                    await self._maybe_onnx(snap)
             if self._latest.version > self.published_version:
                 wake.set()
 
@@ -154,6 +165,12 @@ class Publisher:
             return
         if await self.link.publish(topics.model_onnx(self.cfg.federation.id), payload, retain=True):
             self._onnx_version = snap.version
+
+    def release(self, snap: Snapshot) -> None:
+        """The evaluation gate released ``snap``: its ONNX export may reach the predictors."""
+        task = asyncio.get_running_loop().create_task(self._maybe_onnx(snap))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     def evaluate_soon(self, snap: Snapshot | None) -> None:
         """Score ``snap`` on the holdout in the evaluation thread; while one evaluation runs,
@@ -187,3 +204,5 @@ class Publisher:
             if self.metrics.eval_version is None or snap.version >= self.metrics.eval_version:
                 self.metrics.set_evaluation(snap.version, score, metric)
                 log.info("version %d: holdout %s %.4f", snap.version, metric, score)
+            if self.on_scored is not None:
+                self.on_scored(snap.version, score, metric)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
+from aggregator.cohort import warn_if_thin
 from aggregator.config import AggregatorConfig, devices_needed, window_pressure
 from aggregator.cpu import cpu_for, pin_current_thread, restore_affinity, usable_cpus
 from aggregator.devices import DeviceKeys
@@ -48,11 +49,14 @@ from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import MqttLink
 from aggregator.publish import plan_revision
 from aggregator.publisher import Publisher
+from aggregator.rollback import RolloutControl, build_control
+from aggregator.rollout import Evaluation, StateLock
 from aggregator.sources import LinkSource, PoolSource, Source
 from aggregator.statusfile import write_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
 from fedmqtt.fedeval import EvalSummary
+from fedmqtt.params import F32
 from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Signer
 
@@ -139,6 +143,8 @@ class Aggregator:
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
         self._fatal_event: asyncio.Event | None = None
         self._fleet_saved = 0.0  # monotonic time of the last fleet.json write
+        self._state_lock = StateLock(config.state_dir)  # held while running (rollback offline)
+        self._rollout: RolloutControl | None = None
 
     # ------------------------------------------------------------------ public
     def snapshot(self) -> dict[str, Any]:
@@ -172,10 +178,12 @@ class Aggregator:
                 io_x, Ed25519Signer.load, cfg.security.signing_key
             )
             self.store = checkpoint_store(cfg)
+            await loop.run_in_executor(io_x, self._state_lock.acquire)
             self.keys = DeviceKeys(cfg.security.devices_dir)
             self.engine = Engine(cfg, self.metrics, self.keys)
             self.engine.on_update = self.on_update
             await loop.run_in_executor(io_x, warn_if_unfillable, cfg, self.keys)
+            await loop.run_in_executor(io_x, warn_if_thin, cfg)
             path = await loop.run_in_executor(engine_x, open_state, cfg, self.engine)
             self._latest = await loop.run_in_executor(engine_x, self.engine.snapshot)
             await loop.run_in_executor(io_x, restore_fleet, cfg.state_dir, self.engine)
@@ -216,6 +224,7 @@ class Aggregator:
                 prom.shutdown()
             for x in (engine_x, io_x, pub_x, eval_x):
                 x.shutdown(wait=True)
+            self._state_lock.release()
             if pinned:  # the caller's thread (the simulator's, a test's) gets its CPUs back
                 restore_affinity(unpinned)
 
@@ -249,6 +258,17 @@ class Aggregator:
             name="aggregator",
         )
         publisher.link = link
+        self._rollout = build_control(
+            cfg,
+            store=self.store,
+            metrics=self.metrics,
+            publisher=publisher,
+            holdout=self.holdout is not None,
+            federated=self.federated_evaluation(),
+            io_x=self._io_x,
+            rollback=self._rollback,
+            durable_version=lambda: self._durability.durable_version,
+        )
         tasks = [
             asyncio.create_task(link.run(link_stop), name="mqtt"),
             asyncio.create_task(publisher.run(), name="publisher"),
@@ -303,6 +323,8 @@ class Aggregator:
         self, tasks: list[asyncio.Task[Any]], link_stop: asyncio.Event, *, clean: bool
     ) -> None:
         self._stopping = True
+        if self._rollout is not None:
+            await self._rollout.stop()
         self._durability.stop()
         ingest = [t for t in tasks if t.get_name().startswith("ingest")]
         await asyncio.gather(*ingest, return_exceptions=True)
@@ -319,6 +341,9 @@ class Aggregator:
             if t.get_name() in ("publisher", "housekeeping"):
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._rollout is not None:
+            with contextlib.suppress(Exception):
+                self._rollout.close()
         with contextlib.suppress(Exception):
             await asyncio.get_running_loop().run_in_executor(
                 self._io_x, write_status, self.cfg.state_dir, self._status("stopped")
@@ -392,6 +417,33 @@ class Aggregator:
             )
             self._after_batch(flushes, version)
 
+    async def _rollback(
+        self, params: F32, strategy: dict[str, Any] | None, to_version: int, manual: bool
+    ) -> int:
+        """A new version with ``params`` (those of ``to_version``), made on the engine thread
+        and checkpointed and published like any other (aggregator/rollout.py)."""
+        engine = self.engine
+
+        def work() -> tuple[int, int, int]:
+            v = engine.rollback(params, strategy, to_version, time.monotonic(), manual=manual)
+            return v, engine.flushes, engine.version
+
+        v, flushes, version = await asyncio.get_running_loop().run_in_executor(self._engine_x, work)
+        self._after_batch(flushes, version)
+        return v
+
+    def federated_evaluation(self) -> Evaluation | None:
+        """The federated evaluation the gate uses when there is no ``[evaluation] holdout``:
+        version -> the devices' sample-weighted metric (:meth:`federated_eval`), or None while
+        fewer than ``[rollout] min_reports`` devices have reported on it."""
+        need = self.cfg.rollout.min_reports
+
+        def score(version: int) -> float | None:
+            summary = self.federated_eval(version)
+            return summary.metric if summary is not None and summary.devices >= need else None
+
+        return score
+
     def _durable(self, snap: Snapshot, new_version: bool) -> None:
         self._latest = snap
         if self._publisher is not None:
@@ -420,6 +472,8 @@ class Aggregator:
                 if made:
                     self._durability.made(flushes, version)
             self._durability.maybe_checkpoint()
+            if self._rollout is not None and not self._stopping:
+                await self._rollout.tick()
             if now - last_status >= cfg.metrics.status_interval_s:
                 last_status = now
                 self._write_status_soon()

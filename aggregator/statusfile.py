@@ -85,5 +85,12 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
             f"federated eval  {fed['metric_name']} {fed['metric']:.4f} (p10 {fed['p10']:.4f}, "
             f"p90 {fed['p90']:.4f}) over {fed['devices']} device(s) at version {fed['version']}"
         )
+    if s.get("released_version") is not None:
+        score = s.get("released_score")
+        text = "" if score is None else f" (score {float(score):.4f})"
+        lines.append(f"released        version {s['released_version']}{text} (evaluation gate)")
+    rollbacks = s.get("rollbacks") or {}
+    if rollbacks:
+        lines.append("rollbacks       " + ", ".join(f"{k} {v}" for k, v in rollbacks.items()))
     lines.append(f"updated         {age:.1f}s ago")
     return "\n".join(lines)

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from aggregator.devices import DeviceKeys
-from fedmqtt.errors import FedMQTTError
+from fedmqtt.cohort import TAGS_SUFFIX, read_tags_file
+from fedmqtt.errors import ConfigError, FedMQTTError
 from fedmqtt.fedeval import EvalReport
 from fedmqtt.fsutil import atomic_write_bytes
 
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 
 FLEET_FILE: Final = "fleet.json"
 FLEET_FORMAT: Final = 1
-TAGS_SUFFIX: Final = ".tags"  # <devices_dir>/<device id>.tags, next to its key
-_MAX_TAG_BYTES: Final = 4096
 
 
 @dataclass
@@ -181,19 +180,14 @@ def describe(device: str, rec: dict[str, Any], devices_dir: Path) -> dict[str, A
 
 
 def read_tags(devices_dir: Path, device: str) -> dict[str, str]:
-    """The device's tags from ``<devices_dir>/<device>.tags`` ({} if none or unreadable)."""
+    """The device's tags from ``<devices_dir>/<device>.tags`` ({} if there are none, or if
+    :func:`fedmqtt.cohort.read_tags_file` refuses them, which is logged)."""
     path = devices_dir / f"{device}{TAGS_SUFFIX}"
     try:
-        raw = path.read_bytes()[:_MAX_TAG_BYTES]
-        data = json.loads(raw)
-    except FileNotFoundError:
+        return read_tags_file(path)
+    except ConfigError as e:
+        log.warning("device %s: ignoring its tags: %s", device, e)
         return {}
-    except (OSError, ValueError) as e:
-        log.debug("device %s: ignoring unreadable %s: %s", device, path, e)
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {str(k): str(v) for k, v in data.items() if isinstance(v, str | int | float)}
 
 
 # --------------------------------------------------------------------------- the fleet file

@@ -13,6 +13,8 @@ Steps, cheapest first, each refusing with a reason constant from :mod:`fedmqtt.e
 7. ``future`` / ``stale``: ``base_version`` newer than the current version, or staleness
    ``version - base_version`` above ``max_staleness``;
 8. ``replay``: ``update_id`` already accepted (see :mod:`aggregator.replay`);
+8'. ``not_selected``: the plan's selection did not let the device train on the update's base
+    version (:mod:`aggregator.cohort`);
 8a. ``rate_limited``: the device sends faster than ``[limits] device_rate``
     (:mod:`aggregator.ratelimit`);
 8b. ``device_quota``: the device already holds ``[strategy] max_per_device`` rows of the buffer

@@ -70,6 +70,7 @@ from edge_agent.trainer import (
 )
 from fedmqtt import topics, wire
 from fedmqtt.codecs import ErrorFeedback
+from fedmqtt.cohort import EVERYONE
 from fedmqtt.errors import FEDERATION, UNKNOWN_SPEC, DecodeError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes, clean_temp_files, remove_durably
 from fedmqtt.models.spec import ModelSpec
@@ -187,6 +188,8 @@ class EdgeAgent:
 
         self.rounds_completed = 0
         self.rounds_failed = 0
+        self.rounds_skipped = 0  # versions the plan's selection did not let this device train on
+        self._skipped_version = -1
         self.rejected: collections.Counter[str] = collections.Counter()
         # Payload bytes this device's MQTT client received, by kind of message (model, plan,
         # onnx, ...), and bytes this agent wrote to its state directory (flash wear).
@@ -665,6 +668,8 @@ class EdgeAgent:
         model = self.model
         if model is None or self._fetching_since is not None:
             return None  # nothing to train on yet, or a newer model is on its way
+        if not self._selected(model.version):
+            return None
         tcfg = self.config.training
         s = self.state
         if model.version <= s.last_trained_version:
@@ -684,6 +689,22 @@ class EdgeAgent:
         if self._fetch_wanted():
             return None  # fetch the announced newer version first (next pass of the loop)
         return self._due_in()
+
+    def _selected(self, version: int) -> bool:
+        """Whether the plan's selection lets this device train on ``version``: a device that
+        is not selected neither trains nor uploads (the aggregator would refuse the update,
+        ``not_selected``) and is free to fetch the next version."""
+        sel = self.plan.selection if self.plan is not None else EVERYONE
+        tags = self.config.device.tags
+        if sel.trains(self.federation, self.device_id, tags, version):
+            return True
+        if self._skipped_version != version:
+            self._skipped_version = version
+            self.rounds_skipped += 1
+            self._fetched_untrained = False
+            why = sel.why_not(self.federation, self.device_id, tags, version)
+            self.log.info("not training on v%d: %s", version, why)
+        return False
 
     def _interval(self) -> float:
         """The minimum time between two rounds: ``max(interval_s, plan.min_interval_s)``."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from fedmqtt import personalise as personal
+from fedmqtt.cohort import check_tag_map
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqttconf import BrokerConfig, read_connection
 from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
@@ -50,6 +51,7 @@ class DeviceConfig:
     id: str
     federation: str
     state_dir: Path
+    tags: Mapping[str, str] = field(default_factory=dict)  # the plan's selection reads them
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,12 @@ def _device(t: Table) -> DeviceConfig:
             check_id(key, values[key])
         except ConfigError as e:
             raise t.error(key, str(e)) from None
+    try:
+        tags = check_tag_map(t.raw("tags", {}))
+    except ConfigError as e:
+        raise t.error("tags", str(e)) from None
     return DeviceConfig(
-        id=values["id"], federation=values["federation"], state_dir=t.path("state_dir")
+        id=values["id"], federation=values["federation"], state_dir=t.path("state_dir"), tags=tags
     )
 
 

@@ -26,18 +26,15 @@ reconcile`).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Final
 
 from fedmqtt import wire
 from fedmqtt.errors import DecodeError, FedMQTTError
-from fedmqtt.fsutil import atomic_write_bytes
+from fedmqtt.fsutil import DirLock, atomic_write_bytes
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import Verifier
 
@@ -164,31 +161,17 @@ class StateDirLockedError(FedMQTTError):
     """Another agent process already uses this state directory."""
 
 
-class StateDirLock:
+class StateDirLock(DirLock):
     """An exclusive, non-blocking flock on ``<state_dir>/.lock``; released by the kernel on exit.
 
     flock dies with the process (even on SIGKILL), so a stale lock never blocks a restart.
     """
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / LOCK_FILE
-        self._fd: int | None = None
+        super().__init__(state_dir, LOCK_FILE)
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if not self.try_acquire():
             raise StateDirLockedError(
                 f"state directory {self.path.parent} is in use by another edge-agent"
-            ) from None
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            )

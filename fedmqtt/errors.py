@@ -26,6 +26,7 @@ FUTURE: Final = "future"  # base_version newer than the current global version
 NORM: Final = "norm"  # update norm above the accepted bound
 RATE_LIMITED: Final = "rate_limited"  # the device sends faster than its per-device rate
 DEVICE_QUOTA: Final = "device_quota"  # the device already holds its rows in this buffer/window
+NOT_SELECTED: Final = "not_selected"  # the plan's selection does not let the device train then
 # Device side only (not an update rejection): a model that names a spec the device does not hold.
 UNKNOWN_SPEC: Final = "unknown_spec"
 
@@ -46,6 +47,7 @@ REASONS: Final = (
     NORM,
     RATE_LIMITED,
     DEVICE_QUOTA,
+    NOT_SELECTED,
 )
 
 

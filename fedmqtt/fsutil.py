@@ -7,6 +7,7 @@ power cut or SIGKILL leaves either the old file or the new one, never a torn one
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Callable
@@ -62,3 +63,31 @@ def clean_temp_files(directory: Path) -> int:
                 p.unlink()
                 n += 1
     return n
+
+
+class DirLock:
+    """An exclusive, non-blocking flock on ``<directory>/<name>``, released by the kernel when
+    the process ends (even on SIGKILL), so a stale lock never blocks a restart."""
+
+    def __init__(self, directory: Path, name: str = ".lock") -> None:
+        self.path = Path(directory) / name
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock; False if another open file description holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -32,6 +32,7 @@ from typing import Any, Final, TypeVar, cast
 import msgpack
 import numpy as np
 
+from fedmqtt.cohort import EVERYONE, Selection
 from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, UNKNOWN_SPEC, DecodeError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import Params
@@ -467,6 +468,7 @@ class PlanSettings:
     mu: float = 0.0
     codec: str = "int8"
     min_interval_s: float = 0.0
+    selection: Selection = EVERYONE  # who trains (fedmqtt.cohort); [plan.selection]
 
 
 PLAN_DEFAULTS: Final = PlanSettings()
@@ -477,7 +479,8 @@ PLAN_BATCH_SIZE: Final = (1, 1 << 20)  # the smallest and largest batch size
 @dataclass(frozen=True)
 class Plan:
     """What devices should do next: local training hyperparameters and upload codec (each
-    defaulting to :data:`PLAN_DEFAULTS`)."""
+    defaulting to :data:`PLAN_DEFAULTS`), and which devices train (``selection``, an optional
+    field of the body: a plan without it selects every device, :mod:`fedmqtt.cohort`)."""
 
     federation: str
     sender: str
@@ -490,9 +493,10 @@ class Plan:
     codec: str = PLAN_DEFAULTS.codec
     min_interval_s: float = PLAN_DEFAULTS.min_interval_s
     extra: dict[str, float] = field(default_factory=dict)
+    selection: Selection = PLAN_DEFAULTS.selection
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "v": VERSION,
             "type": "plan",
             "federation": self.federation,
@@ -507,6 +511,9 @@ class Plan:
             "min_interval_s": self.min_interval_s,
             "extra": self.extra,
         }
+        if not self.selection.everyone:  # optional: absent means every device trains
+            body["selection"] = self.selection.to_wire()
+        return body
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any]) -> Plan:
@@ -528,6 +535,7 @@ class Plan:
             codec=field_of(m, "codec", str),
             min_interval_s=_number(m, "min_interval_s"),
             extra=_float_map(m, "extra"),
+            selection=Selection.from_wire(m["selection"]) if "selection" in m else EVERYONE,
         )
 
 

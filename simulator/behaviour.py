@@ -7,8 +7,10 @@ from its own generator so that changing, say, the attack does not reshuffle the 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +19,7 @@ from fedmqtt.errors import ConfigError
 from fedmqtt.params import Params
 
 ATTACKS = ("signflip", "scale", "noise", "labelflip")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,15 @@ def label_flip(
 ]:
     """Data poisoning: train on y -> n_classes - 1 - y."""
     return lambda X, y: (X, (n_classes - 1 - y.astype(np.int64)).astype(np.int64))
+
+
+def from_time(transform: Callable[..., T], start: float) -> Callable[..., T]:
+    """``transform`` from wall-clock time ``start`` (``time.time()``) on; the identity on its
+    arguments before (an attacker that behaves until it switches on, ``--attack-start``)."""
+
+    def switched(*args: Any) -> Any:
+        if time.time() >= start:
+            return transform(*args)
+        return args[0] if len(args) == 1 else args
+
+    return switched

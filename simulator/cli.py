@@ -106,6 +106,40 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         metavar="MODE",
         help="each agent keeps a personal model: off | head | finetune (default: off)",
     )
+    p.add_argument(
+        "--participation",
+        type=_fraction,
+        default=1.0,
+        help="fraction of devices the plan selects to train in each participation window; the "
+        "others only receive the model (default 1: every device trains)",
+    )
+    p.add_argument(
+        "--participation-window",
+        type=int,
+        default=1,
+        metavar="W",
+        help="versions per participation window (default 1)",
+    )
+    p.add_argument(
+        "--attack-start",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds into the run at which the attackers switch on (default 0: from the start)",
+    )
+    p.add_argument(
+        "--gate",
+        action="store_true",
+        help="the aggregator's evaluation gate: only versions that score within --gate-margin of "
+        "the best recent one are released, worse ones are rolled back ([rollout] gate)",
+    )
+    p.add_argument(
+        "--gate-margin",
+        type=float,
+        default=0.02,
+        metavar="M",
+        help="accuracy points a version may lose against the best recent one (default 0.02)",
+    )
     p.add_argument("--robust", default="none", choices=["none", "clip", "trimmed-mean", "median"])
     p.add_argument(
         "--duration",

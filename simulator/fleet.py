@@ -57,6 +57,7 @@ class Attacks:
     attack: str
     seed: int
     n_classes: int
+    active_from: float = 0.0  # wall-clock time (time.time()) from which attackers attack
 
 
 def host_count(requested: int, n_devices: int) -> int:
@@ -201,10 +202,13 @@ class AgentHost:
         data_tf = None
         if b.attacker:
             if self.attacks.attack == "labelflip":
-                data_tf = behaviour.label_flip(self.attacks.n_classes)
+                data_tf = behaviour.from_time(
+                    behaviour.label_flip(self.attacks.n_classes), self.attacks.active_from
+                )
             else:
                 seed = self.attacks.seed + b.index
                 attack = behaviour.delta_attack(self.attacks.attack, seed=seed)
+                attack = behaviour.from_time(attack, self.attacks.active_from)
         compute_s = b.compute_s
         d.stop = threading.Event()
 

@@ -22,6 +22,10 @@ class Point:
     online: int
     bytes_downloaded: int = 0  # payloads received by the devices' MQTT clients, all kinds
     federated: float | None = None  # the newest federated evaluation's metric (devices' data)
+    # With the evaluation gate: the holdout accuracy of the version it last released (the
+    # model the predictors get), and the rollbacks so far.
+    released_accuracy: float | None = None
+    rollbacks: int = 0
 
     @property
     def bytes_total(self) -> int:
@@ -96,11 +100,24 @@ def plot(path: Path, history: list[Point], *, title: str, centralized: float | N
     pts = [p for p in history if p.accuracy is not None]
     acc = [p.accuracy for p in pts]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    a1.plot([p.t for p in pts], acc, marker=".", label="server holdout")
+    a1.plot([p.t for p in pts], acc, marker=".", label="global model, server holdout")
     fed = [p for p in history if p.federated is not None]
     if fed:
-        a1.plot([p.t for p in fed], [p.federated for p in fed], ".", color="C4", label="devices")
-        a1.legend(loc="lower right")
+        a1.plot([p.t for p in fed], [p.federated for p in fed], ".", color="C5", label="devices")
+    released = [p for p in history if p.released_accuracy is not None]
+    if released:
+        a1.plot(
+            [p.t for p in released],
+            [p.released_accuracy for p in released],
+            color="C4",
+            label="released (evaluation gate)",
+        )
+        prev = 0
+        for p in history:
+            if p.rollbacks > prev:
+                a1.axvline(p.t, color="red", lw=0.8, alpha=0.5)
+            prev = p.rollbacks
+        a1.plot([], [], color="red", lw=0.8, label="rollback")
     for label, color, mb in (
         ("uploaded", "C1", [p.bytes_uploaded / 1e6 for p in pts]),
         ("downloaded", "C2", [p.bytes_downloaded / 1e6 for p in pts]),
@@ -113,6 +130,7 @@ def plot(path: Path, history: list[Point], *, title: str, centralized: float | N
         if centralized is not None:
             ax.axhline(centralized, color="grey", ls="--", lw=1, label="centralized")
     a1.set_ylabel("test accuracy")
+    a1.legend(loc="lower right")
     a2.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()

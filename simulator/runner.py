@@ -74,6 +74,13 @@ class SimConfig:
     eval_fraction: float = 0.0  # devices' validation split for federated evaluation (0: off)
     # Processes hosting the agents (0: automatic, see simulator.fleet.host_count).
     agent_processes: int = 0
+    # The plan's selection ([plan.selection]): the fraction of devices that train per window
+    # of this many versions.
+    participation: float = 1.0
+    participation_window: int = 1
+    attack_start: float = 0.0  # seconds into the run at which the attackers switch on
+    gate: bool = False  # the aggregator's evaluation gate ([rollout] gate)
+    gate_margin: float = 0.02
     extra_strategy: dict[str, Any] = field(default_factory=dict)
     server_opt: str | None = None  # [strategy] server_optimizer (None: the aggregator's)
     server_lr: float | None = None  # [strategy] server_lr (None: the optimizer's default)
@@ -91,6 +98,8 @@ class SimConfig:
             raise ConfigError("--duration must be positive")
         if not self.attacker_rate >= 1.0:
             raise ConfigError("--attacker-rate must be at least 1")
+        if self.attack_start < 0:
+            raise ConfigError("--attack-start must be >= 0 seconds")
         if self.versions is not None and self.versions < 1:
             raise ConfigError("--versions must be at least 1")
         if not 0.0 <= self.eval_fraction <= 0.5:
@@ -147,6 +156,11 @@ class _Simulation:
             "mu": 0.0,
             "codec": cfg.codec,
         }
+        if cfg.participation < 1.0:
+            self.plan_cfg["selection"] = {
+                "participation": cfg.participation,
+                "window": cfg.participation_window,
+            }
 
     # ------------------------------------------------------------------ set-up
     def _shards(self) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[Any]]]:
@@ -209,6 +223,7 @@ class _Simulation:
             "plan": self.plan_cfg,
             "evaluation": {"holdout": str(holdout)},
             "onnx": {"every": cfg.onnx_every},
+            "rollout": {"gate": cfg.gate, "margin": cfg.gate_margin},
             "downlink": {} if cfg.downlink_codec is None else {"codec": cfg.downlink_codec},
             "metrics": {"prometheus_port": 0},
             # --robust none means no defence at all, so that the damage an attack does is
@@ -293,7 +308,8 @@ class _Simulation:
         agg = AggregatorThread(agg_cfg, on_update=seen.record)
         agg.start()
         self.stack.callback(agg.stop)  # idempotent; covers a failure while the fleet starts
-        attacks = fleet.Attacks(cfg.attack, cfg.seed, self.ds.n_classes)
+        attack_at = time.time() + cfg.attack_start
+        attacks = fleet.Attacks(cfg.attack, cfg.seed, self.ds.n_classes, attack_at)
         processes = fleet.host_count(cfg.agent_processes, n)
         agents: fleet.Fleet = (
             fleet.ProcessFleet(devices, attacks, processes)
@@ -303,6 +319,7 @@ class _Simulation:
         progress = report.Progress(out=self.out, every_s=5.0)
         holdout = evalseries.HoldoutLog()
         t0 = time.monotonic()
+        t0_wall = time.time()
         agents.start()
         log.info("set-up took %.1fs", t0 - t_setup)
         counts: dict[str, fleet.DeviceCounts] = {}
@@ -327,6 +344,8 @@ class _Simulation:
                     online=int(snap.get("devices_online", 0)),
                     bytes_downloaded=sum(c.bytes_downloaded for c in agents.counts().values()),
                     federated=evalseries.federated_metric(snap),
+                    released_accuracy=snap.get("released_score"),
+                    rollbacks=sum(dict(snap.get("rollbacks", {})).values()),
                 )
                 if not cfg.quiet:
                     progress.record(point)
@@ -362,6 +381,8 @@ class _Simulation:
             final = agg.snapshot()
             holdout.note(final)
             federated = evalseries.federated_series(agg.federated_eval(), holdout)
+            cohort = getattr(getattr(agg.service, "engine", None), "cohort", None)
+            trained = cohort.participation() if cohort is not None else {}
         summary = self._summary(
             final, progress, central, reached=reached, devices=devices, error=error
         )
@@ -386,6 +407,15 @@ class _Simulation:
             for d in devices
             if presence.get(d.id) != "online"
         }
+        summary["attack_started_at_s"] = (
+            round(attack_at - t0_wall, 2) if summary["attackers"] else None
+        )
+        summary["rollbacks"] = dict(final.get("rollbacks", {}))
+        summary["released_version"] = final.get("released_version")
+        summary["final_released_accuracy"] = final.get("released_score")
+        summary["tail_released_accuracy"] = _tail_mean(progress.history, 0.25, released=True)
+        # Participation window -> devices whose updates based on it passed the selection.
+        summary["trained_per_window"] = {str(w): k for w, k in trained.items()}
         summary["workdir"] = str(self.workdir)
         if cfg.json is not None:
             report.write_json(cfg.json, summary)
@@ -511,13 +541,17 @@ def _wait_for_drain(agg: Any, missing: Callable[[], int]) -> None:
             left, last_progress = newer, time.monotonic()
 
 
-def _tail_mean(history: list[report.Point], fraction: float) -> float | None:
+def _tail_mean(
+    history: list[report.Point], fraction: float, *, released: bool = False
+) -> float | None:
     """Mean accuracy over the last ``fraction`` of the run: one evaluation on a 359-sample test
-    set moves in steps of 0.28 points, so comparisons between runs use this smoother figure."""
+    set moves in steps of 0.28 points, so comparisons between runs use this smoother figure.
+    ``released``: of the version the evaluation gate released."""
     if not history:
         return None
     start = history[-1].t * (1 - fraction)
-    accs = [p.accuracy for p in history if p.t >= start and p.accuracy is not None]
+    got = [p.released_accuracy if released else p.accuracy for p in history if p.t >= start]
+    accs = [a for a in got if a is not None]
     return round(sum(accs) / len(accs), 4) if accs else None
 
 

@@ -168,7 +168,9 @@ def test_an_aggregator_without_plan_publishes_what_a_device_without_plan_uses(
     signer = Ed25519Signer.generate()
     sent = wire.decode(plan_payload(cfg, signer, 1), wire.Plan, signer.verifier())
     names = [f.name for f in fields(wire.PlanSettings)]
-    assert {n: getattr(sent, n) for n in names} == asdict(wire.PLAN_DEFAULTS)
+    assert {n: getattr(sent, n) for n in names} == {
+        n: getattr(wire.PLAN_DEFAULTS, n) for n in names
+    }
     device = resolve_hyper(None, TrainingConfig())
     assert str(device.codec) == wire.PLAN_DEFAULTS.codec
     trained = ("epochs", "lr", "batch_size", "momentum", "mu")

@@ -51,7 +51,7 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.spec.layout().size == 15
     assert cfg.limits.max_update_bytes == 4 * 15 + 64 * 1024
     assert cfg.limits.inflight_window == 1000
-    assert cfg.checkpoint.min_interval_s == 0.1 and cfg.checkpoint.keep == 2
+    assert cfg.checkpoint.min_interval_s == 0.1 and cfg.checkpoint.keep == 5
     assert cfg.scaleout.pin_cpu is True
 
 

@@ -32,6 +32,7 @@ from fedmqtt.admin import sizing
 from fedmqtt.admin.registry import IDENTITIES
 from fedmqtt.admin.site import DEFAULT_DIR, AgentOptions, Site
 from fedmqtt.admin.tomlconf import AggregatorConfig
+from fedmqtt.cohort import tag_map
 from fedmqtt.errors import ConfigError
 from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
 
@@ -179,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     enr.add_argument("--out", type=Path, required=True, help="bundle directory (new or empty)")
     enr.add_argument("--federation", default=None)
     enr.add_argument("--reenroll", action="store_true", help="allow reusing a revoked id")
+    enr.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a tag for the plan's selection, e.g. site=north (repeatable)",
+    )
     _agent_args(enr, auth_default=DEFAULT_UPDATE_AUTH)
     _reload_flag(enr)
 
@@ -386,6 +394,7 @@ def run(a: argparse.Namespace) -> int:
             auth=a.auth,
             options=_options(a, AgentOptions()),
             reenroll=a.reenroll,
+            tags=tag_map(a.tag),
         )
         print(
             f"enrolled {a.device_id}; bundle in {out} (contains secrets: move it to the "
@@ -458,6 +467,9 @@ def run(a: argparse.Namespace) -> int:
                 if r.cert_expires
                 else ""
             )
+            if r.tags:
+                tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
+                note = f"{note}; tags {tags}" if note else f"tags {tags}"
             print(
                 f"{r.id:<24} {r.federation:<16} {r.status:<8} {r.identity:<11} {r.auth:<12} "
                 f"{r.enrolled_at:<26} {note}".rstrip()

@@ -75,6 +75,8 @@ class Device:
     cert_expires: str | None = None
     # The enrollment's agent.toml options (data source, paths, interval), reused by rotate.
     options: dict[str, Any] = field(default_factory=dict)
+    # Tags (enroll --tag key=value): in agent.toml and <devices_dir>/<id>.tags for the plan.
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

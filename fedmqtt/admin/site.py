@@ -22,7 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import stat
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,6 +40,7 @@ from fedmqtt.admin.registry import (
     Registry,
     now_iso,
 )
+from fedmqtt.cohort import TAGS_SUFFIX, check_tag_map, tags_file_bytes
 from fedmqtt.errors import ConfigError
 from fedmqtt.fsutil import remove_durably
 from fedmqtt.signing import (
@@ -92,6 +94,7 @@ class DeviceRow:
     enrolled_at: str
     revoked_at: str | None
     cert_expires: str | None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class Site:
@@ -577,8 +580,10 @@ class Site:
         auth: str = DEFAULT_UPDATE_AUTH,
         options: AgentOptions | None = None,
         reenroll: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> Path:
-        """Create a device's credentials and update key, and its bundle in ``out``."""
+        """Create a device's credentials and update key, and its bundle in ``out``; ``tags``
+        go into its agent.toml and, for the plan's selection, ``<devices_dir>/<id>.tags``."""
         check_id("device id", device_id)
         if auth not in ALGORITHMS:
             raise ConfigError(f"update authentication must be one of {ALGORITHMS}")
@@ -601,7 +606,12 @@ class Site:
                 " --host NAME (or broker-config --host NAME)"
             )
         opts = options or AgentOptions()
-        device = Device(federation=fed, identity=self.broker.identity, auth=auth)
+        device = Device(
+            federation=fed,
+            identity=self.broker.identity,
+            auth=auth,
+            tags=check_tag_map(dict(tags or {})),
+        )
         self._issue(device_id, device, out, opts)
         self.registry.devices[device_id] = device
         self._save()
@@ -659,6 +669,13 @@ class Site:
             pub = (signer.verifier().public_hex() + "\n").encode()
             for d in key_dirs:
                 write_file(d / f"{device_id}{suffix}", pub, mode=0o644, owner=Owner.of(d))
+        for d in key_dirs:
+            tags_path = d / f"{device_id}{TAGS_SUFFIX}"
+            if device.tags:
+                data = tags_file_bytes(device.tags)
+                write_file(tags_path, data, mode=0o644, owner=Owner.of(d))
+            else:
+                remove_durably(tags_path)
 
         broker: dict[str, tomlconf.TomlValue] = {"host": self.broker.host, "port": self.broker.port}
         if device.identity == "password":
@@ -686,6 +703,7 @@ class Site:
                 "federation": device.federation,
                 "state_dir": opts.state_dir,
             },
+            **({"device.tags": dict(device.tags)} if device.tags else {}),
             "broker": broker,
             "security": {
                 "aggregator_public_key": f"{etc}/{B_AGG_PUB}",
@@ -725,6 +743,7 @@ class Site:
                 if path.exists():
                     remove_durably(path)
                     done.append(f"update key {path} deleted")
+            remove_durably(d / f"{device_id}{TAGS_SUFFIX}")
         device.status, device.revoked_at = REVOKED, now_iso()
         self._save()
         self.sync_broker_files()
@@ -745,6 +764,7 @@ class Site:
                 d.enrolled_at,
                 d.revoked_at,
                 d.cert_expires,
+                dict(d.tags),
             )
             for k, d in sorted(self.registry.devices.items())
         ]
