@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,17 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
-from test_aggregator_support import FED, Federation
+from test_aggregator_support import (
+    FED,
+    Federation,
+    publish_all,
+    service_status,
+    start_service,
+    wait_service_ready,
+    wait_until,
+)
 
-from aggregator.checkpoint import CheckpointError, decode_state
+from aggregator.checkpoint import CheckpointError, CheckpointStore, decode_state
 from aggregator.engine import Engine
 from aggregator.metrics import Metrics
 from fedmqtt import topics
@@ -24,6 +34,7 @@ from fedmqtt.privacy.accountant import gaussian_epsilon, noise_for_target, relea
 from fedmqtt.privacy.clip import clip_params, params_norm
 from fedmqtt.privacy.config import make_privacy
 from fedmqtt.privacy.mechanism import gaussian_release
+from simulator.broker import Mosquitto
 
 SPEC = ModelSpec("softmax", 6, 3)
 D = SPEC.layout().size
@@ -320,3 +331,73 @@ def test_checkpoint_keeps_the_release_counts(fed: Federation) -> None:
     other = engine(fed, {"noise_multiplier": sigma * 2})
     with pytest.raises(CheckpointError, match="noise_multiplier"):
         other.restore(decode_state(e.snapshot().data))
+
+
+# ------------------------------------------------------------------------------ kill -9
+
+DEVICES = ("dev0", "dev1", "dev2", "dev3")
+
+
+def status_privacy(state: Path) -> dict[str, Any]:
+    p = service_status(state).get("privacy")
+    return dict(p) if isinstance(p, dict) else {}
+
+
+def checkpoint_counts(state: Path) -> dict[str, int]:
+    loaded = CheckpointStore(state / "checkpoints").load_latest()
+    assert loaded is not None
+    privacy = loaded.state["strategy"]["privacy"]
+    return dict(privacy["counts"]) if privacy else {}
+
+
+def test_kill_9_keeps_epsilon(broker: Mosquitto, tmp_path: Path) -> None:
+    """A real aggregator process with central DP is killed with SIGKILL after some releases:
+    the restarted one reports the ε of the release counts in its last checkpoint (never 0, never
+    less), and ε keeps growing from there."""
+    sigma = 3.0
+    fed = Federation(tmp_path, SPEC, DEVICES)
+    cfg = fed.write_toml(
+        tmp_path / "aggregator.toml",
+        "127.0.0.1",
+        broker.port,
+        strategy={"buffer_size": 2, "max_per_device": 1, "max_staleness": 1_000_000},
+        limits={"norm_reject_factor": 0.0},
+        privacy={"mode": "central", "clip": 1.0, "noise_multiplier": sigma},
+    )
+    state, log = tmp_path / "state", tmp_path / "aggregator.log"
+
+    def updates(first: int, n: int) -> list[tuple[str, bytes]]:
+        out = []
+        for i in range(first, first + n):
+            dev = DEVICES[i % len(DEVICES)]
+            out.append((topics.updates(FED, dev), fed.update(dev, small(i), seq=i)))
+        return out
+
+    proc = start_service(cfg, log)
+    try:
+        wait_service_ready(state, 0)
+        publish_all(broker.port, updates(0, 40))
+        wait_until(lambda: status_privacy(state).get("releases", 0) >= 20, 30, "20 releases")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        counts = checkpoint_counts(state)
+        worst = max(counts.values())
+        assert worst >= 5  # 40 updates of 4 devices, 2 per release: ~10 releases each
+        restarted = time.time()
+        proc = start_service(cfg, log)
+        wait_service_ready(state, restarted)
+        after = status_privacy(state)
+        assert after["worst_device_releases"] >= worst
+        assert after["epsilon"] >= gaussian_epsilon(sigma, worst, DELTA) > 0
+        publish_all(broker.port, updates(40, 8))
+        wait_until(
+            lambda: status_privacy(state).get("worst_device_releases", 0) > worst + 1,
+            30,
+            "more releases after the restart",
+        )
+        assert status_privacy(state)["epsilon"] > gaussian_epsilon(sigma, worst, DELTA)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
