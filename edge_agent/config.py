@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqttconf import BrokerConfig, read_connection
+from fedmqtt.privacy.config import PrivacyConfig, read_privacy
 from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
@@ -117,6 +118,7 @@ class AgentConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # local DP (edge_agent.ldp)
     path: Path | None = None  # the file it was loaded from, if any
 
     @classmethod
@@ -140,6 +142,7 @@ class AgentConfig:
                 "outbox",
                 "inference",
                 "logging",
+                "privacy",
             )
         }
         root.done()
@@ -152,6 +155,7 @@ class AgentConfig:
             outbox=_outbox(tables["outbox"]),
             inference=_inference(tables["inference"]),
             logging=_logging(tables["logging"]),
+            privacy=read_privacy(tables["privacy"], ("off", "local")),
             path=path,
         )
         for t in tables.values():

@@ -70,6 +70,7 @@ def test_every_option_is_in_the_example_and_documented() -> None:
         "outbox": cfgmod.OutboxConfig,
         "inference": cfgmod.InferenceConfig,
         "logging": cfgmod.LoggingConfig,
+        "privacy": cfgmod.PrivacyConfig,
     }
     assert set(classes) == set(tables)
     for table, cls in classes.items():
