@@ -63,6 +63,9 @@ class PrivacyState:
         self.max_releases = cfg.max_releases
         self.refused = 0
         self._warned: set[str] = set()
+        # Load the accountant (dp-accounting, scipy: about a second) now, at start, not on the
+        # engine thread at the first release.
+        gaussian_epsilon(self.sigma, 1, cfg.delta)
 
     # ------------------------------------------------------------------ budget
     def admit(self, sender: str) -> None:
