@@ -14,6 +14,7 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
+from prometheus_client import generate_latest
 from test_aggregator_support import (
     FED,
     Federation,
@@ -265,6 +266,10 @@ def test_budget_refuses_the_spent_device_and_leaves_the_model_unchanged(fed: Fed
     assert snap["rejected"]["privacy_budget"] == 2
     assert send(fed, e, "dev2", small(7)) > 0  # a device with budget left is still accepted
     assert snap["privacy"]["stopped"] is False
+    scraped = generate_latest(e.metrics.registry).decode()
+    assert f"fedmqtt_privacy_epsilon {status['epsilon']}" in scraped
+    assert "fedmqtt_privacy_devices_exhausted 2.0" in scraped
+    assert 'fedmqtt_updates_rejected_total{reason="privacy_budget"} 2.0' in scraped
 
 
 def test_stop_policy_refuses_everyone_once_a_budget_is_spent(fed: Federation) -> None:

@@ -116,3 +116,39 @@ def test_simulate_with_local_dp_devices_stop_at_their_budget() -> None:
     assert s["rounds_by_agents"] == 4 * 3
     assert s["updates_received"] == 4 * 3
     assert 0 < s["privacy"]["epsilon"] <= 6.0
+
+
+def test_devices_clip_to_the_plans_bound() -> None:
+    """Central DP tells devices C in the plan; the trainer clips the delta to it."""
+    from test_agent_helpers import digits_like, global_model
+
+    from edge_agent.config import TrainingConfig
+    from edge_agent.trainer import compute_delta, resolve_hyper
+    from fedmqtt import wire
+    from fedmqtt.privacy.config import PLAN_CLIP_KEY
+
+    model = global_model(1)
+    X, y = digits_like(200)
+    free = resolve_hyper(None, TrainingConfig())
+    assert free.clip is None
+    plain = compute_delta(model, X, y, free, np.random.default_rng(0))
+    assert params_norm(plain.delta) > 0.2
+    plan = wire.Plan("f", "agg", 2, extra={PLAN_CLIP_KEY: 0.1})
+    hyper = resolve_hyper(plan, TrainingConfig())
+    clipped = compute_delta(model, X, y, hyper, np.random.default_rng(0))
+    assert params_norm(clipped.delta) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_the_plan_carries_the_clip_and_a_change_bumps_its_revision(tmp_path: Path) -> None:
+    from aggregator.publish import plan_extra, plan_revision
+    from fedmqtt.wire import PlanSettings
+
+    central = make_privacy("central", clip=0.7, noise_multiplier=1.0)
+    assert plan_extra(central) == {"dp_clip": 0.7}
+    assert plan_extra(make_privacy("off")) == {}
+    plan = PlanSettings()
+    r0 = plan_revision(tmp_path, plan)
+    assert plan_revision(tmp_path, plan, plan_extra(make_privacy("off"))) == r0  # unchanged
+    r1 = plan_revision(tmp_path, plan, plan_extra(central))
+    assert r1 == r0 + 1
+    assert plan_revision(tmp_path, plan, plan_extra(central)) == r1
