@@ -31,7 +31,7 @@ from aggregator.checkpoint import CheckpointError
 from aggregator.config import StrategyConfig
 from fedmqtt.errors import PRIVACY_BUDGET, RejectedError
 from fedmqtt.params import F32
-from fedmqtt.privacy.accountant import ACCOUNTANT, gaussian_epsilon
+from fedmqtt.privacy.accountant import ACCOUNTANT, gaussian_epsilon, releases_within
 from fedmqtt.privacy.config import PrivacyConfig
 from fedmqtt.privacy.mechanism import gaussian_release
 
@@ -175,6 +175,8 @@ class PrivacyState:
             "clip": self.cfg.clip,
             "delta": self.cfg.delta,
             "rows_per_device": self.rows_per_device,
+            "target_epsilon": self.cfg.target_epsilon,
+            "planned_releases": self.cfg.planned_releases,
             "counts": dict(self.counts),
             "releases": self.releases,
             "stopped": self.stopped,
@@ -193,6 +195,18 @@ class PrivacyState:
             isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in counts.items()
         ):
             raise CheckpointError("privacy counts must map device ids to release counts")
+        same_target = self.cfg.target_epsilon is not None and (
+            state.get("target_epsilon"),
+            state.get("planned_releases"),
+        ) == (self.cfg.target_epsilon, self.cfg.planned_releases)
+        if counts and same_target:
+            # The same target: keep the σ the releases were made with (another version of the
+            # library could calibrate a slightly different one).
+            self.sigma = float(state.get("noise_multiplier", self.sigma))
+            if self.cfg.max_epsilon > 0:
+                self.max_releases = releases_within(
+                    self.sigma, self.cfg.delta, self.cfg.max_epsilon
+                )
         if counts and (
             float(state.get("noise_multiplier", -1)) != self.sigma
             or float(state.get("clip", -1)) != self.cfg.clip

@@ -338,6 +338,27 @@ def test_checkpoint_keeps_the_release_counts(fed: Federation) -> None:
         other.restore(decode_state(e.snapshot().data))
 
 
+def test_target_mode_continues_with_the_checkpointed_sigma(fed: Federation) -> None:
+    """With an unchanged target the σ the releases were made with is kept (a library version
+    could calibrate a slightly different one); another target is refused."""
+    target = {"target_epsilon": 6.0, "planned_releases": 20}
+    e = engine(fed, target)
+    for r in range(2):
+        send(fed, e, "dev0", small(r))
+        send(fed, e, "dev1", small(5 + r))
+    state = decode_state(e.snapshot().data)
+    saved = state["strategy"]["privacy"]
+    saved["noise_multiplier"] *= 1.0001
+    again = engine(fed, target)
+    again.restore(state)
+    assert again.strategy.privacy is not None
+    assert again.strategy.privacy.sigma == saved["noise_multiplier"]
+    assert again.strategy.privacy.counts["dev0"] == 2
+    other = engine(fed, {"target_epsilon": 5.0, "planned_releases": 20})
+    with pytest.raises(CheckpointError, match="noise_multiplier"):
+        other.restore(state)
+
+
 # ------------------------------------------------------------------------------ kill -9
 
 DEVICES = ("dev0", "dev1", "dev2", "dev3")

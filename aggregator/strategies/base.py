@@ -16,8 +16,9 @@ engine asks before decoding, so a refused update costs no decoding and changes n
 
 The buffer is NOT part of the checkpoint: a buffered update is acknowledged to the broker only
 once the version that applies it is durable, so after a crash the broker redelivers it.
-:meth:`Strategy.to_state` holds what outlives a version: the strategy's name and the server
-optimizer's momentum.
+:meth:`Strategy.to_state` holds what outlives a version: the strategy's name, the server
+optimizer's momentum and, with central differential privacy, the per-device release counts
+(:mod:`aggregator.privacy`).
 """
 
 from __future__ import annotations
