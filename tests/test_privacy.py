@@ -28,6 +28,7 @@ from test_aggregator_support import (
 from aggregator.checkpoint import CheckpointError, CheckpointStore, decode_state
 from aggregator.engine import Engine
 from aggregator.metrics import Metrics
+from aggregator.statusfile import format_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
@@ -264,6 +265,8 @@ def test_budget_refuses_the_spent_device_and_leaves_the_model_unchanged(fed: Fed
     assert np.array_equal(e.params, before) and len(e.strategy) == 0
     snap = e.metrics.snapshot()
     assert snap["rejected"]["privacy_budget"] == 2
+    shown = format_status(e.metrics.snapshot())
+    assert f"ε {status['epsilon']:.3f} at δ 1e-05" in shown and "2 device(s) spent it" in shown
     assert send(fed, e, "dev2", small(7)) > 0  # a device with budget left is still accepted
     assert snap["privacy"]["stopped"] is False
     scraped = generate_latest(e.metrics.registry).decode()

@@ -152,3 +152,14 @@ def test_the_plan_carries_the_clip_and_a_change_bumps_its_revision(tmp_path: Pat
     r1 = plan_revision(tmp_path, plan, plan_extra(central))
     assert r1 == r0 + 1
     assert plan_revision(tmp_path, plan, plan_extra(central)) == r1
+
+
+def test_a_device_can_only_refuse() -> None:
+    from fedmqtt.privacy.config import read_privacy
+    from fedmqtt.tomltable import Table
+
+    raw = {"mode": "local", "clip": 1.0, "noise_multiplier": 1.0, "on_budget": "stop"}
+    with pytest.raises(ConfigError, match="on_budget"):
+        read_privacy(Table(raw, "privacy", Path()), ("off", "local"))
+    raw["on_budget"] = "refuse"
+    assert read_privacy(Table(raw, "privacy", Path()), ("off", "local")).mode == "local"

@@ -126,6 +126,9 @@ def read_privacy(t: Table, modes: tuple[str, ...]) -> PrivacyConfig:
     releases = t.opt_integer("planned_releases", lo=1)
     sigma = t.opt_number("noise_multiplier", lo=0.0)
     budget = t.opt_number("max_epsilon", lo=0.0)
+    on_budget = t.text("on_budget", "refuse")
+    if on_budget == "stop" and "central" not in modes:
+        raise t.error("on_budget", "a device can only refuse to send (stop is the aggregator's)")
     return make_privacy(
         mode,
         clip=t.number("clip", 0.0, lo=0.0),
@@ -134,7 +137,7 @@ def read_privacy(t: Table, modes: tuple[str, ...]) -> PrivacyConfig:
         planned_releases=releases,
         delta=t.number("delta", DEFAULT_DELTA, lo=0.0, hi=1.0),
         max_epsilon=budget,
-        on_budget=t.text("on_budget", "refuse"),
+        on_budget=on_budget,
     )
 
 
