@@ -301,6 +301,21 @@ def test_aggregator_clips_an_unclipped_device(fed: Federation) -> None:
     assert np.linalg.norm(moved) == pytest.approx(0.5 / 2, rel=1e-4)
 
 
+def test_fedbuff_noise_on_the_mean_is_sigma_clip_over_k(fed: Federation) -> None:
+    """Through the engine: each FedBuff release of K = 2 zero updates moves the model by pure
+    noise of std σ·C/K (m = 1 row per device)."""
+    sigma, clip = 0.8, 0.3
+    e = engine(fed, {"noise_multiplier": sigma, "clip": clip})
+    steps = []
+    for _ in range(150):
+        before = e.params.copy()
+        assert send(fed, e, "dev0", np.zeros(D, np.float32))
+        assert send(fed, e, "dev1", np.zeros(D, np.float32))
+        steps.append(e.params - before)
+    noise = np.concatenate(steps).astype(np.float64)
+    assert abs(noise.std() / (sigma * clip / 2) - 1) < 5 / math.sqrt(2 * noise.size)
+
+
 def test_fedasync_noises_each_applied_update(fed: Federation) -> None:
     sigma, clip = 0.5, 0.2
     e = engine(
