@@ -26,6 +26,7 @@ from fedmqtt.cohort import read_selection
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import KINDS, ModelSpec
 from fedmqtt.mqttconf import read_connection
+from fedmqtt.privacy.config import PrivacyConfig, check_central, read_privacy
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import PUBLIC_SHARED_GROUP, check_id
 from fedmqtt.wire import PLAN_BATCH_SIZE, PLAN_EPOCHS, PlanSettings
@@ -41,6 +42,7 @@ __all__ = [
     "MetricsConfig",
     "OnnxConfig",
     "PlanConfig",
+    "PrivacyConfig",
     "ScaleoutConfig",
     "SecurityConfig",
     "StrategyConfig",
@@ -208,6 +210,7 @@ class AggregatorConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scaleout: ScaleoutConfig = field(default_factory=ScaleoutConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     path: Path | None = None
 
     @property
@@ -240,6 +243,7 @@ class AggregatorConfig:
             "rollout",
             "scaleout",
             "logging",
+            "privacy",
         )
         t = {name: root.table(name) for name in names}
         root.done()
@@ -265,11 +269,20 @@ class AggregatorConfig:
             rollout=read_rollout(t["rollout"]),
             scaleout=_scaleout(t["scaleout"], broker, base),
             logging=_logging(t["logging"]),
+            privacy=read_privacy(t["privacy"], ("off", "central")),
             path=path,
         )
         for table in t.values():
             table.done()
         _check_window(cfg)
+        check_central(
+            cfg.privacy,
+            strategy=cfg.strategy.name,
+            reducer=cfg.strategy.reducer,
+            adaptive_clip=cfg.strategy.clip,
+            max_per_device=cfg.strategy.max_per_device,
+            norm_reject_factor=cfg.limits.norm_reject_factor,
+        )
         return cfg
 
 

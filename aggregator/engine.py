@@ -40,6 +40,7 @@ from aggregator.evaluate import metric_name
 from aggregator.fedeval import FederatedEval
 from aggregator.metrics import Metrics, RejectionLog
 from aggregator.presence import Presence
+from aggregator.privacy import PrivacyState
 from aggregator.ratelimit import DeviceRate
 from aggregator.replay import ReplayWindow
 from aggregator.strategies import Strategy, build_strategy
@@ -157,6 +158,9 @@ class Engine:
         self.strategy: Strategy = build_strategy(
             cfg.strategy, self.layout.size, scale_segments(self.layout)
         )
+        if cfg.privacy.mode == "central":
+            self.strategy.privacy = PrivacyState(cfg.privacy, cfg.strategy)
+            metrics.set_privacy(self.strategy.privacy.status())
         self.window = ReplayWindow()
         lim = cfg.limits
         self.gate = NormGate(
@@ -210,6 +214,8 @@ class Engine:
         self.version_created_at = float(state.get("version_created_at", time.time()))
         self.metrics.restore(state.get("metrics", {}))
         self.metrics.record_version(self.version, None, 0)
+        if self.strategy.privacy is not None:
+            self.metrics.set_privacy(self.strategy.privacy.status())
         self.strategy.on_version(self.version, time.monotonic())
 
     def snapshot(self) -> Snapshot:
@@ -533,4 +539,6 @@ class Engine:
         self.strategy.on_version(self.version, now)
         self.window.prune(self.version - self.strategy.max_staleness)
         self.metrics.record_version(self.version, time.perf_counter() - t0, 0)
+        if self.strategy.privacy is not None:
+            self.metrics.set_privacy(self.strategy.privacy.status())
         return True

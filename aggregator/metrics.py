@@ -81,6 +81,7 @@ class Metrics:
         self.rollbacks: dict[str, int] = {}  # by kind: "manual" (operator), "gate" (automatic)
         self.released_version: int | None = None  # the newest version the gate released
         self.released_score: float | None = None
+        self.privacy: dict[str, Any] | None = None  # central DP (aggregator.privacy), or None
 
         # Counters and gauges are plain attributes exported by a collector at scrape time, so
         # recording an update costs a few integer additions, not a locked Prometheus call.
@@ -166,6 +167,10 @@ class Metrics:
         self.checkpoints += 1
         self.p_ckpt.observe(seconds)
 
+    def set_privacy(self, status: dict[str, Any]) -> None:
+        with self._lock:
+            self.privacy = dict(status)
+
     def set_online(self, n: int) -> None:
         self.devices_online = n
 
@@ -212,6 +217,7 @@ class Metrics:
                 "rollbacks": dict(sorted(self.rollbacks.items())),
                 "released_version": self.released_version,
                 "released_score": self.released_score,
+                "privacy": None if self.privacy is None else dict(self.privacy),
                 "uptime_s": round(time.time() - self.started, 3),
             }
 
@@ -277,6 +283,26 @@ class _Collector(Collector):
             ("fedmqtt_broker_connected", "1 while connected to the broker", int(m.connected)),
         ):
             yield GaugeMetricFamily(name, doc, value)
+        privacy = m.privacy
+        if privacy is not None:
+            yield GaugeMetricFamily(
+                "fedmqtt_privacy_epsilon",
+                "Epsilon at [privacy] delta of the worst-case device (RDP accountant, central DP)",
+                privacy["epsilon"],
+            )
+            yield GaugeMetricFamily(
+                "fedmqtt_privacy_devices_exhausted",
+                "Devices whose privacy budget is spent (their updates are refused)",
+                privacy["devices_exhausted"],
+            )
+            yield GaugeMetricFamily(
+                "fedmqtt_privacy_stopped",
+                "1 once training stopped because the privacy budget is spent (on_budget = stop)",
+                int(privacy["stopped"]),
+            )
+            yield CounterMetricFamily(
+                "fedmqtt_privacy_releases", "Noised aggregates released", privacy["releases"]
+            )
         if m.accuracy is not None:
             yield GaugeMetricFamily(
                 "fedmqtt_eval_score",

@@ -32,6 +32,7 @@ from fedmqtt.codecs import Codec, decode_params, encode_params
 from fedmqtt.fsutil import atomic_write_bytes
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import F32, Layout
+from fedmqtt.privacy.config import PLAN_CLIP_KEY, PrivacyConfig
 from fedmqtt.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ def spec_payload(cfg: AggregatorConfig, signer: Signer) -> bytes:
     return wire.encode(wire.SpecMessage(cfg.federation.id, SENDER, cfg.spec), signer)
 
 
+def plan_extra(privacy: PrivacyConfig) -> dict[str, float]:
+    """The plan's ``extra``: with central DP, the clip bound devices apply to their delta."""
+    return {PLAN_CLIP_KEY: privacy.clip} if privacy.mode == "central" else {}
+
+
 def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:
     p = cfg.plan
     msg = wire.Plan(
@@ -106,6 +112,7 @@ def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:
         codec=p.codec,
         min_interval_s=p.min_interval_s,
         selection=p.selection,
+        extra=plan_extra(cfg.privacy),
     )
     return wire.encode(msg, signer)
 
@@ -132,17 +139,21 @@ def onnx_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes
     return wire.encode(msg, signer)
 
 
-def plan_digest(plan: PlanConfig) -> str:
-    d = asdict(plan)
-    if plan.selection.everyone:  # a plan without a selection keeps the digest it always had
-        del d["selection"]
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def plan_digest(plan: PlanConfig, extra: dict[str, float] | None = None) -> str:
+    """Digest of what the plan says (its ``selection`` and ``extra`` only when it has them, so
+    a plan without them keeps the digest, and the revision, it always had)."""
+    body: dict[str, Any] = asdict(plan)
+    if plan.selection.everyone:
+        del body["selection"]
+    if extra:
+        body["extra"] = extra
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan_revision(state_dir: Path, plan: PlanConfig) -> int:
+def plan_revision(state_dir: Path, plan: PlanConfig, extra: dict[str, float] | None = None) -> int:
     """The revision of ``plan``: unchanged if the plan is, else one more than last time."""
     path = state_dir / PLAN_FILE
-    digest = plan_digest(plan)
+    digest = plan_digest(plan, extra)
     revision = 0
     try:
         saved: Any = json.loads(path.read_text())

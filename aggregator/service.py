@@ -47,7 +47,7 @@ from aggregator.fleet import attach, device_status, restore_fleet, save_fleet_st
 from aggregator.memtune import tune_malloc
 from aggregator.metrics import Metrics, serve_prometheus
 from aggregator.mqtt import MqttLink
-from aggregator.publish import plan_revision
+from aggregator.publish import plan_extra, plan_revision
 from aggregator.publisher import Publisher
 from aggregator.rollback import RolloutControl, build_control
 from aggregator.rollout import Evaluation, StateLock
@@ -205,7 +205,7 @@ class Aggregator:
                     io_x, load_holdout, cfg.evaluation.holdout, cfg.spec
                 )
             self.plan_revision = await loop.run_in_executor(
-                io_x, plan_revision, cfg.state_dir, cfg.plan
+                io_x, plan_revision, cfg.state_dir, cfg.plan, plan_extra(cfg.privacy)
             )
             log.info(
                 "resuming federation %s at version %d from %s",

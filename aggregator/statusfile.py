@@ -92,5 +92,19 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
     rollbacks = s.get("rollbacks") or {}
     if rollbacks:
         lines.append("rollbacks       " + ", ".join(f"{k} {v}" for k, v in rollbacks.items()))
+    privacy = s.get("privacy")
+    if privacy:
+        line = (
+            f"privacy         ε {float(privacy['epsilon']):.3f} at δ {privacy['delta']:g} "
+            f"(worst-case device, {privacy['worst_device_releases']} releases; central DP)"
+        )
+        if privacy.get("max_epsilon"):
+            line += (
+                f", budget {privacy['max_epsilon']:g}: "
+                f"{privacy['devices_exhausted']} device(s) spent it"
+            )
+        if privacy.get("stopped"):
+            line += ", training stopped"
+        lines.append(line)
     lines.append(f"updated         {age:.1f}s ago")
     return "\n".join(lines)

@@ -49,13 +49,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from edge_agent import state as st
 from edge_agent.config import AgentConfig
 from edge_agent.data import DataError, load_data
 from edge_agent.evaluation import Evaluator
+from edge_agent.ldp import LocalPrivacy
 from edge_agent.logs import DeviceLog
 from edge_agent.mqtt import Link
 from edge_agent.outbox import Outbox
@@ -236,6 +237,8 @@ class EdgeAgent:
                 device=self.device_id,
                 federation=self.federation,
             )
+        # Local differential privacy ([privacy] mode = "local"): clip, noise, count, budget.
+        self.ldp = LocalPrivacy(config.privacy, self.state_dir) if config.privacy.enabled else None
 
     # ---- counters --------------------------------------------------------------------------
     @property
@@ -721,6 +724,10 @@ class EdgeAgent:
     def _round(self, stop: threading.Event) -> None:
         model = self.model
         assert model is not None
+        if self.ldp is not None and self.ldp.spent():
+            self._retry_at = time.monotonic() + self.config.training.retry_s
+            self.notifier.status("local privacy budget spent: no more updates")
+            return
         self.state.last_round_at = time.time()
         self._fetched_untrained = False
         try:
@@ -799,6 +806,8 @@ class EdgeAgent:
         use_feedback = hyper.uses_feedback or bool(self._feedback.residual)
         feedback = ErrorFeedback(dict(self._feedback.residual)) if use_feedback else None
         try:
+            if self.ldp is not None:  # noise first, then encode (edge_agent.ldp)
+                result = replace(result, delta=self.ldp.privatize(result.delta))
             update, payload = build_update(
                 model,
                 result,
@@ -812,6 +821,9 @@ class EdgeAgent:
             )
         except (ValueError, TypeError) as e:  # e.g. the delta hook returned NaN
             self._round_failed(e)
+            return
+        except OSError as e:  # the privacy count could not be written: nothing is sent
+            self._round_failed(FedMQTTError(f"cannot write the privacy count: {e}"))
             return
         outbox = self._require_outbox()
         try:

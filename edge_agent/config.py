@@ -21,6 +21,7 @@ from fedmqtt import personalise as personal
 from fedmqtt.cohort import check_tag_map
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqttconf import BrokerConfig, read_connection
+from fedmqtt.privacy.config import PrivacyConfig, read_privacy
 from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
@@ -151,6 +152,7 @@ class AgentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     personalise: PersonaliseConfig = field(default_factory=PersonaliseConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # local DP (edge_agent.ldp)
     path: Path | None = None  # the file it was loaded from, if any
 
     @classmethod
@@ -176,6 +178,7 @@ class AgentConfig:
                 "inference",
                 "personalise",
                 "logging",
+                "privacy",
             )
         }
         root.done()
@@ -190,6 +193,7 @@ class AgentConfig:
             inference=_inference(tables["inference"]),
             personalise=_personalise(tables["personalise"]),
             logging=_logging(tables["logging"]),
+            privacy=read_privacy(tables["privacy"], ("off", "local")),
             path=path,
         )
         for t in tables.values():

@@ -10,7 +10,8 @@ device's next ``seq``. Persisting (outbox, residual, counters) is the agent's jo
 Hyperparameters come from the aggregator's plan; a value set in ``[training]`` overrides the
 plan on this device (a slow device may want fewer epochs, a metered link another codec), and
 with no plan at all the defaults of :class:`fedmqtt.wire.Plan` apply. The plan's ``extra`` may
-carry ``weight_decay`` and ``max_grad_norm``.
+carry ``weight_decay``, ``max_grad_norm`` and ``dp_clip`` (central differential privacy: the
+delta is clipped to that L2 norm before it is encoded; docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from fedmqtt.codecs import Codec, ErrorFeedback, encode_params
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.train import TrainConfig, TrainStats, train_local
 from fedmqtt.params import Params
+from fedmqtt.privacy.clip import clip_params
+from fedmqtt.privacy.config import PLAN_CLIP_KEY
 from fedmqtt.rand import RandomSource
 from fedmqtt.signing import Signer
 
@@ -49,6 +52,7 @@ class Hyper:
 
     train: TrainConfig
     codec: Codec
+    clip: float | None = None  # L2 bound of the delta asked by the plan (central DP)
 
     @property
     def uses_feedback(self) -> bool:
@@ -63,6 +67,7 @@ def resolve_hyper(plan: wire.Plan | None, cfg: TrainingConfig) -> Hyper:
     extra = p.extra
     wd = float(extra.get("weight_decay", 0.0))
     mgn = extra.get("max_grad_norm")
+    clip = extra.get(PLAN_CLIP_KEY)
     codec_text = cfg.codec if cfg.codec is not None else p.codec
     try:
         codec = Codec.parse(codec_text)
@@ -83,7 +88,8 @@ def resolve_hyper(plan: wire.Plan | None, cfg: TrainingConfig) -> Hyper:
         )
     except ValueError as e:
         raise ConfigError(f"plan revision {p.revision} is not usable: {e}") from None
-    return Hyper(train=train, codec=codec)
+    bound = float(clip) if clip is not None and math.isfinite(clip) and clip > 0 else None
+    return Hyper(train=train, codec=codec, clip=bound)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ def compute_delta(
     }
     if delta_transform is not None:
         delta = delta_transform(delta)
+    if hyper.clip is not None:
+        delta, _ = clip_params(delta, hyper.clip)
     seconds = time.thread_time() - t0
     return DeltaResult(delta, stats, seconds, trained=new if keep_trained else None)
 

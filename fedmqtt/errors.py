@@ -27,6 +27,7 @@ NORM: Final = "norm"  # update norm above the accepted bound
 RATE_LIMITED: Final = "rate_limited"  # the device sends faster than its per-device rate
 DEVICE_QUOTA: Final = "device_quota"  # the device already holds its rows in this buffer/window
 NOT_SELECTED: Final = "not_selected"  # the plan's selection does not let the device train then
+PRIVACY_BUDGET: Final = "privacy_budget"  # the device (or, on_budget = stop, any) spent its ε
 # Device side only (not an update rejection): a model that names a spec the device does not hold.
 UNKNOWN_SPEC: Final = "unknown_spec"
 
@@ -48,6 +49,7 @@ REASONS: Final = (
     RATE_LIMITED,
     DEVICE_QUOTA,
     NOT_SELECTED,
+    PRIVACY_BUDGET,
 )
 
 

@@ -212,6 +212,9 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the summary here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy curves here")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    from simulator.privacy import add_options
+
+    add_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ class Point:
     # model the predictors get), and the rollbacks so far.
     released_accuracy: float | None = None
     rollbacks: int = 0
+    epsilon: float | None = None  # differential privacy: ε of the worst-case device
 
     @property
     def bytes_total(self) -> int:
@@ -59,6 +60,8 @@ class Progress:
             f"{rate:7.1f} updates/s  up {_mb(p.bytes_uploaded)}  down {_mb(p.bytes_downloaded)}  "
             f"devices online {p.online}"
         )
+        if p.epsilon is not None:
+            line += f"  ε {p.epsilon:.2f}"
         if tty:
             self.out.write("\r" + line + " " * 4)
         else:
@@ -131,6 +134,11 @@ def plot(path: Path, history: list[Point], *, title: str, centralized: float | N
             ax.axhline(centralized, color="grey", ls="--", lw=1, label="centralized")
     a1.set_ylabel("test accuracy")
     a1.legend(loc="lower right")
+    eps = [p for p in history if p.epsilon is not None]
+    if eps:  # differential privacy: ε of the worst-case device on a second axis
+        a3 = a1.twinx()
+        a3.plot([p.t for p in eps], [p.epsilon for p in eps], color="C6", ls=":", label="ε")
+        a3.set_ylabel("ε (worst-case device)", color="C6")
     a2.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()

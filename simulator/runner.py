@@ -28,8 +28,10 @@ import numpy.typing as npt
 from fedmqtt.codecs import Codec
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
+from fedmqtt.privacy.config import PrivacyConfig
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer
 from simulator import behaviour, datasets, evalseries, fleet, report
+from simulator import privacy as dp
 from simulator.broker import Mosquitto
 from simulator.central import centralized_accuracy
 from simulator.partition import partition
@@ -85,6 +87,25 @@ class SimConfig:
     server_opt: str | None = None  # [strategy] server_optimizer (None: the aggregator's)
     server_lr: float | None = None  # [strategy] server_lr (None: the optimizer's default)
     personalise: str | None = None  # the agents' [personalise] mode (None: the agent's default)
+    # Differential privacy (simulator.privacy): off, central or local.
+    dp: str = "off"
+    dp_clip: float = 1.0
+    dp_noise: float | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_releases: int | None = None
+
+    @property
+    def privacy(self) -> PrivacyConfig:
+        return dp.resolve(
+            self.dp,
+            clip=self.dp_clip,
+            noise=self.dp_noise,
+            epsilon=self.dp_epsilon,
+            delta=self.dp_delta,
+            releases=self.dp_releases,
+            versions=self.versions,
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SimConfig:
@@ -107,6 +128,7 @@ class SimConfig:
         if self.agent_processes < 0:
             raise ConfigError("--agent-processes must be 0 (automatic) or more")
         Codec.parse(self.codec)
+        self.privacy  # noqa: B018 -- refuses unusable --dp options before anything starts
         if self.model == "linear" and self.dataset != "synthetic":
             log.info("linear model: least-squares classifier on one-hot targets")
 
@@ -148,6 +170,7 @@ class _Simulation:
         self.cfg, self.workdir, self.out, self.stack = cfg, workdir, out, stack
         self.ds = datasets.load(cfg.dataset, seed=cfg.seed, n_devices=cfg.clients)
         self.spec = _spec_for(cfg, self.ds)
+        self.dp = cfg.privacy
         self.plan_cfg = {
             "epochs": cfg.epochs,
             "lr": cfg.lr,
@@ -230,6 +253,8 @@ class _Simulation:
             # visible; otherwise updates above 10x the median norm are refused at the door.
             "limits": {"norm_reject_factor": 0.0 if cfg.robust == "none" else 10.0},
         }
+        if self.dp.mode == "central":
+            raw["privacy"] = dp.table(self.dp)
         return AggregatorConfig.from_dict(raw, base_dir=self.workdir)
 
     def _device(
@@ -263,6 +288,8 @@ class _Simulation:
             raw["personalise"] = {"mode": self.cfg.personalise}
         if self.cfg.eval_fraction > 0:
             raw["evaluation"] = {"fraction": self.cfg.eval_fraction}
+        if self.dp.mode == "local":
+            raw["privacy"] = dp.table(self.dp)
         return fleet.DeviceSpec(dev, b, raw, home)
 
     # ------------------------------------------------------------------ run
@@ -335,6 +362,7 @@ class _Simulation:
                     break
                 snap = agg.snapshot()
                 holdout.note(snap)
+                dev_counts = agents.counts()
                 point = report.Point(
                     t=round(now, 3),
                     version=int(snap["version"]),
@@ -342,10 +370,11 @@ class _Simulation:
                     uploads=int(snap["updates_received"]),
                     bytes_uploaded=_uploaded(snap),
                     online=int(snap.get("devices_online", 0)),
-                    bytes_downloaded=sum(c.bytes_downloaded for c in agents.counts().values()),
+                    bytes_downloaded=sum(c.bytes_downloaded for c in dev_counts.values()),
                     federated=evalseries.federated_metric(snap),
                     released_accuracy=snap.get("released_score"),
                     rollbacks=sum(dict(snap.get("rollbacks", {})).values()),
+                    epsilon=self._epsilon(snap, dev_counts),
                 )
                 if not cfg.quiet:
                     progress.record(point)
@@ -428,6 +457,28 @@ class _Simulation:
             )
         return summary
 
+    def _privacy_summary(
+        self, final: dict[str, Any], progress: report.Progress
+    ) -> dict[str, Any] | None:
+        if self.dp.mode == "off":
+            return None
+        out = _privacy_summary_of(self.dp.mode, self.dp)
+        last = [p.epsilon for p in progress.history if p.epsilon is not None]
+        out["epsilon"] = max(last) if last else 0.0
+        if self.dp.mode == "central" and final.get("privacy"):
+            out.update(final["privacy"])
+        return out
+
+    def _epsilon(self, snap: dict[str, Any], counts: dict[str, fleet.DeviceCounts]) -> float | None:
+        """ε of the worst-case device: the aggregator's (central) or from the device with
+        most noised rounds (local); None without DP."""
+        if self.dp.mode == "central":
+            privacy = snap.get("privacy")
+            return float(privacy["epsilon"]) if privacy else None
+        if self.dp.mode == "local":
+            return dp.local_epsilon(self.dp, max((c.rounds for c in counts.values()), default=0))
+        return None
+
     def _summary(
         self,
         final: dict[str, Any],
@@ -467,6 +518,7 @@ class _Simulation:
             "attackers": [d.id for d in devices if d.behaviour.attacker],
             "stragglers": [d.id for d in devices if d.behaviour.straggler],
             "error": error,
+            "privacy": self._privacy_summary(final, progress),
             "history": report.history_as_dicts(progress.history),
         }
 
@@ -475,6 +527,17 @@ def _uploaded(snap: dict[str, Any]) -> int:
     """Bytes the devices sent that the aggregator received: updates and evaluation reports."""
     reports = snap.get("eval_reports") or {}
     return int(snap.get("bytes_received", 0)) + int(reports.get("bytes_received", 0))
+
+
+def _privacy_summary_of(mode: str, p: PrivacyConfig) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "clip": p.clip,
+        "noise_multiplier": p.noise_multiplier,
+        "delta": p.delta,
+        "max_epsilon": p.max_epsilon or None,
+        "accountant": "rdp (dp-accounting), no amplification by sampling",
+    }
 
 
 def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str, Any]:

@@ -72,6 +72,7 @@ def test_every_option_is_in_the_example_and_documented() -> None:
         "inference": cfgmod.InferenceConfig,
         "personalise": cfgmod.PersonaliseConfig,
         "logging": cfgmod.LoggingConfig,
+        "privacy": cfgmod.PrivacyConfig,
     }
     assert set(classes) == set(tables)
     for table, cls in classes.items():

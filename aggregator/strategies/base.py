@@ -16,8 +16,9 @@ engine asks before decoding, so a refused update costs no decoding and changes n
 
 The buffer is NOT part of the checkpoint: a buffered update is acknowledged to the broker only
 once the version that applies it is durable, so after a crash the broker redelivers it.
-:meth:`Strategy.to_state` holds what outlives a version: the strategy's name and the server
-optimizer's state (momentum, or an adaptive optimizer's moments).
+:meth:`Strategy.to_state` holds what outlives a version: the strategy's name, the server
+optimizer's state (momentum, or an adaptive optimizer's moments) and, with central
+differential privacy, the per-device release counts (:mod:`aggregator.privacy`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -47,6 +48,8 @@ from fedmqtt.params import F32
 
 # The server step: the plain one (lr, momentum) or an adaptive optimizer (serveropt).
 ServerStep = ServerOptimizer | AdaptiveOptimizer
+if TYPE_CHECKING:
+    from aggregator.privacy import PrivacyState
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,9 @@ class Strategy(ABC):
         self.pending_ids: set[str] = set()
         self.per_device: Counter[str] = Counter()  # buffered rows of each sender
         self.version_started = 0.0
+        # Central DP (aggregator.privacy): set by the engine when [privacy] mode = "central".
+        self.privacy: PrivacyState | None = None
+        self._privacy_saved: Any = None  # a checkpoint's DP state, kept while DP is off
 
     # ------------------------------------------------------------------ buffer
     def __len__(self) -> int:
@@ -107,6 +113,8 @@ class Strategy(ABC):
     def admit(self, sender: str) -> None:
         """RejectedError (``device_quota``) if an update of ``sender`` may not enter the
         buffer now: the sender already holds ``max_per_device`` of its rows."""
+        if self.privacy is not None:
+            self.privacy.admit(sender)
         limit = self.cfg.max_per_device
         if limit and self.per_device[sender] >= limit:
             raise RejectedError(
@@ -146,13 +154,23 @@ class Strategy(ABC):
 
     def buffered_delta(self, bound: float | None, s: F32) -> F32:
         """:meth:`reduce` of the buffer with staleness weights ``s``. The plain mean without
-        clipping takes the rows as they are, folding their scales into its coefficients."""
+        clipping takes the rows as they are, folding their scales into its coefficients. With
+        central DP it is the noised, clipped release of :mod:`aggregator.privacy`."""
+        if self.privacy is not None:
+            return self.private_delta(s)
         if self.cfg.reducer == "mean" and not (self.cfg.clip and bound is not None):
             k = len(self.pending)
             n = np.array([p.meta.num_samples for p in self.pending], dtype=np.float32)
             scales = None if self.scales is None else self.scales[:k]
             return mean_of_rows(self.rows[:k], s, n, scales, self.segments)
         return self.reduce(self.clipped(bound), s)
+
+    def private_delta(self, s: F32) -> F32:
+        """The central-DP release of the buffered rows with weights ``s`` (counts it)."""
+        assert self.privacy is not None
+        self._apply_scales()
+        rows = self.rows[: len(self.pending)]
+        return self.privacy.release(rows, s, [p.meta.sender for p in self.pending])
 
     def reduce(self, x: F32, s: F32) -> F32:
         """The aggregate delta of rows ``x`` with staleness weights ``s`` (and sample counts).
@@ -212,7 +230,8 @@ class Strategy(ABC):
         return None
 
     def to_state(self) -> dict[str, Any]:
-        return {"name": self.name, **self.extra_state()}
+        privacy = self.privacy.to_state() if self.privacy is not None else self._privacy_saved
+        return {"name": self.name, **self.extra_state(), "privacy": privacy}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         if state.get("name") != self.name:
@@ -222,6 +241,9 @@ class Strategy(ABC):
             )
         self.clear()
         self.load_extra(state)
+        self._privacy_saved = state.get("privacy")
+        if self.privacy is not None:
+            self.privacy.load_state(self._privacy_saved)
 
 
 def optimizer_state(opt: ServerStep) -> dict[str, Any]:

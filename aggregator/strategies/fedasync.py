@@ -47,6 +47,8 @@ class FedAsync(Strategy):
 
     def admit(self, sender: str) -> None:
         limit = self.cfg.max_per_device
+        if self.privacy is not None:
+            self.privacy.admit(sender)
         if limit and self.recent.count(sender) >= limit:
             raise RejectedError(
                 DEVICE_QUOTA,
@@ -60,7 +62,10 @@ class FedAsync(Strategy):
 
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         p = self.pending[0]
-        row = self.clipped(median_norm)[0]
+        if self.privacy is not None:  # central DP: clip to C and noise this one release
+            row = self.private_delta(np.ones(1, dtype=np.float32))
+        else:
+            row = self.clipped(median_norm)[0]
         alpha_t = fedasync_alpha(self.cfg.alpha, self.staleness, p.tau)
         if self.optimizer is not None:
             step = np.multiply(row, alpha_t, dtype=np.float32)
