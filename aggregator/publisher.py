@@ -1,6 +1,8 @@
 """What the service publishes, and when: the newest durable version (model, then its
-announcement), the spec and the plan after every (re)connection, the ONNX export, and the
-evaluation of each published version on the holdout.
+announcement), the ONNX export, and the evaluation of each published version on the holdout.
+After every (re)connection every retained message we own is published again (spec, plan,
+model, announcement and the last ONNX export), so nothing depends on the broker, or the
+cluster node we reach, still holding a retained message.
 
 Runs on the service's event loop; the payloads (:mod:`aggregator.publish`) are signed and
 encoded on the publisher thread, the evaluation on the evaluation thread. Only checkpointed
@@ -64,6 +66,7 @@ class Publisher:
         self._wake = asyncio.Event()
         self._republish = False
         self._onnx_version: int | None = None
+        self._onnx_payload: bytes | None = None  # the last export published, for republishing
         self._onnx_disabled = False
         self._eval_lock = threading.Lock()
         self._eval_next: Snapshot | None = None
@@ -77,7 +80,8 @@ class Publisher:
             self._wake.set()
 
     async def on_connect(self) -> None:
-        """After every (re)connection: republish the plan and the current model (retained)."""
+        """After every (re)connection: republish every retained message (spec, plan, model,
+        announcement, ONNX export)."""
         self._republish = True
         self._wake.set()
 
@@ -124,15 +128,20 @@ class Publisher:
                     self.published_version = max(self.published_version, snap.version)
                 else:
                     self._republish = True
-                await self._maybe_onnx(snap)
+                await self._maybe_onnx(snap, republish=republish)
             if self._latest.version > self.published_version:
                 wake.set()
 
-    async def _maybe_onnx(self, snap: Snapshot) -> None:
+    async def _maybe_onnx(self, snap: Snapshot, *, republish: bool = False) -> None:
         every = self.cfg.onnx.every
         if every <= 0 or self._onnx_disabled or self.link is None:
             return
         if self._onnx_version is not None and snap.version - self._onnx_version < every:
+            # On a reconnection, the same signed export again: the retained one may be gone.
+            if republish and self._onnx_payload is not None:
+                topic = topics.model_onnx(self.cfg.federation.id)
+                if not await self.link.publish(topic, self._onnx_payload, retain=True):
+                    self._republish = True
             return
         loop = asyncio.get_running_loop()
         try:
@@ -153,7 +162,7 @@ class Publisher:
             )
             return
         if await self.link.publish(topics.model_onnx(self.cfg.federation.id), payload, retain=True):
-            self._onnx_version = snap.version
+            self._onnx_version, self._onnx_payload = snap.version, payload
 
     def evaluate_soon(self, snap: Snapshot | None) -> None:
         """Score ``snap`` on the holdout in the evaluation thread; while one evaluation runs,
