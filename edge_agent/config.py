@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqttconf import BrokerConfig, read_connection
+from fedmqtt.readiness import ANNOUNCE_WAIT_S, FAST_REPEAT_S
 from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
@@ -85,6 +86,8 @@ class TrainingConfig:
     momentum: float | None = None
     mu: float | None = None
     seed: int | None = None
+    announce_wait_s: float = ANNOUNCE_WAIT_S
+    fast_repeat_s: float = FAST_REPEAT_S
 
 
 @dataclass(frozen=True)
@@ -279,6 +282,8 @@ def _training(t: Table) -> TrainingConfig:
         momentum=momentum,
         mu=t.opt_number("mu", lo=0.0),
         seed=t.opt_integer("seed", lo=0),
+        announce_wait_s=t.number("announce_wait_s", d.announce_wait_s, lo=0.0),
+        fast_repeat_s=t.number("fast_repeat_s", d.fast_repeat_s, lo=0.0),
     )
 
 

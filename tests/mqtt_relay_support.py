@@ -9,6 +9,7 @@ a broker that refuses by disconnecting behaves (no PUBACK ever comes).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from simulator.broker import free_port
 
-CONNECT, PUBLISH, PUBACK = 1, 3, 4
+CONNECT, PUBLISH, PUBACK, SUBSCRIBE = 1, 3, 4, 8
 
 
 def split_packet(buf: bytearray) -> tuple[int, int, bytes] | None:
@@ -81,6 +82,19 @@ def publish_topic_and_id(packet: bytes, flags: int) -> tuple[str, int | None]:
     return topic, pid
 
 
+def subscribe_filters(packet: bytes) -> list[str]:
+    """The topic filters of an MQTT 5 SUBSCRIBE packet."""
+    b = _body(packet)
+    n, i = _varint(b, 2)  # after the packet id: the properties
+    i += n
+    filters = []
+    while i < len(b):
+        n = int.from_bytes(b[i : i + 2], "big")
+        filters.append(b[i + 2 : i + 2 + n].decode())
+        i += 2 + n + 1  # the filter and its options byte
+    return filters
+
+
 @dataclass
 class Session:
     """What the relay saw of one client id, over all its connections."""
@@ -91,6 +105,8 @@ class Session:
     max_down: int = 0
     published_up: int = 0
     published_down: int = 0
+    # topic filter -> how many SUBSCRIBE packets named it
+    subscribed: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class TcpRelay:
@@ -228,6 +244,8 @@ class MqttRelay(TcpRelay):
                     else:
                         s.published_down += 1
                         s.max_down = max(s.max_down, len(inflight))
+            elif kind == SUBSCRIBE and upward:
+                s.subscribed.update(subscribe_filters(packet))
             elif kind == PUBACK:
                 pid = int.from_bytes(_body(packet)[0:2], "big")
                 # A PUBACK going down settles an upward PUBLISH, and the other way round.
