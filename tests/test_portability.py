@@ -3,7 +3,8 @@ Mosquitto made to behave like a clustered MQTT 5 broker (EMQX, HiveMQ, VerneMQ):
 
 * one QoS 1 message in flight per session (``max_inflight_messages 1``, announced to clients
   as ``Receive Maximum = 1``): neither the agent nor the aggregator sends more than that, and
-  nothing is lost or applied twice;
+  nothing is lost or applied twice; and one aggregator process subscribes without a shared
+  subscription;
 * no PUBACK but a dropped connection: the update stays in the outbox and is sent again;
 * retained messages not kept by the broker (restarted without its persistence, or a cluster
   node that never saw them): the aggregator publishes every retained message it owns again
@@ -127,6 +128,9 @@ def test_one_message_in_flight_per_session_loses_nothing_and_applies_nothing_twi
         assert s.max_up == 1, (cid, "sent more QoS 1 messages than Receive Maximum", s)
         if cid != "agg-test":
             assert s.max_down == 1, (cid, s)
+    # One aggregator process ([scaleout] workers = 0) needs no shared subscription.
+    assert topics.updates_filter(FED) in relay.session("agg-test").subscribed
+    assert not any(f.startswith("$share/") for s in relay.sessions.values() for f in s.subscribed)
 
 
 def test_the_aggregators_link_keeps_its_publishes_within_receive_maximum(
