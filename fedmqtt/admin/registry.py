@@ -75,6 +75,8 @@ class Device:
     cert_expires: str | None = None
     # The enrollment's agent.toml options (data source, paths, interval), reused by rotate.
     options: dict[str, Any] = field(default_factory=dict)
+    # The edge broker its bundle connects to ("" = the central broker).
+    edge: str = ""
 
 
 @dataclass
