@@ -19,8 +19,8 @@ ANNOUNCE_WAIT_S: Final = 3.0
 #: A device that is ready again this soon after each round stays subscribed to the
 #: announcements throughout: one that retrains a version with ``interval_s`` at most this, or
 #: whose last round plus ``interval_s`` took at most this. Subscribing afresh for every round
-#: costs it a round trip through the broker before each fetch (measured: 49 against 56 updates
-#: per second in ``fedmqtt simulate`` with 20 devices), and about as many bytes as the
+#: costs it a round trip through the broker before each fetch (11 % fewer updates per second
+#: in ``fedmqtt simulate`` with 20 devices, docs/benchmarks.md), and about as many bytes as the
 #: announcements it would skip. Larger: more devices keep the subscription (more announcement
 #: bytes while training); 0: every device listens only while ready.
 FAST_REPEAT_S: Final = 1.0
