@@ -52,7 +52,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.config import BrokerConfig
-from aggregator.paho_internals import FastPath
+from aggregator.paho_internals import FastPath, retrieve_disconnect_error
 from aggregator.readahead import ReadAhead
 from fedmqtt.mqttconf import backoff_delay, broker_password
 
@@ -394,8 +394,8 @@ class MqttLink:
         cfg = self.cfg
         while not stop.is_set():
             started = time.monotonic()
+            client, fast = self._new_client()
             try:
-                client, fast = self._new_client()
                 self._lost = asyncio.Event()
                 async with client:
                     await self._connected(client, fast)
@@ -406,6 +406,8 @@ class MqttLink:
             except aiomqtt.MqttError as e:
                 self._down()
                 log.warning("%s: broker %s:%d: %s", self.name, cfg.host, cfg.port, e)
+            finally:
+                retrieve_disconnect_error(client)  # handled here; asyncio need not log it
             if stop.is_set():
                 break
             if time.monotonic() - started >= STABLE_S:

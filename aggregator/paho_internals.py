@@ -26,6 +26,11 @@ pyproject.toml), each item checked by :func:`missing`:
   paho.
 * ``paho.Client._packet_queue(command, packet, mid, qos)``: queues bytes as one outgoing packet,
   so that the PUBACKs of a batch go out as one write.
+* ``aiomqtt.Client._disconnected``: the future aiomqtt completes when a connection ends. After
+  an unexpected disconnection it holds an exception that aiomqtt's ``__aexit__`` never
+  retrieves, so asyncio logs "Future exception was never retrieved" (an ERROR, with a
+  traceback) whenever it is collected; :func:`retrieve_disconnect_error` retrieves it. Without
+  the attribute it does nothing: the only cost is that log line.
 
 There is no fallback: importing this module raises :class:`MissingInternalsError` (an
 ``ImportError``) naming what a paho release lacks, and :func:`paho_client` does the same for
@@ -34,6 +39,7 @@ aiomqtt, so the aggregator refuses to start instead of running a slower path.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import struct
@@ -114,6 +120,14 @@ def paho_client(client: aiomqtt.Client) -> paho.Client:
             "paho.Client. Install an aiomqtt within the pins of pyproject.toml."
         )
     return pc
+
+
+def retrieve_disconnect_error(client: aiomqtt.Client) -> None:
+    """Mark the exception of ``client``'s unexpected disconnection as retrieved (the link has
+    handled the disconnection; see the module docstring)."""
+    fut = getattr(client, "_disconnected", None)
+    if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+        fut.exception()
 
 
 class FastPath:
