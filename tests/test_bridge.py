@@ -331,11 +331,14 @@ def topology(identity: str, *, stand_ins: bool = True) -> Iterator[Topology]:
             str(base / "agg" / "aggregator.toml"),
             "--no-reload",
         ],
-        *(["enroll", d, "--out", str(base / "bundles" / d), "--no-reload"] for d in ALL_DEVICES),
-    ]
-    steps += [
         edge_steps(base, "edge-a", edge_ports["edge-a"], relay.port),
         edge_steps(base, "edge-b", edge_ports["edge-b"], port),
+    ]
+    # Each device's bundle names its edge broker (enroll --edge).
+    steps += [
+        ["enroll", d, "--out", str(base / "bundles" / d), "--edge", e, "--no-reload"]
+        for e, ids in EDGES.items()
+        for d in ids
     ]
     site = start_site(identity, base, port, steps)
     edges: dict[str, Mosquitto] = {}
@@ -540,9 +543,9 @@ def test_real_aggregator_and_agents_across_a_cut_link(tmp_path: Path) -> None:
                     data,
                     tmp_path / f"{device}-state",
                     {"interval_s": 0.3, "max_updates_per_version": 0},
+                    port=topo.edges[edge].port,  # the bundle names its edge broker
                 )
                 raw = tomllib.loads(toml.read_text())
-                raw["broker"]["port"] = topo.edges[edge].port
                 agent = EdgeAgent(AgentConfig.from_dict(raw, base_dir=toml.parent))
                 agents.append(agent)
                 t = threading.Thread(target=agent.run, args=(stop,), daemon=True)
