@@ -156,6 +156,10 @@ class LimitsConfig:
     max_update_bytes: int
     receive_maximum: int = 1000
     max_inflight_bytes: int = 512 * 1024 * 1024
+    # A broker that keeps at most this many QoS 1 messages in flight to our session whatever
+    # Receive Maximum we ask for (0: the broker honours it). Buffers larger than that are then
+    # applied in parts, since buffered updates are acknowledged only once applied.
+    broker_inflight: int = 0
     norm_reject_factor: float = 10.0
     max_norm: float = 0.0
     norm_window: int = 100
@@ -170,7 +174,10 @@ class LimitsConfig:
     def inflight_window(self) -> int:
         """Receive Maximum actually requested: bounded by the memory budget of unacked updates."""
         by_memory = max(1, self.max_inflight_bytes // max(1, self.max_update_bytes))
-        return max(1, min(self.receive_maximum, by_memory))
+        window = min(self.receive_maximum, by_memory)
+        if self.broker_inflight:
+            window = min(window, self.broker_inflight)
+        return max(1, window)
 
 
 @dataclass(frozen=True)
@@ -305,7 +312,10 @@ def window_pressure(cfg: AggregatorConfig) -> int:
     the window, but never below the buffer's own capacity (which ``_check_window`` keeps under
     the window), so a normal buffer always fills first."""
     window = cfg.limits.inflight_window
-    return max(buffer_capacity(cfg.strategy), window * 9 // 10)
+    capacity = buffer_capacity(cfg.strategy)
+    if window <= capacity:  # only with [limits] broker_inflight: apply what the window holds
+        return window
+    return max(capacity, window * 9 // 10)
 
 
 def _check_window(cfg: AggregatorConfig) -> None:
@@ -314,7 +324,7 @@ def _check_window(cfg: AggregatorConfig) -> None:
     s = cfg.strategy
     capacity = buffer_capacity(s)
     window = cfg.limits.inflight_window
-    if window <= capacity:
+    if window <= capacity and window != cfg.limits.broker_inflight:
         raise ConfigError(
             f"[limits] receive_maximum: the window of unacknowledged updates ({window}, also "
             f"bounded by max_inflight_bytes / max_update_bytes) must exceed the {s.name} buffer "
@@ -551,6 +561,7 @@ def _limits(t: Table, spec: ModelSpec) -> LimitsConfig:
         max_update_bytes=t.integer("max_update_bytes", default_bytes, lo=1024, hi=1 << 31),
         receive_maximum=t.integer("receive_maximum", d.receive_maximum, lo=1, hi=65535),
         max_inflight_bytes=t.integer("max_inflight_bytes", d.max_inflight_bytes, lo=1 << 20),
+        broker_inflight=t.integer("broker_inflight", d.broker_inflight, lo=0, hi=65535),
         norm_reject_factor=t.number("norm_reject_factor", d.norm_reject_factor, lo=0.0),
         max_norm=max_norm,
         norm_window=window,

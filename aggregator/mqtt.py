@@ -64,6 +64,7 @@ READ_BURST_BYTES: Final = 1 << 20  # ... and payload bytes: large updates leave 
 INBOX_HIGH_BYTES: Final = 8 << 20  # stop reading the socket while the inbox holds this much ...
 INBOX_LOW_BYTES: Final = 4 << 20  # ... until the consumer has taken it below this
 SUBSCRIBE_TIMEOUT_S: Final = 30.0
+RECEIVE_MAXIMUM_DEFAULT: Final = 65535  # MQTT 5, when CONNACK does not say
 
 
 class Incoming:
@@ -113,6 +114,10 @@ class MqttLink:
         self._acker: FastPath | None = None  # the current connection's, from socket open
         self._lost: asyncio.Event | None = None
         self._pub_waiters: dict[int, asyncio.Future[int]] = {}
+        # QoS 1 publishes the broker lets us have awaiting PUBACK (its Receive Maximum): a
+        # broker that allows fewer than we send may disconnect us (0x93); a cluster may allow 1.
+        self._send_window = RECEIVE_MAXIMUM_DEFAULT
+        self._window_open = asyncio.Event()
         self._rng = random.Random()
         self._burst_bytes = 0
         self._inbox_bytes = 0
@@ -182,6 +187,7 @@ class MqttLink:
         self, client: paho.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         fut = self._pub_waiters.pop(mid, None)
+        self._window_open.set()
         if fut is not None and not fut.done():
             fut.set_result(int(getattr(rc, "value", rc) or 0))
 
@@ -190,10 +196,19 @@ class MqttLink:
     ) -> bool:
         """Publish at QoS 1 and wait for the PUBACK; False if not connected, timed out or
         refused by the broker (reason code >= 0x80, logged)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self._pub_waiters) >= self._send_window and self.connected.is_set():
+            self._window_open.clear()
+            try:
+                await asyncio.wait_for(self._window_open.wait(), deadline - loop.time())
+            except TimeoutError:
+                log.warning("%s: no room to publish %s within %.0fs", self.name, topic, timeout)
+                return False
         pc = self._paho
         if pc is None or not self.connected.is_set():
             return False
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int] = loop.create_future()
         info = pc.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.warning(
@@ -202,7 +217,7 @@ class MqttLink:
             return False
         self._pub_waiters[info.mid] = fut
         try:
-            rc = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            rc = await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - loop.time()))
         except TimeoutError:
             self._pub_waiters.pop(info.mid, None)
             log.warning("%s: no PUBACK for %s within %.0fs", self.name, topic, timeout)
@@ -270,6 +285,16 @@ class MqttLink:
             if lost is not None:
                 loop.call_soon_threadsafe(lost.set)
 
+        aio_on_connect: Any = pc.on_connect
+
+        def on_connect(c: paho.Client, u: Any, flags: Any, rc: Any, p: Any) -> None:
+            # The broker's Receive Maximum (MQTT 5 default 65,535), which paho does not apply
+            # to what it sends: :meth:`publish` keeps within it.
+            self._send_window = getattr(p, "ReceiveMaximum", None) or RECEIVE_MAXIMUM_DEFAULT
+            if aio_on_connect is not None:
+                aio_on_connect(c, u, flags, rc, p)
+
+        pc.on_connect = on_connect
         pc.on_publish = on_publish
         pc.on_disconnect = on_disconnect
         aio_on_socket_open: Any = pc.on_socket_open
@@ -369,21 +394,20 @@ class MqttLink:
         cfg = self.cfg
         while not stop.is_set():
             started = time.monotonic()
+            client, fast = self._new_client()
             try:
-                client, fast = self._new_client()
                 self._lost = asyncio.Event()
-                try:
-                    async with client:
-                        await self._connected(client, fast)
-                        try:
-                            await _first(stop.wait(), self._lost.wait())
-                        finally:
-                            self._down(expected=stop.is_set())
-                finally:
-                    seen_disconnection(client)
+                async with client:
+                    await self._connected(client, fast)
+                    try:
+                        await _first(stop.wait(), self._lost.wait())
+                    finally:
+                        self._down(expected=stop.is_set())
             except aiomqtt.MqttError as e:
                 self._down()
                 log.warning("%s: broker %s:%d: %s", self.name, cfg.host, cfg.port, e)
+            finally:
+                seen_disconnection(client)  # handled here; asyncio need not log it
             if stop.is_set():
                 break
             if time.monotonic() - started >= STABLE_S:
@@ -432,6 +456,7 @@ class MqttLink:
             if not fut.done():
                 fut.set_result(-1)
         self._pub_waiters.clear()
+        self._window_open.set()
         if was_up:
             log.log(
                 logging.INFO if expected else logging.WARNING,

@@ -1,6 +1,8 @@
 """What the service publishes, and when: the newest durable version (model, then its
-announcement), the spec and the plan after every (re)connection, the ONNX export, and the
-evaluation of each published version on the holdout.
+announcement), the ONNX export, and the evaluation of each published version on the holdout.
+After every (re)connection every retained message we own is published again (spec, plan,
+model, announcement and the last ONNX export), so nothing depends on the broker, or the
+cluster node we reach, still holding a retained message.
 
 Runs on the service's event loop; the payloads (:mod:`aggregator.publish`) are signed and
 encoded on the publisher thread, the evaluation on the evaluation thread. Only checkpointed
@@ -65,6 +67,7 @@ class Publisher:
         self._wake = asyncio.Event()
         self._republish = False
         self._onnx_version: int | None = None
+        self._onnx_payload: bytes | None = None  # the last export published, for republishing
         self._onnx_disabled = False
         self._eval_lock = threading.Lock()
         self._eval_next: Snapshot | None = None
@@ -85,7 +88,8 @@ class Publisher:
             self._wake.set()
 
     async def on_connect(self) -> None:
-        """After every (re)connection: republish the plan and the current model (retained)."""
+        """After every (re)connection: republish every retained message (spec, plan, model,
+        announcement, ONNX export)."""
         self._republish = True
         self._wake.set()
 
@@ -135,15 +139,19 @@ class Publisher:
                 else:
                     self._republish = True
                 if not self.gated:
-                    await self._maybe_onnx(snap)
+                    await self._maybe_onnx(snap, republish=republish)
+                elif republish:  # gated: the last released export, not this version
+                    await self._publish_last_onnx()
             if self._latest.version > self.published_version:
                 wake.set()
 
-    async def _maybe_onnx(self, snap: Snapshot) -> None:
+    async def _maybe_onnx(self, snap: Snapshot, *, republish: bool = False) -> None:
         every = self.cfg.onnx.every
         if every <= 0 or self._onnx_disabled or self.link is None:
             return
         if self._onnx_version is not None and snap.version - self._onnx_version < every:
+            if republish:
+                await self._publish_last_onnx()
             return
         loop = asyncio.get_running_loop()
         try:
@@ -164,7 +172,15 @@ class Publisher:
             )
             return
         if await self.link.publish(topics.model_onnx(self.cfg.federation.id), payload, retain=True):
-            self._onnx_version = snap.version
+            self._onnx_version, self._onnx_payload = snap.version, payload
+
+    async def _publish_last_onnx(self) -> None:
+        """On a reconnection, the same signed export again: the retained one may be gone."""
+        if self._onnx_payload is None or self.link is None:
+            return
+        topic = topics.model_onnx(self.cfg.federation.id)
+        if not await self.link.publish(topic, self._onnx_payload, retain=True):
+            self._republish = True
 
     def release(self, snap: Snapshot) -> None:
         """The evaluation gate released ``snap``: its ONNX export may reach the predictors."""

@@ -37,7 +37,12 @@ from typing import TYPE_CHECKING, Any
 import fedmqtt
 from aggregator.checkpoint import CheckpointError, CheckpointStore
 from aggregator.cohort import warn_if_thin
-from aggregator.config import AggregatorConfig, devices_needed, window_pressure
+from aggregator.config import (
+    AggregatorConfig,
+    buffer_capacity,
+    devices_needed,
+    window_pressure,
+)
 from aggregator.cpu import cpu_for, pin_current_thread, restore_affinity, usable_cpus
 from aggregator.devices import DeviceKeys
 from aggregator.durability import Durability
@@ -135,6 +140,7 @@ class Aggregator:
         self._latest: Snapshot | None = None
         self._stopping = False
         self._window_pressure = window_pressure(config)
+        self._buffer_rows = buffer_capacity(config.strategy)
         self._publisher: Publisher | None = None
         self._link: MqttLink | None = None
         self._pool: WorkerPool | None = None  # when [scaleout] workers > 0
@@ -408,7 +414,9 @@ class Aggregator:
         held, flushes, version = await loop.run_in_executor(self._engine_x, work)
         if held:
             self.metrics.partial_flushes += 1
-            log.info(
+            log.log(
+                # A window below the buffer ([limits] broker_inflight) makes this every flush.
+                logging.DEBUG if self._window_pressure < self._buffer_rows else logging.INFO,
                 "%d messages await acknowledgement (window %d): applied a partial buffer of "
                 "%d update(s) early",
                 len(acks),

@@ -96,14 +96,6 @@ _FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer anno
 # device asks for the retained announcement again this often, which bounds how long a lost one
 # goes unnoticed by a device that stays ready (one that trains subscribes afresh each round).
 _ANNOUNCE_REFRESH_S: Final = 600.0
-# A repeated round on the version already trained on ([training] max_updates_per_version != 1)
-# waits this long after subscribing to the announcements for the retained one, so a newer
-# version is fetched rather than the old one trained again.
-_ANNOUNCE_WAIT_S: Final = 3.0
-# A device that trains the same version again at most this many seconds apart stays
-# subscribed to the announcements throughout: it is ready almost all the time, and
-# subscribing afresh for every round would cost it more than the announcements it skips.
-_FAST_REPEAT_S: Final = 1.0
 
 
 class _Inbox:
@@ -212,6 +204,7 @@ class EdgeAgent:
         self._fetched_untrained = False  # the model came from the broker and has no round yet
         self.listening_since: float | None = None  # monotonic; subscribed to announcements
         self._heard = False  # an announcement arrived since subscribing to them
+        self._last_round_s: float | None = None  # how long the last finished round took
         self.plan: wire.Plan | None = None
         self.onnx_version: int | None = None
         self.state = st.AgentState()
@@ -513,19 +506,25 @@ class EdgeAgent:
 
     # ---- fetch on ready --------------------------------------------------------------------
     def _ready(self) -> bool:
-        """Whether a newer version would be fetched and trained on now: no fetch or round under
-        way, no fetched model waiting for its round, and the intervals allow a round."""
+        """Whether to be subscribed to the announcements: a newer version would be fetched and
+        trained on now (no fetch or round under way, no fetched model waiting for its round,
+        the intervals allow a round), or the device is always ready again soon."""
+        if self._fast_repeat():
+            return True
         if self._fetching_since is not None:
             return False
-        return self._fast_repeat() or (
-            not self._fetched_untrained and (self.model is None or self._due_in() == 0.0)
-        )
+        return not self._fetched_untrained and (self.model is None or self._due_in() == 0.0)
 
     def _fast_repeat(self) -> bool:
-        """Whether the device retrains one version in rounds at most _FAST_REPEAT_S apart."""
-        return self.config.training.max_updates_per_version != 1 and self._interval() <= (
-            _FAST_REPEAT_S
-        )
+        """Whether the device is ready again so soon after each round that it stays subscribed
+        to the announcements throughout (``[training] fast_repeat_s``, fedmqtt.readiness): it
+        retrains one version with an interval at most that, or its last round plus the
+        interval took at most that."""
+        t = self.config.training
+        if t.max_updates_per_version != 1:
+            return self._interval() <= t.fast_repeat_s
+        last = self._last_round_s
+        return last is not None and self._interval() + last <= t.fast_repeat_s
 
     def _listen(self, on: bool) -> None:
         """Be subscribed to the announcements exactly while ``on`` (the device is ready)."""
@@ -563,7 +562,7 @@ class EdgeAgent:
                 self._fetch_done()
             return
         if link is not None and self._fetch_wanted():
-            self._listen(False)
+            self._listen(self._fast_repeat())
             self._fetching_since = time.monotonic()
             self.fetches += 1
             link.fetch(self.topic_model)
@@ -686,7 +685,10 @@ class EdgeAgent:
             online = self.link is not None and self.link.connected
             if online and (
                 self.listening_since is None
-                or (not self._heard and time.monotonic() - self.listening_since < _ANNOUNCE_WAIT_S)
+                or (
+                    not self._heard
+                    and time.monotonic() - self.listening_since < tcfg.announce_wait_s
+                )
             ):
                 return None if self._due_in() == 0.0 else self._due_in()
         if self._fetch_wanted():
@@ -728,6 +730,7 @@ class EdgeAgent:
             self._retry_at = time.monotonic() + self.config.training.retry_s
             self.notifier.status("local privacy budget spent: no more updates")
             return
+        started = time.monotonic()
         self.state.last_round_at = time.time()
         self._fetched_untrained = False
         try:
@@ -790,6 +793,7 @@ class EdgeAgent:
         if self.personaliser is not None and worker.personal is not None:
             # Kept in the state directory only: never sent.
             self.bytes_written += self.personaliser.save(worker.personal)
+        self._last_round_s = time.monotonic() - started
 
     def _commit(
         self,

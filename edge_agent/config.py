@@ -22,6 +22,7 @@ from fedmqtt.cohort import check_tag_map
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqttconf import BrokerConfig, read_connection
 from fedmqtt.privacy.config import PrivacyConfig, read_privacy
+from fedmqtt.readiness import ANNOUNCE_WAIT_S, FAST_REPEAT_S
 from fedmqtt.signing import ALGORITHMS, DEFAULT_UPDATE_AUTH
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import check_id
@@ -91,6 +92,8 @@ class TrainingConfig:
     momentum: float | None = None
     mu: float | None = None
     seed: int | None = None
+    announce_wait_s: float = ANNOUNCE_WAIT_S
+    fast_repeat_s: float = FAST_REPEAT_S
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,8 @@ def _training(t: Table) -> TrainingConfig:
         momentum=momentum,
         mu=t.opt_number("mu", lo=0.0),
         seed=t.opt_integer("seed", lo=0),
+        announce_wait_s=t.number("announce_wait_s", d.announce_wait_s, lo=0.0),
+        fast_repeat_s=t.number("fast_repeat_s", d.fast_repeat_s, lo=0.0),
     )
 
 

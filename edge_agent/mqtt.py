@@ -23,16 +23,21 @@ with a session present, the other on-demand topics are unsubscribed, since the p
 session may still hold them.
 
 Delivery: the link takes updates from the :class:`~edge_agent.outbox.Outbox` (at most
-``max_in_flight`` at a time), publishes them at QoS 1 and settles each one on its PUBACK,
-whose MQTT 5 reason code says what the broker did (on MQTT 3.1.1 a refused publish is acked
-as a success):
+``max_in_flight`` at a time, and never more QoS 1 messages in flight than the broker's
+``Receive Maximum`` from CONNACK: a clustered broker may allow only one), publishes them at
+QoS 1 and settles each one on its PUBACK, whose MQTT 5 reason code says what the broker did
+(on MQTT 3.1.1 a refused publish is acked as a success):
 
 * success (``< 0x80``): delete from the outbox; ``0x10`` *no matching subscribers* means
   nobody (not even a persistent aggregator session) received it, so it is retried after
   ``retry_s`` unless ``retry_no_subscribers`` is off;
-* permanent refusal (:data:`PERMANENT_REFUSALS`, e.g. ``0x87`` not authorized): drop it and
-  count it; retrying cannot help;
-* other refusals (``0x80`` unspecified, ``0x97`` quota exceeded, ...): retry after ``retry_s``.
+* any refusal (``ReasonCode.is_failure``, ``>= 0x80``: *not authorized*, *quota exceeded*,
+  *unspecified error*, ...): keep it and retry after ``retry_s``. Brokers differ in what they
+  refuse and why (an ACL not yet reloaded, a cluster node that has not seen the newest
+  permissions); once fixed, the update goes through. Supersede and the outbox caps bound what
+  waits meanwhile;
+* no PUBACK because the broker disconnected: the update stays in flight and paho sends it again
+  after the reconnection.
 
 paho keeps unacknowledged messages in memory and retransmits them itself after a reconnect,
 so an update is handed to paho once per process: re-publishing it from the outbox as well
@@ -71,13 +76,7 @@ from fedmqtt.mqttconf import backoff_delay
 
 log = logging.getLogger(__name__)
 
-NO_MATCHING_SUBSCRIBERS: Final = 0x10
-PERMANENT_REFUSALS: Final = {
-    0x87: "not authorized",
-    0x90: "topic name invalid",
-    0x95: "packet too large",
-    0x99: "payload format invalid",
-}
+NO_MATCHING_SUBSCRIBERS: Final = ReasonCode(PacketTypes.PUBACK, "No matching subscribers")
 STABLE_S: Final = 30.0
 _SELECT_MAX_S: Final = 1.0
 MAX_SENDS: Final = 16  # one-off messages (send()) that wait for a connection
@@ -120,8 +119,8 @@ class LinkCounters:
     connects: int = 0
     connect_refusals: int = 0
     delivered: int = 0
-    refused_permanent: int = 0
-    refused_transient: int = 0
+    refused_permanent: int = 0  # dropped before sending: bigger than the broker accepts
+    refused: int = 0  # PUBACKs with a failure reason code (the update is kept and retried)
     no_subscribers: int = 0
     unsubscribed: int = 0  # UNSUBACKs: on-demand subscriptions the broker has dropped
     reports_sent: int = 0  # one-off messages of send() handed to the connection
@@ -172,6 +171,10 @@ class Link:
         self._retry_s = retry_s
         self._retry_no_subscribers = retry_no_subscribers
         self._max_in_flight = max_in_flight
+        # The broker's Receive Maximum from CONNACK: QoS 1 messages (updates and status) we may
+        # have awaiting PUBACK at once. paho does not enforce it, so the link does.
+        self._receive_max: int | None = None
+        self._status_due = False  # the ``online`` status waits for room in that window
         self._rng = rng or random.Random()
         self._on_delivered = on_delivered
         self.counters = LinkCounters()
@@ -328,6 +331,7 @@ class Link:
                 return
             self._run_commands()
             if self._connected:
+                self._send_status()
                 self._flush()
                 self._send_pending()
             elif time.monotonic() > connack_deadline:
@@ -375,6 +379,13 @@ class Link:
         client = self._client
         if self._connected and client.socket() is not None:
             with contextlib.suppress(Exception):
+                deadline = time.monotonic() + _OFFLINE_ACK_WAIT_S
+                while (
+                    self._room() <= 0
+                    and client.socket() is not None
+                    and time.monotonic() < deadline
+                ):
+                    self._pump(0.05)
                 info = client.publish(
                     self.status_topic, self._status_payload("offline"), qos=1, retain=True
                 )
@@ -450,7 +461,7 @@ class Link:
                     self._subscribe([(topic, qos)])
 
     def _send_pending(self) -> None:
-        while True:
+        while self._room() > 0:
             with self._send_lock:
                 if not self._sends:
                     return
@@ -465,7 +476,7 @@ class Link:
 
     # ---- outbox ----------------------------------------------------------------------------
     def _flush(self) -> None:
-        free = self._max_in_flight - self.outbox.in_flight_count()
+        free = min(self._max_in_flight - self.outbox.in_flight_count(), self._room())
         if free <= 0:
             return
         for entry in self.outbox.take_unsent(free):
@@ -525,6 +536,9 @@ class Link:
             self.counters.connects += 1
             self.last_error = ""
             self._max_packet = getattr(properties, "MaximumPacketSize", None)
+            # A broker that allows fewer QoS 1 messages in flight than we send may disconnect
+            # us (0x93 Receive Maximum exceeded); paho does not hold back by itself.
+            self._receive_max = getattr(properties, "ReceiveMaximum", None)
             self.log.info(
                 "connected to %s:%d as %s (session present: %s)",
                 self.cfg.host,
@@ -542,12 +556,26 @@ class Link:
             idle = [t for t in self._on_demand if t not in self._fetching | set(self._watching)]
             if idle and flags.session_present:  # held over from a fetch cut short
                 client.unsubscribe(idle)
-            info = client.publish(
-                self.status_topic, self._status_payload("online"), qos=1, retain=True
-            )
-            self._status_mids.add(info.mid)
+            self._status_due = True
+            self._send_status()
         except Exception:
             self.log.exception("error in on_connect")
+
+    def _room(self) -> int:
+        """How many more QoS 1 messages the broker's Receive Maximum lets us send now."""
+        if self._receive_max is None:
+            return 1 << 16
+        return self._receive_max - len(self._mids) - len(self._status_mids) - len(self._report_mids)
+
+    def _send_status(self) -> None:
+        """Publish the signed, retained ``online`` status, once there is room for it."""
+        if not self._status_due or self._room() <= 0:
+            return
+        self._status_due = False
+        info = self._client.publish(
+            self.status_topic, self._status_payload("online"), qos=1, retain=True
+        )
+        self._status_mids.add(info.mid)
 
     def _on_disconnect(
         self,
@@ -601,35 +629,35 @@ class Link:
             self.log.exception("error handling PUBACK %d", mid)
 
     def _settle(self, mid: int, reason: ReasonCode) -> None:
-        value = reason.value
         if mid in self._report_mids:
             self._report_mids.discard(mid)
-            if value >= 0x80:
-                self.log.warning("broker refused a report: %s (0x%02x)", reason, value)
+            if reason.is_failure:
+                self.log.warning("broker refused a report: %s (0x%02x)", reason, reason.value)
             else:
                 self.counters.reports_acked += 1
             return
         if mid in self._status_mids:
             self._status_mids.discard(mid)
-            if value >= 0x80:
-                self.log.warning("broker refused our status message: %s (0x%02x)", reason, value)
+            if reason.is_failure:
+                self.log.warning(
+                    "broker refused our status message: %s (0x%02x)", reason, reason.value
+                )
             return
         name = self._mids.pop(mid, None)
         if name is None:
             return
-        if value < 0x80 and not (value == NO_MATCHING_SUBSCRIBERS and self._retry_no_subscribers):
-            entry = self.outbox.acked(name)
-            self.counters.delivered += 1
-            if self._on_delivered is not None:
-                update_id = entry.update_id if entry is not None else OutboxEntry.update_id_of(name)
-                self._on_delivered(update_id or name)
-            if self._warned_no_subscribers:
-                self.log.info("updates are being received again")
-                self._warned_no_subscribers = False
-            if entry is not None:
-                self.log.info("update seq=%d (base v%d) delivered", entry.seq, entry.base_version)
+        if reason.is_failure:
+            self.counters.refused += 1
+            self.log.warning(
+                "broker refused update %s: %s (0x%02x); keeping it, retrying in %.0fs",
+                name,
+                reason,
+                reason.value,
+                self._retry_s,
+            )
+            self.outbox.release(name, time.monotonic() + self._retry_s)
             return
-        if value == NO_MATCHING_SUBSCRIBERS:
+        if reason == NO_MATCHING_SUBSCRIBERS and self._retry_no_subscribers:
             self.counters.no_subscribers += 1
             if not self._warned_no_subscribers:
                 self.log.warning(
@@ -640,25 +668,16 @@ class Link:
                 self._warned_no_subscribers = True
             self.outbox.release(name, time.monotonic() + self._retry_s)
             return
-        if value in PERMANENT_REFUSALS:
-            self.counters.refused_permanent += 1
-            entry = self.outbox.drop(name)
-            self.log.error(
-                "broker refused update %s: %s (0x%02x); dropped, retrying cannot help",
-                entry.seq if entry else name,
-                reason,
-                value,
-            )
-            return
-        self.counters.refused_transient += 1
-        self.log.warning(
-            "broker refused update %s: %s (0x%02x); retrying in %.0fs",
-            name,
-            reason,
-            value,
-            self._retry_s,
-        )
-        self.outbox.release(name, time.monotonic() + self._retry_s)
+        entry = self.outbox.acked(name)
+        self.counters.delivered += 1
+        if self._on_delivered is not None:
+            update_id = entry.update_id if entry is not None else OutboxEntry.update_id_of(name)
+            self._on_delivered(update_id or name)
+        if self._warned_no_subscribers:
+            self.log.info("updates are being received again")
+            self._warned_no_subscribers = False
+        if entry is not None:
+            self.log.info("update seq=%d (base v%d) delivered", entry.seq, entry.base_version)
 
 
 def _wait(

@@ -24,7 +24,7 @@ Rules:
   updates are dropped (with a log line and a counter) until it fits. An update bigger than
   the byte cap on its own is refused.
 * **In flight**: :meth:`take_unsent` marks entries as handed to the client; :meth:`acked`
-  deletes them, :meth:`drop` deletes them as refused for good, :meth:`release` returns them
+  deletes them, :meth:`drop` deletes them as unsendable, :meth:`release` returns them
   to the unsent queue (to retry after ``not_before``).
 
 All methods are thread-safe: the agent's thread adds updates, the MQTT thread takes and acks.
@@ -80,7 +80,7 @@ class PutResult:
 class OutboxCounters:
     superseded: int = 0
     dropped_cap: int = 0
-    dropped_refused: int = 0  # permanently refused by the broker
+    dropped_refused: int = 0  # could never be sent (bigger than the broker accepts)
     refused_too_big: int = 0
 
 
@@ -244,7 +244,7 @@ class Outbox:
         return entry
 
     def drop(self, name: str) -> OutboxEntry | None:
-        """The broker refused the update permanently: delete it and count it."""
+        """The update can never be sent (bigger than the broker accepts): delete and count it."""
         with self._lock:
             entry = self._forget(name) if name in self._entries else None
             self._in_flight.discard(name)

@@ -424,6 +424,9 @@ class _Simulation:
             "downloaded": round(summary["bytes_downloaded"] / accepted),
         }
         summary["updates_delivered_by_agents"] = sum(len(ids) for ids in delivered.values())
+        summary["updates_delivered_by_device"] = {
+            d: len(ids) for d, ids in sorted(delivered.items())
+        }
         # By id, so that a duplicate cannot hide a loss: acknowledged by the broker but never
         # received by the aggregator, and accepted more than once (both must stay empty).
         summary["updates_lost"] = sorted(acked - seen.received())

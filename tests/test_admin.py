@@ -993,3 +993,50 @@ def test_edge_ids_do_not_collide_with_accounts(env: Env) -> None:
     assert edge_config(env, "site-a") == 0
     assert env.run("enroll", "site-a", "--out", str(env.tmp / "b2")) == 1
     assert edge_config(env, "bad/id") == 1
+
+
+def test_enroll_at_an_edge_points_the_bundle_at_that_edge_broker(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``enroll --edge``: the bundle's [broker] is the edge's host and port from the registry,
+    its CA verifies the edge broker's certificate and the edge's ACL knows the device; rotate
+    keeps the edge or moves the device; a revoked or unknown edge is refused."""
+    from edge_agent.config import load_config
+
+    assert edge_config(env, "site-a", "--port", "8884") == 0
+    out = env.tmp / "b1"
+    env.site().enroll("dev-1", out, edge="site-a", options=AgentOptions(etc_dir=str(out)))
+    cfg = load_config(out / "agent.toml")
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.tls) == ("site-a.example.org", 8884, True)
+    assert cfg.broker.ca_file is not None
+    load_cert(env.tmp / "site-a" / "broker.crt").verify_directly_issued_by(
+        load_cert(cfg.broker.ca_file)
+    )
+    assert (
+        "\nuser dev-1\ntopic write fl/demo/updates/dev-1\n"
+        in (env.tmp / "site-a" / "acl").read_text()
+    )
+    capsys.readouterr()
+    assert env.run("list", "--json") == 0
+    assert [d["edge"] for d in json.loads(capsys.readouterr().out)] == ["site-a"]
+
+    def broker_of(bundle: Path) -> tuple[str, int]:
+        b = tomllib.loads((bundle / "agent.toml").read_text())["broker"]
+        return b["host"], b["port"]
+
+    assert env.run("rotate", "dev-1", "--out", str(env.tmp / "b2")) == 0
+    assert broker_of(env.tmp / "b2") == ("site-a.example.org", 8884)  # kept
+    assert env.run("rotate", "dev-1", "--out", str(env.tmp / "b3"), "--central") == 0
+    assert broker_of(env.tmp / "b3") == ("broker.example.org", 8883)
+    assert env.run("rotate", "dev-1", "--out", str(env.tmp / "b4"), "--edge", "site-a") == 0
+    assert broker_of(env.tmp / "b4") == ("site-a.example.org", 8884)
+
+    assert env.run("enroll", "dev-2", "--out", str(env.tmp / "b5"), "--edge", "nowhere") == 1
+    assert "no edge broker 'nowhere'" in capsys.readouterr().err
+    assert not (env.tmp / "b5").exists() and "dev-2" not in env.site().registry.devices
+    assert env.run("edge-revoke", "site-a") == 0
+    assert "1 device(s) connect to it: dev-1" in capsys.readouterr().out
+    assert env.run("enroll", "dev-3", "--out", str(env.tmp / "b6"), "--edge", "site-a") == 1
+    assert env.run("rotate", "dev-1", "--out", str(env.tmp / "b7")) == 1
+    assert "edge 'site-a' is revoked" in capsys.readouterr().err
+    assert env.run("rotate", "dev-1", "--out", str(env.tmp / "b8"), "--central") == 0

@@ -301,14 +301,16 @@ def test_topk_keeps_error_feedback_and_retrains_per_config(
     assert float(np.abs(fb.residual["W0"]).sum()) > 0
 
 
-def test_permanent_broker_refusal_drops_the_update(
+def test_a_refused_update_is_kept_and_delivered_once_the_acl_is_fixed(
     tmp_path: Path,
     device: Device,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """With an ACL that forbids the device to publish updates, MQTT 5 answers 0x87."""
+    """With an ACL that forbids the device to publish updates, MQTT 5 answers PUBACK 0x87 *not
+    authorized*: the agent keeps the update and retries; once the ACL is fixed and the broker
+    reloaded, that same update arrives, once."""
     src = Path(__file__).resolve().parent.parent / "broker_config" / "mosquitto-dev.conf"
     conf_dir = tmp_path / "broker-conf"
     conf_dir.mkdir()
@@ -318,12 +320,12 @@ def test_permanent_broker_refusal_drops_the_update(
     acl_dir.chmod(0o755)
     request.addfinalizer(lambda: shutil.rmtree(acl_dir, ignore_errors=True))
     acl = acl_dir / "acl"
-    acl.write_text(
+    downlink = (
         "topic readwrite fl/+/model\ntopic readwrite fl/+/plan\ntopic readwrite fl/+/spec\n"
         "topic readwrite fl/+/announce\n"
         "topic readwrite fl/+/model/onnx\ntopic readwrite fl/+/status/#\n"
-        "topic read fl/+/updates/#\n"
     )
+    acl.write_text(downlink + "topic read fl/+/updates/#\n")
     acl.chmod(0o644)
     (conf_dir / "mosquitto-dev.conf").write_text(src.read_text() + f"\nacl_file {acl}\n")
     monkeypatch.setenv("FEDMQTT_BROKER_CONFIG_DIR", str(conf_dir))
@@ -334,30 +336,33 @@ def test_permanent_broker_refusal_drops_the_update(
             agent = EdgeAgent(device.config(broker))
             runner = AgentThread(agent)
             try:
-                wait_until(
-                    lambda: agent.link is not None and agent.link.counters.refused_permanent == 1
-                )
+                link = wait_until(lambda: agent.link)
                 outbox = agent.outbox
                 assert outbox is not None
-                wait_until(lambda: len(outbox) == 0)
-                assert outbox.counters.dropped_refused == 1
-                time.sleep(0.5)
-                assert agent.link is not None
-                assert agent.link.counters.refused_permanent == 1  # not retried
-                assert agent.updates_sent == 0 and agg.received() == []
+                # Refused, kept, and retried (retry_s = 0.2 s): still the one update on disk.
+                wait_until(lambda: link.counters.refused >= 2)
+                [kept] = outbox.entries()
+                assert (outbox.directory / kept.name).exists()
+                assert agg.received() == [] and agent.updates_sent == 0
+                acl.write_text(downlink + "topic readwrite fl/+/updates/#\n")
+                broker.reload()
+                [update] = agg.wait_updates(1)
+                assert update.update_id == kept.update_id
+                wait_until(lambda: len(outbox) == 0 and agent.updates_sent == 1)
+                assert outbox.counters.dropped_refused == 0
+                assert link.counters.refused_permanent == 0
+                time.sleep(0.5)  # nothing more: the update is not sent again
+                assert len(agg.received()) == 1
             finally:
                 runner.stop()
         finally:
             agg.close()
-    # refused_permanent also counts an oversize update and paho's own refusal: the drop must
-    # come from the broker's PUBACK with reason code 0x87 (Not authorized).
     refusals = [
         r.getMessage()
         for r in caplog.records
         if r.name == "edge_agent.mqtt" and "broker refused update" in r.getMessage()
     ]
-    assert len(refusals) == 1, refusals
-    assert "Not authorized (0x87); dropped" in refusals[0], refusals
+    assert refusals and all("Not authorized (0x87); keeping it" in r for r in refusals), refusals
 
 
 def test_model_waits_for_its_spec_and_a_restart_offline_uses_the_stored_spec(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
 import threading
 import time
 import uuid
@@ -29,6 +28,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from mqtt_relay_support import TcpRelay as Relay
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from test_broker_security import (
@@ -61,73 +61,6 @@ def wait_until(what: str, cond: Any, timeout: float = TIMEOUT) -> float:
         assert time.monotonic() - t0 < timeout, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.02)
     return time.monotonic() - t0
-
-
-# --------------------------------------------------------------------------- a cuttable link
-
-
-class Relay:
-    """A TCP relay on loopback between an edge's bridge and the central broker. ``cut()``
-    closes every relayed connection and stops listening (the edge's dial is refused, as with
-    a link or host that is down); ``restore()`` listens again on the same port."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._srv: socket.socket | None = None
-        self.restore()
-
-    def restore(self) -> None:
-        with self._lock:
-            if self._srv is None:
-                self._srv = socket.create_server(("127.0.0.1", self.port))
-                threading.Thread(target=self._accept, args=(self._srv,), daemon=True).start()
-
-    def _accept(self, srv: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            try:
-                up = socket.create_connection(("127.0.0.1", self.target), timeout=2)
-            except OSError:
-                conn.close()
-                continue
-            up.settimeout(None)
-            with self._lock:
-                self._socks += [conn, up]
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self._lock:
-            if self._srv is not None:
-                # shutdown() stops the listening (and wakes the blocked accept) on Linux;
-                # close() alone would leave the socket listening until accept returns.
-                with contextlib.suppress(OSError):
-                    self._srv.shutdown(socket.SHUT_RDWR)
-                self._srv.close()
-                self._srv = None
-            for s in self._socks:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self._socks.clear()
-
-    def close(self) -> None:
-        self.cut()
 
 
 # --------------------------------------------------------------------------- clients
@@ -398,11 +331,14 @@ def topology(identity: str, *, stand_ins: bool = True) -> Iterator[Topology]:
             str(base / "agg" / "aggregator.toml"),
             "--no-reload",
         ],
-        *(["enroll", d, "--out", str(base / "bundles" / d), "--no-reload"] for d in ALL_DEVICES),
-    ]
-    steps += [
         edge_steps(base, "edge-a", edge_ports["edge-a"], relay.port),
         edge_steps(base, "edge-b", edge_ports["edge-b"], port),
+    ]
+    # Each device's bundle names its edge broker (enroll --edge).
+    steps += [
+        ["enroll", d, "--out", str(base / "bundles" / d), "--edge", e, "--no-reload"]
+        for e, ids in EDGES.items()
+        for d in ids
     ]
     site = start_site(identity, base, port, steps)
     edges: dict[str, Mosquitto] = {}
@@ -607,9 +543,9 @@ def test_real_aggregator_and_agents_across_a_cut_link(tmp_path: Path) -> None:
                     data,
                     tmp_path / f"{device}-state",
                     {"interval_s": 0.3, "max_updates_per_version": 0},
+                    port=topo.edges[edge].port,  # the bundle names its edge broker
                 )
                 raw = tomllib.loads(toml.read_text())
-                raw["broker"]["port"] = topo.edges[edge].port
                 agent = EdgeAgent(AgentConfig.from_dict(raw, base_dir=toml.parent))
                 agents.append(agent)
                 t = threading.Thread(target=agent.run, args=(stop,), daemon=True)

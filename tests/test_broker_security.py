@@ -280,14 +280,21 @@ class Site:
         aggregator_toml.write_text(tomlconf.dumps(raw, "# local listener"))
 
     def agent_config(
-        self, device: str, data: Path, state: Path, training: dict[str, Any] | None = None
+        self,
+        device: str,
+        data: Path,
+        state: Path,
+        training: dict[str, Any] | None = None,
+        *,
+        port: int | None = None,
     ) -> Path:
         """The device's ``agent.toml`` from its enrollment bundle, filled in as its owner would
         (``[data]``, the state directory, changes to ``[training]``); the bundle's files stay
-        in the bundle."""
+        in the bundle. The bundle must name ``port`` (default: this broker's)."""
         bundle = self.bundles / device
         raw = tomllib.loads((bundle / "agent.toml").read_text())
-        assert raw["broker"]["tls"] is True and raw["broker"]["port"] == self.broker.port
+        port = self.broker.port if port is None else port
+        assert raw["broker"]["tls"] is True and raw["broker"]["port"] == port
         # The bundle's files go to /etc/fedmqtt-agent/ on a device; here they stay in the bundle.
         for table in raw.values():
             for key, value in table.items():

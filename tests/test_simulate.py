@@ -223,10 +223,14 @@ def test_one_attacker_at_20x_the_honest_rate_is_held_to_one_row_per_buffer() -> 
     for s in (clean, attacked):
         assert s["error"] is None and s["versions"] >= 100, s
     assert len(attacked["attackers"]) == 1
-    # The attack was real: one device of ten sent at least as much as four honest devices
-    # (on an idle machine it more than doubles the traffic; under CPU contention its sending
-    # thread gets fewer turns), and its excess was refused with the per-device reasons.
-    assert attacked["updates_received"] >= 1.4 * clean["updates_received"], attacked
+    # The attack was real: the attacker delivered several times as many updates as a typical
+    # honest device (its rate is bounded by its own rounds' I/O, so compare devices, not the
+    # totals of two runs, which depend on how fast honest devices reach the same versions),
+    # and its excess was refused with the per-device reasons.
+    by_device = attacked["updates_delivered_by_device"]
+    [bad] = attacked["attackers"]
+    honest = sorted(n for d, n in by_device.items() if d != bad)
+    assert by_device[bad] >= 4 * honest[len(honest) // 2], by_device
     refused = attacked["updates_rejected"]
     assert refused.get("rate_limited", 0) + refused.get("device_quota", 0) > 100, refused
     assert attacked["tail_accuracy"] >= clean["tail_accuracy"] - 0.03, (clean, attacked)

@@ -11,6 +11,7 @@
     fedmqtt-admin revoke pi-kitchen-01
     fedmqtt-admin edge-config site-a --host gw-a.example.org --edge-dir ./site-a \\
         --aggregator-config /etc/fedmqtt-aggregator/aggregator.toml
+    fedmqtt-admin enroll pi-shed-07 --out ./pi-shed-07 --edge site-a
 
 Exit status: 0 done; 1 refused or failed (the message says why and how to fix it); 2 usage.
 A change the broker has not been told about (reload failed) is exit 1 with the reason, because
@@ -187,12 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a tag for the plan's selection, e.g. site=north (repeatable)",
     )
+    enr.add_argument(
+        "--edge",
+        default="",
+        metavar="EDGE",
+        help="the device connects to this edge broker (see edge-config) instead of the "
+        "central broker",
+    )
     _agent_args(enr, auth_default=DEFAULT_UPDATE_AUTH)
     _reload_flag(enr)
 
     rot = sub.add_parser("rotate", help="new credentials and update key for a device")
     rot.add_argument("device_id")
     rot.add_argument("--out", type=Path, required=True, help="bundle directory (new or empty)")
+    where = rot.add_mutually_exclusive_group()
+    where.add_argument(
+        "--edge", default=None, metavar="EDGE", help="move the device to this edge broker"
+    )
+    where.add_argument(
+        "--central", action="store_true", help="move the device to the central broker"
+    )
     _agent_args(rot, auth_default=None)
     _reload_flag(rot)
 
@@ -395,9 +410,11 @@ def run(a: argparse.Namespace) -> int:
             options=_options(a, AgentOptions()),
             reenroll=a.reenroll,
             tags=tag_map(a.tag),
+            edge=a.edge,
         )
+        via = f" (connects to edge broker {a.edge})" if a.edge else ""
         print(
-            f"enrolled {a.device_id}; bundle in {out} (contains secrets: move it to the "
+            f"enrolled {a.device_id}{via}; bundle in {out} (contains secrets: move it to the "
             f"device and delete it here)"
         )
         return _reload(site, a, f"{a.device_id} enrolled")
@@ -408,6 +425,7 @@ def run(a: argparse.Namespace) -> int:
             a.out,
             auth=a.auth,
             options=_options(a, AgentOptions.from_dict(device.options)),
+            edge="" if a.central else a.edge,
         )
         print(
             f"new credentials and update key for {a.device_id} in {out}; the old ones no "
@@ -470,6 +488,8 @@ def run(a: argparse.Namespace) -> int:
             if r.tags:
                 tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
                 note = f"{note}; tags {tags}" if note else f"tags {tags}"
+            if r.edge:
+                note = f"via edge {r.edge}; {note}" if note else f"via edge {r.edge}"
             print(
                 f"{r.id:<24} {r.federation:<16} {r.status:<8} {r.identity:<11} {r.auth:<12} "
                 f"{r.enrolled_at:<26} {note}".rstrip()

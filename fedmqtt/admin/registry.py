@@ -77,6 +77,8 @@ class Device:
     options: dict[str, Any] = field(default_factory=dict)
     # Tags (enroll --tag key=value): in agent.toml and <devices_dir>/<id>.tags for the plan.
     tags: dict[str, str] = field(default_factory=dict)
+    # The edge broker its bundle connects to ("" = the central broker).
+    edge: str = ""
 
 
 @dataclass

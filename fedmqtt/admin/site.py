@@ -95,6 +95,7 @@ class DeviceRow:
     revoked_at: str | None
     cert_expires: str | None
     tags: dict[str, str] = field(default_factory=dict)
+    edge: str = ""  # the edge broker it connects to ("" = the central broker)
 
 
 class Site:
@@ -397,6 +398,12 @@ class Site:
         self._save()
         self.sync_broker_files()
         done.append("central ACL denies it everything")
+        stranded = sorted(k for k, d in self.registry.active_devices().items() if d.edge == edge_id)
+        if stranded:
+            done.append(
+                f"{len(stranded)} device(s) connect to it: {', '.join(stranded)}; move each "
+                "with `fedmqtt-admin rotate ID --out DIR --edge OTHER` (or --central)"
+            )
         return done
 
     # ------------------------------------------------------------------ password file
@@ -581,9 +588,12 @@ class Site:
         options: AgentOptions | None = None,
         reenroll: bool = False,
         tags: Mapping[str, str] | None = None,
+        edge: str = "",
     ) -> Path:
         """Create a device's credentials and update key, and its bundle in ``out``; ``tags``
-        go into its agent.toml and, for the plan's selection, ``<devices_dir>/<id>.tags``."""
+        go into its agent.toml and, for the plan's selection, ``<devices_dir>/<id>.tags``; with
+        ``edge``, the bundle connects to that edge broker (from the registry) instead of the
+        central broker."""
         check_id("device id", device_id)
         if auth not in ALGORITHMS:
             raise ConfigError(f"update authentication must be one of {ALGORITHMS}")
@@ -611,6 +621,7 @@ class Site:
             identity=self.broker.identity,
             auth=auth,
             tags=check_tag_map(dict(tags or {})),
+            edge=edge,
         )
         self._issue(device_id, device, out, opts)
         self.registry.devices[device_id] = device
@@ -625,9 +636,11 @@ class Site:
         *,
         auth: str | None = None,
         options: AgentOptions | None = None,
+        edge: str | None = None,
     ) -> Path:
         """New broker credentials and update key for an enrolled device; the old ones stop
-        working at the next broker reload (credentials) and at once (update key)."""
+        working at the next broker reload (credentials) and at once (update key). ``edge``
+        moves it to that edge broker ("" = the central broker; None = where it is)."""
         device = self.registry.device(device_id)
         if device.status != ACTIVE:
             raise ConfigError(f"{device_id!r} is revoked; enroll it again with --reenroll")
@@ -636,6 +649,8 @@ class Site:
         old_serial = device.cert_serial
         if auth is not None:
             device.auth = auth
+        if edge is not None:
+            device.edge = edge
         self._issue(device_id, device, out, options or AgentOptions.from_dict(device.options))
         if old_serial and old_serial != device.cert_serial:
             self.registry.revoked_serials[old_serial] = now_iso()
@@ -644,7 +659,25 @@ class Site:
         self.sync_broker_files()
         return out
 
+    def _endpoint(self, device: Device) -> tuple[str, int]:
+        """Where the device's bundle connects: its edge broker, or the central broker. An edge
+        broker's certificate is issued by the site's CA, the CA every bundle carries."""
+        if not device.edge:
+            return self.broker.host, self.broker.port
+        e = self.registry.edge(device.edge)
+        if e.status != ACTIVE:
+            raise ConfigError(
+                f"edge {device.edge!r} is revoked; give another edge with --edge or --central"
+            )
+        if e.federation != device.federation:
+            raise ConfigError(
+                f"edge {device.edge!r} serves federation {e.federation!r}, "
+                f"not {device.federation!r}"
+            )
+        return e.host, e.port
+
     def _issue(self, device_id: str, device: Device, out: Path, opts: AgentOptions) -> None:
+        host, port = self._endpoint(device)
         agg = self._aggregator(device.federation)
         key_dirs = self._devices_dirs(device.federation)
         _fresh_dir(out)
@@ -677,7 +710,7 @@ class Site:
             else:
                 remove_durably(tags_path)
 
-        broker: dict[str, tomlconf.TomlValue] = {"host": self.broker.host, "port": self.broker.port}
+        broker: dict[str, tomlconf.TomlValue] = {"host": host, "port": port}
         if device.identity == "password":
             password = self._set_password(device_id)
             write_file(out / B_PASSWORD, (password + "\n").encode(), mode=0o600)
@@ -765,6 +798,7 @@ class Site:
                 d.revoked_at,
                 d.cert_expires,
                 dict(d.tags),
+                d.edge,
             )
             for k, d in sorted(self.registry.devices.items())
         ]

@@ -1,0 +1,120 @@
+"""When the agent listens for version announcements: ``[training] fast_repeat_s`` and
+``announce_wait_s`` (defaults in fedmqtt.readiness), against a real Mosquitto. The SUBSCRIBE
+packets are counted by an MQTT-reading relay between the agent and the broker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mqtt_relay_support import MqttRelay
+from test_agent_helpers import (
+    FED,
+    AgentThread,
+    Device,
+    FakeAggregator,
+    make_device,
+    model_payload,
+    wait_until,
+)
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import AgentConfig, TrainingConfig
+from fedmqtt import readiness, topics
+from fedmqtt.errors import ConfigError
+from simulator.broker import Mosquitto
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def pair(broker: Mosquitto, tmp_path: Path) -> Iterator[tuple[Device, FakeAggregator]]:
+    """A device and the paho stand-in for its aggregator (checked for bad messages after)."""
+    device = make_device(tmp_path / "dev-1")
+    fake = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
+    yield device, fake
+    fake.close()
+
+
+def test_the_defaults_are_fedmqtts_and_negative_values_are_refused(tmp_path: Path) -> None:
+    device = make_device(tmp_path / "dev-1")
+    t = TrainingConfig()
+    assert t.announce_wait_s == readiness.ANNOUNCE_WAIT_S == 3.0
+    assert t.fast_repeat_s == readiness.FAST_REPEAT_S == 1.0
+    cfg = device.config(None, training={"announce_wait_s": 0.5, "fast_repeat_s": 0})
+    assert (cfg.training.announce_wait_s, cfg.training.fast_repeat_s) == (0.5, 0.0)
+    for option in ("announce_wait_s", "fast_repeat_s"):
+        with pytest.raises(ConfigError, match=rf"\[training\] {option}: must be >= 0"):
+            device.config(None, training={option: -1.0})
+
+
+def announce_subscribes(
+    broker: Mosquitto, pair: tuple[Device, FakeAggregator], **training: Any
+) -> tuple[int, int]:
+    """Eight versions, each published once the device trained on the one before (a device
+    that is ready again right after each round): (SUBSCRIBEs to the announcements, rounds)."""
+    device, aggregator = pair
+    relay = MqttRelay(broker.port)
+    raw = device.config_dict(None, relay.port, training=training)
+    agent = EdgeAgent(AgentConfig.from_dict(raw))
+    try:
+        runner = AgentThread(agent)
+        try:
+            for v in range(1, 9):
+                aggregator.publish_model(v)
+                wait_until(lambda v=v: v in {u.base_version for u in aggregator.received()})
+        finally:
+            runner.stop()
+        return relay.session(device.device_id).subscribed[topics.announce(FED)], len(
+            aggregator.received()
+        )
+    finally:
+        relay.close()
+
+
+def test_a_device_ready_again_at_once_stays_subscribed_to_the_announcements(
+    broker: Mosquitto, pair: tuple[Device, FakeAggregator]
+) -> None:
+    """Rounds of a few tens of ms and no interval: the device keeps its subscription through
+    fetches and rounds (one SUBSCRIBE after its first round), rather than a round trip
+    through the broker before every fetch."""
+    subscribes, rounds = announce_subscribes(broker, pair)
+    assert rounds == 8
+    assert subscribes <= 2, f"{subscribes} SUBSCRIBEs to the announcements for {rounds} rounds"
+
+
+def test_fast_repeat_s_zero_listens_only_while_ready(
+    broker: Mosquitto, pair: tuple[Device, FakeAggregator]
+) -> None:
+    subscribes, rounds = announce_subscribes(broker, pair, fast_repeat_s=0.0)
+    assert rounds == 8
+    assert subscribes >= 8, f"{subscribes} SUBSCRIBEs to the announcements for {rounds} rounds"
+
+
+def test_announce_wait_s_bounds_the_wait_before_a_repeated_round(
+    broker: Mosquitto, pair: tuple[Device, FakeAggregator]
+) -> None:
+    """No announcement on the broker (as on a node that lost its retained messages): the device
+    fetches the model (it has none), trains, and retrains it once ``announce_wait_s`` after
+    subscribing to the announcements has passed without one, not the default 3 s."""
+    device, aggregator = pair
+    aggregator.publish_spec()
+    aggregator.publish(topics.model(FED), model_payload(1, device.aggregator))
+    cfg = device.config(
+        broker,
+        training={"interval_s": 0.2, "max_updates_per_version": 0, "announce_wait_s": 0.2},
+    )
+    agent = EdgeAgent(cfg)
+    runner = AgentThread(agent)
+    try:
+        since = wait_until(lambda: agent.listening_since)
+        aggregator.wait_updates(2)
+        waited = time.monotonic() - since
+        assert agent.listening_since == since  # subscribed throughout (interval <= 1 s)
+    finally:
+        runner.stop()
+    assert [u.base_version for u in aggregator.received()[:2]] == [1, 1]
+    assert waited < 2.0, f"the repeated round came {waited:.1f} s after subscribing"
