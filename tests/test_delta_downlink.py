@@ -256,6 +256,9 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
         # Restart (broker up): the rebuilt v3 from keyframe.bin + global_delta.bin, no fetch.
         assert (device.state_dir / KEYFRAME_FILE).exists()
         assert (device.state_dir / DELTA_FILE).exists()
+        stored = kfm.load_newest(device.state_dir, signer.verifier(), SPECS)  # for inference
+        assert stored is not None and stored.version == 3
+        assert LAYOUT.flatten(stored.params).tobytes() == sent
         agent = EdgeAgent(device.config(broker))
         runner = AgentThread(agent)
         try:
