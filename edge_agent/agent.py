@@ -416,7 +416,11 @@ class EdgeAgent:
                 if fetched:
                     self._fetch_done()
             elif topic == self.topic_keyframe:
-                self._fetch_done(progress=self._accept_keyframe(payload))
+                held = self._accept_keyframe(payload)
+                if fetched:
+                    if not held:  # refused (counted): the full model instead
+                        self._delta_failed = self.announced
+                    self._fetch_done(progress=True)
             elif topics.delta_base(topic, self.federation) is not None:
                 if not fetched:  # a late delivery of an earlier fetch: not for this keyframe
                     self.log.debug("ignoring a delta on %s (not being fetched)", topic)
@@ -627,9 +631,9 @@ class EdgeAgent:
 
     def _fetch_done(self, *, progress: bool = False) -> None:
         """The fetch ended (a message arrived, or it timed out): unsubscribe; if it brought
-        nothing as new as announced and no step towards it (``progress``: a keyframe, or a
-        delta refused, after which the full model is fetched at once), wait before asking
-        again (doubling the wait)."""
+        nothing as new as announced and no step towards it (``progress``: a keyframe or a
+        delta arrived, usable or refused; after a refusal, or none within the timeout, the
+        full model is fetched at once), wait before asking again (doubling the wait)."""
         if self._fetching_since is None:
             return
         self._fetching_since = None

@@ -222,20 +222,28 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
     cfg = _cfg(tmp_path / "agg", "topk:0.1+zlib", keyframe_every=100, keyframe_fraction=1.0)
     fed = cfg.federation.id
     store = KeyframeStore(tmp_path / "kf", keep=3)
-    snaps = _walk(8)
+    snaps = _walk(10)
     agg = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
 
-    def release(version: int, *, delta: bytes | None = None) -> bytes:
-        """Publish ``version`` as the aggregator would (``delta`` in place of the delta from
-        keyframe v1); return the model it sends devices holding v1."""
-        rel = prepare(cfg, signer, store, snaps[version - 1])
+    def release(
+        version: int,
+        *,
+        delta: bytes | None = None,
+        conf: AggregatorConfig = cfg,
+        keyframes: tuple[int, ...] = (1,),
+        announce: bool = True,
+    ) -> bytes:
+        """Publish ``version`` as the aggregator would (``delta`` in place of the deltas);
+        return the model it sends devices holding the newest keyframe."""
+        rel = prepare(conf, signer, store, snaps[version - 1])
         agg.publish(topics.model(fed), rel.model)
         if rel.keyframe is not None:
             agg.publish(topics.keyframe(fed), rel.keyframe)
         for base, payload in rel.deltas.items():
             agg.publish(topics.delta(fed, base), delta if delta is not None else payload)
-        ann = wire.Announce(fed, "aggregator", version, SPEC.fingerprint(), 1.0, (1,))
-        agg.publish(topics.announce(fed), wire.encode(ann, signer))
+        ann = wire.Announce(fed, "aggregator", version, SPEC.fingerprint(), 1.0, keyframes)
+        if announce:
+            agg.publish(topics.announce(fed), wire.encode(ann, signer))
         return rel.sent.tobytes()
 
     try:
@@ -288,6 +296,17 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
             release(8, delta=b"")
             assert agg.wait_updates(5)[4].base_version == 8
             assert agent.rejected["delta/missing"] == 1
+            # v9 becomes a keyframe and v1 is no longer listed: the device fetches keyframe
+            # v9 (not announced: not trained on), then the delta from it to v10
+            rotate = _cfg(
+                tmp_path / "agg2", "topk:0.1+zlib", keyframe_every=8, keyframe_fraction=1.0
+            )
+            release(9, conf=rotate, announce=False)
+            sent10 = release(10, conf=rotate, keyframes=(9,))
+            assert agg.wait_updates(6)[5].base_version == 10
+            assert agent.keyframe is not None and agent.keyframe.version == 9
+            assert LAYOUT.flatten(agent.model.params).tobytes() == sent10
+            assert agent.received["keyframe"] == 1
         finally:
             runner.stop()
     finally:
