@@ -264,7 +264,7 @@ def test_device_publishes_its_own_update_to_its_own_aggregator(site: Site, devic
 # --------------------------------------------------------------------------- devices
 
 
-@pytest.mark.parametrize("kind", ["model", "model/onnx", "keyframe", "delta/3", "plan"])
+@pytest.mark.parametrize("kind", ["model", "model/onnx", "delta/3", "plan"])
 @pytest.mark.parametrize("device", ["a1", "b1"])
 def test_device_receives_no_retained_message_of_the_other_federation(
     site: Site, device: str, kind: str
@@ -306,7 +306,6 @@ def test_device_receives_no_live_message_of_the_other_federation(site: Site, dev
         "fl/{other}/status/{device}",
         "fl/{other}/model",
         "fl/{other}/model/onnx",
-        "fl/{other}/keyframe",
         "fl/{other}/delta/3",
         "fl/{other}/plan",
         "fl/{other}/metrics",
