@@ -29,7 +29,7 @@ from fedmqtt.mqttconf import read_connection
 from fedmqtt.privacy.config import PrivacyConfig, check_central, read_privacy
 from fedmqtt.tomltable import Table, read_toml
 from fedmqtt.topics import PUBLIC_SHARED_GROUP, check_id
-from fedmqtt.wire import PLAN_BATCH_SIZE, PLAN_EPOCHS, PlanSettings
+from fedmqtt.wire import MAX_KEYFRAMES, PLAN_BATCH_SIZE, PLAN_EPOCHS, PlanSettings
 
 __all__ = [
     "AggregatorConfig",
@@ -136,9 +136,16 @@ DOWNLINK_CODECS: Final = ("raw", "fp16", "int8")  # codecs of a full model (topk
 
 @dataclass(frozen=True)
 class DownlinkConfig:
-    """``[downlink]``: the codec of the published model's parameters (aggregator.publish)."""
+    """``[downlink]``: the codec of the published model's parameters (aggregator.publish),
+    and the delta downlink (aggregator.keyframes): ``delta`` is the codec of deltas from a
+    keyframe ("" = none), ``keyframes`` how many keyframes are kept, ``keyframe_every`` and
+    ``keyframe_fraction`` when a version becomes a keyframe."""
 
     codec: str = "int8"
+    delta: str = ""
+    keyframes: int = 3
+    keyframe_every: int = 20
+    keyframe_fraction: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -533,7 +540,20 @@ def _downlink(t: Table) -> DownlinkConfig:
         raise t.error("codec", str(e)) from None
     if parsed.name not in DOWNLINK_CODECS:
         raise t.error("codec", f"a model is sent whole: one of {', '.join(DOWNLINK_CODECS)}")
-    return DownlinkConfig(codec=str(parsed))
+    d = DownlinkConfig()
+    delta = t.opt_text("delta") or ""
+    if delta:
+        try:
+            delta = str(Codec.parse(delta))
+        except ConfigError as e:
+            raise t.error("delta", str(e)) from None
+    return DownlinkConfig(
+        codec=str(parsed),
+        delta=delta,
+        keyframes=t.integer("keyframes", d.keyframes, lo=1, hi=MAX_KEYFRAMES),
+        keyframe_every=t.integer("keyframe_every", d.keyframe_every, lo=1),
+        keyframe_fraction=t.number("keyframe_fraction", d.keyframe_fraction, lo=0.0, hi=1.0),
+    )
 
 
 def _metrics(t: Table) -> MetricsConfig:

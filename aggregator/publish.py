@@ -65,7 +65,10 @@ def encode_model(
     return encoded, decode_params(encoded, layout)
 
 
-def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
+def model_message(
+    cfg: AggregatorConfig, snap: Snapshot, *, keyframe: bool = False
+) -> tuple[wire.GlobalModel, F32]:
+    """The model message of ``snap`` and the parameters devices decode from it."""
     encoded, flat = downlink_params(cfg, snap)
     msg = wire.GlobalModel(
         federation=cfg.federation.id,
@@ -76,8 +79,13 @@ def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> byte
         stats=snap.stats,
         created_at=snap.created_at,
         encoded=encoded,
+        keyframe=keyframe,
     )
-    return wire.encode(msg, signer)
+    return msg, flat
+
+
+def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
+    return wire.encode(model_message(cfg, snap)[0], signer)
 
 
 def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:

@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Snapshot
 from aggregator.evaluate import Holdout, evaluate, metric_name
+from aggregator.keyframes import DeltaPublisher
 from aggregator.metrics import Metrics
 from aggregator.mqtt import MqttLink
 from aggregator.publish import (
@@ -32,7 +33,7 @@ from aggregator.publish import (
     spec_payload,
 )
 from fedmqtt import topics
-from fedmqtt.params import Layout
+from fedmqtt.params import F32, Layout
 from fedmqtt.signing import Ed25519Signer
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Publisher:
         self._onnx_payload: bytes | None = None  # the last export published, for republishing
         self._onnx_disabled = False
         self._eval_lock = threading.Lock()
-        self._eval_next: Snapshot | None = None
+        self._eval_next: tuple[Snapshot, F32 | None] | None = None
         self._eval_running = False
         # Rollout hooks (aggregator.rollback.RolloutControl): each newly published version,
         # each evaluation (version, score, metric; on the evaluation thread). ``gated``: the
@@ -79,6 +80,9 @@ class Publisher:
         self.on_scored: Callable[[int, float, str], None] | None = None
         self.gated = False
         self._releases: set[asyncio.Task[None]] = set()
+        self.deltas = (
+            DeltaPublisher(cfg, signer, pub_x, upto=latest.version) if cfg.downlink.delta else None
+        )
 
     def offer(self, snap: Snapshot, *, new_version: bool) -> None:
         """``snap`` is durable and the newest; with ``new_version``, publish it when the link
@@ -120,11 +124,15 @@ class Publisher:
                 if not await link.publish(topics.plan(fed), plan, retain=True):
                     self._republish = True
             if republish or snap.version > self.published_version:
-                payload = await loop.run_in_executor(
-                    self._pub_x, model_payload, cfg, self.signer, snap
-                )
-                published = await link.publish(topics.model(fed), payload, retain=True)
-                if published:
+                sent: F32 | None = None
+                if self.deltas is not None:  # [downlink] delta (aggregator.keyframes)
+                    published, sent = await self.deltas.publish(link, snap, republish=republish)
+                else:
+                    payload = await loop.run_in_executor(
+                        self._pub_x, model_payload, cfg, self.signer, snap
+                    )
+                    published = await link.publish(topics.model(fed), payload, retain=True)
+                if published and self.deltas is None:
                     # After the model: a device that reads the announcement finds it retained.
                     ann = await loop.run_in_executor(
                         self._pub_x, announce_payload, cfg, self.signer, snap
@@ -132,7 +140,7 @@ class Publisher:
                     published = await link.publish(topics.announce(fed), ann, retain=True)
                 if published:
                     if snap.version > self.published_version:
-                        self.evaluate_soon(snap)
+                        self.evaluate_soon(snap, sent)
                         if self.on_published is not None:
                             self.on_published(snap)
                     self.published_version = max(self.published_version, snap.version)
@@ -188,13 +196,14 @@ class Publisher:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    def evaluate_soon(self, snap: Snapshot | None) -> None:
-        """Score ``snap`` on the holdout in the evaluation thread; while one evaluation runs,
-        only the newest version asked for since is kept (a slow holdout never queues up)."""
+    def evaluate_soon(self, snap: Snapshot | None, sent: F32 | None = None) -> None:
+        """Score ``snap`` on the holdout in the evaluation thread (as ``sent``, the model
+        devices hold, when given); while one evaluation runs, only the newest version asked for
+        since is kept (a slow holdout never queues up)."""
         if self.holdout is None or snap is None:
             return
         with self._eval_lock:
-            pending, self._eval_next = self._eval_next, snap
+            pending, self._eval_next = self._eval_next, (snap, sent)
             if pending is not None or self._eval_running:
                 return
             self._eval_running = True
@@ -206,13 +215,15 @@ class Publisher:
         assert holdout is not None
         while True:
             with self._eval_lock:
-                snap, self._eval_next = self._eval_next, None
-                if snap is None:
+                item, self._eval_next = self._eval_next, None
+                if item is None:
                     self._eval_running = False
                     return
+            snap, sent = item
             try:
                 # The model as devices decode it (the [downlink] codec), not the float32 one.
-                _, sent = downlink_params(self.cfg, snap)
+                if sent is None:
+                    _, sent = downlink_params(self.cfg, snap)
                 score = evaluate(self.cfg.spec, self.layout, sent, holdout)
             except Exception:
                 log.exception("evaluation of version %d failed", snap.version)

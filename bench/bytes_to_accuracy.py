@@ -1,8 +1,10 @@
 """Bytes to accuracy in both directions, per codec, against a synchronous FedAvg baseline.
 
 digits, 20 agents, Dirichlet(0.5), FedBuff; one simulation per codec pair ``UP/DOWN`` (the
-devices' update codec, the aggregator's ``[downlink]`` model codec) with the same seed,
-stopping when the target accuracy is first reached. Uploaded bytes are the update payloads the
+devices' update codec, the aggregator's ``[downlink]`` model codec) or triple
+``UP/DOWN/DELTA`` (also the ``[downlink] delta`` codec: versions sent as deltas from a
+keyframe, ``--keyframe-every``) with the same seed, stopping when the target accuracy is first
+reached. Uploaded bytes are the update payloads the
 aggregator received; downloaded bytes are every payload the devices' MQTT clients received
 (model, plan, spec, announcements, ONNX), counted at the devices. Both are MQTT payloads
 (our msgpack messages with their signature headers), without the MQTT packet headers.
@@ -25,9 +27,11 @@ last evaluation and the mean over the last quarter of the run (a run stops at th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +54,8 @@ CODECS = (
     "int8/int8+zlib",
     "topk:0.1/int8",
     "topk:0.01+zlib/int8",
+    "int8/int8/int8",
+    "topk:0.1/int8/topk:0.1+zlib",
 )
 
 
@@ -137,6 +143,12 @@ def main() -> int:
         "--codecs", default=",".join(CODECS), help="UP or UP/DOWN codec pairs, comma-separated"
     )
     ap.add_argument("--no-stop", action="store_true", help="run each pair for --duration")
+    ap.add_argument("--keyframe-every", type=int, default=20, help="[downlink] keyframe_every")
+    ap.add_argument("--keyframes", type=int, default=3, help="[downlink] keyframes")
+    ap.add_argument(
+        "--keyframe-fraction", type=float, default=0.8, help="[downlink] keyframe_fraction"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write every run's summary here")
     args = ap.parse_args()
     hidden = tuple(int(w) for w in args.hidden.split(","))
     base_cfg = SimConfig(
@@ -160,13 +172,40 @@ def main() -> int:
         file=sys.stderr,
     )
     rows: list[tuple[str, dict[str, Any]]] = []
+    keyframes = {
+        "keyframe_every": args.keyframe_every,
+        "keyframes": args.keyframes,
+        "keyframe_fraction": args.keyframe_fraction,
+    }
     for pair in args.codecs.split(","):
-        up, _, down = pair.partition("/")
-        s = run(replace(base_cfg, codec=up, downlink_codec=down or None))
+        up, _, rest = pair.partition("/")
+        down, _, delta = rest.partition("/")
+        s = run(
+            replace(
+                base_cfg,
+                codec=up,
+                downlink_codec=down or None,
+                downlink_delta=delta or None,
+                downlink_extra=keyframes if delta else {},
+            )
+        )
         rows.append((pair, s))
         print(
             f"{pair}: {s['bytes_uploaded_to_target']} up + {s['bytes_downloaded_to_target']} down",
             file=sys.stderr,
+        )
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"json": str(args.json)},
+                    "baseline": asdict(baseline) | {"bytes_to_target": baseline.bytes_to_target},
+                    "runs": {
+                        pair: {k: v for k, v in s.items() if k != "history"} for pair, s in rows
+                    },
+                },
+                indent=1,
+            )
         )
     print(f"machine: {machine()}")
     print(

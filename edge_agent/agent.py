@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
+from edge_agent import keyframe as kfm
 from edge_agent import state as st
 from edge_agent.config import AgentConfig
 from edge_agent.data import DataError, load_data
@@ -90,6 +91,9 @@ _TICK_S: Final = 0.5  # how often run() looks at the stop event when idle
 _STATUS_EVERY_S: Final = 30.0
 _INBOX_MAX: Final = 64
 _FETCH_TIMEOUT_S: Final = 15.0  # a fetch that brought no model by then is given up
+# ... and a fetch of a delta or keyframe by then (it is retained and listed in the
+# announcement, so it arrives right after the SUBACK unless its topic was just cleared)
+_DELTA_TIMEOUT_S: Final = 3.0
 _FETCH_RETRY_S: Final = 5.0  # first wait after a fetch that brought nothing newer ...
 _FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer announcement
 # Announcements (and the ONNX export) are received at QoS 0, which nothing retransmits: a ready
@@ -173,6 +177,7 @@ class EdgeAgent:
         self.topic_onnx = topics.model_onnx(fed)
         self.topic_spec = topics.spec(fed)
         self.topic_announce = topics.announce(fed)
+        self.topic_keyframe = topics.keyframe(fed)
         self.topic_updates = topics.updates(fed, self.device_id)
         self.topic_status = topics.status(fed, self.device_id)
         self.topic_eval = topics.eval_report(fed, self.device_id)
@@ -205,6 +210,13 @@ class EdgeAgent:
         self.listening_since: float | None = None  # monotonic; subscribed to announcements
         self._heard = False  # an announcement arrived since subscribing to them
         self._last_round_s: float | None = None  # how long the last finished round took
+        # The delta downlink (edge_agent.keyframe): the keyframe held, the keyframes with a
+        # delta to the newest announced version, the version whose delta failed last, and
+        # the topic of the fetch under way.
+        self.keyframe: kfm.Held | None = None
+        self.announced_keyframes: tuple[int, ...] = ()
+        self._delta_failed: int | None = None
+        self._fetch_topic = self.topic_model
         self.plan: wire.Plan | None = None
         self.onnx_version: int | None = None
         self.state = st.AgentState()
@@ -263,7 +275,7 @@ class EdgeAgent:
                 status_topic=self.topic_status,
                 status_payload=self._status_payload,
                 subscriptions=self._subscriptions(),
-                on_demand=[self.topic_model, self.topic_announce],
+                on_demand=self._on_demand(),
                 on_message=self._on_link_message,
                 password=self._password,
                 retry_s=self.config.outbox.retry_s,
@@ -323,7 +335,9 @@ class EdgeAgent:
                 self._accept_spec(path.read_bytes(), from_disk=True)
         for name, handler in (
             (st.PLAN_FILE, self._accept_plan),
+            (st.KEYFRAME_FILE, self._accept_model),  # the newest of these three is used
             (st.GLOBAL_MODEL_FILE, self._accept_model),
+            (st.DELTA_FILE, self._accept_delta),
             (st.ONNX_MODEL_FILE, self._accept_onnx),
         ):
             path = self.state_dir / name
@@ -333,6 +347,12 @@ class EdgeAgent:
                 continue
             handler(payload, from_disk=True)
         self._load_feedback()
+
+    def _on_demand(self) -> list[str]:
+        """The topics subscribed only to fetch or watch (dropped from a persistent session
+        after each connection otherwise): the delta topic of the keyframe held at start."""
+        held = [topics.delta(self.federation, self.keyframe.version)] if self.keyframe else []
+        return [self.topic_model, self.topic_announce, self.topic_keyframe, *held]
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         # The plan and the spec first: on (re)subscribe the broker sends retained messages in
@@ -408,6 +428,10 @@ class EdgeAgent:
             return "spec"
         if topic == self.topic_announce:
             return "announce"
+        if topic == self.topic_keyframe:
+            return "keyframe"
+        if topics.delta_base(topic, self.federation) is not None:
+            return "delta"
         return "other"
 
     @property
@@ -417,9 +441,24 @@ class EdgeAgent:
 
     def _drain_inbox(self) -> None:
         for topic, payload in self._inbox.take_all():
+            fetched = topic == self._fetch_topic and self._fetching_since is not None
             if topic == self.topic_model:
                 self._accept_model(payload)
-                self._fetch_done()
+                if fetched:
+                    self._fetch_done()
+            elif topic == self.topic_keyframe:
+                held = self._accept_keyframe(payload)
+                if fetched:
+                    if not held:  # refused (counted): the full model instead
+                        self._delta_failed = self.announced
+                    self._fetch_done(progress=True)
+            elif topics.delta_base(topic, self.federation) is not None:
+                if not fetched:  # a late delivery of an earlier fetch: not for this keyframe
+                    self.log.debug("ignoring a delta on %s (not being fetched)", topic)
+                    continue
+                if not self._accept_delta(payload):
+                    self._delta_failed = self.announced  # fetch the full model instead
+                self._fetch_done(progress=True)
             elif topic == self.topic_announce:
                 self._accept_announce(payload)
             elif topic == self.topic_plan:
@@ -440,7 +479,7 @@ class EdgeAgent:
         try:
             msg = wire.decode(payload, cls, self._verifier, specs=self.specs)
         except DecodeError as e:
-            if e.reason == UNKNOWN_SPEC and not from_disk:
+            if e.reason == UNKNOWN_SPEC and not from_disk and kind == "model":
                 # Signed by the aggregator, so the spec exists: ask the broker for it again and
                 # try this model once it has arrived.
                 self._unresolved = payload
@@ -462,18 +501,67 @@ class EdgeAgent:
         msg: wire.GlobalModel | None = self._verified("model", payload, wire.GlobalModel, from_disk)
         if msg is None:
             return
+        if msg.keyframe:  # stored as the keyframe, which is also the model until a newer one
+            self._hold_keyframe(msg, payload, from_disk)
+        self._install(msg, None if msg.keyframe else (st.GLOBAL_MODEL_FILE, payload), from_disk)
+
+    def _hold_keyframe(self, msg: wire.GlobalModel, payload: bytes, from_disk: bool) -> None:
+        if self.keyframe is not None and msg.version <= self.keyframe.version:
+            return
+        self.keyframe = kfm.Held.of(msg)
+        if not from_disk:
+            self._store_payload(st.KEYFRAME_FILE, payload)
+
+    def _accept_keyframe(self, payload: bytes) -> bool:
+        """A keyframe fetched to rebuild deltas from; whether it is held now."""
+        msg: wire.GlobalModel | None = self._verified("keyframe", payload, wire.GlobalModel, False)
+        if msg is None:
+            return False
+        if not msg.keyframe:
+            self._reject("keyframe", "schema", f"v{msg.version} is not flagged as a keyframe")
+            return False
+        self._hold_keyframe(msg, payload, False)
+        if self.announced is None or msg.version >= self.announced:
+            self._install(msg, None, False)  # the announced version itself: train on it
+        return self.keyframe is not None and self.keyframe.version == msg.version
+
+    def _accept_delta(self, payload: bytes, *, from_disk: bool = False) -> bool:
+        """A delta from the keyframe held: install the model it rebuilds; whether it did
+        (from the state directory, a delta that no longer applies is passed over quietly)."""
+        if not payload and not from_disk:  # a cleared retained delta: its keyframe was dropped
+            self._reject("delta", kfm.MISSING, "no delta retained for the keyframe held")
+            return False
+        msg: wire.ModelDelta | None = self._verified("delta", payload, wire.ModelDelta, from_disk)
+        if msg is None:
+            return False
+        try:
+            if self.keyframe is None:
+                raise kfm.DeltaMismatchError(kfm.BASE, f"delta from v{msg.base}, no keyframe held")
+            model = kfm.rebuild(self.keyframe, msg)
+        except kfm.DeltaMismatchError as e:
+            if not from_disk:
+                self._reject("delta", e.reason, e.detail)
+            return False
+        return self._install(model, (st.DELTA_FILE, payload), from_disk)
+
+    def _install(
+        self, msg: wire.GlobalModel, store: tuple[str, bytes] | None, from_disk: bool
+    ) -> bool:
+        """Train on ``msg`` from now on if it is newer than the model held (storing
+        ``store``, a file name and payload, unless read from the state directory)."""
         cur = self.model
         if cur is not None and msg.version <= cur.version:
-            if msg.version < cur.version:
+            if msg.version < cur.version and not from_disk:
                 self._reject("model", OLD_VERSION, f"v{msg.version} is older than v{cur.version}")
-            return
+            return False
         if cur is not None and cur.spec != msg.spec:
             self.log.info("model architecture changed with v%d", msg.version)
         self.model = msg
         self._retry_at = 0.0  # a new version deserves a round now, even after a failure
         self._fetched_untrained = not from_disk
         if not from_disk:
-            self._store_payload(st.GLOBAL_MODEL_FILE, payload)
+            if store is not None:
+                self._store_payload(*store)
             self._prune_specs()
         if self.log.isEnabledFor(logging.INFO):  # the parameter count costs a layout
             self.log.info(
@@ -484,6 +572,7 @@ class EdgeAgent:
                 " from the state directory" if from_disk else "",
             )
         self._update_status()
+        return True
 
     def _accept_announce(self, payload: bytes) -> None:
         msg: wire.Announce | None = self._verified("announce", payload, wire.Announce, False)
@@ -496,6 +585,8 @@ class EdgeAgent:
             self._reject("announce", OLD_VERSION, f"v{msg.version} is older than v{known}")
             return
         self._heard = True
+        if self.announced is None or msg.version >= self.announced:
+            self.announced_keyframes = msg.keyframes
         if self.announced is None or msg.version > self.announced:
             self.announced = msg.version
             # A newer version: the retained model has changed, so an earlier fetch that brought
@@ -556,7 +647,8 @@ class EdgeAgent:
     def _fetch_if_ready(self) -> None:
         link = self.link
         if self._fetching_since is not None:
-            timed_out = time.monotonic() - self._fetching_since > _FETCH_TIMEOUT_S
+            limit = _FETCH_TIMEOUT_S if self._fetch_topic == self.topic_model else _DELTA_TIMEOUT_S
+            timed_out = time.monotonic() - self._fetching_since > limit
             if timed_out or link is None or not link.connected:
                 self.log.info("model fetch %s", "timed out" if timed_out else "cut short")
                 self._fetch_done()
@@ -565,18 +657,35 @@ class EdgeAgent:
             self._listen(self._fast_repeat())
             self._fetching_since = time.monotonic()
             self.fetches += 1
-            link.fetch(self.topic_model)
+            self._fetch_topic = kfm.choose(
+                self.federation,
+                announced=self.announced,
+                keyframes=self.announced_keyframes,
+                held=self.keyframe,
+                failed=self._delta_failed,
+            )
+            link.fetch(self._fetch_topic)
 
-    def _fetch_done(self) -> None:
-        """The fetch ended (a model arrived, or it timed out): unsubscribe; if it brought
-        nothing as new as announced, wait before asking again (doubling the wait)."""
+    def _fetch_done(self, *, progress: bool = False) -> None:
+        """The fetch ended (a message arrived, or it timed out): unsubscribe; if it brought
+        nothing as new as announced and no step towards it (``progress``: a keyframe or a
+        delta arrived, usable or refused; after a refusal, or none within the timeout, the
+        full model is fetched at once), wait before asking again (doubling the wait)."""
         if self._fetching_since is None:
             return
         self._fetching_since = None
+        topic = self._fetch_topic
         if self.link is not None:
-            self.link.release(self.topic_model)
+            self.link.release(topic)
         current = self.current_version
-        if current is None or (self.announced is not None and current < self.announced):
+        if topic != self.topic_model and not progress:
+            kind = "keyframe" if topic == self.topic_keyframe else "delta"
+            self._reject(kind, kfm.MISSING, f"nothing usable on {topic}; fetching the model")
+            self._delta_failed = self.announced  # the full model next
+            progress = True
+        if progress:
+            self._fetch_backoff = _FETCH_RETRY_S
+        elif current is None or (self.announced is not None and current < self.announced):
             self._fetch_not_before = time.monotonic() + self._fetch_backoff
             self._fetch_backoff = min(self._fetch_backoff * 2, _FETCH_RETRY_MAX_S)
         else:

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from edge_agent import state as st
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.data import load_data
+from edge_agent.keyframe import load_newest
 from edge_agent.mqtt import make_client
 from fedmqtt import wire
 from fedmqtt.errors import FedMQTTError
@@ -121,14 +122,11 @@ def _state_dir(cfg: AgentConfig, verifier: Ed25519Verifier | None) -> str:
 
 
 def _saved_model(cfg: AgentConfig, verifier: Ed25519Verifier | None) -> wire.GlobalModel | None:
-    path = cfg.device.state_dir / st.GLOBAL_MODEL_FILE
-    if verifier is None or not path.exists():
+    """The newest verified model stored (full, keyframe, or keyframe plus delta)."""
+    if verifier is None:
         return None
-    try:
-        specs = st.stored_specs(cfg.device.state_dir, verifier)
-        return wire.decode(path.read_bytes(), wire.GlobalModel, verifier, specs=specs)
-    except FedMQTTError:
-        return None
+    d = cfg.device.state_dir
+    return load_newest(d, verifier, st.stored_specs(d, verifier))
 
 
 def _data(cfg: AgentConfig, verifier: Ed25519Verifier | None) -> str:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.keyframe import load_newest
 from edge_agent.state import stored_specs
 from fedmqtt import wire
 from fedmqtt.errors import ConfigError, DecodeError, FedMQTTError
@@ -196,6 +197,9 @@ class Predictor:
         global_msg = _load_signed(
             state_dir / GLOBAL_MODEL_FILE, wire.GlobalModel, verifier, federation, specs
         )
+        rebuilt = load_newest(state_dir, verifier, specs, federation)  # keyframe and delta
+        if rebuilt is not None and (global_msg is None or rebuilt.version > global_msg.version):
+            global_msg = rebuilt
         if onnx_msg is None and global_msg is None:
             raise PredictorError(
                 f"no model in {state_dir}: neither {ONNX_MODEL_FILE} nor {GLOBAL_MODEL_FILE} "

@@ -7,6 +7,9 @@ Layout (see docs/contracts.md and docs/agent.md)::
                          would hand out the same seq and interleave outbox files
       agent.json         AgentState below (atomic JSON)
       global_model.bin   last verified GlobalModel payload, exactly as received (signed)
+      keyframe.bin       last verified keyframe (a GlobalModel flagged keyframe, signed)
+      global_delta.bin   last verified ModelDelta from that keyframe (signed): with it, the
+                         model trained on when it is newer than global_model.bin
       spec-<fp>.bin      verified SpecMessage payloads, by fingerprint: the spec of the stored
                          model and the newest one published (a model names its spec by
                          fingerprint, so it is only usable with its spec)
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "agent.json"
 GLOBAL_MODEL_FILE: Final = "global_model.bin"
+KEYFRAME_FILE: Final = "keyframe.bin"
+DELTA_FILE: Final = "global_delta.bin"
 PLAN_FILE: Final = "plan.bin"
 ONNX_MODEL_FILE: Final = "model.onnx.bin"
 FEEDBACK_FILE: Final = "feedback.bin"

@@ -4,6 +4,9 @@
 fl/<fed>/updates/<device>   device -> aggregator, QoS 1, never retained
 fl/<fed>/model              aggregator -> devices, QoS 1, retained, signed; fetched on demand
 fl/<fed>/announce           aggregator -> devices, QoS 1, retained, signed: the newest version
+fl/<fed>/keyframe           aggregator -> devices, QoS 1, retained, signed: the newest keyframe
+fl/<fed>/delta/<K>          aggregator -> devices, QoS 1, retained, signed: newest version as
+                            a delta from keyframe version K; fetched on demand
 fl/<fed>/spec               aggregator -> devices, QoS 1, retained, signed: the model spec
 fl/<fed>/model/onnx         aggregator -> devices, QoS 1, retained, signed
 fl/<fed>/plan               aggregator -> devices, QoS 1, retained, signed
@@ -79,6 +82,28 @@ def model(fed: str) -> str:
 
 def announce(fed: str) -> str:
     return f"{PREFIX}/{fed}/announce"
+
+
+def keyframe(fed: str) -> str:
+    return f"{PREFIX}/{fed}/keyframe"
+
+
+def delta(fed: str, base: int) -> str:
+    """The delta from keyframe version ``base`` to the newest version."""
+    return f"{PREFIX}/{fed}/delta/{int(base)}"
+
+
+def delta_filter(fed: str) -> str:
+    return f"{PREFIX}/{fed}/delta/+"
+
+
+def delta_base(topic: str, fed: str) -> int | None:
+    """The keyframe version of ``fl/<fed>/delta/<K>``, else None."""
+    head = f"{PREFIX}/{fed}/delta/"
+    rest = topic.removeprefix(head)
+    if rest == topic or not rest.isascii() or not rest.isdigit() or len(rest) > 18:
+        return None
+    return int(rest)
 
 
 def spec(fed: str) -> str:

@@ -3,8 +3,8 @@
 A message is a msgpack *stream of two objects*::
 
     header = {"v": 1, "alg": "chacha20-poly1305" | "hmac-sha256" | "ed25519", "sig": bin}
-    body   = {"v": 1 | 2, "type": "update" | "model" | "spec" | "announce" | "plan" | "status"
-              | "onnx", "federation": str, "sender": str, ...type-specific fields}
+    body   = {"v": 1 | 2, "type": "update" | "model" | "delta" | "spec" | "announce" | "plan"
+              | "status" | "onnx", "federation": str, "sender": str, ...type-specific fields}
 
 The body's ``v`` is the schema of its type: every type is at v1 except the model, at v2 (its
 ``spec`` is the fingerprint of a separately published :class:`SpecMessage` instead of the spec
@@ -35,7 +35,7 @@ import numpy as np
 from fedmqtt.cohort import EVERYONE, Selection
 from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, UNKNOWN_SPEC, DecodeError
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.params import Params
+from fedmqtt.params import F32, Params
 from fedmqtt.signing import Signer, Verifier
 
 VERSION: Final = 1  # the header's schema, and the body schema of every type but the model
@@ -48,6 +48,7 @@ _MAX_HEADER_BYTES: Final = 512
 MAX_STR_BYTES: Final = 1 << 20
 MAX_ARRAY_LEN: Final = 1 << 16
 MAX_MAP_LEN: Final = 1 << 12
+MAX_KEYFRAMES: Final = 64  # the most keyframes an announcement may list
 T = TypeVar("T")
 
 
@@ -341,11 +342,12 @@ class GlobalModel:
     stats: dict[str, float] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     encoded: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    keyframe: bool = False  # the aggregator keeps it as a base of deltas (ModelDelta)
 
     def to_body(self) -> dict[str, Any]:
         from fedmqtt.codecs import Codec, encode_params
 
-        return {
+        body: dict[str, Any] = {
             "v": MODEL_VERSION,
             "type": "model",
             "federation": self.federation,
@@ -358,6 +360,9 @@ class GlobalModel:
             if self.encoded is not None
             else encode_params(self.params, Codec("raw"), rng=np.random.default_rng(0)),
         }
+        if self.keyframe:  # absent otherwise: a model that is no keyframe is unchanged
+            body["keyframe"] = True
+        return body
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any], specs: SpecStore | None = None) -> GlobalModel:
@@ -367,11 +372,7 @@ class GlobalModel:
         if m["v"] == 1:
             spec = ModelSpec.from_wire(field_of(m, "spec", dict))
         else:
-            fp = field_of(m, "spec", str)
-            found = specs.get(fp) if specs is not None else None
-            if found is None:
-                raise DecodeError(UNKNOWN_SPEC, f"spec {fp} is not one this receiver holds")
-            spec = found
+            spec = _resolve_spec(m, specs)
         layout = spec.layout()
         flat = decode_params(field_of(m, "params", dict), layout)
         return cls(
@@ -381,6 +382,86 @@ class GlobalModel:
             spec=spec,
             params=layout.unflatten(flat, copy=False),
             stats=_float_map(m, "stats"),
+            created_at=_number(m, "created_at"),
+            keyframe=m.get("keyframe") is True,
+        )
+
+
+def _resolve_spec(m: Mapping[str, Any], specs: SpecStore | None) -> ModelSpec:
+    fp = field_of(m, "spec", str)
+    found = specs.get(fp) if specs is not None else None
+    if found is None:
+        raise DecodeError(UNKNOWN_SPEC, f"spec {fp} is not one this receiver holds")
+    return found
+
+
+@dataclass(frozen=True)
+class ModelDelta:
+    """Version ``version`` as a compressed difference from keyframe ``base`` (a version
+    published in full with ``keyframe`` set), signed by the aggregator; retained on
+    ``fl/<fed>/delta/<base>`` (fedmqtt.downlink).
+
+    ``delta`` is the decoded difference (flat, layout order); a receiver holding the keyframe's
+    parameters ``K`` with ``digest(K) == base_digest`` gets the model
+    ``downlink.apply_delta(K, delta)``, whose digest must equal ``digest``. The wire maps of
+    ``delta`` are passed as ``encoded`` by the sender (any codec of fedmqtt.codecs).
+    """
+
+    federation: str
+    sender: str
+    version: int
+    base: int
+    spec: ModelSpec
+    base_digest: str  # hex; 16 bytes on the wire
+    digest: str
+    delta: F32
+    created_at: float = field(default_factory=time.time)
+    encoded: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def to_body(self) -> dict[str, Any]:
+        from fedmqtt.codecs import Codec, encode_params
+
+        params = self.encoded
+        if params is None:
+            layout = self.spec.layout()
+            params = encode_params(
+                layout.unflatten(self.delta, copy=False), Codec("raw"), rng=np.random.default_rng(0)
+            )
+        return {
+            "v": VERSION,
+            "type": "delta",
+            "federation": self.federation,
+            "sender": self.sender,
+            "version": self.version,
+            "base": self.base,
+            "spec": self.spec.fingerprint(),
+            "base_digest": bytes.fromhex(self.base_digest),
+            "digest": bytes.fromhex(self.digest),
+            "created_at": self.created_at,
+            "params": params,
+        }
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any], specs: SpecStore | None = None) -> ModelDelta:
+        from fedmqtt.codecs import decode_params
+
+        fed, sender = _common(m, "delta")
+        version, base = _nonneg_int(m, "version"), _nonneg_int(m, "base")
+        if base >= version:
+            raise DecodeError(SCHEMA, f"delta from v{base} to v{version} does not go forward")
+        digests = [field_of(m, k, bytes).hex() for k in ("base_digest", "digest")]
+        if any(len(d) != 32 for d in digests):
+            raise DecodeError(SCHEMA, "digests must be 16 bytes")
+        spec = _resolve_spec(m, specs)
+        return cls(
+            federation=fed,
+            sender=sender,
+            version=version,
+            base=base,
+            spec=spec,
+            base_digest=digests[0],
+            digest=digests[1],
+            delta=decode_params(field_of(m, "params", dict), spec.layout()),
             created_at=_number(m, "created_at"),
         )
 
@@ -431,9 +512,12 @@ class Announce:
     version: int
     spec_fingerprint: str
     created_at: float = field(default_factory=time.time)
+    # Keyframes with a delta to ``version`` on fl/<fed>/delta/<keyframe> (ModelDelta); the
+    # field is absent when there are none, so an announcement without deltas is unchanged.
+    keyframes: tuple[int, ...] = ()
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "v": VERSION,
             "type": "announce",
             "federation": self.federation,
@@ -442,16 +526,28 @@ class Announce:
             "spec": self.spec_fingerprint,
             "created_at": self.created_at,
         }
+        if self.keyframes:
+            body["keyframes"] = list(self.keyframes)
+        return body
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any]) -> Announce:
         fed, sender = _common(m, "announce")
+        version = _nonneg_int(m, "version")
+        kf = m.get("keyframes", [])
+        if (
+            not isinstance(kf, list)
+            or len(kf) > MAX_KEYFRAMES
+            or not all(type(k) is int and 0 <= k <= version for k in kf)
+        ):
+            raise DecodeError(SCHEMA, f"keyframes must be at most {MAX_KEYFRAMES} versions <= v")
         return cls(
             fed,
             sender,
-            _nonneg_int(m, "version"),
+            version,
             field_of(m, "spec", str),
             _number(m, "created_at"),
+            tuple(kf),
         )
 
 
@@ -600,8 +696,8 @@ class OnnxModel:
         )
 
 
-Message = Update | GlobalModel | SpecMessage | Announce | Plan | Status | OnnxModel
-M = TypeVar("M", Update, GlobalModel, SpecMessage, Announce, Plan, Status, OnnxModel)
+Message = Update | GlobalModel | ModelDelta | SpecMessage | Announce | Plan | Status | OnnxModel
+M = TypeVar("M", Update, GlobalModel, ModelDelta, SpecMessage, Announce, Plan, Status, OnnxModel)
 
 
 def encode(msg: Message, signer: Signer) -> bytes:
@@ -636,6 +732,9 @@ def parse(
         if cls is GlobalModel:
             model: Any = GlobalModel.from_body(body, specs)
             return cast(M, model)
+        if cls is ModelDelta:
+            delta: Any = ModelDelta.from_body(body, specs)
+            return cast(M, delta)
         return cls.from_body(body)
     except DecodeError:
         raise

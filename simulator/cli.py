@@ -54,6 +54,12 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         help="codec of the published model: raw | fp16 | int8 (default: the aggregator's)",
     )
     p.add_argument(
+        "--downlink-delta",
+        default=None,
+        help="send versions as deltas from a keyframe in this codec, e.g. topk:0.05+zlib "
+        "(default: full models only)",
+    )
+    p.add_argument(
         "--hidden",
         type=_widths,
         default=(32,),

@@ -76,7 +76,8 @@ class DeviceCounts:
 
     ``delivered``: updates the broker acknowledged; ``downloaded``: payload bytes the device's
     MQTT client received, by kind of message; ``written``: bytes written to its state
-    directory; ``rounds``: training rounds completed; ``fetches``: model fetches started.
+    directory; ``rounds``: training rounds completed; ``fetches``: model fetches started;
+    ``rejected``: messages the agent refused, by ``kind/reason``.
     """
 
     delivered: int = 0
@@ -85,6 +86,7 @@ class DeviceCounts:
     rounds: int = 0
     fetches: int = 0
     acked: list[str] = field(default_factory=list)  # delivered update ids; filled at stop
+    rejected: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_downloaded(self) -> int:
@@ -94,6 +96,9 @@ class DeviceCounts:
         down = dict(self.downloaded)
         for k, v in other.downloaded.items():
             down[k] = down.get(k, 0) + v
+        rejected = dict(self.rejected)
+        for k, v in other.rejected.items():
+            rejected[k] = rejected.get(k, 0) + v
         return DeviceCounts(
             self.delivered + other.delivered,
             down,
@@ -101,6 +106,7 @@ class DeviceCounts:
             self.rounds + other.rounds,
             self.fetches + other.fetches,
             self.acked + other.acked,
+            rejected,
         )
 
 
@@ -113,6 +119,7 @@ def _counts_of(agent: Any) -> DeviceCounts:
         agent.bytes_written,
         agent.rounds_completed,
         agent.fetches,
+        rejected=dict(agent.rejected),
     )
 
 

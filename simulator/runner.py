@@ -40,6 +40,13 @@ log = logging.getLogger("fedmqtt.simulate")
 FEDERATION = "sim"
 
 
+def _downlink_table(cfg: SimConfig) -> dict[str, Any]:
+    table: dict[str, Any] = {} if cfg.downlink_codec is None else {"codec": cfg.downlink_codec}
+    if cfg.downlink_delta:
+        table["delta"] = cfg.downlink_delta
+    return {**table, **cfg.downlink_extra}
+
+
 @dataclass(frozen=True)
 class SimConfig:
     dataset: str = "digits"
@@ -49,6 +56,8 @@ class SimConfig:
     strategy: str = "fedbuff"
     codec: str = "int8"
     downlink_codec: str | None = None  # None: the aggregator's [downlink] default
+    downlink_delta: str | None = None  # [downlink] delta codec (None: full models only)
+    downlink_extra: dict[str, Any] = field(default_factory=dict)  # more [downlink] options
     hidden: tuple[int, ...] = (32,)  # hidden layer widths of the mlp model
     stragglers: float = 0.0
     dropout: float = 0.0
@@ -247,7 +256,7 @@ class _Simulation:
             "evaluation": {"holdout": str(holdout)},
             "onnx": {"every": cfg.onnx_every},
             "rollout": {"gate": cfg.gate, "margin": cfg.gate_margin},
-            "downlink": {} if cfg.downlink_codec is None else {"codec": cfg.downlink_codec},
+            "downlink": _downlink_table(cfg),
             "metrics": {"prometheus_port": 0},
             # --robust none means no defence at all, so that the damage an attack does is
             # visible; otherwise updates above 10x the median norm are refused at the door.
@@ -552,6 +561,9 @@ def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str,
     for c in counts.values():
         for k, v in c.downloaded.items():
             by_kind[k] = by_kind.get(k, 0) + v
+    rejected: Counter[str] = Counter()
+    for c in counts.values():
+        rejected.update(c.rejected)
     hours = max(seconds, 1e-9) / 3600.0
     n = max(len(counts), 1)
     return {
@@ -560,6 +572,9 @@ def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str,
         "bytes_downloaded_per_device": {d: c.bytes_downloaded for d, c in sorted(counts.items())},
         "rounds_by_agents": sum(c.rounds for c in counts.values()),
         "model_fetches_by_agents": sum(c.fetches for c in counts.values()),
+        "rejected_by_agents": dict(
+            sorted(sum((Counter(c.rejected) for c in counts.values()), Counter()).items())
+        ),
         "bytes_written_by_agents": sum(c.written for c in counts.values()),
         "bytes_written_per_device_hour": round(sum(c.written for c in counts.values()) / n / hours),
     }

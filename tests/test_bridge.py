@@ -225,8 +225,11 @@ class Topology:
             raise AssertionError(f"{e}; missing {missing}; logs {logs}") from None
 
     def publish_model(self) -> bytes:
+        """A new model, and a delta to it from keyframe 0 (the same payload: the bridge carries
+        the delta topics as it carries the model)."""
         self.model_version += 1
         payload = f"model-v{self.model_version}"
+        self.aggregator.publish(topics.delta(FED, 0), payload, retain=True)
         self.aggregator.publish(topics.model(FED), payload, retain=True)
         wait_until("the model's PUBACK", lambda: payload in self.aggregator.acked)
         return payload.encode()
@@ -248,8 +251,11 @@ class Topology:
                     if c.connect() != 0:
                         return False
                     c.subscribe(topics.model(FED))
+                    c.subscribe(topics.delta(FED, 0))
                     got = c.received(wait=0.3)
-                    return (topics.model(FED), payload) in got
+                    return {(topics.model(FED), payload), (topics.delta(FED, 0), payload)} <= set(
+                        got
+                    )
                 finally:
                     c.close()
 

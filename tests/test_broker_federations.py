@@ -66,6 +66,8 @@ def retained(fed: str) -> dict[str, bytes]:
     return {
         topics.model(fed): f"MODEL-{fed}".encode(),
         topics.model_onnx(fed): f"ONNX-{fed}".encode(),
+        topics.keyframe(fed): f"KEYFRAME-{fed}".encode(),
+        topics.delta(fed, 3): f"DELTA-3-{fed}".encode(),
         topics.plan(fed): f"PLAN-{fed}".encode(),
     }
 
@@ -241,8 +243,9 @@ def test_acl_grants_nothing_to_every_client(site: Site) -> None:
 def test_device_reads_its_own_federations_model_onnx_and_plan(site: Site, device: str) -> None:
     fed = HOME[device]
     dev = connected(site.device(device))
-    for topic in (topics.model(fed), topics.model_onnx(fed)):
+    for topic in (topics.model(fed), topics.model_onnx(fed), topics.keyframe(fed)):
         assert dev.subscribe(topic) == GRANTED_QOS_1
+    assert dev.subscribe(topics.delta_filter(fed)) == GRANTED_QOS_1
     assert sorted(barrier(site, dev, fed)) == sorted(retained(fed).items())
 
 
@@ -282,7 +285,7 @@ def test_device_reports_its_own_evaluation_and_no_other_devices(site: Site, devi
 # --------------------------------------------------------------------------- devices
 
 
-@pytest.mark.parametrize("kind", ["model", "model/onnx", "plan"])
+@pytest.mark.parametrize("kind", ["model", "model/onnx", "delta/3", "plan"])
 @pytest.mark.parametrize("device", ["a1", "b1"])
 def test_device_receives_no_retained_message_of_the_other_federation(
     site: Site, device: str, kind: str
@@ -325,6 +328,7 @@ def test_device_receives_no_live_message_of_the_other_federation(site: Site, dev
         "fl/{other}/eval/{device}",
         "fl/{other}/model",
         "fl/{other}/model/onnx",
+        "fl/{other}/delta/3",
         "fl/{other}/plan",
         "fl/{other}/metrics",
     ],

@@ -649,6 +649,8 @@ def test_device_publishes_its_own_update_and_status(pw: Site) -> None:
         (f"fl/{FED}/status/dev-b", True),  # another device's presence
         (f"fl/{FED}/model", True),  # the global model
         (f"fl/{FED}/announce", True),  # its version announcements
+        (f"fl/{FED}/keyframe", True),  # the newest keyframe
+        (f"fl/{FED}/delta/7", True),  # a delta from a keyframe
         (f"fl/{FED}/spec", True),  # its spec
         (f"fl/{FED}/model/onnx", True),
         (f"fl/{FED}/plan", True),
@@ -685,6 +687,8 @@ def test_device_reads_model_onnx_and_plan_but_not_other_devices(pw: Site) -> Non
     retained = {
         f"fl/{FED}/model": b"MODEL-v1",
         f"fl/{FED}/announce": b"ANNOUNCE-v1",
+        f"fl/{FED}/keyframe": b"KEYFRAME-v1",
+        f"fl/{FED}/delta/1": b"DELTA-1-v2",
         f"fl/{FED}/spec": b"SPEC-1",
         f"fl/{FED}/model/onnx": b"ONNX-v1",
         f"fl/{FED}/plan": b"PLAN-r1",

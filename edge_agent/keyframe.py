@@ -1,0 +1,133 @@
+"""The delta downlink, device side: the keyframe a device holds, which message to fetch, and
+the model rebuilt from a delta (docs/agent.md, *Downlink*; fedmqtt.downlink).
+
+A device keeps the last *keyframe* it verified (a full model message the aggregator flagged
+``keyframe``) in ``keyframe.bin``. When it is ready to train on a newer announced version it
+fetches, in this order of preference:
+
+1. ``fl/<fed>/delta/<K>`` if the announcement lists its keyframe ``K``: the model is ``K``'s
+   parameters plus the delta, checked bit for bit against the digest the aggregator signed;
+2. ``fl/<fed>/model`` if the announced version is itself a keyframe, or no keyframe is listed
+   (no delta downlink), or a delta for this version already failed: the full model;
+3. ``fl/<fed>/keyframe`` otherwise (its keyframe is too old or it has none): the newest
+   keyframe, then the delta from it (1).
+
+A delta that fails (forged, unknown spec, another base, a reconstruction whose digest differs,
+or none within the fetch timeout) is refused with a counted reason and the device fetches the
+full model of that version instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from edge_agent import state as st
+from fedmqtt import downlink, topics, wire
+from fedmqtt.errors import DecodeError
+from fedmqtt.params import F32
+from fedmqtt.signing import Verifier
+
+BASE: Final = "base"  # rejection reason: a delta from another keyframe than the one held
+DIGEST: Final = "digest"  # rejection reason: the rebuilt model is not the one signed for
+MISSING: Final = "missing"  # rejection reason: the keyframe's delta topic was cleared
+
+
+@dataclass(frozen=True)
+class Held:
+    """A verified keyframe: its message and parameters (flat) and their digest."""
+
+    msg: wire.GlobalModel
+    flat: F32
+    digest: str
+
+    @classmethod
+    def of(cls, msg: wire.GlobalModel) -> Held:
+        flat = msg.spec.layout().flatten(msg.params)
+        return cls(msg, flat, downlink.digest(flat))
+
+    @property
+    def version(self) -> int:
+        return self.msg.version
+
+
+class DeltaMismatchError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def rebuild(kf: Held, d: wire.ModelDelta) -> wire.GlobalModel:
+    """The model ``d`` sends to a device holding ``kf``; DeltaMismatchError if it is not for that
+    keyframe or does not rebuild to the model the aggregator signed for."""
+    if d.base != kf.version or d.base_digest != kf.digest:
+        raise DeltaMismatchError(
+            BASE, f"delta from v{d.base} ({d.base_digest}), keyframe held v{kf.version}"
+        )
+    if d.spec != kf.msg.spec:
+        raise DeltaMismatchError(BASE, f"delta for spec {d.spec.fingerprint()}, keyframe's differs")
+    flat = downlink.apply_delta(kf.flat, d.delta)
+    got = downlink.digest(flat)
+    if got != d.digest:
+        raise DeltaMismatchError(DIGEST, f"v{d.version} rebuilds to {got}, signed for {d.digest}")
+    return wire.GlobalModel(
+        federation=d.federation,
+        sender=d.sender,
+        version=d.version,
+        spec=d.spec,
+        params=d.spec.layout().unflatten(flat, copy=False),
+        created_at=d.created_at,
+    )
+
+
+def choose(
+    fed: str,
+    *,
+    announced: int | None,
+    keyframes: tuple[int, ...],
+    held: Held | None,
+    failed: int | None,
+) -> str:
+    """The topic to fetch for announced version ``announced`` (rules in the module docstring);
+    ``failed``: the version whose delta failed last."""
+    if announced is None or not keyframes or failed == announced or max(keyframes) >= announced:
+        return topics.model(fed)
+    if held is not None and held.version in keyframes:
+        return topics.delta(fed, held.version)
+    if held is None or held.version < max(keyframes):
+        return topics.keyframe(fed)
+    return topics.model(fed)
+
+
+def load_newest(
+    state_dir: Path,
+    verifier: Verifier,
+    specs: wire.SpecStore,
+    federation: str | None = None,
+) -> wire.GlobalModel | None:
+    """The newest model stored in ``state_dir``: ``global_model.bin``, ``keyframe.bin`` or
+    the keyframe plus ``global_delta.bin``, whichever verifies and is newest (inference)."""
+    found: list[wire.GlobalModel] = []
+    kf: Held | None = None
+    for name in (st.GLOBAL_MODEL_FILE, st.KEYFRAME_FILE):
+        try:
+            msg = wire.decode(
+                (state_dir / name).read_bytes(), wire.GlobalModel, verifier, specs=specs
+            )
+        except (OSError, DecodeError):
+            continue
+        if federation is None or msg.federation == federation:
+            found.append(msg)
+            if name == st.KEYFRAME_FILE:
+                kf = Held.of(msg)
+    if kf is not None:
+        try:
+            d = wire.decode(
+                (state_dir / st.DELTA_FILE).read_bytes(), wire.ModelDelta, verifier, specs=specs
+            )
+            found.append(rebuild(kf, d))
+        except (OSError, DecodeError, DeltaMismatchError):
+            pass
+    return max(found, key=lambda m: m.version) if found else None
