@@ -52,6 +52,7 @@ from aggregator.validate import (
     scale_segments,
 )
 from fedmqtt import topics
+from fedmqtt.aggregation.threshold import ThresholdEstimator, check_report_value
 from fedmqtt.codecs import decode_params
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
@@ -115,6 +116,7 @@ class Snapshot:
     params: F32
     stats: dict[str, float]
     created_at: float
+    threshold: float | None = None  # the anomaly threshold of ``version`` (autoencoders)
 
 
 #: Called for every update received: ``(update_id, reason)``, ``reason`` None when accepted,
@@ -153,6 +155,11 @@ class Engine:
         )
         self.rate = DeviceRate(lim.device_rate, lim.device_burst)
         self.presence = Presence(self.federation, self.keys)
+        # Autoencoders: the devices' score-quantile reports and the threshold they give.
+        self.thresholds = (
+            ThresholdEstimator(cfg.strategy.max_staleness) if cfg.spec.is_autoencoder else None
+        )
+        self.threshold: float | None = None
         self.reject_log = RejectionLog()
         self._pool: ThreadPoolExecutor | None = None
         self.strategy.on_version(0, time.monotonic())
@@ -185,6 +192,13 @@ class Engine:
         self.flushes = int(state["flushes"])
         self.stats = {str(k): float(v) for k, v in dict(state.get("stats", {})).items()}
         self.version_created_at = float(state.get("version_created_at", time.time()))
+        if self.thresholds is not None and "threshold" in state:
+            try:
+                self.thresholds.load_state(state["threshold"]["reports"])
+                t = state["threshold"]["value"]
+                self.threshold = None if t is None else check_report_value(t)
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"malformed checkpoint: threshold: {e}") from None
         self.metrics.restore(state.get("metrics", {}))
         self.metrics.record_version(self.version, None, 0)
         self.strategy.on_version(self.version, time.monotonic())
@@ -216,6 +230,8 @@ class Engine:
             "norms": self.gate.to_state(),
             "metrics": self.metrics.saved(unapplied_taus=[p.tau for p in pending]),
         }
+        if self.thresholds is not None:
+            state["threshold"] = {"value": self.threshold, "reports": self.thresholds.to_state()}
         return Snapshot(
             self.flushes,
             self.version,
@@ -223,6 +239,7 @@ class Engine:
             self.params,
             dict(self.stats),
             self.version_created_at,
+            self.threshold,
         )
 
     # ------------------------------------------------------------------ processing
@@ -424,6 +441,10 @@ class Engine:
 
     def _commit(self, meta: UpdateMeta, tau: int, norm: float, now: float) -> None:
         self.strategy.add(meta, tau, norm)
+        if self.thresholds is not None and meta.score_quantile is not None:
+            self.thresholds.report(
+                meta.sender, meta.score_quantile, meta.num_samples, meta.base_version
+            )
         self.window.add(meta.update_id, meta.base_version)
         self._observe(meta.update_id, None)
         self.gate.observe(norm)
@@ -454,6 +475,9 @@ class Engine:
         self.version += 1
         self.flushes += 1
         self.stats = stats
+        if self.thresholds is not None:
+            t = self.thresholds.estimate(self.version)
+            self.threshold = self.threshold if t is None else t
         self.version_created_at = time.time()
         self.strategy.on_version(self.version, now)
         self.window.prune(self.version - self.strategy.max_staleness)

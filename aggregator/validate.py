@@ -73,6 +73,8 @@ class UpdateMeta:
     num_samples: int
     created_at: float
     nbytes: int
+    # An autoencoder update's score-quantile report (wire.SCORE_QUANTILE), None if absent.
+    score_quantile: float | None = None
 
 
 def open_update(
@@ -114,6 +116,7 @@ def open_update(
         num_samples=upd.num_samples,
         created_at=upd.created_at,
         nbytes=len(payload),
+        score_quantile=wire.score_quantile(upd.metrics),
     )
     return meta, upd.delta
 

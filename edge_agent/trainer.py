@@ -11,6 +11,10 @@ Hyperparameters come from the aggregator's plan; a value set in ``[training]`` o
 plan on this device (a slow device may want fewer epochs, a metered link another codec), and
 with no plan at all the defaults of :class:`fedmqtt.wire.Plan` apply. The plan's ``extra`` may
 carry ``weight_decay`` and ``max_grad_norm``.
+
+For an autoencoder, the round also measures the quantile of the anomaly scores of the local data
+under the global model it starts from (before training, so the report describes that version)
+and the update carries it as ``metrics[wire.SCORE_QUANTILE]``; the scores themselves stay here.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from edge_agent.config import TrainingConfig
 from fedmqtt import wire
 from fedmqtt.codecs import Codec, ErrorFeedback, encode_params
 from fedmqtt.errors import ConfigError
+from fedmqtt.models.anomaly import anomaly_scores, quantile_level, score_quantile
 from fedmqtt.models.train import TrainConfig, TrainStats, train_local
 from fedmqtt.params import Params
 from fedmqtt.rand import RandomSource
@@ -91,6 +96,7 @@ class DeltaResult:
     delta: Params
     stats: TrainStats
     seconds: float
+    score_quantile: float | None = None  # autoencoders: see the module docstring
 
 
 def compute_delta(
@@ -104,13 +110,19 @@ def compute_delta(
 ) -> DeltaResult:
     """Train from ``model`` and return ``new - base`` per tensor (float32). No side effects."""
     t0 = time.thread_time()  # this thread only: agents may share a process
+    quantile = None
+    if model.spec.is_autoencoder:
+        scores = anomaly_scores(model.spec, model.params, X)
+        quantile = score_quantile(scores, quantile_level(model.spec))
     new, stats = train_local(model.spec, model.params, X, y, hyper.train, rng)
     delta: Params = {
         k: np.subtract(new[k], model.params[k], dtype=np.float32) for k in model.params
     }
     if delta_transform is not None:
         delta = delta_transform(delta)
-    return DeltaResult(delta=delta, stats=stats, seconds=time.thread_time() - t0)
+    return DeltaResult(
+        delta=delta, stats=stats, seconds=time.thread_time() - t0, score_quantile=quantile
+    )
 
 
 def new_update_id() -> str:
@@ -132,6 +144,13 @@ def build_update(
 ) -> tuple[wire.Update, bytes]:
     """Encode (updating ``feedback`` in place) and sign; returns the update and its payload."""
     encoded = encode_params(result.delta, hyper.codec, rng=rng, feedback=feedback)
+    metrics = {
+        "loss": float(result.stats.loss),
+        "steps": float(result.stats.steps),
+        "train_cpu_s": round(result.seconds, 6),
+    }
+    if result.score_quantile is not None:
+        metrics[wire.SCORE_QUANTILE] = result.score_quantile
     update = wire.Update(
         federation=federation,
         sender=device_id,
@@ -141,10 +160,6 @@ def build_update(
         num_samples=result.stats.num_samples,
         spec_fingerprint=model.spec.fingerprint(),
         delta=encoded,
-        metrics={
-            "loss": float(result.stats.loss),
-            "steps": float(result.stats.steps),
-            "train_cpu_s": round(result.seconds, 6),
-        },
+        metrics=metrics,
     )
     return update, wire.encode(update, signer)

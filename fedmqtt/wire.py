@@ -92,6 +92,22 @@ UPDATE_FIELDS: Final = (
 the two field by field)."""
 UPDATE_FIELD: Final = {f.name: f for f in UPDATE_FIELDS}
 
+SCORE_QUANTILE: Final = "score_quantile"
+"""The ``metrics`` key of an update of an autoencoder: the empirical ``q``-quantile of the
+anomaly scores of the device's data under the update's base version (finite, >= 0; the
+aggregator refuses an update whose value is not, with reason ``schema``). The aggregator
+combines the reports into :attr:`GlobalModel.threshold` (fedmqtt.aggregation.threshold)."""
+
+
+def score_quantile(metrics: Mapping[str, float]) -> float | None:
+    """The update's :data:`SCORE_QUANTILE` report, None if absent; DecodeError if unusable."""
+    v = metrics.get(SCORE_QUANTILE)
+    if v is None:
+        return None
+    if not (math.isfinite(v) and v >= 0.0):
+        raise DecodeError(SCHEMA, f"metric {SCORE_QUANTILE!r} must be finite and >= 0, not {v!r}")
+    return float(v)
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -330,6 +346,11 @@ class GlobalModel:
     The parameters travel in any full-tensor codec of :mod:`fedmqtt.codecs` (raw, fp16,
     int8); the receiver decodes whichever it finds. A sender that compressed them passes the
     wire maps as ``encoded`` (sent as they are) and their decoding as ``params``.
+
+    ``threshold`` (autoencoders only, optional field ``threshold`` of the body, finite and
+    >= 0): the decision threshold on the anomaly score that belongs to this version; absent
+    until the first device has reported a score quantile. Receivers that do not know the field
+    ignore it.
     """
 
     federation: str
@@ -340,11 +361,12 @@ class GlobalModel:
     stats: dict[str, float] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     encoded: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    threshold: float | None = None
 
     def to_body(self) -> dict[str, Any]:
         from fedmqtt.codecs import Codec, encode_params
 
-        return {
+        body = {
             "v": MODEL_VERSION,
             "type": "model",
             "federation": self.federation,
@@ -357,6 +379,9 @@ class GlobalModel:
             if self.encoded is not None
             else encode_params(self.params, Codec("raw"), rng=np.random.default_rng(0)),
         }
+        if self.threshold is not None:
+            body["threshold"] = self.threshold
+        return body
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any], specs: SpecStore | None = None) -> GlobalModel:
@@ -371,6 +396,9 @@ class GlobalModel:
             if found is None:
                 raise DecodeError(UNKNOWN_SPEC, f"spec {fp} is not one this receiver holds")
             spec = found
+        threshold = _number(m, "threshold") if "threshold" in m else None
+        if threshold is not None and threshold < 0:
+            raise DecodeError(SCHEMA, "field 'threshold' must be >= 0")
         layout = spec.layout()
         flat = decode_params(field_of(m, "params", dict), layout)
         return cls(
@@ -381,6 +409,7 @@ class GlobalModel:
             params=layout.unflatten(flat, copy=False),
             stats=_float_map(m, "stats"),
             created_at=_number(m, "created_at"),
+            threshold=threshold,
         )
 
 

@@ -1,0 +1,177 @@
+"""Anomaly detection with a dense autoencoder (``kind="autoencoder"``), trained without labels.
+
+The network reconstructs its preprocessed input ``x' = (x - offset) * scale`` through a narrow
+hidden layer (the bottleneck); what it has learned to reconstruct is what *normal* looks like.
+The anomaly **score** of a sample is its mean squared reconstruction error over the features,
+in preprocessed units::
+
+    score(x) = mean_j (x'_j - reconstruction(x')_j)^2
+
+and the **decision** is ``score > threshold`` (1 = anomaly). The threshold is the level-``q``
+quantile of the scores of normal data (``q`` is ``spec.extra["quantile"]``, default
+:data:`DEFAULT_QUANTILE`), so about ``1 - q`` of normal samples are flagged. No device sends
+its scores: each reports one number, the empirical ``q``-quantile of the scores of its own
+data under the model version it started training from (:func:`score_quantile`), and the
+aggregator combines the reports (:mod:`fedmqtt.aggregation.threshold`).
+
+Only numpy is imported here, so a device can score without scikit-learn or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmqtt.models.dense import check_params, forward_preprocessed, init_params, preprocess
+from fedmqtt.models.spec import QUANTILE_KEY, ModelSpec
+from fedmqtt.models.train import TrainConfig, TrainStats, train_local
+from fedmqtt.params import Params, copy_params
+
+__all__ = [
+    "DEFAULT_QUANTILE",
+    "Autoencoder",
+    "anomaly_scores",
+    "autoencoder_spec",
+    "quantile_level",
+    "score_quantile",
+]
+
+DEFAULT_QUANTILE: Final = 0.99
+F64 = npt.NDArray[np.float64]
+
+
+def quantile_level(spec: ModelSpec) -> float:
+    """The quantile of normal scores that the decision threshold estimates."""
+    return float(spec.extra.get(QUANTILE_KEY, DEFAULT_QUANTILE))
+
+
+def autoencoder_spec(
+    n_features: int,
+    *,
+    bottleneck: int,
+    hidden: int | None = None,
+    quantile: float = DEFAULT_QUANTILE,
+    feature_offset: tuple[float, ...] = (),
+    feature_scale: tuple[float, ...] = (),
+    feature_names: tuple[str, ...] = (),
+) -> ModelSpec:
+    """The spec of an autoencoder ``n_features -> [hidden ->] bottleneck [-> hidden] ->
+    n_features``; ``hidden=None`` gives the single-hidden-layer network."""
+    layers = (bottleneck,) if hidden is None else (hidden, bottleneck, hidden)
+    extra = {} if quantile == DEFAULT_QUANTILE else {QUANTILE_KEY: float(quantile)}
+    return ModelSpec(
+        "autoencoder",
+        n_features,
+        n_features,
+        hidden=layers,
+        feature_offset=feature_offset,
+        feature_scale=feature_scale,
+        feature_names=feature_names,
+        extra=extra,
+    )
+
+
+def _require_autoencoder(spec: ModelSpec) -> None:
+    if not spec.is_autoencoder:
+        raise ValueError(f"anomaly scores need an autoencoder spec, not {spec.kind!r}")
+
+
+def anomaly_scores(spec: ModelSpec, params: Params, X: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """Score of every row of raw ``X`` (float32, shape ``(n,)``); the ONNX graph computes the
+    same (Sub, Mul, the layers, Sub, Mul, ReduceMean)."""
+    _require_autoencoder(spec)
+    check_params(spec, params)
+    Xp = preprocess(spec, X, np.float32)
+    recon = forward_preprocessed(spec, params, Xp)
+    diff = Xp - recon
+    out: npt.NDArray[np.float32] = np.mean(diff * diff, axis=1, dtype=np.float32)
+    return out
+
+
+def score_quantile(scores: npt.ArrayLike, q: float) -> float:
+    """The empirical ``q``-quantile of ``scores`` (linear interpolation, numpy's default).
+
+    This is the one number about its scores a device reports. Raises ``ValueError`` on an
+    empty or non-finite input, so a broken score never becomes a threshold.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError("need a non-empty 1-D array of scores")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or Inf")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile level must be in (0, 1), not {q!r}")
+    return float(np.quantile(s, q))
+
+
+class Autoencoder:
+    """Estimator with the scikit-learn outlier-detector conventions, for simulations and
+    references: ``fit(X)`` trains on (normal) data and sets ``threshold_`` to the
+    ``quantile``-quantile of the training scores; ``score_samples`` returns the anomaly
+    scores (higher = more anomalous, unlike scikit-learn's sign convention, which this
+    project's ONNX graph and CLI do not follow); ``predict`` returns 0/1 (1 = anomaly).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        lr: float = 0.05,
+        epochs: int = 30,
+        batch_size: int = 32,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 5.0,
+        seed: int = 0,
+    ) -> None:
+        _require_autoencoder(spec)
+        self.spec = spec
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self.params: Params = init_params(spec, self._rng)
+        self.threshold_: float = math.inf
+        self.train_stats_: TrainStats | None = None
+
+    def set_weights(self, params: Params, threshold: float | None = None) -> None:
+        check_params(self.spec, params)
+        self.params = copy_params(params)
+        if threshold is not None:
+            self.threshold_ = float(threshold)
+
+    def partial_fit(self, X: npt.ArrayLike, epochs: int = 1) -> Self:
+        """Train ``epochs`` epochs from the current weights (no threshold update)."""
+        Xa = np.asarray(X)
+        cfg = TrainConfig(
+            epochs=epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+        )
+        self.params, self.train_stats_ = train_local(
+            self.spec, self.params, Xa, np.zeros(Xa.shape[0]), cfg, self._rng
+        )
+        return self
+
+    def fit(self, X: npt.ArrayLike, y: Any = None) -> Self:
+        """Train from the current weights for ``epochs`` epochs, then set ``threshold_``."""
+        self.partial_fit(X, self.epochs)
+        self.threshold_ = score_quantile(self.score_samples(X), quantile_level(self.spec))
+        return self
+
+    def score_samples(self, X: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        return anomaly_scores(self.spec, self.params, X)
+
+    def predict(self, X: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """1 where the score exceeds ``threshold_`` (an anomaly), else 0."""
+        return (self.score_samples(X) > np.float32(self.threshold_)).astype(np.int64)

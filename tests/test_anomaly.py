@@ -1,0 +1,301 @@
+"""Anomaly detection: the autoencoder kind, its scores, the federated threshold, ONNX parity.
+
+The end-to-end run over a real broker is in tests/test_anomaly_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from sklearn.datasets import load_breast_cancer
+from sklearn.metrics import roc_auc_score
+from test_aggregator_support import FED, Federation
+
+from aggregator.checkpoint import decode_state
+from aggregator.engine import Engine
+from aggregator.metrics import Metrics
+from fedmqtt import codecs, topics, wire
+from fedmqtt.aggregation.threshold import ThresholdEstimator
+from fedmqtt.errors import DecodeError
+from fedmqtt.models import loss_and_grad
+from fedmqtt.models.anomaly import (
+    Autoencoder,
+    anomaly_scores,
+    autoencoder_spec,
+    quantile_level,
+    score_quantile,
+)
+from fedmqtt.models.dense import init_params
+from fedmqtt.models.spec import ModelSpec
+from fedmqtt.onnx_export import IR_VERSION, OPSET, export_onnx, read_metadata
+from fedmqtt.params import Params
+
+AE_OPS = {"Sub", "Mul", "MatMul", "Add", "Relu", "ReduceMean", "Greater", "Cast"}
+
+
+def _perturbed(spec: ModelSpec, seed: int) -> Params:
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + rng.normal(0.0, 0.3, v.shape)).astype(np.float32)
+        for k, v in init_params(spec, rng).items()
+    }
+
+
+# ---- the model kind --------------------------------------------------------------------
+
+
+def test_spec_rules() -> None:
+    spec = autoencoder_spec(8, bottleneck=3, hidden=6, quantile=0.95)
+    assert spec.hidden == (6, 3, 6) and spec.n_outputs == 8
+    assert quantile_level(spec) == 0.95
+    assert quantile_level(autoencoder_spec(8, bottleneck=2)) == 0.99
+    assert not spec.is_classifier and spec.is_autoencoder
+    assert ModelSpec.from_wire(spec.to_wire()) == spec
+    for bad in (
+        {"n_outputs": 7, "hidden": (3,)},  # must reconstruct its input
+        {"n_outputs": 8, "hidden": ()},  # needs a bottleneck
+        {"n_outputs": 8, "hidden": (4, 3, 2, 3)},
+        {"n_outputs": 8, "hidden": (3,), "extra": {"quantile": 1.0}},
+        {"n_outputs": 8, "hidden": (3,), "extra": {"quantile": "high"}},
+        {"n_outputs": 8, "hidden": (3,), "classes": tuple(range(8))},
+    ):
+        with pytest.raises(ValueError):
+            ModelSpec("autoencoder", 8, **bad)  # type: ignore[arg-type]
+
+
+def test_loss_is_half_the_mean_score() -> None:
+    """The loss is half the mean squared reconstruction error of the preprocessed input, and
+    the score of a row is the mean of its squares (gradients: tests/test_models.py)."""
+    spec = ModelSpec("autoencoder", 4, 4, hidden=(3, 2, 3), feature_scale=(2,) * 4)
+    rng = np.random.default_rng(3)
+    p32 = {k: rng.normal(0, 0.5, s).astype(np.float32) for k, s in spec.param_shapes().items()}
+    X = rng.standard_normal((9, 4))
+    loss, _ = loss_and_grad(spec, p32, X, None)
+    assert loss == pytest.approx(0.5 * float(np.mean(anomaly_scores(spec, p32, X))), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cancer() -> dict[str, Any]:
+    """breast_cancer as novelty detection: benign (label 1) is normal, malignant anomalous."""
+    X, y = load_breast_cancer(return_X_y=True)
+    X = X.astype(np.float32)
+    benign, malignant = X[y == 1], X[y == 0]
+    order = np.random.default_rng(0).permutation(len(benign))
+    train = benign[order[:250]]
+    test = np.concatenate([benign[order[250:]], malignant])
+    labels = np.r_[np.zeros(len(benign) - 250), np.ones(len(malignant))]
+    sd = train.std(axis=0)
+    spec = autoencoder_spec(
+        30,
+        bottleneck=4,
+        hidden=16,
+        feature_offset=tuple(float(v) for v in train.mean(axis=0)),
+        feature_scale=tuple(float(1 / v) for v in sd),
+    )
+    return {"spec": spec, "train": train, "test": test, "labels": labels}
+
+
+def test_trained_autoencoder_separates_novelties(cancer: dict[str, Any]) -> None:
+    spec = cancer["spec"]
+    untrained = Autoencoder(spec, seed=0)
+    before = float(np.mean(untrained.score_samples(cancer["train"])))
+    model = Autoencoder(spec, epochs=40, lr=0.01, seed=0).fit(cancer["train"])
+    scores = model.score_samples(cancer["test"])
+    assert float(np.mean(model.score_samples(cancer["train"]))) < 0.7 * before
+    assert roc_auc_score(cancer["labels"], scores) > 0.9
+    # About 1 % of the training data lies above its own 0.99 quantile.
+    flagged = float(np.mean(model.predict(cancer["train"])))
+    assert 0.0 < flagged <= 0.02
+    # Most malignant samples are flagged, most benign held-out ones are not.
+    pred = model.predict(cancer["test"])
+    lab = cancer["labels"]
+    assert pred[lab == 1].mean() > 0.5 and pred[lab == 0].mean() < 0.2
+
+
+def test_score_quantile() -> None:
+    assert score_quantile(np.arange(101.0), 0.99) == pytest.approx(99.0)
+    for bad in ([], [1.0, math.nan], [[1.0]]):
+        with pytest.raises(ValueError):
+            score_quantile(bad, 0.99)
+    with pytest.raises(ValueError):
+        score_quantile([1.0], 1.0)
+
+
+# ---- the federated threshold -----------------------------------------------------------
+
+
+def test_threshold_estimator_weighting_freshness_and_state() -> None:
+    est = ThresholdEstimator(max_age=2)
+    assert est.estimate(0) is None
+    est.report("a", 1.0, 100, 0)
+    est.report("b", 4.0, 300, 0)
+    assert est.estimate(1) == pytest.approx((100 * 1.0 + 300 * 4.0) / 400)
+    est.report("a", 2.0, 100, 1)  # replaces a's older report: one entry per device
+    assert len(est) == 2
+    assert est.estimate(2) == pytest.approx((100 * 2.0 + 300 * 4.0) / 400)
+    assert est.estimate(3) == pytest.approx(2.0)  # b's report (base 0) is too old for v3
+    assert est.estimate(4) is None
+    again = ThresholdEstimator(max_age=2)
+    again.load_state(json.loads(json.dumps(est.to_state())))
+    assert again.reports == est.reports
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError):
+            est.report("c", bad, 10, 0)
+    assert "c" not in est.reports
+    small = ThresholdEstimator(max_age=5, max_devices=2)
+    for i, d in enumerate("xyz"):
+        small.report(d, 1.0, 1, i)
+    assert set(small.reports) == {"y", "z"}  # the oldest report went first
+
+
+def test_wire_fields() -> None:
+    spec = autoencoder_spec(3, bottleneck=1)
+    params = init_params(spec, np.random.default_rng(0))
+    m = wire.GlobalModel(FED, "agg", 4, spec, params, threshold=0.25)
+    from fedmqtt.signing import Ed25519Signer
+
+    signer = Ed25519Signer.generate()
+    specs = {spec.fingerprint(): spec}
+    back = wire.decode(wire.encode(m, signer), wire.GlobalModel, signer.verifier(), specs=specs)
+    assert back.threshold == 0.25
+    plain = wire.GlobalModel(FED, "agg", 4, spec, params)
+    assert "threshold" not in plain.to_body()
+    body = m.to_body()
+    body["threshold"] = -1.0
+    with pytest.raises(DecodeError):
+        wire.GlobalModel.from_body(body, specs)
+    assert wire.score_quantile({"loss": 1.0}) is None
+    assert wire.score_quantile({wire.SCORE_QUANTILE: 2.5}) == 2.5
+    for bad in (math.nan, math.inf, -0.5):
+        with pytest.raises(DecodeError):
+            wire.score_quantile({wire.SCORE_QUANTILE: bad})
+
+
+def _update(fed: Federation, device: str, q: float | None, n: int, base: int = 0) -> bytes:
+    delta = fed.layout.unflatten(np.full(fed.layout.size, 1e-3, np.float32))
+    enc = codecs.encode_params(delta, codecs.Codec("raw"), rng=np.random.default_rng(0))
+    metrics = {"loss": 1.0} if q is None else {"loss": 1.0, wire.SCORE_QUANTILE: q}
+    u = wire.Update(FED, device, uuid.uuid4().hex, 0, base, n, fed.spec.fingerprint(), enc, metrics)
+    return wire.encode(u, fed.keys[device])
+
+
+def test_engine_combines_reports_rejects_bad_ones_and_checkpoints(tmp_path: Path) -> None:
+    spec = autoencoder_spec(4, bottleneck=2)
+    fed = Federation(tmp_path, spec, devices=("d0", "d1", "d2"))
+    cfg = fed.config("127.0.0.1", 1883, strategy={"buffer_size": 2, "max_staleness": 3})
+    e = Engine(cfg, Metrics(FED), keys=None)
+    t = topics.updates
+    e.process([(t(FED, "d0"), _update(fed, "d0", 1.0, 100))], 0.0)
+    e.process([(t(FED, "d1"), _update(fed, "d1", math.nan, 100))], 0.0)  # refused
+    e.process([(t(FED, "d1"), _update(fed, "d1", -2.0, 100))], 0.0)  # refused
+    assert e.version == 0 and len(e.strategy) == 1 and len(e.thresholds or ()) == 1
+    assert e.metrics.snapshot()["rejected"]["schema"] == 2
+    e.process([(t(FED, "d1"), _update(fed, "d1", 4.0, 300))], 0.0)
+    assert e.version == 1 and e.threshold == pytest.approx(3.25)
+    snap = e.snapshot()
+    assert snap.threshold == pytest.approx(3.25)
+    # An update without a report (an older agent) changes nothing about the threshold.
+    e.process([(t(FED, "d2"), _update(fed, "d2", None, 50, base=1))], 0.0)
+    e.process([(t(FED, "d0"), _update(fed, "d0", 2.0, 100, base=1))], 0.0)
+    assert e.version == 2 and e.threshold == pytest.approx((2.0 * 100 + 4.0 * 300) / 400)
+    restored = Engine(cfg, Metrics(FED), keys=None)
+    restored.restore(decode_state(e.snapshot().data))
+    assert restored.threshold == e.threshold
+    assert restored.thresholds is not None and e.thresholds is not None
+    assert restored.thresholds.reports == e.thresholds.reports
+
+
+# ---- ONNX ------------------------------------------------------------------------------
+
+SPECS = {
+    "plain": ModelSpec("autoencoder", 6, 6, hidden=(2,)),
+    "deep-prep": ModelSpec(
+        "autoencoder",
+        6,
+        6,
+        hidden=(5, 3, 5),
+        feature_offset=(1.0, -2.0, 0.5, 0.0, 3.0, 10.0),
+        feature_scale=(0.5, 2.0, 1.0, 0.1, 1.5, 0.01),
+        extra={"quantile": 0.9},
+    ),
+    "offset-only": ModelSpec("autoencoder", 6, 6, hidden=(4, 2), feature_offset=(5.0,) * 6),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 1000])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_onnx_parity_standard_ops_and_metadata(name: str, batch: int) -> None:
+    spec = SPECS[name]
+    params = _perturbed(spec, 1)
+    X = np.random.default_rng(batch).normal(0.0, 3.0, (batch, 6)).astype(np.float32)
+    ref = anomaly_scores(spec, params, X)
+    threshold = float(np.median(ref))
+    data = export_onnx(spec, params, federation=FED, version=3, created_at=1.0, threshold=threshold)
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
+    assert model.ir_version == IR_VERSION
+    assert {n.op_type for n in model.graph.node} <= AE_OPS
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["score", "decision"]
+    score, decision = sess.run(["score", "decision"], {"features": X})
+    assert score.dtype == np.float32 and score.shape == (batch,)
+    np.testing.assert_allclose(score, ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    assert decision.dtype == np.int64
+    clear = np.abs(ref - threshold) > 1e-5 * threshold  # no row within rounding of the threshold
+    np.testing.assert_array_equal(decision[clear], (ref > np.float32(threshold))[clear])
+    meta = read_metadata(data)
+    assert meta["fedmqtt.kind"] == "autoencoder"
+    assert json.loads(meta["fedmqtt.threshold"]) == threshold
+    assert float(meta["fedmqtt.quantile"]) == quantile_level(spec)
+
+
+def test_onnx_without_threshold_flags_nothing_and_bad_threshold_is_refused() -> None:
+    spec = SPECS["plain"]
+    params = _perturbed(spec, 2)
+    data = export_onnx(spec, params, federation=FED, version=0, created_at=1.0)
+    assert json.loads(read_metadata(data)["fedmqtt.threshold"]) is None
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    X = np.random.default_rng(0).normal(0, 100.0, (50, 6)).astype(np.float32)
+    (decision,) = sess.run(["decision"], {"features": X})
+    assert not decision.any()
+    for bad in (math.nan, -1.0, math.inf):
+        with pytest.raises(ValueError):
+            export_onnx(spec, params, federation=FED, version=0, created_at=1.0, threshold=bad)
+
+
+def test_device_reports_the_quantile_of_its_scores_under_the_base_model() -> None:
+    from edge_agent.config import TrainingConfig
+    from edge_agent.trainer import build_update, compute_delta, resolve_hyper
+    from fedmqtt.signing import HmacKey
+
+    spec = autoencoder_spec(5, bottleneck=2, quantile=0.9)
+    params = init_params(spec, np.random.default_rng(0))
+    model = wire.GlobalModel(FED, "agg", 2, spec, params)
+    X = np.random.default_rng(1).normal(0, 1, (200, 5)).astype(np.float32)
+    hyper = resolve_hyper(None, TrainingConfig())
+    rng = np.random.default_rng(0)
+    result = compute_delta(model, X, np.zeros(200), hyper, rng)
+    expected = score_quantile(anomaly_scores(spec, params, X), 0.9)
+    assert result.score_quantile == pytest.approx(expected)
+    update, _ = build_update(
+        model,
+        result,
+        hyper,
+        device_id="d0",
+        federation=FED,
+        seq=0,
+        signer=HmacKey.generate(),
+        rng=rng,
+        feedback=None,
+    )
+    assert update.metrics[wire.SCORE_QUANTILE] == pytest.approx(expected)
+    assert any(np.abs(d).max() > 0 for d in result.delta.values())  # it also trained
