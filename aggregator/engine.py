@@ -22,6 +22,7 @@ window, their counts): after a crash the broker redelivers them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -52,10 +53,11 @@ from aggregator.validate import (
     scale_segments,
 )
 from fedmqtt import topics
-from fedmqtt.aggregation.threshold import ThresholdEstimator, check_report_value
+from fedmqtt.aggregation.threshold import ThresholdEstimator
 from fedmqtt.codecs import decode_params
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
+from fedmqtt.models.anomaly import quantile_level
 from fedmqtt.params import F32
 from fedmqtt.signing import CHACHA20_POLY1305
 from fedmqtt.wire import unpack_map
@@ -157,7 +159,9 @@ class Engine:
         self.presence = Presence(self.federation, self.keys)
         # Autoencoders: the devices' score-quantile reports and the threshold they give.
         self.thresholds = (
-            ThresholdEstimator(cfg.strategy.max_staleness) if cfg.spec.is_autoencoder else None
+            ThresholdEstimator(quantile_level(cfg.spec), cfg.strategy.max_staleness)
+            if cfg.spec.is_autoencoder
+            else None
         )
         self.threshold: float | None = None
         self.reject_log = RejectionLog()
@@ -196,7 +200,9 @@ class Engine:
             try:
                 self.thresholds.load_state(state["threshold"]["reports"])
                 t = state["threshold"]["value"]
-                self.threshold = None if t is None else check_report_value(t)
+                self.threshold = None if t is None else float(t)
+                if self.threshold is not None and not 0 <= self.threshold < math.inf:
+                    raise ValueError(f"threshold {t!r} is not finite and >= 0")
             except (KeyError, ValueError, TypeError) as e:
                 raise CheckpointError(f"malformed checkpoint: threshold: {e}") from None
         self.metrics.restore(state.get("metrics", {}))
@@ -441,9 +447,9 @@ class Engine:
 
     def _commit(self, meta: UpdateMeta, tau: int, norm: float, now: float) -> None:
         self.strategy.add(meta, tau, norm)
-        if self.thresholds is not None and meta.score_quantile is not None:
+        if self.thresholds is not None and meta.score_quantiles is not None:
             self.thresholds.report(
-                meta.sender, meta.score_quantile, meta.num_samples, meta.base_version
+                meta.sender, meta.score_quantiles, meta.num_samples, meta.base_version
             )
         self.window.add(meta.update_id, meta.base_version)
         self._observe(meta.update_id, None)

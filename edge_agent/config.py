@@ -69,6 +69,7 @@ class DataConfig:
     plugin_args: Mapping[str, Any] = field(default_factory=dict)
     max_samples: int = 0
     min_samples: int = 1
+    labels: bool = True  # false: the files hold features only (autoencoders)
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ def _data(t: Table) -> DataConfig:
         plugin_args=dict(args),
         max_samples=t.integer("max_samples", d.max_samples, lo=0),
         min_samples=t.integer("min_samples", d.min_samples, lo=1),
+        labels=t.flag("labels", d.labels),
     )
 
 

@@ -12,9 +12,10 @@ plan on this device (a slow device may want fewer epochs, a metered link another
 with no plan at all the defaults of :class:`fedmqtt.wire.Plan` apply. The plan's ``extra`` may
 carry ``weight_decay`` and ``max_grad_norm``.
 
-For an autoencoder, the round also measures the quantile of the anomaly scores of the local data
+For an autoencoder, the round also measures quantiles of the anomaly scores of the local data
 under the global model it starts from (before training, so the report describes that version)
-and the update carries it as ``metrics[wire.SCORE_QUANTILE]``; the scores themselves stay here.
+and the update carries them in ``metrics`` (``wire.SCORE_QUANTILE_PREFIX``); the scores
+themselves stay here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from edge_agent.config import TrainingConfig
 from fedmqtt import wire
 from fedmqtt.codecs import Codec, ErrorFeedback, encode_params
 from fedmqtt.errors import ConfigError
-from fedmqtt.models.anomaly import anomaly_scores, quantile_level, score_quantile
+from fedmqtt.models.anomaly import (
+    anomaly_scores,
+    quantile_level,
+    report_levels,
+    score_quantiles,
+)
 from fedmqtt.models.train import TrainConfig, TrainStats, train_local
 from fedmqtt.params import Params
 from fedmqtt.rand import RandomSource
@@ -96,7 +102,8 @@ class DeltaResult:
     delta: Params
     stats: TrainStats
     seconds: float
-    score_quantile: float | None = None  # autoencoders: see the module docstring
+    # Autoencoders: (level, score quantile) pairs, see the module docstring.
+    score_quantiles: tuple[tuple[float, float], ...] | None = None
 
 
 def compute_delta(
@@ -110,10 +117,11 @@ def compute_delta(
 ) -> DeltaResult:
     """Train from ``model`` and return ``new - base`` per tensor (float32). No side effects."""
     t0 = time.thread_time()  # this thread only: agents may share a process
-    quantile = None
+    quantiles = None
     if model.spec.is_autoencoder:
         scores = anomaly_scores(model.spec, model.params, X)
-        quantile = score_quantile(scores, quantile_level(model.spec))
+        levels = report_levels(quantile_level(model.spec))
+        quantiles = tuple(zip(levels, score_quantiles(scores, levels), strict=True))
     new, stats = train_local(model.spec, model.params, X, y, hyper.train, rng)
     delta: Params = {
         k: np.subtract(new[k], model.params[k], dtype=np.float32) for k in model.params
@@ -121,7 +129,7 @@ def compute_delta(
     if delta_transform is not None:
         delta = delta_transform(delta)
     return DeltaResult(
-        delta=delta, stats=stats, seconds=time.thread_time() - t0, score_quantile=quantile
+        delta=delta, stats=stats, seconds=time.thread_time() - t0, score_quantiles=quantiles
     )
 
 
@@ -149,8 +157,8 @@ def build_update(
         "steps": float(result.stats.steps),
         "train_cpu_s": round(result.seconds, 6),
     }
-    if result.score_quantile is not None:
-        metrics[wire.SCORE_QUANTILE] = result.score_quantile
+    for level, value in result.score_quantiles or ():
+        metrics[wire.score_quantile_key(level)] = value
     update = wire.Update(
         federation=federation,
         sender=device_id,

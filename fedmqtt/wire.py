@@ -92,21 +92,35 @@ UPDATE_FIELDS: Final = (
 the two field by field)."""
 UPDATE_FIELD: Final = {f.name: f for f in UPDATE_FIELDS}
 
-SCORE_QUANTILE: Final = "score_quantile"
-"""The ``metrics`` key of an update of an autoencoder: the empirical ``q``-quantile of the
-anomaly scores of the device's data under the update's base version (finite, >= 0; the
-aggregator refuses an update whose value is not, with reason ``schema``). The aggregator
-combines the reports into :attr:`GlobalModel.threshold` (fedmqtt.aggregation.threshold)."""
+SCORE_QUANTILE_PREFIX: Final = "score_q:"
+"""An autoencoder's update reports quantiles of the anomaly scores of the device's data under
+the update's base version in ``metrics``: key ``"score_q:<level>"`` (e.g. ``score_q:0.99``),
+value the quantile at that level. At most :data:`MAX_SCORE_QUANTILES`; levels in (0, 1),
+values finite, >= 0 and non-decreasing with the level. The aggregator refuses an update whose
+report breaks these rules (reason ``schema``) and combines the reports into
+:attr:`GlobalModel.threshold` (:mod:`fedmqtt.aggregation.threshold`)."""
+MAX_SCORE_QUANTILES: Final = 16
 
 
-def score_quantile(metrics: Mapping[str, float]) -> float | None:
-    """The update's :data:`SCORE_QUANTILE` report, None if absent; DecodeError if unusable."""
-    v = metrics.get(SCORE_QUANTILE)
-    if v is None:
+def score_quantile_key(level: float) -> str:
+    return f"{SCORE_QUANTILE_PREFIX}{level:.6g}"
+
+
+def score_quantiles(metrics: Mapping[str, float]) -> tuple[tuple[float, float], ...] | None:
+    """The update's (level, score quantile) report sorted by level, None if it has none;
+    DecodeError if the report breaks the rules of :data:`SCORE_QUANTILE_PREFIX`."""
+    from fedmqtt.aggregation.threshold import check_points
+
+    n = len(SCORE_QUANTILE_PREFIX)
+    found = [(k[n:], v) for k, v in metrics.items() if k.startswith(SCORE_QUANTILE_PREFIX)]
+    if not found:
         return None
-    if not (math.isfinite(v) and v >= 0.0):
-        raise DecodeError(SCHEMA, f"metric {SCORE_QUANTILE!r} must be finite and >= 0, not {v!r}")
-    return float(v)
+    if len(found) > MAX_SCORE_QUANTILES:
+        raise DecodeError(SCHEMA, f"more than {MAX_SCORE_QUANTILES} score quantiles")
+    try:
+        return check_points([(float(level), v) for level, v in found])
+    except ValueError as e:
+        raise DecodeError(SCHEMA, f"bad score quantile report: {e}") from None
 
 
 @dataclass(frozen=True)

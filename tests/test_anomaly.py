@@ -23,7 +23,7 @@ from aggregator.checkpoint import decode_state
 from aggregator.engine import Engine
 from aggregator.metrics import Metrics
 from fedmqtt import codecs, topics, wire
-from fedmqtt.aggregation.threshold import ThresholdEstimator
+from fedmqtt.aggregation.threshold import ThresholdEstimator, pooled_quantile
 from fedmqtt.errors import DecodeError
 from fedmqtt.models import loss_and_grad
 from fedmqtt.models.anomaly import (
@@ -31,7 +31,9 @@ from fedmqtt.models.anomaly import (
     anomaly_scores,
     autoencoder_spec,
     quantile_level,
+    report_levels,
     score_quantile,
+    score_quantiles,
 )
 from fedmqtt.models.dense import init_params
 from fedmqtt.models.spec import ModelSpec
@@ -132,27 +134,56 @@ def test_score_quantile() -> None:
 # ---- the federated threshold -----------------------------------------------------------
 
 
-def test_threshold_estimator_weighting_freshness_and_state() -> None:
-    est = ThresholdEstimator(max_age=2)
+def _report(scores: np.ndarray, q: float = 0.99) -> tuple[tuple[float, float], ...]:
+    levels = report_levels(q)
+    return tuple(zip(levels, score_quantiles(scores, levels), strict=True))
+
+
+def test_pooled_quantile_of_devices_whose_scores_differ() -> None:
+    """The estimate is the quantile of the pooled scores, which an average of the devices'
+    own quantiles is not when one device's scores run higher than the others'."""
+    rng = np.random.default_rng(0)
+    devices = [rng.exponential(1.0, 400), rng.exponential(1.2, 900), rng.exponential(4.0, 300)]
+    pooled = float(np.quantile(np.concatenate(devices), 0.99))
+    got = pooled_quantile([(_report(s), len(s)) for s in devices], 0.99)
+    assert got == pytest.approx(pooled, rel=0.05)
+    mean_of_quantiles = sum(len(s) * np.quantile(s, 0.99) for s in devices) / 1600
+    assert abs(mean_of_quantiles - pooled) > 0.2 * pooled  # the naive estimator is far off
+    # Alike devices: the estimate is their common quantile.
+    same = [(_report(rng.normal(5, 1, 2000) ** 2), 2000) for _ in range(4)]
+    common = float(np.mean([dict(p)[0.99] for p, _ in same]))
+    assert pooled_quantile(same, 0.99) == pytest.approx(common, rel=0.03)
+
+
+def test_threshold_estimator_freshness_replacement_and_state() -> None:
+    est = ThresholdEstimator(0.9, max_age=2)
     assert est.estimate(0) is None
-    est.report("a", 1.0, 100, 0)
-    est.report("b", 4.0, 300, 0)
-    assert est.estimate(1) == pytest.approx((100 * 1.0 + 300 * 4.0) / 400)
-    est.report("a", 2.0, 100, 1)  # replaces a's older report: one entry per device
+    a, b = ((0.5, 1.0), (0.9, 2.0)), ((0.5, 3.0), (0.9, 6.0))
+    est.report("a", a, 100, 0)
+    est.report("b", b, 100, 0)
+    both = est.estimate(1)
+    assert both is not None and 2.0 < both < 6.0
+    est.report("a", ((0.5, 1.5), (0.9, 2.5)), 100, 1)  # replaces a's older report
     assert len(est) == 2
-    assert est.estimate(2) == pytest.approx((100 * 2.0 + 300 * 4.0) / 400)
-    assert est.estimate(3) == pytest.approx(2.0)  # b's report (base 0) is too old for v3
+    assert est.estimate(3) == pytest.approx(2.5)  # b's report (base 0) is too old for v3
     assert est.estimate(4) is None
-    again = ThresholdEstimator(max_age=2)
+    again = ThresholdEstimator(0.9, max_age=2)
     again.load_state(json.loads(json.dumps(est.to_state())))
     assert again.reports == est.reports
-    for bad in (math.nan, math.inf, -1.0):
+    for bad in (
+        (),
+        ((0.9, math.nan),),
+        ((0.9, -1.0),),
+        ((1.0, 2.0),),
+        ((0.5, 3.0), (0.9, 2.0)),  # decreasing
+        ((0.9, 1.0), (0.9, 2.0)),  # one level twice
+    ):
         with pytest.raises(ValueError):
             est.report("c", bad, 10, 0)
     assert "c" not in est.reports
-    small = ThresholdEstimator(max_age=5, max_devices=2)
+    small = ThresholdEstimator(0.9, max_age=5, max_devices=2)
     for i, d in enumerate("xyz"):
-        small.report(d, 1.0, 1, i)
+        small.report(d, a, 1, i)
     assert set(small.reports) == {"y", "z"}  # the oldest report went first
 
 
@@ -172,17 +203,36 @@ def test_wire_fields() -> None:
     body["threshold"] = -1.0
     with pytest.raises(DecodeError):
         wire.GlobalModel.from_body(body, specs)
-    assert wire.score_quantile({"loss": 1.0}) is None
-    assert wire.score_quantile({wire.SCORE_QUANTILE: 2.5}) == 2.5
-    for bad in (math.nan, math.inf, -0.5):
+    assert wire.score_quantiles({"loss": 1.0}) is None
+    k = wire.score_quantile_key
+    assert wire.score_quantiles({k(0.99): 2.5, "loss": 1.0, k(0.5): 1.0}) == (
+        (0.5, 1.0),
+        (0.99, 2.5),
+    )
+    for bad in (
+        {k(0.99): math.nan},
+        {k(0.99): math.inf},
+        {k(0.99): -0.5},
+        {k(0.5): 3.0, k(0.9): 2.0},
+        {"score_q:high": 1.0},
+        {"score_q:1.5": 1.0},
+        {k(i / 100): float(i) for i in range(50, 50 + wire.MAX_SCORE_QUANTILES + 1)},
+    ):
         with pytest.raises(DecodeError):
-            wire.score_quantile({wire.SCORE_QUANTILE: bad})
+            wire.score_quantiles(bad)
+
+
+def _points(q: float) -> tuple[tuple[float, float], ...]:
+    return ((0.5, 0.5 * q / 0.99), (0.99, q))
 
 
 def _update(fed: Federation, device: str, q: float | None, n: int, base: int = 0) -> bytes:
+    """An update whose report says: the device's scores lie uniformly in [0, q / 0.99]."""
     delta = fed.layout.unflatten(np.full(fed.layout.size, 1e-3, np.float32))
     enc = codecs.encode_params(delta, codecs.Codec("raw"), rng=np.random.default_rng(0))
-    metrics = {"loss": 1.0} if q is None else {"loss": 1.0, wire.SCORE_QUANTILE: q}
+    metrics = {"loss": 1.0}
+    if q is not None:
+        metrics |= {wire.score_quantile_key(lv): v for lv, v in _points(q)}
     u = wire.Update(FED, device, uuid.uuid4().hex, 0, base, n, fed.spec.fingerprint(), enc, metrics)
     return wire.encode(u, fed.keys[device])
 
@@ -199,13 +249,15 @@ def test_engine_combines_reports_rejects_bad_ones_and_checkpoints(tmp_path: Path
     assert e.version == 0 and len(e.strategy) == 1 and len(e.thresholds or ()) == 1
     assert e.metrics.snapshot()["rejected"]["schema"] == 2
     e.process([(t(FED, "d1"), _update(fed, "d1", 4.0, 300))], 0.0)
-    assert e.version == 1 and e.threshold == pytest.approx(3.25)
-    snap = e.snapshot()
-    assert snap.threshold == pytest.approx(3.25)
+    expected = pooled_quantile([(_points(1.0), 100), (_points(4.0), 300)], 0.99)
+    assert 1.0 < expected < 4.0
+    assert e.version == 1 and e.threshold == pytest.approx(expected)
+    assert e.snapshot().threshold == pytest.approx(expected)
     # An update without a report (an older agent) changes nothing about the threshold.
     e.process([(t(FED, "d2"), _update(fed, "d2", None, 50, base=1))], 0.0)
     e.process([(t(FED, "d0"), _update(fed, "d0", 2.0, 100, base=1))], 0.0)
-    assert e.version == 2 and e.threshold == pytest.approx((2.0 * 100 + 4.0 * 300) / 400)
+    expected = pooled_quantile([(_points(2.0), 100), (_points(4.0), 300)], 0.99)
+    assert e.version == 2 and e.threshold == pytest.approx(expected)
     restored = Engine(cfg, Metrics(FED), keys=None)
     restored.restore(decode_state(e.snapshot().data))
     assert restored.threshold == e.threshold
@@ -284,8 +336,12 @@ def test_device_reports_the_quantile_of_its_scores_under_the_base_model() -> Non
     hyper = resolve_hyper(None, TrainingConfig())
     rng = np.random.default_rng(0)
     result = compute_delta(model, X, np.zeros(200), hyper, rng)
-    expected = score_quantile(anomaly_scores(spec, params, X), 0.9)
-    assert result.score_quantile == pytest.approx(expected)
+    scores = anomaly_scores(spec, params, X)
+    levels = report_levels(0.9)
+    assert 0.9 in levels and max(levels) > 0.9
+    expected = {lv: float(np.quantile(scores, lv)) for lv in levels}
+    assert result.score_quantiles is not None
+    assert dict(result.score_quantiles) == pytest.approx(expected)
     update, _ = build_update(
         model,
         result,
@@ -297,5 +353,22 @@ def test_device_reports_the_quantile_of_its_scores_under_the_base_model() -> Non
         rng=rng,
         feedback=None,
     )
-    assert update.metrics[wire.SCORE_QUANTILE] == pytest.approx(expected)
+    sent = wire.score_quantiles(update.metrics)
+    assert sent is not None and dict(sent) == pytest.approx(expected)
     assert any(np.abs(d).max() > 0 for d in result.delta.values())  # it also trained
+
+
+def test_unlabeled_data_files(tmp_path: Path) -> None:
+    from edge_agent.config import DataConfig
+    from edge_agent.data import DataError, load_data
+
+    (tmp_path / "a.csv").write_text("t,rh,co2\n1,2,3\n4,5,6\n")
+    X, y = load_data(DataConfig(source="csv", path=tmp_path, labels=False))
+    assert X.tolist() == [[1, 2, 3], [4, 5, 6]] and y.shape == (2,)
+    labelled, _ = load_data(DataConfig(source="csv", path=tmp_path))
+    assert labelled.shape == (2, 2)  # by default the last column is the label
+    np.savez(tmp_path / "b.npz", X=np.ones((3, 2)))
+    X, _ = load_data(DataConfig(source="npz", path=tmp_path / "b.npz", labels=False))
+    assert X.shape == (3, 2)
+    with pytest.raises(DataError, match="'y'"):
+        load_data(DataConfig(source="npz", path=tmp_path / "b.npz"))

@@ -10,9 +10,10 @@ in preprocessed units::
 and the **decision** is ``score > threshold`` (1 = anomaly). The threshold is the level-``q``
 quantile of the scores of normal data (``q`` is ``spec.extra["quantile"]``, default
 :data:`DEFAULT_QUANTILE`), so about ``1 - q`` of normal samples are flagged. No device sends
-its scores: each reports one number, the empirical ``q``-quantile of the scores of its own
-data under the model version it started training from (:func:`score_quantile`), and the
-aggregator combines the reports (:mod:`fedmqtt.aggregation.threshold`).
+its scores: each reports a few numbers, empirical quantiles of the scores of its own data
+under the model version it started training from, at levels up to and beyond ``q``
+(:func:`report_levels`, :func:`score_quantiles`), and the aggregator combines the reports into
+the quantile of the pooled scores (:mod:`fedmqtt.aggregation.threshold`).
 
 Only numpy is imported here, so a device can score without scikit-learn or onnxruntime.
 """
@@ -36,7 +37,9 @@ __all__ = [
     "anomaly_scores",
     "autoencoder_spec",
     "quantile_level",
+    "report_levels",
     "score_quantile",
+    "score_quantiles",
 ]
 
 DEFAULT_QUANTILE: Final = 0.99
@@ -94,7 +97,7 @@ def anomaly_scores(spec: ModelSpec, params: Params, X: npt.ArrayLike) -> npt.NDA
 def score_quantile(scores: npt.ArrayLike, q: float) -> float:
     """The empirical ``q``-quantile of ``scores`` (linear interpolation, numpy's default).
 
-    This is the one number about its scores a device reports. Raises ``ValueError`` on an
+    Raises ``ValueError`` on an
     empty or non-finite input, so a broken score never becomes a threshold.
     """
     s = np.asarray(scores, dtype=np.float64)
@@ -105,6 +108,23 @@ def score_quantile(scores: npt.ArrayLike, q: float) -> float:
     if not 0.0 < q < 1.0:
         raise ValueError(f"quantile level must be in (0, 1), not {q!r}")
     return float(np.quantile(s, q))
+
+
+def report_levels(q: float) -> tuple[float, ...]:
+    """The levels at which a device reports the quantiles of its scores: a ladder from the
+    median to ``q`` and two levels beyond it, so that the aggregator can locate the pooled
+    ``q``-quantile of devices whose scores differ (fedmqtt.aggregation.threshold)."""
+    tail = 1.0 - q
+    levels = {0.5, 0.75, 0.9, 0.95, q, 1.0 - tail / 2, 1.0 - tail / 4}
+    return tuple(sorted(levels))
+
+
+def score_quantiles(scores: npt.ArrayLike, levels: tuple[float, ...]) -> tuple[float, ...]:
+    """:func:`score_quantile` at each of ``levels``, from one sort of the scores."""
+    for lv in levels:
+        score_quantile([0.0], lv)  # checks the level
+    score_quantile(scores, 0.5)  # checks the scores
+    return tuple(float(v) for v in np.quantile(np.asarray(scores, np.float64), levels))
 
 
 class Autoencoder:
