@@ -372,3 +372,44 @@ def test_unlabeled_data_files(tmp_path: Path) -> None:
     assert X.shape == (3, 2)
     with pytest.raises(DataError, match="'y'"):
         load_data(DataConfig(source="npz", path=tmp_path / "b.npz"))
+
+
+def test_an_autoencoder_round_imports_nothing_heavy() -> None:
+    """The agent's import footprint: scoring and the quantile report add no module that a
+    softmax round does not load (tests/test_agent_process.py checks that round)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_agent_process import HEAVY, ROOT
+
+    code = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        import edge_agent.agent
+        from edge_agent.config import TrainingConfig
+        from edge_agent.trainer import build_update, compute_delta, resolve_hyper
+        from fedmqtt import wire
+        from fedmqtt.models import init_params
+        from fedmqtt.models.spec import ModelSpec
+        from fedmqtt.signing import HmacKey
+
+        def round_of(spec, X):
+            model = wire.GlobalModel("f", "a", 1, spec, init_params(spec, np.random.default_rng(0)))
+            hyper = resolve_hyper(None, TrainingConfig())
+            rng = np.random.default_rng(0)
+            res = compute_delta(model, X, np.zeros(len(X), np.int64), hyper, rng)
+            build_update(model, res, hyper, device_id="d", federation="f", seq=0,
+                         signer=HmacKey.generate(), rng=rng, feedback=None)
+            return set(sys.modules)
+
+        X = np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32)
+        softmax = round_of(ModelSpec("softmax", 8, 2), X)
+        ae = round_of(ModelSpec("autoencoder", 8, 8, hidden=(3,)), X)
+        print(json.dumps({{"extra": sorted(ae - softmax),
+                          "heavy": [m for m in ae if m.split(".")[0] in {HEAVY!r}]}}))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert json.loads(out.stdout) == {"extra": [], "heavy": []}

@@ -107,7 +107,20 @@ def score_quantile(scores: npt.ArrayLike, q: float) -> float:
         raise ValueError("scores contain NaN or Inf")
     if not 0.0 < q < 1.0:
         raise ValueError(f"quantile level must be in (0, 1), not {q!r}")
-    return float(np.quantile(s, q))
+    return _quantiles(np.sort(s), (q,))[0]
+
+
+def _quantiles(ordered: F64, levels: tuple[float, ...]) -> tuple[float, ...]:
+    """numpy's default (linear) quantiles of sorted data, without ``np.quantile``, which
+    imports ``numpy.ma`` and would grow the agent's footprint for one interpolation."""
+    last = ordered.shape[0] - 1
+    out = []
+    for lv in levels:
+        h = last * lv
+        lo = math.floor(h)
+        hi = min(lo + 1, last)
+        out.append(float(ordered[lo] + (h - lo) * (ordered[hi] - ordered[lo])))
+    return tuple(out)
 
 
 def report_levels(q: float) -> tuple[float, ...]:
@@ -124,7 +137,7 @@ def score_quantiles(scores: npt.ArrayLike, levels: tuple[float, ...]) -> tuple[f
     for lv in levels:
         score_quantile([0.0], lv)  # checks the level
     score_quantile(scores, 0.5)  # checks the scores
-    return tuple(float(v) for v in np.quantile(np.asarray(scores, np.float64), levels))
+    return _quantiles(np.sort(np.asarray(scores, np.float64)), levels)
 
 
 class Autoencoder:
