@@ -413,3 +413,28 @@ def test_an_autoencoder_round_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert json.loads(out.stdout) == {"extra": [], "heavy": []}
+
+
+def test_auroc_and_holdout_evaluation(tmp_path: Path) -> None:
+    from aggregator.evaluate import evaluate, load_holdout, metric_name
+    from fedmqtt.errors import ConfigError
+    from fedmqtt.models.anomaly import auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(y, 1.0), 1)  # rounded: many ties
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    with pytest.raises(ValueError):
+        auroc(np.zeros(3), [1.0, 2.0, 3.0])
+    spec = autoencoder_spec(4, bottleneck=2)
+    params = _perturbed(spec, 0)
+    X = rng.normal(0, 1, (50, 4)).astype(np.float32)
+    labels = (anomaly_scores(spec, params, X) > 1.0).astype(np.int64)
+    np.savez(tmp_path / "h.npz", X=X, y=labels)
+    holdout = load_holdout(tmp_path / "h.npz", spec)
+    flat = spec.layout().flatten(params)
+    assert metric_name(spec) == "auroc"
+    assert evaluate(spec, spec.layout(), flat, holdout) == 1.0  # labels from the scores
+    np.savez(tmp_path / "bad.npz", X=X, y=np.full(50, 3))
+    with pytest.raises(ConfigError, match="0 \\(normal\\) and 1"):
+        load_holdout(tmp_path / "bad.npz", spec)

@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_QUANTILE",
     "Autoencoder",
     "anomaly_scores",
+    "auroc",
     "autoencoder_spec",
     "quantile_level",
     "report_levels",
@@ -138,6 +139,26 @@ def score_quantiles(scores: npt.ArrayLike, levels: tuple[float, ...]) -> tuple[f
         score_quantile([0.0], lv)  # checks the level
     score_quantile(scores, 0.5)  # checks the scores
     return _quantiles(np.sort(np.asarray(scores, np.float64)), levels)
+
+
+def auroc(anomalous: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+    """Area under the ROC curve of ``scores`` for the 0/1 (or bool) labels ``anomalous``:
+    the probability that an anomaly scores higher than a normal sample, ties counting half
+    (the Mann-Whitney statistic; scikit-learn's ``roc_auc_score`` without scikit-learn)."""
+    y = np.asarray(anomalous).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if y.shape != s.shape or n_pos == 0 or n_neg == 0:
+        raise ValueError("need matching labels and scores, with both classes present")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(s.shape[0], dtype=np.float64)
+    ranks[order] = np.arange(1, s.shape[0] + 1)
+    # Tied scores share their mean rank.
+    uniq, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    if uniq.shape[0] < s.shape[0]:
+        sums = np.bincount(inverse, weights=ranks)
+        ranks = (sums / counts)[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 class Autoencoder:
