@@ -246,6 +246,7 @@ def run_federation(
     timeout_s: float = 600.0,
     feed_period_s: float = 0.2,
     feed_batch: int = 20,
+    downlink: str = "int8",
 ) -> FederationResult:
     """Run agents and aggregator until the global model reaches ``versions``; FedMQTTError
     if it does not within ``timeout_s``."""
@@ -266,6 +267,7 @@ def run_federation(
             onnx_every=onnx_every,
             feed_period_s=feed_period_s,
             feed_batch=feed_batch,
+            downlink=downlink,
         )
         if not agg.wait_for(lambda s: s["version"] >= versions, timeout=timeout_s):
             raise FedMQTTError(
@@ -309,6 +311,7 @@ def _start(
     onnx_every: int,
     feed_period_s: float,
     feed_batch: int,
+    downlink: str,
 ) -> tuple[Any, list[tuple[Path, dict[str, Any]]], list[SensorFeed | None]]:
     from aggregator.config import AggregatorConfig
     from edge_agent.agent import EdgeAgent
@@ -395,6 +398,7 @@ def _start(
             **(plan or {}),
         },
         "onnx": {"every": onnx_every},
+        "downlink": {"codec": downlink},
         "metrics": {"prometheus_port": 0},
     }
     agg = AggregatorThread(AggregatorConfig.from_dict(raw, base_dir=workdir)).start()
