@@ -247,6 +247,7 @@ def run_federation(
     feed_period_s: float = 0.2,
     feed_batch: int = 20,
     downlink: str = "int8",
+    strategy: dict[str, Any] | None = None,
 ) -> FederationResult:
     """Run agents and aggregator until the global model reaches ``versions``; FedMQTTError
     if it does not within ``timeout_s``."""
@@ -268,6 +269,7 @@ def run_federation(
             feed_period_s=feed_period_s,
             feed_batch=feed_batch,
             downlink=downlink,
+            strategy=strategy,
         )
         if not agg.wait_for(lambda s: s["version"] >= versions, timeout=timeout_s):
             raise FedMQTTError(
@@ -312,6 +314,7 @@ def _start(
     feed_period_s: float,
     feed_batch: int,
     downlink: str,
+    strategy: dict[str, Any] | None,
 ) -> tuple[Any, list[tuple[Path, dict[str, Any]]], list[SensorFeed | None]]:
     from aggregator.config import AggregatorConfig
     from edge_agent.agent import EdgeAgent
@@ -388,7 +391,7 @@ def _start(
             "devices_dir": str(workdir / "devices"),
         },
         "model": model,
-        "strategy": {"name": "fedbuff", "buffer_size": k, "max_staleness": 20},
+        "strategy": {"name": "fedbuff", "buffer_size": k, "max_staleness": 20, **(strategy or {})},
         "plan": {
             "epochs": 1,
             "lr": 0.01,
