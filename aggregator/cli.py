@@ -225,6 +225,7 @@ def _export(cfg: AggregatorConfig, out: Path) -> int:
             cfg.federation.id,
             loaded.version,
             float(loaded.state.get("version_created_at", time.time())),
+            (loaded.state.get("threshold") or {}).get("value"),
         )
     except ImportError as e:
         raise FedMQTTError(

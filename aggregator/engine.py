@@ -22,6 +22,7 @@ window, their counts): after a crash the broker redelivers them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -57,9 +58,11 @@ from aggregator.validate import (
     scale_segments,
 )
 from fedmqtt import topics
+from fedmqtt.aggregation.threshold import ThresholdEstimator
 from fedmqtt.codecs import decode_params
 from fedmqtt.errors import REPLAY, RejectedError
 from fedmqtt.models import init_params
+from fedmqtt.models.anomaly import quantile_level
 from fedmqtt.params import F32
 from fedmqtt.signing import CHACHA20_POLY1305
 from fedmqtt.wire import unpack_map
@@ -130,6 +133,7 @@ class Snapshot:
     params: F32
     stats: dict[str, float]
     created_at: float
+    threshold: float | None = None  # the anomaly threshold of ``version`` (autoencoders)
 
 
 #: Called for every update received: ``(update_id, reason)``, ``reason`` None when accepted,
@@ -172,6 +176,13 @@ class Engine:
         self.rate = DeviceRate(lim.device_rate, lim.device_burst)
         self.presence = Presence(self.federation, self.keys)
         self.cohort = cohort_gate(cfg)  # None: the plan lets every device train
+        # Autoencoders: the devices' score-quantile reports and the threshold they give.
+        self.thresholds = (
+            ThresholdEstimator(quantile_level(cfg.spec), cfg.strategy.max_staleness)
+            if cfg.spec.is_autoencoder
+            else None
+        )
+        self.threshold: float | None = None
         self.reject_log = RejectionLog()
         self.telemetry = DeviceTelemetry(self.keys)
         self.evals = FederatedEval(
@@ -212,6 +223,15 @@ class Engine:
         self.flushes = int(state["flushes"])
         self.stats = {str(k): float(v) for k, v in dict(state.get("stats", {})).items()}
         self.version_created_at = float(state.get("version_created_at", time.time()))
+        if self.thresholds is not None and "threshold" in state:
+            try:
+                self.thresholds.load_state(state["threshold"]["reports"])
+                t = state["threshold"]["value"]
+                self.threshold = None if t is None else float(t)
+                if self.threshold is not None and not 0 <= self.threshold < math.inf:
+                    raise ValueError(f"threshold {t!r} is not finite and >= 0")
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"malformed checkpoint: threshold: {e}") from None
         self.metrics.restore(state.get("metrics", {}))
         self.metrics.record_version(self.version, None, 0)
         if self.strategy.privacy is not None:
@@ -245,6 +265,8 @@ class Engine:
             "norms": self.gate.to_state(),
             "metrics": self.metrics.saved(unapplied_taus=[p.tau for p in pending]),
         }
+        if self.thresholds is not None:
+            state["threshold"] = {"value": self.threshold, "reports": self.thresholds.to_state()}
         return Snapshot(
             self.flushes,
             self.version,
@@ -252,6 +274,7 @@ class Engine:
             self.params,
             dict(self.stats),
             self.version_created_at,
+            self.threshold,
         )
 
     # ------------------------------------------------------------------ processing
@@ -505,6 +528,10 @@ class Engine:
 
     def _commit(self, meta: UpdateMeta, tau: int, norm: float, now: float) -> None:
         self.strategy.add(meta, tau, norm)
+        if self.thresholds is not None and meta.score_quantiles is not None:
+            self.thresholds.report(
+                meta.sender, meta.score_quantiles, meta.num_samples, meta.base_version
+            )
         self.window.add(meta.update_id, meta.base_version)
         self._observe(meta.update_id, None)
         self.gate.observe(norm)
@@ -535,6 +562,9 @@ class Engine:
         self.version += 1
         self.flushes += 1
         self.stats = stats
+        if self.thresholds is not None:
+            t = self.thresholds.estimate(self.version)
+            self.threshold = self.threshold if t is None else t
         self.version_created_at = time.time()
         self.strategy.on_version(self.version, now)
         self.window.prune(self.version - self.strategy.max_staleness)

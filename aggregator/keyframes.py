@@ -176,6 +176,7 @@ def delta_payload(
         delta=sent,  # not sent: ``encoded`` is
         created_at=snap.created_at,
         encoded=encoded,
+        threshold=snap.threshold,
     )
     return wire.encode(msg, signer), sent
 

@@ -80,6 +80,7 @@ def model_message(
         created_at=snap.created_at,
         encoded=encoded,
         keyframe=keyframe,
+        threshold=snap.threshold,
     )
     return msg, flat
 
@@ -125,18 +126,32 @@ def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:
     return wire.encode(msg, signer)
 
 
-def onnx_bytes(
-    spec: ModelSpec, flat: F32, federation: str, version: int, created_at: float
+def onnx_bytes(  # noqa: PLR0917 - positional like its callers
+    spec: ModelSpec,
+    flat: F32,
+    federation: str,
+    version: int,
+    created_at: float,
+    threshold: float | None = None,
 ) -> bytes:
     """The ONNX export (raises ImportError if the onnx package is not installed)."""
     from fedmqtt.onnx_export import export_onnx
 
     params = spec.layout().unflatten(flat, copy=False)
-    return export_onnx(spec, params, federation=federation, version=version, created_at=created_at)
+    return export_onnx(
+        spec,
+        params,
+        federation=federation,
+        version=version,
+        created_at=created_at,
+        threshold=threshold,
+    )
 
 
 def onnx_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
-    data = onnx_bytes(cfg.spec, snap.params, cfg.federation.id, snap.version, snap.created_at)
+    data = onnx_bytes(
+        cfg.spec, snap.params, cfg.federation.id, snap.version, snap.created_at, snap.threshold
+    )
     msg = wire.OnnxModel(
         federation=cfg.federation.id,
         sender=SENDER,

@@ -75,6 +75,9 @@ class UpdateMeta:
     num_samples: int
     created_at: float
     nbytes: int
+    # An autoencoder update's score-quantile report, (level, value) pairs (see
+    # wire.SCORE_QUANTILE_PREFIX), None if absent.
+    score_quantiles: tuple[tuple[float, float], ...] | None = None
 
 
 def open_update(
@@ -116,6 +119,7 @@ def open_update(
         num_samples=upd.num_samples,
         created_at=upd.created_at,
         nbytes=len(payload),
+        score_quantiles=wire.score_quantiles(upd.metrics),
     )
     return meta, upd.delta
 

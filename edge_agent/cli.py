@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--config", required=True, type=Path, help="path to agent.toml")
     pred.add_argument("--input", required=True, type=Path, help="CSV file of feature rows")
     pred.add_argument("--format", default="csv", choices=("csv", "json"), dest="output_format")
+    pred.add_argument(
+        "--threshold",
+        default="global",
+        choices=("global", "local"),
+        help="autoencoders: decide with the federated threshold or this device's own",
+    )
     return p
 
 
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge_agent.check import run_check
 
         return run_check(args.config, sys.stdout, broker=not args.no_broker)
-    return cmd_predict(args.config, args.input, args.output_format, sys.stdout)
+    return cmd_predict(args.config, args.input, args.output_format, sys.stdout, args.threshold)
 
 
 def setup_logging(level: str) -> None:
@@ -109,7 +115,9 @@ def cmd_run(config_path: Path, log_level: str | None) -> int:
     return 0
 
 
-def cmd_predict(config_path: Path, input_path: Path, output_format: str, out: TextIO) -> int:
+def cmd_predict(
+    config_path: Path, input_path: Path, output_format: str, out: TextIO, threshold: str = "global"
+) -> int:
     try:
         from edge_agent import predictor
     except ImportError as e:
@@ -119,4 +127,4 @@ def cmd_predict(config_path: Path, input_path: Path, output_format: str, out: Te
             file=sys.stderr,
         )
         return 2
-    return predictor.predict_cli(config_path, input_path, output_format, out)
+    return predictor.predict_cli(config_path, input_path, output_format, out, threshold=threshold)

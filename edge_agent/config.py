@@ -76,6 +76,7 @@ class DataConfig:
     plugin_args: Mapping[str, Any] = field(default_factory=dict)
     max_samples: int = 0
     min_samples: int = 1
+    labels: bool = True  # false: the files hold features only (autoencoders)
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,7 @@ def _data(t: Table) -> DataConfig:
         plugin_args=dict(args),
         max_samples=t.integer("max_samples", d.max_samples, lo=0),
         min_samples=t.integer("min_samples", d.min_samples, lo=1),
+        labels=t.flag("labels", d.labels),
     )
 
 

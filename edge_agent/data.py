@@ -15,6 +15,10 @@ deltas.
 * ``plugin``: ``"package.module:callable"``, called with ``plugin_args`` as keyword arguments,
   returning ``(X, y)``. For sensors that are read through an API rather than files.
 
+``labels = false`` (for an autoencoder, which learns from unlabeled data): every CSV column is
+a feature (``label_column`` is not used) and an ``.npz`` needs no ``y_key`` array; the labels
+passed on are zeros.
+
 ``max_samples > 0`` keeps only the newest rows (files later in name order, rows later in a
 file), which bounds memory and training time on a device that accumulates data for months.
 """
@@ -95,6 +99,8 @@ def _load_csv(path: Path, cfg: DataConfig) -> tuple[F32, Array]:
     n_cols = table.shape[1]
     if names is not None and len(names) != n_cols:
         raise DataError(f"{path}: header has {len(names)} columns, rows have {n_cols}")
+    if not cfg.labels:
+        return table.astype(np.float32), np.zeros(table.shape[0], np.float32)
     label = cfg.label_column
     if isinstance(label, str):
         if names is None:
@@ -116,11 +122,11 @@ def _load_csv(path: Path, cfg: DataConfig) -> tuple[F32, Array]:
 def _load_npz(path: Path, cfg: DataConfig) -> tuple[F32, Array]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            if cfg.x_key not in z or cfg.y_key not in z:
-                raise DataError(
-                    f"{path}: needs arrays {cfg.x_key!r} and {cfg.y_key!r}, has {sorted(z.files)}"
-                )
-            X, y = z[cfg.x_key], z[cfg.y_key]
+            if cfg.x_key not in z or (cfg.labels and cfg.y_key not in z):
+                want = f"{cfg.x_key!r} and {cfg.y_key!r}" if cfg.labels else repr(cfg.x_key)
+                raise DataError(f"{path}: needs arrays {want}, has {sorted(z.files)}")
+            X = z[cfg.x_key]
+            y = z[cfg.y_key] if cfg.labels else np.zeros(X.shape[0], np.float32)
     except DataError:
         raise
     except (OSError, ValueError) as e:  # ValueError: pickled object arrays, bad zip

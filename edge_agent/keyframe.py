@@ -79,6 +79,7 @@ def rebuild(kf: Held, d: wire.ModelDelta) -> wire.GlobalModel:
         spec=d.spec,
         params=d.spec.layout().unflatten(flat, copy=False),
         created_at=d.created_at,
+        threshold=d.threshold,
     )
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.config import DataConfig
 from edge_agent.keyframe import load_newest
 from edge_agent.state import stored_specs
 from fedmqtt import wire
@@ -127,7 +128,7 @@ class Predictor:
             meta_version = int(self.metadata.get(_META + "version", meta.version))
         except (KeyError, ValueError) as e:
             raise PredictorError(f"model metadata is missing or malformed: {e}") from None
-        if self.kind not in ("softmax", "linear", "mlp"):
+        if self.kind not in ("softmax", "linear", "mlp", "autoencoder"):
             raise PredictorError(f"unknown model kind {self.kind!r} in the model metadata")
         self.feature_names = [str(n) for n in names]
         self.classes = None if classes is None else [int(c) for c in classes]
@@ -140,10 +141,22 @@ class Predictor:
         outputs = {o.name for o in session.get_outputs()}
         if len(inputs) != 1 or inputs[0].name != "features":
             raise PredictorError("the model must have exactly one input named 'features'")
+        self.threshold: float | None = None
+        self.quantile: float | None = None
         if self.is_classifier:
             if not {"label", "probabilities"} <= outputs or self.classes is None:
                 raise PredictorError("a classifier model needs 'label' and 'probabilities'")
             self.n_outputs = len(self.classes)
+        elif self.is_autoencoder:
+            if not {"score", "decision"} <= outputs:
+                raise PredictorError("an autoencoder model needs 'score' and 'decision'")
+            try:
+                t = json.loads(self.metadata.get(_META + "threshold", "null"))
+                self.threshold = None if t is None else float(t)
+                self.quantile = float(self.metadata[_META + "quantile"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise PredictorError(f"autoencoder metadata is malformed: {e}") from None
+            self.n_outputs = self.n_features
         else:
             if "prediction" not in outputs:
                 raise PredictorError("a regression model needs a 'prediction' output")
@@ -237,7 +250,11 @@ class Predictor:
     # ---- inference -------------------------------------------------------------------------
     @property
     def is_classifier(self) -> bool:
-        return self.kind != "linear"
+        return self.kind in ("softmax", "mlp")
+
+    @property
+    def is_autoencoder(self) -> bool:
+        return self.kind == "autoencoder"
 
     def _features(self, X: npt.ArrayLike) -> F32:
         arr = np.asarray(X)
@@ -255,12 +272,15 @@ class Predictor:
         return cast(list[Any], self._session.run(list(names), {"features": self._features(X)}))
 
     def predict(self, X: npt.ArrayLike) -> npt.NDArray[Any]:
-        """Class labels (int64, ``(n,)``) or predictions (float32, ``(n,)`` for one output).
+        """Class labels (int64, ``(n,)``), predictions (float32, ``(n,)`` for one output) or,
+        for an autoencoder, decisions (int64 ``(n,)``, 1 = anomaly).
 
         A 1-D ``X`` is one row.
         """
         if self.is_classifier:
             return cast(I64, self._run(["label"], X)[0])
+        if self.is_autoencoder:
+            return cast(I64, self._run(["decision"], X)[0])
         out = cast(F32, self._run(["prediction"], X)[0])
         return out[:, 0] if out.shape[1] == 1 else out
 
@@ -269,6 +289,13 @@ class Predictor:
         if not self.is_classifier:
             raise PredictorError("a regression model has no class probabilities")
         return cast(F32, self._run(["probabilities"], X)[0])
+
+    def score_with_decision(self, X: npt.ArrayLike) -> tuple[F32, I64]:
+        """An autoencoder's anomaly scores and 0/1 decisions, from one run of the graph."""
+        if not self.is_autoencoder:
+            raise PredictorError(f"a {self.kind} model has no anomaly score")
+        score, decision = self._run(["score", "decision"], X)
+        return cast(F32, score), cast(I64, decision)
 
     def predict_with_proba(self, X: npt.ArrayLike) -> tuple[I64, F32]:
         """Labels and probabilities from one run of the graph."""
@@ -293,6 +320,7 @@ def _export(model: wire.GlobalModel | PersonalModel, what: str) -> bytes:
             federation=model.federation,
             version=model.version,
             created_at=model.created_at,
+            threshold=getattr(model, "threshold", None),  # autoencoders' global threshold
         )
     except ValueError as e:
         raise PredictorError(f"cannot export {what}: {e}") from None
@@ -334,6 +362,7 @@ class _AgentPaths:
     label_column: str | int
     delimiter: str
     personal_device: str | None
+    data: DataConfig
 
 
 def _read_agent_config(config_path: Path) -> _AgentPaths:
@@ -348,6 +377,7 @@ def _read_agent_config(config_path: Path) -> _AgentPaths:
         label_column=cfg.data.label_column,
         delimiter=cfg.data.delimiter,
         personal_device=cfg.device.id if cfg.personalise.mode != "off" else None,
+        data=cfg.data,
     )
 
 
@@ -427,9 +457,53 @@ def _num(x: Any) -> float:
     return float(str(np.float32(x)))
 
 
-def _write_chunk(pred: Predictor, X: F32, fmt: str, out: TextIO, first: bool) -> None:
+def _write_anomaly(
+    pred: Predictor, X: F32, fmt: str, buf: io.StringIO, first: bool, *, threshold: float | None
+) -> None:
+    """``score,decision`` rows; ``threshold`` (the local one) replaces the model's."""
+    score, decision = pred.score_with_decision(X)
+    if threshold is not None:
+        decision = (score > np.float32(threshold)).astype(np.int64)
+    if fmt == "csv":
+        w = csv.writer(buf, lineterminator="\n")
+        if first:
+            w.writerow(["score", "decision"])
+        for v, d in zip(score, decision.tolist(), strict=True):
+            w.writerow([str(np.float32(v)), d])
+    else:
+        for v, d in zip(score, decision.tolist(), strict=True):
+            buf.write(json.dumps({"score": _num(v), "decision": d}) + "\n")
+
+
+def local_threshold(pred: Predictor, data: DataConfig) -> float:
+    """This device's own threshold: the model's quantile of the scores of its local data
+    under the same model (computed here; nothing is stored or sent)."""
+    from edge_agent.data import DataError, load_data
+    from fedmqtt.models.anomaly import score_quantile
+
+    if not pred.is_autoencoder or pred.quantile is None:
+        raise PredictorError("a local threshold applies to autoencoder models only")
+    try:
+        X, _ = load_data(data)
+        scores, _ = pred.score_with_decision(X)
+        return score_quantile(scores, pred.quantile)
+    except (DataError, ValueError) as e:
+        raise PredictorError(f"cannot compute the local threshold from [data]: {e}") from None
+
+
+def _write_chunk(
+    pred: Predictor,
+    X: F32,
+    fmt: str,
+    out: TextIO,
+    first: bool,
+    *,
+    threshold: float | None = None,
+) -> None:
     buf = io.StringIO()
-    if pred.is_classifier:
+    if pred.is_autoencoder:
+        _write_anomaly(pred, X, fmt, buf, first, threshold=threshold)
+    elif pred.is_classifier:
         assert pred.classes is not None
         labels, proba = pred.predict_with_proba(X)
         cls_names = [str(c) for c in pred.classes]
@@ -467,6 +541,7 @@ def predict_cli(
     *,
     err: TextIO | None = None,
     intra_op_num_threads: int = 1,
+    threshold: str = "global",
 ) -> int:
     """``edge-agent predict``: CSV rows in, one prediction per row out; returns the exit code.
 
@@ -478,7 +553,10 @@ def predict_cli(
 
     Output ``csv``: ``label,p_<class>...`` for classifiers (``prediction`` for regression);
     ``json``: one object per line, ``{"label": 3, "probabilities": {"0": 0.01, ...}}`` or
-    ``{"prediction": 1.5}``. Exit codes: 0 success, 1 bad input, 2 no usable model or config.
+    ``{"prediction": 1.5}``. An autoencoder prints ``score,decision`` (``{"score": 0.31,
+    "decision": 0}``): the anomaly score and 1 if it exceeds the threshold, the federated one
+    of the model (``threshold="global"``) or, with ``threshold="local"``, this device's own
+    (:func:`local_threshold`). Exit codes: 0 success, 1 bad input, 2 no usable model or config.
     """
     err = sys.stderr if err is None else err
     if output_format not in ("csv", "json"):
@@ -496,11 +574,27 @@ def predict_cli(
     except (ConfigError, PredictorError) as e:
         print(f"error: {e}", file=err)
         return EXIT_MODEL
+    local: float | None = None
+    if threshold not in ("global", "local"):
+        print(f"error: unknown threshold {threshold!r}; use global or local", file=err)
+        return EXIT_INPUT
+    if threshold == "local":
+        try:
+            local = local_threshold(pred, paths.data)
+        except PredictorError as e:
+            print(f"error: {e}", file=err)
+            return EXIT_INPUT
+    elif pred.is_autoencoder and pred.threshold is None:
+        print(
+            f"warning: model version {pred.version} has no threshold yet (no device has "
+            "reported a score quantile): every decision is 0",
+            file=err,
+        )
     n_rows = 0
     try:
         with open(input_path, encoding="utf-8", newline="") as f:
             for i, X in enumerate(_read_chunks(f, pred, paths.label_column, paths.delimiter)):
-                _write_chunk(pred, X, output_format, out, first=i == 0)
+                _write_chunk(pred, X, output_format, out, first=i == 0, threshold=local)
                 n_rows += X.shape[0]
     except OSError as e:
         print(f"error: cannot read {input_path}: {e.strerror}", file=err)
@@ -515,9 +609,11 @@ def predict_cli(
         print(f"error: {input_path} has no data rows", file=err)
         return EXIT_INPUT
     which = f"personal model ({pred.personal}) from version" if pred.personal else "model version"
+    used = local if local is not None else pred.threshold
+    detail = "" if not pred.is_autoencoder else f", {threshold} threshold {used}"
     print(
         f"{n_rows} rows predicted with {which} {pred.version} "
-        f"({pred.kind}, federation {pred.federation!r})",
+        f"({pred.kind}, federation {pred.federation!r}{detail})",
         file=err,
     )
     return EXIT_OK

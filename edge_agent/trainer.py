@@ -12,6 +12,11 @@ plan on this device (a slow device may want fewer epochs, a metered link another
 with no plan at all the defaults of :class:`fedmqtt.wire.Plan` apply. The plan's ``extra`` may
 carry ``weight_decay``, ``max_grad_norm`` and ``dp_clip`` (central differential privacy: the
 delta is clipped to that L2 norm before it is encoded; docs/privacy.md).
+
+For an autoencoder, the round also measures quantiles of the anomaly scores of the local data
+under the global model it starts from (before training, so the report describes that version)
+and the update carries them in ``metrics`` (``wire.SCORE_QUANTILE_PREFIX``); the scores
+themselves stay here.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from edge_agent.config import TrainingConfig
 from fedmqtt import wire
 from fedmqtt.codecs import Codec, ErrorFeedback, encode_params
 from fedmqtt.errors import ConfigError
+from fedmqtt.models.anomaly import (
+    anomaly_scores,
+    quantile_level,
+    report_levels,
+    score_quantiles,
+)
 from fedmqtt.models.train import TrainConfig, TrainStats, train_local
 from fedmqtt.params import Params
 from fedmqtt.privacy.clip import clip_params
@@ -98,6 +109,8 @@ class DeltaResult:
     stats: TrainStats
     seconds: float
     trained: Params | None = None  # the trained parameters, if asked for (keep_trained)
+    # Autoencoders: (level, score quantile) pairs, see the module docstring.
+    score_quantiles: tuple[tuple[float, float], ...] | None = None
 
 
 def compute_delta(
@@ -113,6 +126,11 @@ def compute_delta(
     """Train from ``model`` and return ``new - base`` per tensor (float32), with the trained
     parameters themselves (before ``delta_transform``) if ``keep_trained``. No side effects."""
     t0 = time.thread_time()  # this thread only: agents may share a process
+    quantiles = None
+    if model.spec.is_autoencoder:
+        scores = anomaly_scores(model.spec, model.params, X)
+        levels = report_levels(quantile_level(model.spec))
+        quantiles = tuple(zip(levels, score_quantiles(scores, levels), strict=True))
     new, stats = train_local(model.spec, model.params, X, y, hyper.train, rng)
     delta: Params = {
         k: np.subtract(new[k], model.params[k], dtype=np.float32) for k in model.params
@@ -122,7 +140,13 @@ def compute_delta(
     if hyper.clip is not None:
         delta, _ = clip_params(delta, hyper.clip)
     seconds = time.thread_time() - t0
-    return DeltaResult(delta, stats, seconds, trained=new if keep_trained else None)
+    return DeltaResult(
+        delta,
+        stats,
+        seconds,
+        trained=new if keep_trained else None,
+        score_quantiles=quantiles,
+    )
 
 
 def new_update_id() -> str:
@@ -144,6 +168,13 @@ def build_update(
 ) -> tuple[wire.Update, bytes]:
     """Encode (updating ``feedback`` in place) and sign; returns the update and its payload."""
     encoded = encode_params(result.delta, hyper.codec, rng=rng, feedback=feedback)
+    metrics = {
+        "loss": float(result.stats.loss),
+        "steps": float(result.stats.steps),
+        "train_cpu_s": round(result.seconds, 6),
+    }
+    for level, value in result.score_quantiles or ():
+        metrics[wire.score_quantile_key(level)] = value
     update = wire.Update(
         federation=federation,
         sender=device_id,
@@ -153,10 +184,6 @@ def build_update(
         num_samples=result.stats.num_samples,
         spec_fingerprint=model.spec.fingerprint(),
         delta=encoded,
-        metrics={
-            "loss": float(result.stats.loss),
-            "steps": float(result.stats.steps),
-            "train_cpu_s": round(result.seconds, 6),
-        },
+        metrics=metrics,
     )
     return update, wire.encode(update, signer)

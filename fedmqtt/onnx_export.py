@@ -3,7 +3,8 @@
 Why these choices:
 
 * **Standard operators only** (``Sub``, ``Mul``, ``MatMul``, ``Add``, ``Relu``, ``Softmax``,
-  ``ArgMax``, ``Gather``), no ``ai.onnx.ml`` domain: minimal runtimes (onnxruntime "minimal"
+  ``ArgMax``, ``Gather``; autoencoders also ``ReduceMean``, ``Greater``, ``Cast``), no
+  ``ai.onnx.ml`` domain: minimal runtimes (onnxruntime "minimal"
   and mobile builds, tract, microcontroller converters) often ship without the ML operator set.
 * **Opset 17, IR version 8**: opset 17 is the newest opset that onnxruntime 1.13 (late 2022)
   and every later release executes, and IR 8 is the matching file format; onnx 1.23 would stamp
@@ -25,11 +26,21 @@ Graph interface (``N`` is a dynamic batch dimension)::
     output label          int64   [N]              classifiers (kind softmax, mlp)
            probabilities  float32 [N, n_classes]   classifiers, columns in ``classes`` order
            prediction     float32 [N, n_outputs]   regression (kind linear)
+           score          float32 [N]              autoencoder: mean squared reconstruction
+                                                   error of the preprocessed features
+           decision       int64   [N]              autoencoder: 1 if score > threshold, else 0
+
+An autoencoder's graph ends ``Sub(x', reconstruction)``, ``Mul`` (square), ``ReduceMean`` over
+the features, as :func:`fedmqtt.models.anomaly.anomaly_scores` computes it, then ``Greater``
+against the version's threshold (a constant of the graph; +inf, i.e. nothing flagged, while
+no device has reported a score quantile yet) and ``Cast`` to int64.
 
 Metadata (``ModelProto.metadata_props``, all strings): ``fedmqtt.federation``,
 ``fedmqtt.version``, ``fedmqtt.kind``, ``fedmqtt.n_features``, ``fedmqtt.n_outputs``,
 ``fedmqtt.feature_names`` (JSON list, empty when the spec names none), ``fedmqtt.classes``
-(JSON list of labels, ``null`` for regression), ``fedmqtt.created_at`` (Unix seconds),
+(JSON list of labels, ``null`` for regression), ``fedmqtt.threshold`` and
+``fedmqtt.quantile`` (autoencoders: the threshold, ``null`` if none yet, and the quantile level
+it estimates), ``fedmqtt.created_at`` (Unix seconds),
 ``fedmqtt.created_at_utc`` (ISO 8601), ``fedmqtt.spec_fingerprint``. ``model_version`` holds
 the version too, and ``producer_name`` is ``fedmqtt``.
 
@@ -50,12 +61,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import fedmqtt
+from fedmqtt.models.anomaly import quantile_level
 from fedmqtt.models.dense import check_params
 from fedmqtt.models.sklearn_adapters import from_sklearn
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import Params
 
 __all__ = [
+    "DECISION_OUTPUT",
     "INPUT_NAME",
     "IR_VERSION",
     "LABEL_OUTPUT",
@@ -63,6 +76,7 @@ __all__ = [
     "OPSET",
     "PREDICTION_OUTPUT",
     "PROBABILITIES_OUTPUT",
+    "SCORE_OUTPUT",
     "build_model_proto",
     "export_onnx",
     "export_sklearn",
@@ -75,12 +89,19 @@ INPUT_NAME: Final = "features"
 LABEL_OUTPUT: Final = "label"
 PROBABILITIES_OUTPUT: Final = "probabilities"
 PREDICTION_OUTPUT: Final = "prediction"
+SCORE_OUTPUT: Final = "score"
+DECISION_OUTPUT: Final = "decision"
 METADATA_PREFIX: Final = "fedmqtt."
 _BATCH: Final = "N"
 
 
 def _metadata(
-    spec: ModelSpec, *, federation: str, version: int, created_at: float
+    spec: ModelSpec,
+    *,
+    federation: str,
+    version: int,
+    created_at: float,
+    threshold: float | None = None,
 ) -> dict[str, str]:
     try:
         created_utc = _dt.datetime.fromtimestamp(created_at, tz=_dt.UTC)
@@ -99,6 +120,9 @@ def _metadata(
         "created_at_utc": created_utc.isoformat(timespec="milliseconds"),
         "spec_fingerprint": spec.fingerprint(),
     }
+    if spec.is_autoencoder:
+        values["threshold"] = json.dumps(threshold)
+        values["quantile"] = repr(quantile_level(spec))
     return {METADATA_PREFIX + k: v for k, v in values.items()}
 
 
@@ -113,9 +137,15 @@ def build_model_proto(
     federation: str,
     version: int,
     created_at: float,
+    threshold: float | None = None,
 ) -> onnx.ModelProto:
-    """The checked :class:`onnx.ModelProto` for ``(spec, params)``; see the module docstring."""
+    """The checked :class:`onnx.ModelProto` for ``(spec, params)``; see the module docstring.
+
+    ``threshold`` is the autoencoder's decision threshold (ignored for the other kinds).
+    """
     check_params(spec, params)
+    if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be finite and >= 0, not {threshold!r}")
     if version < 0:
         raise ValueError(f"model version must be >= 0, got {version}")
     if not np.isfinite(created_at):
@@ -132,6 +162,7 @@ def build_model_proto(
         inits.append(numpy_helper.from_array(_f32(spec.feature_scale), "feature_scale"))
         nodes.append(helper.make_node("Mul", [h, "feature_scale"], ["x_scaled"], "scale"))
         h = "x_scaled"
+    x_in = h
 
     n_layers = len(spec.hidden) + 1
     for i in range(n_layers):
@@ -140,7 +171,13 @@ def build_model_proto(
             raise ValueError(f"layer {i} has NaN or Inf weights; refusing to export")
         inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"b{i}")]
         last = i == n_layers - 1
-        out_name = "logits" if spec.is_classifier else PREDICTION_OUTPUT
+        out_name = (
+            "logits"
+            if spec.is_classifier
+            else "reconstruction"
+            if spec.is_autoencoder
+            else PREDICTION_OUTPUT
+        )
         z = out_name if last else f"z{i + 1}"
         nodes.append(helper.make_node("MatMul", [h, f"W{i}"], [f"{z}_matmul"], f"matmul{i}"))
         nodes.append(helper.make_node("Add", [f"{z}_matmul", f"b{i}"], [z], f"bias{i}"))
@@ -172,6 +209,14 @@ def build_model_proto(
             helper.make_tensor_value_info(LABEL_OUTPUT, TensorProto.INT64, [_BATCH]),
             helper.make_tensor_value_info(PROBABILITIES_OUTPUT, TensorProto.FLOAT, [_BATCH, k]),
         ]
+    elif spec.is_autoencoder:
+        t = np.float32(np.inf if threshold is None else threshold)
+        inits.append(numpy_helper.from_array(np.asarray(t, dtype=np.float32), "threshold"))
+        nodes += _score_nodes(x_in, h)
+        outputs = [
+            helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, [_BATCH]),
+            helper.make_tensor_value_info(DECISION_OUTPUT, TensorProto.INT64, [_BATCH]),
+        ]
     else:
         outputs = [helper.make_tensor_value_info(PREDICTION_OUTPUT, TensorProto.FLOAT, [_BATCH, k])]
 
@@ -196,21 +241,53 @@ def build_model_proto(
         doc_string="Feed raw features; preprocessing is part of the graph.",
     )
     helper.set_model_props(
-        model, _metadata(spec, federation=federation, version=version, created_at=created_at)
+        model,
+        _metadata(
+            spec,
+            federation=federation,
+            version=version,
+            created_at=created_at,
+            threshold=threshold,
+        ),
     )
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
+def _score_nodes(x_in: str, reconstruction: str) -> list[onnx.NodeProto]:
+    """Anomaly score (mean squared reconstruction error) and the 0/1 decision."""
+    return [
+        helper.make_node("Sub", [x_in, reconstruction], ["residual"], "residual"),
+        helper.make_node("Mul", ["residual", "residual"], ["squared_error"], "square"),
+        helper.make_node(
+            "ReduceMean", ["squared_error"], [SCORE_OUTPUT], "score", axes=[1], keepdims=0
+        ),
+        helper.make_node("Greater", [SCORE_OUTPUT, "threshold"], ["is_anomaly"], "compare"),
+        helper.make_node("Cast", ["is_anomaly"], [DECISION_OUTPUT], "decide", to=TensorProto.INT64),
+    ]
+
+
 def export_onnx(
-    spec: ModelSpec, params: Params, *, federation: str, version: int, created_at: float
+    spec: ModelSpec,
+    params: Params,
+    *,
+    federation: str,
+    version: int,
+    created_at: float,
+    threshold: float | None = None,
 ) -> bytes:
     """Serialized ONNX ModelProto of the global model; ``onnx.checker`` has passed on it.
 
-    Deterministic: the same arguments give the same bytes.
+    Deterministic: the same arguments give the same bytes. ``threshold``: an autoencoder's
+    decision threshold (:attr:`fedmqtt.wire.GlobalModel.threshold`).
     """
     model = build_model_proto(
-        spec, params, federation=federation, version=version, created_at=created_at
+        spec,
+        params,
+        federation=federation,
+        version=version,
+        created_at=created_at,
+        threshold=threshold,
     )
     data: bytes = model.SerializeToString()
     return data

@@ -94,6 +94,36 @@ UPDATE_FIELDS: Final = (
 the two field by field)."""
 UPDATE_FIELD: Final = {f.name: f for f in UPDATE_FIELDS}
 
+SCORE_QUANTILE_PREFIX: Final = "score_q:"
+"""An autoencoder's update reports quantiles of the anomaly scores of the device's data under
+the update's base version in ``metrics``: key ``"score_q:<level>"`` (e.g. ``score_q:0.99``),
+value the quantile at that level. At most :data:`MAX_SCORE_QUANTILES`; levels in (0, 1),
+values finite, >= 0 and non-decreasing with the level. The aggregator refuses an update whose
+report breaks these rules (reason ``schema``) and combines the reports into
+:attr:`GlobalModel.threshold` (:mod:`fedmqtt.aggregation.threshold`)."""
+MAX_SCORE_QUANTILES: Final = 16
+
+
+def score_quantile_key(level: float) -> str:
+    return f"{SCORE_QUANTILE_PREFIX}{level:.6g}"
+
+
+def score_quantiles(metrics: Mapping[str, float]) -> tuple[tuple[float, float], ...] | None:
+    """The update's (level, score quantile) report sorted by level, None if it has none;
+    DecodeError if the report breaks the rules of :data:`SCORE_QUANTILE_PREFIX`."""
+    from fedmqtt.aggregation.threshold import check_points
+
+    n = len(SCORE_QUANTILE_PREFIX)
+    found = [(k[n:], v) for k, v in metrics.items() if k.startswith(SCORE_QUANTILE_PREFIX)]
+    if not found:
+        return None
+    if len(found) > MAX_SCORE_QUANTILES:
+        raise DecodeError(SCHEMA, f"more than {MAX_SCORE_QUANTILES} score quantiles")
+    try:
+        return check_points([(float(level), v) for level, v in found])
+    except ValueError as e:
+        raise DecodeError(SCHEMA, f"bad score quantile report: {e}") from None
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -332,6 +362,11 @@ class GlobalModel:
     The parameters travel in any full-tensor codec of :mod:`fedmqtt.codecs` (raw, fp16,
     int8); the receiver decodes whichever it finds. A sender that compressed them passes the
     wire maps as ``encoded`` (sent as they are) and their decoding as ``params``.
+
+    ``threshold`` (autoencoders only, optional field ``threshold`` of the body, finite and
+    >= 0): the decision threshold on the anomaly score that belongs to this version; absent
+    until the first device has reported a score quantile. Receivers that do not know the field
+    ignore it.
     """
 
     federation: str
@@ -343,6 +378,7 @@ class GlobalModel:
     created_at: float = field(default_factory=time.time)
     encoded: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     keyframe: bool = False  # the aggregator keeps it as a base of deltas (ModelDelta)
+    threshold: float | None = None
 
     def to_body(self) -> dict[str, Any]:
         from fedmqtt.codecs import Codec, encode_params
@@ -362,6 +398,8 @@ class GlobalModel:
         }
         if self.keyframe:  # absent otherwise: a model that is no keyframe is unchanged
             body["keyframe"] = True
+        if self.threshold is not None:
+            body["threshold"] = self.threshold
         return body
 
     @classmethod
@@ -373,6 +411,9 @@ class GlobalModel:
             spec = ModelSpec.from_wire(field_of(m, "spec", dict))
         else:
             spec = _resolve_spec(m, specs)
+        threshold = _number(m, "threshold") if "threshold" in m else None
+        if threshold is not None and threshold < 0:
+            raise DecodeError(SCHEMA, "field 'threshold' must be >= 0")
         layout = spec.layout()
         flat = decode_params(field_of(m, "params", dict), layout)
         return cls(
@@ -384,6 +425,7 @@ class GlobalModel:
             stats=_float_map(m, "stats"),
             created_at=_number(m, "created_at"),
             keyframe=m.get("keyframe") is True,
+            threshold=threshold,
         )
 
 
@@ -417,6 +459,7 @@ class ModelDelta:
     delta: F32
     created_at: float = field(default_factory=time.time)
     encoded: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    threshold: float | None = None  # an autoencoder's decision threshold, as in GlobalModel
 
     def to_body(self) -> dict[str, Any]:
         from fedmqtt.codecs import Codec, encode_params
@@ -427,7 +470,7 @@ class ModelDelta:
             params = encode_params(
                 layout.unflatten(self.delta, copy=False), Codec("raw"), rng=np.random.default_rng(0)
             )
-        return {
+        body: dict[str, Any] = {
             "v": VERSION,
             "type": "delta",
             "federation": self.federation,
@@ -440,6 +483,9 @@ class ModelDelta:
             "created_at": self.created_at,
             "params": params,
         }
+        if self.threshold is not None:  # absent otherwise, as in the model message
+            body["threshold"] = self.threshold
+        return body
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any], specs: SpecStore | None = None) -> ModelDelta:
@@ -453,6 +499,9 @@ class ModelDelta:
         if any(len(d) != 32 for d in digests):
             raise DecodeError(SCHEMA, "digests must be 16 bytes")
         spec = _resolve_spec(m, specs)
+        threshold = _number(m, "threshold") if "threshold" in m else None
+        if threshold is not None and threshold < 0:
+            raise DecodeError(SCHEMA, "field 'threshold' must be >= 0")
         return cls(
             federation=fed,
             sender=sender,
@@ -463,6 +512,7 @@ class ModelDelta:
             digest=digests[1],
             delta=decode_params(field_of(m, "params", dict), spec.layout()),
             created_at=_number(m, "created_at"),
+            threshold=threshold,
         )
 
 

@@ -335,3 +335,17 @@ def test_the_delta_downlink_end_to_end(tmp_path: Path) -> None:
     assert s["final_accuracy"] > 0.5
     kept = sorted(p.name for p in (tmp_path / "aggregator" / KEYFRAME_DIR).iterdir())
     assert 1 <= len(kept) <= 2, kept
+
+
+def test_an_autoencoders_threshold_travels_with_the_delta(tmp_path: Path) -> None:
+    """A device that rebuilds a version from a delta gets the threshold the aggregator signed
+    for that version, as a device that fetched the full model does."""
+    cfg = _cfg(tmp_path)
+    signer = Ed25519Signer.generate()
+    store = KeyframeStore(tmp_path / "kf", keep=3)
+    snaps = _walk(2)
+    held = _held(prepare(cfg, signer, store, snaps[0]).keyframe or b"", signer)
+    for threshold in (0.25, None):
+        snap = Snapshot(**{**snaps[1].__dict__, "threshold": threshold})
+        payload, _ = delta_payload(cfg, signer, snap, store.frames[1])
+        assert kfm.rebuild(held, _delta(payload, signer)).threshold == threshold

@@ -152,6 +152,8 @@ GRAD_SPECS = [
     ModelSpec("linear", 4, 1),
     ModelSpec("mlp", 5, 3, hidden=(7,)),
     ModelSpec("mlp", 5, 4, hidden=(6, 5), feature_offset=(1.0, 0.0, -1.0, 2.0, 0.5)),
+    # y is ignored: the autoencoder's target is its preprocessed input.
+    ModelSpec("autoencoder", 4, 4, hidden=(3, 2, 3), feature_offset=(0.5, 0, -1, 2)),
 ]
 
 

@@ -1,8 +1,10 @@
 """Forward and backward pass of the dense network a :class:`ModelSpec` describes.
 
-All three model kinds are the same computation: ``h = relu(h @ Wi + bi)`` for the hidden
+All model kinds are the same computation: ``h = relu(h @ Wi + bi)`` for the hidden
 layers, then an affine output layer followed by softmax (classifiers) or nothing (linear
-regression). Keeping one code path means the numpy model, the ONNX graph and the scikit-learn
+regression, and the autoencoder, whose output reconstructs the preprocessed input and whose
+loss is half the mean squared reconstruction error; it has no targets of its own). Keeping
+one code path means the numpy model, the ONNX graph and the scikit-learn
 adapters only have to agree on one definition.
 
 Arithmetic is done in the parameters' dtype: float32 for real :data:`Params`, which is what a
@@ -57,7 +59,7 @@ def init_params(spec: ModelSpec, rng: np.random.Generator) -> Params:
     params: Params = {}
     for i in range(n_layers):
         fan_in, fan_out = shapes[f"W{i}"]
-        if spec.kind != "mlp":
+        if spec.kind in ("softmax", "linear"):
             w = np.zeros((fan_in, fan_out), dtype=np.float32)
         else:
             last = i == n_layers - 1
@@ -265,12 +267,14 @@ def loss_and_grad(
 
     Classifiers: mean cross-entropy, ``y`` holds labels from ``spec.labels``. Linear: half the
     mean squared error over all samples and outputs, ``y`` of shape ``(n,)`` or
-    ``(n, n_outputs)``. Gradients come back in the parameters' dtype (float32 for Params).
+    ``(n, n_outputs)``. Autoencoder: half the mean squared error between the preprocessed
+    input and its reconstruction; ``y`` is ignored. Gradients come back in the parameters'
+    dtype (float32 for Params).
     """
     check_params(spec, params)
     dt = _work_dtype(params)
     Xp = preprocess(spec, X, dt)
-    targets = encode_targets(spec, y, dt)
+    targets = Xp.copy() if spec.is_autoencoder else encode_targets(spec, y, dt)
     if targets.shape[0] != Xp.shape[0]:
         raise ValueError(f"X has {Xp.shape[0]} samples but y has {targets.shape[0]}")
     loss, grads = loss_and_grad_preprocessed(spec, params, Xp, targets)

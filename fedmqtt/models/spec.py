@@ -2,7 +2,10 @@
 
 Every model in the zoo is a dense network: ``hidden=()`` gives softmax regression (``kind=
 "softmax"``) or linear regression (``kind="linear"``); ``kind="mlp"`` is a ReLU classifier with
-1-2 hidden layers. Parameters are named ``W0, b0, W1, b1, ...`` with ``Wi`` of shape
+1-2 hidden layers; ``kind="autoencoder"`` is a ReLU autoencoder with 1-3 hidden layers whose
+narrowest layer is the bottleneck and whose output reconstructs the preprocessed input
+(``n_outputs == n_features``; see :mod:`fedmqtt.models.anomaly`). Parameters are named
+``W0, b0, W1, b1, ...`` with ``Wi`` of shape
 ``(fan_in, fan_out)``. Input preprocessing ``x' = (x - feature_offset) * feature_scale`` is part
 of the spec (fixed, not trained) so that the numpy model and the ONNX graph apply the same
 transformation and a device feeds raw sensor values.
@@ -21,8 +24,11 @@ import msgpack
 from fedmqtt.errors import SCHEMA, DecodeError
 from fedmqtt.params import Layout
 
-Kind = Literal["softmax", "linear", "mlp"]
-KINDS: tuple[Kind, ...] = ("softmax", "linear", "mlp")
+Kind = Literal["softmax", "linear", "mlp", "autoencoder"]
+KINDS: tuple[Kind, ...] = ("softmax", "linear", "mlp", "autoencoder")
+# ``extra`` key of an autoencoder spec: the level of the quantile of normal anomaly scores
+# that becomes the decision threshold (see fedmqtt.models.anomaly).
+QUANTILE_KEY = "quantile"
 MAX_FEATURES = 1_000_000
 MAX_OUTPUTS = 100_000
 MAX_PARAMS = 50_000_000
@@ -48,8 +54,10 @@ class ModelSpec:
             raise ValueError("n_features and n_outputs must be positive and within limits")
         if self.kind == "mlp" and not 1 <= len(self.hidden) <= 2:
             raise ValueError("an mlp has 1 or 2 hidden layers")
-        if self.kind != "mlp" and self.hidden:
+        if self.kind in ("softmax", "linear") and self.hidden:
             raise ValueError(f"a {self.kind} model has no hidden layers")
+        if self.kind == "autoencoder":
+            self._check_autoencoder()
         if any(h <= 0 for h in self.hidden):
             raise ValueError("hidden layer sizes must be positive")
         if self.kind == "softmax" and self.n_outputs < 2:
@@ -66,9 +74,24 @@ class ModelSpec:
         if self.layout().size > MAX_PARAMS:
             raise ValueError(f"model has more than {MAX_PARAMS} parameters")
 
+    def _check_autoencoder(self) -> None:
+        if not 1 <= len(self.hidden) <= 3:
+            raise ValueError("an autoencoder has 1 to 3 hidden layers (the narrowest: bottleneck)")
+        if self.n_outputs != self.n_features:
+            raise ValueError("an autoencoder reconstructs its input: n_outputs == n_features")
+        if self.classes:
+            raise ValueError("an autoencoder has no classes")
+        q = self.extra.get(QUANTILE_KEY, 0.99)
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.5 <= q < 1.0:
+            raise ValueError(f"extra.{QUANTILE_KEY} must be a number in [0.5, 1), not {q!r}")
+
     @property
     def is_classifier(self) -> bool:
-        return self.kind != "linear"
+        return self.kind in ("softmax", "mlp")
+
+    @property
+    def is_autoencoder(self) -> bool:
+        return self.kind == "autoencoder"
 
     @property
     def labels(self) -> tuple[int, ...]:

@@ -115,7 +115,8 @@ def train_local(  # noqa: PLR0917 - positional signature is the shared API contr
     """
     check_params(spec, params)
     Xp = preprocess(spec, X, np.float32)
-    targets = encode_targets(spec, y, np.float32)
+    # An autoencoder reconstructs its (preprocessed) input: labels, if any, are not used.
+    targets = Xp if spec.is_autoencoder else encode_targets(spec, y, np.float32)
     n = Xp.shape[0]
     if targets.shape[0] != n:
         raise ValueError(f"X has {n} samples but y has {targets.shape[0]}")
@@ -172,7 +173,7 @@ def _sgd(
     for epoch in range(config.epochs):
         perm = rng.permutation(n)
         Xe = Xp[perm]
-        Te: npt.NDArray[Any] = targets[perm]
+        Te: npt.NDArray[Any] = Xe if targets is Xp else targets[perm]
         total = 0.0
         for start in range(0, n, bs):
             xb = Xe[start : start + bs]
