@@ -273,6 +273,7 @@ def test_a_flooding_device_does_not_stall_honest_devices(
     try:
         flooder.start()
         wait_until(lambda: agg.snapshot()["rejected_total"] > 0, 30, "the flood refused")
+        wait_until(lambda: watcher.latest is not None, 30, "the first model")
         started = time.monotonic()
         sent: dict[str, int | None] = dict.fromkeys(HONEST)  # coordinate awaiting application
         rounds = dict.fromkeys(HONEST, 0)

@@ -283,8 +283,17 @@ def _requirements(extras: Sequence[str]) -> list[str]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = meta["project"]
     reqs = list(project["dependencies"])
-    for extra in extras:
-        reqs += [r for r in project["optional-dependencies"][extra] if not r.startswith("fedmqtt")]
+    todo, seen = list(extras), set()
+    while todo:  # an extra may name others: "fedmqtt[privacy]"
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for r in project["optional-dependencies"][extra]:
+            if r.startswith("fedmqtt["):
+                todo += [e.strip() for e in r[len("fedmqtt[") : r.index("]")].split(",")]
+            else:
+                reqs.append(r)
     reqs += meta["build-system"]["requires"]
     return [*sorted(set(reqs)), "pip", "wheel"]
 
