@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from aggregator.statusfile import format_status
 from fedmqtt import topics
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.spec import ModelSpec
+from fedmqtt.privacy import accountant
 from fedmqtt.privacy.accountant import gaussian_epsilon, noise_for_target, releases_within
 from fedmqtt.privacy.clip import clip_params, params_norm
 from fedmqtt.privacy.config import make_privacy
@@ -445,3 +447,12 @@ def test_kill_9_keeps_epsilon(broker: Mosquitto, tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_without_the_accounting_library_the_error_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # import raises ImportError
+    accountant.gaussian_epsilon.cache_clear()
+    with pytest.raises(ConfigError, match=r"fedmqtt\[privacy\]"):
+        accountant.gaussian_epsilon(1.5, 3, 1e-5)

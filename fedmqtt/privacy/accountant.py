@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Any
+
+from fedmqtt.errors import ConfigError
 
 ACCOUNTANT = "rdp"  # the accountant every ε of this project comes from (documented)
 
@@ -40,6 +43,18 @@ def _check_sigma(sigma: float) -> float:
     return s
 
 
+def _library() -> Any:  # the module (untyped)
+    """The ``dp_accounting`` package; ConfigError naming the extra to install without it."""
+    try:
+        import dp_accounting
+    except ImportError:
+        raise ConfigError(
+            "differential privacy needs Google's dp-accounting package: "
+            "pip install 'fedmqtt[privacy]'"
+        ) from None
+    return dp_accounting
+
+
 @lru_cache(maxsize=4096)
 def gaussian_epsilon(sigma: float, releases: int, delta: float) -> float:
     """ε at ``delta`` after ``releases`` Gaussian releases with noise multiplier ``sigma``
@@ -50,11 +65,11 @@ def gaussian_epsilon(sigma: float, releases: int, delta: float) -> float:
         raise ValueError(f"releases must be >= 0, got {releases!r}")
     if k == 0:
         return 0.0
-    from dp_accounting import dp_event
+    dp_accounting = _library()
     from dp_accounting.rdp import RdpAccountant
 
     acc = RdpAccountant()
-    acc.compose(dp_event.GaussianDpEvent(s), k)
+    acc.compose(dp_accounting.GaussianDpEvent(s), k)
     return float(acc.get_epsilon(d))
 
 
@@ -67,10 +82,10 @@ def noise_for_target(epsilon: float, delta: float, releases: int) -> float:
     k = int(releases)
     if k < 1:
         raise ValueError(f"planned releases must be >= 1, got {releases!r}")
-    import dp_accounting
+    dp_accounting = _library()
     from dp_accounting.rdp import RdpAccountant
 
-    def event(sigma: float) -> dp_accounting.DpEvent:
+    def event(sigma: float) -> Any:  # a dp_accounting.DpEvent
         return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), k)
 
     sigma = dp_accounting.calibrate_dp_mechanism(
