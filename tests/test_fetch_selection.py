@@ -5,6 +5,7 @@ Mosquitto, a fake aggregator that publishes signed models, plans and announcemen
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,4 +141,40 @@ def test_a_device_outside_the_cohort_fetches_one_version_per_window_to_evaluate(
         assert sorted(listener.seen()) == expected
     finally:
         listener.close()
+        agg.close()
+
+
+def test_repeated_rounds_stop_once_a_newer_version_is_announced_that_it_skips(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A device retraining its version every 0.2 s (max_updates_per_version = 0) stops once a
+    newer version is announced that the plan does not select it for: it neither fetches that
+    version nor keeps sending updates from the old one (at most the round under way ends)."""
+    sel = Selection(participation=0.5, window=1)
+    device = make_device(tmp_path / "dev-1")
+    a = next(
+        v
+        for v in range(1, 200)
+        if sel.trains(FED, "dev-1", {}, v) and not sel.trains(FED, "dev-1", {}, v + 1)
+    )
+    training = {"max_updates_per_version": 0, "interval_s": 0.2}
+    agent = EdgeAgent(device.config(broker, training=training))
+    agg = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
+    try:
+        agg.publish_plan(1, selection=sel)
+        agg.publish_model(a)
+        runner = AgentThread(agent)
+        try:
+            agg.wait_updates(3)  # retraining version a
+            agg.announce(a + 1)
+            wait_until(lambda: agent.rounds_skipped == 1)
+            n = len(agg.received())
+            t0 = time.monotonic()
+            # An observation window of five intervals: without the rule, ~5 more updates.
+            wait_until(lambda: time.monotonic() - t0 >= 1.0)
+        finally:
+            runner.stop()
+        assert len(agg.received()) <= n + 1
+        assert agent.fetches == 1 and agent.current_version == a
+    finally:
         agg.close()
