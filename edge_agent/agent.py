@@ -72,7 +72,7 @@ from edge_agent.trainer import (
 )
 from fedmqtt import topics, wire
 from fedmqtt.codecs import ErrorFeedback
-from fedmqtt.cohort import EVERYONE
+from fedmqtt.cohort import EVERYONE, Selection
 from fedmqtt.errors import FEDERATION, UNKNOWN_SPEC, DecodeError, FedMQTTError
 from fedmqtt.fsutil import atomic_write_bytes, clean_temp_files, remove_durably
 from fedmqtt.models.spec import ModelSpec
@@ -186,7 +186,9 @@ class EdgeAgent:
 
         self.rounds_completed = 0
         self.rounds_failed = 0
-        self.rounds_skipped = 0  # versions the plan's selection did not let this device train on
+        # Versions the plan's selection did not let this device train on: announced while it
+        # was ready for a round (not fetched, unless to evaluate them) or held.
+        self.rounds_skipped = 0
         self._skipped_version = -1
         self.rejected: collections.Counter[str] = collections.Counter()
         # Payload bytes this device's MQTT client received, by kind of message (model, plan,
@@ -642,7 +644,27 @@ class EdgeAgent:
             return current is None  # a device without a model asks, announced or not
         if self._fetched_untrained:
             return False  # train on the model just fetched rather than chase newer versions
-        return self._due_in() == 0.0
+        # A device without a model fetches one whatever the selection (it is the start
+        # of every later round, evaluation and delta).
+        return self._due_in() == 0.0 and (current is None or self._needs(self.announced))
+
+    def _needs(self, version: int) -> bool:
+        """Whether the device needs ``version``, decided from its announcement: it trains on
+        it, or (federated evaluation on) it evaluates it without training
+        (:meth:`fedmqtt.cohort.Selection.evaluates`: a device outside the cohort, one version
+        per participation window its draw selects). A version it trains on is never skipped
+        for lack of a download, and one it neither trains on nor evaluates is not fetched."""
+        sel = self.plan.selection if self.plan is not None else EVERYONE
+        tags = self.config.device.tags
+        if sel.trains(self.federation, self.device_id, tags, version):
+            return True
+        self._skip(sel, version)
+        if not self.config.evaluation.enabled:
+            return False
+        done = self.evaluator.evaluated
+        return sel.evaluates(self.federation, self.device_id, tags, version) and (
+            done < 0 or sel.window_of(done) < sel.window_of(version)
+        )
 
     def _fetch_if_ready(self) -> None:
         link = self.link
@@ -789,6 +811,9 @@ class EdgeAgent:
                 return None
             if per_version > 1 and s.updates_for_version >= per_version:
                 return None
+            newer = self.announced
+            if newer is not None and newer > model.version and not self._needs(newer):
+                return None  # not selected for the newest version: no more rounds on this one
             # A repeated round: first hear the retained announcement (when there is a broker
             # to hear it from), so that a newer version wins.
             online = self.link is not None and self.link.connected
@@ -809,16 +834,21 @@ class EdgeAgent:
         is not selected neither trains nor uploads (the aggregator would refuse the update,
         ``not_selected``) and is free to fetch the next version."""
         sel = self.plan.selection if self.plan is not None else EVERYONE
-        tags = self.config.device.tags
-        if sel.trains(self.federation, self.device_id, tags, version):
+        if sel.trains(self.federation, self.device_id, self.config.device.tags, version):
             return True
-        if self._skipped_version != version:
-            self._skipped_version = version
-            self.rounds_skipped += 1
-            self._fetched_untrained = False
-            why = sel.why_not(self.federation, self.device_id, tags, version)
-            self.log.info("not training on v%d: %s", version, why)
+        self._skip(sel, version)
+        self._fetched_untrained = False  # no round for it: ready for the next version
         return False
+
+    def _skip(self, sel: Selection, version: int) -> None:
+        """Count and log (once per version) a version the selection does not let this device
+        train on, whether it holds it or only heard it announced."""
+        if version <= self._skipped_version:
+            return  # counted already (versions only grow: held and announced, one count)
+        self._skipped_version = version
+        self.rounds_skipped += 1
+        why = sel.why_not(self.federation, self.device_id, self.config.device.tags, version)
+        self.log.info("not training on v%d: %s", version, why)
 
     def _interval(self) -> float:
         """The minimum time between two rounds: ``max(interval_s, plan.min_interval_s)``."""

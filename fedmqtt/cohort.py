@@ -159,6 +159,21 @@ class Selection:
             return True
         return draw(federation, device, self.window_of(version)) < self.participation
 
+    def evaluates(
+        self, federation: str, device: str, tags: Mapping[str, str], version: int
+    ) -> bool:
+        """Whether a device that does not train on ``version`` fetches it to evaluate it, when
+        its federated evaluation is on. A device of the cohort does not: it evaluates the
+        versions it trains on (before training), which are a fair sample of its windows. A
+        device outside the cohort, which never trains, evaluates in the windows its
+        participation draw selects (every window at participation 1), so it downloads no
+        more than a device of the cohort; the agent fetches one version per such window."""
+        if self.eligible(device, tags):
+            return False
+        if self.participation >= 1.0:
+            return True
+        return draw(federation, device, self.window_of(version)) < self.participation
+
     def why_not(
         self, federation: str, device: str, tags: Mapping[str, str], version: int
     ) -> str | None:

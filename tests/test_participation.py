@@ -38,6 +38,9 @@ def test_participation_fraction_trains_about_that_share_per_window() -> None:
     assert 0.15 <= share <= 0.4, (share, trained)
     # About a third of the fleet's uploads: 12 windows of 2 versions from ~6 devices.
     assert s["updates_received"] <= 0.45 * 20 * s["versions"], s["updates_received"]
+    # And of its downloads: a device fetches the versions it trains on (plus its first model
+    # and a few fetches that time out), not every version it is ready for.
+    assert s["model_fetches_by_agents"] <= s["rounds_by_agents"] + 2 * 20, s
 
 
 @pytest.mark.slow
