@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -79,6 +80,7 @@ class CohortGate:
         self.selection = selection
         self.tags = tags
         self._trained: dict[int, set[str]] = {}
+        self._selected: tuple[int, frozenset[str]] | None = None  # (window, enrolled devices)
         self._lock = threading.Lock()
 
     def check(self, device: str, base_version: int) -> None:
@@ -93,6 +95,29 @@ class CohortGate:
             return
         why = sel.why_not(self.federation, device, self.tags.get(device), base_version)
         raise RejectedError(NOT_SELECTED, f"trained on v{base_version}: {why}")
+
+    def selected(self, version: int) -> frozenset[str]:
+        """The enrolled devices the selection lets train on ``version`` (listed once per
+        participation window)."""
+        sel = self.selection
+        window = sel.window_of(version)
+        with self._lock:
+            if self._selected is not None and self._selected[0] == window:
+                return self._selected[1]
+        devices = frozenset(
+            d
+            for d in self.tags.enrolled()
+            if sel.trains(self.federation, d, self.tags.get(d), version)
+        )
+        with self._lock:
+            self._selected = (window, devices)
+        return devices
+
+    def complete(self, version: int, senders: Iterable[str]) -> bool:
+        """Whether every device selected for ``version`` already holds a row of the buffer
+        (``senders``): no further update based on this window can enter it, so waiting for a
+        full buffer could wait for ever when the draw selected fewer devices than it holds."""
+        return self.selected(version) <= set(senders)
 
     def participation(self) -> dict[int, int]:
         """Participation window -> devices whose updates based on it passed the selection."""
@@ -129,8 +154,9 @@ def warn_if_thin(cfg: AggregatorConfig) -> None:
     if need and expected < need:
         log.warning(
             "[plan.selection] about %.1f devices train in a %d-version window but a %s buffer "
-            "needs updates from %d devices (max_per_device %d): versions will come only from "
-            "partial flushes; raise participation or window, or lower buffer_size",
+            "needs updates from %d devices (max_per_device %d): most buffers will be applied "
+            "smaller, once every selected device is in; raise participation or window, or "
+            "lower buffer_size",
             expected,
             sel.window,
             cfg.strategy.name,

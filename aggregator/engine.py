@@ -535,7 +535,9 @@ class Engine:
         self.window.add(meta.update_id, meta.base_version)
         self._observe(meta.update_id, None)
         self.gate.observe(norm)
-        if self.strategy.ready(now):
+        if self.strategy.ready(now) or (  # a draw smaller than the buffer
+            self.cohort is not None and self.cohort.complete(self.version, self.strategy.per_device)
+        ):
             self._aggregate(now)
         else:
             self.metrics.set_buffered(len(self.strategy))

@@ -188,6 +188,25 @@ def test_engine_refuses_updates_of_devices_not_selected_by_their_base_version(
     assert e2.metrics.snapshot()["rejected"] == {NOT_SELECTED: 1}
 
 
+def test_a_buffer_bigger_than_the_draw_is_applied_once_every_selected_device_is_in(
+    tmp_path: Path,
+) -> None:
+    """A FedBuff buffer of 100 under a selection that lets about half of 12 devices train on
+    version 0: waiting for 100 rows would wait for ever, so the buffer is applied when the
+    last selected device's update enters it, not before."""
+    devices = [f"dev{i}" for i in range(12)]
+    fed = Federation(tmp_path, SPEC, devices=devices)
+    e = selected_engine(fed, participation=0.5, window=1)
+    chosen = [d for d in devices if e.cfg.plan.selection.trains(FED, d, {}, 0)]
+    assert 1 < len(chosen) < len(devices)
+    delta = np.full(SPEC.layout().size, 0.001, np.float32)
+    for i, d in enumerate(chosen):
+        assert e.version == 0, f"applied after {i} of {len(chosen)} selected devices"
+        e.process([(topics.updates(FED, d), fed.update(d, delta, base_version=0))], now=0.0)
+    assert e.version == 1
+    assert e.metrics.snapshot()["accepted"] == len(chosen)
+
+
 def test_device_tags_follow_the_directory(tmp_path: Path) -> None:
     tags = DeviceTags(tmp_path, recheck_s=0.0)
     assert tags.get("a") == {}
