@@ -280,18 +280,23 @@ def rootfs(
 
 
 def _requirements(extras: Sequence[str]) -> list[str]:
+    """What pip needs to install the checkout with ``extras``: the dependencies, those of each
+    extra and of the extras it names in turn (``aggregator`` lists ``fedmqtt[privacy]``), and
+    the build backend's."""
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = meta["project"]
+    optional = project["optional-dependencies"]
+    self_ref = re.compile(rf"{re.escape(project['name'])}\[([^\]]+)\]\s*$")
     reqs = list(project["dependencies"])
     todo, seen = list(extras), set()
-    while todo:  # an extra may name others: "fedmqtt[privacy]"
+    while todo:
         extra = todo.pop()
         if extra in seen:
             continue
         seen.add(extra)
-        for r in project["optional-dependencies"][extra]:
-            if r.startswith("fedmqtt["):
-                todo += [e.strip() for e in r[len("fedmqtt[") : r.index("]")].split(",")]
+        for r in optional[extra]:
+            if m := self_ref.match(r):
+                todo += [e.strip() for e in m.group(1).split(",")]
             else:
                 reqs.append(r)
     reqs += meta["build-system"]["requires"]

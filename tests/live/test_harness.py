@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import harness
@@ -64,3 +65,17 @@ def _ended(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
     except (OSError, IndexError):
         return True
+
+
+def test_the_wheelhouse_has_the_extras_an_extra_names() -> None:
+    """The machines install offline from the wheelhouse: an extra that names another of the
+    project's extras (``aggregator`` names ``fedmqtt[privacy]``) needs that one's wheels too."""
+    optional = tomllib.loads((harness.ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    reqs = harness._requirements(("agent", "aggregator", "onnx"))
+    assert "fedmqtt[privacy]" in optional["aggregator"]
+    assert set(optional["privacy"]) <= set(reqs)
+    assert set(optional["onnx"]) | set(optional["agent"]) <= set(reqs)
+    assert not [r for r in reqs if r.startswith("fedmqtt")]
+    assert not set(optional["privacy"]) & set(harness._requirements(("agent",)))
