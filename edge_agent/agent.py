@@ -644,17 +644,18 @@ class EdgeAgent:
             return False
         current = self.current_version
         if self.announced is None or (current is not None and self.announced <= current):
-            # A device without a model asks, announced or not; one that may build version 0
-            # first waits a little for the announcement, which says whether it may.
+            # A device without a model asks, announced or not (after waiting a little for the
+            # announcement, which says whether it may build version 0 instead).
             return current is None and not self._awaiting_announce()
         if self._fetched_untrained:
             return False  # train on the model just fetched rather than chase newer versions
         return self._due_in() == 0.0
 
     def _awaiting_announce(self) -> bool:
-        """Whether a device without an announcement that knows how to build version 0 still
-        waits for it (``[training] announce_wait_s`` after subscribing to them)."""
-        if self._genesis is None or self.announced is not None:
+        """Whether a device without a model still waits for the (retained) announcement, which
+        says whether it may build version 0 instead of fetching it: until one arrives, at most
+        ``[training] announce_wait_s`` after subscribing to them."""
+        if self.announced is not None:
             return False
         since = self.listening_since
         wait = self.config.training.announce_wait_s
