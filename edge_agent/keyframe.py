@@ -5,10 +5,13 @@ A device keeps the last *keyframe* it verified (a full model message the aggrega
 ``keyframe``) in ``keyframe.bin``. When it is ready to train on a newer announced version it
 fetches, in this order of preference:
 
-1. ``fl/<fed>/delta/<K>`` if the announcement lists its keyframe ``K``: the model is ``K``'s
-   parameters plus the delta, checked bit for bit against the digest the aggregator signed;
-2. ``fl/<fed>/model`` if the announced version is itself a keyframe, or no keyframe is listed
-   (no delta downlink), or a delta for this version already failed: the full model;
+1. ``fl/<fed>/delta/<K>`` if the announcement lists its keyframe ``K``, also when the announced
+   version is itself a newer keyframe (a device keeps ``K`` while it is listed): the model is
+   ``K``'s parameters plus the delta, checked bit for bit against the digest the aggregator
+   signed;
+2. ``fl/<fed>/model`` if the announced version is itself a keyframe (and 1 does not apply), or
+   no keyframe is listed (no delta downlink), or a delta for this version already failed: the
+   full model;
 3. ``fl/<fed>/keyframe`` otherwise (its keyframe is too old or it has none): the newest
    keyframe, then the delta from it (1).
 
@@ -139,10 +142,12 @@ def choose(
 ) -> str:
     """The topic to fetch for announced version ``announced`` (rules in the module docstring);
     ``failed``: the version whose delta failed last."""
-    if announced is None or not keyframes or failed == announced or max(keyframes) >= announced:
+    if announced is None or not keyframes or failed == announced:
         return topics.model(fed)
-    if held is not None and held.version in keyframes:
+    if held is not None and held.version in keyframes and held.version < announced:
         return topics.delta(fed, held.version)
+    if max(keyframes) >= announced:
+        return topics.model(fed)
     if held is None or held.version < max(keyframes):
         return topics.keyframe(fed)
     return topics.model(fed)

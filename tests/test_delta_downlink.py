@@ -207,6 +207,9 @@ def test_which_message_a_device_fetches() -> None:
     assert choose(fed, announced=12, keyframes=(5, 10), held=kf, failed=None) == "fl/f/delta/10"
     assert choose(fed, announced=12, keyframes=(5, 10), held=kf, failed=12) == topics.model(fed)
     assert choose(fed, announced=12, keyframes=(5, 12), held=kf, failed=None) == topics.model(fed)
+    # the announced version is a new keyframe: the device keeps its own while it is listed
+    assert choose(fed, announced=12, keyframes=(10, 12), held=kf, failed=None) == "fl/f/delta/10"
+    assert choose(fed, announced=10, keyframes=(10,), held=kf, failed=None) == topics.model(fed)
     assert choose(fed, announced=14, keyframes=(11, 12), held=kf, failed=None) == "fl/f/keyframe"
     assert choose(fed, announced=14, keyframes=(11, 12), held=None, failed=None) == "fl/f/keyframe"
     assert topics.delta_base("fl/f/delta/10", fed) == 10
