@@ -146,7 +146,8 @@ class Release:
     dropped: list[int]
     deltas: dict[int, bytes]
     announce: bytes
-    sent: F32  # the model devices on the newest keyframe train on (evaluated)
+    sent: F32  # the model devices on the oldest kept keyframe train on (evaluated)
+    rebuilt: dict[int, F32] = field(default_factory=dict)  # by keyframe: what its holders get
     delta_bytes: dict[int, int] = field(default_factory=dict)
 
 
@@ -219,7 +220,10 @@ def prepare(
     ann = wire.Announce(
         cfg.federation.id, SENDER, snap.version, cfg.spec.fingerprint(), snap.created_at, kept
     )
-    sent = full_flat if is_kf else deltas[max(deltas)][1]  # the newest keyframe's
+    # Devices keep their keyframe while it is listed (edge_agent.keyframe.choose): the model
+    # rebuilt from the oldest one is what the devices holding a keyframe longest train on.
+    rebuilt = {k: flat for k, (_, flat) in deltas.items()}
+    sent = rebuilt[min(rebuilt)] if rebuilt else full_flat
     return Release(
         model=full_payload,
         keyframe=kf_payload,
@@ -227,6 +231,7 @@ def prepare(
         deltas={k: p for k, (p, _) in deltas.items()},
         announce=wire.encode(ann, signer),
         sent=sent,
+        rebuilt=rebuilt,
         delta_bytes={k: len(p) for k, (p, _) in deltas.items()},
     )
 

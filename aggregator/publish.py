@@ -23,15 +23,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from aggregator.config import AggregatorConfig, PlanConfig
 from aggregator.engine import Snapshot
-from fedmqtt import wire
-from fedmqtt.codecs import Codec, decode_params, encode_params
+from fedmqtt import downlink, wire
+from fedmqtt.codecs import Codec
 from fedmqtt.fsutil import atomic_write_bytes
 from fedmqtt.models.spec import ModelSpec
-from fedmqtt.params import F32, Layout
+from fedmqtt.params import F32
 from fedmqtt.privacy.config import PLAN_CLIP_KEY, PrivacyConfig
 from fedmqtt.signing import Signer
 
@@ -53,16 +51,9 @@ def downlink_params(cfg: AggregatorConfig, snap: Snapshot) -> tuple[dict[str, An
     (server-side error feedback) and the published stream does not drift.
     """
     codec = Codec.parse(cfg.downlink.codec)
-    return encode_model(cfg.spec.layout(), snap.params, codec, seed=cfg.seed, version=snap.version)
-
-
-def encode_model(
-    layout: Layout, flat: F32, codec: Codec, *, seed: int, version: int
-) -> tuple[dict[str, Any], F32]:
-    """:func:`downlink_params` of the flat parameters ``flat`` of ``version``."""
-    rng = np.random.default_rng([seed, version])
-    encoded = encode_params(layout.unflatten(flat, copy=False), codec, rng=rng)
-    return encoded, decode_params(encoded, layout)
+    return downlink.encode_model(
+        cfg.spec.layout(), snap.params, codec, seed=cfg.seed, version=snap.version
+    )
 
 
 def model_message(
@@ -97,9 +88,25 @@ def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> b
     return wire.encode(msg, signer)
 
 
-def spec_payload(cfg: AggregatorConfig, signer: Signer) -> bytes:
-    """The model spec that every model message names by fingerprint."""
-    return wire.encode(wire.SpecMessage(cfg.federation.id, SENDER, cfg.spec), signer)
+def genesis_of(cfg: AggregatorConfig, v0: F32 | None) -> wire.Genesis | None:
+    """How a device builds version 0 itself (fedmqtt.downlink.genesis), given ``v0``, version
+    0 as devices decode it (None: not held any more); None unless the build gives exactly
+    ``v0`` here (a state initialised with another seed, for instance)."""
+    if v0 is None:
+        return None
+    codec = cfg.downlink.codec
+    want = downlink.digest(v0)
+    if downlink.digest(downlink.genesis(cfg.spec, cfg.seed, codec)) != want:
+        log.warning("version 0 is not the model seed's initial model; devices will download it")
+        return None
+    return wire.Genesis(cfg.seed, codec, want)
+
+
+def spec_payload(cfg: AggregatorConfig, signer: Signer, v0: F32 | None = None) -> bytes:
+    """The model spec that every model message names by fingerprint, with how to build
+    version 0 (:func:`genesis_of` ``v0``) while the aggregator holds it."""
+    msg = wire.SpecMessage(cfg.federation.id, SENDER, cfg.spec, genesis=genesis_of(cfg, v0))
+    return wire.encode(msg, signer)
 
 
 def plan_extra(privacy: PrivacyConfig) -> dict[str, float]:

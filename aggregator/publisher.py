@@ -84,6 +84,14 @@ class Publisher:
             DeltaPublisher(cfg, signer, pub_x, upto=latest.version) if cfg.downlink.delta else None
         )
 
+    def _version_zero(self, snap: Snapshot) -> F32 | None:
+        """Version 0 as devices decode it, while it is the current version or a keyframe
+        kept (the spec message then tells devices how to build it: publish.genesis_of)."""
+        kept = self.deltas.store.frames.get(0) if self.deltas is not None else None
+        if kept is not None:
+            return kept.params
+        return downlink_params(self.cfg, snap)[1] if snap.version == 0 else None
+
     def offer(self, snap: Snapshot, *, new_version: bool) -> None:
         """``snap`` is durable and the newest; with ``new_version``, publish it when the link
         allows (else it is what the next republication sends)."""
@@ -114,7 +122,9 @@ class Publisher:
             republish, self._republish = self._republish, False
             if republish:
                 # The spec before any model that names it (models carry only its fingerprint).
-                spec = await loop.run_in_executor(self._pub_x, spec_payload, cfg, self.signer)
+                spec = await loop.run_in_executor(
+                    self._pub_x, spec_payload, cfg, self.signer, self._version_zero(snap)
+                )
                 if not await link.publish(topics.spec(fed), spec, retain=True):
                     self._republish = True
                     continue

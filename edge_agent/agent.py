@@ -219,6 +219,10 @@ class EdgeAgent:
         self.announced_keyframes: tuple[int, ...] = ()
         self._delta_failed: int | None = None
         self._fetch_topic = self.topic_model
+        # Version 0 built here (kfm.built_version_zero): the newest signed spec message that
+        # says how, and the digest of a build that failed (not tried again).
+        self._genesis: wire.SpecMessage | None = None
+        self._genesis_failed: str | None = None
         self.plan: wire.Plan | None = None
         self.onnx_version: int | None = None
         self.state = st.AgentState()
@@ -335,6 +339,7 @@ class EdgeAgent:
         for path in st.spec_files(self.state_dir):  # before the model, which names its spec
             with contextlib.suppress(OSError):
                 self._accept_spec(path.read_bytes(), from_disk=True)
+        self._build_version_zero(from_disk=True)  # the base of a stored delta from it
         for name, handler in (
             (st.PLAN_FILE, self._accept_plan),
             (st.KEYFRAME_FILE, self._accept_model),  # the newest of these three is used
@@ -641,7 +646,9 @@ class EdgeAgent:
             return False
         current = self.current_version
         if self.announced is None or (current is not None and self.announced <= current):
-            return current is None  # a device without a model asks, announced or not
+            # A device without a model asks, announced or not (after waiting a little for the
+            # announcement, which says whether it may build version 0 instead).
+            return current is None and not self._awaiting_announce()
         if self._fetched_untrained:
             return False  # train on the model just fetched rather than chase newer versions
         # A device without a model fetches one whatever the selection (it is the start
@@ -666,6 +673,41 @@ class EdgeAgent:
             done < 0 or sel.window_of(done) < sel.window_of(version)
         )
 
+    def _awaiting_announce(self) -> bool:
+        """Whether a device without a model still waits for the (retained) announcement, which
+        says whether it may build version 0 instead of fetching it: until one arrives, at most
+        ``[training] announce_wait_s`` after subscribing to them."""
+        if self.announced is not None:
+            return False
+        since = self.listening_since
+        wait = self.config.training.announce_wait_s
+        return since is None or time.monotonic() - since < wait
+
+    def _build_version_zero(self, *, from_disk: bool = False) -> bool:
+        """Build version 0 from the signed genesis and hold it as keyframe 0 when it is needed:
+        announced (then it is also the model: whether it was installed) or listed as a
+        keyframe, or (``from_disk``) as the base of what the state directory holds."""
+        g = self._genesis
+        if g is None or g.genesis is None or self.keyframe is not None:
+            return False
+        if g.genesis.digest == self._genesis_failed:
+            return False
+        if not from_disk and (
+            self.announced is None or (self.announced != 0 and 0 not in self.announced_keyframes)
+        ):
+            return False
+        try:
+            held = kfm.built_version_zero(g)
+        except kfm.DeltaMismatchError as e:
+            self._genesis_failed = g.genesis.digest
+            self._reject("genesis", e.reason, f"{e.detail}; fetching it instead")
+            return False
+        self.keyframe = held
+        self.log.info("version 0 built from the model seed (digest %s)", held.digest)
+        if from_disk or self.announced == 0:
+            return self._install(held.msg, None, from_disk)
+        return False  # a newer version is announced: its delta from keyframe 0 is fetched
+
     def _fetch_if_ready(self) -> None:
         link = self.link
         if self._fetching_since is not None:
@@ -676,6 +718,8 @@ class EdgeAgent:
                 self._fetch_done()
             return
         if link is not None and self._fetch_wanted():
+            if self._build_version_zero():
+                return  # version 0 is the one announced: nothing to fetch
             self._listen(self._fast_repeat())
             self._fetching_since = time.monotonic()
             self.fetches += 1
@@ -719,7 +763,12 @@ class EdgeAgent:
             return
         fp = msg.fingerprint
         self._newest_spec = fp
-        if fp not in self.specs:
+        new_genesis = msg.genesis is not None and (
+            self._genesis is None or self._genesis.genesis != msg.genesis
+        )
+        if new_genesis:
+            self._genesis = msg
+        if fp not in self.specs or (new_genesis and not from_disk):
             self.specs[fp] = msg.spec
             if not from_disk:
                 self._store_payload(st.spec_file(fp), payload)

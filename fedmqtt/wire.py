@@ -517,22 +517,50 @@ class ModelDelta:
 
 
 @dataclass(frozen=True)
+class Genesis:
+    """What a device needs to build version 0 itself (fedmqtt.downlink.genesis): the model
+    seed, the downlink codec of the published version 0, and the digest of what devices decode
+    from it (hex; 16 bytes on the wire)."""
+
+    seed: int
+    codec: str
+    digest: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"seed": self.seed, "codec": self.codec, "digest": bytes.fromhex(self.digest)}
+
+    @classmethod
+    def from_wire(cls, m: Any) -> Genesis:
+        if not isinstance(m, dict):
+            raise DecodeError(SCHEMA, "init must be a map")
+        seed, codec = _nonneg_int(m, "seed"), field_of(m, "codec", str)
+        digest = field_of(m, "digest", bytes)
+        if len(digest) != 16 or not 0 < len(codec) <= 64:
+            raise DecodeError(SCHEMA, "init needs a 16-byte digest and a codec of 1-64 characters")
+        return cls(seed, codec, digest.hex())
+
+
+@dataclass(frozen=True)
 class SpecMessage:
     """The model spec (architecture, preprocessing, classes) that models refer to by
     fingerprint; published, retained, when it changes. The receiver recomputes the
-    fingerprint from the spec and refuses a message whose declared fingerprint differs."""
+    fingerprint from the spec and refuses a message whose declared fingerprint differs.
+
+    ``genesis`` (field ``init``, absent when None, so older receivers ignore it): how to build
+    version 0 without downloading it, given only while the aggregator holds that version 0."""
 
     federation: str
     sender: str
     spec: ModelSpec
     created_at: float = field(default_factory=time.time)
+    genesis: Genesis | None = None
 
     @property
     def fingerprint(self) -> str:
         return self.spec.fingerprint()
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "v": VERSION,
             "type": "spec",
             "federation": self.federation,
@@ -541,6 +569,9 @@ class SpecMessage:
             "spec": self.spec.to_wire(),
             "created_at": self.created_at,
         }
+        if self.genesis is not None:
+            body["init"] = self.genesis.to_wire()
+        return body
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any]) -> SpecMessage:
@@ -549,7 +580,8 @@ class SpecMessage:
         declared = field_of(m, "fingerprint", str)
         if declared != spec.fingerprint():
             raise DecodeError(SCHEMA, f"declared fingerprint {declared} is not the spec's")
-        return cls(fed, sender, spec, _number(m, "created_at"))
+        genesis = Genesis.from_wire(m["init"]) if "init" in m else None
+        return cls(fed, sender, spec, _number(m, "created_at"), genesis)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.publish import encode_model
 from fedmqtt.aggregation import fedbuff_aggregate
 from fedmqtt.codecs import Codec, ErrorFeedback, decode_params, encode_params
+from fedmqtt.downlink import encode_model
 from fedmqtt.models import TrainConfig, build_model, init_params, train_local
 from fedmqtt.models.spec import ModelSpec
 from simulator import datasets

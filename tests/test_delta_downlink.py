@@ -192,7 +192,8 @@ def test_a_restarted_aggregator_serves_deltas_from_the_keyframes_it_kept(tmp_pat
     assert not (directory / "kf-000000000002.bin").exists()
     rel = prepare(cfg, signer, restarted, snaps[5])
     rebuilt = kfm.rebuild(device_kf, _delta(rel.deltas[4], signer))
-    assert LAYOUT.flatten(rebuilt.params).tobytes() == rel.sent.tobytes()
+    assert LAYOUT.flatten(rebuilt.params).tobytes() == rel.rebuilt[4].tobytes()
+    assert rel.sent.tobytes() == rel.rebuilt[1].tobytes()  # evaluated: the oldest keyframe's
     # keyframes newer than the version the aggregator resumes from are not served
     rewound = KeyframeStore(directory, keep=3)
     rewound.load(cfg, signer, upto=3)
@@ -207,6 +208,9 @@ def test_which_message_a_device_fetches() -> None:
     assert choose(fed, announced=12, keyframes=(5, 10), held=kf, failed=None) == "fl/f/delta/10"
     assert choose(fed, announced=12, keyframes=(5, 10), held=kf, failed=12) == topics.model(fed)
     assert choose(fed, announced=12, keyframes=(5, 12), held=kf, failed=None) == topics.model(fed)
+    # the announced version is a new keyframe: the device keeps its own while it is listed
+    assert choose(fed, announced=12, keyframes=(10, 12), held=kf, failed=None) == "fl/f/delta/10"
+    assert choose(fed, announced=10, keyframes=(10,), held=kf, failed=None) == topics.model(fed)
     assert choose(fed, announced=14, keyframes=(11, 12), held=kf, failed=None) == "fl/f/keyframe"
     assert choose(fed, announced=14, keyframes=(11, 12), held=None, failed=None) == "fl/f/keyframe"
     assert topics.delta_base("fl/f/delta/10", fed) == 10
@@ -244,7 +248,7 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
         ann = wire.Announce(fed, "aggregator", version, SPEC.fingerprint(), 1.0, keyframes)
         if announce:
             agg.publish(topics.announce(fed), wire.encode(ann, signer))
-        return rel.sent.tobytes()
+        return rel.rebuilt.get(keyframes[-1], rel.sent).tobytes()
 
     try:
         agg.publish_spec()
