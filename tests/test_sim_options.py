@@ -32,4 +32,7 @@ def test_simulate_with_a_server_optimizer_and_personal_models(tmp_path: Path) ->
     assert opt["optimizer"] == "yogi" and opt["lr"] == 0.02 and opt["steps"] >= 3
     for dev in ("dev0000", "dev0001"):
         pm = PersonalStore(tmp_path / "agents" / dev / "state").load(dev, FEDERATION)
-        assert pm is not None and pm.mode == "finetune" and pm.version >= 1
+        # Built after the device's last round, whichever version that was (on a loaded
+        # machine a device may have trained on version 0 only before the run ended).
+        assert pm is not None and pm.mode == "finetune"
+        assert 0 <= pm.version <= summary["versions"], pm.version
