@@ -238,7 +238,7 @@ def run_federation(
     devices: Sequence[Device],
     workdir: Path,
     *,
-    versions: int,
+    versions: int | None,
     seed: int = 0,
     buffer_size: int | None = None,
     plan: dict[str, Any] | None = None,
@@ -250,7 +250,7 @@ def run_federation(
     strategy: dict[str, Any] | None = None,
 ) -> FederationResult:
     """Run agents and aggregator until the global model reaches ``versions``; FedMQTTError
-    if it does not within ``timeout_s``."""
+    if it does not within ``timeout_s``. ``versions=None``: run for ``timeout_s``."""
     from simulator.broker import Mosquitto
 
     t0 = time.monotonic()
@@ -271,7 +271,9 @@ def run_federation(
             downlink=downlink,
             strategy=strategy,
         )
-        if not agg.wait_for(lambda s: s["version"] >= versions, timeout=timeout_s):
+        if versions is None:
+            agg.wait_for(lambda s: False, timeout=timeout_s)
+        elif not agg.wait_for(lambda s: s["version"] >= versions, timeout=timeout_s):
             raise FedMQTTError(
                 f"version {versions} not reached in {timeout_s:.0f} s: {agg.snapshot()}"
             )
