@@ -87,7 +87,10 @@ def main() -> None:
                     f"(gap {gap:+.3f}) 10x {row['central_ae_10x']['auroc']:.3f} "
                     f"iforest {row['isolation_forest']['auroc']:.3f} | F1 fed "
                     f"{row['federated']['f1']:.3f} central {row['central_ae']['f1']:.3f} "
-                    f"iforest {row['isolation_forest']['f1']:.3f} | {row['federated_wall_s']} s",
+                    f"iforest {row['isolation_forest']['f1']:.3f} | false alarms fed "
+                    f"{row['federated']['false_alarms']:.3f} at the final model's quantile "
+                    f"{row['federated_at_final_quantile']['false_alarms']:.3f} | "
+                    f"{row['federated_wall_s']} s",
                     flush=True,
                 )
     out = {

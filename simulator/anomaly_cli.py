@@ -75,6 +75,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         buffer_size=args.buffer_size,
         strategy=tuple(strategy.items()),
         timeout_s=args.duration,
+        require_versions=False,
         central_10x=False,
     )
 
