@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="local learning rate (default 0.03)")
     ap.add_argument("--buffer-size", type=int, help="FedBuff K (default devices / 2)")
     ap.add_argument("--server-lr", type=float, help="the server step (default 1)")
+    ap.add_argument("--downlink", help="codec of the published model (default int8)")
+    ap.add_argument("--staleness", help="FedBuff's staleness discount (default poly:0.5)")
     args = ap.parse_args()
     for name, s in list(SETUPS.items()):
         plan = s.plan_dict | {
@@ -65,11 +67,14 @@ def main() -> None:
         strategy = dict(s.strategy)
         if args.server_lr is not None:
             strategy["server_lr"] = args.server_lr
+        if args.staleness is not None:
+            strategy["staleness"] = args.staleness
         SETUPS[name] = dataclasses.replace(
             s,
             versions=args.versions or s.versions,
             plan=tuple(plan.items()),
             buffer_size=args.buffer_size or s.buffer_size,
+            downlink=args.downlink or s.downlink,
             strategy=tuple(strategy.items()),
         )
     rows: list[dict[str, Any]] = []

@@ -53,6 +53,7 @@ class Setup:
         ("momentum", 0.9),
     )
     buffer_size: int | None = None
+    downlink: str = "int8"  # codec of the published model
     strategy: tuple[tuple[str, Any], ...] = ()
     timeout_s: float = 600.0
     require_versions: bool = True  # False: a run that reaches timeout_s first just ends there
@@ -158,6 +159,7 @@ def evaluate(dataset: str, split: str, seed: int, workdir: Path, setup: Setup) -
         seed=seed,
         plan=plan,
         buffer_size=setup.buffer_size,
+        downlink=setup.downlink,
         strategy=dict(setup.strategy),
         timeout_s=setup.timeout_s,
         require_versions=setup.require_versions,

@@ -28,7 +28,7 @@ def test_simulate_autoencoder_reports_federated_and_central_quality(
     assert row["plan"]["epochs"] == 5 and row["plan"]["codec"] == "raw"
     # 8 versions x 5 epochs / 3 devices: the central reference's sequential SGD steps.
     assert row["central_epochs"] == round(row["versions"] * 5 / 3)
-    for model in ("federated", "central_ae", "isolation_forest"):
+    for model in ("federated", "federated_at_final_quantile", "central_ae", "isolation_forest"):
         m = row[model]
         assert set(m) == {"auroc", "f1", "false_alarms", "recall"}
         # Malignant tumours are far from benign ones: every model separates them.
@@ -37,7 +37,8 @@ def test_simulate_autoencoder_reports_federated_and_central_quality(
     # on held-out normal samples, and it catches anomalies.
     fed = row["federated"]
     assert 0.0 < fed["false_alarms"] < 0.2 and fed["recall"] > 0.3, row
-    assert row["thresholds"]["federated"] > 0
+    assert row["thresholds"]["federated"] > 0 and row["thresholds"]["final_quantile"] > 0
+    assert len(row["report_versions"]) == 3 and max(row["report_versions"]) < row["versions"]
     assert row["auroc_gap"] == pytest.approx(row["central_ae"]["auroc"] - fed["auroc"], abs=1e-3)
 
 
