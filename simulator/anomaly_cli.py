@@ -73,6 +73,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
             ("codec", args.codec),
         ),
         buffer_size=args.buffer_size,
+        downlink=args.downlink_codec or "int8",
         strategy=tuple(strategy.items()),
         timeout_s=args.duration,
         require_versions=False,
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> dict[str, Any]:
     }
     row["plan"] = setup.plan_dict
     row["strategy"] = dict(setup.strategy)
+    row["downlink"] = setup.downlink
     text = json.dumps(row, indent=1)
     if args.json is not None:
         args.json.write_text(text + "\n")
