@@ -15,15 +15,22 @@ For each data set, split and seed, on held-out data with labelled anomalies:
   threshold the same quantile of its training scores.
 
 Metrics: AUROC of the scores, and F1 (anomaly = positive class) and false-alarm rate at each
-model's own threshold. Data sets (simulator/anomaly.py): ``breast_cancer`` (benign normal,
+model's own threshold, and the federated model's at the quantile of its final version's own
+training scores (what the threshold would be with every report measured on that version).
+The evaluation is :func:`simulator.anomaly_eval.evaluate`, which ``fedmqtt simulate --model
+autoencoder`` runs too. Data sets (simulator/anomaly.py): ``breast_cancer`` (benign normal,
 malignant anomalous), ``digits`` (0-4 normal, 5-9 anomalous), split IID or Dirichlet(0.5) over
 k-means clusters of the unlabeled training data (a label-free proxy: the training data have no
 labels to skew by); ``sensors``: the drifting multi-sensor stream, each device training on a
 sliding window of its own readings while they arrive, tested on the next readings of every
 device with injected faults (spikes, stuck sensors, slow drift) at a rate of 10 %.
 
-    .venv/bin/python -m bench.anomaly_quality [--seeds 0 1 2] [--datasets ...]
+    .venv/bin/python -m bench.anomaly_quality [--seeds 0 1 2] [--datasets ...] [--splits ...]
         [--json bench/results/anomaly_quality.json]
+
+One setting varied against the data sets' own (for the analysis in docs/benchmarks.md):
+``--versions``, ``--epochs``, ``--lr``, ``--buffer-size``, ``--server-lr``, ``--staleness``,
+``--downlink``.
 """
 
 from __future__ import annotations
