@@ -238,7 +238,7 @@ def run_federation(
     devices: Sequence[Device],
     workdir: Path,
     *,
-    versions: int,
+    versions: int | None,
     seed: int = 0,
     buffer_size: int | None = None,
     plan: dict[str, Any] | None = None,
@@ -248,9 +248,11 @@ def run_federation(
     feed_batch: int = 20,
     downlink: str = "int8",
     strategy: dict[str, Any] | None = None,
+    require_versions: bool = True,
 ) -> FederationResult:
     """Run agents and aggregator until the global model reaches ``versions``; FedMQTTError
-    if it does not within ``timeout_s``."""
+    if it does not within ``timeout_s`` (``require_versions=False``: the run just ends
+    there). ``versions=None``: run for ``timeout_s``."""
     from simulator.broker import Mosquitto
 
     t0 = time.monotonic()
@@ -271,7 +273,9 @@ def run_federation(
             downlink=downlink,
             strategy=strategy,
         )
-        if not agg.wait_for(lambda s: s["version"] >= versions, timeout=timeout_s):
+        target = versions if versions is not None else float("inf")
+        reached = agg.wait_for(lambda s: s["version"] >= target, timeout=timeout_s)
+        if versions is not None and require_versions and not reached:
             raise FedMQTTError(
                 f"version {versions} not reached in {timeout_s:.0f} s: {agg.snapshot()}"
             )

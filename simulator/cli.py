@@ -37,9 +37,28 @@ def _widths(text: str) -> tuple[int, ...]:
 def add_simulation_options(p: argparse.ArgumentParser) -> None:
     """The simulator's options. Their names are a contract: scripts and docs use them."""
     p.add_argument(
-        "--dataset", default="digits", choices=["digits", "breast_cancer", "wine", "synthetic"]
+        "--dataset",
+        default="digits",
+        choices=["digits", "breast_cancer", "wine", "synthetic", "sensors"],
+        help="with --model autoencoder: digits | breast_cancer (novelty variants) | sensors",
     )
-    p.add_argument("--model", default="softmax", choices=["softmax", "mlp", "linear"])
+    p.add_argument(
+        "--model", default="softmax", choices=["softmax", "mlp", "linear", "autoencoder"]
+    )
+    p.add_argument(
+        "--bottleneck",
+        type=int,
+        default=4,
+        help="bottleneck width of --model autoencoder (default 4; its hidden layers: the "
+        "first --hidden width)",
+    )
+    p.add_argument(
+        "--quantile",
+        type=_fraction,
+        default=0.98,
+        help="--model autoencoder: the quantile of normal scores the threshold estimates "
+        "(default 0.98)",
+    )
     p.add_argument("--clients", type=int, default=10, help="number of agents (default 10)")
     p.add_argument(
         "--partition",
@@ -245,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "simulate" and (
+            args.model == "autoencoder" or args.dataset == "sensors"
+        ):
+            from simulator.anomaly_cli import run as run_anomaly
+
+            run_anomaly(args)
+            return 0
         if args.command == "simulate":
             from simulator.runner import SimConfig, run_simulation
 

@@ -140,9 +140,10 @@ def test_novelty_federated_comes_within_two_points_of_central(split: str, tmp_pa
     the federated threshold (estimated from five devices of ~50 samples, tested on 107 normal
     samples, so it varies from run to run: false alarms 3-17 %, F1 0.48-0.79 in eight runs
     against the central 0.61) must stay near the central one's."""
-    from bench.anomaly_quality import run_novelty
+    from bench.anomaly_quality import SETUPS
+    from simulator.anomaly_eval import evaluate
 
-    row = run_novelty("breast_cancer", split, 0, tmp_path)
+    row = evaluate("breast_cancer", split, 0, tmp_path, SETUPS["breast_cancer"])
     fed, central = row["federated"], row["central_ae"]
     assert fed["auroc"] >= central["auroc"] - 0.02, row
     assert fed["f1"] >= central["f1"] - 0.15, row
