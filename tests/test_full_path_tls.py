@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_aggregator_support import wait_until
 from test_broker_security import FED, Site, running_site
 
 from aggregator.config import load_config as load_aggregator_config
@@ -54,7 +55,9 @@ def test_enrolled_agent_update_is_applied_over_tls(site: Site, tmp_path: Path) -
         snap = agg.snapshot()
         assert snap["rejected"] == {}
         assert snap["federation"] == FED
-        assert agent.updates_sent >= 1
+        # The broker's PUBACK reaches the agent once the version holding the update is
+        # checkpointed, just after the aggregator counts it as accepted.
+        wait_until(lambda: agent.updates_sent >= 1, 30, "the agent's PUBACK")
         assert agent.rejected_models == {}
     finally:
         stop.set()
