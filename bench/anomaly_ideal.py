@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 from bench.anomaly_quality import SETUPS
-from fedmqtt.models.anomaly import Autoencoder, auroc, autoencoder_spec
+from fedmqtt.models.anomaly import Autoencoder, auroc
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import Params
 from simulator.anomaly import novelty
@@ -38,14 +38,7 @@ def main() -> None:
     k = s.buffer_size or max(1, s.devices // 2)
     for seed in args.seeds:
         d = novelty(args.dataset, seed=seed)
-        spec = autoencoder_spec(
-            d.X_train.shape[1],
-            bottleneck=s.bottleneck,
-            hidden=s.hidden,
-            quantile=s.quantile,
-            feature_offset=d.feature_offset,
-            feature_scale=d.feature_scale,
-        )
+        spec = s.novelty_spec(d)
         shards = [d.X_train[p] for p in partition(d.proxy, s.devices, args.split, seed=seed)]
 
         def model(n_epochs: int, spec: ModelSpec = spec, seed: int = seed) -> Autoencoder:

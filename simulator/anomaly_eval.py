@@ -29,7 +29,15 @@ import numpy.typing as npt
 from fedmqtt.errors import ConfigError
 from fedmqtt.models.anomaly import Autoencoder, anomaly_scores, autoencoder_spec, score_quantile
 from fedmqtt.models.spec import ModelSpec
-from simulator.anomaly import NOVELTY, Device, SensorStream, iter_shards, novelty, run_federation
+from simulator.anomaly import (
+    NOVELTY,
+    Device,
+    NoveltyData,
+    SensorStream,
+    iter_shards,
+    novelty,
+    run_federation,
+)
 
 DATASETS: Final = (*NOVELTY, "sensors")
 SENSOR_WINDOW: Final = 200  # readings each sensor device trains on (its sliding window)
@@ -68,6 +76,22 @@ class Setup:
         the federation: a version's updates are trained in parallel, each of the plan's
         epochs over a 1/devices shard."""
         return max(1, round(versions * int(self.plan_dict["epochs"]) / self.devices))
+
+    def spec_for(
+        self, n_features: int, offset: tuple[float, ...], scale: tuple[float, ...]
+    ) -> ModelSpec:
+        """The autoencoder of this setup for data preprocessed by ``offset`` and ``scale``."""
+        return autoencoder_spec(
+            n_features,
+            bottleneck=self.bottleneck,
+            hidden=self.hidden,
+            quantile=self.quantile,
+            feature_offset=offset,
+            feature_scale=scale,
+        )
+
+    def novelty_spec(self, d: NoveltyData) -> ModelSpec:
+        return self.spec_for(d.X_train.shape[1], d.feature_offset, d.feature_scale)
 
 
 def metrics(
@@ -127,26 +151,16 @@ def evaluate(dataset: str, split: str, seed: int, workdir: Path, setup: Setup) -
         streams = [SensorStream(seed=seed, device=i) for i in range(setup.devices)]
         first = np.concatenate([st.readings(0, SENSOR_WINDOW) for st in streams])
         sd = first.std(axis=0)
-        spec = autoencoder_spec(
+        spec = setup.spec_for(
             streams[0].n_sensors,
-            bottleneck=setup.bottleneck,
-            hidden=setup.hidden,
-            quantile=setup.quantile,
-            feature_offset=tuple(float(v) for v in first.mean(axis=0)),
-            feature_scale=tuple(float(1 / v) for v in sd),
+            tuple(float(v) for v in first.mean(axis=0)),
+            tuple(float(1 / v) for v in sd),
         )
         devices = [Device(stream=st, window=SENSOR_WINDOW) for st in streams]
         row["split"] = "per-device machines, drift and sliding windows"
     else:
         d = novelty(dataset, seed=seed)
-        spec = autoencoder_spec(
-            d.X_train.shape[1],
-            bottleneck=setup.bottleneck,
-            hidden=setup.hidden,
-            quantile=setup.quantile,
-            feature_offset=d.feature_offset,
-            feature_scale=d.feature_scale,
-        )
+        spec = setup.novelty_spec(d)
         parts = partition(d.proxy, setup.devices, split, seed=seed)
         devices = list(iter_shards(d.X_train, parts))
         row["split"] = split if split == "iid" else f"{split} over k-means clusters"
