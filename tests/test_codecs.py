@@ -634,7 +634,9 @@ def test_norm_path_rejects_nonfinite(layout: Layout, bad: float) -> None:
 
 
 @pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
-@pytest.mark.parametrize("text", ["int8", "int8+zlib", "raw", "fp16", "topk:0.3"])
+@pytest.mark.parametrize(
+    "text", ["int8", "int8+zlib", "raw", "fp16", "topk:0.3", "topk:0.3+int8+zlib"]
+)
 def test_deferred_scales_give_the_same_vector_and_norm(layout: Layout, text: str) -> None:
     enc = wire(encode_params(_params(layout), Codec.parse(text), rng=np.random.default_rng(1)))
     full, full_norm = decode_params_norm(enc, layout)
