@@ -49,6 +49,7 @@ class _Tensor(msgspec.Struct, forbid_unknown_fields=True):
     q: int | float | UnsetType = UNSET  # as sent: the codec checks and converts it
     k: int | UnsetType = UNSET
     i: memoryview | UnsetType = UNSET
+    g: memoryview | UnsetType = UNSET
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,4 +106,6 @@ def _as_map(t: _Tensor) -> dict[str, Any]:
         out["k"] = t.k
     if t.i is not UNSET:
         out["i"] = t.i
+    if t.g is not UNSET:
+        out["g"] = t.g
     return out

@@ -151,7 +151,7 @@ def check_replay(update_id: str, window: ReplayWindow) -> None:
 def limits_for(layout: Layout, max_bytes: int) -> Limits:
     """Decoder limits for this model: no tensor larger than the model's largest one."""
     largest = max(layout.sizes) if layout.sizes else 0
-    # topk carries 4-byte values and 4-byte indices: at most 8 bytes per element.
+    # topk carries at most 4-byte values and 4-byte indices: at most 8 bytes per element.
     return Limits(max_elements=largest, max_ndim=2, max_data_bytes=min(max_bytes, 8 * largest))
 
 

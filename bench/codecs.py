@@ -33,7 +33,16 @@ import numpy as np
 
 from fedmqtt.codecs import Codec, decode_tensor, encode_tensor
 
-CODECS = ["raw", "fp16", "int8", "topk:0.01", "int8+zlib", "topk:0.01+zlib"]
+CODECS = [
+    "raw",
+    "fp16",
+    "int8",
+    "topk:0.01",
+    "int8+zlib",
+    "topk:0.01+zlib",
+    "topk:0.01+int8",
+    "topk:0.01+int8+zlib",
+]
 SIZES = [1_000, 100_000, 1_000_000]
 GOAL = 25.0  # decode of raw and int8 must reach this % of the plain copy rate
 

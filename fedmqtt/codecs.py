@@ -1,8 +1,9 @@
 """Tensor codecs: how one float32 tensor travels inside an update or a global model.
 
 Devices on slow links send model deltas, so the payload is compressed by a *codec*: ``raw``
-(float32), ``fp16``, ``int8`` (per-tensor scale, stochastic rounding) or ``topk:F`` (the
-``ceil(F*n)`` largest-magnitude entries), each optionally followed by ``+zlib``. The decoder
+(float32), ``fp16``, ``int8`` (per-tensor scale, stochastic rounding), ``topk:F`` (the
+``ceil(F*n)`` largest-magnitude entries, exact) or ``topk:F+int8`` (the same entries with
+their values quantized like ``int8``), each optionally followed by ``+zlib``. The decoder
 runs on the aggregator against untrusted input, so it validates everything against hard
 :class:`Limits` *before* allocating, and raises only :class:`~fedmqtt.errors.DecodeError`.
 
@@ -12,17 +13,28 @@ Wire form of one tensor (a msgpack map with short keys; all multi-byte numbers l
     "c"  str         all        codec name: "raw" | "fp16" | "int8" | "topk"
     "s"  [int, ...]  all        shape, 0..max_ndim non-negative ints ([] is a scalar)
     "d"  bin         all        values: raw "<f4" n items, fp16 "<f2" n items,
-                                int8 "i1" n items, topk "<f4" k items
-    "q"  float       int8       scale >= 0; value = q_i * scale (0 for an all-zero tensor)
+                                int8 "i1" n items, topk "<f4" k items, or "i1" k items
+                                if "q" is present (topk+int8)
+    "q"  float       int8,      scale >= 0; value = q_i * scale (0 for an all-zero tensor)
+                     topk+int8
     "k"  int         topk       number of kept entries, 0 <= k <= n
-    "i"  bin         topk       "<u4" k indices into the flattened tensor, strictly increasing
-    "z"  true        any        present (and true) iff "d" (and "i") are each zlib streams
+    "g"  bin         topk       the kept indices, gap-coded: k unsigned LEB128 varints
+                                g_0 = idx_0, g_j = idx_j - idx_(j-1) - 1 (what the encoder sends)
+    "i"  bin         topk       "<u4" k indices, strictly increasing (accepted, no longer sent)
+    "z"  true        any        present (and true) iff "d" (and "g" or "i") are zlib streams
 
 ``n`` is the product of the shape. Fields not listed for a codec are refused, so one map has
-exactly one meaning. ``z`` is omitted rather than sent as false by the encoder; the decoder
-accepts either. With ``z`` the declared (decompressed) sizes are still ``n * itemsize`` and
-``4 * k``, and decompression stops one byte past them (``zlib.decompressobj`` with
-``max_length``), so a zlib bomb costs at most the declared size.
+exactly one meaning; a topk map carries exactly one of "g" and "i". ``z`` is omitted rather
+than sent as false by the encoder; the decoder accepts either. The indices of "g" are
+``idx_j = sum(g_0..g_j) + j``, strictly increasing by construction, and each must be below
+``n``. Every varint is canonical: 1 to 5 bytes, 7 bits each, least significant group first,
+the high bit set on every byte but the last, no redundant final zero byte (an overlong
+form), value at most 2**32 - 1; since the gaps sum to at most ``n - k``, a valid "g" has
+between ``k`` and ``min(5k, k + (n - k) // 128)`` bytes (a varint of g >= 128 bytes takes
+at most ``1 + g/128`` bytes), which bounds it before anything is decoded. With ``z`` the
+declared (decompressed) sizes are still ``n * itemsize`` (``k * itemsize`` for topk values),
+``4 * k`` for "i" and at most that bound for "g"; decompression stops one byte past them
+(``zlib.decompressobj`` with ``max_length``), so a zlib bomb costs at most the declared size.
 
 Encoding contract (trusted, local input: errors are ``TypeError``/``ValueError``):
 
@@ -35,6 +47,8 @@ Encoding contract (trusted, local input: errors are ``TypeError``/``ValueError``
   ``|x - q * scale| < scale`` (up to float32 rounding, <= scale * (1 + 2**-15)).
 - topk:F: ``k = max(1, ceil(F * n))`` (computed with a 1e-12 relative tolerance so that
   0.01 * 300 gives 3, not 4), clamped to ``n``; kept values are exact float32.
+- topk:F+int8: the same ``k`` entries; their values are quantized as int8 above, with the
+  scale from the kept values alone (unbiased, error below one scale per kept value).
 - With an :class:`ErrorFeedback`, the tensor actually encoded is ``x + residual`` and the new
   residual is ``(x + residual) - decoded``. For topk this is the error feedback of Stich et
   al. 2018 / Karimireddy et al. 2019; the same rule is applied to every codec, so switching
@@ -89,26 +103,34 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     "raw": _COMMON_KEYS,
     "fp16": _COMMON_KEYS,
     "int8": _COMMON_KEYS | {"q"},
-    "topk": _COMMON_KEYS | {"k", "i"},
+    "topk": _COMMON_KEYS | {"k", "i", "g", "q"},
 }
-_REQUIRED: Final = {codec: keys - {"z"} for codec, keys in _KEYS.items()}
+# Optional besides "z": topk's "q" (int8 values) and its index field, "g" or "i" (one of them).
+_OPTIONAL: Final = {"topk": frozenset({"z", "q", "g", "i"})}
+_REQUIRED: Final = {c: keys - _OPTIONAL.get(c, {"z"}) for c, keys in _KEYS.items()}
 _ALL_KEYS: Final = frozenset().union(*_KEYS.values())
 _ITEMSIZE: Final = {"raw": 4, "fp16": 2, "int8": 1, "topk": 4}
 
 
 @dataclass(frozen=True)
 class Codec:
-    """A codec choice, written in configs and CLIs as ``raw``, ``int8+zlib``, ``topk:0.01``."""
+    """A codec choice, written in configs and CLIs as ``raw``, ``int8+zlib``, ``topk:0.01``,
+    ``topk:0.01+int8+zlib``."""
 
     name: CodecName
     fraction: float = 1.0  # topk only, 0 < fraction <= 1
     zlib: bool = False
+    int8: bool = False  # topk only: kept values quantized to int8
 
     def __post_init__(self) -> None:
         if self.name not in CODEC_NAMES:
             raise ConfigError(f"unknown codec {self.name!r}; expected one of {CODEC_NAMES}")
         if type(self.zlib) is not bool:
             raise ConfigError(f"codec zlib flag must be a bool, got {self.zlib!r}")
+        if type(self.int8) is not bool:
+            raise ConfigError(f"codec int8 flag must be a bool, got {self.int8!r}")
+        if self.int8 and self.name != "topk":
+            raise ConfigError(f"codec {self.name} takes no int8 values; only topk does")
         f = self.fraction
         if isinstance(f, bool) or not isinstance(f, int | float):
             raise ConfigError(f"topk fraction must be a number, got {f!r}")
@@ -120,13 +142,21 @@ class Codec:
 
     @classmethod
     def parse(cls, text: str) -> Codec:
-        """Parse ``raw | fp16 | int8 | topk:F``, each optionally followed by ``+zlib``."""
-        usage = "expected raw, fp16, int8 or topk:F (0 < F <= 1), optionally followed by +zlib"
+        """Parse ``raw | fp16 | int8 | topk:F | topk:F+int8``, each optionally followed by
+        ``+zlib``."""
+        usage = (
+            "expected raw, fp16, int8, topk:F or topk:F+int8 (0 < F <= 1), "
+            "optionally followed by +zlib"
+        )
         if not isinstance(text, str):
             raise ConfigError(f"codec must be text, got {type(text).__name__}; {usage}")
-        base, plus, suffix = text.strip().lower().partition("+")
-        if plus and suffix != "zlib":
-            raise ConfigError(f"codec {text!r}: unknown suffix {'+' + suffix!r}; {usage}")
+        base, *suffixes = text.strip().lower().split("+")
+        for i, suffix in enumerate(suffixes):
+            if suffix not in ("int8", "zlib") or suffix in suffixes[:i]:
+                raise ConfigError(f"codec {text!r}: unknown suffix {'+' + suffix!r}; {usage}")
+        int8 = "int8" in suffixes
+        if int8 and suffixes[0] != "int8":
+            raise ConfigError(f"codec {text!r}: +int8 comes before +zlib; {usage}")
         name, colon, arg = base.partition(":")
         if name not in CODEC_NAMES:
             raise ConfigError(f"unknown codec {text!r}; {usage}")
@@ -139,10 +169,14 @@ class Codec:
                 raise ConfigError(f"codec {text!r}: topk fraction must satisfy 0 < F <= 1")
         elif colon:
             raise ConfigError(f"codec {text!r}: {name} takes no argument; {usage}")
-        return cls(name, fraction, zlib=bool(plus))
+        if int8 and name != "topk":
+            raise ConfigError(f"codec {text!r}: only topk takes +int8; {usage}")
+        return cls(name, fraction, zlib="zlib" in suffixes, int8=int8)
 
     def __str__(self) -> str:
         base = f"topk:{self.fraction!r}" if self.name == "topk" else self.name
+        if self.int8:
+            base += "+int8"
         return base + "+zlib" if self.zlib else base
 
 
@@ -265,22 +299,30 @@ def encode_tensor(
             sent *= scale
     else:
         idx = _topk_indices(flat, topk_count(flat.size, codec.fraction))
-        data = flat[idx].astype("<f4", copy=False).tobytes()
-        index_bytes = idx.astype("<u4").tobytes()
+        kept = flat[idx]
+        index_bytes = _varint_gaps(idx)
         msg["k"] = int(idx.size)
+        if codec.int8:
+            q, scale = _quantize_int8(kept, rng)
+            data = q.tobytes()
+            msg["q"] = float(scale)
+            kept = q.astype(np.float32)
+            kept *= scale
+        else:
+            data = kept.astype("<f4", copy=False).tobytes()
         if feedback is not None:
             sent = np.zeros_like(flat)
-            sent[idx] = flat[idx]
+            sent[idx] = kept
 
     if codec.zlib:
         msg["d"] = _zlib.compress(data, ZLIB_LEVEL)
         if index_bytes is not None:
-            msg["i"] = _zlib.compress(index_bytes, ZLIB_LEVEL)
+            msg["g"] = _zlib.compress(index_bytes, ZLIB_LEVEL)
         msg["z"] = True
     else:
         msg["d"] = data
         if index_bytes is not None:
-            msg["i"] = index_bytes
+            msg["g"] = index_bytes
 
     if feedback is not None:
         if sent is None:
@@ -330,6 +372,80 @@ def _topk_indices(v: F32, k: int) -> npt.NDArray[np.intp]:
         return np.arange(n, dtype=np.int64)
     idx = np.argpartition(np.abs(v), n - k)[n - k :]
     idx.sort()
+    return idx
+
+
+_VARINT_MAX: Final = 5  # bytes of a varint up to 2**32 - 1 (7 bits each)
+_U32_MAX: Final = 2**32 - 1
+
+
+def varint_bound(k: int, n: int) -> int:
+    """Most bytes the "g" field of ``k`` valid indices below ``n`` can take (0 <= k <= n)."""
+    return min(_VARINT_MAX * k, k + (n - k) // 128)
+
+
+def _varint_gaps(idx: npt.NDArray[np.intp]) -> bytes:
+    """The "g" field of the strictly increasing indices ``idx`` (all below 2**32)."""
+    if idx.size == 0:
+        return b""
+    gaps = np.empty(idx.size, dtype=np.uint64)
+    gaps[0] = idx[0]
+    np.subtract(idx[1:], idx[:-1], out=gaps[1:], casting="unsafe")
+    gaps[1:] -= np.uint64(1)
+    # Bytes per varint: one, plus one for each 7-bit group above the first.
+    nbytes = np.ones(gaps.size, dtype=np.int64)
+    for j in range(1, _VARINT_MAX):
+        nbytes += gaps >= np.uint64(1 << (7 * j))
+    ends = np.cumsum(nbytes)
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    starts = ends - nbytes
+    out[starts] = (gaps & np.uint64(0x7F)).astype(np.uint8)
+    # Every byte but a varint's last carries the continuation bit.
+    for j in range(1, _VARINT_MAX):
+        more = np.flatnonzero(nbytes > j)
+        if more.size == 0:
+            break
+        out[starts[more] + j - 1] |= np.uint8(0x80)
+        out[starts[more] + j] = ((gaps[more] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(
+            np.uint8
+        )
+    return out.tobytes()
+
+
+def _varint_indices(data: bytes | bytearray | memoryview, k: int, n: int) -> npt.NDArray[np.int64]:
+    """Decode and check the "g" field (length already within [k, varint_bound(k, n)])."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    last = b < 0x80  # the final byte of each varint
+    if k == 0:  # and then b is empty: its length is in [k, varint_bound(k, n)]
+        return np.empty(0, dtype=np.int64)
+    if not last[-1]:
+        raise DecodeError(CODEC, "topk field 'g' ends inside a varint (truncated)")
+    ends = np.flatnonzero(last)
+    if ends.size != k:
+        raise DecodeError(CODEC, f"topk field 'g' holds {ends.size} varints, not {k}")
+    starts = np.empty(k, dtype=np.int64)
+    starts[0] = 0
+    np.add(ends[:-1], 1, out=starts[1:])
+    lengths = ends - starts + 1
+    if int(lengths.max()) > _VARINT_MAX:
+        raise DecodeError(CODEC, "topk field 'g' has a varint longer than 5 bytes")
+    long = lengths > 1
+    if bool(np.any(b[ends[long]] == 0)):
+        raise DecodeError(CODEC, "topk field 'g' has an overlong varint")
+    gaps = (b[starts] & 0x7F).astype(np.int64)
+    for j in range(1, _VARINT_MAX):
+        more = np.flatnonzero(lengths > j)
+        if more.size == 0:
+            break
+        gaps[more] |= (b[starts[more] + j] & 0x7F).astype(np.int64) << (7 * j)
+    if int(gaps.max()) > _U32_MAX:
+        raise DecodeError(CODEC, "topk field 'g' has a varint above 2**32 - 1")
+    # Each gap is below 2**32 and k < 2**31 (5 bytes each fit in memory): no int64 overflow.
+    gaps += 1
+    idx = np.cumsum(gaps, out=gaps)
+    idx -= 1
+    if int(idx[-1]) >= n:
+        raise DecodeError(CODEC, f"topk index {int(idx[-1])} out of range for {n}")
     return idx
 
 
@@ -525,21 +641,31 @@ def _decode(
     if out is not None and out.size != n:
         raise DecodeError(SHAPE, f"tensor shape {list(shape)} does not fit out ({out.size})")
 
+    quantized = codec == "int8" or "q" in obj  # int8 codes in "d", scaled by "q"
+    index_key = ""
     if codec == "topk":
         k = obj["k"]
         if type(k) is not int:
             raise DecodeError(SCHEMA, "topk field 'k' must be an integer")
         if not 0 <= k <= n:
             raise DecodeError(CODEC, f"topk keeps {k} entries of a {n}-element tensor")
-        data_len, index_len = 4 * k, 4 * k
+        if ("g" in obj) == ("i" in obj):
+            raise DecodeError(SCHEMA, "topk needs exactly one of the index fields 'g' and 'i'")
+        index_key = "g" if "g" in obj else "i"
+        data_len = k if quantized else 4 * k
+        index_len = varint_bound(k, n) if index_key == "g" else 4 * k
     else:
         k, data_len, index_len = 0, n * _ITEMSIZE[codec], 0
     if data_len + index_len > limits.max_data_bytes:
         raise DecodeError(SIZE, f"tensor data of {data_len + index_len} bytes exceeds the limit")
 
-    scale = _check_scale(obj["q"]) if codec == "int8" else _ZERO
+    scale = _check_scale(obj["q"]) if quantized else _ZERO
     data = _payload(obj["d"], "d", data_len, compressed)
-    index = _payload(obj["i"], "i", index_len, compressed) if codec == "topk" else b""
+    index: bytes | bytearray | memoryview = b""
+    if index_key == "g":  # any length from k to index_len bytes
+        index = _payload(obj["g"], "g", index_len, compressed, least=k)
+    elif index_key == "i":
+        index = _payload(obj["i"], "i", index_len, compressed)
     dst = np.empty(n, dtype=np.float32) if out is None else out
     sq, left = 0.0, 1.0
 
@@ -585,13 +711,22 @@ def _decode(
                 # |x| <= 65504: a float32 sum of squares cannot overflow below ~7.9e28 terms.
                 sq = float(np.dot(dst, dst))
     else:
-        values = np.frombuffer(data, _F4)
-        idx = np.frombuffer(index, _U4)
-        if k:
-            if int(idx[-1]) >= n:
-                raise DecodeError(CODEC, f"topk index {int(idx[-1])} out of range for {n}")
-            if k > 1 and not bool(np.all(idx[1:] > idx[:-1])):
-                raise DecodeError(CODEC, "topk indices are not strictly increasing")
+        idx: npt.NDArray[Any]
+        if index_key == "g":
+            idx = _varint_indices(index, k, n)
+        else:
+            idx = np.frombuffer(index, _U4)
+            if k:
+                if int(idx[-1]) >= n:
+                    raise DecodeError(CODEC, f"topk index {int(idx[-1])} out of range for {n}")
+                if k > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+                    raise DecodeError(CODEC, "topk indices are not strictly increasing")
+        if quantized:
+            # |q| <= 128 and 128 * scale was checked finite: the values are finite.
+            values = np.frombuffer(data, _I1).astype(np.float32)
+            values *= scale
+        else:
+            values = np.frombuffer(data, _F4)
         # Indices are distinct, so the squares of the kept values are those of the tensor.
         sq = _finite_sq(values, want_sq)
         if sq < 0:
@@ -650,9 +785,10 @@ def _check_scale(q: object) -> np.float32:
 
 
 def _payload(
-    value: object, key: str, size: int, compressed: bool
+    value: object, key: str, size: int, compressed: bool, *, least: int | None = None
 ) -> bytes | bytearray | memoryview:
-    """The bytes of field ``key``, exactly ``size`` long after optional bounded inflation.
+    """The bytes of field ``key``, exactly ``size`` long after optional bounded inflation
+    (with ``least``: from ``least`` to ``size`` bytes long).
 
     A ``memoryview`` of bytes (what the aggregator's zero-copy body parser yields,
     :mod:`aggregator.updatebody`) is used in place, like ``bytes``.
@@ -662,15 +798,19 @@ def _payload(
             raise DecodeError(SCHEMA, f"tensor field {key!r} must be binary")
     elif not isinstance(value, bytes | bytearray):
         raise DecodeError(SCHEMA, f"tensor field {key!r} must be binary")
+    lo = size if least is None else least
     if not compressed:
-        if len(value) != size:
-            raise DecodeError(CODEC, f"tensor field {key!r} has {len(value)} bytes, needs {size}")
+        if not lo <= len(value) <= size:
+            needs = f"{size}" if least is None else f"{lo} to {size}"
+            raise DecodeError(CODEC, f"tensor field {key!r} has {len(value)} bytes, needs {needs}")
         return value
-    return _inflate(value, key, size)
+    return _inflate(value, key, size, lo)
 
 
-def _inflate(value: bytes | bytearray | memoryview, key: str, size: int) -> bytearray:
-    """Inflate the zlib stream ``value`` that must yield exactly ``size`` bytes.
+def _inflate(
+    value: bytes | bytearray | memoryview, key: str, size: int, least: int
+) -> bytearray | memoryview:
+    """Inflate the zlib stream ``value`` that must yield ``least`` to ``size`` bytes.
 
     Memory stays at ``size`` plus small chunks whatever the stream claims: input is fed in
     slices (zlib copies the unconsumed rest of its input on every call), each call may
@@ -710,9 +850,10 @@ def _inflate(value: bytes | bytearray | memoryview, key: str, size: int) -> byte
         raise DecodeError(CODEC, f"tensor field {key!r}: zlib stream truncated")
     if inflater.unused_data or pending or pos < len(view):
         raise DecodeError(CODEC, f"tensor field {key!r}: bytes after the zlib stream")
-    if got != size:
-        raise DecodeError(CODEC, f"tensor field {key!r} inflates to {got} bytes, not {size}")
-    return buf
+    if got < least:
+        needs = f"{size}" if least == size else f"{least} to {size}"
+        raise DecodeError(CODEC, f"tensor field {key!r} inflates to {got} bytes, not {needs}")
+    return buf if got == size else memoryview(buf)[:got]
 
 
 def _all_finite(a: F32) -> bool:

@@ -66,7 +66,9 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         help="iid | dirichlet:BETA | shards:K (default dirichlet:0.5)",
     )
     p.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync", "fedavg"])
-    p.add_argument("--codec", default="int8", help="raw | fp16 | int8 | topk:FRACTION [+zlib]")
+    p.add_argument(
+        "--codec", default="int8", help="raw | fp16 | int8 | topk:FRACTION[+int8] [+zlib]"
+    )
     p.add_argument(
         "--downlink-codec",
         default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import msgpack
@@ -17,6 +18,8 @@ from fedmqtt.codecs import (
     Codec,
     ErrorFeedback,
     Limits,
+    _varint_gaps,
+    _varint_indices,
     decode_params,
     decode_params_norm,
     decode_tensor,
@@ -24,6 +27,7 @@ from fedmqtt.codecs import (
     encode_params,
     encode_tensor,
     topk_count,
+    varint_bound,
 )
 from fedmqtt.errors import NONFINITE, SHAPE, ConfigError, DecodeError
 from fedmqtt.params import F32, Layout
@@ -37,6 +41,20 @@ ALL_CODECS = ["raw", "fp16", "int8", "topk:0.01", "topk:0.3", "topk:1"]
 def wire(msg: dict[str, Any]) -> Any:
     """What the aggregator sees: the map after a msgpack round trip."""
     return msgpack.unpackb(msgpack.packb(msg, use_bin_type=True), raw=False)
+
+
+def reference_indices(g: bytes) -> np.ndarray[Any, Any]:
+    """The indices of a "g" field, read byte by byte as the module docstring defines it."""
+    out: list[int] = []
+    value = shift = 0
+    for byte in g:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            out.append(value if not out else out[-1] + 1 + value)
+            value = shift = 0
+    assert shift == 0, "truncated varint"
+    return np.array(out, dtype=np.int64)
 
 
 def roundtrip(x: F32, text: str, seed: int = 0) -> tuple[F32, dict[str, Any]]:
@@ -61,6 +79,9 @@ def roundtrip(x: F32, text: str, seed: int = 0) -> tuple[F32, dict[str, Any]]:
         ("int8+zlib", Codec("int8", zlib=True)),
         ("topk:0.01+zlib", Codec("topk", 0.01, zlib=True)),
         ("  INT8+ZLIB ", Codec("int8", zlib=True)),
+        ("topk:0.01+int8", Codec("topk", 0.01, int8=True)),
+        ("topk:0.01+int8+zlib", Codec("topk", 0.01, zlib=True, int8=True)),
+        ("TOPK:.02+INT8+ZLIB", Codec("topk", 0.02, zlib=True, int8=True)),
     ],
 )
 def test_parse_good(text: str, expected: Codec) -> None:
@@ -73,6 +94,7 @@ def test_str_is_canonical() -> None:
     assert str(Codec.parse("topk:1e-2+zlib")) == "topk:0.01+zlib"
     assert str(Codec.parse("fp16")) == "fp16"
     assert str(Codec("topk", 1)) == "topk:1.0"
+    assert str(Codec.parse("topk:1e-2+int8+zlib")) == "topk:0.01+int8+zlib"
 
 
 @pytest.mark.parametrize(
@@ -97,11 +119,24 @@ def test_str_is_canonical() -> None:
         "topk:1_0",
         "topk:0.1:0.2",
         "topk:abc",
+        "int8+int8",
+        "raw+int8",
+        "int8+zlib+int8",
+        "topk:0.1+int8+int8",
+        "topk:0.1+zlib+int8",
+        "topk:0.1+zlib+zlib",
+        "topk:0.1+",
+        "topk:0.1+fp16",
     ],
 )
 def test_parse_bad(text: str) -> None:
     with pytest.raises(ConfigError):
         Codec.parse(text)
+
+
+def test_parse_errors_name_every_form() -> None:
+    with pytest.raises(ConfigError, match=r"topk:F\+int8.*\+zlib"):
+        Codec.parse("topk:0.1+int4")
 
 
 @pytest.mark.parametrize(
@@ -113,6 +148,8 @@ def test_parse_bad(text: str) -> None:
         {"name": "topk", "fraction": float("nan")},
         {"name": "topk", "fraction": True},
         {"name": "raw", "zlib": 1},
+        {"name": "int8", "int8": True},
+        {"name": "topk", "fraction": 0.1, "int8": 1},
     ],
 )
 def test_codec_constructor_validates(kwargs: dict[str, Any]) -> None:
@@ -125,9 +162,9 @@ def test_parse_rejects_non_text() -> None:
         Codec.parse(3)  # type: ignore[arg-type]
 
 
-@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True), st.booleans())
-def test_parse_str_roundtrip_any_fraction(fraction: float, zlib: bool) -> None:
-    codec = Codec("topk", fraction, zlib=zlib)
+@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True), st.booleans(), st.booleans())
+def test_parse_str_roundtrip_any_fraction(fraction: float, zlib: bool, int8: bool) -> None:
+    codec = Codec("topk", fraction, zlib=zlib, int8=int8)
     assert Codec.parse(str(codec)) == codec
 
 
@@ -250,7 +287,7 @@ def test_topk_exact_on_kept_and_zero_elsewhere(x: F32, fraction: float) -> None:
     y, msg = roundtrip(x, str(Codec("topk", fraction)))
     assert y.shape == x.shape and y.dtype == np.float32
     flat_x, flat_y = x.reshape(-1), y.reshape(-1)
-    kept = np.frombuffer(msg["i"], "<u4").astype(np.int64)
+    kept = reference_indices(msg["g"])
     k = topk_count(x.size, fraction)
     assert kept.size == msg["k"] == k
     assert np.all(np.diff(kept) > 0)
@@ -260,6 +297,107 @@ def test_topk_exact_on_kept_and_zero_elsewhere(x: F32, fraction: float) -> None:
     assert np.all(flat_y[dropped] == 0.0)
     if kept.size and dropped.any():  # kept entries are the largest magnitudes
         assert np.min(np.abs(flat_x[kept])) >= np.max(np.abs(flat_x[dropped]))
+
+
+# Gaps at every varint length boundary: 1 byte below 2**7, 2 below 2**14, ... 5 up to 2**32 - 1.
+BOUNDARY_GAPS = [0, 1, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**21, 2**28 - 1, 2**28]
+BOUNDARY_BYTES = [1, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+
+
+@pytest.mark.parametrize(("gap", "size"), list(zip(BOUNDARY_GAPS, BOUNDARY_BYTES, strict=True)))
+def test_gap_coding_at_every_varint_length(gap: int, size: int) -> None:
+    idx = np.array([gap, gap + 1, 2 * gap + 2], dtype=np.int64)  # gaps: gap, 0, gap
+    g = _varint_gaps(idx)
+    assert len(g) == 2 * size + 1
+    np.testing.assert_array_equal(reference_indices(g), idx)
+    np.testing.assert_array_equal(_varint_indices(g, 3, 2 * gap + 3), idx)
+
+
+def test_gap_coding_of_the_largest_index() -> None:
+    idx = np.array([2**32 - 1], dtype=np.int64)
+    g = _varint_gaps(idx)
+    assert g == b"\xff\xff\xff\xff\x0f"
+    assert _varint_indices(g, 1, 2**32).tolist() == [2**32 - 1]
+
+
+@settings(max_examples=80)
+@given(st.integers(1, 300_000), st.data())
+def test_gap_coding_roundtrips_any_index_set(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(0, min(n, 400)))
+    idx = np.sort(data.draw(st.sets(st.integers(0, n - 1), min_size=k, max_size=k).map(list)))
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    g = _varint_gaps(idx)
+    assert k <= len(g) <= varint_bound(k, n)  # the bound the decoder checks first
+    np.testing.assert_array_equal(reference_indices(g), idx)
+    np.testing.assert_array_equal(_varint_indices(g, k, n), idx)
+
+
+@settings(max_examples=200)
+@given(
+    hnp.arrays(np.float32, SHAPES, elements=FINITE32),
+    st.floats(min_value=0.001, max_value=1.0),
+    st.integers(0, 2**32),
+)
+def test_topk_int8_keeps_the_same_entries_within_one_scale(
+    x: F32, fraction: float, seed: int
+) -> None:
+    y, msg = roundtrip(x, str(Codec("topk", fraction, int8=True)), seed)
+    _, exact = roundtrip(x, str(Codec("topk", fraction)), seed)
+    assert y.shape == x.shape and y.dtype == np.float32 and np.all(np.isfinite(y))
+    assert msg["g"] == exact["g"] and msg["k"] == exact["k"]  # the same entries as topk:F
+    assert len(msg["d"]) == msg["k"]  # one byte per kept value
+    kept = reference_indices(msg["g"])
+    flat_x, flat_y = x.reshape(-1).astype(np.float64), y.reshape(-1).astype(np.float64)
+    scale = msg["q"]
+    if kept.size:
+        cap = float(np.finfo(np.float32).max) / 128.0
+        biggest = float(np.max(np.abs(flat_x[kept])))
+        assert scale == pytest.approx(min(biggest / 127.0, cap), rel=1e-6)
+    assert np.all(np.abs(flat_y[kept] - flat_x[kept]) <= scale * (1.0 + 2.0**-15))
+    dropped = np.ones(x.size, bool)
+    dropped[kept] = False
+    assert np.all(flat_y[dropped] == 0.0)
+
+
+def test_topk_int8_is_unbiased_on_the_kept_entries() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(200).astype(np.float32)
+    x[0] = 4.0  # kept, and sets the scale: 4/127
+    codec = Codec.parse("topk:0.5+int8")
+    kept = reference_indices(encode_tensor(x, codec, rng=rng)["g"])
+    draws = 4000
+    total = np.zeros(x.size)
+    for _ in range(draws):
+        msg = encode_tensor(x, codec, rng=rng)
+        assert reference_indices(msg["g"]).tolist() == kept.tolist()
+        total += decode_tensor(msg)
+    mean_err = total[kept] / draws - x[kept].astype(np.float64)
+    sigma = (4.0 / 127.0) / (2.0 * math.sqrt(draws))  # as in test_int8_is_unbiased
+    assert np.max(np.abs(mean_err)) < 5.0 * sigma
+    assert abs(float(np.mean(mean_err))) < 5.0 * sigma / math.sqrt(kept.size)
+
+
+@pytest.mark.parametrize("text", ["topk:0.2", "topk:0.2+zlib", "topk:0.2+int8+zlib"])
+def test_the_u4_index_form_still_decodes(text: str) -> None:
+    """Devices of earlier releases send "<u4" indices in "i": the decoder still takes them."""
+    x = np.random.default_rng(5).standard_normal((30, 7)).astype(np.float32)
+    msg = encode_tensor(x, Codec.parse(text), rng=np.random.default_rng(0))
+    idx = reference_indices(zlib.decompress(msg["g"]) if "z" in msg else msg["g"])
+    old = {key: value for key, value in msg.items() if key != "g"}
+    old["i"] = idx.astype("<u4").tobytes()
+    if "z" in msg:
+        old["i"] = zlib.compress(old["i"])
+    assert decode_tensor(wire(old)).tobytes() == decode_tensor(wire(msg)).tobytes()
+
+
+def test_compact_topk_of_an_mlp_sized_tensor() -> None:
+    """1 % of 99,985 values: about 1.3 bytes per index instead of 4, 1 per value instead of 4."""
+    x = np.random.default_rng(0).standard_normal(99_985).astype(np.float32)
+    msg = encode_tensor(x, Codec.parse("topk:0.01+int8"), rng=np.random.default_rng(0))
+    assert msg["k"] == 1000 and len(msg["d"]) == 1000
+    assert len(msg["g"]) < 1400  # gaps average ~100: one or two bytes each
+    y = decode_tensor(wire(msg))
+    assert np.count_nonzero(y) <= 1000
 
 
 @pytest.mark.parametrize(
@@ -272,7 +410,7 @@ def test_topk_count(n: int, fraction: float, k: int) -> None:
     assert topk_count(n, fraction) == k
 
 
-@pytest.mark.parametrize("text", ["raw", "fp16", "int8", "topk:0.05"])
+@pytest.mark.parametrize("text", ["raw", "fp16", "int8", "topk:0.05", "topk:0.05+int8"])
 def test_zlib_variant_decodes_to_the_same_tensor(text: str) -> None:
     x = (np.random.default_rng(3).standard_normal((40, 25)) * 0.1).astype(np.float32)
     x[::3] = 0.0  # something zlib can actually shrink
@@ -280,14 +418,18 @@ def test_zlib_variant_decodes_to_the_same_tensor(text: str) -> None:
     packed, packed_msg = roundtrip(x, text + "+zlib", seed=7)
     assert packed.tobytes() == plain.tobytes()
     assert packed_msg["z"] is True and "z" not in plain_msg
-    assert len(msgpack.packb(packed_msg)) < len(msgpack.packb(plain_msg))
+    if not text.startswith("topk"):  # 50 gap-coded indices and values leave zlib nothing
+        assert len(msgpack.packb(packed_msg)) < len(msgpack.packb(plain_msg))
 
 
-@pytest.mark.parametrize("text", ["raw", "fp16", "int8", "topk:0.1", "int8+zlib"])
+@pytest.mark.parametrize(
+    "text", ["raw", "fp16", "int8", "topk:0.1", "int8+zlib", "topk:0.1+int8", "topk:0.1+int8+zlib"]
+)
 def test_wire_map_has_only_documented_keys(text: str) -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     msg = encode_tensor(x, Codec.parse(text), rng=np.random.default_rng(0))
-    keys = {"c", "s", "d"} | {"int8": {"q"}, "topk": {"k", "i"}}.get(msg["c"], set())
+    keys = {"c", "s", "d"} | {"int8": {"q"}, "topk": {"k", "g"}}.get(msg["c"], set())
+    keys |= {"q"} if "+int8" in text else set()
     assert set(msg) == keys | ({"z"} if "zlib" in text else set())
     assert msg["s"] == [3, 4] and all(type(d) is int for d in msg["s"])
 
@@ -444,7 +586,7 @@ def test_params_not_a_map() -> None:
 
 # W0 is above the decoder's small-tensor threshold (8192 elements), the others below it.
 BIG_LAYOUT = Layout.from_shapes({"W0": (3000, 4), "b0": (4,), "W1": (4, 3), "b1": (3,)})
-NORM_CODECS = [*ALL_CODECS, "raw+zlib", "fp16+zlib", "int8+zlib", "topk:0.3+zlib"]
+NORM_CODECS = [*ALL_CODECS, "raw+zlib", "fp16+zlib", "int8+zlib", "topk:0.3+zlib", "topk:0.3+int8"]
 
 
 def _params(layout: Layout, seed: int = 0) -> dict[str, F32]:
@@ -492,7 +634,9 @@ def test_norm_path_rejects_nonfinite(layout: Layout, bad: float) -> None:
 
 
 @pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
-@pytest.mark.parametrize("text", ["int8", "int8+zlib", "raw", "fp16", "topk:0.3"])
+@pytest.mark.parametrize(
+    "text", ["int8", "int8+zlib", "raw", "fp16", "topk:0.3", "topk:0.3+int8+zlib"]
+)
 def test_deferred_scales_give_the_same_vector_and_norm(layout: Layout, text: str) -> None:
     enc = wire(encode_params(_params(layout), Codec.parse(text), rng=np.random.default_rng(1)))
     full, full_norm = decode_params_norm(enc, layout)
@@ -573,7 +717,9 @@ def test_topk_error_feedback_drifting_deltas() -> None:
     assert gap_plain > 10 * gap_ef
 
 
-@pytest.mark.parametrize("codec", ["fp16", "int8", "int8+zlib", "topk:0.2"])
+@pytest.mark.parametrize(
+    "codec", ["fp16", "int8", "int8+zlib", "topk:0.2", "topk:0.2+int8", "topk:0.2+int8+zlib"]
+)
 def test_feedback_identity_holds_for_every_lossy_codec(codec: str) -> None:
     feedback = ErrorFeedback()
     _run_rounds(codec, 30, 0.5, feedback, d=200)  # asserts sum gap == residual every round

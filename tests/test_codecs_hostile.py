@@ -92,6 +92,32 @@ def topk(indices: list[int], n: int, k: int | None = None, values: bytes | None 
     }
 
 
+def varints(*values: int) -> bytes:
+    """Canonical unsigned LEB128 of each value, written out byte by byte."""
+    out = bytearray()
+    for value in values:
+        rest = value
+        while rest >= 0x80:
+            out.append(rest & 0x7F | 0x80)
+            rest >>= 7
+        out.append(rest)
+    return bytes(out)
+
+
+def gtopk(gaps: bytes, n: int, k: int, values: bytes | None = None) -> Any:
+    """A topk map with gap-coded indices "g" (given as bytes) and k float32 ones."""
+    return {
+        "c": "topk",
+        "s": [n],
+        "k": k,
+        "g": gaps,
+        "d": values if values is not None else np.ones(k, "<f4").tobytes(),
+    }
+
+
+BIG = 100_000  # a tensor whose index bound allows 5-byte varints (k + (n - k) // 128 >= 5)
+
+
 # Each case: (label, input, expected reason). All are tiny; the point is the reason.
 CASES: list[tuple[str, Any, str]] = [
     ("none", None, SCHEMA),
@@ -161,6 +187,35 @@ CASES: list[tuple[str, Any, str]] = [
     ("indices odd bytes", {**topk([1], 4), "i": b"\0\0\0"}, CODEC),
     ("topk nan value", topk([1], 4, values=F32_NAN), NONFINITE),
     ("topk on 0 elements", topk([0], 0), CODEC),
+    ("g and i", {**topk([1], 4), "g": varints(1)}, SCHEMA),
+    ("neither g nor i", {"c": "topk", "s": [4], "k": 1, "d": b"\0" * 4}, SCHEMA),
+    ("g text", gtopk("a", 4, 1), SCHEMA),  # type: ignore[arg-type]
+    ("g fewer bytes than k", gtopk(varints(0), 4, 2), CODEC),
+    ("g above its bound", gtopk(b"\x80\x01", 4, 1), CODEC),  # 2 bytes, bound 1 + 3 // 128
+    ("g fewer varints", gtopk(b"\x81\x01", BIG, 2), CODEC),
+    ("g more varints", gtopk(varints(1, 2, 3), BIG, 2), CODEC),
+    ("g truncated varint", gtopk(b"\x01\x02\x81", BIG, 2), CODEC),
+    ("g overlong varint", gtopk(b"\x81\x00", BIG, 1), CODEC),
+    ("g overlong zero", gtopk(b"\x80\x80\x00", BIG, 1), CODEC),
+    ("g six-byte varint", gtopk(b"\x81\x80\x80\x80\x80\x01\x01", BIG, 2), CODEC),
+    ("g above u32", gtopk(b"\xff\xff\xff\xff\x1f", BIG, 1), CODEC),
+    ("g u32 max", gtopk(varints(2**32 - 1), BIG, 1), CODEC),
+    ("g index n", gtopk(varints(4), 4, 1), CODEC),
+    ("g sum reaches n", gtopk(varints(2, 1), 4, 2), CODEC),  # indices 2 and 4
+    ("g sum wraps u32", gtopk(varints(1, 2**32 - 1), BIG, 2), CODEC),  # 1, 2**32 + 1
+    ("g k vs values", gtopk(varints(0, 0), 4, 2, values=b"\0" * 4), CODEC),
+    ("g nan value", gtopk(varints(1), 4, 1, values=F32_NAN), NONFINITE),
+    ("g zlib short", {**gtopk(zlib.compress(varints(1)), 4, 2), "z": True,
+                      "d": zlib.compress(b"\0" * 8)}, CODEC),
+    ("g zlib above bound", {**gtopk(zlib.compress(b"\x80\x01"), 4, 1), "z": True,
+                            "d": zlib.compress(b"\0" * 4)}, SIZE),
+    ("g zlib truncated varint", {**gtopk(zlib.compress(b"\x01\x81"), BIG, 2), "z": True,
+                                 "d": zlib.compress(b"\0" * 8)}, CODEC),
+    ("topk int8 values of f32 size", {**gtopk(varints(1), 4, 1), "q": 1.0}, CODEC),
+    ("topk int8 scale nan", {**gtopk(varints(1), 4, 1, b"\x01"), "q": float("nan")}, NONFINITE),
+    ("topk int8 scale overflows", {**gtopk(varints(1), 4, 1, b"\x80"), "q": 3e36}, NONFINITE),
+    ("topk int8 scale negative", {**gtopk(varints(1), 4, 1, b"\x01"), "q": -1.0}, CODEC),
+    ("topk int8 scale text", {**gtopk(varints(1), 4, 1, b"\x01"), "q": "1"}, SCHEMA),
     ("zlib garbage", {"c": "raw", "s": [1], "d": b"\x78\x9c garbage", "z": True}, CODEC),
     ("zlib empty", {"c": "raw", "s": [1], "d": b"", "z": True}, CODEC),
     ("zlib truncated", {"c": "raw", "s": [64], "d": zlib.compress(b"\0" * 256)[:-5],
@@ -174,6 +229,38 @@ CASES: list[tuple[str, Any, str]] = [
                          "d": zlib.compress(b"\0" * 4), "z": True}, SIZE),
     ("zlib nan", {"c": "raw", "s": [1], "d": zlib.compress(F32_NAN), "z": True}, NONFINITE),
 ]  # fmt: skip
+
+
+# Which check refuses each gap-coded case: the detail names it.
+GAP_DETAILS = {
+    "g and i": "exactly one of",
+    "neither g nor i": "exactly one of",
+    "g text": "must be binary",
+    "g fewer bytes than k": "needs 2 to",
+    "g above its bound": "needs 1 to 1",
+    "g fewer varints": "holds 1 varints, not 2",
+    "g more varints": "holds 3 varints, not 2",
+    "g truncated varint": "truncated",
+    "g overlong varint": "overlong",
+    "g overlong zero": "overlong",
+    "g six-byte varint": "longer than 5 bytes",
+    "g above u32": "above 2**32 - 1",
+    "g u32 max": "index 4294967295 out of range",
+    "g index n": "index 4 out of range for 4",
+    "g sum reaches n": "index 4 out of range for 4",
+    "g sum wraps u32": "index 4294967297 out of range",
+    "g k vs values": "field 'd' has 4 bytes, needs 8",
+    "g zlib short": "inflates to 1 bytes, not 2",
+    "g zlib above bound": "inflates beyond 1 bytes",
+    "g zlib truncated varint": "truncated",
+}
+
+
+@pytest.mark.parametrize(("label", "detail"), GAP_DETAILS.items())
+def test_gap_coded_refusals_name_their_fault(label: str, detail: str) -> None:
+    (obj,) = [case[1] for case in CASES if case[0] == label]
+    err = check(obj)
+    assert err is not None and detail in err.detail, err
 
 
 @pytest.mark.parametrize(("label", "obj", "reason"), CASES, ids=[c[0] for c in CASES])
@@ -198,14 +285,24 @@ def test_shape_expectation_and_limits() -> None:
     rejects(msg, SIZE, limits=Limits(max_ndim=1))
     rejects(msg, SIZE, limits=Limits(max_data_bytes=79))
     assert check(msg, limits=Limits(max_elements=20, max_ndim=2, max_data_bytes=80)) is None
-    top = valid("topk:0.5", (4, 5))  # 10 values + 10 indices = 80 bytes
-    rejects(top, SIZE, limits=Limits(max_data_bytes=79))
-    assert check(top, limits=Limits(max_data_bytes=80)) is None
+    # 10 float32 values + at most min(5 * 10, 10 + 10 // 128) = 10 bytes of gap-coded indices.
+    top = valid("topk:0.5", (4, 5))
+    rejects(top, SIZE, limits=Limits(max_data_bytes=49))
+    assert check(top, limits=Limits(max_data_bytes=50)) is None
+    old = {**top, "i": np.arange(10, dtype=U4).tobytes()}  # "<u4" indices: 4 bytes each
+    del old["g"]
+    rejects(old, SIZE, limits=Limits(max_data_bytes=79))
+    assert check(old, limits=Limits(max_data_bytes=80)) is None
+    # int8 values: 1 byte each; the bound on "g" is what the declared k and n allow.
+    small = valid("topk:0.01+int8", (1000, 100))  # k = 1000, bound 1000 + 99000 // 128
+    assert check(small, limits=Limits(max_data_bytes=1000 + 1773)) is None
+    rejects(small, SIZE, limits=Limits(max_data_bytes=1000 + 1772))
 
 
 def test_valid_maps_pass_the_checker() -> None:
     # The checker itself must accept good input, or the property tests below prove nothing.
-    for text in ("raw", "fp16", "int8", "topk:0.2", "int8+zlib", "topk:0.2+zlib"):
+    for text in ("raw", "fp16", "int8", "topk:0.2", "int8+zlib", "topk:0.2+zlib",
+                 "topk:0.2+int8", "topk:0.2+int8+zlib"):  # fmt: skip
         assert check(valid(text)) is None
         assert check(msgpack.unpackb(msgpack.packb(valid(text)), use_list=False)) is None
 
@@ -230,6 +327,8 @@ def bombs(bomb: bytes) -> Iterator[tuple[str, dict[str, Any], str]]:
     small = zlib.compress(b"\0" * 4)
     yield "topk values", {**topk([0], 10), "d": bomb, "i": small, "z": True}, SIZE
     yield "topk indices", {**topk([0], 10), "d": small, "i": bomb, "z": True}, SIZE
+    yield "topk gaps", {**gtopk(bomb, 10**6, 1), "d": small, "z": True}, SIZE
+    yield "topk int8 values", {**gtopk(bomb, 10, 1), "d": bomb, "q": 1.0, "z": True}, SIZE
     yield "declared 1 GiB", {"c": "raw", "s": [2**28], "d": bomb, "z": True}, SIZE
     yield "declared 1 GiB int8", {"c": "int8", "s": [2**30], "d": bomb, "q": 0.0, "z": True}, SIZE
     yield "declared 1e12", {"c": "raw", "s": [10**12], "d": bomb, "z": True}, SIZE
@@ -280,7 +379,7 @@ INTERESTING = (
     | st.lists(st.integers(-3, 2**40), max_size=6)
     | st.binary(max_size=200)
 )
-FIELDS = ["c", "s", "d", "q", "k", "i", "z"]
+FIELDS = ["c", "s", "d", "q", "k", "i", "g", "z"]
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
@@ -307,7 +406,19 @@ def test_random_fields(obj: dict[str, Any]) -> None:
 
 @settings(max_examples=800)
 @given(
-    st.sampled_from(["raw", "fp16", "int8", "topk:0.3", "raw+zlib", "int8+zlib", "topk:0.3+zlib"]),
+    st.sampled_from(
+        [
+            "raw",
+            "fp16",
+            "int8",
+            "topk:0.3",
+            "raw+zlib",
+            "int8+zlib",
+            "topk:0.3+zlib",
+            "topk:0.3+int8",
+            "topk:0.3+int8+zlib",
+        ]
+    ),
     st.lists(
         st.tuples(
             st.sampled_from(["replace", "delete", "truncate", "extend", "flip"]),

@@ -26,7 +26,7 @@ from fedmqtt.errors import SCHEMA, DecodeError
 from fedmqtt.params import Layout
 
 MAX = wire.DEFAULT_MAX_MESSAGE_BYTES
-CODECS = ("raw", "fp16", "int8", "int8+zlib", "topk:0.25")
+CODECS = ("raw", "fp16", "int8", "int8+zlib", "topk:0.25", "topk:0.25+int8+zlib")
 
 
 def _body(codec: str = "int8") -> dict[str, Any]:
@@ -105,7 +105,7 @@ _BODY_KEYS = (
     "created_at",
     "delta",
 )
-_TENSOR_KEYS = ("c", "s", "d", "z", "q", "k", "i", "x")
+_TENSOR_KEYS = ("c", "s", "d", "z", "q", "k", "i", "g", "x")
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
