@@ -1,19 +1,21 @@
 """Tensor codecs: how one float32 tensor travels inside an update or a global model.
 
 Devices on slow links send model deltas, so the payload is compressed by a *codec*: ``raw``
-(float32), ``fp16``, ``int8`` (per-tensor scale, stochastic rounding) or ``topk:F`` (the
-``ceil(F*n)`` largest-magnitude entries), each optionally followed by ``+zlib``. The decoder
+(float32), ``fp16``, ``int8`` (per-tensor scale, stochastic rounding), ``int4`` (the same with
+15 levels, two codes per byte) or ``topk:F`` (the ``ceil(F*n)`` largest-magnitude entries), each
+optionally followed by ``+zlib``. The decoder
 runs on the aggregator against untrusted input, so it validates everything against hard
 :class:`Limits` *before* allocating, and raises only :class:`~fedmqtt.errors.DecodeError`.
 
 Wire form of one tensor (a msgpack map with short keys; all multi-byte numbers little-endian)::
 
     key  type        codecs     meaning
-    "c"  str         all        codec name: "raw" | "fp16" | "int8" | "topk"
+    "c"  str         all        codec name: "raw" | "fp16" | "int8" | "int4" | "topk"
     "s"  [int, ...]  all        shape, 0..max_ndim non-negative ints ([] is a scalar)
     "d"  bin         all        values: raw "<f4" n items, fp16 "<f2" n items,
-                                int8 "i1" n items, topk "<f4" k items
-    "q"  float       int8       scale >= 0; value = q_i * scale (0 for an all-zero tensor)
+                                int8 "i1" n items, int4 ceil(n/2) bytes (below),
+                                topk "<f4" k items
+    "q"  float       int8 int4  scale >= 0; value = q_i * scale (0 for an all-zero tensor)
     "k"  int         topk       number of kept entries, 0 <= k <= n
     "i"  bin         topk       "<u4" k indices into the flattened tensor, strictly increasing
     "z"  true        any        present (and true) iff "d" (and "i") are each zlib streams
@@ -24,6 +26,13 @@ accepts either. With ``z`` the declared (decompressed) sizes are still ``n * ite
 ``4 * k``, and decompression stops one byte past them (``zlib.decompressobj`` with
 ``max_length``), so a zlib bomb costs at most the declared size.
 
+int4 packing: each code ``q_i`` in -7..7 is a 4-bit two's-complement nibble; element ``2j``
+is the low nibble (bits 0-3) of byte ``j`` and element ``2j + 1`` its high nibble (bits 4-7),
+so ``d`` has exactly ``ceil(n / 2)`` bytes. For odd ``n`` the high nibble of the last byte is
+padding and must be 0. The nibble 0x8 (code -8) is never produced and is refused, so the
+codes are symmetric and no decoded value exceeds ``7 * scale`` in magnitude. Anything else
+(wrong length, code -8, non-zero padding) is a DecodeError.
+
 Encoding contract (trusted, local input: errors are ``TypeError``/``ValueError``):
 
 - raw is exact. fp16 clips to +-65504 (the largest finite float16) instead of overflowing
@@ -33,6 +42,9 @@ Encoding contract (trusted, local input: errors are ``TypeError``/``ValueError``
   -128 included, decodes to inf), ``q = clip(floor(x / scale + u), -127, 127)`` with
   ``u ~ U[0, 1)`` from the caller's ``rng``: E[q * scale] = x (unbiased) and
   ``|x - q * scale| < scale`` (up to float32 rounding, <= scale * (1 + 2**-15)).
+- int4: as int8 with ``scale = max|x| / 7`` (capped at float32_max / 8) and codes clipped to
+  -7..7: unbiased, ``|x - q * scale| < scale = max|x| / 7``. A quarter of int8's bytes per
+  value, with a step 18x coarser (127 / 7).
 - topk:F: ``k = max(1, ceil(F * n))`` (computed with a 1e-12 relative tolerance so that
   0.01 * 300 gives 3, not 4), clamped to ``n``; kept values are exact float32.
 - With an :class:`ErrorFeedback`, the tensor actually encoded is ``x + residual`` and the new
@@ -58,12 +70,13 @@ from fedmqtt.errors import CODEC, NONFINITE, SCHEMA, SHAPE, SIZE, ConfigError, D
 from fedmqtt.params import F32, Layout
 from fedmqtt.rand import RandomSource
 
-CodecName = Literal["raw", "fp16", "int8", "topk"]
+CodecName = Literal["raw", "fp16", "int8", "int4", "topk"]
 CODEC_NAMES: Final[tuple[CodecName, ...]] = get_args(CodecName)
 
 FP16_MAX: Final = 65504.0
 ZLIB_LEVEL: Final = 6
 _MAX_SCALE: Final = float(np.finfo(np.float32).max) / 128.0  # int8 codes reach -128
+_MAX_SCALE4: Final = float(np.finfo(np.float32).max) / 8.0  # int4 codes stay within -7..7
 _SAFE_SUM: Final = float(np.finfo(np.float32).max) / 2  # a float32 sum below it cannot overflow
 # Element-wise checks walk large tensors in blocks so that their temporaries stay small (and
 # in cache) instead of costing one or two bytes per element of a possibly 50M-element tensor.
@@ -89,11 +102,12 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     "raw": _COMMON_KEYS,
     "fp16": _COMMON_KEYS,
     "int8": _COMMON_KEYS | {"q"},
+    "int4": _COMMON_KEYS | {"q"},
     "topk": _COMMON_KEYS | {"k", "i"},
 }
 _REQUIRED: Final = {codec: keys - {"z"} for codec, keys in _KEYS.items()}
 _ALL_KEYS: Final = frozenset().union(*_KEYS.values())
-_ITEMSIZE: Final = {"raw": 4, "fp16": 2, "int8": 1, "topk": 4}
+_ITEMSIZE: Final = {"raw": 4, "fp16": 2, "int8": 1, "topk": 4}  # int4: ceil(n / 2) bytes
 
 
 @dataclass(frozen=True)
@@ -120,8 +134,10 @@ class Codec:
 
     @classmethod
     def parse(cls, text: str) -> Codec:
-        """Parse ``raw | fp16 | int8 | topk:F``, each optionally followed by ``+zlib``."""
-        usage = "expected raw, fp16, int8 or topk:F (0 < F <= 1), optionally followed by +zlib"
+        """Parse ``raw | fp16 | int8 | int4 | topk:F``, each optionally followed by ``+zlib``."""
+        usage = (
+            "expected raw, fp16, int8, int4 or topk:F (0 < F <= 1), optionally followed by +zlib"
+        )
         if not isinstance(text, str):
             raise ConfigError(f"codec must be text, got {type(text).__name__}; {usage}")
         base, plus, suffix = text.strip().lower().partition("+")
@@ -263,6 +279,13 @@ def encode_tensor(
         if feedback is not None:
             sent = q.astype(np.float32)
             sent *= scale
+    elif codec.name == "int4":
+        q, scale = _quantize(flat, rng, 7.0, _MAX_SCALE4)
+        data = _pack_int4(q)
+        msg["q"] = float(scale)
+        if feedback is not None:
+            sent = q.astype(np.float32)
+            sent *= scale
     else:
         idx = _topk_indices(flat, topk_count(flat.size, codec.fraction))
         data = flat[idx].astype("<f4", copy=False).tobytes()
@@ -306,21 +329,38 @@ def encode_params(
 
 def _quantize_int8(v: F32, rng: RandomSource) -> tuple[npt.NDArray[np.int8], np.float32]:
     """Per-tensor scale and stochastically rounded int8 codes of ``v`` (finite, flat)."""
+    return _quantize(v, rng, 127.0, _MAX_SCALE)
+
+
+def _quantize(
+    v: F32, rng: RandomSource, top: float, max_scale: float
+) -> tuple[npt.NDArray[np.int8], np.float32]:
+    """Scale ``max|v| / top`` (at most ``max_scale``) and codes in ``-top..top`` of ``v``
+    (finite, flat), stochastically rounded: int8 (top 127) and int4 (top 7)."""
     maxabs = float(np.max(np.abs(v))) if v.size else 0.0
     if maxabs == 0.0:
         return np.zeros(v.size, dtype=np.int8), np.float32(0.0)
-    scale = np.float32(maxabs / 127.0)
-    if scale == 0:  # max|v| so small that max/127 underflows float32
+    scale = np.float32(maxabs / top)
+    if scale == 0:  # max|v| so small that max/top underflows float32
         scale = np.finfo(np.float32).smallest_subnormal
-    # The decoder refuses scales whose 128 * scale overflows (an int8 code can be -128): near
-    # float32 max, cap the scale so that legitimate tensors are always accepted. Codes then
-    # clip at 127 with an error still below one step.
-    scale = min(scale, np.float32(_MAX_SCALE))
+    # The decoder refuses scales whose largest code magnitude (int8: 128, int4: 8) times the
+    # scale overflows: near float32 max, cap the scale so that legitimate tensors are always
+    # accepted. Codes then clip at ``top`` with an error still below one step.
+    scale = min(scale, np.float32(max_scale))
     t = v / scale
     t += rng.random(v.size, dtype=np.float32)
     np.floor(t, out=t)
-    np.clip(t, -127.0, 127.0, out=t)  # float32 rounding of v/scale can reach 127.00001
+    np.clip(t, -top, top, out=t)  # float32 rounding of v/scale can reach top + 1e-5
     return t.astype(np.int8), scale
+
+
+def _pack_int4(q: npt.NDArray[np.int8]) -> bytes:
+    """Codes in -7..7, two per byte: element 2j in the low nibble of byte j, 2j+1 in the high
+    one; for odd n the last high nibble is 0."""
+    nib = q.view(np.uint8) & np.uint8(0x0F)  # 4-bit two's complement
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << np.uint8(4))).tobytes()
 
 
 def _topk_indices(v: F32, k: int) -> npt.NDArray[np.intp]:
@@ -532,12 +572,19 @@ def _decode(
         if not 0 <= k <= n:
             raise DecodeError(CODEC, f"topk keeps {k} entries of a {n}-element tensor")
         data_len, index_len = 4 * k, 4 * k
+    elif codec == "int4":
+        k, data_len, index_len = 0, (n + 1) // 2, 0
     else:
         k, data_len, index_len = 0, n * _ITEMSIZE[codec], 0
     if data_len + index_len > limits.max_data_bytes:
         raise DecodeError(SIZE, f"tensor data of {data_len + index_len} bytes exceeds the limit")
 
-    scale = _check_scale(obj["q"]) if codec == "int8" else _ZERO
+    if codec == "int8":
+        scale = _check_scale(obj["q"])
+    elif codec == "int4":
+        scale = _check_scale(obj["q"], "int4", _MAX_SCALE4)
+    else:
+        scale = _ZERO
     data = _payload(obj["d"], "d", data_len, compressed)
     index = _payload(obj["i"], "i", index_len, compressed) if codec == "topk" else b""
     dst = np.empty(n, dtype=np.float32) if out is None else out
@@ -567,6 +614,14 @@ def _decode(
         if want_sq:  # the values are finite; only the float32 sum of squares may overflow
             if n * (128.0 * float(scale)) ** 2 < _SAFE_SUM:
                 sq = float(np.dot(dst, dst))  # bounded: cannot overflow, no np.errstate needed
+            else:
+                sq = _sq64(dst) if n <= _SMALL else _finite_sq(dst, True)
+    elif codec == "int4":
+        _unpack_int4(data, n, dst)
+        np.multiply(dst, scale, out=dst)
+        if want_sq:  # |values| <= 7 * scale, finite; only the float32 sum may overflow
+            if n * (7.0 * float(scale)) ** 2 < _SAFE_SUM:
+                sq = float(np.dot(dst, dst))
             else:
                 sq = _sq64(dst) if n <= _SMALL else _finite_sq(dst, True)
     elif codec == "fp16":
@@ -631,22 +686,51 @@ def _check_shape(s: object, limits: Limits) -> tuple[tuple[int, ...], int]:
     return tuple(s), n
 
 
-def _check_scale(q: object) -> np.float32:
+def _check_scale(q: object, codec: str = "int8", bound: float = _MAX_SCALE) -> np.float32:
     if type(q) is int:
         value = float(q) if abs(q) < 2**128 else math.copysign(math.inf, q)
     elif type(q) is float:
         value = q
     else:
-        raise DecodeError(SCHEMA, "int8 field 'q' (scale) must be a number")
+        raise DecodeError(SCHEMA, f"{codec} field 'q' (scale) must be a number")
     if not math.isfinite(value):
-        raise DecodeError(NONFINITE, "int8 scale is NaN or Inf")
+        raise DecodeError(NONFINITE, f"{codec} scale is NaN or Inf")
     if value < 0:
-        raise DecodeError(CODEC, "int8 scale is negative")
-    # An int8 code can be -128: beyond this bound some decoded value would overflow to inf.
-    # _MAX_SCALE is a power-of-two fraction of float32 max, so rounding to float32 keeps it.
-    if value > _MAX_SCALE:
-        raise DecodeError(NONFINITE, "int8 scale so large that decoded values overflow float32")
+        raise DecodeError(CODEC, f"{codec} scale is negative")
+    # An int8 code can be -128 (int4: |code| <= 7, below 8): beyond ``bound`` some decoded
+    # value would overflow to inf. Both bounds are power-of-two fractions of float32 max, so
+    # rounding to float32 keeps them.
+    if value > bound:
+        raise DecodeError(NONFINITE, f"{codec} scale so large that decoded values overflow float32")
     return np.float32(value)
+
+
+def _int4_tables() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Per byte value: its two codes (low nibble first) as float32, and whether either
+    nibble is 0x8 (code -8, refused)."""
+    b = np.arange(256)
+    lo, hi = b & 0x0F, b >> 4
+    pairs = np.stack([lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)], axis=1).astype(np.float32)
+    return pairs, (lo == 8) | (hi == 8)
+
+
+_INT4_PAIRS, _INT4_BAD = _int4_tables()
+
+
+def _unpack_int4(data: bytes | bytearray | memoryview, n: int, dst: F32) -> None:
+    """Write the ``n`` int4 codes packed in ``data`` (exactly ceil(n/2) bytes) into ``dst``
+    as float32; DecodeError for a code -8 or a non-zero padding nibble."""
+    b = np.frombuffer(data, np.uint8)
+    for i in range(0, b.size, _BLOCK):
+        if bool(np.any(_INT4_BAD[b[i : i + _BLOCK]])):
+            raise DecodeError(CODEC, "int4 code -8 (nibble 0x8) is not a valid code")
+    even = n - n % 2
+    np.take(_INT4_PAIRS, b[: even // 2], axis=0, out=dst[:even].reshape(-1, 2), mode="clip")
+    if n % 2:
+        last = int(b[-1])
+        if last >> 4:
+            raise DecodeError(CODEC, "int4 padding nibble of an odd-length tensor is not 0")
+        dst[-1] = _INT4_PAIRS[last, 0]
 
 
 def _payload(
