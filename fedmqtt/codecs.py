@@ -705,32 +705,29 @@ def _check_scale(q: object, codec: str = "int8", bound: float = _MAX_SCALE) -> n
     return np.float32(value)
 
 
-def _int4_tables() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """Per byte value: its two codes (low nibble first) as float32, and whether either
-    nibble is 0x8 (code -8, refused)."""
-    b = np.arange(256)
-    lo, hi = b & 0x0F, b >> 4
-    pairs = np.stack([lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)], axis=1).astype(np.float32)
-    return pairs, (lo == 8) | (hi == 8)
-
-
-_INT4_PAIRS, _INT4_BAD = _int4_tables()
-
-
 def _unpack_int4(data: bytes | bytearray | memoryview, n: int, dst: F32) -> None:
     """Write the ``n`` int4 codes packed in ``data`` (exactly ceil(n/2) bytes) into ``dst``
-    as float32; DecodeError for a code -8 or a non-zero padding nibble."""
-    b = np.frombuffer(data, np.uint8)
-    for i in range(0, b.size, _BLOCK):
-        if bool(np.any(_INT4_BAD[b[i : i + _BLOCK]])):
+    as float32; DecodeError for a code -8 or a non-zero padding nibble.
+
+    Works on the bytes as int8, in blocks (temporaries stay small): an arithmetic right
+    shift by 4 sign-extends the high nibble, a left shift by 4 first does the same for the
+    low one. Code -8 is the only nibble whose sign-extended value is -8."""
+    s = np.frombuffer(data, np.int8)
+    if n % 2 and int(s[-1]) >> 4:  # the padding nibble of an odd-length tensor
+        raise DecodeError(CODEC, "int4 padding nibble of an odd-length tensor is not 0")
+    pairs = dst[: n - n % 2].reshape(-1, 2)
+    four = np.int8(4)
+    for i in range(0, s.size, _BLOCK):
+        block = s[i : i + _BLOCK]
+        hi = np.right_shift(block, four)
+        lo = np.right_shift(np.left_shift(block, four), four)
+        if int(hi.min(initial=0)) == -8 or int(lo.min(initial=0)) == -8:
             raise DecodeError(CODEC, "int4 code -8 (nibble 0x8) is not a valid code")
-    even = n - n % 2
-    np.take(_INT4_PAIRS, b[: even // 2], axis=0, out=dst[:even].reshape(-1, 2), mode="clip")
+        rows = pairs[i : i + _BLOCK]
+        np.copyto(rows[:, 0], lo[: rows.shape[0]])
+        np.copyto(rows[:, 1], hi[: rows.shape[0]])
     if n % 2:
-        last = int(b[-1])
-        if last >> 4:
-            raise DecodeError(CODEC, "int4 padding nibble of an odd-length tensor is not 0")
-        dst[-1] = _INT4_PAIRS[last, 0]
+        dst[-1] = lo[-1]
 
 
 def _payload(
