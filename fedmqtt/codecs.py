@@ -43,7 +43,7 @@ Encoding contract (trusted, local input: errors are ``TypeError``/``ValueError``
   ``u ~ U[0, 1)`` from the caller's ``rng``: E[q * scale] = x (unbiased) and
   ``|x - q * scale| < scale`` (up to float32 rounding, <= scale * (1 + 2**-15)).
 - int4: as int8 with ``scale = max|x| / 7`` (capped at float32_max / 8) and codes clipped to
-  -7..7: unbiased, ``|x - q * scale| < scale = max|x| / 7``. A quarter of int8's bytes per
+  -7..7: unbiased, ``|x - q * scale| < scale = max|x| / 7``. Half of int8's bytes per
   value, with a step 18x coarser (127 / 7).
 - topk:F: ``k = max(1, ceil(F * n))`` (computed with a 1e-12 relative tolerance so that
   0.01 * 300 gives 3, not 4), clamped to ``n``; kept values are exact float32.

@@ -472,7 +472,7 @@ def test_norm_is_that_of_the_decoded_vector(layout: Layout, text: str) -> None:
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # small models: float32 dot first
 @pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
-@pytest.mark.parametrize("text", ["raw", "int8", "topk:1", "raw+zlib"])
+@pytest.mark.parametrize("text", ["raw", "int8", "int4", "topk:1", "raw+zlib"])
 def test_norm_of_huge_finite_values_is_finite(layout: Layout, text: str) -> None:
     # Squares of these overflow float32; the norm must still be the float64 one, not inf.
     params = _params(layout)
