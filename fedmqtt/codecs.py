@@ -2,10 +2,10 @@
 
 Devices on slow links send model deltas, so the payload is compressed by a *codec*: ``raw``
 (float32), ``fp16``, ``int8`` (per-tensor scale, stochastic rounding), ``int4`` (the same with
-15 levels, two codes per byte) or ``topk:F`` (the ``ceil(F*n)`` largest-magnitude entries), each
-optionally followed by ``+zlib``. The decoder
-runs on the aggregator against untrusted input, so it validates everything against hard
-:class:`Limits` *before* allocating, and raises only :class:`~fedmqtt.errors.DecodeError`.
+15 levels, two codes per byte) or ``topk:F`` (the ``ceil(F*n)`` largest-magnitude entries),
+each optionally followed by ``+zlib``. The decoder runs on the aggregator against untrusted
+input, so it validates everything against hard :class:`Limits` *before* allocating, and
+raises only :class:`~fedmqtt.errors.DecodeError`.
 
 Wire form of one tensor (a msgpack map with short keys; all multi-byte numbers little-endian)::
 
@@ -22,9 +22,9 @@ Wire form of one tensor (a msgpack map with short keys; all multi-byte numbers l
 
 ``n`` is the product of the shape. Fields not listed for a codec are refused, so one map has
 exactly one meaning. ``z`` is omitted rather than sent as false by the encoder; the decoder
-accepts either. With ``z`` the declared (decompressed) sizes are still ``n * itemsize`` and
-``4 * k``, and decompression stops one byte past them (``zlib.decompressobj`` with
-``max_length``), so a zlib bomb costs at most the declared size.
+accepts either. With ``z`` the declared (decompressed) sizes are still ``n * itemsize``
+(int4: ``ceil(n / 2)``) and ``4 * k``, and decompression stops one byte past them
+(``zlib.decompressobj`` with ``max_length``), so a zlib bomb costs at most the declared size.
 
 int4 packing: each code ``q_i`` in -7..7 is a 4-bit two's-complement nibble; element ``2j``
 is the low nibble (bits 0-3) of byte ``j`` and element ``2j + 1`` its high nibble (bits 4-7),
