@@ -131,7 +131,7 @@ class OnnxConfig:
     every: int = 0
 
 
-DOWNLINK_CODECS: Final = ("raw", "fp16", "int8")  # codecs of a full model (topk is a delta's)
+DOWNLINK_CODECS: Final = ("raw", "fp16", "int8", "int4")  # a full model (topk: a delta codec)
 
 
 @dataclass(frozen=True)

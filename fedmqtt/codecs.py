@@ -1,21 +1,23 @@
 """Tensor codecs: how one float32 tensor travels inside an update or a global model.
 
 Devices on slow links send model deltas, so the payload is compressed by a *codec*: ``raw``
-(float32), ``fp16``, ``int8`` (per-tensor scale, stochastic rounding), ``topk:F`` (the
-``ceil(F*n)`` largest-magnitude entries, exact) or ``topk:F+int8`` (the same entries with
-their values quantized like ``int8``), each optionally followed by ``+zlib``. The decoder
-runs on the aggregator against untrusted input, so it validates everything against hard
-:class:`Limits` *before* allocating, and raises only :class:`~fedmqtt.errors.DecodeError`.
+(float32), ``fp16``, ``int8`` (per-tensor scale, stochastic rounding), ``int4`` (the same with
+15 levels, two codes per byte), ``topk:F`` (the ``ceil(F*n)`` largest-magnitude entries, exact)
+or ``topk:F+int8`` (the same entries with their values quantized like ``int8``), each
+optionally followed by ``+zlib``. The decoder runs on the aggregator against untrusted input,
+so it validates everything against hard :class:`Limits` *before* allocating, and raises only
+:class:`~fedmqtt.errors.DecodeError`.
 
 Wire form of one tensor (a msgpack map with short keys; all multi-byte numbers little-endian)::
 
     key  type        codecs     meaning
-    "c"  str         all        codec name: "raw" | "fp16" | "int8" | "topk"
+    "c"  str         all        codec name: "raw" | "fp16" | "int8" | "int4" | "topk"
     "s"  [int, ...]  all        shape, 0..max_ndim non-negative ints ([] is a scalar)
     "d"  bin         all        values: raw "<f4" n items, fp16 "<f2" n items,
-                                int8 "i1" n items, topk "<f4" k items, or "i1" k items
-                                if "q" is present (topk+int8)
-    "q"  float       int8,      scale >= 0; value = q_i * scale (0 for an all-zero tensor)
+                                int8 "i1" n items, int4 ceil(n/2) bytes (below),
+                                topk "<f4" k items, or "i1" k items if "q" is present
+                                (topk+int8)
+    "q"  float       int8 int4  scale >= 0; value = q_i * scale (0 for an all-zero tensor)
                      topk+int8
     "k"  int         topk       number of kept entries, 0 <= k <= n
     "g"  bin         topk       the kept indices, gap-coded: k unsigned LEB128 varints
@@ -32,9 +34,17 @@ the high bit set on every byte but the last, no redundant final zero byte (an ov
 form), value at most 2**32 - 1; since the gaps sum to at most ``n - k``, a valid "g" has
 between ``k`` and ``min(5k, k + (n - k) // 128)`` bytes (a varint of g >= 128 bytes takes
 at most ``1 + g/128`` bytes), which bounds it before anything is decoded. With ``z`` the
-declared (decompressed) sizes are still ``n * itemsize`` (``k * itemsize`` for topk values),
-``4 * k`` for "i" and at most that bound for "g"; decompression stops one byte past them
-(``zlib.decompressobj`` with ``max_length``), so a zlib bomb costs at most the declared size.
+declared (decompressed) sizes are still ``n * itemsize`` (int4: ``ceil(n / 2)``; topk values:
+``k * itemsize``), ``4 * k`` for "i" and at most that bound for "g"; decompression stops one
+byte past them (``zlib.decompressobj`` with ``max_length``), so a zlib bomb costs at most the
+declared size.
+
+int4 packing: each code ``q_i`` in -7..7 is a 4-bit two's-complement nibble; element ``2j``
+is the low nibble (bits 0-3) of byte ``j`` and element ``2j + 1`` its high nibble (bits 4-7),
+so ``d`` has exactly ``ceil(n / 2)`` bytes. For odd ``n`` the high nibble of the last byte is
+padding and must be 0. The nibble 0x8 (code -8) is never produced and is refused, so the
+codes are symmetric and no decoded value exceeds ``7 * scale`` in magnitude. Anything else
+(wrong length, code -8, non-zero padding) is a DecodeError.
 
 Encoding contract (trusted, local input: errors are ``TypeError``/``ValueError``):
 
@@ -45,6 +55,9 @@ Encoding contract (trusted, local input: errors are ``TypeError``/``ValueError``
   -128 included, decodes to inf), ``q = clip(floor(x / scale + u), -127, 127)`` with
   ``u ~ U[0, 1)`` from the caller's ``rng``: E[q * scale] = x (unbiased) and
   ``|x - q * scale| < scale`` (up to float32 rounding, <= scale * (1 + 2**-15)).
+- int4: as int8 with ``scale = max|x| / 7`` (capped at float32_max / 8) and codes clipped to
+  -7..7: unbiased, ``|x - q * scale| < scale = max|x| / 7``. Half of int8's bytes per
+  value, with a step 18x coarser (127 / 7).
 - topk:F: ``k = max(1, ceil(F * n))`` (computed with a 1e-12 relative tolerance so that
   0.01 * 300 gives 3, not 4), clamped to ``n``; kept values are exact float32.
 - topk:F+int8: the same ``k`` entries; their values are quantized as int8 above, with the
@@ -72,12 +85,13 @@ from fedmqtt.errors import CODEC, NONFINITE, SCHEMA, SHAPE, SIZE, ConfigError, D
 from fedmqtt.params import F32, Layout
 from fedmqtt.rand import RandomSource
 
-CodecName = Literal["raw", "fp16", "int8", "topk"]
+CodecName = Literal["raw", "fp16", "int8", "int4", "topk"]
 CODEC_NAMES: Final[tuple[CodecName, ...]] = get_args(CodecName)
 
 FP16_MAX: Final = 65504.0
 ZLIB_LEVEL: Final = 6
 _MAX_SCALE: Final = float(np.finfo(np.float32).max) / 128.0  # int8 codes reach -128
+_MAX_SCALE4: Final = float(np.finfo(np.float32).max) / 8.0  # int4 codes stay within -7..7
 _SAFE_SUM: Final = float(np.finfo(np.float32).max) / 2  # a float32 sum below it cannot overflow
 # Element-wise checks walk large tensors in blocks so that their temporaries stay small (and
 # in cache) instead of costing one or two bytes per element of a possibly 50M-element tensor.
@@ -103,13 +117,14 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     "raw": _COMMON_KEYS,
     "fp16": _COMMON_KEYS,
     "int8": _COMMON_KEYS | {"q"},
+    "int4": _COMMON_KEYS | {"q"},
     "topk": _COMMON_KEYS | {"k", "i", "g", "q"},
 }
 # Optional besides "z": topk's "q" (int8 values) and its index field, "g" or "i" (one of them).
 _OPTIONAL: Final = {"topk": frozenset({"z", "q", "g", "i"})}
 _REQUIRED: Final = {c: keys - _OPTIONAL.get(c, {"z"}) for c, keys in _KEYS.items()}
 _ALL_KEYS: Final = frozenset().union(*_KEYS.values())
-_ITEMSIZE: Final = {"raw": 4, "fp16": 2, "int8": 1, "topk": 4}
+_ITEMSIZE: Final = {"raw": 4, "fp16": 2, "int8": 1, "topk": 4}  # int4: ceil(n / 2) bytes
 
 
 @dataclass(frozen=True)
@@ -142,10 +157,10 @@ class Codec:
 
     @classmethod
     def parse(cls, text: str) -> Codec:
-        """Parse ``raw | fp16 | int8 | topk:F | topk:F+int8``, each optionally followed by
-        ``+zlib``."""
+        """Parse ``raw | fp16 | int8 | int4 | topk:F | topk:F+int8``, each optionally followed
+        by ``+zlib``."""
         usage = (
-            "expected raw, fp16, int8, topk:F or topk:F+int8 (0 < F <= 1), "
+            "expected raw, fp16, int8, int4, topk:F or topk:F+int8 (0 < F <= 1), "
             "optionally followed by +zlib"
         )
         if not isinstance(text, str):
@@ -297,6 +312,13 @@ def encode_tensor(
         if feedback is not None:
             sent = q.astype(np.float32)
             sent *= scale
+    elif codec.name == "int4":
+        q, scale = _quantize(flat, rng, 7.0, _MAX_SCALE4)
+        data = _pack_int4(q)
+        msg["q"] = float(scale)
+        if feedback is not None:
+            sent = q.astype(np.float32)
+            sent *= scale
     else:
         idx = _topk_indices(flat, topk_count(flat.size, codec.fraction))
         kept = flat[idx]
@@ -348,21 +370,38 @@ def encode_params(
 
 def _quantize_int8(v: F32, rng: RandomSource) -> tuple[npt.NDArray[np.int8], np.float32]:
     """Per-tensor scale and stochastically rounded int8 codes of ``v`` (finite, flat)."""
+    return _quantize(v, rng, 127.0, _MAX_SCALE)
+
+
+def _quantize(
+    v: F32, rng: RandomSource, top: float, max_scale: float
+) -> tuple[npt.NDArray[np.int8], np.float32]:
+    """Scale ``max|v| / top`` (at most ``max_scale``) and codes in ``-top..top`` of ``v``
+    (finite, flat), stochastically rounded: int8 (top 127) and int4 (top 7)."""
     maxabs = float(np.max(np.abs(v))) if v.size else 0.0
     if maxabs == 0.0:
         return np.zeros(v.size, dtype=np.int8), np.float32(0.0)
-    scale = np.float32(maxabs / 127.0)
-    if scale == 0:  # max|v| so small that max/127 underflows float32
+    scale = np.float32(maxabs / top)
+    if scale == 0:  # max|v| so small that max/top underflows float32
         scale = np.finfo(np.float32).smallest_subnormal
-    # The decoder refuses scales whose 128 * scale overflows (an int8 code can be -128): near
-    # float32 max, cap the scale so that legitimate tensors are always accepted. Codes then
-    # clip at 127 with an error still below one step.
-    scale = min(scale, np.float32(_MAX_SCALE))
+    # The decoder refuses scales whose largest code magnitude (int8: 128, int4: 8) times the
+    # scale overflows: near float32 max, cap the scale so that legitimate tensors are always
+    # accepted. Codes then clip at ``top`` with an error still below one step.
+    scale = min(scale, np.float32(max_scale))
     t = v / scale
     t += rng.random(v.size, dtype=np.float32)
     np.floor(t, out=t)
-    np.clip(t, -127.0, 127.0, out=t)  # float32 rounding of v/scale can reach 127.00001
+    np.clip(t, -top, top, out=t)  # float32 rounding of v/scale can reach top + 1e-5
     return t.astype(np.int8), scale
+
+
+def _pack_int4(q: npt.NDArray[np.int8]) -> bytes:
+    """Codes in -7..7, two per byte: element 2j in the low nibble of byte j, 2j+1 in the high
+    one; for odd n the last high nibble is 0."""
+    nib = q.view(np.uint8) & np.uint8(0x0F)  # 4-bit two's complement
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << np.uint8(4))).tobytes()
 
 
 def _topk_indices(v: F32, k: int) -> npt.NDArray[np.intp]:
@@ -654,12 +693,19 @@ def _decode(
         index_key = "g" if "g" in obj else "i"
         data_len = k if quantized else 4 * k
         index_len = varint_bound(k, n) if index_key == "g" else 4 * k
+    elif codec == "int4":
+        k, data_len, index_len = 0, (n + 1) // 2, 0
     else:
         k, data_len, index_len = 0, n * _ITEMSIZE[codec], 0
     if data_len + index_len > limits.max_data_bytes:
         raise DecodeError(SIZE, f"tensor data of {data_len + index_len} bytes exceeds the limit")
 
-    scale = _check_scale(obj["q"]) if quantized else _ZERO
+    if codec == "int4":
+        scale = _check_scale(obj["q"], "int4", _MAX_SCALE4)
+    elif quantized:
+        scale = _check_scale(obj["q"])
+    else:
+        scale = _ZERO
     data = _payload(obj["d"], "d", data_len, compressed)
     index: bytes | bytearray | memoryview = b""
     if index_key == "g":  # any length from k to index_len bytes
@@ -693,6 +739,14 @@ def _decode(
         if want_sq:  # the values are finite; only the float32 sum of squares may overflow
             if n * (128.0 * float(scale)) ** 2 < _SAFE_SUM:
                 sq = float(np.dot(dst, dst))  # bounded: cannot overflow, no np.errstate needed
+            else:
+                sq = _sq64(dst) if n <= _SMALL else _finite_sq(dst, True)
+    elif codec == "int4":
+        _unpack_int4(data, n, dst)
+        np.multiply(dst, scale, out=dst)
+        if want_sq:  # |values| <= 7 * scale, finite; only the float32 sum may overflow
+            if n * (7.0 * float(scale)) ** 2 < _SAFE_SUM:
+                sq = float(np.dot(dst, dst))
             else:
                 sq = _sq64(dst) if n <= _SMALL else _finite_sq(dst, True)
     elif codec == "fp16":
@@ -766,22 +820,48 @@ def _check_shape(s: object, limits: Limits) -> tuple[tuple[int, ...], int]:
     return tuple(s), n
 
 
-def _check_scale(q: object) -> np.float32:
+def _check_scale(q: object, codec: str = "int8", bound: float = _MAX_SCALE) -> np.float32:
     if type(q) is int:
         value = float(q) if abs(q) < 2**128 else math.copysign(math.inf, q)
     elif type(q) is float:
         value = q
     else:
-        raise DecodeError(SCHEMA, "int8 field 'q' (scale) must be a number")
+        raise DecodeError(SCHEMA, f"{codec} field 'q' (scale) must be a number")
     if not math.isfinite(value):
-        raise DecodeError(NONFINITE, "int8 scale is NaN or Inf")
+        raise DecodeError(NONFINITE, f"{codec} scale is NaN or Inf")
     if value < 0:
-        raise DecodeError(CODEC, "int8 scale is negative")
-    # An int8 code can be -128: beyond this bound some decoded value would overflow to inf.
-    # _MAX_SCALE is a power-of-two fraction of float32 max, so rounding to float32 keeps it.
-    if value > _MAX_SCALE:
-        raise DecodeError(NONFINITE, "int8 scale so large that decoded values overflow float32")
+        raise DecodeError(CODEC, f"{codec} scale is negative")
+    # An int8 code can be -128 (int4: |code| <= 7, below 8): beyond ``bound`` some decoded
+    # value would overflow to inf. Both bounds are power-of-two fractions of float32 max, so
+    # rounding to float32 keeps them.
+    if value > bound:
+        raise DecodeError(NONFINITE, f"{codec} scale so large that decoded values overflow float32")
     return np.float32(value)
+
+
+def _unpack_int4(data: bytes | bytearray | memoryview, n: int, dst: F32) -> None:
+    """Write the ``n`` int4 codes packed in ``data`` (exactly ceil(n/2) bytes) into ``dst``
+    as float32; DecodeError for a code -8 or a non-zero padding nibble.
+
+    Works on the bytes as int8, in blocks (temporaries stay small): an arithmetic right
+    shift by 4 sign-extends the high nibble, a left shift by 4 first does the same for the
+    low one. Code -8 is the only nibble whose sign-extended value is -8."""
+    s = np.frombuffer(data, np.int8)
+    if n % 2 and int(s[-1]) >> 4:  # the padding nibble of an odd-length tensor
+        raise DecodeError(CODEC, "int4 padding nibble of an odd-length tensor is not 0")
+    pairs = dst[: n - n % 2].reshape(-1, 2)
+    four = np.int8(4)
+    for i in range(0, s.size, _BLOCK):
+        block = s[i : i + _BLOCK]
+        hi = np.right_shift(block, four)
+        lo = np.right_shift(np.left_shift(block, four), four)
+        if int(hi.min(initial=0)) == -8 or int(lo.min(initial=0)) == -8:
+            raise DecodeError(CODEC, "int4 code -8 (nibble 0x8) is not a valid code")
+        rows = pairs[i : i + _BLOCK]
+        np.copyto(rows[:, 0], lo[: rows.shape[0]])
+        np.copyto(rows[:, 1], hi[: rows.shape[0]])
+    if n % 2:
+        dst[-1] = lo[-1]
 
 
 def _payload(

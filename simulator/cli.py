@@ -67,12 +67,12 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync", "fedavg"])
     p.add_argument(
-        "--codec", default="int8", help="raw | fp16 | int8 | topk:FRACTION[+int8] [+zlib]"
+        "--codec", default="int8", help="raw | fp16 | int8 | int4 | topk:FRACTION[+int8] [+zlib]"
     )
     p.add_argument(
         "--downlink-codec",
         default=None,
-        help="codec of the published model: raw | fp16 | int8 (default: the aggregator's)",
+        help="codec of the published model: raw | fp16 | int8 | int4 (default: the aggregator's)",
     )
     p.add_argument(
         "--downlink-delta",

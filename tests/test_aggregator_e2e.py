@@ -458,12 +458,17 @@ def test_publishes_plan_onnx_metrics_and_prometheus(broker: Mosquitto, tmp_path:
 
 
 # ------------------------------------------------------------------ scale-out
-# Workers hand the owner float32 rows, or for int8 updates of models with rows of at least
+# Workers hand the owner float32 rows, or for int8 (int4) updates of models with rows of at least
 # ENCODED_MIN_ROW_BYTES (17,010 x 4 bytes here) the checked wire encoding.
 @pytest.mark.parametrize(
     ("codec", "spec"),
-    [("raw", SMALL), ("int8", SMALL), ("int8", ModelSpec("softmax", 1700, 10))],
-    ids=["raw-rows", "int8-rows", "int8-encoded"],
+    [
+        ("raw", SMALL),
+        ("int8", SMALL),
+        ("int8", ModelSpec("softmax", 1700, 10)),
+        ("int4", ModelSpec("softmax", 1700, 10)),
+    ],
+    ids=["raw-rows", "int8-rows", "int8-encoded", "int4-encoded"],
 )
 def test_workers_share_the_stream_through_a_shared_subscription(
     broker: Mosquitto, tmp_path: Path, codec: str, spec: ModelSpec

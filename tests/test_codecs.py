@@ -230,30 +230,36 @@ def test_fp16_decoder_rejects_inf_and_nan(pattern: int, n: int) -> None:
     assert err.value.reason == NONFINITE
 
 
+@pytest.mark.parametrize(("text", "top", "limit"), [("int8", 127, 128), ("int4", 7, 8)])
 @settings(max_examples=300)
 @given(hnp.arrays(np.float32, SHAPES, elements=FINITE32), st.integers(0, 2**32))
-def test_int8_error_at_most_one_scale(x: F32, seed: int) -> None:
-    y, msg = roundtrip(x, "int8", seed)
+def test_int8_and_int4_error_at_most_one_scale(
+    text: str, top: int, limit: int, x: F32, seed: int
+) -> None:
+    y, msg = roundtrip(x, text, seed)
     assert y.shape == x.shape and y.dtype == np.float32
     assert np.all(np.isfinite(y))
     scale = msg["q"]
     if x.size:
-        cap = float(np.finfo(np.float32).max) / 128.0
-        assert scale == pytest.approx(min(float(np.max(np.abs(x))) / 127.0, cap), rel=1e-6)
+        cap = float(np.finfo(np.float32).max) / limit  # no code decodes to inf
+        assert scale == pytest.approx(min(float(np.max(np.abs(x))) / top, cap), rel=1e-6)
     err = np.abs(y.astype(np.float64) - x.astype(np.float64))
     assert np.all(err <= scale * (1.0 + 2.0**-15))
+    if scale:  # codes within -top..top
+        assert np.all(np.abs(y.astype(np.float64) / np.float32(scale)) <= top * (1 + 2.0**-15))
 
 
-def test_int8_is_unbiased() -> None:
+@pytest.mark.parametrize(("text", "top"), [("int8", 127), ("int4", 7)])
+def test_int8_and_int4_are_unbiased(text: str, top: int) -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal(100).astype(np.float32)
-    x[0] = 4.0  # scale = 4/127; other entries land at assorted fractions of a step
+    x[0] = 4.0  # scale = 4/top; other entries land at assorted fractions of a step
     draws = 4000
     total = np.zeros(x.size)
     for _ in range(draws):
-        total += decode_tensor(encode_tensor(x, Codec("int8"), rng=rng))
+        total += decode_tensor(encode_tensor(x, Codec.parse(text), rng=rng))
     mean_err = total / draws - x.astype(np.float64)
-    scale = 4.0 / 127.0
+    scale = 4.0 / top
     # Per-element error variance <= scale^2/4, so the mean of `draws` draws has standard
     # deviation <= scale / (2 sqrt(draws)); deterministic rounding would be off by up to
     # scale / 2 on most elements.
@@ -608,7 +614,7 @@ def test_norm_is_that_of_the_decoded_vector(layout: Layout, text: str) -> None:
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # small models: float32 dot first
 @pytest.mark.parametrize("layout", [LAYOUT, BIG_LAYOUT], ids=["small", "large"])
-@pytest.mark.parametrize("text", ["raw", "int8", "topk:1", "raw+zlib"])
+@pytest.mark.parametrize("text", ["raw", "int8", "int4", "topk:1", "raw+zlib"])
 def test_norm_of_huge_finite_values_is_finite(layout: Layout, text: str) -> None:
     # Squares of these overflow float32; the norm must still be the float64 one, not inf.
     params = _params(layout)

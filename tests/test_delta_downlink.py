@@ -58,9 +58,23 @@ def _delta(payload: bytes, signer: Ed25519Signer) -> wire.ModelDelta:
     return wire.decode(payload, wire.ModelDelta, signer.verifier(), specs=SPECS)
 
 
-@pytest.mark.parametrize("codec", ["topk:0.1+zlib", "topk:0.1+int8+zlib", "int8", "fp16", "raw"])
-def test_a_delta_rebuilds_bit_for_bit_what_the_aggregator_sent(tmp_path: Path, codec: str) -> None:
-    cfg = _cfg(tmp_path, codec)
+@pytest.mark.parametrize(
+    ("codec", "model_codec"),
+    [
+        ("topk:0.1+zlib", "int8"),
+        ("topk:0.1+int8+zlib", "int8"),
+        ("int8", "int8"),
+        ("fp16", "int8"),
+        ("raw", "int8"),
+        ("int4", "int8"),
+        ("int4+zlib", "int4"),  # int4 keyframes too: the lossiest model a device can hold
+    ],
+)
+def test_a_delta_rebuilds_bit_for_bit_what_the_aggregator_sent(
+    tmp_path: Path, codec: str, model_codec: str
+) -> None:
+    cfg = _cfg(tmp_path, codec, codec=model_codec)
+    assert cfg.downlink.codec == model_codec
     signer = Ed25519Signer.generate()
     store = KeyframeStore(tmp_path / "kf", keep=3)
     snaps = _walk(6)
@@ -81,9 +95,15 @@ def test_a_delta_rebuilds_bit_for_bit_what_the_aggregator_sent(tmp_path: Path, c
         err = np.abs(flat - snap.params)
         for name, (lo, hi) in LAYOUT.offsets().items():
             biggest = float(np.max(np.abs(diff[lo:hi])))
-            bound = {"int8": biggest / 127 * 1.01, "fp16": biggest * 2**-10, "raw": 1e-6}
-            if codec in bound:
-                assert float(np.max(err[lo:hi])) <= bound[codec] + 1e-6, name
+            bound = {
+                "int8": biggest / 127 * 1.01,
+                "int4": biggest / 7 * 1.01,
+                "fp16": biggest * 2**-10,
+                "raw": 1e-6,
+            }
+            if codec.removesuffix("+zlib") in bound:
+                limit = bound[codec.removesuffix("+zlib")]
+                assert float(np.max(err[lo:hi])) <= limit + 1e-6, name
             else:  # top-k: the largest 10 % of the change arrive (exactly, or within one
                 # int8 step of their largest), the rest waits
                 k = int(np.ceil(0.1 * (hi - lo)))
@@ -319,9 +339,16 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
         agg.close()
 
 
-def test_the_delta_downlink_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("up", "model", "delta"), [("int8", None, "int8"), ("int4", "int4", "int4+zlib")]
+)
+def test_the_delta_downlink_end_to_end(
+    tmp_path: Path, up: str, model: str | None, delta: str
+) -> None:
     """The real aggregator service, broker and agents: versions go out as deltas from rotating
-    keyframes, devices rebuild and train on them, nothing is refused and nothing is lost."""
+    keyframes, devices rebuild and train on them, nothing is refused and nothing is lost. A
+    rebuilt model whose digest differs from the one the aggregator signed would be refused
+    (``delta/digest``), so none refused means every device trained on what was sent."""
     cfg = SimConfig(
         clients=4,
         duration=120.0,  # a cap only: the run ends at version 24, later on a loaded machine
@@ -329,7 +356,9 @@ def test_the_delta_downlink_end_to_end(tmp_path: Path) -> None:
         compute_time=0.05,
         quiet=True,
         workdir=tmp_path,
-        downlink_delta="int8",
+        codec=up,
+        downlink_codec=model,
+        downlink_delta=delta,
         downlink_extra={"keyframe_every": 6, "keyframes": 2, "keyframe_fraction": 1.0},
     )
     s = run_simulation(cfg, out=io.StringIO())
@@ -338,6 +367,7 @@ def test_the_delta_downlink_end_to_end(tmp_path: Path) -> None:
     assert s["updates_lost"] == [] and s["updates_accepted_twice"] == []
     bad = {k: v for k, v in s["rejected_by_agents"].items() if k.startswith("delta/")}
     assert set(bad) <= {"delta/missing"}, bad  # a keyframe dropped while a device fetched
+    assert not any(k.startswith("genesis/") for k in s["rejected_by_agents"]), s
     assert s["error"] is None and s["versions"] >= 24, s
     assert s["final_accuracy"] > 0.5
     kept = sorted(p.name for p in (tmp_path / "aggregator" / KEYFRAME_DIR).iterdir())

@@ -47,7 +47,7 @@ def _spec_msg(payload: bytes, signer: Ed25519Signer) -> wire.SpecMessage:
     return wire.decode(payload, wire.SpecMessage, signer.verifier())
 
 
-@pytest.mark.parametrize("codec", ["int8", "fp16", "raw", "int8+zlib"])
+@pytest.mark.parametrize("codec", ["int8", "fp16", "raw", "int8+zlib", "int4", "int4+zlib"])
 def test_the_built_version_zero_is_the_aggregators_bit_for_bit(tmp_path: Path, codec: str) -> None:
     cfg = _cfg(tmp_path, codec)
     signer = Ed25519Signer.generate()

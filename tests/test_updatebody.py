@@ -26,7 +26,16 @@ from fedmqtt.errors import SCHEMA, DecodeError
 from fedmqtt.params import Layout
 
 MAX = wire.DEFAULT_MAX_MESSAGE_BYTES
-CODECS = ("raw", "fp16", "int8", "int8+zlib", "topk:0.25", "topk:0.25+int8+zlib")
+CODECS = (
+    "raw",
+    "fp16",
+    "int8",
+    "int8+zlib",
+    "int4",
+    "int4+zlib",
+    "topk:0.25",
+    "topk:0.25+int8+zlib",
+)
 
 
 def _body(codec: str = "int8") -> dict[str, Any]:
