@@ -22,11 +22,13 @@ last evaluation and the mean over the last quarter of the run (a run stops at th
 
 The aggregation setting is ``--strategy`` (fedbuff, fedasync, fedavg), ``--buffer`` (FedBuff's
 buffer size, FedAvg's ``min_updates``; default half the agents), ``--server-lr``,
-``--server-opt``, ``--momentum``, ``--staleness``, ``--alpha`` (FedAsync); ``--variant
-KEY=VALUE[,KEY=VALUE...]`` (repeatable; keys: buffer, server_lr, server_opt, momentum,
-staleness, alpha, strategy) runs every codec once more with those settings overriding the
-flags, so that settings are compared side by side in one invocation. ``--epochs`` and
-``--lr`` are the local training plan, of the devices and of the baseline alike.
+``--server-opt``, ``--momentum``, ``--staleness``, ``--alpha`` (FedAsync), ``--deadline``
+(``deadline_s``); ``--variant KEY=VALUE[,KEY=VALUE...]`` (repeatable; keys: buffer,
+server_lr, server_opt, momentum, staleness, alpha, deadline, strategy) runs every codec once
+more with those settings overriding the flags, so that settings are compared side by side in
+one invocation. ``--epochs`` and ``--lr`` are the local training plan, of the devices and of
+the baseline alike; ``--stragglers`` and ``--dropout`` make some agents 10x slower or offline
+for a while (the simulator's options; the baseline is not affected).
 
     .venv/bin/python -m bench.bytes_to_accuracy [--target 0.90] [--duration 60]
     .venv/bin/python -m bench.bytes_to_accuracy --model mlp --hidden 1333   # ~10^5 parameters
@@ -77,6 +79,7 @@ VARIANT_KEYS: dict[str, Any] = {
     "momentum": float,
     "staleness": str,
     "alpha": float,
+    "deadline": float,
 }
 
 
@@ -91,6 +94,7 @@ class Setting:
     momentum: float | None = None
     staleness: str | None = None
     alpha: float | None = None
+    deadline: float | None = None  # [strategy] deadline_s
 
     def label(self, base: Setting | None = None) -> str:
         """``key=value`` of every field that differs from ``base`` (all set ones without)."""
@@ -121,6 +125,8 @@ class Setting:
             extra["staleness"] = self.staleness
         if self.alpha is not None:
             extra["alpha"] = self.alpha
+        if self.deadline is not None:
+            extra["deadline_s"] = self.deadline
         return replace(
             cfg,
             strategy=self.strategy,
@@ -230,6 +236,11 @@ def main() -> int:
     ap.add_argument("--momentum", type=float, default=None, help="[strategy] momentum")
     ap.add_argument("--staleness", default=None, help="[strategy] staleness, e.g. poly:0.5")
     ap.add_argument("--alpha", type=float, default=None, help="[strategy] alpha (fedasync)")
+    ap.add_argument("--deadline", type=float, default=None, help="[strategy] deadline_s")
+    ap.add_argument("--stragglers", type=float, default=0.0, help="fraction of 10x slower agents")
+    ap.add_argument(
+        "--dropout", type=float, default=0.0, help="fraction of agents with one offline window"
+    )
     ap.add_argument(
         "--variant",
         action="append",
@@ -248,6 +259,7 @@ def main() -> int:
         momentum=args.momentum,
         staleness=args.staleness,
         alpha=args.alpha,
+        deadline=args.deadline,
     )
     try:
         settings = [base_setting.with_text(v) for v in args.variant] or [base_setting]
@@ -267,6 +279,8 @@ def main() -> int:
         compute_time=0.1,
         epochs=args.epochs,
         lr=args.lr,
+        stragglers=args.stragglers,
+        dropout=args.dropout,
     )
     data = federation_data(base_cfg)
     n_params = data.spec.layout().size
@@ -320,7 +334,8 @@ def main() -> int:
         f"setting: digits {args.model} ({n_params} parameters), {args.clients} agents, "
         f"Dirichlet(0.5), {args.strategy} ({base_setting.label()}; buffer "
         f"{args.buffer or max(1, args.clients // 2)}), "
-        f"local epochs {args.epochs} lr {args.lr}, "
+        f"local epochs {args.epochs} lr {args.lr}, stragglers {args.stragglers}, "
+        f"dropout {args.dropout}, "
         f"target {args.target}, seed {args.seed}; baseline: synchronous FedAvg, raw float32 "
         f"both ways, all {baseline.clients_per_round} clients per round, "
         f"{baseline.download_bytes} B down + {baseline.upload_bytes} B up per client-round\n"
