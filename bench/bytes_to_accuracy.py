@@ -102,7 +102,7 @@ class Setting:
         parts = [
             f"{k}={v}" for k, v in asdict(self).items() if v is not None and v != getattr(ref, k)
         ]
-        return ",".join(parts) or "bench"
+        return ",".join(parts) or "defaults"
 
     def with_text(self, text: str) -> Setting:
         """This setting with the ``KEY=VALUE,...`` overrides of ``text`` (ValueError if bad)."""
@@ -332,7 +332,7 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(
         f"setting: digits {args.model} ({n_params} parameters), {args.clients} agents, "
-        f"Dirichlet(0.5), {args.strategy} ({base_setting.label()}; buffer "
+        f"Dirichlet(0.5), {args.strategy} ({base_setting.label(Setting(args.strategy))}; buffer "
         f"{args.buffer or max(1, args.clients // 2)}), "
         f"local epochs {args.epochs} lr {args.lr}, stragglers {args.stragglers}, "
         f"dropout {args.dropout}, "
