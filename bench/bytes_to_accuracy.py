@@ -332,8 +332,8 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(
         f"setting: digits {args.model} ({n_params} parameters), {args.clients} agents, "
-        f"Dirichlet(0.5), {args.strategy} ({base_setting.label(Setting(args.strategy))}; buffer "
-        f"{args.buffer or max(1, args.clients // 2)}), "
+        f"Dirichlet(0.5), {args.strategy} ({base_setting.label(Setting(args.strategy))}"
+        f"{'' if args.buffer else f'; buffer {max(1, args.clients // 2)}'}), "
         f"local epochs {args.epochs} lr {args.lr}, stragglers {args.stragglers}, "
         f"dropout {args.dropout}, "
         f"target {args.target}, seed {args.seed}; baseline: synchronous FedAvg, raw float32 "
