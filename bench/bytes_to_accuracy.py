@@ -20,8 +20,19 @@ Accuracy is the holdout accuracy of the model as the devices decode it; the tabl
 last evaluation and the mean over the last quarter of the run (a run stops at the target, so
 ``--no-stop`` runs every pair for the whole duration to compare accuracy at equal time).
 
+The aggregation setting is ``--strategy`` (fedbuff, fedasync, fedavg), ``--buffer`` (FedBuff's
+buffer size, FedAvg's ``min_updates``; default half the agents), ``--server-lr``,
+``--server-opt``, ``--momentum``, ``--staleness``, ``--alpha`` (FedAsync), ``--deadline``
+(``deadline_s``); ``--variant KEY=VALUE[,KEY=VALUE...]`` (repeatable; keys: buffer,
+server_lr, server_opt, momentum, staleness, alpha, deadline, strategy) runs every codec once
+more with those settings overriding the flags, so that settings are compared side by side in
+one invocation. ``--epochs`` and ``--lr`` are the local training plan, of the devices and of
+the baseline alike; ``--stragglers`` and ``--dropout`` make some agents 10x slower or offline
+for a while (the simulator's options; the baseline is not affected).
+
     .venv/bin/python -m bench.bytes_to_accuracy [--target 0.90] [--duration 60]
     .venv/bin/python -m bench.bytes_to_accuracy --model mlp --hidden 1333   # ~10^5 parameters
+    .venv/bin/python -m bench.bytes_to_accuracy --codecs int8/int8 --variant buffer=20
 """
 
 from __future__ import annotations
@@ -57,6 +68,73 @@ CODECS = (
     "int8/int8/int8",
     "topk:0.1/int8/topk:0.1+zlib",
 )
+
+
+# --variant keys: (SimConfig field or [strategy] option, parser); None values keep the default.
+VARIANT_KEYS: dict[str, Any] = {
+    "strategy": str,
+    "buffer": int,
+    "server_lr": float,
+    "server_opt": str,
+    "momentum": float,
+    "staleness": str,
+    "alpha": float,
+    "deadline": float,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The aggregation setting of one run (None: the simulator's / aggregator's default)."""
+
+    strategy: str = "fedbuff"
+    buffer: int | None = None
+    server_lr: float | None = None
+    server_opt: str | None = None
+    momentum: float | None = None
+    staleness: str | None = None
+    alpha: float | None = None
+    deadline: float | None = None  # [strategy] deadline_s
+
+    def label(self, base: Setting | None = None) -> str:
+        """``key=value`` of every field that differs from ``base`` (all set ones without)."""
+        ref = base if base is not None else Setting(strategy="")
+        parts = [
+            f"{k}={v}" for k, v in asdict(self).items() if v is not None and v != getattr(ref, k)
+        ]
+        return ",".join(parts) or "defaults"
+
+    def with_text(self, text: str) -> Setting:
+        """This setting with the ``KEY=VALUE,...`` overrides of ``text`` (ValueError if bad)."""
+        changes: dict[str, Any] = {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in VARIANT_KEYS:
+                raise ValueError(
+                    f"--variant {text!r}: expected KEY=VALUE with KEY in {list(VARIANT_KEYS)}"
+                )
+            changes[key] = VARIANT_KEYS[key](value.strip())
+        return replace(self, **changes)
+
+    def apply(self, cfg: SimConfig) -> SimConfig:
+        extra: dict[str, Any] = {}
+        if self.momentum is not None:
+            extra["momentum"] = self.momentum
+        if self.staleness is not None:
+            extra["staleness"] = self.staleness
+        if self.alpha is not None:
+            extra["alpha"] = self.alpha
+        if self.deadline is not None:
+            extra["deadline_s"] = self.deadline
+        return replace(
+            cfg,
+            strategy=self.strategy,
+            buffer_size=self.buffer,
+            server_lr=self.server_lr,
+            server_opt=self.server_opt,
+            extra_strategy=extra,
+        )
 
 
 @dataclass(frozen=True)
@@ -149,8 +227,44 @@ def main() -> int:
         "--keyframe-fraction", type=float, default=0.8, help="[downlink] keyframe_fraction"
     )
     ap.add_argument("--json", type=Path, default=None, help="write every run's summary here")
+    ap.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync", "fedavg"])
+    ap.add_argument(
+        "--buffer", type=int, default=None, help="buffer_size (fedbuff) or min_updates (fedavg)"
+    )
+    ap.add_argument("--server-lr", type=float, default=None, help="[strategy] server_lr")
+    ap.add_argument("--server-opt", default=None, help="[strategy] server_optimizer")
+    ap.add_argument("--momentum", type=float, default=None, help="[strategy] momentum")
+    ap.add_argument("--staleness", default=None, help="[strategy] staleness, e.g. poly:0.5")
+    ap.add_argument("--alpha", type=float, default=None, help="[strategy] alpha (fedasync)")
+    ap.add_argument("--deadline", type=float, default=None, help="[strategy] deadline_s")
+    ap.add_argument("--stragglers", type=float, default=0.0, help="fraction of 10x slower agents")
+    ap.add_argument(
+        "--dropout", type=float, default=0.0, help="fraction of agents with one offline window"
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="KEY=VALUE[,...] overriding the flags above; repeat to compare settings",
+    )
+    ap.add_argument("--epochs", type=int, default=1, help="local epochs (devices and baseline)")
+    ap.add_argument("--lr", type=float, default=0.1, help="local lr (devices and baseline)")
     args = ap.parse_args()
     hidden = tuple(int(w) for w in args.hidden.split(","))
+    base_setting = Setting(
+        strategy=args.strategy,
+        buffer=args.buffer,
+        server_lr=args.server_lr,
+        server_opt=args.server_opt,
+        momentum=args.momentum,
+        staleness=args.staleness,
+        alpha=args.alpha,
+        deadline=args.deadline,
+    )
+    try:
+        settings = [base_setting.with_text(v) for v in args.variant] or [base_setting]
+    except ValueError as e:
+        ap.error(str(e))
     base_cfg = SimConfig(
         dataset="digits",
         model=args.model,
@@ -163,6 +277,10 @@ def main() -> int:
         quiet=True,
         seed=args.seed,
         compute_time=0.1,
+        epochs=args.epochs,
+        lr=args.lr,
+        stragglers=args.stragglers,
+        dropout=args.dropout,
     )
     data = federation_data(base_cfg)
     n_params = data.spec.layout().size
@@ -180,20 +298,24 @@ def main() -> int:
     for pair in args.codecs.split(","):
         up, _, rest = pair.partition("/")
         down, _, delta = rest.partition("/")
-        s = run(
-            replace(
-                base_cfg,
-                codec=up,
-                downlink_codec=down or None,
-                downlink_delta=delta or None,
-                downlink_extra=keyframes if delta else {},
+        for setting in settings:
+            name = pair if not args.variant else f"{pair} {setting.label(base_setting)}"
+            s = run(
+                replace(
+                    setting.apply(base_cfg),
+                    codec=up,
+                    downlink_codec=down or None,
+                    downlink_delta=delta or None,
+                    downlink_extra=keyframes if delta else {},
+                )
             )
-        )
-        rows.append((pair, s))
-        print(
-            f"{pair}: {s['bytes_uploaded_to_target']} up + {s['bytes_downloaded_to_target']} down",
-            file=sys.stderr,
-        )
+            s["setting"] = asdict(setting)
+            rows.append((name, s))
+            print(
+                f"{name}: {s['bytes_uploaded_to_target']} up + "
+                f"{s['bytes_downloaded_to_target']} down, {s['uploads_to_target']} updates",
+                file=sys.stderr,
+            )
     if args.json is not None:
         args.json.write_text(
             json.dumps(
@@ -210,7 +332,10 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(
         f"setting: digits {args.model} ({n_params} parameters), {args.clients} agents, "
-        "Dirichlet(0.5), FedBuff, "
+        f"Dirichlet(0.5), {args.strategy} ({base_setting.label(Setting(args.strategy))}"
+        f"{'' if args.buffer else f'; buffer {max(1, args.clients // 2)}'}), "
+        f"local epochs {args.epochs} lr {args.lr}, stragglers {args.stragglers}, "
+        f"dropout {args.dropout}, "
         f"target {args.target}, seed {args.seed}; baseline: synchronous FedAvg, raw float32 "
         f"both ways, all {baseline.clients_per_round} clients per round, "
         f"{baseline.download_bytes} B down + {baseline.upload_bytes} B up per client-round\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -446,3 +447,18 @@ def test_messages_and_worker_items_take_the_same_path(tmp_path: Path) -> None:
     assert a["bytes_received"] == b["bytes_received"]
     assert raw.version == verified.version == 2
     np.testing.assert_allclose(raw.params, verified.params, rtol=1e-6, atol=1e-8)
+
+
+def test_fedbuff_deadline_applies_a_partial_buffer_on_tick(fed: Federation) -> None:
+    """With ``deadline_s`` the engine is timed: a tick that long after the version applies the
+    buffer it holds (the service calls tick periodically); before, nothing changes."""
+    e = engine(fed, buffer_size=20, deadline_s=30.0)
+    assert e.timed
+    start = time.monotonic()  # the version started when the engine was made (at or before)
+    e.process([(upd_topic(), fed.update("dev0", small(1), seq=1))], now=start)
+    assert e.version == 0 and len(e.strategy) == 1
+    assert not e.tick(start + 1.0)
+    assert e.version == 0
+    assert e.tick(start + 30.0)
+    assert e.version == 1 and len(e.strategy) == 0
+    assert not engine(fed, buffer_size=20).timed

@@ -219,12 +219,37 @@ def test_fedavg_waits_for_n_or_deadline_and_refuses_stale() -> None:
     np.testing.assert_allclose(out, np.ones(4))
 
 
+def test_fedbuff_applies_a_partial_buffer_at_its_deadline() -> None:
+    """A buffer as large as the fleet waits for every device; ``deadline_s`` bounds the wait
+    for a missing one: the buffer is applied ``deadline_s`` after the version was made if it
+    holds at least one update, with the weights of the updates it holds."""
+    s = FedBuff(StrategyConfig(buffer_size=20, deadline_s=2.0, staleness="constant"), 4)
+    s.on_version(1, now=100.0)
+    assert not s.ready(103.0)  # deadline passed, but nothing to apply
+    fill(s, np.array([[1, 1, 1, 1], [3, 3, 3, 3]], np.float32), [0, 0], [10, 30])
+    assert not s.ready(101.9)
+    assert s.ready(102.0)
+    out = s.aggregate(np.zeros(4, np.float32), None)
+    np.testing.assert_allclose(out, np.full(4, 2.5))  # (10 * 1 + 30 * 3) / 40
+    s.clear()
+    s.on_version(2, now=102.0)
+    fill(s, np.ones((1, 4), np.float32), [0], [10])
+    assert not s.ready(103.0)  # the deadline counts from the new version
+    # Without a deadline only a full buffer is applied, however long it waits.
+    plain = FedBuff(StrategyConfig(buffer_size=2), 4)
+    plain.on_version(1, now=0.0)
+    fill(plain, np.ones((1, 4), np.float32), [0], [10])
+    assert not plain.ready(1e9)
+    fill(plain, np.ones((1, 4), np.float32), [0], [10])
+    assert plain.ready(0.0)
+
+
 def test_only_a_deadline_makes_a_strategy_timed() -> None:
     """The service ticks the engine only for a strategy whose readiness can change with time."""
-    assert FedAvg(StrategyConfig(name="fedavg", deadline_s=5.0), 4).timed
-    assert not FedAvg(StrategyConfig(name="fedavg", deadline_s=0.0), 4).timed
-    for name in ("fedbuff", "fedasync"):
-        assert not build_strategy(StrategyConfig(name=name), 4).timed
+    for name in ("fedavg", "fedbuff"):
+        assert build_strategy(StrategyConfig(name=name, deadline_s=5.0), 4).timed
+        assert not build_strategy(StrategyConfig(name=name, deadline_s=0.0), 4).timed
+    assert not build_strategy(StrategyConfig(name="fedasync"), 4).timed
 
 
 def test_fedasync_mixes_every_update() -> None:

@@ -218,6 +218,12 @@ class Strategy(ABC):
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         """New parameters from ``params`` and the buffer (not modified on error)."""
 
+    def deadline_passed(self, now: float) -> bool:
+        """Whether ``[strategy] deadline_s`` (> 0) has passed since the current version was
+        made while the buffer holds at least one update."""
+        deadline = self.cfg.deadline_s
+        return bool(self.pending) and deadline > 0 and now - self.version_started >= deadline
+
     def on_version(self, version: int, now: float) -> None:
         """Called after every new version (and at start): remembers when it started."""
         self.version_started = now

@@ -36,11 +36,7 @@ class FedAvg(Strategy):
         return self.cfg.deadline_s > 0
 
     def ready(self, now: float) -> bool:
-        n = len(self.pending)
-        if n >= self.cfg.min_updates:
-            return True
-        deadline = self.cfg.deadline_s
-        return n > 0 and deadline > 0 and now - self.version_started >= deadline
+        return len(self.pending) >= self.cfg.min_updates or self.deadline_passed(now)
 
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         ones = np.ones(len(self.pending), dtype=np.float32)

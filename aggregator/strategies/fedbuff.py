@@ -8,6 +8,12 @@ mean for a coordinate-wise trimmed mean or median and/or clips every row to ``cl
 times the median norm of recently accepted updates. The math is
 :func:`fedmqtt.aggregation.fedbuff_aggregate` and :class:`fedmqtt.aggregation.ServerOptimizer`
 (or :mod:`fedmqtt.aggregation.serveropt`); this class decides *when* and keeps state.
+
+*When*: once the buffer holds ``buffer_size`` updates or, with ``deadline_s > 0``, once
+``deadline_s`` seconds have passed since the current version was made and the buffer holds at
+least one update. The deadline bounds how long one missing device can hold a version back, which
+makes a buffer as large as the fleet (every device in every version, the fewest updates to a
+target) usable when devices go offline or slow down.
 """
 
 from __future__ import annotations
@@ -31,8 +37,12 @@ class FedBuff(Strategy):
         super().__init__(cfg, d, cfg.buffer_size, segments)
         self.optimizer = load_optimizer(cfg, None)
 
+    @property
+    def timed(self) -> bool:
+        return self.cfg.deadline_s > 0
+
     def ready(self, now: float) -> bool:
-        return len(self.pending) >= self.cfg.buffer_size
+        return len(self.pending) >= self.cfg.buffer_size or self.deadline_passed(now)
 
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         s = np.array([p.weight for p in self.pending], dtype=np.float32)
