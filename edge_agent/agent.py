@@ -26,7 +26,8 @@ announcements too: the broker sends the retained, newest one at once and each ne
 the device stays ready. When a version newer than its model is announced it unsubscribes from
 the announcements, fetches the retained model (subscribe, take one message, unsubscribe) and
 trains on it. A device that is offline, training or throttled receives no announcement and
-no model. A model names its spec by fingerprint; the agent keeps the
+no model; one that is ready again at once after each round subscribes again shortly before
+the round ends (edge_agent.relisten). A model names its spec by fingerprint; the agent keeps the
 verified specs (``spec-<fp>.bin``) and refuses a model whose spec it does not hold
 (``unknown_spec``) until that spec has arrived.
 
@@ -61,6 +62,7 @@ from edge_agent.ldp import LocalPrivacy
 from edge_agent.logs import DeviceLog
 from edge_agent.mqtt import Link
 from edge_agent.outbox import Outbox
+from edge_agent.relisten import Relisten
 from edge_agent.trainer import (
     DataTransform,
     DeltaResult,
@@ -212,6 +214,7 @@ class EdgeAgent:
         self.listening_since: float | None = None  # monotonic; subscribed to announcements
         self._heard = False  # an announcement arrived since subscribing to them
         self._last_round_s: float | None = None  # how long the last finished round took
+        self._relisten = Relisten()  # when a fast-repeat device listens again during a round
         # The delta downlink (edge_agent.keyframe): the keyframe held, the keyframes with a
         # delta to the newest announced version, the version whose delta failed last, and
         # the topic of the fetch under way.
@@ -391,7 +394,7 @@ class EdgeAgent:
             self._fetch_if_ready()
             wait = self._round_wait()
             if wait == 0.0:
-                self._listen(self._fast_repeat())
+                self._listen(self._listens_throughout())
                 self._round(stop)
                 continue
             if self.evaluator.due(self.model):  # a version it does not train on now
@@ -422,6 +425,8 @@ class EdgeAgent:
         kind = self._kind_of(topic)
         self.downloaded[kind] += len(payload)
         self.received[kind] += 1
+        if kind == "announce":
+            self._relisten.heard(time.monotonic())
         self._inbox.put(topic, payload)
 
     def _kind_of(self, topic: str) -> str:
@@ -607,7 +612,7 @@ class EdgeAgent:
         """Whether to be subscribed to the announcements: a newer version would be fetched and
         trained on now (no fetch or round under way, no fetched model waiting for its round,
         the intervals allow a round), or the device is always ready again soon."""
-        if self._fast_repeat():
+        if self._listens_throughout():
             return True
         if self._fetching_since is not None:
             return False
@@ -624,6 +629,13 @@ class EdgeAgent:
         last = self._last_round_s
         return last is not None and self._interval() + last <= t.fast_repeat_s
 
+    def _listens_throughout(self) -> bool:
+        """Whether the device stays subscribed to the announcements through fetches and
+        rounds: it is ready again soon after each round (:meth:`_fast_repeat`) and its rounds
+        are too short to listen again shortly before each ends (edge_agent.relisten), which
+        it does otherwise, not listening from the start of a fetch until then."""
+        return self._fast_repeat() and not self._relisten.active()
+
     def _listen(self, on: bool) -> None:
         """Be subscribed to the announcements exactly while ``on`` (the device is ready)."""
         link = self.link
@@ -632,9 +644,11 @@ class EdgeAgent:
         if on:
             self.listening_since = self._last_refresh = time.monotonic()
             self._heard = False
+            self._relisten.subscribed(self.listening_since)
             link.watch(self.topic_announce, 0)
         else:
             self.listening_since = None
+            self._relisten.unsubscribed()
             link.release(self.topic_announce)
 
     def _fetch_wanted(self) -> bool:
@@ -720,7 +734,7 @@ class EdgeAgent:
         if link is not None and self._fetch_wanted():
             if self._build_version_zero():
                 return  # version 0 is the one announced: nothing to fetch
-            self._listen(self._fast_repeat())
+            self._listen(self._listens_throughout())
             self._fetching_since = time.monotonic()
             self.fetches += 1
             self._fetch_topic = kfm.choose(
@@ -963,9 +977,15 @@ class EdgeAgent:
                 worker.error = e
 
         thread = threading.Thread(target=work, name=f"train-{self.device_id}", daemon=True)
+        # A device that stays subscribed throughout does not while it trains: it listens again
+        # shortly before the round ends (edge_agent.relisten).
+        relisten = self._relisten.at(started) if self._fast_repeat() else None
         thread.start()
         while thread.is_alive():
-            thread.join(0.1)
+            thread.join(0.1 if relisten is None else min(0.1, max(relisten - time.monotonic(), 0)))
+            if relisten is not None and time.monotonic() >= relisten:
+                relisten = None
+                self._listen(True)
             if stop.is_set() and thread.is_alive():
                 # A requested stop, not a fault: the round is simply not finished.
                 self.log.info(
@@ -973,6 +993,9 @@ class EdgeAgent:
                 )
                 return
             self._ping_watchdog()
+        self._relisten.trained(time.monotonic() - started)
+        if relisten is not None:  # ended sooner than expected
+            self._listen(True)
         self._send_report(worker.report)
         if worker.error is not None or worker.result is None:
             self._round_failed(worker.error or RuntimeError("training produced nothing"))

@@ -24,3 +24,15 @@ ANNOUNCE_WAIT_S: Final = 3.0
 #: announcements it would skip. Larger: more devices keep the subscription (more announcement
 #: bytes while training); 0: every device listens only while ready.
 FAST_REPEAT_S: Final = 1.0
+
+#: A device that stays subscribed throughout (``fast_repeat_s``) unsubscribes from the
+#: announcements while it trains, and subscribes again this many times its measured
+#: subscribe-to-retained-announcement time before the round is expected to end (from the last
+#: round's training time), so that the retained, newest announcement is there when the round
+#: ends without a round trip after it, and the versions published in between are not received.
+#: Larger: more announcements received while training; smaller: the retained one may arrive
+#: after the round ends (the device waits for it, as one that subscribes only when ready).
+RELISTEN_LEAD_FACTOR: Final = 1.5
+
+#: The least lead (seconds) before the expected end of a round, whatever was measured.
+RELISTEN_MIN_LEAD_S: Final = 0.02

@@ -4,11 +4,13 @@ packets are counted by an MQTT-reading relay between the agent and the broker.""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from mqtt_relay_support import MqttRelay
 from test_agent_helpers import (
@@ -75,12 +77,20 @@ def announce_subscribes(
         relay.close()
 
 
+@pytest.fixture
+def short_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every round counts as too short to listen again during it (edge_agent.relisten), as
+    rounds of a few tens of ms are on an idle machine: a loaded one does not change that."""
+    monkeypatch.setattr("edge_agent.relisten.RELISTEN_MIN_LEAD_S", 60.0)
+
+
+@pytest.mark.usefixtures("short_rounds")
 def test_a_device_ready_again_at_once_stays_subscribed_to_the_announcements(
     broker: Mosquitto, pair: tuple[Device, FakeAggregator]
 ) -> None:
-    """Rounds of a few tens of ms and no interval: the device keeps its subscription through
-    fetches and rounds (one SUBSCRIBE after its first round), rather than a round trip
-    through the broker before every fetch."""
+    """Rounds shorter than the lead of edge_agent.relisten and no interval: the device keeps
+    its subscription through fetches and rounds (one SUBSCRIBE after its first round), rather
+    than a round trip through the broker before every fetch."""
     subscribes, rounds = announce_subscribes(broker, pair)
     assert rounds == 8
     assert subscribes <= 2, f"{subscribes} SUBSCRIBEs to the announcements for {rounds} rounds"
@@ -94,6 +104,50 @@ def test_fast_repeat_s_zero_listens_only_while_ready(
     assert subscribes >= 8, f"{subscribes} SUBSCRIBEs to the announcements for {rounds} rounds"
 
 
+def test_longer_rounds_do_not_hear_the_versions_published_while_they_train(
+    broker: Mosquitto, pair: tuple[Device, FakeAggregator]
+) -> None:
+    """Rounds of ~0.3 s, no interval, a version published every 30 ms: the device is ready
+    again at once, but it unsubscribes while it trains and subscribes again shortly before
+    each round ends (edge_agent.relisten). It hears a few announcements per round, not
+    each of the ~10 published during it, and still trains every round on a newer version."""
+    device, aggregator = pair
+
+    def slow(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        time.sleep(0.3)  # the device's compute time
+        return X, y
+
+    agent = EdgeAgent(device.config(broker), data_transform=slow)
+    stop = threading.Event()
+    published = [0]
+
+    def publish() -> None:
+        while not stop.is_set():
+            aggregator.publish_model(published[0] + 1)
+            published[0] += 1
+            stop.wait(0.03)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(3, timeout=30)  # the lead and a round's length are measured
+        heard, version = agent.received["announce"], published[0]
+        aggregator.wait_updates(7, timeout=30)
+        heard, versions = agent.received["announce"] - heard, published[0] - version
+    finally:
+        stop.set()
+        publisher.join(10)
+        runner.stop()
+    bases = [u.base_version for u in aggregator.received()]
+    assert bases == sorted(set(bases)), bases  # a newer version every round
+    assert versions >= 20, f"only {versions} versions published in four rounds"
+    # Listening from the start would hear all of them; each round hears the retained one, those
+    # published during the lead, and at times one in flight as it unsubscribes.
+    assert heard * 2 <= versions, f"{heard} announcements heard of {versions} published"
+
+
+@pytest.mark.usefixtures("short_rounds")
 def test_announce_wait_s_bounds_the_wait_before_a_repeated_round(
     broker: Mosquitto, pair: tuple[Device, FakeAggregator]
 ) -> None:

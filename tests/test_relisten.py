@@ -1,0 +1,62 @@
+"""When a device that is ready again at once listens to the announcements again during a
+round (edge_agent.relisten): the arithmetic, without a broker (the live behaviour is in
+tests/test_agent_readiness.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_agent.relisten import Relisten
+from fedmqtt.readiness import RELISTEN_LEAD_FACTOR, RELISTEN_MIN_LEAD_S
+
+
+def measured(latencies: list[float], train_s: float | None) -> Relisten:
+    r = Relisten()
+    t = 100.0
+    for lat in latencies:
+        r.subscribed(t)
+        r.heard(t + lat)
+        r.heard(t + lat + 0.5)  # a later announcement measures nothing
+        t += 10.0
+    if train_s is not None:
+        r.trained(train_s)
+    return r
+
+
+def test_nothing_measured_means_listening_throughout() -> None:
+    assert not Relisten().active() and Relisten().at(5.0) is None
+    assert measured([0.01], None).at(5.0) is None  # no round trained yet
+    assert measured([], 0.5).at(5.0) is None  # no subscription answered yet
+
+
+def test_listens_again_the_lead_before_the_expected_end() -> None:
+    r = measured([0.04, 0.05, 0.06], 0.5)
+    lead = RELISTEN_LEAD_FACTOR * 0.05  # the median latency
+    assert r.lead() == pytest.approx(lead)
+    assert r.active()
+    assert r.at(10.0) == pytest.approx(10.0 + 0.5 - lead)
+
+
+def test_the_lead_follows_the_median_not_one_slow_answer() -> None:
+    r = measured([0.01, 0.01, 2.0], 0.5)
+    assert r.lead() == pytest.approx(max(RELISTEN_MIN_LEAD_S, RELISTEN_LEAD_FACTOR * 0.01))
+
+
+def test_a_floor_under_the_lead_and_short_rounds_listen_throughout() -> None:
+    r = measured([0.0001], RELISTEN_MIN_LEAD_S / 2)
+    assert r.lead() == RELISTEN_MIN_LEAD_S
+    assert not r.active() and r.at(1.0) is None
+    r.trained(RELISTEN_MIN_LEAD_S * 3)
+    assert r.at(1.0) == pytest.approx(1.0 + 2 * RELISTEN_MIN_LEAD_S)
+
+
+def test_only_the_first_announcement_after_a_subscription_measures() -> None:
+    r = Relisten()
+    r.heard(1.0)  # not subscribed: nothing measured
+    r.subscribed(2.0)
+    r.unsubscribed()
+    r.heard(3.0)  # after unsubscribing: nothing measured
+    assert r.lead() is None
+    r.subscribed(4.0)
+    r.heard(4.1)
+    assert r.lead() == pytest.approx(max(RELISTEN_MIN_LEAD_S, RELISTEN_LEAD_FACTOR * 0.1))
