@@ -102,6 +102,7 @@ _FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer anno
 # device asks for the retained announcement again this often, which bounds how long a lost one
 # goes unnoticed by a device that stays ready (one that trains subscribes afresh each round).
 _ANNOUNCE_REFRESH_S: Final = 600.0
+_LISTEN_TICK_S: Final = 0.02  # how often a round listening again checks the announcements
 
 
 class _Inbox:
@@ -119,6 +120,16 @@ class _Inbox:
                 self.dropped += 1
             self._items.append((topic, payload))
             self._cond.notify_all()
+
+    def take(self, topic: str) -> list[bytes]:
+        """The payloads of ``topic`` waiting, taken out; the other messages stay, in order."""
+        with self._cond:
+            taken = [p for t, p in self._items if t == topic]
+            if taken:
+                kept = [(t, p) for t, p in self._items if t != topic]
+                self._items.clear()
+                self._items.extend(kept)
+            return taken
 
     def take_all(self) -> list[tuple[str, bytes]]:
         with self._cond:
@@ -631,10 +642,21 @@ class EdgeAgent:
 
     def _listens_throughout(self) -> bool:
         """Whether the device stays subscribed to the announcements through fetches and
-        rounds: it is ready again soon after each round (:meth:`_fast_repeat`) and its rounds
-        are too short to listen again shortly before each ends (edge_agent.relisten), which
-        it does otherwise, not listening from the start of a fetch until then."""
+        rounds: it is ready again soon after each round (:meth:`_fast_repeat`) and has not
+        measured yet when to listen again during a round (edge_agent.relisten), which it does
+        otherwise, not listening from the start of a fetch until then."""
         return self._fast_repeat() and not self._relisten.active()
+
+    def _heard_newer(self, model: wire.GlobalModel) -> bool:
+        """Listening again during a round on ``model``: take the announcements heard so far,
+        and stop listening once one newer than ``model`` is verified. The fetch after the
+        round brings the retained, newest model, whatever is announced in between."""
+        for payload in self._inbox.take(self.topic_announce):
+            self._accept_announce(payload)
+        if self.announced is None or self.announced <= model.version:
+            return False
+        self._listen(False)
+        return True
 
     def _listen(self, on: bool) -> None:
         """Be subscribed to the announcements exactly while ``on`` (the device is ready)."""
@@ -980,12 +1002,18 @@ class EdgeAgent:
         # A device that stays subscribed throughout does not while it trains: it listens again
         # shortly before the round ends (edge_agent.relisten).
         relisten = self._relisten.at(started) if self._fast_repeat() else None
+        listening = False
         thread.start()
         while thread.is_alive():
-            thread.join(0.1 if relisten is None else min(0.1, max(relisten - time.monotonic(), 0)))
+            tick = _LISTEN_TICK_S if listening else 0.1
+            if relisten is not None:
+                tick = min(tick, max(relisten - time.monotonic(), 0.0))
+            thread.join(tick)
             if relisten is not None and time.monotonic() >= relisten:
-                relisten = None
+                relisten, listening = None, True
                 self._listen(True)
+            if listening:
+                listening = not self._heard_newer(model)
             if stop.is_set() and thread.is_alive():
                 # A requested stop, not a fault: the round is simply not finished.
                 self.log.info(

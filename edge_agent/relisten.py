@@ -2,14 +2,17 @@
 during a round (docs/agent.md, "Downlink").
 
 A device with ``[training] fast_repeat_s`` trains again as soon as each round ends. It needs
-the newest announcement then, not each one published while it trains; subscribing only
-after the round costs a round trip through the broker before every fetch. So it unsubscribes
-when a round starts and subscribes again shortly before the round is expected to end: at
-``started + train_s - lead``, where ``train_s`` is how long the last round's training took and
-``lead`` is :data:`fedmqtt.readiness.RELISTEN_LEAD_FACTOR` times the longest of the recent
-times from subscribing to the arrival of the retained announcement (at least
-:data:`fedmqtt.readiness.RELISTEN_MIN_LEAD_S`). Until both are measured, or when the round is
-shorter than the lead, the device stays subscribed throughout.
+the newest announcement then, not each one published while it fetches and trains; subscribing
+only after the round would cost a round trip through the broker before every fetch. So it
+unsubscribes when a fetch starts and subscribes again shortly before the round is expected to
+end: at ``started + train_s - lead`` (at once if that is before the start), where ``train_s``
+is how long the last round's training took and ``lead`` is
+:data:`fedmqtt.readiness.RELISTEN_LEAD_FACTOR` times the median of the recent times from
+subscribing to the arrival of the retained announcement (at least
+:data:`fedmqtt.readiness.RELISTEN_MIN_LEAD_S`). Once it has verified an announcement newer
+than the round's model it unsubscribes again (the agent's ``_heard_newer``): the fetch after
+the round brings the retained, newest model whatever is announced meanwhile. Until both times
+are measured the device stays subscribed throughout.
 
 Only the timing depends on these measurements: whatever arrives is verified as before, and
 an announcement that arrives late only makes the device wait for it after the round.
@@ -67,17 +70,16 @@ class Relisten:
             )
 
     def active(self) -> bool:
-        """Whether rounds are long enough to listen again during them (then the device does
-        not listen from the start of a fetch until then either: an announcement heard then is
-        of no use, the device trains on what it fetches)."""
-        lead, train_s = self.lead(), self._train_s
-        return lead is not None and train_s is not None and train_s > lead
+        """Whether both times are measured: then the device does not listen from the start of
+        a fetch until :meth:`at` (an announcement heard then is of no use: it trains on what
+        it fetches)."""
+        return self.lead() is not None and self._train_s is not None
 
     def at(self, started: float) -> float | None:
-        """When (monotonic) to subscribe again during a round that started at ``started``;
-        None: stay subscribed throughout (nothing measured yet, or rounds shorter than the
-        lead)."""
+        """When (monotonic) to subscribe again during a round that started at ``started``: the
+        lead before its expected end, or at once if the round is expected to be shorter than
+        the lead; None: stay subscribed throughout (nothing measured yet)."""
         lead, train_s = self.lead(), self._train_s
-        if lead is None or train_s is None or train_s <= lead:
+        if lead is None or train_s is None:
             return None
-        return started + train_s - lead
+        return started + max(train_s - lead, 0.0)

@@ -25,14 +25,16 @@ ANNOUNCE_WAIT_S: Final = 3.0
 #: bytes while training); 0: every device listens only while ready.
 FAST_REPEAT_S: Final = 1.0
 
-#: A device that stays subscribed throughout (``fast_repeat_s``) unsubscribes from the
-#: announcements while it trains, and subscribes again this many times its measured
-#: subscribe-to-retained-announcement time before the round is expected to end (from the last
-#: round's training time), so that the retained, newest announcement is there when the round
-#: ends without a round trip after it, and the versions published in between are not received.
-#: Larger: more announcements received while training; smaller: the retained one may arrive
-#: after the round ends (the device waits for it, as one that subscribes only when ready).
-RELISTEN_LEAD_FACTOR: Final = 1.5
+#: A device that is ready again within ``fast_repeat_s`` does not listen to the announcements
+#: from the start of a fetch until this many times its median subscribe-to-retained-
+#: announcement time before its round is expected to end (from the last round's training
+#: time); it stops again once it has heard of a version newer than the round's model. So the
+#: retained, newest announcement is there when the round ends, without a round trip after it,
+#: and the versions published meanwhile are not received. Larger: the retained one more surely
+#: arrives in time (a lead longer than needed costs at most an announcement per round, when no
+#: newer version came during the round); smaller: it may arrive after the round ends (the
+#: device then waits for it, as one that subscribes only when ready).
+RELISTEN_LEAD_FACTOR: Final = 3.0
 
 #: The least lead (seconds) before the expected end of a round, whatever was measured.
 RELISTEN_MIN_LEAD_S: Final = 0.02
