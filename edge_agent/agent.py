@@ -605,6 +605,11 @@ class EdgeAgent:
             self.announced if self.announced is not None else -1, self.current_version or -1
         )
         if msg.version < known:
+            if self.announced is not None and msg.version >= self.announced:
+                # Older than the model held, not than any announcement heard: the retained
+                # announcement of the version before the one fetched (a model is published
+                # before its announcement). Nothing to do, and no replay.
+                return
             self._reject("announce", OLD_VERSION, f"v{msg.version} is older than v{known}")
             return
         self._heard = True
