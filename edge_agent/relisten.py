@@ -5,14 +5,14 @@ A device with ``[training] fast_repeat_s`` trains again as soon as each round en
 the newest announcement then, not each one published while it fetches and trains; subscribing
 only after the round would cost a round trip through the broker before every fetch. So it
 unsubscribes when a fetch starts and subscribes again shortly before the round is expected to
-end: at ``started + train_s - lead`` (at once if that is before the start), where ``train_s``
-is how long the last round's training took and ``lead`` is
-:data:`fedmqtt.readiness.RELISTEN_LEAD_FACTOR` times the median of the recent times from
-subscribing to the arrival of the retained announcement (at least
+end: at ``started + train_s - lead``, where ``train_s`` is how long the last round's training
+took and ``lead`` is :data:`fedmqtt.readiness.RELISTEN_LEAD_FACTOR` times the median of the
+recent times from subscribing to the arrival of the retained announcement (at least
 :data:`fedmqtt.readiness.RELISTEN_MIN_LEAD_S`). Once it has verified an announcement newer
 than the round's model it unsubscribes again (the agent's ``_heard_newer``): the fetch after
 the round brings the retained, newest model whatever is announced meanwhile. Until both times
-are measured the device stays subscribed throughout.
+are measured, and while rounds train for less than twice the lead, the device stays
+subscribed throughout.
 
 Only the timing depends on these measurements: whatever arrives is verified as before, and
 an announcement that arrives late only makes the device wait for it after the round.
@@ -27,7 +27,7 @@ from typing import Final
 
 from fedmqtt.readiness import RELISTEN_LEAD_FACTOR, RELISTEN_MIN_LEAD_S
 
-_SAMPLES: Final = 8  # the latencies remembered (the lead follows the longest of them)
+_SAMPLES: Final = 8  # the latencies remembered (the lead follows their median)
 
 
 class Relisten:
@@ -70,16 +70,19 @@ class Relisten:
             )
 
     def active(self) -> bool:
-        """Whether both times are measured: then the device does not listen from the start of
-        a fetch until :meth:`at` (an announcement heard then is of no use: it trains on what
-        it fetches)."""
-        return self.lead() is not None and self._train_s is not None
+        """Whether the device listens again during its rounds (then it does not listen from
+        the start of a fetch until :meth:`at`: an announcement heard then is of no use, it
+        trains on what it fetches): both times are measured and a round trains at least twice
+        the lead. Shorter rounds stay subscribed throughout: listening again would bring the
+        retained announcement of the version just fetched and then the next one, no fewer
+        than the versions published during such a round."""
+        lead, train_s = self.lead(), self._train_s
+        return lead is not None and train_s is not None and train_s >= 2 * lead
 
     def at(self, started: float) -> float | None:
         """When (monotonic) to subscribe again during a round that started at ``started``: the
-        lead before its expected end, or at once if the round is expected to be shorter than
-        the lead; None: stay subscribed throughout (nothing measured yet)."""
+        lead before its expected end; None: stay subscribed throughout (not :meth:`active`)."""
         lead, train_s = self.lead(), self._train_s
-        if lead is None or train_s is None:
+        if lead is None or train_s is None or not self.active():
             return None
-        return started + max(train_s - lead, 0.0)
+        return started + train_s - lead

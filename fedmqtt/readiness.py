@@ -33,8 +33,9 @@ FAST_REPEAT_S: Final = 1.0
 #: and the versions published meanwhile are not received. Larger: the retained one more surely
 #: arrives in time (a lead longer than needed costs at most an announcement per round, when no
 #: newer version came during the round); smaller: it may arrive after the round ends (the
-#: device then waits for it, as one that subscribes only when ready).
-RELISTEN_LEAD_FACTOR: Final = 3.0
+#: device then waits for it, as one that subscribes only when ready). A device whose rounds
+#: train for less than twice the lead stays subscribed throughout.
+RELISTEN_LEAD_FACTOR: Final = 2.0
 
 #: The least lead (seconds) before the expected end of a round, whatever was measured.
 RELISTEN_MIN_LEAD_S: Final = 0.02

@@ -42,12 +42,12 @@ def test_the_lead_follows_the_median_not_one_slow_answer() -> None:
     assert r.lead() == pytest.approx(max(RELISTEN_MIN_LEAD_S, RELISTEN_LEAD_FACTOR * 0.01))
 
 
-def test_a_floor_under_the_lead_and_rounds_shorter_than_it_listen_from_the_start() -> None:
-    r = measured([0.0001], RELISTEN_MIN_LEAD_S / 2)
+def test_a_floor_under_the_lead_and_rounds_under_twice_it_listen_throughout() -> None:
+    r = measured([0.0001], RELISTEN_MIN_LEAD_S * 1.9)
     assert r.lead() == RELISTEN_MIN_LEAD_S
-    assert r.active() and r.at(1.0) == 1.0
+    assert not r.active() and r.at(1.0) is None
     r.trained(RELISTEN_MIN_LEAD_S * 3)
-    assert r.at(1.0) == pytest.approx(1.0 + 2 * RELISTEN_MIN_LEAD_S)
+    assert r.active() and r.at(1.0) == pytest.approx(1.0 + 2 * RELISTEN_MIN_LEAD_S)
 
 
 def test_only_the_first_announcement_after_a_subscription_measures() -> None:
