@@ -426,6 +426,10 @@ class EdgeAgent:
             if now - self._last_status >= _STATUS_EVERY_S:
                 self._update_status()
             timeout = _TICK_S if wait is None else min(wait, _TICK_S)
+            lead = self._relisten.lead()
+            if lead is not None and self.listening_since is None and self._fast_repeat():
+                early = self._due_in() - lead  # listens from a lead before its next round
+                timeout = min(timeout, early) if early > 0 else timeout
             if watchdog is not None:
                 timeout = min(timeout, watchdog)
             self._inbox.wait(timeout)
@@ -608,7 +612,8 @@ class EdgeAgent:
             if self.announced is not None and msg.version >= self.announced:
                 # Older than the model held, not than any announcement heard: the retained
                 # announcement of the version before the one fetched (a model is published
-                # before its announcement). Nothing to do, and no replay.
+                # before its announcement). Heard, nothing newer, and no replay.
+                self._heard = True
                 return
             self._reject("announce", OLD_VERSION, f"v{msg.version} is older than v{known}")
             return
@@ -630,9 +635,13 @@ class EdgeAgent:
         the intervals allow a round), or the device is always ready again soon."""
         if self._listens_throughout():
             return True
-        if self._fetching_since is not None:
+        if self._fetching_since is not None or self._fetched_untrained:
             return False
-        return not self._fetched_untrained and (self.model is None or self._due_in() == 0.0)
+        if self.model is None:
+            return True
+        if self._fast_repeat():  # from a lead before its next round (edge_agent.relisten)
+            return not self._knows_newer() and self._due_in() <= (self._relisten.lead() or 0.0)
+        return self._due_in() == 0.0
 
     def _fast_repeat(self) -> bool:
         """Whether the device is ready again so soon after each round that it stays subscribed
@@ -647,18 +656,30 @@ class EdgeAgent:
 
     def _listens_throughout(self) -> bool:
         """Whether the device stays subscribed to the announcements through fetches and
-        rounds: it is ready again soon after each round (:meth:`_fast_repeat`) and has not
-        measured yet when to listen again during a round (edge_agent.relisten), which it does
-        otherwise, not listening from the start of a fetch until then."""
-        return self._fast_repeat() and not self._relisten.active()
+        rounds: it is ready again soon after each round (:meth:`_fast_repeat`) and does not
+        listen only from a lead before its next round (edge_agent.relisten: nothing measured
+        yet, or rounds too short)."""
+        return self._fast_repeat() and not self._relisten.active(self._interval())
 
-    def _heard_newer(self, model: wire.GlobalModel) -> bool:
-        """Listening again during a round on ``model``: take the announcements heard so far,
-        and stop listening once one newer than ``model`` is verified. The fetch after the
-        round brings the retained, newest model, whatever is announced in between."""
+    def _knows_newer(self) -> bool:
+        """Whether a version newer than the model held is announced, and the device needs it
+        and will fetch it when due (no retry delay): whatever is announced meanwhile, the
+        fetch brings the retained, newest model."""
+        current, announced = self.current_version, self.announced
+        return (
+            announced is not None
+            and current is not None
+            and announced > current
+            and time.monotonic() >= self._fetch_not_before
+            and self._needs(announced)
+        )
+
+    def _heard_newer(self) -> bool:
+        """Listening again during a round: take the announcements heard so far, and stop
+        listening once one of a newer version the device will fetch is verified."""
         for payload in self._inbox.take(self.topic_announce):
             self._accept_announce(payload)
-        if self.announced is None or self.announced <= model.version:
+        if not self._knows_newer():
             return False
         self._listen(False)
         return True
@@ -1004,9 +1025,9 @@ class EdgeAgent:
                 worker.error = e
 
         thread = threading.Thread(target=work, name=f"train-{self.device_id}", daemon=True)
-        # A device that stays subscribed throughout does not while it trains: it listens again
-        # shortly before the round ends (edge_agent.relisten).
-        relisten = self._relisten.at(started) if self._fast_repeat() else None
+        # A device ready again soon after each round listens again from a lead before it can
+        # start the next one, until it hears of a newer version (edge_agent.relisten).
+        relisten = self._relisten.at(started, self._interval()) if self._fast_repeat() else None
         listening = False
         thread.start()
         while thread.is_alive():
@@ -1018,7 +1039,7 @@ class EdgeAgent:
                 relisten, listening = None, True
                 self._listen(True)
             if listening:
-                listening = not self._heard_newer(model)
+                listening = not self._heard_newer()
             if stop.is_set() and thread.is_alive():
                 # A requested stop, not a fault: the round is simply not finished.
                 self.log.info(
@@ -1027,8 +1048,6 @@ class EdgeAgent:
                 return
             self._ping_watchdog()
         self._relisten.trained(time.monotonic() - started)
-        if relisten is not None:  # ended sooner than expected
-            self._listen(True)
         self._send_report(worker.report)
         if worker.error is not None or worker.result is None:
             self._round_failed(worker.error or RuntimeError("training produced nothing"))

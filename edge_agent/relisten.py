@@ -1,21 +1,22 @@
-"""When a device that is always ready again soon subscribes to the announcements again
-during a round (docs/agent.md, "Downlink").
+"""When a device that is always ready again soon listens to the announcements (docs/agent.md,
+"Downlink").
 
-A device with ``[training] fast_repeat_s`` trains again as soon as each round ends. It needs
-the newest announcement then, not each one published while it fetches and trains; subscribing
-only after the round would cost a round trip through the broker before every fetch. So it
-unsubscribes when a fetch starts and subscribes again shortly before the round is expected to
-end: at ``started + train_s - lead``, where ``train_s`` is how long the last round's training
-took and ``lead`` is :data:`fedmqtt.readiness.RELISTEN_LEAD_FACTOR` times the median of the
-recent times from subscribing to the arrival of the retained announcement (at least
-:data:`fedmqtt.readiness.RELISTEN_MIN_LEAD_S`). Once it has verified an announcement newer
-than the round's model it unsubscribes again (the agent's ``_heard_newer``): the fetch after
-the round brings the retained, newest model whatever is announced meanwhile. Until both times
-are measured, and while rounds train for less than twice the lead, the device stays
-subscribed throughout.
+A device with ``[training] fast_repeat_s`` can start a round again soon after each one: when
+its training ends, or when its interval has passed since the round started, whichever is
+later. It needs the newest announcement then, not each one published while it fetches, trains
+and waits; subscribing only then would cost a round trip through the broker before every
+round. So it does not listen from the start of a fetch until a lead before that moment, the
+lead being :data:`fedmqtt.readiness.RELISTEN_LEAD_FACTOR` times the median of the recent times
+from subscribing to the arrival of the retained announcement (at least
+:data:`fedmqtt.readiness.RELISTEN_MIN_LEAD_S`), and it stops listening again once it has
+verified an announcement of a newer version it will fetch (the fetch brings the retained,
+newest model, whatever is announced meanwhile). Until the training time and the lead are
+measured, and while a round lasts less than twice the lead (listening again would bring the
+retained announcement of the version just fetched and then the next one, no fewer than are
+published in such a round), it stays subscribed throughout.
 
 Only the timing depends on these measurements: whatever arrives is verified as before, and
-an announcement that arrives late only makes the device wait for it after the round.
+an announcement that arrives late only makes the device wait for it.
 """
 
 from __future__ import annotations
@@ -69,20 +70,18 @@ class Relisten:
                 RELISTEN_MIN_LEAD_S, RELISTEN_LEAD_FACTOR * statistics.median(self._latencies)
             )
 
-    def active(self) -> bool:
-        """Whether the device listens again during its rounds (then it does not listen from
-        the start of a fetch until :meth:`at`: an announcement heard then is of no use, it
-        trains on what it fetches): both times are measured and a round trains at least twice
-        the lead. Shorter rounds stay subscribed throughout: listening again would bring the
-        retained announcement of the version just fetched and then the next one, no fewer
-        than the versions published during such a round."""
+    def active(self, interval: float) -> bool:
+        """Whether the device listens only from a lead before it can start its next round
+        (rounds at least ``interval`` seconds apart): the training time and the lead are
+        measured and a round lasts at least twice the lead."""
         lead, train_s = self.lead(), self._train_s
-        return lead is not None and train_s is not None and train_s >= 2 * lead
+        return lead is not None and train_s is not None and max(train_s, interval) >= 2 * lead
 
-    def at(self, started: float) -> float | None:
-        """When (monotonic) to subscribe again during a round that started at ``started``: the
-        lead before its expected end; None: stay subscribed throughout (not :meth:`active`)."""
+    def at(self, started: float, interval: float) -> float | None:
+        """When (monotonic) to subscribe again for the round after the one that started at
+        ``started``: the lead before its training is expected to end or its interval to pass,
+        whichever is later; None: stay subscribed throughout (not :meth:`active`)."""
         lead, train_s = self.lead(), self._train_s
-        if lead is None or train_s is None or not self.active():
+        if lead is None or train_s is None or not self.active(interval):
             return None
-        return started + train_s - lead
+        return started + max(train_s, interval) - lead

@@ -1,5 +1,5 @@
-"""When a device that is ready again at once listens to the announcements again during a
-round (edge_agent.relisten): the arithmetic, without a broker (the live behaviour is in
+"""When a device that is ready again at once listens to the announcements again
+(edge_agent.relisten): the arithmetic, without a broker (the live behaviour is in
 tests/test_agent_readiness.py)."""
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ def measured(latencies: list[float], train_s: float | None) -> Relisten:
 
 
 def test_nothing_measured_means_listening_throughout() -> None:
-    assert not Relisten().active() and Relisten().at(5.0) is None
-    assert measured([0.01], None).at(5.0) is None  # no round trained yet
-    assert measured([], 0.5).at(5.0) is None  # no subscription answered yet
+    assert not Relisten().active(1.0) and Relisten().at(5.0, 1.0) is None
+    assert measured([0.01], None).at(5.0, 1.0) is None  # no round trained yet
+    assert measured([], 0.5).at(5.0, 1.0) is None  # no subscription answered yet
 
 
-def test_listens_again_the_lead_before_the_expected_end() -> None:
+def test_listens_again_the_lead_before_training_ends_or_the_interval_passes() -> None:
     r = measured([0.04, 0.05, 0.06], 0.5)
     lead = RELISTEN_LEAD_FACTOR * 0.05  # the median latency
     assert r.lead() == pytest.approx(lead)
-    assert r.active()
-    assert r.at(10.0) == pytest.approx(10.0 + 0.5 - lead)
+    assert r.active(0.0)
+    assert r.at(10.0, 0.0) == pytest.approx(10.0 + 0.5 - lead)  # training is the longer
+    assert r.at(10.0, 2.0) == pytest.approx(10.0 + 2.0 - lead)  # the interval is
 
 
 def test_the_lead_follows_the_median_not_one_slow_answer() -> None:
@@ -45,9 +46,10 @@ def test_the_lead_follows_the_median_not_one_slow_answer() -> None:
 def test_a_floor_under_the_lead_and_rounds_under_twice_it_listen_throughout() -> None:
     r = measured([0.0001], RELISTEN_MIN_LEAD_S * 1.9)
     assert r.lead() == RELISTEN_MIN_LEAD_S
-    assert not r.active() and r.at(1.0) is None
+    assert not r.active(0.0) and r.at(1.0, 0.0) is None
+    assert r.active(RELISTEN_MIN_LEAD_S * 2)  # a long enough interval makes up for it
     r.trained(RELISTEN_MIN_LEAD_S * 3)
-    assert r.active() and r.at(1.0) == pytest.approx(1.0 + 2 * RELISTEN_MIN_LEAD_S)
+    assert r.active(0.0) and r.at(1.0, 0.0) == pytest.approx(1.0 + 2 * RELISTEN_MIN_LEAD_S)
 
 
 def test_only_the_first_announcement_after_a_subscription_measures() -> None:
