@@ -26,8 +26,8 @@ announcements too: the broker sends the retained, newest one at once and each ne
 the device stays ready. When a version newer than its model is announced it unsubscribes from
 the announcements, fetches the retained model (subscribe, take one message, unsubscribe) and
 trains on it. A device that is offline, training or throttled receives no announcement and
-no model; one that is ready again at once after each round subscribes again shortly before
-the round ends (edge_agent.relisten). A model names its spec by fingerprint; the agent keeps the
+no model; one that is ready again soon after each round subscribes shortly before it can
+start the next one (edge_agent.relisten). A model names its spec by fingerprint; the agent keeps the
 verified specs (``spec-<fp>.bin``) and refuses a model whose spec it does not hold
 (``unknown_spec``) until that spec has arrived.
 

@@ -4,8 +4,13 @@ tests/test_agent_readiness.py)."""
 
 from __future__ import annotations
 
-import pytest
+import time
+from pathlib import Path
 
+import pytest
+from test_agent_helpers import global_model, make_device
+
+from edge_agent.agent import EdgeAgent
 from edge_agent.relisten import Relisten
 from fedmqtt.readiness import RELISTEN_LEAD_FACTOR, RELISTEN_MIN_LEAD_S
 
@@ -62,3 +67,23 @@ def test_only_the_first_announcement_after_a_subscription_measures() -> None:
     r.subscribed(4.0)
     r.heard(4.1)
     assert r.lead() == pytest.approx(max(RELISTEN_MIN_LEAD_S, RELISTEN_LEAD_FACTOR * 0.1))
+
+
+def test_when_an_agent_paced_by_its_interval_listens(tmp_path: Path) -> None:
+    """The agent's rule (no broker needed): from the lead before its next round, unless it
+    already knows of a newer version it will fetch; throughout until it has measured."""
+    device = make_device(tmp_path / "dev-1")
+    training = {"interval_s": 5.0, "max_updates_per_version": 0, "fast_repeat_s": 10.0}
+    agent = EdgeAgent(device.config(None, training=training))
+    agent.model = global_model(3)
+    agent.state.last_round_at = time.time()
+    assert agent._listens_throughout() and agent._ready()  # nothing measured yet
+    agent._relisten = measured([0.02], 0.01)  # lead max(2 x 0.02, floor) = 0.04 s
+    assert not agent._listens_throughout()
+    assert not agent._ready()  # due in ~5 s: not yet
+    agent.state.last_round_at = time.time() - 4.98
+    assert agent._ready()  # due within the lead
+    agent.announced = 4
+    assert not agent._ready()  # a newer version is known: the fetch brings the newest
+    agent._fetch_not_before = time.monotonic() + 10.0
+    assert agent._ready()  # ... unless no fetch is due (a retry delay): it keeps listening
