@@ -218,7 +218,7 @@ def prepare(
         deltas.pop(v, None)
     kept = tuple(store.versions())
     ann = wire.Announce(
-        cfg.federation.id, SENDER, snap.version, cfg.spec.fingerprint(), snap.created_at, kept
+        cfg.federation.id, SENDER, snap.version, wire.UNSTATED_SPEC, snap.created_at, kept
     )
     # Devices keep their keyframe while it is listed (edge_agent.keyframe.choose): the model
     # rebuilt from the oldest one is what the devices holding a keyframe longest train on.

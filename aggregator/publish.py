@@ -83,7 +83,7 @@ def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> byte
 def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
     """The announcement of a published version: devices fetch the model when ready."""
     msg = wire.Announce(
-        cfg.federation.id, SENDER, snap.version, cfg.spec.fingerprint(), snap.created_at
+        cfg.federation.id, SENDER, snap.version, wire.UNSTATED_SPEC, snap.created_at
     )
     return wire.encode(msg, signer)
 

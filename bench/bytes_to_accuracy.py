@@ -372,6 +372,18 @@ def main() -> int:
             f"{fmt(s['uploads_to_target'])} | {per} | {fmt(s['time_to_target_s'])} | "
             f"{fmt(s['final_accuracy'], 3)} / {fmt(s['tail_accuracy'], 3)} |"
         )
+    kinds = sorted({k for _, s in rows for k in s["bytes_downloaded_by_kind"]})
+    print("\nDownloaded per accepted update by kind (whole run, bytes):\n")
+    print("| run | " + " | ".join(kinds) + " |")
+    print("|---|" + "---:|" * len(kinds))
+    for codec, s in rows:
+        accepted = s["updates_accepted"] or 1
+        by_kind = s["bytes_downloaded_by_kind"]
+        print(
+            f"| {codec} | "
+            + " | ".join(f"{by_kind.get(k, 0) / accepted:.0f}" for k in kinds)
+            + " |"
+        )
     return 0
 
 

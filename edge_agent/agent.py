@@ -26,7 +26,8 @@ announcements too: the broker sends the retained, newest one at once and each ne
 the device stays ready. When a version newer than its model is announced it unsubscribes from
 the announcements, fetches the retained model (subscribe, take one message, unsubscribe) and
 trains on it. A device that is offline, training or throttled receives no announcement and
-no model. A model names its spec by fingerprint; the agent keeps the
+no model; one that is ready again soon after each round subscribes shortly before it can
+start the next one (edge_agent.relisten). A model names its spec by fingerprint; the agent keeps the
 verified specs (``spec-<fp>.bin``) and refuses a model whose spec it does not hold
 (``unknown_spec``) until that spec has arrived.
 
@@ -61,6 +62,7 @@ from edge_agent.ldp import LocalPrivacy
 from edge_agent.logs import DeviceLog
 from edge_agent.mqtt import Link
 from edge_agent.outbox import Outbox
+from edge_agent.relisten import Relisten
 from edge_agent.trainer import (
     DataTransform,
     DeltaResult,
@@ -100,6 +102,7 @@ _FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer anno
 # device asks for the retained announcement again this often, which bounds how long a lost one
 # goes unnoticed by a device that stays ready (one that trains subscribes afresh each round).
 _ANNOUNCE_REFRESH_S: Final = 600.0
+_LISTEN_TICK_S: Final = 0.02  # how often a round listening again checks the announcements
 
 
 class _Inbox:
@@ -117,6 +120,16 @@ class _Inbox:
                 self.dropped += 1
             self._items.append((topic, payload))
             self._cond.notify_all()
+
+    def take(self, topic: str) -> list[bytes]:
+        """The payloads of ``topic`` waiting, taken out; the other messages stay, in order."""
+        with self._cond:
+            taken = [p for t, p in self._items if t == topic]
+            if taken:
+                kept = [(t, p) for t, p in self._items if t != topic]
+                self._items.clear()
+                self._items.extend(kept)
+            return taken
 
     def take_all(self) -> list[tuple[str, bytes]]:
         with self._cond:
@@ -212,6 +225,7 @@ class EdgeAgent:
         self.listening_since: float | None = None  # monotonic; subscribed to announcements
         self._heard = False  # an announcement arrived since subscribing to them
         self._last_round_s: float | None = None  # how long the last finished round took
+        self._relisten = Relisten()  # when a fast-repeat device listens again during a round
         # The delta downlink (edge_agent.keyframe): the keyframe held, the keyframes with a
         # delta to the newest announced version, the version whose delta failed last, and
         # the topic of the fetch under way.
@@ -391,7 +405,7 @@ class EdgeAgent:
             self._fetch_if_ready()
             wait = self._round_wait()
             if wait == 0.0:
-                self._listen(self._fast_repeat())
+                self._listen(self._listens_throughout())
                 self._round(stop)
                 continue
             if self.evaluator.due(self.model):  # a version it does not train on now
@@ -412,6 +426,10 @@ class EdgeAgent:
             if now - self._last_status >= _STATUS_EVERY_S:
                 self._update_status()
             timeout = _TICK_S if wait is None else min(wait, _TICK_S)
+            lead = self._relisten.lead()
+            if lead is not None and self.listening_since is None and self._fast_repeat():
+                early = self._due_in() - lead  # listens from a lead before its next round
+                timeout = min(timeout, early) if early > 0 else timeout
             if watchdog is not None:
                 timeout = min(timeout, watchdog)
             self._inbox.wait(timeout)
@@ -422,6 +440,8 @@ class EdgeAgent:
         kind = self._kind_of(topic)
         self.downloaded[kind] += len(payload)
         self.received[kind] += 1
+        if kind == "announce":
+            self._relisten.heard(time.monotonic())
         self._inbox.put(topic, payload)
 
     def _kind_of(self, topic: str) -> str:
@@ -589,6 +609,12 @@ class EdgeAgent:
             self.announced if self.announced is not None else -1, self.current_version or -1
         )
         if msg.version < known:
+            if self.announced is not None and msg.version >= self.announced:
+                # Older than the model held, not than any announcement heard: the retained
+                # announcement of the version before the one fetched (a model is published
+                # before its announcement). Heard, nothing newer, and no replay.
+                self._heard = True
+                return
             self._reject("announce", OLD_VERSION, f"v{msg.version} is older than v{known}")
             return
         self._heard = True
@@ -607,11 +633,15 @@ class EdgeAgent:
         """Whether to be subscribed to the announcements: a newer version would be fetched and
         trained on now (no fetch or round under way, no fetched model waiting for its round,
         the intervals allow a round), or the device is always ready again soon."""
-        if self._fast_repeat():
+        if self._listens_throughout():
             return True
-        if self._fetching_since is not None:
+        if self._fetching_since is not None or self._fetched_untrained:
             return False
-        return not self._fetched_untrained and (self.model is None or self._due_in() == 0.0)
+        if self.model is None:
+            return True
+        if self._fast_repeat():  # from a lead before its next round (edge_agent.relisten)
+            return not self._knows_newer() and self._due_in() <= (self._relisten.lead() or 0.0)
+        return self._due_in() == 0.0
 
     def _fast_repeat(self) -> bool:
         """Whether the device is ready again so soon after each round that it stays subscribed
@@ -624,6 +654,36 @@ class EdgeAgent:
         last = self._last_round_s
         return last is not None and self._interval() + last <= t.fast_repeat_s
 
+    def _listens_throughout(self) -> bool:
+        """Whether the device stays subscribed to the announcements through fetches and
+        rounds: it is ready again soon after each round (:meth:`_fast_repeat`) and does not
+        listen only from a lead before its next round (edge_agent.relisten: nothing measured
+        yet, or rounds too short)."""
+        return self._fast_repeat() and not self._relisten.active(self._interval())
+
+    def _knows_newer(self) -> bool:
+        """Whether a version newer than the model held is announced, and the device needs it
+        and will fetch it when due (no retry delay): whatever is announced meanwhile, the
+        fetch brings the retained, newest model."""
+        current, announced = self.current_version, self.announced
+        return (
+            announced is not None
+            and current is not None
+            and announced > current
+            and time.monotonic() >= self._fetch_not_before
+            and self._needs(announced)
+        )
+
+    def _heard_newer(self) -> bool:
+        """Listening again during a round: take the announcements heard so far, and stop
+        listening once one of a newer version the device will fetch is verified."""
+        for payload in self._inbox.take(self.topic_announce):
+            self._accept_announce(payload)
+        if not self._knows_newer():
+            return False
+        self._listen(False)
+        return True
+
     def _listen(self, on: bool) -> None:
         """Be subscribed to the announcements exactly while ``on`` (the device is ready)."""
         link = self.link
@@ -632,9 +692,11 @@ class EdgeAgent:
         if on:
             self.listening_since = self._last_refresh = time.monotonic()
             self._heard = False
+            self._relisten.subscribed(self.listening_since)
             link.watch(self.topic_announce, 0)
         else:
             self.listening_since = None
+            self._relisten.unsubscribed()
             link.release(self.topic_announce)
 
     def _fetch_wanted(self) -> bool:
@@ -720,7 +782,7 @@ class EdgeAgent:
         if link is not None and self._fetch_wanted():
             if self._build_version_zero():
                 return  # version 0 is the one announced: nothing to fetch
-            self._listen(self._fast_repeat())
+            self._listen(self._listens_throughout())
             self._fetching_since = time.monotonic()
             self.fetches += 1
             self._fetch_topic = kfm.choose(
@@ -963,9 +1025,21 @@ class EdgeAgent:
                 worker.error = e
 
         thread = threading.Thread(target=work, name=f"train-{self.device_id}", daemon=True)
+        # A device ready again soon after each round listens again from a lead before it can
+        # start the next one, until it hears of a newer version (edge_agent.relisten).
+        relisten = self._relisten.at(started, self._interval()) if self._fast_repeat() else None
+        listening = False
         thread.start()
         while thread.is_alive():
-            thread.join(0.1)
+            tick = _LISTEN_TICK_S if listening else 0.1
+            if relisten is not None:
+                tick = min(tick, max(relisten - time.monotonic(), 0.0))
+            thread.join(tick)
+            if relisten is not None and time.monotonic() >= relisten:
+                relisten, listening = None, True
+                self._listen(True)
+            if listening:
+                listening = not self._heard_newer()
             if stop.is_set() and thread.is_alive():
                 # A requested stop, not a fault: the round is simply not finished.
                 self.log.info(
@@ -973,6 +1047,7 @@ class EdgeAgent:
                 )
                 return
             self._ping_watchdog()
+        self._relisten.trained(time.monotonic() - started)
         self._send_report(worker.report)
         if worker.error is not None or worker.result is None:
             self._round_failed(worker.error or RuntimeError("training produced nothing"))

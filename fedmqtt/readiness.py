@@ -24,3 +24,18 @@ ANNOUNCE_WAIT_S: Final = 3.0
 #: announcements it would skip. Larger: more devices keep the subscription (more announcement
 #: bytes while training); 0: every device listens only while ready.
 FAST_REPEAT_S: Final = 1.0
+
+#: A device that is ready again within ``fast_repeat_s`` does not listen to the announcements
+#: from the start of a fetch until this many times its median subscribe-to-retained-
+#: announcement time before it can start its next round (its training's expected end or its
+#: interval, whichever is later); it stops again once it has heard of a newer version it will
+#: fetch. So the retained, newest announcement is there when the round can start, without a
+#: round trip then, and the versions published meanwhile are not received. Larger: the
+#: retained one more surely arrives in time (a lead longer than needed costs at most one
+#: announcement per round, when the retained one is the version just fetched); smaller: it may
+#: arrive late (the device then waits for it, as one that subscribes only when ready). A
+#: device whose rounds last less than twice the lead stays subscribed throughout.
+RELISTEN_LEAD_FACTOR: Final = 2.0
+
+#: The least lead (seconds), whatever was measured.
+RELISTEN_MIN_LEAD_S: Final = 0.02

@@ -584,10 +584,20 @@ class SpecMessage:
         return cls(fed, sender, spec, _number(m, "created_at"), genesis)
 
 
+UNSTATED_SPEC: Final = ""
+"""The ``spec`` of an announcement as the aggregator sends it: not stated. A device needs the
+spec of the model it fetches, which that model message names (and the spec message is
+retained on its own topic), not the spec of each version announced; the 64-character
+fingerprint was a third of an announcement's bytes. The field stays, empty, because receivers
+of earlier releases require a string there; receivers of this release also accept a body
+without it."""
+
+
 @dataclass(frozen=True)
 class Announce:
     """A new global version exists: a few dozen bytes that devices stay subscribed to, so that
-    each fetches the (retained) model only when it is ready to train on it."""
+    each fetches the (retained) model only when it is ready to train on it. ``spec_fingerprint``
+    is informative only (:data:`UNSTATED_SPEC` from the aggregator): nothing depends on it."""
 
     federation: str
     sender: str
@@ -627,7 +637,7 @@ class Announce:
             fed,
             sender,
             version,
-            field_of(m, "spec", str),
+            field_of(m, "spec", str) if "spec" in m else UNSTATED_SPEC,
             _number(m, "created_at"),
             tuple(kf),
         )

@@ -508,6 +508,31 @@ def test_offline_device_downloads_nothing_and_fetches_once_when_back(
     assert back.downloaded["announce"] == heard * len(aggregator.announce_payload(30))
 
 
+def test_the_announcement_before_the_version_fetched_is_no_replay(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """A model is retained before its announcement: a device that heard v3 announced may fetch
+    v4, and then hear v3's retained announcement again when it subscribes. That is ignored
+    without a count; an announcement older than any heard is still counted as a replay."""
+    aggregator.publish_spec()
+    aggregator.publish(topics.model(FED), model_payload(4, device.aggregator))
+    aggregator.announce(3)
+    agent = EdgeAgent(device.config(broker))
+    runner = AgentThread(agent)
+    try:
+        [update] = aggregator.wait_updates(1)
+        assert update.base_version == 4 and agent.announced == 3
+        wait_until(lambda: agent.listening_since is not None)
+        aggregator.announce(3)
+        aggregator.announce(2)
+        wait_until(lambda: agent.rejected.get("announce/old_version") == 1)
+        assert agent.received["announce"] >= 3
+        assert dict(agent.rejected) == {"announce/old_version": 1}
+        assert agent.current_version == 4 and agent.fetches == 1
+    finally:
+        runner.stop()
+
+
 def test_forged_and_stale_announcements_change_nothing(
     broker: Mosquitto, device: Device, aggregator: FakeAggregator
 ) -> None:

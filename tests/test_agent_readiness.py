@@ -4,11 +4,13 @@ packets are counted by an MQTT-reading relay between the agent and the broker.""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from mqtt_relay_support import MqttRelay
 from test_agent_helpers import (
@@ -23,6 +25,7 @@ from test_agent_helpers import (
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, TrainingConfig
+from edge_agent.relisten import Relisten
 from fedmqtt import readiness, topics
 from fedmqtt.errors import ConfigError
 from simulator.broker import Mosquitto
@@ -75,12 +78,21 @@ def announce_subscribes(
         relay.close()
 
 
+@pytest.fixture
+def unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device never knows when to listen again during a round (edge_agent.relisten), as
+    before its first round and first announcement: it stays subscribed throughout."""
+    monkeypatch.setattr(Relisten, "active", lambda self, interval: False)
+    monkeypatch.setattr(Relisten, "at", lambda self, started, interval: None)
+
+
+@pytest.mark.usefixtures("unmeasured")
 def test_a_device_ready_again_at_once_stays_subscribed_to_the_announcements(
     broker: Mosquitto, pair: tuple[Device, FakeAggregator]
 ) -> None:
-    """Rounds of a few tens of ms and no interval: the device keeps its subscription through
-    fetches and rounds (one SUBSCRIBE after its first round), rather than a round trip
-    through the broker before every fetch."""
+    """No interval, and no measurement of when to listen again during a round: the device
+    keeps its subscription through fetches and rounds (one SUBSCRIBE after its first round),
+    rather than a round trip through the broker before every fetch."""
     subscribes, rounds = announce_subscribes(broker, pair)
     assert rounds == 8
     assert subscribes <= 2, f"{subscribes} SUBSCRIBEs to the announcements for {rounds} rounds"
@@ -94,6 +106,57 @@ def test_fast_repeat_s_zero_listens_only_while_ready(
     assert subscribes >= 8, f"{subscribes} SUBSCRIBEs to the announcements for {rounds} rounds"
 
 
+@pytest.mark.parametrize("paced_by", ["training", "interval"])
+def test_longer_rounds_do_not_hear_the_versions_published_meanwhile(
+    broker: Mosquitto, pair: tuple[Device, FakeAggregator], paced_by: str
+) -> None:
+    """Rounds every ~0.3 s (training that long, or ``interval_s = 0.3`` with retraining, as
+    ``fedmqtt simulate`` paces its devices), a version published every 30 ms: the device is
+    ready again soon after each round, but it does not listen from its fetch until a lead
+    before its next round, and then only until it hears of a newer version
+    (edge_agent.relisten). It hears one or two announcements per round, not the ~10
+    published, and trains every round on a newer one."""
+    device, aggregator = pair
+
+    def slow(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        time.sleep(0.3)  # the device's compute time
+        return X, y
+
+    if paced_by == "training":
+        agent = EdgeAgent(device.config(broker), data_transform=slow)
+    else:
+        training = {"interval_s": 0.3, "max_updates_per_version": 0}
+        agent = EdgeAgent(device.config(broker, training=training))
+    stop = threading.Event()
+    published = [0]
+
+    def publish() -> None:
+        while not stop.is_set():
+            aggregator.publish_model(published[0] + 1)
+            published[0] += 1
+            stop.wait(0.03)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(3, timeout=30)  # the lead and a round's length are measured
+        heard, version = agent.received["announce"], published[0]
+        aggregator.wait_updates(7, timeout=30)
+        heard, versions = agent.received["announce"] - heard, published[0] - version
+    finally:
+        stop.set()
+        publisher.join(10)
+        runner.stop()
+    bases = [u.base_version for u in aggregator.received()]
+    assert bases == sorted(set(bases)), bases  # a newer version every round
+    assert versions >= 20, f"only {versions} versions published in four rounds"
+    # Listening throughout would hear all of them. Each round hears the retained one, the first
+    # newer one if the retained one was not, and at times one in flight as it unsubscribes.
+    assert heard <= 3 * 4, f"{heard} announcements heard of {versions} published"
+
+
+@pytest.mark.usefixtures("unmeasured")
 def test_announce_wait_s_bounds_the_wait_before_a_repeated_round(
     broker: Mosquitto, pair: tuple[Device, FakeAggregator]
 ) -> None:

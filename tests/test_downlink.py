@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from test_agent_helpers import SPEC, AgentThread, FakeAggregator, make_device, wait_until
@@ -105,6 +106,21 @@ def test_a_forged_or_altered_compressed_model_is_refused(tmp_path: Path) -> None
     with pytest.raises(DecodeError) as e:
         _received(fed, forged)
     assert e.value.reason == SIGNATURE
+
+
+def test_the_aggregators_announcement_leaves_the_spec_unstated(tmp_path: Path) -> None:
+    """The spec is the model message's business: the announcement keeps the field for
+    receivers of earlier releases (a string, required there) but empty: the fingerprint's
+    bytes fewer (65 of 203 for a 64-character fingerprint)."""
+    fed, cfg = _config(tmp_path, "int8")
+    payload = announce_payload(cfg, fed.signer, _snapshot(7))
+    body = msgpack.unpackb(wire.open_envelope(payload).body)
+    assert body["spec"] == wire.UNSTATED_SPEC == ""
+    assert wire.decode(payload, wire.Announce, fed.signer.verifier()).version == 7
+    stated = wire.Announce(fed.federation, "aggregator", 7, cfg.spec.fingerprint(), 1.0)
+    unstated = wire.Announce(fed.federation, "aggregator", 7, wire.UNSTATED_SPEC, 1.0)
+    saved = len(wire.encode(stated, fed.signer)) - len(wire.encode(unstated, fed.signer))
+    assert saved == len(cfg.spec.fingerprint())
 
 
 def test_an_agent_trains_on_and_restarts_with_the_decoded_model(
