@@ -91,6 +91,7 @@ CODEC_NAMES: Final[tuple[CodecName, ...]] = get_args(CodecName)
 FP16_MAX: Final = 65504.0
 ZLIB_LEVEL: Final = 6
 _MAX_SCALE: Final = float(np.finfo(np.float32).max) / 128.0  # int8 codes reach -128
+_F32_TINY: Final = np.float32(np.finfo(np.float32).tiny)  # the smallest normal float32
 _MAX_SCALE4: Final = float(np.finfo(np.float32).max) / 8.0  # int4 codes stay within -7..7
 _SAFE_SUM: Final = float(np.finfo(np.float32).max) / 2  # a float32 sum below it cannot overflow
 # Element-wise checks walk large tensors in blocks so that their temporaries stay small (and
@@ -310,15 +311,13 @@ def encode_tensor(
         data = q.tobytes()
         msg["q"] = float(scale)
         if feedback is not None:
-            sent = q.astype(np.float32)
-            sent *= scale
+            sent = _dequantized(q, scale)
     elif codec.name == "int4":
         q, scale = _quantize(flat, rng, 7.0, _MAX_SCALE4)
         data = _pack_int4(q)
         msg["q"] = float(scale)
         if feedback is not None:
-            sent = q.astype(np.float32)
-            sent *= scale
+            sent = _dequantized(q, scale)
     else:
         idx = _topk_indices(flat, topk_count(flat.size, codec.fraction))
         kept = flat[idx]
@@ -328,8 +327,7 @@ def encode_tensor(
             q, scale = _quantize_int8(kept, rng)
             data = q.tobytes()
             msg["q"] = float(scale)
-            kept = q.astype(np.float32)
-            kept *= scale
+            kept = _dequantized(q, scale)
         else:
             data = kept.astype("<f4", copy=False).tobytes()
         if feedback is not None:
@@ -382,8 +380,13 @@ def _quantize(
     if maxabs == 0.0:
         return np.zeros(v.size, dtype=np.int8), np.float32(0.0)
     scale = np.float32(maxabs / top)
-    if scale == 0:  # max|v| so small that max/top underflows float32
-        scale = np.finfo(np.float32).smallest_subnormal
+    if scale < _F32_TINY and float(scale) * top < maxabs:
+        # A subnormal scale rounded down is coarse (max|v| = 5.9e-43 gives 4.2e-45, not
+        # 4.6e-45): the largest values would clip far beyond one step. One float32 step up is
+        # at least max|v| / top (the rounding was below half a step). Normal scales round by
+        # at most 2**-24 relative, which the stated bound covers, and are kept as they are so
+        # that a decoded tensor re-encodes to itself.
+        scale = np.nextafter(scale, np.float32(np.inf))
     # The decoder refuses scales whose largest code magnitude (int8: 128, int4: 8) times the
     # scale overflows: near float32 max, cap the scale so that legitimate tensors are always
     # accepted. Codes then clip at ``top`` with an error still below one step.
@@ -393,6 +396,13 @@ def _quantize(
     np.floor(t, out=t)
     np.clip(t, -top, top, out=t)  # float32 rounding of v/scale can reach top + 1e-5
     return t.astype(np.int8), scale
+
+
+def _dequantized(q: npt.NDArray[np.int8], scale: np.float32) -> F32:
+    """The float32 values the receiver decodes from codes ``q`` and ``scale``."""
+    out = q.astype(np.float32)
+    out *= scale
+    return out
 
 
 def _pack_int4(q: npt.NDArray[np.int8]) -> bytes:
@@ -736,19 +746,13 @@ def _decode(
                 sq = float(np.dot(dst, dst)) * left * left
             return (dst if len(shape) == 1 else dst.reshape(shape)), sq, left
         np.multiply(dst, scale, out=dst)
-        if want_sq:  # the values are finite; only the float32 sum of squares may overflow
-            if n * (128.0 * float(scale)) ** 2 < _SAFE_SUM:
-                sq = float(np.dot(dst, dst))  # bounded: cannot overflow, no np.errstate needed
-            else:
-                sq = _sq64(dst) if n <= _SMALL else _finite_sq(dst, True)
+        if want_sq:
+            sq = _bounded_sq(dst, 128.0 * float(scale))
     elif codec == "int4":
         _unpack_int4(data, n, dst)
         np.multiply(dst, scale, out=dst)
-        if want_sq:  # |values| <= 7 * scale, finite; only the float32 sum may overflow
-            if n * (7.0 * float(scale)) ** 2 < _SAFE_SUM:
-                sq = float(np.dot(dst, dst))
-            else:
-                sq = _sq64(dst) if n <= _SMALL else _finite_sq(dst, True)
+        if want_sq:
+            sq = _bounded_sq(dst, 7.0 * float(scale))
     elif codec == "fp16":
         if n <= _SMALL:  # numpy's cast has less per-call overhead than the bit trick
             np.copyto(dst, np.frombuffer(data, _F2))
@@ -966,6 +970,15 @@ def _finite_sq(a: F32, want_sq: bool) -> float:
     if not all(_scan_finite(a[i : i + _BLOCK]) for i in range(0, a.size, _BLOCK)):
         return -1.0
     return sum(_sq64(a[i : i + _BLOCK]) for i in range(0, a.size, _BLOCK)) if want_sq else 0.0
+
+
+def _bounded_sq(a: F32, bound: float) -> float:
+    """Sum of squares of ``a``, whose values are finite and at most ``bound`` in magnitude
+    (decoded int8/int4 codes): only the float32 sum may overflow, and below
+    :data:`_SAFE_SUM` it cannot, so no check is needed then."""
+    if a.size * bound**2 < _SAFE_SUM:
+        return float(np.dot(a, a))
+    return _sq64(a) if a.size <= _SMALL else _finite_sq(a, True)
 
 
 def _sq64(a: F32) -> float:
