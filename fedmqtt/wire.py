@@ -587,10 +587,9 @@ class SpecMessage:
 UNSTATED_SPEC: Final = ""
 """The ``spec`` of an announcement as the aggregator sends it: not stated. A device needs the
 spec of the model it fetches, which that model message names (and the spec message is
-retained on its own topic), not the spec of each version announced; the 64-character
-fingerprint was a third of an announcement's bytes. The field stays, empty, because receivers
-of earlier releases require a string there; receivers of this release also accept a body
-without it."""
+retained on its own topic), not the spec of each version announced. The field stays, empty,
+because receivers of earlier releases require a string there; receivers of this release also
+accept a body without it."""
 
 
 @dataclass(frozen=True)

@@ -204,15 +204,16 @@ class Strategy(ABC):
         }
 
     # ------------------------------------------------------------------ policy
-    @abstractmethod
     def ready(self, now: float) -> bool:
-        """True when the buffer should be aggregated now."""
+        """True when the buffer should be aggregated now: it is full (``capacity`` updates) or,
+        with ``[strategy] deadline_s > 0``, the deadline has passed (:meth:`deadline_passed`)."""
+        return len(self.pending) >= self.capacity or self.deadline_passed(now)
 
     @property
     def timed(self) -> bool:
         """Whether :meth:`ready` can turn true by the passage of time alone, with no new update
         (a deadline): the service then asks it again periodically (``Engine.tick``)."""
-        return False
+        return self.cfg.deadline_s > 0
 
     @abstractmethod
     def aggregate(self, params: F32, median_norm: float | None) -> F32:

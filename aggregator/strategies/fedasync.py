@@ -57,8 +57,9 @@ class FedAsync(Strategy):
                 f"{self.cfg.device_window})",
             )
 
-    def ready(self, now: float) -> bool:
-        return len(self.pending) >= 1
+    @property
+    def timed(self) -> bool:
+        return False  # a buffer of one is full with its first update: no deadline applies
 
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         p = self.pending[0]

@@ -31,13 +31,6 @@ class FedAvg(Strategy):
     def max_staleness(self) -> int:
         return 0
 
-    @property
-    def timed(self) -> bool:
-        return self.cfg.deadline_s > 0
-
-    def ready(self, now: float) -> bool:
-        return len(self.pending) >= self.cfg.min_updates or self.deadline_passed(now)
-
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         ones = np.ones(len(self.pending), dtype=np.float32)
         return self.optimizer.step(params, self.buffered_delta(median_norm, ones))

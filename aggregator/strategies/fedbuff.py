@@ -37,13 +37,6 @@ class FedBuff(Strategy):
         super().__init__(cfg, d, cfg.buffer_size, segments)
         self.optimizer = load_optimizer(cfg, None)
 
-    @property
-    def timed(self) -> bool:
-        return self.cfg.deadline_s > 0
-
-    def ready(self, now: float) -> bool:
-        return len(self.pending) >= self.cfg.buffer_size or self.deadline_passed(now)
-
     def aggregate(self, params: F32, median_norm: float | None) -> F32:
         s = np.array([p.weight for p in self.pending], dtype=np.float32)
         return self.optimizer.step(params, self.buffered_delta(median_norm, s))
