@@ -37,6 +37,7 @@ CODECS = [
     "raw",
     "fp16",
     "int8",
+    "int4",
     "topk:0.01",
     "int8+zlib",
     "topk:0.01+zlib",
