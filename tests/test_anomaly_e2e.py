@@ -129,7 +129,9 @@ def test_sensor_fleet_trains_thresholds_and_predicts(
     expected_local = float(np.quantile(anomaly_scores(spec, params, own), 0.98))
     assert local == pytest.approx(expected_local, rel=1e-4)
     assert [d["decision"] for d in lines] == [int(d["score"] > local) for d in lines]
-    assert any(d["decision"] != int(d["score"] > pred.threshold) for d in lines)
+    # ... and it is not the global one (whether any row's decision then differs depends on
+    # whether a score falls between the two, which varies from run to run).
+    assert local != pytest.approx(pred.threshold, rel=1e-3), (local, pred.threshold)
 
 
 @pytest.mark.slow
