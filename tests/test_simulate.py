@@ -214,8 +214,8 @@ def test_one_attacker_at_20x_the_honest_rate_is_held_to_one_row_per_buffer() -> 
     default ``max_per_device = 1`` it holds one row of each FedBuff buffer of five, so the
     median stays honest: after the same number of versions the accuracy stays within 6
     points of the clean run (the mean over the last quarter of a 100-version run is noisy: one
-    run measured 0.885 attacked against 0.932 clean). (With ``max_per_device = 0`` it fills most of every buffer and
-    the accuracy falls to about 0.27.)"""
+    run measured 0.885 attacked against 0.932 clean). (With ``max_per_device = 0`` it fills
+    most of every buffer and the accuracy falls to about 0.27.)"""
     base = SimConfig(clients=10, duration=120.0, versions=100, robust="median", quiet=True, seed=0)
     clean = run_simulation(base, out=io.StringIO())
     attacked = run_simulation(
