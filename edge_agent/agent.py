@@ -981,6 +981,7 @@ class EdgeAgent:
             self.notifier.status("local privacy budget spent: no more updates")
             return
         started = time.monotonic()
+        self._relisten.round_on(model.version)
         self.state.last_round_at = time.time()
         self._fetched_untrained = False
         try:

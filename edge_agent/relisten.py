@@ -15,6 +15,13 @@ measured, and while a round lasts less than twice the lead (listening again woul
 retained announcement of the version just fetched and then the next one, no fewer than are
 published in such a round), it stays subscribed throughout.
 
+It also stays subscribed throughout while the versions a device trains on advance by one per
+round (the median of the last few rounds): listening throughout then brings one announcement
+per round, the one it needs, while listening again brings the retained announcement of the
+version it holds as well -- with a buffer of every device, no version can be published
+before this device's update arrives. Listening again saves announcements only when two or
+more versions are published per round.
+
 Only the timing depends on these measurements: whatever arrives is verified as before, and
 an announcement that arrives late only makes the device wait for it.
 """
@@ -28,7 +35,7 @@ from typing import Final
 
 from fedmqtt.readiness import RELISTEN_LEAD_FACTOR, RELISTEN_MIN_LEAD_S
 
-_SAMPLES: Final = 8  # the latencies remembered (the lead follows their median)
+_SAMPLES: Final = 8  # latencies and version advances remembered (their medians decide)
 
 
 class Relisten:
@@ -40,6 +47,8 @@ class Relisten:
         self._latencies: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
         self._subscribed_at: float | None = None
         self._train_s: float | None = None
+        self._advances: collections.deque[int] = collections.deque(maxlen=_SAMPLES)
+        self._last_version: int | None = None
 
     def subscribed(self, now: float) -> None:
         """The device subscribed to the announcements at ``now`` (monotonic)."""
@@ -62,6 +71,13 @@ class Relisten:
         """The last round's training took ``seconds``."""
         self._train_s = seconds
 
+    def round_on(self, version: int) -> None:
+        """A round starts on ``version``: its advance over the previous round's version is
+        measured (a version not newer, after a rollback or a retrain, measures nothing)."""
+        last, self._last_version = self._last_version, version
+        if last is not None and version > last:
+            self._advances.append(version - last)
+
     def lead(self) -> float | None:
         with self._lock:
             if not self._latencies:
@@ -73,9 +89,12 @@ class Relisten:
     def active(self, interval: float) -> bool:
         """Whether the device listens only from a lead before it can start its next round
         (rounds at least ``interval`` seconds apart): the training time and the lead are
-        measured and a round lasts at least twice the lead."""
+        measured, a round lasts at least twice the lead, and at least two versions are
+        published per round (the median advance of the recent rounds)."""
         lead, train_s = self.lead(), self._train_s
-        return lead is not None and train_s is not None and max(train_s, interval) >= 2 * lead
+        if lead is None or train_s is None or max(train_s, interval) < 2 * lead:
+            return False
+        return len(self._advances) > 0 and statistics.median(self._advances) >= 2
 
     def at(self, started: float, interval: float) -> float | None:
         """When (monotonic) to subscribe again for the round after the one that started at

@@ -156,6 +156,49 @@ def test_longer_rounds_do_not_hear_the_versions_published_meanwhile(
     assert heard <= 3 * 4, f"{heard} announcements heard of {versions} published"
 
 
+def test_one_version_per_round_hears_one_announcement_per_round(
+    broker: Mosquitto, pair: tuple[Device, FakeAggregator]
+) -> None:
+    """Each update makes the next version (a buffer of every device: nothing is published
+    while the device trains): it stays subscribed, hearing about one announcement per round,
+    not also the retained one of the version it holds on subscribing again
+    (edge_agent.relisten)."""
+    device, aggregator = pair
+
+    def slow(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        time.sleep(0.3)  # long enough for the lead: only the advance keeps it listening
+        return X, y
+
+    agent = EdgeAgent(device.config(broker), data_transform=slow)
+    stop = threading.Event()
+
+    def publish() -> None:
+        published = 0
+        aggregator.publish_model(1)
+        while not stop.is_set():
+            n = len(aggregator.received())
+            if n > published:
+                published = n
+                aggregator.publish_model(n + 1)
+            stop.wait(0.01)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(4, timeout=30)  # the lead, a round and advances are measured
+        heard = agent.received["announce"]
+        aggregator.wait_updates(10, timeout=30)
+        heard = agent.received["announce"] - heard
+    finally:
+        stop.set()
+        publisher.join(10)
+        runner.stop()
+    bases = [u.base_version for u in aggregator.received()]
+    assert bases[3:10] == list(range(4, 11)), bases  # every version, one round each
+    assert heard <= 6 + 1, f"{heard} announcements heard in 6 rounds"
+
+
 @pytest.mark.usefixtures("unmeasured")
 def test_announce_wait_s_bounds_the_wait_before_a_repeated_round(
     broker: Mosquitto, pair: tuple[Device, FakeAggregator]

@@ -15,8 +15,14 @@ from edge_agent.relisten import Relisten
 from fedmqtt.readiness import RELISTEN_LEAD_FACTOR, RELISTEN_MIN_LEAD_S
 
 
-def measured(latencies: list[float], train_s: float | None) -> Relisten:
+def measured(
+    latencies: list[float], train_s: float | None, versions: tuple[int, ...] = (1, 3, 5)
+) -> Relisten:
+    """Subscriptions answered after ``latencies``, a round of ``train_s``, rounds on
+    ``versions`` (two versions per round by default)."""
     r = Relisten()
+    for v in versions:
+        r.round_on(v)
     t = 100.0
     for lat in latencies:
         r.subscribed(t)
@@ -55,6 +61,27 @@ def test_a_floor_under_the_lead_and_rounds_under_twice_it_listen_throughout() ->
     assert r.active(RELISTEN_MIN_LEAD_S * 2)  # a long enough interval makes up for it
     r.trained(RELISTEN_MIN_LEAD_S * 3)
     assert r.active(0.0) and r.at(1.0, 0.0) == pytest.approx(1.0 + 2 * RELISTEN_MIN_LEAD_S)
+
+
+def test_one_version_per_round_listens_throughout() -> None:
+    """Rounds on consecutive versions (a buffer of every device): listening throughout hears
+    the one announcement per round the device needs; listening again would add the retained
+    one of the version it holds."""
+    assert not measured([0.04], 0.5, versions=(1, 2, 3, 4)).active(0.0)
+    assert measured([0.04], 0.5, versions=(1, 2, 4, 6)).active(0.0)  # median advance 2
+    assert not measured([0.04], 0.5, versions=(7,)).active(0.0)  # no advance measured yet
+    assert not measured([0.04], 0.5, versions=()).at(1.0, 0.0)
+
+
+def test_a_version_not_newer_measures_no_advance() -> None:
+    r = measured([0.04], 0.5, versions=(1, 3))
+    assert r.active(0.0)
+    for v in (3, 3, 2):  # retraining the same version, then a rollback
+        r.round_on(v)
+    assert r.active(0.0)  # still the one advance of 2
+    r.round_on(3)
+    r.round_on(4)
+    assert not r.active(0.0)  # advances 2, 1, 1: median 1
 
 
 def test_only_the_first_announcement_after_a_subscription_measures() -> None:
