@@ -17,6 +17,19 @@ that applies or applied the original (acknowledging a duplicate earlier would le
 forget an update that exists only in memory); 0 for other refusals, which change nothing that
 must survive. Snapshots leave out the buffered updates (their rows, their ids in the replay
 window, their counts): after a crash the broker redelivers them.
+
+Held updates (FedBuff without a cohort draw): an update over its device's ``max_per_device``
+rows of the buffer -- typically a late update on an older version took the device's row, and
+its update on the newest one follows -- is not refused but held, as received, for the next
+buffer: ``flushes + 2``. At most one per device is held, and only an update within
+``max_staleness`` of the next version (so FedAvg, which takes only the current version, holds
+none); any other is refused as ``device_quota``, as before. Only a device holding rows of the
+buffer has one held, so they never number more than the buffer's capacity: all fit in the
+next buffer. Every
+flush re-applies the held updates at once into the buffer it empties, so they are in the buffer
+of flush ``flushes + 2`` of the moment they were held (a rollback applies that buffer before
+its own flush): they are checked again there (staleness, replay, the strategy's admission;
+not the rate, already taken) and accepted or refused.
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ from aggregator.validate import (
 from fedmqtt import topics
 from fedmqtt.aggregation.threshold import ThresholdEstimator
 from fedmqtt.codecs import decode_params
-from fedmqtt.errors import REPLAY, RejectedError
+from fedmqtt.errors import DEVICE_QUOTA, HELD, REPLAY, RejectedError
 from fedmqtt.models import init_params
 from fedmqtt.models.anomaly import quantile_level
 from fedmqtt.params import F32
@@ -137,7 +150,9 @@ class Snapshot:
 
 
 #: Called for every update received: ``(update_id, reason)``, ``reason`` None when accepted,
-#: ``update_id`` None when the message was refused before its id could be read.
+#: :data:`fedmqtt.errors.HELD` when held for the next buffer (called again when it is accepted
+#: or refused there), ``update_id`` None when the message was refused before its id could be
+#: read.
 UpdateObserver = Callable[[str | None, str | None], None]
 
 
@@ -193,6 +208,9 @@ class Engine:
             reject_log=self.reject_log,
         )
         self._pool: ThreadPoolExecutor | None = None
+        # Updates held for the next buffer, by sender (see the module docstring).
+        self.deferred: dict[str, _Update | Verified] = {}
+        self._defers = self.strategy.defers and self.cohort is None
         self.strategy.on_version(0, time.monotonic())
 
     # ------------------------------------------------------------------ state
@@ -317,35 +335,84 @@ class Engine:
                 continue
             received += 1
             nbytes += e.nbytes
-            meta = e.meta
-            try:
-                if isinstance(e, Verified):
-                    if e.reason is not None or meta is None:
-                        raise RejectedError(e.reason or "schema", e.detail)
-                elif e.refused is not None:
-                    raise e.refused
-                assert meta is not None
-                tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
-                check_replay(meta.update_id, self.window)
-                if self.cohort is not None:
-                    self.cohort.check(meta.sender, meta.base_version)
-                self._admit(meta.sender, now)
-                norm = self._fill(e)
-            except RejectedError as err:
-                rejected[err.reason] += 1
-                self.reject_log(self._device(e), err.reason, err.detail)
-                self.telemetry.rejected(self._device(e), err.reason, time.time())
-                needs.append(self._replay_needs(err) if err.reason == REPLAY else 0)
-                self._observe(meta.update_id if meta is not None else None, err.reason)
-                continue
-            needs.append(self.flushes + 1)
-            self.telemetry.accepted(meta.sender, tau, meta.base_version, time.time())
-            self._commit(meta, tau, norm, now)
-            taus.append(tau)
+            needs.append(self._take(e, now, taus, rejected, held=False))
         self.metrics.record_batch(
             received=received, nbytes=nbytes, accepted_taus=taus, rejected=rejected
         )
         return needs
+
+    def _take(
+        self,
+        e: _Update | Verified,
+        now: float,
+        taus: list[int],
+        rejected: Counter[str],
+        *,
+        held: bool,
+    ) -> int:
+        """Check one update and commit, hold or refuse it; returns the flush it needs durable
+        (``held``: it was held for this buffer, its rate already taken)."""
+        meta = e.meta
+        try:
+            if isinstance(e, Verified):
+                if e.reason is not None or meta is None:
+                    raise RejectedError(e.reason or "schema", e.detail)
+            elif e.refused is not None:
+                raise e.refused
+            assert meta is not None
+            tau = check_staleness(meta.base_version, self.version, self.strategy.max_staleness)
+            check_replay(meta.update_id, self.window)
+            if self.cohort is not None:
+                self.cohort.check(meta.sender, meta.base_version)
+            if not held:
+                self.rate.take(meta.sender, now)  # step 8a
+            try:
+                self.strategy.admit(meta.sender)  # step 8b
+            except RejectedError as err:
+                need = 0 if held or err.reason != DEVICE_QUOTA else self._hold(meta, e)
+                if need:
+                    return need
+                raise
+            norm = self._fill(e)
+        except RejectedError as err:
+            rejected[err.reason] += 1
+            self.reject_log(self._device(e), err.reason, err.detail)
+            self.telemetry.rejected(self._device(e), err.reason, time.time())
+            self._observe(meta.update_id if meta is not None else None, err.reason)
+            return self._replay_needs(err) if err.reason == REPLAY else 0
+        need = self.flushes + 1
+        self.telemetry.accepted(meta.sender, tau, meta.base_version, time.time())
+        taus.append(tau)
+        self._commit(meta, tau, norm, now)
+        return need
+
+    def _hold(self, meta: UpdateMeta, e: _Update | Verified) -> int:
+        """Hold an update over its device's quota for the next buffer: the flush it needs
+        (``flushes + 2``), or 0 if it may not be held (then it is refused)."""
+        if not self._defers or self.version + 1 - meta.base_version > self.strategy.max_staleness:
+            return 0
+        waiting = self.deferred.get(meta.sender)
+        if waiting is not None:  # a redelivery of the held update waits with it
+            same = waiting.meta is not None and waiting.meta.update_id == meta.update_id
+            return self.flushes + 2 if same else 0
+        self.deferred[meta.sender] = e
+        self.metrics.deferred += 1
+        self.metrics.held = len(self.deferred)
+        self._observe(meta.update_id, HELD)
+        log.debug("update of %s held for the next buffer (max_per_device)", meta.sender)
+        return self.flushes + 2
+
+    def _release_held(self, now: float) -> None:
+        """Right after a flush: the held updates into the buffer it emptied."""
+        if not self.deferred:
+            return
+        held, self.deferred = list(self.deferred.values()), {}
+        self.metrics.held = 0
+        taus: list[int] = []
+        rejected: Counter[str] = Counter()
+        for e in held:
+            self._take(e, now, taus, rejected, held=True)
+        self.metrics.record_batch(received=0, nbytes=0, accepted_taus=taus, rejected=rejected)
 
     def _device(self, e: _Update | Verified) -> str:
         if isinstance(e, Verified):
@@ -481,7 +548,7 @@ class Engine:
         history are kept."""
         if params.shape != (self.layout.size,) or not np.isfinite(params).all():
             raise ValueError("rollback parameters do not fit the model or are not finite")
-        if len(self.strategy):
+        while len(self.strategy):  # the held updates enter the emptied buffer: applied too
             self._aggregate(now)
         if strategy_state is not None:
             self.strategy.load_state(strategy_state)
@@ -496,11 +563,6 @@ class Engine:
         self.window.prune(self.version - self.strategy.max_staleness)
         self.metrics.record_version(self.version, None, 0)
         return self.version
-
-    def _admit(self, sender: str, now: float) -> None:
-        """Steps 8a-8b: the sender's rate, then its share of the buffer (or version window)."""
-        self.rate.take(sender, now)
-        self.strategy.admit(sender)
 
     def _replay_needs(self, e: RejectedError) -> int:
         """The flush that applies (or applied) the original of a replayed update."""
@@ -558,6 +620,7 @@ class Engine:
             self.strategy.clear()
             self.flushes += 1
             self.metrics.set_buffered(0)
+            self._release_held(now)
             return False
         self.strategy.clear()
         self.params = new
@@ -573,4 +636,5 @@ class Engine:
         self.metrics.record_version(self.version, time.perf_counter() - t0, 0)
         if self.strategy.privacy is not None:
             self.metrics.set_privacy(self.strategy.privacy.status())
+        self._release_held(now)
         return True

@@ -76,6 +76,8 @@ class Metrics:
         self.checkpoints = 0
         self.status_rejected = 0
         self.partial_flushes = 0  # buffers applied early because the ack window was nearly full
+        self.deferred = 0  # updates over max_per_device held for the next buffer
+        self.held = 0  # ... and still held now
         # More entries for snapshot(), computed by their owner (aggregator.fleet.attach).
         self.extra: Callable[[], dict[str, Any]] | None = None
         self.rollbacks: dict[str, int] = {}  # by kind: "manual" (operator), "gate" (automatic)
@@ -214,6 +216,8 @@ class Metrics:
                 "checkpoints": self.checkpoints,
                 "status_rejected": self.status_rejected,
                 "partial_flushes": self.partial_flushes,
+                "deferred": self.deferred,
+                "held": self.held,
                 "rollbacks": dict(sorted(self.rollbacks.items())),
                 "released_version": self.released_version,
                 "released_score": self.released_score,
@@ -254,6 +258,11 @@ class _Collector(Collector):
             "Buffers applied before K updates because the acknowledgement window was nearly full",
             m.partial_flushes,
         )
+        yield CounterMetricFamily(
+            "fedmqtt_updates_deferred",
+            "Updates over max_per_device held for the next buffer instead of refused",
+            m.deferred,
+        )
         rb = CounterMetricFamily(
             "fedmqtt_rollbacks", "Rollbacks by kind (manual, gate)", labels=["kind"]
         )
@@ -279,6 +288,7 @@ class _Collector(Collector):
         for name, doc, value in (
             ("fedmqtt_model_version", "Current global model version", m.version),
             ("fedmqtt_buffered_updates", "Accepted updates not yet aggregated", m.buffered),
+            ("fedmqtt_held_updates", "Updates held for the next buffer", m.held),
             ("fedmqtt_devices_online", "Devices whose presence is online", m.devices_online),
             ("fedmqtt_broker_connected", "1 while connected to the broker", int(m.connected)),
         ):

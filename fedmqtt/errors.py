@@ -30,6 +30,9 @@ NOT_SELECTED: Final = "not_selected"  # the plan's selection does not let the de
 PRIVACY_BUDGET: Final = "privacy_budget"  # the device (or, on_budget = stop, any) spent its ε
 # Device side only (not an update rejection): a model that names a spec the device does not hold.
 UNKNOWN_SPEC: Final = "unknown_spec"
+# Not a rejection: an update over DEVICE_QUOTA held for the next buffer (aggregator.engine); the
+# aggregator's update observer sees it again when it is accepted or refused there.
+HELD: Final = "held"
 
 REASONS: Final = (
     SIZE,

@@ -60,7 +60,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmqtt import topics, wire
 from fedmqtt.codecs import Codec, encode_params
-from fedmqtt.errors import DecodeError
+from fedmqtt.errors import HELD, DecodeError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import MAC_KEY_BYTES, ChaChaPolyKey, Ed25519Signer, Ed25519Verifier
 from simulator.broker import Mosquitto
@@ -842,7 +842,7 @@ def _run(
     got = {uid for uid, _ in events if uid is not None}
     accepted = Counter(uid for uid, reason in events if reason is None and uid is not None)
     rejected_acked = Counter(
-        reason for uid, reason in events if reason is not None and uid in acked
+        reason for uid, reason in events if reason not in (None, HELD) and uid in acked
     )
     window = None
     if cpu0:

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmqtt.codecs import Codec
-from fedmqtt.errors import ConfigError
+from fedmqtt.errors import HELD, ConfigError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.privacy.config import PrivacyConfig
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer
@@ -440,7 +440,9 @@ class _Simulation:
         # received by the aggregator, and accepted more than once (both must stay empty).
         summary["updates_lost"] = sorted(acked - seen.received())
         summary["updates_accepted_twice"] = seen.accepted_twice()
-        summary["updates_observed"] = len(seen.events)
+        # Accepted or refused (a held update is observed again when it is, or is still held).
+        summary["updates_observed"] = sum(1 for _, reason in seen.events if reason != HELD)
+        summary["updates_held"] = int(final.get("held", 0))
         summary["setup_s"] = round(t0 - t_setup, 1)
         summary["agents_connected_at_end"] = agents.connected_at_stop
         summary["devices_not_online"] = {

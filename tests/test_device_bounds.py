@@ -1,6 +1,7 @@
 """One device's weight is bounded: at most ``max_per_device`` rows per buffer (FedBuff, FedAvg)
 or per window of versions (FedAsync), and a per-device rate; the excess is refused with a
-counted reason, acknowledged in its turn, and changes nothing."""
+counted reason, acknowledged in its turn, and changes nothing -- except that FedBuff and FedAvg
+hold one update per device over the bound for the next buffer (aggregator.engine)."""
 
 from __future__ import annotations
 
@@ -72,12 +73,14 @@ def test_fedbuff_robust_reducer_holds_with_one_row_per_device(fed: Federation, r
     e = engine(fed, buffer_size=5, robust=robust, trim_fraction=0.2)
     before = e.params.copy()
     needs = e.process(flood_then_honest(fed, floods=4), now=0.0)
-    # One row of the attacker and four honest ones fill the buffer of five: one version.
+    # One row of the attacker and four honest ones fill the buffer of five: one version. Its
+    # second update waits for the next buffer (flush 2); a refusal waits for nothing durable.
     assert e.version == 1
-    assert needs == [1, 0, 0, 0, 1, 1, 1, 1]  # a refusal waits for nothing durable
+    assert needs == [1, 2, 0, 0, 1, 1, 1, 1]
     snap = e.metrics.snapshot()
-    assert snap["rejected"] == {"device_quota": 3}
-    assert snap["accepted"] == 5
+    assert snap["rejected"] == {"device_quota": 2} and snap["deferred"] == 1
+    assert snap["accepted"] == 6
+    assert [p.meta.sender for p in e.strategy.pending] == ["bad"]
     rows = np.stack([BAD, *(honest_delta(i) for i in range(4))])
     reducer = "median" if robust == "median" else "trimmed-mean"
     expected = fedbuff_aggregate(
@@ -102,25 +105,83 @@ def test_unbounded_buffer_lets_one_device_own_the_median(fed: Federation) -> Non
 
 def test_max_per_device_two_and_a_refused_update_is_accepted_later(fed: Federation) -> None:
     e = engine(fed, buffer_size=4, max_per_device=2)
-    items = [msg(fed, "bad", BAD * 0.001, update_id=f"bad-update-{i}") for i in range(3)]
+    items = [msg(fed, "bad", BAD * 0.001, update_id=f"bad-update-{i}") for i in range(4)]
     items.append(msg(fed, "h0", honest_delta(0)))
     needs = e.process(items, now=0.0)
-    assert needs == [1, 1, 0, 1] and e.metrics.snapshot()["rejected"] == {"device_quota": 1}
+    # Two rows, one held for the next buffer, one refused.
+    assert needs == [1, 1, 2, 0, 1] and e.metrics.snapshot()["rejected"] == {"device_quota": 1}
     assert [p.meta.sender for p in e.strategy.pending] == ["bad", "bad", "h0"]
     # The refused update changed nothing: it is not in the replay window, and the same
-    # update in the next buffer is accepted.
+    # update in the next buffer is accepted (after the held one).
     e.process([msg(fed, "h1", honest_delta(1))], now=0.0)
     assert e.version == 1
-    assert e.process([msg(fed, "bad", BAD * 0.001, update_id="bad-update-2")], now=0.0) == [2]
-    assert e.metrics.snapshot()["accepted"] == 5
+    assert [p.meta.update_id for p in e.strategy.pending] == ["bad-update-2"]
+    assert e.process([msg(fed, "bad", BAD * 0.001, update_id="bad-update-3")], now=0.0) == [2]
+    assert e.metrics.snapshot()["accepted"] == 6
+
+
+def test_a_held_update_is_applied_by_the_flush_it_waits_for(fed: Federation) -> None:
+    """A late update on an older version took the device's row; its next update waits for
+    the next buffer, and is in it when that buffer makes flush 2 (the flush its
+    acknowledgement waits for: one earlier would let the broker forget it)."""
+    e = engine(fed, buffer_size=2)
+    before = e.params.copy()
+    late, fresh = honest_delta(1), honest_delta(2)
+    needs = e.process(
+        [
+            msg(fed, "bad", late, update_id="1a" * 16),
+            msg(fed, "bad", fresh, update_id="2b" * 16),
+            msg(fed, "h0", honest_delta(3)),
+        ],
+        now=0.0,
+    )
+    assert needs == [1, 2, 1] and e.flushes == 1 and e.deferred == {}
+    assert [p.meta.update_id for p in e.strategy.pending] == ["2b" * 16]
+    assert [p.tau for p in e.strategy.pending] == [1]  # its staleness on the new version
+    assert e.process([msg(fed, "h1", honest_delta(4), base_version=1)], now=0.0) == [2]
+    assert e.flushes == 2 and len(e.strategy) == 0
+    assert "2b" * 16 in e.window and e.metrics.snapshot()["rejected"] == {}
+    assert e.metrics.snapshot()["accepted"] == 4
+    # Every update is in the model: constant staleness weights, so each buffer's mean.
+    expected = (late + honest_delta(3)) / 2 + (fresh + honest_delta(4)) / 2
+    np.testing.assert_allclose(e.params - before, expected, atol=1e-6)
+
+
+def test_one_update_held_per_device_and_its_redelivery_waits_with_it(fed: Federation) -> None:
+    e = engine(fed, buffer_size=3)
+    items = [msg(fed, "bad", BAD, update_id=f"{i:032x}") for i in range(3)]
+    items.insert(2, msg(fed, "bad", BAD, update_id=f"{1:032x}"))  # the broker redelivers u1
+    assert e.process(items, now=0.0) == [1, 2, 2, 0]
+    assert list(e.deferred) == ["bad"] and e.metrics.snapshot()["deferred"] == 1
+    assert e.metrics.snapshot()["rejected"] == {"device_quota": 1}
+
+
+def test_a_rollback_applies_the_held_updates_before_its_own_flush(fed: Federation) -> None:
+    e = engine(fed, buffer_size=3)
+    before = e.params.copy()
+    needs = e.process([msg(fed, "bad", BAD * 0.01), msg(fed, "bad", BAD * 0.02)], now=0.0)
+    assert needs == [1, 2]
+    assert e.rollback(before, None, 0, now=0.0) == 3
+    assert e.flushes == 3 and len(e.strategy) == 0 and e.deferred == {}
+    np.testing.assert_array_equal(e.params, before)
+
+
+def test_fedasync_and_a_stale_update_hold_nothing(fed: Federation) -> None:
+    e = engine(fed, buffer_size=3, max_staleness=0)
+    assert e.process([msg(fed, "bad", BAD), msg(fed, "bad", BAD)], now=0.0) == [1, 0]
+    a = engine(fed, name="fedasync", device_window=3)
+    assert a.process([msg(fed, "bad", BAD), msg(fed, "bad", BAD)], now=0.0) == [1, 0]
+    assert e.deferred == {} == a.deferred
 
 
 def test_fedavg_round_takes_one_update_per_device(fed: Federation) -> None:
     e = engine(fed, name="fedavg", min_updates=3)
     items = [msg(fed, "bad", BAD), msg(fed, "bad", BAD), msg(fed, "h0", honest_delta(0))]
     items.append(msg(fed, "h1", honest_delta(1)))
+    # Not held for the next round: it would be stale there.
     assert e.process(items, now=0.0) == [1, 0, 1, 1]
     assert e.version == 1 and e.metrics.snapshot()["rejected"] == {"device_quota": 1}
+    assert e.metrics.snapshot()["deferred"] == 0
 
 
 def test_fedasync_version_window_survives_a_restart(fed: Federation) -> None:
@@ -195,8 +256,9 @@ def test_worker_path_applies_the_same_bounds(fed: Federation) -> None:
         delta = honest_delta(i)
         norm = float(np.linalg.norm(delta))
         verified.append(Verified(device, len(payload), meta, norm, delta.tobytes()))
-    assert e.process_verified(verified, now=0.0) == [1, 0, 1, 1]
-    assert e.metrics.snapshot()["rejected"] == {"device_quota": 1} and e.version == 1
+    assert e.process_verified(verified, now=0.0) == [1, 2, 1, 1]
+    assert e.metrics.snapshot()["rejected"] == {} and e.version == 1
+    assert [p.meta.sender for p in e.strategy.pending] == ["bad"]  # held for the next buffer
 
 
 def test_config_defaults_and_ranges(fed: Federation) -> None:

@@ -50,18 +50,20 @@ def test_agents_in_processes_learn_and_lose_nothing() -> None:
     assert s["updates_delivered_by_agents"] > 0
     assert s["updates_lost"] == []
     assert s["updates_accepted_twice"] == []
-    assert s["updates_observed"] == s["updates_received"]
+    # (An update over its device's row of a buffer waits for the next one: still held at the
+    # end, it was received and is neither accepted nor refused yet.)
+    assert s["updates_observed"] + s["updates_held"] == s["updates_received"]
     # The hosts report what their devices received, across the outages' agent restarts.
     per_device = s["bytes_downloaded_per_device"]
     assert len(per_device) == 6 and all(v > 0 for v in per_device.values())
     assert s["bytes_downloaded"] == sum(per_device.values())
     assert s["history"][-1]["bytes_downloaded"] > 0  # live, from the hosts' periodic reports
-    assert s["updates_received"] == s["updates_accepted"] + sum(s["updates_rejected"].values())
-    # Besides those, an honest device whose update reached a buffer after the version it
-    # trained from was made can have its next one arrive in the same buffer (device_quota).
-    refused = s["updates_rejected"]
-    assert set(refused) <= {"replay", "stale", "device_quota"}, refused
-    assert refused.get("device_quota", 0) <= 0.1 * s["updates_received"], s
+    assert s["updates_received"] == (
+        s["updates_accepted"] + sum(s["updates_rejected"].values()) + s["updates_held"]
+    )
+    # An honest device whose update reached a buffer after the version it trained from was made
+    # can have its next one arrive in the same buffer: held for the next one, not refused.
+    assert set(s["updates_rejected"]) <= {"replay", "stale"}, s["updates_rejected"]
 
 
 def test_a_dead_agent_host_ends_the_run_with_an_error() -> None:

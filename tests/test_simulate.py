@@ -67,15 +67,14 @@ def check_quality(s: dict[str, Any], versions: int) -> None:
     assert s["tail_accuracy"] >= central - GAP, (s["tail_accuracy"], central)
     assert s["final_accuracy"] >= central - GAP - 0.01, (s["final_accuracy"], central)
     # Honest agents, no outages: every update received is accepted, once, and every update an
-    # agent saw acknowledged by the broker reached the aggregator (compared by update id). The
-    # one refusal an honest device can meet: its update reached a buffer after the version it
-    # trained from was made, and its next update arrived in the same buffer (device_quota).
-    refused = s["updates_rejected"]
-    assert set(refused) <= {"device_quota"}, refused
-    quota = refused.get("device_quota", 0)
-    assert quota <= 0.03 * s["updates_received"], s
-    assert s["updates_accepted"] + quota == s["updates_received"] >= versions * 10
-    assert s["updates_observed"] == s["updates_received"]
+    # agent saw acknowledged by the broker reached the aggregator (compared by update id). An
+    # update that reached a buffer after the version it trained from was made, followed by the
+    # device's next update in the same buffer, holds that one for the next buffer: at the end,
+    # some may still be held (received, not yet applied), none refused.
+    assert s["updates_rejected"] == {}, s["updates_rejected"]
+    held = s["updates_held"]
+    assert s["updates_accepted"] + held == s["updates_received"] >= versions * 10
+    assert s["updates_observed"] + held == s["updates_received"]
     assert s["updates_lost"] == [] and s["updates_accepted_twice"] == []
 
 

@@ -64,6 +64,9 @@ class Pending:
 
 class Strategy(ABC):
     name: ClassVar[str]
+    # Whether an update over ``max_per_device`` may wait for the next buffer (aggregator.engine)
+    # rather than be refused: a buffer that empties whole at each version.
+    defers: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from fedmqtt.params import F32
 
 class FedAsync(Strategy):
     name = "fedasync"
+    defers = False  # its quota spans a window of versions: the next buffer may refuse too
 
     def __init__(
         self, cfg: StrategyConfig, d: int, segments: Sequence[tuple[int, int]] | None = None
