@@ -23,12 +23,14 @@ import numpy as np
 import pytest
 from test_aggregator_support import (
     FED,
+    Federation,
     ModelWatcher,
     applications,
     client,
     service_status,
     start_service,
     unit_vector_service,
+    unit_vector_strategy,
     wait_service_ready,
     wait_until,
 )
@@ -234,3 +236,56 @@ def test_worker_kill_9_acknowledges_only_what_is_durable(broker: Mosquitto, tmp_
     assert "exited (code -9); restarting it" in log.read_text()
     assert sorted(acknowledged) == list(range(n))
     assert_each_applied_once(state, n)
+
+
+def test_kill_9_keeps_an_update_held_for_the_next_buffer(broker: Mosquitto, tmp_path: Path) -> None:
+    """FedBuff K = 2, one row per device. dev0's second update waits for the next buffer and
+    enters it when dev1's update makes version 1: it then exists only in memory, so its
+    acknowledgement must wait for version 2 (with version 1's, it would be lost here). The
+    service is killed after version 1 is durable; the broker redelivers the held update, and
+    it is applied once."""
+    fed = Federation(tmp_path, SPEC, ("dev0", "dev1"))
+    cfg = fed.write_toml(
+        tmp_path / "aggregator.toml",
+        "127.0.0.1",
+        broker.port,
+        strategy={**unit_vector_strategy(2), "max_per_device": 1},
+    )
+    state, log = tmp_path / "state", tmp_path / "aggregator.log"
+    proc = start_service(cfg, log)
+    c = client(broker.port)
+    try:
+        wait_service_ready(state, 0)
+
+        def send(i: int, dev: str, base: int) -> None:
+            delta = np.zeros(SPEC.layout().size, dtype=np.float32)
+            delta[i] = 1.0
+            payload = fed.update(dev, delta, base_version=base, update_id=f"held-{i:06d}", seq=i)
+            c.publish(topics.updates(FED, dev), payload, qos=1).wait_for_publish(10)
+
+        def durable(version: int) -> bool:
+            with contextlib.suppress(AssertionError):  # no checkpoint yet
+                return applications(state, 2, 0)[1] >= version
+            return False
+
+        send(0, "dev0", 0)
+        send(1, "dev0", 0)  # over dev0's row: held
+        send(2, "dev1", 0)  # version 1; update 1 enters the next buffer
+        wait_until(lambda: durable(1), 30, "version 1 durable")
+        wait_until(lambda: service_status(state).get("held") == 0, 10, "released")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        restarted = time.time()
+        proc = start_service(cfg, log)
+        wait_service_ready(state, restarted)
+        send(3, "dev1", 1)  # with the redelivered update 1: version 2
+        wait_until(lambda: durable(2), 30, "version 2 durable")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        c.disconnect()
+        c.loop_stop()
+        if proc.poll() is None:
+            proc.kill()
+    count, version = applications(state, 2, 4)
+    assert version == 2 and count.sum() == 4
