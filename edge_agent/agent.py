@@ -244,6 +244,7 @@ class EdgeAgent:
         self.link: Link | None = None
         self._store = st.StateStore(self.state_dir)
         self._feedback = ErrorFeedback()
+        self._feedback_spec = ""  # fingerprint of the model the residual belongs to
         self._inbox = _Inbox()
         self._retry_at = 0.0  # monotonic
         self._last_status = 0.0
@@ -1069,7 +1070,7 @@ class EdgeAgent:
     ) -> None:
         """Encode, sign, queue durably, then record the round (order matters on a crash)."""
         fp = model.spec.fingerprint()
-        if self.state.feedback_spec != fp:
+        if self._feedback_spec != fp:
             self._feedback = ErrorFeedback()
         use_feedback = hyper.uses_feedback or bool(self._feedback.residual)
         feedback = ErrorFeedback(dict(self._feedback.residual)) if use_feedback else None
@@ -1112,8 +1113,9 @@ class EdgeAgent:
         else:
             s.last_trained_version = model.version
             s.updates_for_version = 1
+        self._feedback_spec = fp
         try:
-            self._save_feedback(fp)
+            self._save_feedback(fp, persist=hyper.persists_feedback)
             self.bytes_written += self._store.save(s)
         except OSError as e:
             # The update is queued; at the next start the outbox restores seq and version.
@@ -1168,15 +1170,18 @@ class EdgeAgent:
         path = self.state_dir / st.FEEDBACK_FILE
         try:
             self._feedback = ErrorFeedback.from_bytes(path.read_bytes())
+            self._feedback_spec = self.state.feedback_spec
         except FileNotFoundError:
             return
         except DecodeError as e:
             self.log.warning("ignoring unreadable %s: %s", path, e)
             self._feedback = ErrorFeedback()
 
-    def _save_feedback(self, fingerprint: str) -> None:
+    def _save_feedback(self, fingerprint: str, *, persist: bool) -> None:
+        """Keep the residual in the state directory (``persist``), or in memory only: then a
+        residual stored earlier has gone out with this update and its file is removed."""
         path = self.state_dir / st.FEEDBACK_FILE
-        if self._feedback.residual:
+        if self._feedback.residual and persist:
             data = self._feedback.to_bytes()
             atomic_write_bytes(path, data, mode=0o600)
             self.bytes_written += len(data)

@@ -67,8 +67,17 @@ class Hyper:
 
     @property
     def uses_feedback(self) -> bool:
-        """Only a sparsifying codec needs error feedback; the others send (almost) everything,
-        and skipping the residual saves a full-model file write per round on an SD card."""
+        """Error feedback for the codecs that leave much out: top-k (what it does not send)
+        and int4 (15 levels: its rounding error, carried into the next round, makes fewer
+        updates reach a target; docs/benchmarks.md). int8 and finer send almost everything."""
+        return self.codec.name in ("topk", "int4")
+
+    @property
+    def persists_feedback(self) -> bool:
+        """Whether the residual is kept in the state directory: only top-k's, which holds
+        whole coordinates not yet sent. int4's is below one quantization step per value, so
+        it stays in memory (a restart drops it) rather than cost a full-model file write per
+        round on an SD card."""
         return self.codec.name == "topk"
 
 

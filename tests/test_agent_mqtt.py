@@ -38,12 +38,14 @@ from edge_agent.state import (
     FEEDBACK_FILE,
     GLOBAL_MODEL_FILE,
     ONNX_MODEL_FILE,
+    AgentState,
+    StateStore,
     spec_file,
     spec_files,
     stored_specs,
 )
 from fedmqtt import topics, wire
-from fedmqtt.codecs import decode_params
+from fedmqtt.codecs import ErrorFeedback, decode_params
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import Ed25519Signer, HmacKey, Signer
 from simulator.broker import Mosquitto
@@ -299,6 +301,47 @@ def test_topk_keeps_error_feedback_and_retrains_per_config(
     fb = ErrorFeedback.from_bytes((device.state_dir / FEEDBACK_FILE).read_bytes())
     assert set(fb.residual) == {"W0", "b0"}
     assert float(np.abs(fb.residual["W0"]).sum()) > 0
+
+
+def test_int4_carries_its_rounding_error_in_memory_only(
+    broker: Mosquitto,
+    device: Device,
+    aggregator: FakeAggregator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """int4 updates with error feedback: the residual of each round goes into the next one,
+    and it is never written to flash; a top-k residual left on disk by an earlier plan goes
+    out with the first int4 update and its file is removed."""
+    shapes = SPEC.param_shapes()
+    stale = ErrorFeedback({n: np.full(s, 0.01, np.float32) for n, s in shapes.items()})
+    device.state_dir.mkdir(parents=True, exist_ok=True)
+    (device.state_dir / FEEDBACK_FILE).write_bytes(stale.to_bytes())
+    StateStore(device.state_dir).save(AgentState(feedback_spec=SPEC.fingerprint()))
+    aggregator.publish_plan(codec="int4", epochs=1)
+    aggregator.publish_model(1)
+    cfg = device.config(broker, training={"interval_s": 0.2, "max_updates_per_version": 3})
+    agent = EdgeAgent(cfg)
+    residuals: list[dict[str, np.ndarray]] = []
+    save = agent._save_feedback
+
+    def record(fingerprint: str, *, persist: bool) -> None:
+        residuals.append({k: v.copy() for k, v in agent._feedback.residual.items()})
+        save(fingerprint, persist=persist)
+
+    monkeypatch.setattr(agent, "_save_feedback", record)
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(3)
+    finally:
+        runner.stop()
+    updates = aggregator.received()
+    assert [u.base_version for u in updates] == [1, 1, 1]
+    assert all(t["c"] == "int4" for u in updates for t in u.delta.values())
+    assert not (device.state_dir / FEEDBACK_FILE).exists()
+    assert len(residuals) == 3 and all(set(r) == set(shapes) for r in residuals)
+    for r in residuals:  # below one step of its tensor's scale, never the stale 0.01 left
+        assert not np.allclose(r["W0"], 0.01)
+    assert not np.array_equal(residuals[0]["W0"], residuals[1]["W0"])
 
 
 def test_a_refused_update_is_kept_and_delivered_once_the_acl_is_fixed(

@@ -407,6 +407,8 @@ def test_hyperparameters_follow_the_plan_unless_overridden() -> None:
     h = resolve_hyper(plan, TrainingConfig(epochs=1, codec="fp16"))
     assert h.train.epochs == 1 and h.train.lr == 0.2 and str(h.codec) == "fp16"
     assert not h.uses_feedback
+    h = resolve_hyper(plan, TrainingConfig(codec="int4"))
+    assert h.uses_feedback and not h.persists_feedback  # kept in memory only
     assert resolve_hyper(None, TrainingConfig()).codec == Codec("int8")  # Plan defaults
     odd = wire.Plan("f", "agg", 4, codec="brotli")
     assert resolve_hyper(odd, TrainingConfig()).codec == Codec("raw")
