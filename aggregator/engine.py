@@ -25,11 +25,10 @@ buffer: ``flushes + 2``. At most one per device is held, and only an update with
 ``max_staleness`` of the next version (so FedAvg, which takes only the current version, holds
 none); any other is refused as ``device_quota``, as before. Only a device holding rows of the
 buffer has one held, so they never number more than the buffer's capacity: all fit in the
-next buffer. Every
-flush re-applies the held updates at once into the buffer it empties, so they are in the buffer
-of flush ``flushes + 2`` of the moment they were held (a rollback applies that buffer before
-its own flush): they are checked again there (staleness, replay, the strategy's admission;
-not the rate, already taken) and accepted or refused.
+next buffer. Every flush re-applies the held updates at once into the buffer it empties, so
+they are in the buffer of flush ``flushes + 2`` of the moment they were held (a rollback
+applies that buffer before its own flush): they are checked again there (staleness, replay,
+the strategy's admission; not the rate, already taken) and accepted or refused.
 """
 
 from __future__ import annotations
