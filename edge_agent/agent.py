@@ -227,11 +227,13 @@ class EdgeAgent:
         self._last_round_s: float | None = None  # how long the last finished round took
         self._relisten = Relisten()  # when a fast-repeat device listens again during a round
         # The delta downlink (edge_agent.keyframe): the keyframe held, the keyframes with a
-        # delta to the newest announced version, the version whose delta failed last, and
-        # the topic of the fetch under way.
+        # delta to the newest announced version, the version whose delta failed last, the
+        # held keyframe found dropped (its delta topic cleared), and the topic of the fetch
+        # under way.
         self.keyframe: kfm.Held | None = None
         self.announced_keyframes: tuple[int, ...] = ()
         self._delta_failed: int | None = None
+        self._keyframe_dropped: int | None = None
         self._fetch_topic = self.topic_model
         # Version 0 built here (kfm.built_version_zero): the newest signed spec message that
         # says how, and the digest of a build that failed (not tried again).
@@ -480,11 +482,14 @@ class EdgeAgent:
                     if not held:  # refused (counted): the full model instead
                         self._delta_failed = self.announced
                     self._fetch_done(progress=True)
-            elif topics.delta_base(topic, self.federation) is not None:
+            elif (base := topics.delta_base(topic, self.federation)) is not None:
                 if not fetched:  # a late delivery of an earlier fetch: not for this keyframe
                     self.log.debug("ignoring a delta on %s (not being fetched)", topic)
                     continue
-                if not self._accept_delta(payload):
+                if not payload:  # cleared: the keyframe was dropped
+                    self._reject("delta", kfm.MISSING, f"{topic} cleared: keyframe dropped")
+                    self._keyframe_dropped = base
+                elif not self._accept_delta(payload):
                     self._delta_failed = self.announced  # fetch the full model instead
                 self._fetch_done(progress=True)
             elif topic == self.topic_announce:
@@ -556,9 +561,6 @@ class EdgeAgent:
     def _accept_delta(self, payload: bytes, *, from_disk: bool = False) -> bool:
         """A delta from the keyframe held: install the model it rebuilds; whether it did
         (from the state directory, a delta that no longer applies is passed over quietly)."""
-        if not payload and not from_disk:  # a cleared retained delta: its keyframe was dropped
-            self._reject("delta", kfm.MISSING, "no delta retained for the keyframe held")
-            return False
         msg: wire.ModelDelta | None = self._verified("delta", payload, wire.ModelDelta, from_disk)
         if msg is None:
             return False
@@ -786,10 +788,13 @@ class EdgeAgent:
             self._listen(self._listens_throughout())
             self._fetching_since = time.monotonic()
             self.fetches += 1
+            # A dropped keyframe may still be listed by an announcement published before it
+            # was dropped: then the newest keyframe (held from then on) rather than the model.
+            dropped = self._keyframe_dropped
             self._fetch_topic = kfm.choose(
                 self.federation,
                 announced=self.announced,
-                keyframes=self.announced_keyframes,
+                keyframes=tuple(k for k in self.announced_keyframes if k != dropped),
                 held=self.keyframe,
                 failed=self._delta_failed,
             )
@@ -808,9 +813,13 @@ class EdgeAgent:
             self.link.release(topic)
         current = self.current_version
         if topic != self.topic_model and not progress:
-            kind = "keyframe" if topic == self.topic_keyframe else "delta"
-            self._reject(kind, kfm.MISSING, f"nothing usable on {topic}; fetching the model")
-            self._delta_failed = self.announced  # the full model next
+            base = topics.delta_base(topic, self.federation)
+            if base is not None:  # no retained delta: its keyframe was dropped
+                self._reject("delta", kfm.MISSING, f"nothing on {topic}: keyframe dropped")
+                self._keyframe_dropped = base
+            else:
+                self._reject("keyframe", kfm.MISSING, f"nothing on {topic}; fetching the model")
+                self._delta_failed = self.announced  # the full model next
             progress = True
         if progress:
             self._fetch_backoff = _FETCH_RETRY_S

@@ -15,9 +15,13 @@ fetches, in this order of preference:
 3. ``fl/<fed>/keyframe`` otherwise (its keyframe is too old or it has none): the newest
    keyframe, then the delta from it (1).
 
-A delta that fails (forged, unknown spec, another base, a reconstruction whose digest differs,
-or none within the fetch timeout) is refused with a counted reason and the device fetches the
-full model of that version instead.
+A delta that fails (forged, unknown spec, another base, a reconstruction whose digest differs)
+is refused with a counted reason and the device fetches the full model of that version
+instead. A delta topic found empty (cleared, or nothing within the fetch timeout) means its
+keyframe was dropped, although an announcement published before may still list it: refused as
+``missing``, and the device treats its keyframe as unlisted (rule 3, then 2), so that it
+fetches the newest keyframe it will hold from then on rather than a full model now and a
+keyframe at its next round.
 
 Version 0 is not fetched when the signed spec message says how to build it
 (:class:`fedmqtt.wire.Genesis`, :func:`built_version_zero`): the device builds it from the

@@ -248,7 +248,7 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
     cfg = _cfg(tmp_path / "agg", "topk:0.1+zlib", keyframe_every=100, keyframe_fraction=1.0)
     fed = cfg.federation.id
     store = KeyframeStore(tmp_path / "kf", keep=3)
-    snaps = _walk(10)
+    snaps = _walk(18)
     agg = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
 
     def release(
@@ -333,6 +333,20 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
             assert agent.keyframe is not None and agent.keyframe.version == 9
             assert LAYOUT.flatten(agent.model.params).tobytes() == sent10
             assert agent.received["keyframe"] == 1
+            # v17 is a keyframe and v9's delta topic is cleared, but an announcement made
+            # before the clearing still lists v9: the device fetches keyframe v17 (which it
+            # keeps) and the delta from it, not the full model of v18
+            models = agent.received["model"]
+            release(17, conf=rotate, announce=False)
+            sent18 = release(18, conf=rotate, keyframes=(9, 17), announce=False)
+            agg.publish(topics.delta(fed, 9), b"")
+            ann = wire.Announce(fed, "aggregator", 18, SPEC.fingerprint(), 1.0, (9, 17))
+            agg.publish(topics.announce(fed), wire.encode(ann, signer))
+            assert agg.wait_updates(7)[6].base_version == 18
+            assert agent.rejected["delta/missing"] == 2
+            assert agent.keyframe is not None and agent.keyframe.version == 17
+            assert LAYOUT.flatten(agent.model.params).tobytes() == sent18
+            assert agent.received["keyframe"] == 2 and agent.received["model"] == models
         finally:
             runner.stop()
     finally:
