@@ -134,15 +134,14 @@ def test_sensor_fleet_trains_thresholds_and_predicts(
     assert len(lines) == len(X) and set(lines[0]) == {"score", "decision"}
     assert "local threshold" in captured.err
     local = float(captured.err.rsplit("local threshold ", 1)[1].split(")")[0])
-    # The local threshold is the quantile of this device's own window under the same model.
+    # The local threshold is the quantile of this device's own window under the same model,
+    # computed here independently of the CLI (so a CLI that reported the global threshold
+    # fails this unless the two happen to agree within 1e-4; they were 0.08 % apart once).
     own = streams[0].readings(r.readings[0] - WINDOW, r.readings[0])
     # (The data files hold 6 significant digits, hence the tolerance.)
     expected_local = float(np.quantile(anomaly_scores(spec, params, own), 0.98))
     assert local == pytest.approx(expected_local, rel=1e-4)
     assert [d["decision"] for d in lines] == [int(d["score"] > local) for d in lines]
-    # ... and it is not the global one (whether any row's decision then differs depends on
-    # whether a score falls between the two, which varies from run to run).
-    assert local != pytest.approx(pred.threshold, rel=1e-3), (local, pred.threshold)
 
 
 @pytest.mark.slow
