@@ -118,15 +118,13 @@ class Setting:
         return replace(self, **changes)
 
     def apply(self, cfg: SimConfig) -> SimConfig:
-        extra: dict[str, Any] = {}
-        if self.momentum is not None:
-            extra["momentum"] = self.momentum
-        if self.staleness is not None:
-            extra["staleness"] = self.staleness
-        if self.alpha is not None:
-            extra["alpha"] = self.alpha
-        if self.deadline is not None:
-            extra["deadline_s"] = self.deadline
+        named = {
+            "momentum": self.momentum,
+            "staleness": self.staleness,
+            "alpha": self.alpha,
+            "deadline_s": self.deadline,
+        }
+        extra: dict[str, Any] = {k: v for k, v in named.items() if v is not None}
         return replace(
             cfg,
             strategy=self.strategy,

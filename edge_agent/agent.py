@@ -246,7 +246,6 @@ class EdgeAgent:
         self.link: Link | None = None
         self._store = st.StateStore(self.state_dir)
         self._feedback = ErrorFeedback()
-        self._feedback_spec = ""  # fingerprint of the model the residual belongs to
         self._inbox = _Inbox()
         self._retry_at = 0.0  # monotonic
         self._last_status = 0.0
@@ -486,9 +485,8 @@ class EdgeAgent:
                 if not fetched:  # a late delivery of an earlier fetch: not for this keyframe
                     self.log.debug("ignoring a delta on %s (not being fetched)", topic)
                     continue
-                if not payload:  # cleared: the keyframe was dropped
-                    self._reject("delta", kfm.MISSING, f"{topic} cleared: keyframe dropped")
-                    self._keyframe_dropped = base
+                if not payload:  # cleared
+                    self._keyframe_gone(topic, base)
                 elif not self._accept_delta(payload):
                     self._delta_failed = self.announced  # fetch the full model instead
                 self._fetch_done(progress=True)
@@ -557,6 +555,11 @@ class EdgeAgent:
         if self.announced is None or msg.version >= self.announced:
             self._install(msg, None, False)  # the announced version itself: train on it
         return self.keyframe is not None and self.keyframe.version == msg.version
+
+    def _keyframe_gone(self, topic: str, base: int) -> None:
+        """Keyframe ``base``'s delta topic is empty: it was dropped (edge_agent.keyframe)."""
+        self._reject("delta", kfm.MISSING, f"nothing on {topic}: keyframe v{base} dropped")
+        self._keyframe_dropped = base
 
     def _accept_delta(self, payload: bytes, *, from_disk: bool = False) -> bool:
         """A delta from the keyframe held: install the model it rebuilds; whether it did
@@ -814,9 +817,8 @@ class EdgeAgent:
         current = self.current_version
         if topic != self.topic_model and not progress:
             base = topics.delta_base(topic, self.federation)
-            if base is not None:  # no retained delta: its keyframe was dropped
-                self._reject("delta", kfm.MISSING, f"nothing on {topic}: keyframe dropped")
-                self._keyframe_dropped = base
+            if base is not None:  # no retained delta
+                self._keyframe_gone(topic, base)
             else:
                 self._reject("keyframe", kfm.MISSING, f"nothing on {topic}; fetching the model")
                 self._delta_failed = self.announced  # the full model next
@@ -1079,7 +1081,7 @@ class EdgeAgent:
     ) -> None:
         """Encode, sign, queue durably, then record the round (order matters on a crash)."""
         fp = model.spec.fingerprint()
-        if self._feedback_spec != fp:
+        if self.state.feedback_spec != fp:
             self._feedback = ErrorFeedback()
         use_feedback = hyper.uses_feedback or bool(self._feedback.residual)
         feedback = ErrorFeedback(dict(self._feedback.residual)) if use_feedback else None
@@ -1122,7 +1124,6 @@ class EdgeAgent:
         else:
             s.last_trained_version = model.version
             s.updates_for_version = 1
-        self._feedback_spec = fp
         try:
             self._save_feedback(fp, persist=hyper.persists_feedback)
             self.bytes_written += self._store.save(s)
@@ -1179,7 +1180,6 @@ class EdgeAgent:
         path = self.state_dir / st.FEEDBACK_FILE
         try:
             self._feedback = ErrorFeedback.from_bytes(path.read_bytes())
-            self._feedback_spec = self.state.feedback_spec
         except FileNotFoundError:
             return
         except DecodeError as e:
@@ -1188,16 +1188,16 @@ class EdgeAgent:
 
     def _save_feedback(self, fingerprint: str, *, persist: bool) -> None:
         """Keep the residual in the state directory (``persist``), or in memory only: then a
-        residual stored earlier has gone out with this update and its file is removed."""
+        residual stored earlier has gone out with this update and its file is removed.
+        ``feedback_spec`` names the model of the residual wherever it is kept."""
         path = self.state_dir / st.FEEDBACK_FILE
         if self._feedback.residual and persist:
             data = self._feedback.to_bytes()
             atomic_write_bytes(path, data, mode=0o600)
             self.bytes_written += len(data)
-            self.state.feedback_spec = fingerprint
         elif path.exists():
             remove_durably(path)
-            self.state.feedback_spec = ""
+        self.state.feedback_spec = fingerprint if self._feedback.residual else ""
 
     # ---- status ----------------------------------------------------------------------------
     def _status_payload(self, state: str) -> bytes:

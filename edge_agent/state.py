@@ -65,7 +65,8 @@ class AgentState:
     ``last_trained_version``: the global version the last update was trained from (-1: none);
     with ``updates_for_version`` it enforces "at most N updates per global version".
     ``last_round_at``: wall-clock start of the last round, for the minimum interval.
-    ``feedback_spec``: fingerprint of the model the error-feedback residual belongs to.
+    ``feedback_spec``: fingerprint of the model the error-feedback residual belongs to (kept
+    in ``feedback.bin`` or, for int4, in memory only).
     ``last_evaluated_version``: the last global version evaluated (-1: none), reported once.
     """
 
