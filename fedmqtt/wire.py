@@ -1,10 +1,27 @@
-"""Wire format v1: every MQTT payload fedmqtt sends, as msgpack, never pickle.
+"""Wire format: every MQTT payload fedmqtt sends, as msgpack, never pickle.
 
-A message is a msgpack *stream of two objects*::
+A message is a msgpack *stream of two objects*, a header and a body. Two forms exist, and
+every receiver reads both:
+
+* **compact** (header v2, what this release sends)::
+
+    header = {"v": 2, "a": 1 | 2 | 3, "s": bin}      # ALG_CODES: chacha20-poly1305, hmac, ed25519
+    body   = {"v": 1 | 2, "t": "update" | ..., "f": str, "s": str, ...}
+
+  The body's keys are the short names of :data:`SHORT_KEYS` (every top-level field of every
+  message type has one) and the hex ids of :data:`HEX_KEYS` travel as binary; a receiver
+  expands both back before parsing, so each type's ``from_body`` sees the same map in either
+  form. A compact body with a key that has no long name is refused (``schema``).
+* **long** (header v1, what earlier releases send and read)::
 
     header = {"v": 1, "alg": "chacha20-poly1305" | "hmac-sha256" | "ed25519", "sig": bin}
-    body   = {"v": 1 | 2, "type": "update" | "model" | "delta" | "spec" | "announce" | "plan"
-              | "status" | "onnx", "federation": str, "sender": str, ...type-specific fields}
+    body   = {"v": 1 | 2, "type": ..., "federation": str, "sender": str, ...}
+
+The short names and the long names are disjoint sets (apart from ``v``), and every type
+requires ``type``, ``federation`` and ``sender``, so a body means one thing only: flipping a
+header's form (it is not signed) makes the body unreadable, never a different message.
+Receivers of earlier releases refuse header v2 (reason ``schema``): devices are upgraded before
+the aggregator, and a device answers in the form of the aggregator's last verified message.
 
 The body's ``v`` is the schema of its type: every type is at v1 except the model, at v2 (its
 ``spec`` is the fingerprint of a separately published :class:`SpecMessage` instead of the spec
@@ -36,9 +53,11 @@ from fedmqtt.cohort import EVERYONE, Selection
 from fedmqtt.errors import SCHEMA, SIGNATURE, SIZE, UNKNOWN_SPEC, DecodeError
 from fedmqtt.models.spec import ModelSpec
 from fedmqtt.params import F32, Params
-from fedmqtt.signing import Signer, Verifier
+from fedmqtt.signing import CHACHA20_POLY1305, ED25519, HMAC_SHA256, Signer, Verifier
 
-VERSION: Final = 1  # the header's schema, and the body schema of every type but the model
+VERSION: Final = 1  # the long header's schema, and the body schema of every type but the model
+COMPACT: Final = 2  # the compact header's schema (body keys from SHORT_KEYS)
+_HEADER_VERSIONS: Final = (VERSION, COMPACT)
 MODEL_VERSION: Final = 2  # the model body's schema (spec by fingerprint)
 _BODY_VERSIONS: Final = (1, 2)  # every body schema some type speaks
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -50,6 +69,86 @@ MAX_ARRAY_LEN: Final = 1 << 16
 MAX_MAP_LEN: Final = 1 << 12
 MAX_KEYFRAMES: Final = 64  # the most keyframes an announcement may list
 T = TypeVar("T")
+
+
+ALG_CODES: Final[Mapping[str, int]] = {CHACHA20_POLY1305: 1, HMAC_SHA256: 2, ED25519: 3}
+"""The compact header's ``a``: the signature algorithm by number."""
+_ALG_NAMES: Final = {code: name for name, code in ALG_CODES.items()}
+
+SHORT_KEYS: Final[Mapping[str, str]] = {
+    "v": "v",
+    "type": "t",
+    "federation": "f",
+    "sender": "s",
+    "update_id": "u",
+    "seq": "q",
+    "base_version": "b",
+    "num_samples": "n",
+    "spec": "p",
+    "metrics": "m",
+    "created_at": "c",
+    "delta": "d",
+    "version": "r",
+    "stats": "x",
+    "params": "w",
+    "keyframe": "k",
+    "threshold": "h",
+    "base": "o",
+    "base_digest": "g",
+    "digest": "G",
+    "fingerprint": "F",
+    "init": "I",
+    "keyframes": "K",
+    "revision": "R",
+    "epochs": "e",
+    "lr": "l",
+    "batch_size": "B",
+    "momentum": "M",
+    "mu": "U",
+    "codec": "C",
+    "min_interval_s": "N",
+    "extra": "X",
+    "selection": "L",
+    "state": "S",
+    "at": "a",
+    "onnx": "O",
+    "loss": "E",
+    "agent": "A",
+}
+"""Each top-level body field's key in a compact body: the one table, for every message type
+(this module's and :mod:`fedmqtt.fedeval`'s). Nested maps keep their keys."""
+_LONG_KEYS: Final = {short: long for long, short in SHORT_KEYS.items()}
+HEX_KEYS: Final = frozenset({"update_id", "spec", "fingerprint"})
+"""Fields whose value, a non-empty lowercase hex string, a compact body carries as binary."""
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+
+
+def compact_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``body`` with short keys and binary hex ids (ValueError for a field without a short
+    name: a sender's bug, never sent in long form by accident)."""
+    out: dict[str, Any] = {}
+    for k, v in body.items():
+        short = SHORT_KEYS.get(k)
+        if short is None:
+            raise ValueError(f"body field {k!r} has no short name in wire.SHORT_KEYS")
+        out[short] = bytes.fromhex(v) if k in HEX_KEYS and _is_hex(v) else v
+    return out
+
+
+def expand_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A compact body with its long keys and hex ids back; DecodeError(SCHEMA) for a key
+    without a long name."""
+    out: dict[str, Any] = {}
+    for k, v in body.items():
+        long = _LONG_KEYS.get(k)
+        if long is None:
+            raise DecodeError(SCHEMA, f"unknown field {k!r} in a compact body")
+        out[long] = v.hex() if long in HEX_KEYS and type(v) is bytes else v
+    return out
+
+
+def _is_hex(v: Any) -> bool:
+    return isinstance(v, str) and v != "" and len(v) % 2 == 0 and _HEX_DIGITS.issuperset(v)
 
 
 @dataclass(frozen=True)
@@ -132,6 +231,7 @@ class Envelope:
     alg: str
     sig: bytes
     body: memoryview
+    compact: bool = False  # header v2: the body's keys are SHORT_KEYS
 
     def verify(self, verifier: Verifier) -> None:
         if self.alg != verifier.alg:
@@ -140,11 +240,32 @@ class Envelope:
             raise DecodeError(SIGNATURE, "signature does not match")
 
 
-def seal(body: Mapping[str, Any], signer: Signer) -> bytes:
-    """Encode ``body`` and prepend a header carrying its signature."""
-    body_bytes = _pack(body)
-    header = _pack({"v": VERSION, "alg": signer.alg, "sig": signer.sign(body_bytes)})
-    return header + body_bytes
+def seal(body: Mapping[str, Any], signer: Signer, *, compact: bool = True) -> bytes:
+    """Encode ``body`` (long keys) and prepend a header carrying its signature.
+
+    Args:
+        body: the message body, with the long field names.
+        signer: signs (or MACs) the body bytes.
+        compact: write the compact form (header v2, short keys); False: the long form, which
+            receivers of earlier releases read.
+    """
+    if not compact:
+        body_bytes = _pack(body)
+        return _pack({"v": VERSION, "alg": signer.alg, "sig": signer.sign(body_bytes)}) + body_bytes
+    code = ALG_CODES.get(signer.alg)
+    if code is None:
+        raise ValueError(f"signature algorithm {signer.alg!r} has no compact header code")
+    body_bytes = _pack(compact_body(body))
+    header = {"v": COMPACT, "a": code, "s": signer.sign(body_bytes)}
+    return _pack(header) + body_bytes
+
+
+def is_compact(payload: bytes) -> bool:
+    """Whether ``payload`` opens with a compact header (False for anything unreadable)."""
+    try:
+        return open_envelope(payload).compact
+    except DecodeError:
+        return False
 
 
 def open_envelope(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
@@ -170,7 +291,12 @@ def open_envelope(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
     offset = unpacker.tell()
     if not isinstance(header, dict):
         raise DecodeError(SCHEMA, "header must be a map")
-    _check_version(header)
+    if _check_version(header, _HEADER_VERSIONS) == COMPACT:
+        code, sig = header.get("a"), header.get("s")
+        alg = _ALG_NAMES.get(code) if type(code) is int else None
+        if alg is None or not isinstance(sig, bytes):
+            raise DecodeError(SCHEMA, "compact header needs 'a' (an algorithm code) and 's' (bin)")
+        return Envelope(alg, sig, memoryview(payload)[offset:], compact=True)
     alg, sig = header.get("alg"), header.get("sig")
     if not isinstance(alg, str) or not isinstance(sig, bytes):
         raise DecodeError(SCHEMA, "header needs 'alg' (str) and 'sig' (bin)")
@@ -181,6 +307,8 @@ def unpack_body(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     """Parse the body map of an envelope (call after verifying it); its ``v`` is one that some
     type speaks (each ``from_body`` checks its own)."""
     body = unpack_map(env.body, max_bytes=max_bytes)
+    if env.compact:
+        body = expand_body(body)
     _check_version(body, _BODY_VERSIONS)
     return body
 
@@ -791,8 +919,9 @@ Message = Update | GlobalModel | ModelDelta | SpecMessage | Announce | Plan | St
 M = TypeVar("M", Update, GlobalModel, ModelDelta, SpecMessage, Announce, Plan, Status, OnnxModel)
 
 
-def encode(msg: Message, signer: Signer) -> bytes:
-    return seal(msg.to_body(), signer)
+def encode(msg: Message, signer: Signer, *, compact: bool = True) -> bytes:
+    """``msg`` sealed by ``signer``, compact unless ``compact`` is False (:func:`seal`)."""
+    return seal(msg.to_body(), signer, compact=compact)
 
 
 def decode(

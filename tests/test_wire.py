@@ -174,7 +174,7 @@ def _model(version: int = 5, spec: ModelSpec = SPEC) -> wire.GlobalModel:
 def test_global_model_round_trip_resolves_its_spec_by_fingerprint() -> None:
     g = _model()
     payload = wire.encode(g, AGG_KEY)
-    body = msgpack.unpackb(wire.open_envelope(payload).body)
+    body = wire.unpack_body(wire.open_envelope(payload))
     assert body["v"] == wire.MODEL_VERSION and body["spec"] == SPEC.fingerprint()
     assert "feature_offset" not in str(body)  # the spec itself is not in the model message
     back = wire.decode(
