@@ -69,26 +69,53 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True):
     delta: Annotated[dict[Text, _Tensor], Meta(max_length=wire.MAX_MAP_LEN)]
 
 
+_ID_LO, _ID_HI = _F["update_id"].lo, _F["update_id"].hi
+assert _ID_LO is not None and _ID_HI is not None
+_HEX_ID: Final = Meta(min_length=_ID_LO // 2, max_length=_ID_HI // 2)  # bytes: 2 hex digits each
+
+
+class _CompactBody(msgspec.Struct, forbid_unknown_fields=True, rename=dict(wire.SHORT_KEYS)):
+    """:class:`_Body` in the compact form (:data:`fedmqtt.wire.SHORT_KEYS`): the same fields
+    under their short keys, the update id and spec fingerprint as bytes (hex after decoding).
+    A text id or fingerprint (legal, not lowercase hex) takes the reference path."""
+
+    v: Literal[1]
+    type: Literal["update"]
+    federation: Text
+    sender: Text
+    update_id: Annotated[bytes, _HEX_ID]
+    seq: Annotated[int, Meta(ge=_F["seq"].lo)]
+    base_version: Annotated[int, Meta(ge=_F["base_version"].lo)]
+    num_samples: Annotated[int, Meta(ge=_F["num_samples"].lo)]
+    spec: Annotated[bytes, Meta(min_length=1, max_length=_MAX_TEXT // 2)]
+    metrics: Annotated[dict[Text, float], Meta(max_length=wire.MAX_MAP_LEN)]
+    created_at: float
+    delta: Annotated[dict[Text, _Tensor], Meta(max_length=wire.MAX_MAP_LEN)]
+
+
 _DECODER: Final = msgspec.msgpack.Decoder(_Body)
+_COMPACT_DECODER: Final = msgspec.msgpack.Decoder(_CompactBody)
 
 
 def parse_update(env: wire.Envelope, *, max_bytes: int) -> wire.Update:
     """The update in a verified envelope; raises only :class:`~fedmqtt.errors.DecodeError`,
     with the reference parser's reason and detail."""
+    body: _Body | _CompactBody | None
     try:
-        body = _DECODER.decode(env.body)
+        body = (_COMPACT_DECODER if env.compact else _DECODER).decode(env.body)
     except Exception:  # msgspec.DecodeError, ValidationError, UnicodeDecodeError, RecursionError
         body = None
     if body is None or not math.isfinite(body.created_at):
         return wire.parse(env, wire.Update, max_bytes=max_bytes)
+    update_id, spec = body.update_id, body.spec
     return wire.Update(
         federation=body.federation,
         sender=body.sender,
-        update_id=body.update_id,
+        update_id=update_id if isinstance(update_id, str) else update_id.hex(),
         seq=body.seq,
         base_version=body.base_version,
         num_samples=body.num_samples,
-        spec_fingerprint=body.spec,
+        spec_fingerprint=spec if isinstance(spec, str) else spec.hex(),
         delta={name: _as_map(t) for name, t in body.delta.items()},
         metrics=body.metrics,
         created_at=body.created_at,

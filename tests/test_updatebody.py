@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_wire import _update
 
-from aggregator.updatebody import _Body, parse_update
+from aggregator.updatebody import _Body, _CompactBody, parse_update
 from fedmqtt import wire
 from fedmqtt.codecs import Codec, decode_params, encode_params
 from fedmqtt.errors import SCHEMA, DecodeError
@@ -50,13 +50,18 @@ def _body(codec: str = "int8") -> dict[str, Any]:
     return upd.to_body()
 
 
-def _envelope(body_bytes: bytes) -> wire.Envelope:
-    return wire.Envelope("hmac-sha256", b"", memoryview(body_bytes))
+def _envelope(body_bytes: bytes, compact: bool = False) -> wire.Envelope:
+    return wire.Envelope("hmac-sha256", b"", memoryview(body_bytes), compact=compact)
 
 
-def _outcome(parse: Any, body_bytes: bytes) -> tuple[str, Any]:
+def _compact(body: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(wire.compact_body(body), use_bin_type=True)
+    return packed
+
+
+def _outcome(parse: Any, body_bytes: bytes, compact: bool) -> tuple[str, Any]:
     try:
-        upd = parse(_envelope(body_bytes))
+        upd = parse(_envelope(body_bytes, compact))
     except DecodeError as e:
         return ("refused", (e.reason, e.detail))
     delta = {  # the reference leaves a tensor's own checks to the codecs: it may be anything
@@ -71,21 +76,27 @@ def _outcome(parse: Any, body_bytes: bytes) -> tuple[str, Any]:
     return ("accepted", (fields, delta))
 
 
-def _same(body_bytes: bytes) -> tuple[str, Any]:
-    ours = _outcome(lambda env: parse_update(env, max_bytes=MAX), body_bytes)
-    reference = _outcome(lambda env: wire.parse(env, wire.Update, max_bytes=MAX), body_bytes)
+def _same(body_bytes: bytes, compact: bool = False) -> tuple[str, Any]:
+    ours = _outcome(lambda env: parse_update(env, max_bytes=MAX), body_bytes, compact)
+    reference = _outcome(
+        lambda env: wire.parse(env, wire.Update, max_bytes=MAX), body_bytes, compact
+    )
     # Compared as msgpack bytes, where NaN equals NaN (the reference leaves tensor fields and
     # metric values to later checks, so a NaN can be in an accepted body).
     assert msgpack.packb(ours) == msgpack.packb(reference), (ours, reference)
     return ours
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["long", "compact"])
 @pytest.mark.parametrize("codec", CODECS)
-def test_valid_updates_parse_the_same_with_tensor_bytes_as_views(codec: str) -> None:
-    packed = msgpack.packb(_body(codec), use_bin_type=True)
-    kind, _ = _same(packed)
+def test_valid_updates_parse_the_same_with_tensor_bytes_as_views(codec: str, compact: bool) -> None:
+    body = _body(codec)
+    body["update_id"] = "5e" * 16  # as the agent makes them: hex, binary in the compact form
+    packed = _compact(body) if compact else msgpack.packb(body, use_bin_type=True)
+    kind, _ = _same(packed, compact)
     assert kind == "accepted"
-    upd = parse_update(_envelope(packed), max_bytes=MAX)
+    upd = parse_update(_envelope(packed, compact), max_bytes=MAX)
+    assert upd.update_id == "5e" * 16
     views = [v for t in upd.delta.values() for v in t.values() if isinstance(v, memoryview)]
     assert views and all(v.obj is packed for v in views)  # no copy of the tensor bytes
 
@@ -119,6 +130,7 @@ _TENSOR_KEYS = ("c", "s", "d", "z", "q", "k", "i", "g", "x")
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    compact=st.booleans(),
     codec=st.sampled_from(CODECS),
     body_edits=st.dictionaries(
         st.sampled_from((*_BODY_KEYS, "extra")), st.one_of(st.just("drop"), _VALUES), max_size=3
@@ -128,15 +140,18 @@ _TENSOR_KEYS = ("c", "s", "d", "z", "q", "k", "i", "g", "x")
     ),
 )
 def test_mutated_updates_get_the_reference_outcome(
-    codec: str, body_edits: dict[str, Any], tensor_edits: dict[str, Any]
+    compact: bool, codec: str, body_edits: dict[str, Any], tensor_edits: dict[str, Any]
 ) -> None:
     body = _body(codec)
-    for key, value in body_edits.items():
+    if compact:  # edited under the short keys, as a compact sender's bytes would be
+        body = wire.compact_body(body)
+    for name, value in body_edits.items():
+        key = wire.SHORT_KEYS.get(name, name) if compact else name
         if value == "drop":
             body.pop(key, None)
         else:
             body[key] = value
-    delta = body.get("delta")
+    delta = body.get(wire.SHORT_KEYS["delta"] if compact else "delta")
     tensor = delta.get("W") if isinstance(delta, dict) else None
     if isinstance(tensor, dict):
         for key, value in tensor_edits.items():
@@ -144,7 +159,7 @@ def test_mutated_updates_get_the_reference_outcome(
                 tensor.pop(key, None)
             else:
                 tensor[key] = value
-    _same(msgpack.packb(body, use_bin_type=True))
+    _same(msgpack.packb(body, use_bin_type=True), compact)
 
 
 def _with(**change: Any) -> bytes:
@@ -225,6 +240,66 @@ def test_hostile_bodies_get_the_reference_outcome(
         reason, text = value
         assert reason == SCHEMA
         assert text.startswith(detail), text
+
+
+def _compact_with(**change: Any) -> bytes:
+    body = wire.compact_body(_body())
+    body.update(change)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("body_bytes", "outcome", "detail"),
+    [
+        (_compact_with(u=b"\x01" * 32), _ACCEPTED, ""),  # 64 hex characters
+        (_compact_with(u=b"\x01" * 33), _REFUSED, "update_id must be 8-64 characters"),
+        (_compact_with(u=b"\x01" * 3), _REFUSED, "update_id must be 8-64 characters"),
+        (_compact_with(u="not-hex-but-text"), _ACCEPTED, ""),  # the sender's id kept as text
+        (_compact_with(p=b""), _ACCEPTED, ""),  # an empty fingerprint, as in the long form
+        (_compact_with(u=7), _REFUSED, "field 'update_id' must be str, got int"),
+        (_compact_with(zz=1), _REFUSED, "unknown field 'zz' in a compact body"),
+        (_compact_with(update_id="ab" * 8), _REFUSED, "unknown field 'update_id'"),
+        (msgpack.packb(_body(), use_bin_type=True), _REFUSED, "unknown field 'type'"),
+    ],
+    ids=[
+        "id-32-bytes",
+        "id-33-bytes",
+        "id-3-bytes",
+        "id-as-text",
+        "empty-fingerprint",
+        "id-int",
+        "unknown-key",
+        "long-key-in-compact",
+        "long-body",
+    ],
+)
+def test_hostile_compact_bodies_get_the_reference_outcome(
+    body_bytes: bytes, outcome: str, detail: str
+) -> None:
+    kind, value = _same(body_bytes, compact=True)
+    assert kind == outcome, value
+    if outcome == _REFUSED:
+        reason, text = value
+        assert reason == SCHEMA
+        assert text.startswith(detail), text
+
+
+def test_the_compact_body_declares_the_same_fields_under_the_short_keys() -> None:
+    long_info = msgspec.inspect.type_info(_Body)
+    info = msgspec.inspect.type_info(_CompactBody)
+    assert isinstance(info, msgspec.inspect.StructType) and info.forbid_unknown_fields
+    assert isinstance(long_info, msgspec.inspect.StructType)
+    assert [f.name for f in info.fields] == [f.name for f in wire.UPDATE_FIELDS]
+    assert [f.encode_name for f in info.fields] == [
+        wire.SHORT_KEYS[f.name] for f in wire.UPDATE_FIELDS
+    ]
+    for ours, long in zip(info.fields, long_info.fields, strict=True):
+        assert ours.required, ours.name
+        if ours.name in wire.HEX_KEYS:  # bytes, half the characters of the long form's bounds
+            assert isinstance(ours.type, msgspec.inspect.BytesType), ours
+            continue
+        assert ours.type == long.type, ours.name
 
 
 def test_a_shape_too_long_for_msgpack_is_refused_as_the_reference_does() -> None:
