@@ -241,6 +241,10 @@ class EdgeAgent:
         self._genesis_failed: str | None = None
         self.plan: wire.Plan | None = None
         self.onnx_version: int | None = None
+        # The wire form of the aggregator's last verified message: updates, statuses and
+        # evaluation reports are written in it, so an aggregator of an earlier release (long
+        # form only) still reads this device (fedmqtt.wire).
+        self._compact = False
         self.state = st.AgentState()
         self.outbox: Outbox | None = None
         self.link: Link | None = None
@@ -519,6 +523,7 @@ class EdgeAgent:
             return self._reject(kind, e.reason, f"{e.detail} (from the {where})")
         if msg.federation != self.federation:
             return self._reject(kind, FEDERATION, f"for federation {msg.federation!r}")
+        self._compact = self.evaluator.compact = wire.is_compact(payload)
         return msg
 
     def _reject(self, kind: str, reason: str, detail: str) -> None:
@@ -1098,6 +1103,7 @@ class EdgeAgent:
                 signer=self._signer,
                 rng=rng,
                 feedback=feedback,
+                compact=self._compact,
             )
         except (ValueError, TypeError) as e:  # e.g. the delta hook returned NaN
             self._round_failed(e)
@@ -1201,7 +1207,8 @@ class EdgeAgent:
 
     # ---- status ----------------------------------------------------------------------------
     def _status_payload(self, state: str) -> bytes:
-        return wire.encode(wire.Status(self.federation, self.device_id, state), self._signer)
+        status = wire.Status(self.federation, self.device_id, state)
+        return wire.encode(status, self._signer, compact=self._compact)
 
     def _status_text(self) -> str:
         link = "connected" if self.link is not None and self.link.connected else "offline"

@@ -41,6 +41,7 @@ class Evaluator:
     federation: str
     signer: Signer
     evaluated: int = -1  # the last version evaluated (agent.json)
+    compact: bool = False  # reports in the compact wire form (the aggregator's, fedmqtt.wire)
     reports: int = 0  # reports made during this run
 
     def due(self, model: wire.GlobalModel | None) -> bool:
@@ -99,7 +100,7 @@ class Evaluator:
             ev.loss,
             ", ".join(f"{k} {v:.4f}" for k, v in ev.metrics.items()),
         )
-        return msg.encode(self.signer)
+        return msg.encode(self.signer, compact=self.compact)
 
     def load_and_report(
         self, model: wire.GlobalModel, data: Any, transform: DataTransform | None

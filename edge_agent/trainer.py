@@ -174,8 +174,10 @@ def build_update(
     signer: Signer,
     rng: RandomSource,
     feedback: ErrorFeedback | None,
+    compact: bool = True,
 ) -> tuple[wire.Update, bytes]:
-    """Encode (updating ``feedback`` in place) and sign; returns the update and its payload."""
+    """Encode (updating ``feedback`` in place) and sign, in the compact wire form unless
+    ``compact`` is False; returns the update and its payload."""
     encoded = encode_params(result.delta, hyper.codec, rng=rng, feedback=feedback)
     metrics = {
         "loss": float(result.stats.loss),
@@ -195,4 +197,4 @@ def build_update(
         delta=encoded,
         metrics=metrics,
     )
-    return update, wire.encode(update, signer)
+    return update, wire.encode(update, signer, compact=compact)

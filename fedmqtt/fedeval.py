@@ -116,8 +116,8 @@ class EvalReport:
             created_at=f["created_at"],
         )
 
-    def encode(self, signer: Any) -> bytes:
-        return wire.seal(self.to_body(), signer)
+    def encode(self, signer: Any, *, compact: bool = True) -> bytes:
+        return wire.seal(self.to_body(), signer, compact=compact)
 
 
 def decode_report(env: wire.Envelope) -> EvalReport:

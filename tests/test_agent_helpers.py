@@ -156,12 +156,16 @@ def global_model(version: int, params: Params | None = None, fed: str = FED) -> 
     )
 
 
-def model_payload(version: int, signer: Signer, params: Params | None = None) -> bytes:
-    return wire.encode(global_model(version, params), signer)
+def model_payload(
+    version: int, signer: Signer, params: Params | None = None, compact: bool = True
+) -> bytes:
+    return wire.encode(global_model(version, params), signer, compact=compact)
 
 
-def spec_payload(signer: Signer, spec: ModelSpec = SPEC, fed: str = FED) -> bytes:
-    return wire.encode(wire.SpecMessage(fed, "aggregator", spec), signer)
+def spec_payload(
+    signer: Signer, spec: ModelSpec = SPEC, fed: str = FED, compact: bool = True
+) -> bytes:
+    return wire.encode(wire.SpecMessage(fed, "aggregator", spec), signer, compact=compact)
 
 
 def store_model(state_dir: Path, version: int, signer: Signer) -> None:
@@ -189,9 +193,11 @@ class FakeAggregator:
     username: str | None = None
     password: str | None = None
     updates: list[Received] = field(default_factory=list)
+    status_payloads: list[bytes] = field(default_factory=list)
     invalid: list[bytes] = field(default_factory=list)
     statuses: dict[str, wire.Status] = field(default_factory=dict)
     spec_published: bool = False
+    compact: bool = True  # the wire form it writes (False: an aggregator of an earlier release)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _subscribed: threading.Event = field(default_factory=threading.Event)
 
@@ -235,6 +241,7 @@ class FakeAggregator:
                 self.invalid.append(payload)
             elif isinstance(m, wire.Status):
                 self.statuses[device] = m
+                self.status_payloads.append(payload)
             else:
                 self.updates.append(Received(payload, m))
 
@@ -244,7 +251,7 @@ class FakeAggregator:
         assert info.is_published()
 
     def publish_spec(self, spec: ModelSpec = SPEC) -> None:
-        self.publish(topics.spec(FED), spec_payload(self.signer, spec))
+        self.publish(topics.spec(FED), spec_payload(self.signer, spec, compact=self.compact))
         self.spec_published = True
 
     def publish_model(
@@ -252,14 +259,14 @@ class FakeAggregator:
     ) -> bytes:
         if not self.spec_published:
             self.publish_spec()
-        payload = model_payload(version, signer or self.signer, params)
+        payload = model_payload(version, signer or self.signer, params, self.compact)
         self.publish(topics.model(FED), payload)
         self.announce(version)
         return payload
 
     def announce_payload(self, version: int, signer: Signer | None = None) -> bytes:
         msg = wire.Announce(FED, "aggregator", version, SPEC.fingerprint(), created_at=1.0)
-        return wire.encode(msg, signer or self.signer)
+        return wire.encode(msg, signer or self.signer, compact=self.compact)
 
     def announce(self, version: int, signer: Signer | None = None) -> bytes:
         """The aggregator's announcement that ``version`` is the newest (retained)."""
@@ -269,7 +276,7 @@ class FakeAggregator:
 
     def publish_plan(self, revision: int = 1, **kw: Any) -> None:
         plan = wire.Plan(federation=FED, sender="aggregator", revision=revision, **kw)
-        self.publish(topics.plan(FED), wire.encode(plan, self.signer))
+        self.publish(topics.plan(FED), wire.encode(plan, self.signer, compact=self.compact))
 
     def received(self) -> list[wire.Update]:
         with self._lock:

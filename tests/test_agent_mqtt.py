@@ -122,6 +122,27 @@ def test_happy_path_one_signed_update_per_version(
     wait_until(lambda: aggregator.statuses[device.device_id].state == "offline")
 
 
+def test_the_device_answers_in_the_wire_form_of_the_aggregator_it_hears(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """An aggregator of an earlier release writes and reads only the long form: the device's
+    updates and statuses follow the form of the aggregator's last verified message."""
+    aggregator.compact = False
+    aggregator.publish_plan(epochs=1, lr=0.1, codec="int8")
+    aggregator.publish_model(1)
+    runner = AgentThread(EdgeAgent(device.config(broker)))
+    try:
+        aggregator.wait_updates(1)
+        aggregator.compact = True
+        aggregator.publish_model(2)
+        aggregator.wait_updates(2)
+    finally:
+        runner.stop()
+    assert [wire.is_compact(r.payload) for r in aggregator.updates] == [False, True]
+    # "online" is sent on connecting, before anything is heard: in the long form
+    assert not wire.is_compact(aggregator.status_payloads[0])
+
+
 def test_broker_down_at_start_keeps_retrying(broker: Mosquitto, device: Device) -> None:
     broker.stop()
     agent = EdgeAgent(device.config(broker))
