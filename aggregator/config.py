@@ -139,13 +139,16 @@ class DownlinkConfig:
     """``[downlink]``: the codec of the published model's parameters (aggregator.publish),
     and the delta downlink (aggregator.keyframes): ``delta`` is the codec of deltas from a
     keyframe ("" = none), ``keyframes`` how many keyframes are kept, ``keyframe_every`` and
-    ``keyframe_fraction`` when a version becomes a keyframe."""
+    ``keyframe_fraction`` when a version becomes a keyframe. ``compact``: everything the
+    aggregator publishes is in the compact wire form (fedmqtt.wire); false keeps the long
+    form, which devices of earlier releases read, until they are upgraded."""
 
     codec: str = "int8"
     delta: str = ""
     keyframes: int = 3
     keyframe_every: int = 20
     keyframe_fraction: float = 0.8
+    compact: bool = True
 
 
 @dataclass(frozen=True)
@@ -553,6 +556,7 @@ def _downlink(t: Table) -> DownlinkConfig:
         keyframes=t.integer("keyframes", d.keyframes, lo=1, hi=MAX_KEYFRAMES),
         keyframe_every=t.integer("keyframe_every", d.keyframe_every, lo=1),
         keyframe_fraction=t.number("keyframe_fraction", d.keyframe_fraction, lo=0.0, hi=1.0),
+        compact=t.flag("compact", d.compact),
     )
 
 

@@ -77,7 +77,7 @@ def model_message(
 
 
 def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
-    return wire.encode(model_message(cfg, snap)[0], signer)
+    return wire.encode(model_message(cfg, snap)[0], signer, compact=cfg.downlink.compact)
 
 
 def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
@@ -85,7 +85,7 @@ def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> b
     msg = wire.Announce(
         cfg.federation.id, SENDER, snap.version, wire.UNSTATED_SPEC, snap.created_at
     )
-    return wire.encode(msg, signer)
+    return wire.encode(msg, signer, compact=cfg.downlink.compact)
 
 
 def genesis_of(cfg: AggregatorConfig, v0: F32 | None) -> wire.Genesis | None:
@@ -106,7 +106,7 @@ def spec_payload(cfg: AggregatorConfig, signer: Signer, v0: F32 | None = None) -
     """The model spec that every model message names by fingerprint, with how to build
     version 0 (:func:`genesis_of` ``v0``) while the aggregator holds it."""
     msg = wire.SpecMessage(cfg.federation.id, SENDER, cfg.spec, genesis=genesis_of(cfg, v0))
-    return wire.encode(msg, signer)
+    return wire.encode(msg, signer, compact=cfg.downlink.compact)
 
 
 def plan_extra(privacy: PrivacyConfig) -> dict[str, float]:
@@ -130,7 +130,7 @@ def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:
         selection=p.selection,
         extra=plan_extra(cfg.privacy),
     )
-    return wire.encode(msg, signer)
+    return wire.encode(msg, signer, compact=cfg.downlink.compact)
 
 
 def onnx_bytes(  # noqa: PLR0917 - positional like its callers
@@ -166,7 +166,7 @@ def onnx_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes
         onnx=data,
         created_at=snap.created_at,
     )
-    return wire.encode(msg, signer)
+    return wire.encode(msg, signer, compact=cfg.downlink.compact)
 
 
 def plan_digest(plan: PlanConfig, extra: dict[str, float] | None = None) -> str:

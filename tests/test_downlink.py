@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 from test_agent_helpers import SPEC, AgentThread, FakeAggregator, make_device, wait_until
@@ -15,8 +14,16 @@ from test_aggregator_support import Federation
 from aggregator.checkpoint import decode_state
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, Snapshot
+from aggregator.keyframes import KeyframeStore, prepare
 from aggregator.metrics import Metrics
-from aggregator.publish import announce_payload, downlink_params, model_payload
+from aggregator.publish import (
+    announce_payload,
+    downlink_params,
+    model_payload,
+    onnx_payload,
+    plan_payload,
+    spec_payload,
+)
 from edge_agent.agent import EdgeAgent
 from edge_agent.state import GLOBAL_MODEL_FILE
 from fedmqtt import topics, wire
@@ -78,6 +85,32 @@ def test_the_default_downlink_and_its_refusals(tmp_path: Path) -> None:
             _config(tmp_path / bad.replace(":", "_"), bad)
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_everything_the_aggregator_publishes_is_in_the_configured_wire_form(
+    tmp_path: Path, compact: bool
+) -> None:
+    """``[downlink] compact`` (default true); false: the long form an earlier release reads."""
+    fed = Federation(tmp_path, SPEC)
+    tables: dict[str, dict[str, object]] = {"downlink": {"delta": "int8", "keyframe_every": 2}}
+    if not compact:
+        tables["downlink"]["compact"] = False
+    cfg = fed.config("127.0.0.1", 1, **tables)
+    assert cfg.downlink.compact is compact
+    store = KeyframeStore(tmp_path / "kf", keep=cfg.downlink.keyframes)
+    first, second = (prepare(cfg, fed.signer, store, _snapshot(v)) for v in (1, 2))
+    payloads = [
+        first.model,
+        second.announce,
+        *second.deltas.values(),
+        spec_payload(cfg, fed.signer),
+        plan_payload(cfg, fed.signer, 1),
+        onnx_payload(cfg, fed.signer, _snapshot(2)),
+    ]
+    assert second.deltas and first.keyframe is not None
+    assert [wire.is_compact(p) for p in payloads] == [compact] * len(payloads)
+    assert wire.decode(second.announce, wire.Announce, fed.verifier).version == 2
+
+
 def test_a_version_republished_after_a_restart_is_the_same_bytes(tmp_path: Path) -> None:
     fed, cfg = _config(tmp_path, "int8")
     engine = Engine(cfg, Metrics(cfg.federation.id), None)
@@ -114,13 +147,14 @@ def test_the_aggregators_announcement_leaves_the_spec_unstated(tmp_path: Path) -
     bytes fewer (65 of 203 for a 64-character fingerprint)."""
     fed, cfg = _config(tmp_path, "int8")
     payload = announce_payload(cfg, fed.signer, _snapshot(7))
-    body = msgpack.unpackb(wire.open_envelope(payload).body)
+    body = wire.unpack_body(wire.open_envelope(payload))
     assert body["spec"] == wire.UNSTATED_SPEC == ""
     assert wire.decode(payload, wire.Announce, fed.signer.verifier()).version == 7
     stated = wire.Announce(fed.federation, "aggregator", 7, cfg.spec.fingerprint(), 1.0)
     unstated = wire.Announce(fed.federation, "aggregator", 7, wire.UNSTATED_SPEC, 1.0)
-    saved = len(wire.encode(stated, fed.signer)) - len(wire.encode(unstated, fed.signer))
-    assert saved == len(cfg.spec.fingerprint())
+    for compact, saved in ((False, len(cfg.spec.fingerprint())), (True, 8 + 1)):  # bin8 of 8
+        sizes = [len(wire.encode(a, fed.signer, compact=compact)) for a in (stated, unstated)]
+        assert sizes[0] - sizes[1] == saved
 
 
 def test_an_agent_trains_on_and_restarts_with_the_decoded_model(
