@@ -1,15 +1,13 @@
-"""Where the bytes of one update, model and announcement go, and what a compact body would save.
+"""Where the bytes of one update, model and announcement go, in the long and the compact wire form.
 
 Each message is built as the project sends it in ``fedmqtt simulate --dataset digits``
 (the digits softmax spec, int8 tensors, the metrics an agent reports, the stats FedBuff
-publishes, the aggregator's announcement) and encoded by :mod:`fedmqtt.wire` with the
+publishes, the aggregator's announcement) and sealed by :mod:`fedmqtt.wire` with the
 signature the project uses for it (ChaCha20-Poly1305 for an update, Ed25519 from the
-aggregator). The table gives each part's bytes: the signature header, each body field
-(its key and value as msgpack) and the tensors.
-
-"compact" is the size of the same message with a body of one-letter keys, the update id
-and the spec fingerprint as binary instead of hex, and the same values otherwise (same
-header, same tensors): what a new body version of that kind could save, nothing more.
+aggregator). The table gives each part's bytes in the long form (header v1, what releases
+before the compact form send): the signature header, each body field (its key and value as
+msgpack) and the tensors; then the whole message in the compact form (header v2, short keys,
+hex ids as binary: what this release sends) and the bytes it saves.
 
     .venv/bin/python -m bench.message_overhead [--model mlp --hidden 1333] [--codec int8]
 """
@@ -30,25 +28,6 @@ from fedmqtt.models import init_params
 from fedmqtt.signing import ChaChaPolyKey, Ed25519Signer, Signer
 from simulator.runner import SimConfig, federation_data
 
-# One-letter keys of a compact body, and the fields that become binary (hex decoded).
-_SHORT = {
-    "v": "v",
-    "type": "t",
-    "federation": "f",
-    "sender": "s",
-    "update_id": "u",
-    "seq": "q",
-    "base_version": "b",
-    "num_samples": "n",
-    "spec": "p",
-    "metrics": "m",
-    "stats": "m",
-    "created_at": "c",
-    "delta": "d",
-    "params": "d",
-    "version": "r",
-}
-_HEX = ("update_id", "spec")
 _TENSORS = ("delta", "params")
 
 
@@ -56,20 +35,13 @@ def _packed(obj: Any) -> int:
     return len(msgpack.packb(obj, use_bin_type=True))
 
 
-def compact_body(body: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in body.items():
-        binary = k in _HEX and isinstance(v, str) and v
-        out[_SHORT.get(k, k)] = bytes.fromhex(v) if binary else v
-    return out
-
-
 def breakdown(name: str, body: dict[str, Any], signer: Signer) -> dict[str, Any]:
-    payload = wire.seal(body, signer)
+    """The long form's parts, and the size of the compact form of the same body."""
+    payload = wire.seal(body, signer, compact=False)
     body_bytes = _packed(body)
     fields = {k: _packed({k: v}) - 1 for k, v in body.items()}  # minus the map header
     tensors = sum(_packed(v) for k, v in body.items() if k in _TENSORS)
-    compact = len(wire.seal(compact_body(body), signer))
+    compact = len(wire.seal(body, signer))
     return {
         "message": name,
         "total": len(payload),
@@ -128,8 +100,8 @@ def main() -> int:
     hidden = tuple(int(w) for w in args.hidden.split(","))
     rows = messages(args.model, hidden, args.codec)
     print(
-        "| message | bytes | signature header | body fields (key + value) | tensors |"
-        " all but tensors | compact body | saved |"
+        "| message | long form | signature header | body fields (key + value) | tensors |"
+        " all but tensors | compact form | saved |"
     )
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
