@@ -253,6 +253,7 @@ class EdgeAgent:
         self._inbox = _Inbox()
         self._retry_at = 0.0  # monotonic
         self._last_status = 0.0
+        self._shown = ""  # the last status line of _status_text sent to systemd
         self._last_refresh = time.monotonic()
         self._next_watchdog = 0.0
         self.personaliser: Personaliser | None = None  # imported only if used
@@ -429,8 +430,8 @@ class EdgeAgent:
             ):
                 self._last_refresh = now
                 self.link.refresh(self.topic_announce)
-            if now - self._last_status >= _STATUS_EVERY_S:
-                self._update_status()
+            if now - self._last_status >= _STATUS_EVERY_S or self._status_text() != self._shown:
+                self._update_status()  # at once when a delivery or the link changed it
             timeout = _TICK_S if wait is None else min(wait, _TICK_S)
             lead = self._relisten.lead()
             if lead is not None and self.listening_since is None and self._fast_repeat():
@@ -1221,7 +1222,8 @@ class EdgeAgent:
 
     def _update_status(self) -> None:
         self._last_status = time.monotonic()
-        self.notifier.status(self._status_text())
+        self._shown = self._status_text()
+        self.notifier.status(self._shown)
 
     def _require_outbox(self) -> Outbox:
         if self.outbox is None:

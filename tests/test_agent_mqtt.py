@@ -47,6 +47,7 @@ from edge_agent.state import (
 from fedmqtt import topics, wire
 from fedmqtt.codecs import ErrorFeedback, decode_params
 from fedmqtt.models.spec import ModelSpec
+from fedmqtt.sdnotify import Notifier
 from fedmqtt.signing import Ed25519Signer, HmacKey, Signer
 from simulator.broker import Mosquitto
 
@@ -141,6 +142,37 @@ def test_the_device_answers_in_the_wire_form_of_the_aggregator_it_hears(
     assert [wire.is_compact(r.payload) for r in aggregator.updates] == [False, True]
     # "online" is sent on connecting, before anything is heard: in the long form
     assert not wire.is_compact(aggregator.status_payloads[0])
+
+
+class _Statuses(Notifier):
+    """A disabled notifier that keeps every status line the agent sets."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.lines: list[str] = []
+
+    def status(self, status: str) -> bool:
+        self.lines.append(status)
+        return True
+
+
+def test_the_status_line_shows_a_delivery_at_once(
+    broker: Mosquitto, device: Device, aggregator: FakeAggregator
+) -> None:
+    """``systemctl status`` must not show an update as queued after the broker took it: the
+    line is refreshed when a delivery changes it, not only every 30 s or at the next round."""
+    aggregator.publish_plan(epochs=1, lr=0.1, codec="int8")
+    aggregator.publish_model(1)
+    notifier = _Statuses()
+    agent = EdgeAgent(device.config(broker), notifier=notifier)
+    runner = AgentThread(agent)
+    try:
+        aggregator.wait_updates(1)
+        wait_until(lambda: agent.updates_sent == 1)
+        wait_until(lambda: any("1 delivered, 0 queued" in ln for ln in notifier.lines), 3.0)
+    finally:
+        runner.stop()
+    assert any("0 delivered, 1 queued" in ln for ln in notifier.lines)  # as queued, before
 
 
 def test_broker_down_at_start_keeps_retrying(broker: Mosquitto, device: Device) -> None:
