@@ -35,7 +35,7 @@ from typing import Final
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Snapshot
 from aggregator.mqtt import MqttLink
-from aggregator.publish import SENDER, model_message
+from aggregator.publish import SENDER, model_message, sealed
 from fedmqtt import downlink, topics, wire
 from fedmqtt.codecs import Codec
 from fedmqtt.errors import DecodeError
@@ -179,7 +179,7 @@ def delta_payload(
         encoded=encoded,
         threshold=snap.threshold,
     )
-    return wire.encode(msg, signer, compact=cfg.downlink.compact), sent
+    return sealed(cfg, msg, signer), sent
 
 
 def prepare(
@@ -189,7 +189,7 @@ def prepare(
     (runs on the publisher thread)."""
     dl = cfg.downlink
     full, full_flat = model_message(cfg, snap, keyframe=False)
-    full_payload = wire.encode(full, signer, compact=cfg.downlink.compact)
+    full_payload = sealed(cfg, full, signer)
     deltas: dict[int, tuple[bytes, F32]] = {}
     newest = store.newest()
     is_kf = newest is None or snap.version in store.frames
@@ -207,7 +207,7 @@ def prepare(
             kf_payload = store.frames[snap.version].payload  # republished as it was
         else:
             full = model_message(cfg, snap, keyframe=True)[0]
-            kf_payload = wire.encode(full, signer, compact=cfg.downlink.compact)
+            kf_payload = sealed(cfg, full, signer)
             dropped = store.add(snap.version, kf_payload, full_flat)
             log.info("version %d is a keyframe (%d bytes)", snap.version, len(kf_payload))
         full_payload = kf_payload
@@ -229,7 +229,7 @@ def prepare(
         keyframe=kf_payload,
         dropped=dropped,
         deltas={k: p for k, (p, _) in deltas.items()},
-        announce=wire.encode(ann, signer, compact=cfg.downlink.compact),
+        announce=sealed(cfg, ann, signer),
         sent=sent,
         rebuilt=rebuilt,
         delta_bytes={k: len(p) for k, (p, _) in deltas.items()},

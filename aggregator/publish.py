@@ -76,8 +76,14 @@ def model_message(
     return msg, flat
 
 
+def sealed(cfg: AggregatorConfig, msg: wire.Message, signer: Signer) -> bytes:
+    """``msg`` signed, in the wire form ``[downlink] compact`` chooses: every message the
+    aggregator publishes goes through here."""
+    return wire.encode(msg, signer, compact=cfg.downlink.compact)
+
+
 def model_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
-    return wire.encode(model_message(cfg, snap)[0], signer, compact=cfg.downlink.compact)
+    return sealed(cfg, model_message(cfg, snap)[0], signer)
 
 
 def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes:
@@ -85,7 +91,7 @@ def announce_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> b
     msg = wire.Announce(
         cfg.federation.id, SENDER, snap.version, wire.UNSTATED_SPEC, snap.created_at
     )
-    return wire.encode(msg, signer, compact=cfg.downlink.compact)
+    return sealed(cfg, msg, signer)
 
 
 def genesis_of(cfg: AggregatorConfig, v0: F32 | None) -> wire.Genesis | None:
@@ -106,7 +112,7 @@ def spec_payload(cfg: AggregatorConfig, signer: Signer, v0: F32 | None = None) -
     """The model spec that every model message names by fingerprint, with how to build
     version 0 (:func:`genesis_of` ``v0``) while the aggregator holds it."""
     msg = wire.SpecMessage(cfg.federation.id, SENDER, cfg.spec, genesis=genesis_of(cfg, v0))
-    return wire.encode(msg, signer, compact=cfg.downlink.compact)
+    return sealed(cfg, msg, signer)
 
 
 def plan_extra(privacy: PrivacyConfig) -> dict[str, float]:
@@ -130,7 +136,7 @@ def plan_payload(cfg: AggregatorConfig, signer: Signer, revision: int) -> bytes:
         selection=p.selection,
         extra=plan_extra(cfg.privacy),
     )
-    return wire.encode(msg, signer, compact=cfg.downlink.compact)
+    return sealed(cfg, msg, signer)
 
 
 def onnx_bytes(  # noqa: PLR0917 - positional like its callers
@@ -166,7 +172,7 @@ def onnx_payload(cfg: AggregatorConfig, signer: Signer, snap: Snapshot) -> bytes
         onnx=data,
         created_at=snap.created_at,
     )
-    return wire.encode(msg, signer, compact=cfg.downlink.compact)
+    return sealed(cfg, msg, signer)
 
 
 def plan_digest(plan: PlanConfig, extra: dict[str, float] | None = None) -> str:
