@@ -490,7 +490,15 @@ class EdgeAgent:
                 if not fetched:  # a late delivery of an earlier fetch: not for this keyframe
                     self.log.debug("ignoring a delta on %s (not being fetched)", topic)
                     continue
-                if not payload:  # cleared
+                if self.keyframe is not None and self.keyframe.version != base:
+                    # A newer keyframe was taken while this delta was on its way (the fetch is
+                    # always from the keyframe held): it no longer applies, nor is it refused.
+                    self.log.debug(
+                        "passing over a delta from v%d: keyframe now v%d",
+                        base,
+                        self.keyframe.version,
+                    )
+                elif not payload:  # cleared
                     self._keyframe_gone(topic, base)
                 elif not self._accept_delta(payload):
                     self._delta_failed = self.announced  # fetch the full model instead

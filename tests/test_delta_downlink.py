@@ -403,3 +403,32 @@ def test_an_autoencoders_threshold_travels_with_the_delta(tmp_path: Path) -> Non
         snap = Snapshot(**{**snaps[1].__dict__, "threshold": threshold})
         payload, _ = delta_payload(cfg, signer, snap, store.frames[1])
         assert kfm.rebuild(held, _delta(payload, signer)).threshold == threshold
+
+
+def test_a_delta_from_a_keyframe_replaced_while_it_was_fetched_is_passed_over(
+    tmp_path: Path,
+) -> None:
+    """A device fetching the delta from its keyframe v1 takes a newer keyframe (v3, its full
+    model on a topic it was still subscribed to) before that delta arrives, in the same batch
+    of messages: the delta no longer applies and is passed over, neither counted as a
+    refusal (``delta/base``) nor a reason to fetch the full model next."""
+    device = make_device(tmp_path / "dev-1")
+    signer = device.aggregator
+    cfg = _cfg(tmp_path / "agg", "topk:0.1+zlib", keyframe_every=2, keyframe_fraction=1.0)
+    fed = cfg.federation.id
+    store = KeyframeStore(tmp_path / "kf", keep=3)
+    snaps = _walk(4)
+    releases = [prepare(cfg, signer, store, s) for s in snaps]
+    assert releases[0].keyframe is not None and releases[2].keyframe is not None
+    agent = EdgeAgent(device.config(None))  # never connected: the inbox is filled here
+    agent._accept_spec(wire.encode(wire.SpecMessage(fed, "aggregator", SPEC), signer))
+    agent._accept_model(releases[0].keyframe)
+    assert agent.keyframe is not None and agent.keyframe.version == 1
+    agent.announced, agent.announced_keyframes = 4, (1, 3)
+    agent._fetch_topic, agent._fetching_since = topics.delta(fed, 1), 0.0  # fetching delta/1
+    agent._inbox.put(topics.model(fed), releases[2].keyframe)
+    agent._inbox.put(topics.delta(fed, 1), releases[3].deltas[1])
+    agent._drain_inbox()
+    assert agent.keyframe.version == 3 and agent.current_version == 3
+    assert agent.rejected == {} and agent._delta_failed is None
+    assert agent._fetching_since is None  # the fetch is over: the next one starts from v3
