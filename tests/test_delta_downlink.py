@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent_helpers import SPEC, AgentThread, FakeAggregator, make_device, wait_until
+from test_agent_helpers import (
+    SPEC,
+    AgentThread,
+    Device,
+    FakeAggregator,
+    make_device,
+    spec_payload,
+    wait_until,
+)
 from test_aggregator_support import Federation
 
 from aggregator.config import AggregatorConfig
@@ -46,6 +54,16 @@ def _walk(versions: int, seed: int = 1) -> list[Snapshot]:
         p = (p + rng.normal(0, 0.05, p.size)).astype(np.float32)
         out.append(Snapshot(1, v, b"", p.copy(), {"loss": 0.5}, 1000.0 + v))
     return out
+
+
+def _site(tmp_path: Path, keyframe_every: int) -> tuple[Device, AggregatorConfig, KeyframeStore]:
+    """A device and the aggregator side that signs for it: top-k 10 % deltas, a keyframe
+    every ``keyframe_every`` versions (never for size), three kept."""
+    device = make_device(tmp_path / "dev-1")
+    cfg = _cfg(
+        tmp_path / "agg", "topk:0.1+zlib", keyframe_every=keyframe_every, keyframe_fraction=1.0
+    )
+    return device, cfg, KeyframeStore(tmp_path / "kf", keep=3)
 
 
 def _held(payload: bytes, signer: Ed25519Signer) -> kfm.Held:
@@ -243,11 +261,9 @@ def test_which_message_a_device_fetches() -> None:
 def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
-    device = make_device(tmp_path / "dev-1")
+    device, cfg, store = _site(tmp_path, keyframe_every=100)
     signer = device.aggregator
-    cfg = _cfg(tmp_path / "agg", "topk:0.1+zlib", keyframe_every=100, keyframe_fraction=1.0)
     fed = cfg.federation.id
-    store = KeyframeStore(tmp_path / "kf", keep=3)
     snaps = _walk(18)
     agg = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
 
@@ -412,16 +428,13 @@ def test_a_delta_from_a_keyframe_replaced_while_it_was_fetched_is_passed_over(
     model on a topic it was still subscribed to) before that delta arrives, in the same batch
     of messages: the delta no longer applies and is passed over, neither counted as a
     refusal (``delta/base``) nor a reason to fetch the full model next."""
-    device = make_device(tmp_path / "dev-1")
+    device, cfg, store = _site(tmp_path, keyframe_every=2)
     signer = device.aggregator
-    cfg = _cfg(tmp_path / "agg", "topk:0.1+zlib", keyframe_every=2, keyframe_fraction=1.0)
     fed = cfg.federation.id
-    store = KeyframeStore(tmp_path / "kf", keep=3)
-    snaps = _walk(4)
-    releases = [prepare(cfg, signer, store, s) for s in snaps]
+    releases = [prepare(cfg, signer, store, s) for s in _walk(4)]
     assert releases[0].keyframe is not None and releases[2].keyframe is not None
     agent = EdgeAgent(device.config(None))  # never connected: the inbox is filled here
-    agent._accept_spec(wire.encode(wire.SpecMessage(fed, "aggregator", SPEC), signer))
+    agent._accept_spec(spec_payload(signer))
     agent._accept_model(releases[0].keyframe)
     assert agent.keyframe is not None and agent.keyframe.version == 1
     agent.announced, agent.announced_keyframes = 4, (1, 3)
