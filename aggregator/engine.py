@@ -23,7 +23,12 @@ rows of the buffer -- typically a late update on an older version took the devic
 its update on the newest one follows -- is not refused but held, as received, for the next
 buffer: ``flushes + 2``. At most one per device is held, and only an update within
 ``max_staleness`` of the next version (so FedAvg, which takes only the current version, holds
-none); any other is refused as ``device_quota``, as before. Only a device holding rows of the
+none); any other is refused as ``device_quota``, as before. Of two updates of one device over
+the quota, the one it made later (higher ``seq``; on a tie, the one received later) is held and
+the other refused as ``superseded``: a device whose uploads arrive in a burst (a lagging or
+restored link) keeps its freshest update, as its outbox keeps only the newest unsent one.
+While an update is held no flush happens, so the one held in its place waits for the same
+flush. Only a device holding rows of the
 buffer has one held, so they never number more than the buffer's capacity: all fit in the
 next buffer. Every flush re-applies the held updates at once into the buffer it empties, so
 they are in the buffer of flush ``flushes + 2`` of the moment they were held (a rollback
@@ -72,7 +77,7 @@ from aggregator.validate import (
 from fedmqtt import topics
 from fedmqtt.aggregation.threshold import ThresholdEstimator
 from fedmqtt.codecs import decode_params
-from fedmqtt.errors import DEVICE_QUOTA, HELD, REPLAY, RejectedError
+from fedmqtt.errors import DEVICE_QUOTA, HELD, REPLAY, SUPERSEDED, RejectedError
 from fedmqtt.models import init_params
 from fedmqtt.models.anomaly import quantile_level
 from fedmqtt.params import F32
@@ -368,16 +373,13 @@ class Engine:
             try:
                 self.strategy.admit(meta.sender)  # step 8b
             except RejectedError as err:
-                need = 0 if held or err.reason != DEVICE_QUOTA else self._hold(meta, e)
+                need = 0 if held or err.reason != DEVICE_QUOTA else self._hold(e, rejected)
                 if need:
                     return need
                 raise
             norm = self._fill(e)
         except RejectedError as err:
-            rejected[err.reason] += 1
-            self.reject_log(self._device(e), err.reason, err.detail)
-            self.telemetry.rejected(self._device(e), err.reason, time.time())
-            self._observe(meta.update_id if meta is not None else None, err.reason)
+            self._refuse(e, err, rejected)
             return self._replay_needs(err) if err.reason == REPLAY else 0
         need = self.flushes + 1
         self.telemetry.accepted(meta.sender, tau, meta.base_version, time.time())
@@ -385,15 +387,33 @@ class Engine:
         self._commit(meta, tau, norm, now)
         return need
 
-    def _hold(self, meta: UpdateMeta, e: _Update | Verified) -> int:
+    def _refuse(self, e: _Update | Verified, err: RejectedError, rejected: Counter[str]) -> None:
+        """Count, log and report the refusal of ``e``."""
+        rejected[err.reason] += 1
+        self.reject_log(self._device(e), err.reason, err.detail)
+        self.telemetry.rejected(self._device(e), err.reason, time.time())
+        self._observe(e.meta.update_id if e.meta is not None else None, err.reason)
+
+    def _hold(self, e: _Update | Verified, rejected: Counter[str]) -> int:
         """Hold an update over its device's quota for the next buffer: the flush it needs
-        (``flushes + 2``), or 0 if it may not be held (then it is refused)."""
+        (``flushes + 2``), or 0 if it may not be held (then it is refused as ``device_quota``).
+        RejectedError (``superseded``) if the device's held update was made later; one made
+        earlier is refused in its place."""
+        meta = e.meta
+        assert meta is not None
         if not self._defers or self.version + 1 - meta.base_version > self.strategy.max_staleness:
             return 0
         waiting = self.deferred.get(meta.sender)
-        if waiting is not None:  # a redelivery of the held update waits with it
-            same = waiting.meta is not None and waiting.meta.update_id == meta.update_id
-            return self.flushes + 2 if same else 0
+        if waiting is not None:
+            assert waiting.meta is not None
+            if waiting.meta.update_id == meta.update_id:  # a redelivery waits with it
+                return self.flushes + 2
+            later = RejectedError(
+                SUPERSEDED, f"a later update of {meta.sender!r} waits for the next buffer"
+            )
+            if waiting.meta.seq > meta.seq:
+                raise later
+            self._refuse(waiting, later, rejected)
         self.deferred[meta.sender] = e
         self.metrics.deferred += 1
         self.metrics.held = len(self.deferred)

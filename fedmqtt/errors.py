@@ -26,6 +26,7 @@ FUTURE: Final = "future"  # base_version newer than the current global version
 NORM: Final = "norm"  # update norm above the accepted bound
 RATE_LIMITED: Final = "rate_limited"  # the device sends faster than its per-device rate
 DEVICE_QUOTA: Final = "device_quota"  # the device already holds its rows in this buffer/window
+SUPERSEDED: Final = "superseded"  # over DEVICE_QUOTA, and a later update of the device is held
 NOT_SELECTED: Final = "not_selected"  # the plan's selection does not let the device train then
 PRIVACY_BUDGET: Final = "privacy_budget"  # the device (or, on_budget = stop, any) spent its ε
 # Device side only (not an update rejection): a model that names a spec the device does not hold.
@@ -51,6 +52,7 @@ REASONS: Final = (
     NORM,
     RATE_LIMITED,
     DEVICE_QUOTA,
+    SUPERSEDED,
     NOT_SELECTED,
     PRIVACY_BUDGET,
 )

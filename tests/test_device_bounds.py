@@ -64,7 +64,7 @@ def msg(fed: Federation, device: str, delta: np.ndarray, **kw: Any) -> tuple[str
 
 def flood_then_honest(fed: Federation, floods: int) -> list[tuple[str, bytes]]:
     """``floods`` updates of the attacker with fresh ids, then one of each honest device."""
-    items = [msg(fed, "bad", BAD) for _ in range(floods)]
+    items = [msg(fed, "bad", BAD, seq=i) for i in range(floods)]
     return items + [msg(fed, d, honest_delta(i)) for i, d in enumerate(HONEST)]
 
 
@@ -74,11 +74,12 @@ def test_fedbuff_robust_reducer_holds_with_one_row_per_device(fed: Federation, r
     before = e.params.copy()
     needs = e.process(flood_then_honest(fed, floods=4), now=0.0)
     # One row of the attacker and four honest ones fill the buffer of five: one version. Its
-    # second update waits for the next buffer (flush 2); a refusal waits for nothing durable.
+    # later updates wait for the next buffer (flush 2) in turn, each refusing the one before
+    # it as superseded, which was held for the same flush.
     assert e.version == 1
-    assert needs == [1, 2, 0, 0, 1, 1, 1, 1]
+    assert needs == [1, 2, 2, 2, 1, 1, 1, 1]
     snap = e.metrics.snapshot()
-    assert snap["rejected"] == {"device_quota": 2} and snap["deferred"] == 1
+    assert snap["rejected"] == {"superseded": 2} and snap["deferred"] == 3
     assert snap["accepted"] == 6
     assert [p.meta.sender for p in e.strategy.pending] == ["bad"]
     rows = np.stack([BAD, *(honest_delta(i) for i in range(4))])
@@ -105,18 +106,19 @@ def test_unbounded_buffer_lets_one_device_own_the_median(fed: Federation) -> Non
 
 def test_max_per_device_two_and_a_refused_update_is_accepted_later(fed: Federation) -> None:
     e = engine(fed, buffer_size=4, max_per_device=2)
-    items = [msg(fed, "bad", BAD * 0.001, update_id=f"bad-update-{i}") for i in range(4)]
+    items = [msg(fed, "bad", BAD * 0.001, update_id=f"bad-update-{i}", seq=i) for i in range(4)]
     items.append(msg(fed, "h0", honest_delta(0)))
     needs = e.process(items, now=0.0)
-    # Two rows, one held for the next buffer, one refused.
-    assert needs == [1, 1, 2, 0, 1] and e.metrics.snapshot()["rejected"] == {"device_quota": 1}
+    # Two rows; the third is held for the next buffer until the fourth takes its place.
+    assert needs == [1, 1, 2, 2, 1] and e.metrics.snapshot()["rejected"] == {"superseded": 1}
     assert [p.meta.sender for p in e.strategy.pending] == ["bad", "bad", "h0"]
     # The refused update changed nothing: it is not in the replay window, and the same
     # update in the next buffer is accepted (after the held one).
     e.process([msg(fed, "h1", honest_delta(1))], now=0.0)
     assert e.version == 1
-    assert [p.meta.update_id for p in e.strategy.pending] == ["bad-update-2"]
-    assert e.process([msg(fed, "bad", BAD * 0.001, update_id="bad-update-3")], now=0.0) == [2]
+    assert [p.meta.update_id for p in e.strategy.pending] == ["bad-update-3"]
+    again = msg(fed, "bad", BAD * 0.001, update_id="bad-update-2", seq=2)
+    assert e.process([again], now=0.0) == [2]
     assert e.metrics.snapshot()["accepted"] == 6
 
 
@@ -147,13 +149,30 @@ def test_a_held_update_is_applied_by_the_flush_it_waits_for(fed: Federation) -> 
     np.testing.assert_allclose(e.params - before, expected, atol=1e-6)
 
 
-def test_one_update_held_per_device_and_its_redelivery_waits_with_it(fed: Federation) -> None:
+def test_one_update_held_per_device_the_latest_and_its_redelivery_waits_with_it(
+    fed: Federation,
+) -> None:
+    """A device's updates arriving in a burst (u0 takes its row): the held update is the
+    latest it made, whatever the order they arrive in; the others are refused as superseded."""
     e = engine(fed, buffer_size=3)
-    items = [msg(fed, "bad", BAD, update_id=f"{i:032x}") for i in range(3)]
-    items.insert(2, msg(fed, "bad", BAD, update_id=f"{1:032x}"))  # the broker redelivers u1
-    assert e.process(items, now=0.0) == [1, 2, 2, 0]
-    assert list(e.deferred) == ["bad"] and e.metrics.snapshot()["deferred"] == 1
-    assert e.metrics.snapshot()["rejected"] == {"device_quota": 1}
+
+    def u(i: int) -> tuple[str, bytes]:
+        return msg(fed, "bad", BAD, update_id=f"{i:032x}", seq=i)
+
+    # u1 held, redelivered by the broker (waits with it), then u3 takes its place.
+    assert e.process([u(0), u(1), u(1), u(3)], now=0.0) == [1, 2, 2, 2]
+    assert e.deferred["bad"].meta is not None
+    assert e.deferred["bad"].meta.update_id == f"{3:032x}"
+    assert e.metrics.snapshot()["rejected"] == {"superseded": 1}
+    # An earlier update arriving after it (here u2) is refused at once; u3 stays held.
+    assert e.process([u(2)], now=0.0) == [0]
+    assert e.deferred["bad"].meta.update_id == f"{3:032x}"
+    assert e.metrics.snapshot()["rejected"] == {"superseded": 2}
+    assert e.metrics.snapshot()["deferred"] == 2 and e.metrics.snapshot()["held"] == 1
+    # The next flush applies u3 (the latest) into the new buffer.
+    e.process([msg(fed, "h0", honest_delta(0)), msg(fed, "h1", honest_delta(1))], now=0.0)
+    assert e.version == 1
+    assert [p.meta.update_id for p in e.strategy.pending] == [f"{3:032x}"]
 
 
 def test_a_rollback_applies_the_held_updates_before_its_own_flush(fed: Federation) -> None:
@@ -289,10 +308,10 @@ def test_a_flooding_device_does_not_stall_honest_devices(
     """One device floods (fresh update ids, as fast as its client can) through a Receive
     Maximum window of 40 while four honest devices each send their next update once the
     previous one is in a published version, as agents do. Its excess is refused at once
-    (``rate_limited``, ``device_quota``) and acknowledged in its turn, so the honest updates keep
-    arriving: all of them are applied within the time limit, and the flooder holds at most
-    one row of each buffer. (Refusals that held their PUBACKs would fill the window with the
-    flood and starve the honest devices: the test then times out.)"""
+    (``rate_limited``, ``device_quota``, ``superseded``) and acknowledged in its turn, so the
+    honest updates keep arriving: all of them are applied within the time limit, and the
+    flooder holds at most one row of each buffer. (Refusals that held their PUBACKs would fill
+    the window with the flood and starve the honest devices: the test then times out.)"""
     fed = Federation(tmp_path, FLOOD_SPEC, devices=(*HONEST, "bad"))
     layout = FLOOD_SPEC.layout()
     cfg = fed.config(
@@ -370,7 +389,7 @@ def test_a_flooding_device_does_not_stall_honest_devices(
         watcher.close()
     n_honest = ROUNDS * len(HONEST)
     rejected = snap["rejected"]
-    assert set(rejected) <= {"rate_limited", "device_quota"}, rejected
+    assert set(rejected) <= {"rate_limited", "device_quota", "superseded"}, rejected
     assert rejected["rate_limited"] > 10 * n_honest, (rejected, flooded[0])
     bad_rows = snap["accepted"] - n_honest
     # One row of the flooder per buffer at most: the versions made, plus the buffer in hand.
