@@ -19,7 +19,9 @@ Steps, cheapest first, each refusing with a reason constant from :mod:`fedmqtt.e
     (:mod:`aggregator.ratelimit`);
 8b. ``device_quota``: the device already holds ``[strategy] max_per_device`` rows of the buffer
     (FedAsync: of the last ``device_window`` versions), see
-    :meth:`aggregator.strategies.Strategy.admit`;
+    :meth:`aggregator.strategies.Strategy.admit` (FedBuff holds the device's latest update over
+    the bound for the next buffer and refuses one it replaces as ``superseded``,
+    :mod:`aggregator.engine`);
 9. ``shape`` / ``size`` / ``codec`` / ``nonfinite``: the delta does not decode into exactly the
    model's tensors with finite values (decoded straight into the caller's buffer row);
 10. ``norm``: L2 norm above ``[limits] max_norm``, above ``norm_reject_factor`` times the
