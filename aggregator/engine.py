@@ -28,12 +28,12 @@ the quota, the one it made later (higher ``seq``; on a tie, the one received lat
 the other refused as ``superseded``: a device whose uploads arrive in a burst (a lagging or
 restored link) keeps its freshest update, as its outbox keeps only the newest unsent one.
 While an update is held no flush happens, so the one held in its place waits for the same
-flush. Only a device holding rows of the
-buffer has one held, so they never number more than the buffer's capacity: all fit in the
-next buffer. Every flush re-applies the held updates at once into the buffer it empties, so
-they are in the buffer of flush ``flushes + 2`` of the moment they were held (a rollback
-applies that buffer before its own flush): they are checked again there (staleness, replay,
-the strategy's admission; not the rate, already taken) and accepted or refused.
+flush. Only a device holding rows of the buffer has one held, so they never number more than
+the buffer's capacity: all fit in the next buffer. Every flush re-applies the held updates at
+once into the buffer it empties, so they are in the buffer of flush ``flushes + 2`` of the
+moment they were held (a rollback applies that buffer before its own flush): they are
+checked again there (staleness, replay, the strategy's admission; not the rate, already
+taken) and accepted or refused.
 """
 
 from __future__ import annotations
