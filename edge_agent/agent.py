@@ -474,10 +474,15 @@ class EdgeAgent:
         return sum(self.downloaded.values())
 
     def _drain_inbox(self) -> None:
+        # The full model is subscribed to only to fetch it. One published as the fetch ended
+        # can arrive in a later batch, before the broker took the unsubscription: it is passed
+        # over unless it is a keyframe (held as the base of later deltas). Installing it would
+        # make the device train on it when next due instead of fetching the newest.
+        fetching_model = self._fetch_topic == self.topic_model and self._fetching_since is not None
         for topic, payload in self._inbox.take_all():
             fetched = topic == self._fetch_topic and self._fetching_since is not None
             if topic == self.topic_model:
-                self._accept_model(payload)
+                self._accept_model(payload, late=not fetching_model)
                 if fetched:
                     self._fetch_done()
             elif topic == self.topic_keyframe:
@@ -542,9 +547,14 @@ class EdgeAgent:
             keep = f"; keeping v{self.model.version}" if self.model else "; no model yet"
         self.log.warning("ignored %s message: %s: %s%s", kind, reason, detail, keep)
 
-    def _accept_model(self, payload: bytes, *, from_disk: bool = False) -> None:
+    def _accept_model(self, payload: bytes, *, from_disk: bool = False, late: bool = False) -> None:
+        """Verify and install a full model (``late``: delivered after its fetch ended, kept
+        only if it is a keyframe)."""
         msg: wire.GlobalModel | None = self._verified("model", payload, wire.GlobalModel, from_disk)
         if msg is None:
+            return
+        if late and not msg.keyframe:
+            self.log.debug("passing over v%d, delivered after its fetch ended", msg.version)
             return
         if msg.keyframe:  # stored as the keyframe, which is also the model until a newer one
             self._hold_keyframe(msg, payload, from_disk)

@@ -20,12 +20,14 @@ from test_agent_helpers import (
     FakeAggregator,
     make_device,
     model_payload,
+    spec_payload,
     wait_until,
 )
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, TrainingConfig
 from edge_agent.relisten import Relisten
+from edge_agent.state import GLOBAL_MODEL_FILE
 from fedmqtt import readiness, topics
 from fedmqtt.errors import ConfigError
 from simulator.broker import Mosquitto
@@ -154,6 +156,33 @@ def test_longer_rounds_do_not_hear_the_versions_published_meanwhile(
     # Listening throughout would hear all of them. Each round hears the retained one, the first
     # newer one if the retained one was not, and at times one in flight as it unsubscribes.
     assert heard <= 3 * 4, f"{heard} announcements heard of {versions} published"
+
+
+def test_a_model_delivered_after_its_fetch_ended_is_passed_over(tmp_path: Path) -> None:
+    """A model published as a fetch ends can arrive after it, before the broker took the
+    unsubscription. Installed, the device would train on it when next due instead of fetching
+    the newest (under load, a device paced at 0.3 s with versions every 30 ms then trained
+    every other round on the version just after the one it fetched); it is passed over, and
+    only a model arriving while the model is being fetched is taken."""
+    device = make_device(tmp_path / "dev-1")
+    agent = EdgeAgent(device.config(None))  # never connected: the inbox is filled here
+    agent._accept_spec(spec_payload(device.aggregator))
+    model = topics.model(FED)
+    agent._fetch_topic, agent._fetching_since = model, 0.0
+    # The fetch's own batch: the retained model and one published meanwhile, the newest wins.
+    agent._inbox.put(model, model_payload(4, device.aggregator))
+    agent._inbox.put(model, model_payload(5, device.aggregator))
+    agent._drain_inbox()
+    assert agent.current_version == 5 and agent._fetching_since is None
+    stored = (agent.state_dir / GLOBAL_MODEL_FILE).read_bytes()
+    # A later batch: passed over, not stored, and not refused either.
+    agent._inbox.put(model, model_payload(6, device.aggregator))
+    agent._drain_inbox()
+    assert agent.current_version == 5 and agent.rejected == {}
+    assert (agent.state_dir / GLOBAL_MODEL_FILE).read_bytes() == stored
+    # Announced, it is fetched when the device is due (nothing held back the fetch).
+    agent.announced = 6
+    assert agent._knows_newer()
 
 
 def test_one_version_per_round_hears_one_announcement_per_round(
