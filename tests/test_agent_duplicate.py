@@ -33,8 +33,9 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
 
 # The agent, with Outbox.acked holding (until SIGKILL) on the PUBACK of an update still on disk.
+# The marker is renamed into place so that the test, polling for it, never reads it half-written.
 HELD_AGENT = """
-import sys, threading
+import os, sys, threading
 from pathlib import Path
 from edge_agent.cli import main
 from edge_agent.outbox import Outbox
@@ -44,7 +45,8 @@ acked = Outbox.acked
 
 def held(self, name):
     if (self.directory / name).exists():
-        Path(marker).write_text(name)
+        Path(marker + ".tmp").write_text(name)
+        os.replace(marker + ".tmp", marker)
         threading.Event().wait()
     return acked(self, name)
 
