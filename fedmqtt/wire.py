@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
@@ -114,6 +115,7 @@ SHORT_KEYS: Final[Mapping[str, str]] = {
     "onnx": "O",
     "loss": "E",
     "agent": "A",
+    "spec_z": "Z",
 }
 """Each top-level body field's key in a compact body: the one table, for every message type
 (this module's and :mod:`fedmqtt.fedeval`'s). Nested maps keep their keys."""
@@ -674,6 +676,11 @@ class SpecMessage:
     fingerprint; published, retained, when it changes. The receiver recomputes the
     fingerprint from the spec and refuses a message whose declared fingerprint differs.
 
+    The spec travels as a map (``spec``) or, in the compact form, as the zlib stream of that
+    map packed (``spec_z``) when that is smaller: preprocessing constants are float64 lists
+    that repeat (digits: 64 zeros and 64 equal scales, 1.2 KB as a map). A body carries
+    exactly one of the two; the fingerprint is the spec's, whichever way it travelled.
+
     ``genesis`` (field ``init``, absent when None, so older receivers ignore it): how to build
     version 0 without downloading it, given only while the aggregator holds that version 0."""
 
@@ -687,14 +694,21 @@ class SpecMessage:
     def fingerprint(self) -> str:
         return self.spec.fingerprint()
 
-    def to_body(self) -> dict[str, Any]:
+    def to_body(self, *, deflate: bool = False) -> dict[str, Any]:
+        """The body; ``deflate``: the spec as ``spec_z`` if that is smaller (compact form only:
+        receivers of earlier releases read ``spec`` alone)."""
+        spec: dict[str, Any] = {"spec": self.spec.to_wire()}
+        if deflate:
+            z = zlib.compress(_pack(spec["spec"]), 9)
+            if len(z) < len(_pack(spec)):
+                spec = {"spec_z": z}
         body: dict[str, Any] = {
             "v": VERSION,
             "type": "spec",
             "federation": self.federation,
             "sender": self.sender,
             "fingerprint": self.fingerprint,
-            "spec": self.spec.to_wire(),
+            **spec,
             "created_at": self.created_at,
         }
         if self.genesis is not None:
@@ -702,14 +716,40 @@ class SpecMessage:
         return body
 
     @classmethod
-    def from_body(cls, m: Mapping[str, Any]) -> SpecMessage:
+    def from_body(
+        cls, m: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> SpecMessage:
+        """Parse a body; ``max_bytes`` also bounds what ``spec_z`` inflates to."""
         fed, sender = _common(m, "spec")
-        spec = ModelSpec.from_wire(field_of(m, "spec", dict))
+        if ("spec" in m) == ("spec_z" in m):
+            raise DecodeError(SCHEMA, "a spec message carries exactly one of spec and spec_z")
+        if "spec" in m:
+            raw = field_of(m, "spec", dict)
+        else:
+            packed = _inflate_bounded(field_of(m, "spec_z", bytes), max_bytes, "spec_z")
+            raw = unpack_map(packed, max_bytes=max_bytes)
+        spec = ModelSpec.from_wire(raw)
         declared = field_of(m, "fingerprint", str)
         if declared != spec.fingerprint():
             raise DecodeError(SCHEMA, f"declared fingerprint {declared} is not the spec's")
         genesis = Genesis.from_wire(m["init"]) if "init" in m else None
         return cls(fed, sender, spec, _number(m, "created_at"), genesis)
+
+
+def _inflate_bounded(data: bytes, limit: int, key: str) -> bytes:
+    """The single zlib stream ``data`` inflated, at most ``limit`` bytes (zlib allocates only
+    what it produces, so a bomb stops at ``limit + 1``); DecodeError(SCHEMA) for anything
+    else: a longer, truncated, corrupt or trailed stream."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise DecodeError(SCHEMA, f"field {key!r} is not a zlib stream: {e}") from None
+    if len(out) > limit:
+        raise DecodeError(SCHEMA, f"field {key!r} inflates to more than {limit} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise DecodeError(SCHEMA, f"field {key!r} is a truncated or trailed zlib stream")
+    return out
 
 
 UNSTATED_SPEC: Final = ""
@@ -920,7 +960,10 @@ M = TypeVar("M", Update, GlobalModel, ModelDelta, SpecMessage, Announce, Plan, S
 
 
 def encode(msg: Message, signer: Signer, *, compact: bool = True) -> bytes:
-    """``msg`` sealed by ``signer``, compact unless ``compact`` is False (:func:`seal`)."""
+    """``msg`` sealed by ``signer``, compact unless ``compact`` is False (:func:`seal`); the
+    compact form also deflates a spec message's spec (:class:`SpecMessage`)."""
+    if isinstance(msg, SpecMessage):
+        return seal(msg.to_body(deflate=compact), signer, compact=compact)
     return seal(msg.to_body(), signer, compact=compact)
 
 
@@ -955,6 +998,9 @@ def parse(
         if cls is ModelDelta:
             delta: Any = ModelDelta.from_body(body, specs)
             return cast(M, delta)
+        if cls is SpecMessage:
+            spec_msg: Any = SpecMessage.from_body(body, max_bytes=max_bytes)
+            return cast(M, spec_msg)
         return cls.from_body(body)
     except DecodeError:
         raise

@@ -3,6 +3,7 @@ cannot make one body mean two things, and malformed compact input is refused as 
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import msgpack
@@ -14,6 +15,7 @@ from fedmqtt import wire
 from fedmqtt.cohort import Selection
 from fedmqtt.errors import SCHEMA, DecodeError
 from fedmqtt.fedeval import EvalReport, decode_report
+from fedmqtt.models.spec import ModelSpec
 from fedmqtt.signing import ChaChaPolyKey
 
 
@@ -77,9 +79,10 @@ def test_every_message_reads_back_the_same_in_both_forms_and_compact_is_smaller(
     compact, long = wire.encode(msg, key), wire.encode(msg, key, compact=False)
     assert wire.is_compact(compact) and not wire.is_compact(long)
     assert _same(_decode(compact, msg, key), msg) and _same(_decode(long, msg, key), msg)
-    assert wire.unpack_body(wire.open_envelope(compact)) == wire.unpack_body(
-        wire.open_envelope(long)
-    )
+    c_body = wire.unpack_body(wire.open_envelope(compact))
+    if "spec_z" in c_body:  # a spec message's spec, deflated (the long form carries the map)
+        c_body["spec"] = msgpack.unpackb(zlib.decompress(c_body.pop("spec_z")))
+    assert c_body == wire.unpack_body(wire.open_envelope(long))
     assert len(compact) < len(long)
 
 
@@ -96,6 +99,7 @@ def test_the_key_tables_are_one_to_one_and_disjoint_from_the_long_names() -> Non
     assert len(set(shorts)) == len(shorts)
     assert set(shorts) & set(wire.SHORT_KEYS) == {"v"}  # only the schema version is shared
     keys = {k for m, _ in _messages() for k in m.to_body()}
+    keys |= set(wire.SpecMessage("fed", "agg", SPEC).to_body(deflate=True))
     r = EvalReport("fed", "dev1", 4, "ab", 30, 0.7, {}, "a", 1.0)
     assert keys | set(r.to_body()) == set(wire.SHORT_KEYS)  # every field, nothing unused
 
@@ -151,3 +155,66 @@ def test_a_signed_compact_body_with_an_unknown_key_is_refused() -> None:
 def test_a_sender_cannot_seal_a_field_without_a_short_name() -> None:
     with pytest.raises(ValueError, match="no short name"):
         wire.seal({"v": 1, "type": "update", "surprise": 1}, DEV_KEY)
+
+
+DIGITS_LIKE = ModelSpec(
+    "softmax", 64, 10, feature_offset=(0.0,) * 64, feature_scale=(1.0 / 16.0,) * 64
+)
+
+
+def test_a_compact_spec_message_carries_its_spec_deflated_and_the_same_fingerprint() -> None:
+    msg = wire.SpecMessage("fed", "agg", DIGITS_LIKE, 1.0)
+    compact, long = wire.encode(msg, AGG_KEY), wire.encode(msg, AGG_KEY, compact=False)
+    assert "spec_z" in wire.unpack_body(wire.open_envelope(compact))
+    assert "spec" in wire.unpack_body(wire.open_envelope(long))  # what earlier releases read
+    assert len(compact) < len(long) / 4  # 128 float64 constants, all repeats
+    got = wire.decode(compact, wire.SpecMessage, AGG_KEY.verifier())
+    assert got == msg and got.fingerprint == DIGITS_LIKE.fingerprint()
+
+
+def test_a_spec_that_deflates_to_more_bytes_stays_a_map() -> None:
+    tiny = ModelSpec("linear", 1, 1)
+    body = wire.unpack_body(
+        wire.open_envelope(wire.encode(wire.SpecMessage("f", "a", tiny), AGG_KEY))
+    )
+    assert "spec" in body and "spec_z" not in body
+
+
+def _spec_body(**change: Any) -> bytes:
+    """A compact spec message of DIGITS_LIKE, signed, with body fields changed (None: removed)."""
+    body = wire.SpecMessage("fed", "agg", DIGITS_LIKE, 1.0).to_body(deflate=True)
+    for k, v in change.items():
+        if v is None:
+            body.pop(k, None)
+        else:
+            body[k] = v
+    return wire.seal(body, AGG_KEY)
+
+
+_PACKED = msgpack.packb(DIGITS_LIKE.to_wire())
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"spec": DIGITS_LIKE.to_wire()}, "exactly one of spec and spec_z"),
+        ({"spec_z": None}, "exactly one of spec and spec_z"),
+        ({"spec_z": b"not zlib at all"}, "not a zlib stream"),
+        ({"spec_z": zlib.compress(_PACKED)[:-6]}, "truncated or trailed"),
+        ({"spec_z": zlib.compress(_PACKED) + b"tail"}, "truncated or trailed"),
+        ({"spec_z": zlib.compress(msgpack.packb([1, 2, 3]))}, "map"),
+        ({"spec_z": "text"}, "must be bytes"),
+    ],
+)
+def test_a_malformed_spec_z_is_refused_as_schema(change: dict[str, Any], needle: str) -> None:
+    with pytest.raises(DecodeError) as e:
+        wire.decode(_spec_body(**change), wire.SpecMessage, AGG_KEY.verifier())
+    assert e.value.reason == SCHEMA and needle in e.value.detail
+
+
+def test_a_spec_z_inflating_past_the_message_limit_is_refused() -> None:
+    bomb = zlib.compress(b"\x00" * (8 << 20), 9)  # 8 MiB of zeros in ~8 KB
+    payload = _spec_body(spec_z=bomb)
+    with pytest.raises(DecodeError) as e:
+        wire.decode(payload, wire.SpecMessage, AGG_KEY.verifier(), max_bytes=1 << 20)
+    assert e.value.reason == SCHEMA and "more than 1048576 bytes" in e.value.detail
