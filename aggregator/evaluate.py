@@ -22,6 +22,7 @@ from fedmqtt.errors import ConfigError
 from fedmqtt.models import build_model
 from fedmqtt.models.anomaly import anomaly_scores, auroc
 from fedmqtt.models.spec import ModelSpec
+from fedmqtt.npz import read_npz
 from fedmqtt.params import F32, Layout
 
 
@@ -37,12 +38,12 @@ class Holdout:
 
 def load_holdout(path: Path, spec: ModelSpec) -> Holdout:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "X" not in z or "y" not in z:
-                raise ConfigError(f"[evaluation] holdout {path}: needs arrays X and y")
-            X, y = np.asarray(z["X"], dtype=np.float32), np.asarray(z["y"])
+        arrays, _ = read_npz(path, ("X", "y"))
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ConfigError(f"[evaluation] holdout {path}: cannot read ({e})") from None
+    if "X" not in arrays or "y" not in arrays:
+        raise ConfigError(f"[evaluation] holdout {path}: needs arrays X and y")
+    X, y = np.asarray(arrays["X"], dtype=np.float32), np.asarray(arrays["y"])
     if X.ndim != 2 or X.shape[1] != spec.n_features or X.shape[0] == 0:
         raise ConfigError(
             f"[evaluation] holdout {path}: X must be (n > 0, {spec.n_features}), got {X.shape}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +37,7 @@ import numpy.typing as npt
 
 from edge_agent.config import DataConfig
 from fedmqtt.errors import FedMQTTError
+from fedmqtt.npz import read_npz
 
 F32 = npt.NDArray[np.float32]
 Array = npt.NDArray[Any]
@@ -121,16 +123,15 @@ def _load_csv(path: Path, cfg: DataConfig) -> tuple[F32, Array]:
 
 def _load_npz(path: Path, cfg: DataConfig) -> tuple[F32, Array]:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if cfg.x_key not in z or (cfg.labels and cfg.y_key not in z):
-                want = f"{cfg.x_key!r} and {cfg.y_key!r}" if cfg.labels else repr(cfg.x_key)
-                raise DataError(f"{path}: needs arrays {want}, has {sorted(z.files)}")
-            X = z[cfg.x_key]
-            y = z[cfg.y_key] if cfg.labels else np.zeros(X.shape[0], np.float32)
-    except DataError:
-        raise
-    except (OSError, ValueError) as e:  # ValueError: pickled object arrays, bad zip
+        wanted = (cfg.x_key, cfg.y_key) if cfg.labels else (cfg.x_key,)
+        arrays, files = read_npz(path, wanted)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:  # ValueError: pickled objects
         raise DataError(f"cannot load {path}: {e}") from None
+    if cfg.x_key not in arrays or (cfg.labels and cfg.y_key not in arrays):
+        want = f"{cfg.x_key!r} and {cfg.y_key!r}" if cfg.labels else repr(cfg.x_key)
+        raise DataError(f"{path}: needs arrays {want}, has {sorted(files)}")
+    X = arrays[cfg.x_key]
+    y = arrays[cfg.y_key] if cfg.labels else np.zeros(X.shape[0], np.float32)
     if X.ndim == 1:
         X = X.reshape(-1, 1)
     return np.asarray(X, dtype=np.float32), np.asarray(y)
