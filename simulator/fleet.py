@@ -77,7 +77,8 @@ class DeviceCounts:
     ``delivered``: updates the broker acknowledged; ``downloaded``: payload bytes the device's
     MQTT client received, by kind of message; ``written``: bytes written to its state
     directory; ``rounds``: training rounds completed; ``fetches``: model fetches started;
-    ``rejected``: messages the agent refused, by ``kind/reason``.
+    ``rejected``: messages the agent refused, by ``kind/reason``; ``failed``: rounds that
+    failed (the agent logs each and retries after ``[training] retry_s``).
     """
 
     delivered: int = 0
@@ -87,6 +88,7 @@ class DeviceCounts:
     fetches: int = 0
     acked: list[str] = field(default_factory=list)  # delivered update ids; filled at stop
     rejected: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
 
     @property
     def bytes_downloaded(self) -> int:
@@ -107,6 +109,7 @@ class DeviceCounts:
             self.fetches + other.fetches,
             self.acked + other.acked,
             rejected,
+            self.failed + other.failed,
         )
 
 
@@ -120,6 +123,7 @@ def _counts_of(agent: Any) -> DeviceCounts:
         agent.rounds_completed,
         agent.fetches,
         rejected=dict(agent.rejected),
+        failed=agent.rounds_failed,
     )
 
 

@@ -558,7 +558,8 @@ def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str,
     """Downlink and flash figures of the run, counted at the devices: ``bytes_downloaded`` is
     every payload the devices' MQTT clients received (model, plan, ONNX, ...), in total, by
     kind and per device; ``bytes_written_per_device_hour`` is the mean a device wrote to its
-    state directory, scaled to an hour of this run."""
+    state directory, scaled to an hour of this run; ``rounds_failed_by_agents`` the rounds
+    that failed (each logged by its agent; 0 in a healthy run)."""
     by_kind: dict[str, int] = {}
     for c in counts.values():
         for k, v in c.downloaded.items():
@@ -574,9 +575,8 @@ def _traffic(counts: dict[str, fleet.DeviceCounts], seconds: float) -> dict[str,
         "bytes_downloaded_per_device": {d: c.bytes_downloaded for d, c in sorted(counts.items())},
         "rounds_by_agents": sum(c.rounds for c in counts.values()),
         "model_fetches_by_agents": sum(c.fetches for c in counts.values()),
-        "rejected_by_agents": dict(
-            sorted(sum((Counter(c.rejected) for c in counts.values()), Counter()).items())
-        ),
+        "rejected_by_agents": dict(sorted(rejected.items())),
+        "rounds_failed_by_agents": sum(c.failed for c in counts.values()),
         "bytes_written_by_agents": sum(c.written for c in counts.values()),
         "bytes_written_per_device_hour": round(sum(c.written for c in counts.values()) / n / hours),
     }

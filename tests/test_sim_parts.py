@@ -91,3 +91,26 @@ def test_synthetic_is_heterogeneous() -> None:
     assert ds.X_train.shape[1] == 60
     sizes = [len(s[1]) for s in ds.device_shards]
     assert max(sizes) > 2 * min(sizes)
+
+
+def test_failed_rounds_are_counted_over_restarts_and_summed() -> None:
+    from types import SimpleNamespace
+
+    from simulator import fleet
+    from simulator.runner import _traffic
+
+    def agent(failed: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            updates_sent=1,
+            downloaded={"plan": 10},
+            bytes_written=5,
+            rounds_completed=2,
+            fetches=1,
+            rejected={},
+            rounds_failed=failed,
+        )
+
+    one = fleet._counts_of(agent(1)).plus(fleet._counts_of(agent(2)))  # restarted once
+    assert one.failed == 3 and one.rounds == 4
+    s = _traffic({"a": one, "b": fleet._counts_of(agent(0))}, 10.0)
+    assert s["rounds_failed_by_agents"] == 3 and s["rounds_by_agents"] == 6

@@ -166,6 +166,7 @@ def test_summary_json_and_plot(tmp_path: Path) -> None:
     assert s["bytes_written_by_agents"] > 0
     # a model is fetched for a round, not pushed for every version
     assert 0 < s["model_fetches_by_agents"] <= s["rounds_by_agents"] + 4
+    assert s["rounds_failed_by_agents"] == 0
     spec = federation_data(cfg).spec
     params = init_params(spec, np.random.default_rng(0))
     one_model = len(
