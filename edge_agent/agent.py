@@ -475,9 +475,9 @@ class EdgeAgent:
 
     def _drain_inbox(self) -> None:
         # The full model is subscribed to only to fetch it. One published as the fetch ended
-        # can arrive in a later batch, before the broker took the unsubscription: it is passed
-        # over unless it is a keyframe (held as the base of later deltas). Installing it would
-        # make the device train on it when next due instead of fetching the newest.
+        # can arrive in a later batch, before the broker took the unsubscription: it is not
+        # trained on (the device would train on it when next due instead of fetching the
+        # newest), only held if it is a keyframe, as the base of later deltas.
         fetching_model = self._fetch_topic == self.topic_model and self._fetching_since is not None
         for topic, payload in self._inbox.take_all():
             fetched = topic == self._fetch_topic and self._fetching_since is not None
@@ -548,16 +548,16 @@ class EdgeAgent:
         self.log.warning("ignored %s message: %s: %s%s", kind, reason, detail, keep)
 
     def _accept_model(self, payload: bytes, *, from_disk: bool = False, late: bool = False) -> None:
-        """Verify and install a full model (``late``: delivered after its fetch ended, kept
-        only if it is a keyframe)."""
+        """Verify and install a full model (``late``: delivered after its fetch ended: not
+        installed, only held if it is a keyframe)."""
         msg: wire.GlobalModel | None = self._verified("model", payload, wire.GlobalModel, from_disk)
         if msg is None:
             return
-        if late and not msg.keyframe:
-            self.log.debug("passing over v%d, delivered after its fetch ended", msg.version)
-            return
         if msg.keyframe:  # stored as the keyframe, which is also the model until a newer one
             self._hold_keyframe(msg, payload, from_disk)
+        if late:
+            self.log.debug("not training on v%d, delivered after its fetch ended", msg.version)
+            return
         self._install(msg, None if msg.keyframe else (st.GLOBAL_MODEL_FILE, payload), from_disk)
 
     def _hold_keyframe(self, msg: wire.GlobalModel, payload: bytes, from_disk: bool) -> None:
@@ -812,6 +812,8 @@ class EdgeAgent:
         if link is not None and self._fetch_wanted():
             if self._build_version_zero():
                 return  # version 0 is the one announced: nothing to fetch
+            if self._install_held_keyframe():
+                return  # the keyframe held (delivered late) is the one announced
             self._listen(self._listens_throughout())
             self._fetching_since = time.monotonic()
             self.fetches += 1
@@ -826,6 +828,16 @@ class EdgeAgent:
                 failed=self._delta_failed,
             )
             link.fetch(self._fetch_topic)
+
+    def _install_held_keyframe(self) -> bool:
+        """Train on the keyframe held if it is the version announced and newer than the model
+        (a keyframe delivered after its fetch ended is held, not installed): no download."""
+        kf, current = self.keyframe, self.current_version
+        if kf is None or kf.version != self.announced:
+            return False
+        if current is not None and kf.version <= current:
+            return False
+        return self._install(kf.msg, None, False)
 
     def _fetch_done(self, *, progress: bool = False) -> None:
         """The fetch ended (a message arrived, or it timed out): unsubscribe; if it brought

@@ -7,8 +7,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from test_agent_helpers import (
     AgentThread,
     Device,
     FakeAggregator,
+    global_model,
     make_device,
     model_payload,
     spec_payload,
@@ -27,8 +30,8 @@ from test_agent_helpers import (
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, TrainingConfig
 from edge_agent.relisten import Relisten
-from edge_agent.state import GLOBAL_MODEL_FILE
-from fedmqtt import readiness, topics
+from edge_agent.state import GLOBAL_MODEL_FILE, KEYFRAME_FILE
+from fedmqtt import readiness, topics, wire
 from fedmqtt.errors import ConfigError
 from simulator.broker import Mosquitto
 
@@ -183,6 +186,46 @@ def test_a_model_delivered_after_its_fetch_ended_is_passed_over(tmp_path: Path) 
     # Announced, it is fetched when the device is due (nothing held back the fetch).
     agent.announced = 6
     assert agent._knows_newer()
+
+
+def test_a_keyframe_delivered_after_its_fetch_ended_is_held_and_trained_on_only_when_announced(
+    tmp_path: Path,
+) -> None:
+    """A late keyframe is kept as the base of later deltas but not trained on: when it is the
+    version announced, the device takes it without a download; a newer one is fetched as a
+    delta from it."""
+    device = make_device(tmp_path / "dev-1")
+    agent = EdgeAgent(device.config(None))
+    agent._accept_spec(spec_payload(device.aggregator))
+    model = topics.model(FED)
+    agent._fetch_topic, agent._fetching_since = model, 0.0
+    agent._inbox.put(model, model_payload(5, device.aggregator))
+    agent._drain_inbox()
+    late = wire.encode(replace(global_model(6), keyframe=True), device.aggregator)
+    agent._inbox.put(model, late)
+    agent._drain_inbox()
+    assert agent.current_version == 5 and agent.rejected == {}
+    assert agent.keyframe is not None and agent.keyframe.version == 6
+    assert (agent.state_dir / KEYFRAME_FILE).read_bytes() == late
+    fetched: list[str] = []
+    agent.link = cast(
+        Any,
+        SimpleNamespace(
+            connected=True,
+            fetch=fetched.append,
+            watch=lambda *a: None,
+            release=lambda *a: None,
+            counters=SimpleNamespace(delivered=0),
+        ),
+    )  # only what a fetch uses
+    agent._fetched_untrained = False  # the round on v5 is done
+    agent.announced, agent.announced_keyframes = 6, (6,)
+    agent._fetch_if_ready()
+    assert agent.current_version == 6 and fetched == []  # no download
+    agent.announced = 7
+    agent._fetched_untrained = False
+    agent._fetch_if_ready()
+    assert fetched == [topics.delta(FED, 6)]
 
 
 def test_one_version_per_round_hears_one_announcement_per_round(
