@@ -835,9 +835,8 @@ class EdgeAgent:
         kf, current = self.keyframe, self.current_version
         if kf is None or kf.version != self.announced:
             return False
-        if current is not None and kf.version <= current:
-            return False
-        return self._install(kf.msg, None, False)
+        # Checked here, not left to _install, which counts an older version as refused.
+        return (current is None or kf.version > current) and self._install(kf.msg, None, False)
 
     def _fetch_done(self, *, progress: bool = False) -> None:
         """The fetch ended (a message arrived, or it timed out): unsubscribe; if it brought

@@ -699,8 +699,9 @@ class SpecMessage:
         receivers of earlier releases read ``spec`` alone)."""
         spec: dict[str, Any] = {"spec": self.spec.to_wire()}
         if deflate:
-            z = zlib.compress(_pack(spec["spec"]), 9)
-            if len(z) < len(_pack(spec)):
+            packed = _pack(spec["spec"])
+            z = zlib.compress(packed, 9)
+            if len(z) < len(packed):
                 spec = {"spec_z": z}
         body: dict[str, Any] = {
             "v": VERSION,
