@@ -27,6 +27,7 @@ class Point:
     released_accuracy: float | None = None
     rollbacks: int = 0
     epsilon: float | None = None  # differential privacy: ε of the worst-case device
+    eval_version: int | None = None  # the version ``accuracy`` is of
 
     @property
     def bytes_total(self) -> int:
@@ -74,9 +75,17 @@ class Progress:
             self.out.flush()
 
     def first_reaching(self, target: float) -> Point | None:
-        for p in self.history:
+        """The first point at which a version evaluated at ``target`` or above existed: the
+        version of the first evaluation reaching it, at the first point showing that version
+        published. What happened between its publication and its evaluation (the devices'
+        next downloads and uploads) is not counted, as a synchronous round's traffic after the
+        model it produces is not."""
+        for i, p in enumerate(self.history):
             if p.accuracy is not None and p.accuracy >= target:
-                return p
+                if p.eval_version is None:
+                    return p
+                v = p.eval_version
+                return next((q for q in self.history[: i + 1] if q.version >= v), p)
         return None
 
 

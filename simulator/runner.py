@@ -71,6 +71,7 @@ class SimConfig:
     stop_at_target: bool = False
     buffer_size: int | None = None
     compute_time: float = 0.3
+    sample_s: float = 0.25  # how often the progress history samples the aggregator and devices
     seed: int = 0
     broker: str | None = None
     workdir: Path | None = None
@@ -126,6 +127,8 @@ class SimConfig:
             raise ConfigError("--clients must be at least 1")
         if self.duration <= 0:
             raise ConfigError("--duration must be positive")
+        if not self.sample_s > 0:
+            raise ConfigError("sample_s must be positive")
         if not self.attacker_rate >= 1.0:
             raise ConfigError("--attacker-rate must be at least 1")
         if self.attack_start < 0:
@@ -363,7 +366,7 @@ class _Simulation:
         error: str | None = None
         try:
             while (now := time.monotonic() - t0) < cfg.duration:
-                time.sleep(0.25)
+                time.sleep(cfg.sample_s)
                 try:
                     agents.tick(now)
                 except RuntimeError as e:
@@ -384,6 +387,7 @@ class _Simulation:
                     released_accuracy=snap.get("released_score"),
                     rollbacks=sum(dict(snap.get("rollbacks", {})).values()),
                     epsilon=self._epsilon(snap, dev_counts),
+                    eval_version=snap.get("eval_version"),
                 )
                 if not cfg.quiet:
                     progress.record(point)
@@ -504,7 +508,7 @@ class _Simulation:
         error: str | None,
     ) -> dict[str, Any]:
         cfg = self.cfg
-        if reached is None and cfg.target_accuracy is not None:
+        if cfg.target_accuracy is not None:  # from the publication of the version reaching it
             reached = progress.first_reaching(cfg.target_accuracy)
         rejected = dict(final.get("rejected", {}))
         return {
@@ -518,6 +522,7 @@ class _Simulation:
             "centralized_accuracy": round(central, 4),
             "target_accuracy": cfg.target_accuracy,
             "time_to_target_s": reached.t if reached else None,
+            "version_to_target": reached.version if reached else None,
             "uploads_to_target": reached.uploads if reached else None,
             "bytes_to_target": reached.bytes_total if reached else None,
             "bytes_uploaded_to_target": reached.bytes_uploaded if reached else None,
