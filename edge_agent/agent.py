@@ -27,9 +27,11 @@ the device stays ready. When a version newer than its model is announced it unsu
 the announcements, fetches the retained model (subscribe, take one message, unsubscribe) and
 trains on it. A device that is offline, training or throttled receives no announcement and
 no model; one that is ready again soon after each round subscribes shortly before it can
-start the next one (edge_agent.relisten). A model names its spec by fingerprint; the agent keeps the
-verified specs (``spec-<fp>.bin``) and refuses a model whose spec it does not hold
-(``unknown_spec``) until that spec has arrived.
+start the next one (edge_agent.relisten). A device that trains on every version listens to its
+keyframe's delta topic in place of the announcements, so each version arrives as its delta,
+pushed once (:meth:`EdgeAgent._delta_watch_topic`). A model names its spec by fingerprint; the
+agent keeps the verified specs (``spec-<fp>.bin``) and refuses a model whose spec it does not
+hold (``unknown_spec``) until that spec has arrived.
 
 **What a model must pass** before it is used: the aggregator's Ed25519 signature (pinned key),
 the wire schema, our federation, and a version not older than the current one (an old signed
@@ -216,7 +218,8 @@ class EdgeAgent:
         self._newest_spec: str | None = None
         self._unresolved: bytes | None = None  # a signed model whose spec had not arrived yet
         # Fetch on ready: the newest version announced, and the fetch of the retained model.
-        self.announced: int | None = None
+        self.announced: int | None = None  # announced, or pushed on the delta topic watched
+        self._newest_announcement = -1  # the newest version of an announcement verified
         self.fetches = 0
         self._fetching_since: float | None = None  # monotonic
         self._fetch_not_before = 0.0  # monotonic
@@ -235,6 +238,9 @@ class EdgeAgent:
         self._delta_failed: int | None = None
         self._keyframe_dropped: int | None = None
         self._fetch_topic = self.topic_model
+        # The delta topic listened to in place of the announcements (_delta_watch_topic), or
+        # None: subscribed to from a fetch of it on, while that rule holds.
+        self._delta_watch: str | None = None
         # Version 0 built here (kfm.built_version_zero): the newest signed spec message that
         # says how, and the digest of a build that failed (not tried again).
         self._genesis: wire.SpecMessage | None = None
@@ -425,6 +431,7 @@ class EdgeAgent:
             self._listen(self._ready())
             if (
                 self.listening_since is not None
+                and self._delta_watch is None  # a delta topic is watched at QoS 1
                 and now - self._last_refresh >= _ANNOUNCE_REFRESH_S
                 and self.link is not None
             ):
@@ -492,8 +499,11 @@ class EdgeAgent:
                         self._delta_failed = self.announced
                     self._fetch_done(progress=True)
             elif (base := topics.delta_base(topic, self.federation)) is not None:
-                if not fetched:  # a late delivery of an earlier fetch: not for this keyframe
-                    self.log.debug("ignoring a delta on %s (not being fetched)", topic)
+                if not fetched:
+                    if topic == self._delta_watch:
+                        self._accept_pushed_delta(topic, base, payload)
+                    else:  # a late delivery of an earlier fetch: not for this keyframe
+                        self.log.debug("ignoring a delta on %s (not being fetched)", topic)
                     continue
                 if self.keyframe is not None and self.keyframe.version != base:
                     # A newer keyframe was taken while this delta was on its way (the fetch is
@@ -601,6 +611,35 @@ class EdgeAgent:
             return False
         return self._install(model, (st.DELTA_FILE, payload), from_disk)
 
+    def _accept_pushed_delta(self, topic: str, base: int, payload: bytes) -> None:
+        """A delta that arrived on the delta topic watched in place of the announcements: a
+        newer version is installed (as if announced and fetched) and trained on when due; the
+        version held again (the retained delta, sent again on reconnecting) changes nothing;
+        an empty message means the keyframe was dropped (not counted: the topic is cleared so
+        that watching devices learn it), and a refused delta (counted) ends the watch: the
+        device listens to the announcements again, and the fetch they lead to decides between
+        the delta and the full model."""
+        kf = self.keyframe
+        if kf is None or kf.version != base:
+            self.log.debug("passing over a delta from v%d: keyframe not held", base)
+            return
+        if not payload:  # not a refusal: how a watching device learns of the drop
+            self.log.info("keyframe v%d dropped: listening to the announcements again", base)
+            self._keyframe_dropped = base
+            return
+        msg: wire.ModelDelta | None = self._verified("delta", payload, wire.ModelDelta, False)
+        if msg is not None and self.model is not None and msg.version <= self.model.version:
+            return
+        try:
+            model = None if msg is None else kfm.rebuild(kf, msg)
+        except kfm.DeltaMismatchError as e:
+            self._reject("delta", e.reason, e.detail)
+            model = None
+        if model is None:
+            self._end_delta_watch()
+        elif self._install(model, (st.DELTA_FILE, payload), False):
+            self._heard_version(model.version)
+
     def _install(
         self, msg: wire.GlobalModel, store: tuple[str, bytes] | None, from_disk: bool
     ) -> bool:
@@ -639,24 +678,31 @@ class EdgeAgent:
             self.announced if self.announced is not None else -1, self.current_version or -1
         )
         if msg.version < known:
-            if self.announced is not None and msg.version >= self.announced:
+            if 0 <= self._newest_announcement <= msg.version:
                 # Older than the model held, not than any announcement heard: the retained
-                # announcement of the version before the one fetched (a model is published
-                # before its announcement). Heard, nothing newer, and no replay.
+                # announcement of the version before the one fetched or pushed (a model and
+                # its deltas are published before its announcement). Heard, nothing newer,
+                # and no replay.
+                self._newest_announcement = msg.version
                 self._heard = True
                 return
             self._reject("announce", OLD_VERSION, f"v{msg.version} is older than v{known}")
             return
-        self._heard = True
         if self.announced is None or msg.version >= self.announced:
             self.announced_keyframes = msg.keyframes
-        if self.announced is None or msg.version > self.announced:
-            self.announced = msg.version
+        self._newest_announcement = msg.version
+        self._heard_version(msg.version)
+
+    def _heard_version(self, version: int) -> None:
+        """``version`` exists (announced, or its delta pushed on the delta topic watched)."""
+        self._heard = True
+        if self.announced is None or version > self.announced:
+            self.announced = version
             # A newer version: the retained model has changed, so an earlier fetch that brought
             # nothing newer says nothing about the next one.
             self._fetch_not_before = 0.0
             self._fetch_backoff = _FETCH_RETRY_S
-            self.log.debug("version %d announced", msg.version)
+            self.log.debug("version %d announced", version)
 
     # ---- fetch on ready --------------------------------------------------------------------
     def _ready(self) -> bool:
@@ -715,8 +761,16 @@ class EdgeAgent:
         return True
 
     def _listen(self, on: bool) -> None:
-        """Be subscribed to the announcements exactly while ``on`` (the device is ready)."""
+        """Be subscribed to the announcements exactly while ``on`` (the device is ready), or
+        in their place to the delta topic watched while :meth:`_delta_watch_topic` names it."""
         link = self.link
+        watch = self._delta_watch
+        if watch is not None:
+            if on and self._delta_watch_topic() == watch:
+                return
+            if self._fetching_since is not None and self._fetch_topic == watch:
+                return  # the fetch under way ends first (_fetch_done keeps the subscription)
+            self._end_delta_watch()
         if link is None or on == (self.listening_since is not None):
             return
         if on:
@@ -728,6 +782,49 @@ class EdgeAgent:
             self.listening_since = None
             self._relisten.unsubscribed()
             link.release(self.topic_announce)
+
+    def _delta_watch_topic(self) -> str | None:
+        """The delta topic to listen to in place of the announcements: that of the keyframe
+        held, while the device trains on every version (one per round, counting the round on
+        the version announced; one round per version) and listens throughout
+        (:meth:`_listens_throughout`), the newest announcement heard lists that keyframe, it
+        was not found dropped and no delta to the version announced failed. Each version then
+        arrives as its delta, pushed once, instead of an announcement followed by a fetch of
+        that delta. Otherwise None: the announcements (fewer bytes whenever versions are
+        published faster than the device trains)."""
+        kf = self.keyframe
+        if (
+            kf is None
+            or self.config.training.max_updates_per_version != 1
+            or kf.version not in self.announced_keyframes
+            or kf.version == self._keyframe_dropped
+            or (self._delta_failed is not None and self._delta_failed == self.announced)
+            or not self._relisten.one_per_round(self.announced)
+            or not self._listens_throughout()
+        ):
+            return None
+        return topics.delta(self.federation, kf.version)
+
+    def _watch_delta(self, topic: str) -> None:
+        """Fetch ``topic`` by watching it (stay subscribed after the retained delta arrives)
+        and listen to it in place of the announcements."""
+        link = self.link
+        assert link is not None
+        if self._delta_watch == topic:
+            link.refresh(topic)  # the broker sends the retained delta again
+            return
+        self._listen(False)
+        self._delta_watch = topic
+        self.listening_since = self._last_refresh = time.monotonic()
+        link.watch(topic, 1)
+
+    def _end_delta_watch(self) -> None:
+        topic, self._delta_watch = self._delta_watch, None
+        if topic is None:
+            return
+        self.listening_since = None
+        if self.link is not None:
+            self.link.release(topic)
 
     def _fetch_wanted(self) -> bool:
         """Whether to fetch the retained model now: a newer version is announced (or there is
@@ -814,20 +911,24 @@ class EdgeAgent:
                 return  # version 0 is the one announced: nothing to fetch
             if self._install_held_keyframe():
                 return  # the keyframe held (delivered late) is the one announced
-            self._listen(self._listens_throughout())
-            self._fetching_since = time.monotonic()
-            self.fetches += 1
             # A dropped keyframe may still be listed by an announcement published before it
             # was dropped: then the newest keyframe (held from then on) rather than the model.
             dropped = self._keyframe_dropped
-            self._fetch_topic = kfm.choose(
+            topic = kfm.choose(
                 self.federation,
                 announced=self.announced,
                 keyframes=tuple(k for k in self.announced_keyframes if k != dropped),
                 held=self.keyframe,
                 failed=self._delta_failed,
             )
-            link.fetch(self._fetch_topic)
+            self._fetching_since = time.monotonic()
+            self.fetches += 1
+            self._fetch_topic = topic
+            if topic == self._delta_watch_topic():
+                self._watch_delta(topic)
+            else:
+                self._listen(self._listens_throughout())
+                link.fetch(topic)
 
     def _install_held_keyframe(self) -> bool:
         """Train on the keyframe held if it is the version announced and newer than the model
@@ -847,7 +948,7 @@ class EdgeAgent:
             return
         self._fetching_since = None
         topic = self._fetch_topic
-        if self.link is not None:
+        if self.link is not None and topic != self._delta_watch:
             self.link.release(topic)
         current = self.current_version
         if topic != self.topic_model and not progress:

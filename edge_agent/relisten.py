@@ -96,6 +96,16 @@ class Relisten:
             return False
         return len(self._advances) > 0 and statistics.median(self._advances) >= 2
 
+    def one_per_round(self, upcoming: int | None = None) -> bool:
+        """Whether the versions this device trains on advance by one per round (the median
+        of the recent rounds, and of the round on ``upcoming`` after the last one, if newer):
+        it trains on every version published."""
+        advances = list(self._advances)
+        last = self._last_version
+        if upcoming is not None and last is not None and upcoming > last:
+            advances.append(upcoming - last)
+        return len(advances) > 0 and statistics.median(advances) <= 1
+
     def at(self, started: float, interval: float) -> float | None:
         """When (monotonic) to subscribe again for the round after the one that started at
         ``started``: the lead before its training is expected to end or its interval to pass,
