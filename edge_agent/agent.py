@@ -100,9 +100,10 @@ _FETCH_TIMEOUT_S: Final = 15.0  # a fetch that brought no model by then is given
 _DELTA_TIMEOUT_S: Final = 3.0
 _FETCH_RETRY_S: Final = 5.0  # first wait after a fetch that brought nothing newer ...
 _FETCH_RETRY_MAX_S: Final = 300.0  # ... doubling up to this, until a newer announcement
-# Announcements (and the ONNX export) are received at QoS 0, which nothing retransmits: a ready
-# device asks for the retained announcement again this often, which bounds how long a lost one
-# goes unnoticed by a device that stays ready (one that trains subscribes afresh each round).
+# Announcements, watched deltas (and the ONNX export) are received at QoS 0, which nothing
+# retransmits: a ready device asks for the retained announcement again this often (the watched
+# delta: this long after the last one heard), which bounds how long a lost one goes unnoticed by
+# a device that stays ready (one that trains subscribes afresh each round).
 _ANNOUNCE_REFRESH_S: Final = 600.0
 _LISTEN_TICK_S: Final = 0.02  # how often a round listening again checks the announcements
 
@@ -431,12 +432,11 @@ class EdgeAgent:
             self._listen(self._ready())
             if (
                 self.listening_since is not None
-                and self._delta_watch is None  # a delta topic is watched at QoS 1
                 and now - self._last_refresh >= _ANNOUNCE_REFRESH_S
                 and self.link is not None
             ):
                 self._last_refresh = now
-                self.link.refresh(self.topic_announce)
+                self.link.refresh(self._delta_watch or self.topic_announce)
             if now - self._last_status >= _STATUS_EVERY_S or self._status_text() != self._shown:
                 self._update_status()  # at once when a delivery or the link changed it
             timeout = _TICK_S if wait is None else min(wait, _TICK_S)
@@ -619,6 +619,9 @@ class EdgeAgent:
         that watching devices learn it), and a refused delta (counted) ends the watch: the
         device listens to the announcements again, and the fetch they lead to decides between
         the delta and the full model."""
+        # Each delta is from the keyframe to the newest version: one lost before this one no
+        # longer matters, so the refresh for lost messages counts from here.
+        self._last_refresh = time.monotonic()
         kf = self.keyframe
         if kf is None or kf.version != base:
             self.log.debug("passing over a delta from v%d: keyframe not held", base)
@@ -816,7 +819,9 @@ class EdgeAgent:
         self._listen(False)
         self._delta_watch = topic
         self.listening_since = self._last_refresh = time.monotonic()
-        link.watch(topic, 1)
+        # QoS 0, as the announcements: the session is persistent, and at QoS 1 the broker
+        # would queue every delta published while the device is away.
+        link.watch(topic, 0)
 
     def _end_delta_watch(self) -> None:
         topic, self._delta_watch = self._delta_watch, None

@@ -153,6 +153,41 @@ def test_a_device_training_on_every_version_gets_each_as_one_pushed_delta(
         agg.close()
 
 
+def test_a_watching_device_that_was_away_gets_no_delta_queued_for_it(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The session is persistent: a delta topic watched at QoS 1 would have the broker queue
+    every delta published while the device is away. At QoS 0 (as the announcements) it
+    finds, when it is back, only what it asks for: the newest version, once."""
+    device = make_device(tmp_path / "dev-1")
+    site = _Site(tmp_path, broker, device)
+    agg, fed = site.agg, site.fed
+    try:
+        agg.publish_spec()
+        site.release(1)
+        agent = EdgeAgent(device.config(broker))
+        runner = AgentThread(agent)
+        try:
+            assert agg.wait_updates(1)[0].base_version == 1
+            site.release(2)
+            assert agg.wait_updates(2)[1].base_version == 2
+            assert agent._delta_watch == topics.delta(fed, 1)
+        finally:
+            runner.stop()
+        for v in (3, 4, 5, 6):  # published while the device is away
+            sent = site.release(v)
+        agent = EdgeAgent(device.config(broker))  # the same client id: the session resumes
+        runner = AgentThread(agent)
+        try:
+            assert agg.wait_updates(3)[2].base_version == 6
+            assert _params(agent) == sent
+            assert agent.received["delta"] == 1, agent.received
+        finally:
+            runner.stop()
+    finally:
+        agg.close()
+
+
 def test_the_delta_topic_is_watched_only_while_the_device_trains_on_every_version(
     tmp_path: Path,
 ) -> None:
