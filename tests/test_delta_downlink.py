@@ -15,12 +15,12 @@ from test_agent_helpers import (
     SPEC,
     AgentThread,
     Device,
-    FakeAggregator,
     make_device,
     spec_payload,
     wait_until,
 )
 from test_aggregator_support import Federation
+from test_delta_support import DeltaSite, walk
 
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Snapshot
@@ -30,7 +30,6 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.state import DELTA_FILE, KEYFRAME_FILE
 from fedmqtt import downlink, topics, wire
 from fedmqtt.errors import SCHEMA, SIGNATURE, ConfigError, DecodeError
-from fedmqtt.models import init_params
 from fedmqtt.signing import Ed25519Signer
 from simulator.broker import Mosquitto
 from simulator.runner import SimConfig, run_simulation
@@ -43,17 +42,6 @@ LAYOUT = SPEC.layout()
 def _cfg(tmp_path: Path, delta: str = "topk:0.1+zlib", **dl: object) -> AggregatorConfig:
     fed = Federation(tmp_path, SPEC)
     return fed.config("127.0.0.1", 1, downlink={"delta": delta, **dl})
-
-
-def _walk(versions: int, seed: int = 1) -> list[Snapshot]:
-    """Versions 1..n of a model drifting as training would move it."""
-    rng = np.random.default_rng(seed)
-    p = LAYOUT.flatten(init_params(SPEC, rng))
-    out = []
-    for v in range(1, versions + 1):
-        p = (p + rng.normal(0, 0.05, p.size)).astype(np.float32)
-        out.append(Snapshot(1, v, b"", p.copy(), {"loss": 0.5}, 1000.0 + v))
-    return out
 
 
 def _site(tmp_path: Path, keyframe_every: int) -> tuple[Device, AggregatorConfig, KeyframeStore]:
@@ -95,7 +83,7 @@ def test_a_delta_rebuilds_bit_for_bit_what_the_aggregator_sent(
     assert cfg.downlink.codec == model_codec
     signer = Ed25519Signer.generate()
     store = KeyframeStore(tmp_path / "kf", keep=3)
-    snaps = _walk(6)
+    snaps = walk(6)
     first = prepare(cfg, signer, store, snaps[0])
     assert first.keyframe is not None and store.versions() == [1]
     held = _held(first.keyframe, signer)
@@ -134,7 +122,7 @@ def test_keyframes_every_n_versions_when_large_and_bounded(tmp_path: Path) -> No
     signer = Ed25519Signer.generate()
     store = KeyframeStore(tmp_path / "kf", keep=cfg.downlink.keyframes)
     kept: list[list[int]] = []
-    for snap in _walk(10):
+    for snap in walk(10):
         rel = prepare(cfg, signer, store, snap)
         ann = wire.decode(rel.announce, wire.Announce, signer.verifier())
         assert ann.version == snap.version and list(ann.keyframes) == store.versions()
@@ -153,7 +141,7 @@ def test_keyframes_every_n_versions_when_large_and_bounded(tmp_path: Path) -> No
     # A delta larger than keyframe_fraction of the full model makes the version a keyframe.
     small = _cfg(tmp_path / "small", keyframe_fraction=0.05)
     store2 = KeyframeStore(tmp_path / "kf2", keep=3)
-    for snap in _walk(3):
+    for snap in walk(3):
         prepare(small, signer, store2, snap)
     assert store2.versions() == [1, 2, 3]
 
@@ -170,7 +158,7 @@ def test_forged_wrong_base_and_mismatched_deltas_are_refused(tmp_path: Path) -> 
     cfg = _cfg(tmp_path, "int8", keyframe_every=3, keyframe_fraction=1.0)
     signer = Ed25519Signer.generate()
     store = KeyframeStore(tmp_path / "kf", keep=3)
-    snaps = _walk(5)
+    snaps = walk(5)
     first = prepare(cfg, signer, store, snaps[0])
     assert first.keyframe is not None
     held = _held(first.keyframe, signer)
@@ -218,7 +206,7 @@ def test_a_restarted_aggregator_serves_deltas_from_the_keyframes_it_kept(tmp_pat
     signer = Ed25519Signer.generate()
     directory = cfg.state_dir / KEYFRAME_DIR
     store = KeyframeStore(directory, keep=3)
-    snaps = _walk(6)
+    snaps = walk(6)
     published = [prepare(cfg, signer, store, s) for s in snaps[:5]]
     device_kf = _held(published[3].keyframe or b"", signer)  # v4, a device holds it
     assert store.versions() == [1, 4]
@@ -261,32 +249,10 @@ def test_which_message_a_device_fetches() -> None:
 def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
-    device, cfg, store = _site(tmp_path, keyframe_every=100)
-    signer = device.aggregator
-    fed = cfg.federation.id
-    snaps = _walk(18)
-    agg = FakeAggregator(broker, device.aggregator, {device.device_id: device.key})
-
-    def release(
-        version: int,
-        *,
-        delta: bytes | None = None,
-        conf: AggregatorConfig = cfg,
-        keyframes: tuple[int, ...] = (1,),
-        announce: bool = True,
-    ) -> bytes:
-        """Publish ``version`` as the aggregator would (``delta`` in place of the deltas);
-        return the model it sends devices holding the newest keyframe."""
-        rel = prepare(conf, signer, store, snaps[version - 1])
-        agg.publish(topics.model(fed), rel.model)
-        if rel.keyframe is not None:
-            agg.publish(topics.keyframe(fed), rel.keyframe)
-        for base, payload in rel.deltas.items():
-            agg.publish(topics.delta(fed, base), delta if delta is not None else payload)
-        ann = wire.Announce(fed, "aggregator", version, SPEC.fingerprint(), 1.0, keyframes)
-        if announce:
-            agg.publish(topics.announce(fed), wire.encode(ann, signer))
-        return rel.rebuilt.get(keyframes[-1], rel.sent).tobytes()
+    device = make_device(tmp_path / "dev-1")
+    site = DeltaSite(tmp_path, broker, device)
+    signer, cfg, store, snaps = device.aggregator, site.cfg(), site.store, site.snaps
+    fed, agg, release = site.fed, site.agg, site.release
 
     try:
         agg.publish_spec()
@@ -340,11 +306,8 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
             assert agent.rejected["delta/missing"] == 1
             # v9 becomes a keyframe and v1 is no longer listed: the device fetches keyframe
             # v9 (not announced: not trained on), then the delta from it to v10
-            rotate = _cfg(
-                tmp_path / "agg2", "topk:0.1+zlib", keyframe_every=8, keyframe_fraction=1.0
-            )
-            release(9, conf=rotate, announce=False)
-            sent10 = release(10, conf=rotate, keyframes=(9,))
+            release(9, keyframe_every=8, announce=False)
+            sent10 = release(10, keyframe_every=8, keyframes=(9,))
             assert agg.wait_updates(6)[5].base_version == 10
             assert agent.keyframe is not None and agent.keyframe.version == 9
             assert LAYOUT.flatten(agent.model.params).tobytes() == sent10
@@ -353,8 +316,8 @@ def test_an_agent_fetches_deltas_falls_back_and_restarts_with_the_rebuilt_model(
             # before the clearing still lists v9: the device fetches keyframe v17 (which it
             # keeps) and the delta from it, not the full model of v18
             models = agent.received["model"]
-            release(17, conf=rotate, announce=False)
-            sent18 = release(18, conf=rotate, keyframes=(9, 17), announce=False)
+            release(17, keyframe_every=8, announce=False)
+            sent18 = release(18, keyframe_every=8, keyframes=(9, 17), announce=False)
             agg.publish(topics.delta(fed, 9), b"")
             ann = wire.Announce(fed, "aggregator", 18, SPEC.fingerprint(), 1.0, (9, 17))
             agg.publish(topics.announce(fed), wire.encode(ann, signer))
@@ -413,7 +376,7 @@ def test_an_autoencoders_threshold_travels_with_the_delta(tmp_path: Path) -> Non
     cfg = _cfg(tmp_path)
     signer = Ed25519Signer.generate()
     store = KeyframeStore(tmp_path / "kf", keep=3)
-    snaps = _walk(2)
+    snaps = walk(2)
     held = _held(prepare(cfg, signer, store, snaps[0]).keyframe or b"", signer)
     for threshold in (0.25, None):
         snap = Snapshot(**{**snaps[1].__dict__, "threshold": threshold})
@@ -432,7 +395,7 @@ def test_a_delta_from_a_keyframe_replaced_while_it_was_fetched_is_passed_over(
     device, cfg, store = _site(tmp_path, keyframe_every=2)
     signer = device.aggregator
     fed = cfg.federation.id
-    releases = [prepare(cfg, signer, store, s) for s in _walk(4)]
+    releases = [prepare(cfg, signer, store, s) for s in walk(4)]
     assert releases[0].keyframe is not None and releases[2].keyframe is not None
     agent = EdgeAgent(device.config(None))  # never connected: the inbox is filled here
     agent._accept_spec(spec_payload(signer))

@@ -15,14 +15,13 @@ from test_agent_helpers import (
     SPEC,
     AgentThread,
     Device,
-    FakeAggregator,
     make_device,
     spec_payload,
     wait_until,
 )
 from test_aggregator_support import Federation
+from test_delta_support import DeltaSite, walk
 
-from aggregator.config import AggregatorConfig
 from aggregator.engine import Snapshot
 from aggregator.keyframes import KeyframeStore, delta_payload, prepare
 from edge_agent.agent import EdgeAgent
@@ -37,52 +36,23 @@ pytestmark = pytest.mark.timeout(90)
 LAYOUT = SPEC.layout()
 
 
-def _walk(versions: int) -> list[Snapshot]:
-    """Versions 1..n of a model drifting as training would move it."""
-    rng = np.random.default_rng(1)
-    p = LAYOUT.flatten(init_params(SPEC, rng))
-    out = []
-    for v in range(1, versions + 1):
-        p = (p + rng.normal(0, 0.05, p.size)).astype(np.float32)
-        out.append(Snapshot(1, v, b"", p.copy(), {"loss": 0.5}, 1000.0 + v))
-    return out
-
-
-class _Site:
-    """The aggregator side of one device: signs and publishes versions of a drifting model as
-    the aggregator would (full model, keyframe, deltas, announcement; all retained)."""
-
-    def __init__(self, tmp_path: Path, broker: Mosquitto, device: Device) -> None:
-        self.fed_cfg = Federation(tmp_path / "agg", SPEC)
-        self.signer = device.aggregator
-        self.store = KeyframeStore(tmp_path / "kf", keep=3)
-        self.agg = FakeAggregator(broker, self.signer, {device.device_id: device.key})
-        self.fed = self.cfg().federation.id
-        self.snaps = _walk(12)
-
-    def cfg(self, keyframe_every: int = 100) -> AggregatorConfig:
-        dl = {"delta": "topk:0.1+zlib", "keyframe_every": keyframe_every, "keyframe_fraction": 1.0}
-        return self.fed_cfg.config("127.0.0.1", 1, downlink=dl)
-
-    def release(
-        self,
-        version: int,
-        *,
-        delta: bytes | None = None,
-        keyframe_every: int = 100,
-        keyframes: tuple[int, ...] = (1,),
-    ) -> bytes:
-        """Publish ``version`` (``delta`` in place of its deltas); return the parameters a
-        device holding keyframe ``keyframes[-1]`` rebuilds."""
-        rel = prepare(self.cfg(keyframe_every), self.signer, self.store, self.snaps[version - 1])
-        self.agg.publish(topics.model(self.fed), rel.model)
-        if rel.keyframe is not None:
-            self.agg.publish(topics.keyframe(self.fed), rel.keyframe)
-        for base, payload in rel.deltas.items():
-            self.agg.publish(topics.delta(self.fed, base), delta if delta is not None else payload)
-        ann = wire.Announce(self.fed, "aggregator", version, SPEC.fingerprint(), 1.0, keyframes)
-        self.agg.publish(topics.announce(self.fed), wire.encode(ann, self.signer))
-        return rel.rebuilt.get(keyframes[-1], rel.sent).tobytes()
+def _watching(site: DeltaSite, device: Device, broker: Mosquitto) -> tuple[EdgeAgent, AgentThread]:
+    """Start ``device`` on keyframe v1 (fetched in full, announcements listened to) and bring
+    it to watch delta/1: v1 then v2 is one version per round, so v2 is fetched by watching."""
+    site.agg.publish_spec()
+    site.release(1)
+    agent = EdgeAgent(device.config(broker))
+    runner = AgentThread(agent)
+    try:
+        assert site.agg.wait_updates(1)[0].base_version == 1
+        assert agent._delta_watch is None
+        site.release(2)
+        assert site.agg.wait_updates(2)[1].base_version == 2
+        assert agent._delta_watch == topics.delta(site.fed, 1)
+    except BaseException:
+        runner.stop()
+        raise
+    return agent, runner
 
 
 def _params(agent: EdgeAgent) -> bytes:
@@ -94,20 +64,11 @@ def test_a_device_training_on_every_version_gets_each_as_one_pushed_delta(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
     device = make_device(tmp_path / "dev-1")
-    site = _Site(tmp_path, broker, device)
+    site = DeltaSite(tmp_path, broker, device)
     agg, fed = site.agg, site.fed
     try:
-        agg.publish_spec()
-        site.release(1)
-        agent = EdgeAgent(device.config(broker))
-        runner = AgentThread(agent)
+        agent, runner = _watching(site, device, broker)
         try:
-            assert agg.wait_updates(1)[0].base_version == 1  # keyframe v1, fetched in full
-            assert agent._delta_watch is None  # listening to the announcements
-            site.release(2)
-            # announced; v1 then v2: one version per round, so fetched by watching delta/1
-            assert agg.wait_updates(2)[1].base_version == 2
-            assert agent._delta_watch == topics.delta(fed, 1)
             announces, fetches = agent.received["announce"], agent.fetches
             deltas = agent.received["delta"]
             for v in (3, 4, 5, 6):
@@ -160,20 +121,11 @@ def test_a_watching_device_that_was_away_gets_no_delta_queued_for_it(
     every delta published while the device is away. At QoS 0 (as the announcements) it
     finds, when it is back, only what it asks for: the newest version, once."""
     device = make_device(tmp_path / "dev-1")
-    site = _Site(tmp_path, broker, device)
-    agg, fed = site.agg, site.fed
+    site = DeltaSite(tmp_path, broker, device)
+    agg = site.agg
     try:
-        agg.publish_spec()
-        site.release(1)
-        agent = EdgeAgent(device.config(broker))
-        runner = AgentThread(agent)
-        try:
-            assert agg.wait_updates(1)[0].base_version == 1
-            site.release(2)
-            assert agg.wait_updates(2)[1].base_version == 2
-            assert agent._delta_watch == topics.delta(fed, 1)
-        finally:
-            runner.stop()
+        _, runner = _watching(site, device, broker)
+        runner.stop()
         for v in (3, 4, 5, 6):  # published while the device is away
             sent = site.release(v)
         agent = EdgeAgent(device.config(broker))  # the same client id: the session resumes
@@ -240,7 +192,7 @@ def test_the_announcement_before_a_pushed_version_is_heard_not_refused(tmp_path:
     )
     signer = device.aggregator
     store = KeyframeStore(tmp_path / "kf", keep=3)
-    releases = [prepare(cfg, signer, store, snap) for snap in _walk(3)]
+    releases = [prepare(cfg, signer, store, snap) for snap in walk(3)]
     assert releases[0].keyframe is not None
     agent = EdgeAgent(device.config(None))  # never connected
     fed = agent.federation
